@@ -41,7 +41,7 @@ def shift_phase(
         angle = np.pi * dy[..., 0, :]
         factors = [np.cos(angle), -np.pi * np.sin(angle), -(np.pi**2) * np.cos(angle)]
         for k in range(order + 1):
-            row[k] = np.broadcast_to(row[k], dy.shape[:-2] + (ny, 1)).copy()
+            row[k] = np.broadcast_to(row[k], (*dy.shape[:-2], ny, 1)).copy()
             row[k][..., nyquist_row, :] = factors[k]
     terms = [(0, 0)] if order == 0 else [(0, 0), (1, 0), (0, 1)]
     if order == 2:
