@@ -1,0 +1,83 @@
+"""Where the graph runs: a LocalCluster started for the run, an existing distributed
+scheduler (address or scheduler file), or one of dask's local schedulers."""
+
+import contextlib
+import os
+import sys
+from collections.abc import Iterator, Sequence
+
+import dask
+from dask.delayed import Delayed
+
+LOCAL_SCHEDULERS = ("synchronous", "sync", "single-threaded", "threads", "threading")
+#: BLAS and FFT threads per worker thread: dask runs one task per thread, so one each.
+BLAS_ENVIRON = {
+    name: "1" for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+}
+
+
+@contextlib.contextmanager
+def connect(
+    scheduler: str | None = None,
+    scheduler_file: str | None = None,
+    *,
+    n_workers: int | None = None,
+    threads_per_worker: int = 1,
+    memory_limit: str | float | None = "auto",
+    dashboard_address: str = "127.0.0.1:8787",
+    quiet: bool = False,
+) -> Iterator[object | None]:
+    """Yield a distributed Client for the run (None for dask's local schedulers).
+
+    ``scheduler`` is an address (``tcp://host:port``) or a local scheduler name
+    (``synchronous``, ``threads``); with neither it nor ``scheduler_file`` a LocalCluster of
+    ``n_workers`` processes is started, its dashboard bound to ``dashboard_address``.
+    """
+    if scheduler in LOCAL_SCHEDULERS:
+        with dask.config.set(scheduler=scheduler):
+            yield None
+        return
+    from distributed import Client, LocalCluster
+
+    with contextlib.ExitStack() as stack:
+        if scheduler or scheduler_file:
+            client = stack.enter_context(
+                Client(scheduler, scheduler_file=scheduler_file, set_as_default=True)
+            )
+        else:
+            workers = n_workers or max(1, (os.cpu_count() or 1) // threads_per_worker)
+            with dask.config.set({"distributed.nanny.pre-spawn-environ": BLAS_ENVIRON}):
+                cluster = stack.enter_context(
+                    LocalCluster(
+                        n_workers=workers,
+                        threads_per_worker=threads_per_worker,
+                        processes=True,
+                        memory_limit=memory_limit,
+                        dashboard_address=dashboard_address,
+                        host="127.0.0.1",
+                    )
+                )
+            client = stack.enter_context(Client(cluster, set_as_default=True))
+        if not quiet:
+            print(f"Dask dashboard: {client.dashboard_link}", file=sys.stderr, flush=True)
+        yield client
+
+
+def execute(writes: Sequence[Delayed], client: object | None, *, progress: bool = True) -> None:
+    """Compute ``writes`` together (shared inputs load once), with a progress bar if asked."""
+    if client is None:
+        if progress:
+            from dask.diagnostics import ProgressBar
+
+            with ProgressBar(out=sys.stderr):
+                dask.compute(*writes)
+        else:
+            dask.compute(*writes)
+        return
+    from distributed import progress as show_progress
+
+    futures = client.compute(list(writes))
+    if progress:
+        show_progress(futures)
+        print(file=sys.stderr)
+    client.gather(futures)

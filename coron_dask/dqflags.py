@@ -1,0 +1,54 @@
+"""JWST pixel data-quality bits (the values of ``stdatamodels.jwst.dqflags.pixel``)."""
+
+from astropy.nddata.bitmask import interpret_bit_flags
+
+from coron_dask.errors import CoronInputError
+
+PIXEL = {
+    "GOOD": 0,
+    "DO_NOT_USE": 2**0,
+    "SATURATED": 2**1,
+    "JUMP_DET": 2**2,
+    "DROPOUT": 2**3,
+    "OUTLIER": 2**4,
+    "PERSISTENCE": 2**5,
+    "AD_FLOOR": 2**6,
+    "CHARGELOSS": 2**7,
+    "UNRELIABLE_ERROR": 2**8,
+    "NON_SCIENCE": 2**9,
+    "DEAD": 2**10,
+    "HOT": 2**11,
+    "WARM": 2**12,
+    "LOW_QE": 2**13,
+    "RC": 2**14,
+    "TELEGRAPH": 2**15,
+    "NONLINEAR": 2**16,
+    "BAD_REF_PIXEL": 2**17,
+    "NO_FLAT_FIELD": 2**18,
+    "NO_GAIN_VALUE": 2**19,
+    "NO_LIN_CORR": 2**20,
+    "NO_SAT_CHECK": 2**21,
+    "UNRELIABLE_BIAS": 2**22,
+    "UNRELIABLE_DARK": 2**23,
+    "UNRELIABLE_SLOPE": 2**24,
+    "UNRELIABLE_FLAT": 2**25,
+    "OPEN": 2**26,
+    "ADJ_OPEN": 2**27,
+    "FLUX_ESTIMATED": 2**28,
+    "MSA_FAILED_OPEN": 2**29,
+    "OTHER_BAD_PIXEL": 2**30,
+    "REFERENCE_PIXEL": 2**31,
+}
+
+
+def bit_value(bits: str | int | None, parameter: str = "bad_bits") -> int:
+    """DQ bits from names or integers, as jwst's steps read them: "OUTLIER, SATURATED", "18", 18."""
+    if bits is None or (isinstance(bits, str) and not bits.strip()):
+        return 0
+    try:
+        value = interpret_bit_flags(bits, flag_name_map=PIXEL)
+    except (ValueError, TypeError, KeyError) as error:
+        raise CoronInputError(parameter, f"cannot read DQ bits {bits!r}: {error}") from None
+    if value is None or value < 0:
+        raise CoronInputError(parameter, f"DQ bits {bits!r} are not a non-negative bit mask")
+    return int(value)

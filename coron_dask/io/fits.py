@@ -1,0 +1,145 @@
+"""Lazy reading of JWST ``_calints`` FITS files into xarray Datasets backed by dask.
+
+A task receives a small, picklable description of what to read (path, extension, slice)
+and opens the file itself: no open file handle, lock or memory map travels to a worker.
+"""
+
+from pathlib import Path
+
+import dask.array as da
+import numpy as np
+import xarray as xr
+from astropy.io import fits
+from dask.base import tokenize
+
+from coron_dask.errors import CoronInputError
+
+#: Keywords that describe a FITS HDU's layout rather than the data: never carried over.
+STRUCTURAL = frozenset(
+    {
+        "SIMPLE",
+        "BITPIX",
+        "NAXIS",
+        "EXTEND",
+        "XTENSION",
+        "PCOUNT",
+        "GCOUNT",
+        "EXTNAME",
+        "EXTVER",
+        "BZERO",
+        "BSCALE",
+        "COMMENT",
+        "HISTORY",
+        "",
+        "CHECKSUM",
+        "DATASUM",
+    }
+)
+EXTENSIONS = ("SCI", "ERR", "DQ")
+
+
+def header_keywords(header: fits.Header) -> dict:
+    """The non-structural keywords of ``header`` as a plain dict (the last value wins)."""
+    return {
+        key: value
+        for key, value in header.items()
+        if key not in STRUCTURAL and not key.startswith("NAXIS")
+    }
+
+
+class FitsExtension:
+    """Array-like view of one image extension that reads only the requested slab."""
+
+    def __init__(self, path: Path, extname: str, shape: tuple[int, ...], dtype: np.dtype) -> None:
+        self.path = str(path)
+        self.extname = extname
+        self.shape = shape
+        self.dtype = np.dtype(dtype)
+        self.ndim = len(shape)
+
+    def __getitem__(self, key: tuple) -> np.ndarray:
+        with fits.open(self.path, memmap=False, lazy_load_hdus=True) as hdul:
+            data = hdul[self.extname].section[key]
+        return np.asarray(data, dtype=self.dtype)
+
+
+def _image_dtype(header: fits.Header) -> np.dtype:
+    """The native dtype astropy gives an image HDU's data (unsigned through BZERO)."""
+    bitpix = header["BITPIX"]
+    if bitpix < 0:
+        return np.dtype(f"f{-bitpix // 8}")
+    if bitpix > 8 and header.get("BZERO") == 2 ** (bitpix - 1) and header.get("BSCALE", 1) == 1:
+        return np.dtype(f"u{bitpix // 8}")
+    return np.dtype("u1" if bitpix == 8 else f"i{bitpix // 8}")
+
+
+def _open_checked(path: Path) -> fits.HDUList:
+    if not path.exists():
+        raise CoronInputError(path, "file not found")
+    try:
+        hdul = fits.open(path, memmap=False, lazy_load_hdus=False)
+    except Exception as error:  # astropy raises many kinds for a damaged file
+        raise CoronInputError(path, f"not a readable FITS file ({error})") from None
+    return hdul
+
+
+def open_exposure(path: str | Path, integrations_per_chunk: int | None = None) -> xr.Dataset:
+    """Open a ``_calints`` file lazily: ``sci``, ``err``, ``dq`` with dims (integration, y, x).
+
+    Primary header keywords go into the Dataset's attrs, SCI header keywords into ``sci.attrs``.
+    ``integrations_per_chunk`` sets the dask chunks along integration (default: all).
+    """
+    path = Path(path)
+    with _open_checked(path) as hdul:
+        names = {hdu.name for hdu in hdul}
+        missing = [name for name in EXTENSIONS if name not in names]
+        if missing:
+            raise CoronInputError(path, f"missing extension(s) {', '.join(missing)}")
+        primary = header_keywords(hdul[0].header)
+        sci_header = header_keywords(hdul["SCI"].header)
+        shapes = {name: tuple(hdul[name].shape) for name in EXTENSIONS}
+        dtypes = {name: _image_dtype(hdul[name].header) for name in EXTENSIONS}
+    shape = shapes["SCI"]
+    if len(shape) != 3:
+        raise CoronInputError(
+            path, f"SCI has {len(shape)} dimension(s); expected 3 (integration, y, x)"
+        )
+    for name in ("ERR", "DQ"):
+        if shapes[name] != shape:
+            raise CoronInputError(path, f"{name} has shape {shapes[name]}, SCI has {shape}")
+    nints = shape[0]
+    chunk = nints if integrations_per_chunk is None else max(1, min(integrations_per_chunk, nints))
+    token = tokenize(str(path.resolve()), path.stat().st_mtime_ns, path.stat().st_size)
+    variables = {}
+    for name in EXTENSIONS:
+        dtype = dtypes[name]
+        proxy = FitsExtension(path.resolve(), name, shape, dtype)
+        data = da.from_array(
+            proxy,
+            chunks=(chunk, -1, -1),
+            lock=False,
+            asarray=False,
+            name=f"read-{name.lower()}-{token}",
+            meta=np.empty((0, 0, 0), dtype),
+        )
+        variables[name.lower()] = (("integration", "y", "x"), data)
+    dataset = xr.Dataset(variables, coords={"integration": np.arange(1, nints + 1)}, attrs=primary)
+    dataset["sci"].attrs.update(sci_header)
+    dataset.encoding["source"] = str(path)
+    return dataset
+
+
+def read_psfmask(path: str | Path, shape: tuple[int, int]) -> np.ndarray:
+    """The PSFMASK weights (SCI extension, 0 = pixel ignored by the alignment fit) as float64."""
+    path = Path(path)
+    with _open_checked(path) as hdul:
+        if "SCI" not in {hdu.name for hdu in hdul}:
+            raise CoronInputError(path, "PSFMASK has no SCI extension")
+        mask = np.asarray(hdul["SCI"].data, dtype=np.float64)
+    if mask.shape != tuple(shape):
+        raise CoronInputError(
+            path, f"PSFMASK has shape {mask.shape}, the frames are {tuple(shape)}"
+        )
+    if not np.all(np.isfinite(mask)) or not np.any(mask != 0):
+        raise CoronInputError(path, "PSFMASK has no usable weights (all zero or not finite)")
+    return mask

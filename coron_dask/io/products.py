@@ -1,0 +1,163 @@
+"""Writing products in the JWST FITS layout, block by block, whole or not at all.
+
+Each product's headers are written first into a hidden temporary file whose data areas
+are reserved (a sparse file); dask tasks then write their blocks straight into place
+(``da.store`` into a picklable target that opens the file itself). Only when every block
+of every product is written are the temporary files renamed to their JWST names; on any
+failure they are removed.
+"""
+
+import contextlib
+import os
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from itertools import product as cartesian
+from pathlib import Path
+
+import dask.array as da
+import numpy as np
+from astropy.io import fits
+from dask.delayed import Delayed
+
+BLOCK = 2880  # FITS record size
+
+
+@dataclass
+class Extension:
+    """One image extension: its EXTNAME, a dask (or numpy) array and extra header keywords."""
+
+    name: str
+    data: da.Array
+    keywords: dict = field(default_factory=dict)
+
+
+@dataclass
+class Product:
+    """A FITS product: primary header keywords and its image extensions, in order."""
+
+    path: Path
+    primary: dict
+    extensions: list[Extension]
+
+
+def _file_dtype(dtype: np.dtype) -> tuple[np.dtype, int | None]:
+    """Big-endian storage type and BZERO (unsigned integers are stored offset, as FITS wants)."""
+    dtype = np.dtype(dtype)
+    if dtype.kind == "u" and dtype.itemsize > 1:
+        return np.dtype(f">i{dtype.itemsize}"), 2 ** (8 * dtype.itemsize - 1)
+    return dtype.newbyteorder(">"), None
+
+
+def _bitpix(file_dtype: np.dtype) -> int:
+    return -8 * file_dtype.itemsize if file_dtype.kind == "f" else 8 * file_dtype.itemsize
+
+
+def _set_keywords(header: fits.Header, keywords: dict) -> None:
+    for key, value in keywords.items():
+        if key in header or value is None:
+            continue
+        with contextlib.suppress(ValueError, TypeError, KeyError):
+            header[key] = value
+
+
+def _primary_header(keywords: dict) -> fits.Header:
+    header = fits.Header([("SIMPLE", True), ("BITPIX", 8), ("NAXIS", 0), ("EXTEND", True)])
+    _set_keywords(header, keywords)
+    return header
+
+
+def _extension_header(extension: Extension) -> fits.Header:
+    file_dtype, bzero = _file_dtype(extension.data.dtype)
+    header = fits.Header([("XTENSION", "IMAGE"), ("BITPIX", _bitpix(file_dtype))])
+    header["NAXIS"] = extension.data.ndim
+    for axis, length in enumerate(reversed(extension.data.shape), start=1):
+        header[f"NAXIS{axis}"] = length
+    header["PCOUNT"] = 0
+    header["GCOUNT"] = 1
+    header["EXTNAME"] = extension.name
+    if bzero is not None:
+        header["BZERO"] = bzero
+        header["BSCALE"] = 1
+    _set_keywords(header, extension.keywords)
+    return header
+
+
+class FitsRegion:
+    """A ``da.store`` target: the data area of one extension inside a FITS file on disk."""
+
+    def __init__(self, path: Path, offset: int, shape: tuple[int, ...], dtype: np.dtype) -> None:
+        self.path = str(path)
+        self.offset = offset
+        self.shape = shape
+        self.file_dtype, self.bzero = _file_dtype(dtype)
+
+    def __setitem__(self, key: tuple[slice, ...], block: np.ndarray) -> None:
+        """Write ``block`` at ``key``: one contiguous write per run of whole trailing axes."""
+        starts = [s.indices(n)[0] for s, n in zip(key, self.shape, strict=True)]
+        if self.bzero is not None:
+            block = block.astype(np.int64) - self.bzero
+        block = np.ascontiguousarray(block, dtype=self.file_dtype)
+        # Axes from `split` on are written whole: the block is contiguous in the file there.
+        split = len(self.shape)
+        while split > 0 and block.shape[split - 1] == self.shape[split - 1]:
+            split -= 1
+        split = max(split - 1, 0)
+        strides = np.cumprod((*self.shape[1:], 1)[::-1])[::-1] * self.file_dtype.itemsize
+        with open(self.path, "r+b") as handle:
+            for index in cartesian(*(range(n) for n in block.shape[:split])):
+                position = sum(
+                    (s + i) * st for s, i, st in zip(starts, index, strides, strict=False)
+                )
+                position += sum(starts[a] * strides[a] for a in range(split, len(self.shape)))
+                handle.seek(self.offset + int(position))
+                handle.write(block[index].tobytes())
+
+
+def _reserve(product: Product, partial: Path) -> list[tuple[da.Array, FitsRegion]]:
+    """Write the headers of ``product`` into ``partial``, sized for its data; give the targets."""
+    targets = []
+    with open(partial, "wb") as handle:
+        handle.write(_primary_header(product.primary).tostring().encode("ascii"))
+        for extension in product.extensions:
+            handle.write(_extension_header(extension).tostring().encode("ascii"))
+            nbytes = int(np.prod(extension.data.shape)) * np.dtype(extension.data.dtype).itemsize
+            region = FitsRegion(partial, handle.tell(), extension.data.shape, extension.data.dtype)
+            targets.append((extension.data, region))
+            handle.seek(handle.tell() + -(-nbytes // BLOCK) * BLOCK)
+        handle.truncate()
+    return targets
+
+
+@contextlib.contextmanager
+def staged_products(products: list[Product]) -> Iterator[list[Delayed]]:
+    """Yield the lazy writes of ``products``; on a clean exit rename them into place.
+
+    The caller computes the yielded writes (all together, so shared inputs load once).
+    Any exception removes every temporary file and leaves no product behind.
+    """
+    partials = []
+    try:
+        writes = []
+        for item in products:
+            item.path.parent.mkdir(parents=True, exist_ok=True)
+            partial = item.path.with_name(f".{item.path.name}.{uuid.uuid4().hex[:8]}.partial")
+            partials.append(partial)
+            sources, targets = zip(*_reserve(item, partial), strict=True)
+            writes.append(da.store(list(sources), list(targets), lock=False, compute=False))
+        yield writes
+    except BaseException:
+        for partial in partials:
+            partial.unlink(missing_ok=True)
+        raise
+    for item, partial in zip(products, partials, strict=True):
+        os.replace(partial, item.path)
+
+
+def write_products(products: list[Product], compute=None) -> list[Path]:
+    """Write ``products`` with ``compute`` (default ``dask.compute``) and return their paths."""
+    import dask
+
+    with staged_products(products) as writes:
+        (compute or dask.compute)(*writes)
+    return [item.path for item in products]

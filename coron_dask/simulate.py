@@ -1,0 +1,244 @@
+"""A simulated NIRCam coronagraphic observation, written as the JWST pipeline writes it.
+
+The optics are a Lyot coronagraph computed by Fourier optics: a circular, centrally
+obscured pupil with a static aberration that drifts slowly in time, a Gaussian occulting
+spot, a Lyot stop, sampled at λ/D = 2 pixels. The star sits a little off the spot (target
+acquisition error and jitter, sub-pixel); the brighter reference star is observed on a
+small-grid dither. A companion sits at a known place. Photon and read noise are added,
+and DQ-flagged bad pixels are NaN, as in ``_calints`` files.
+"""
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from astropy.io import fits
+
+from coron_dask.dqflags import PIXEL
+
+WAVELENGTH_NM = 3350.0
+#: Science-target photo-electrons per integration (a bright star), reference 1.6× brighter.
+STAR_ELECTRONS = 5e9
+REFERENCE_BRIGHTNESS = 1.6
+READ_NOISE = 12.0  # electrons
+BACKGROUND = 20.0  # electrons per pixel
+MJYSR_PER_ELECTRON = 2e-6
+#: Small-grid dither: 9 points 20 mas (~0.3 pixel) apart, as NIRCam's 9-POINT-CIRCLE.
+SGD_STEP = 0.3
+
+
+@dataclass(frozen=True)
+class Optics:
+    """Pupil, Lyot stop and aberration modes on an FFT grid twice the frame size."""
+
+    size: int
+    pupil: np.ndarray
+    lyot: np.ndarray
+    spot: np.ndarray
+    static: np.ndarray
+    drift: np.ndarray
+    reference_drift: np.ndarray
+
+    @classmethod
+    def make(cls, size: int, rng: np.random.Generator) -> "Optics":
+        n = 2 * size
+        y, x = (np.mgrid[:n, :n] - n / 2) / (n / 4)  # pupil radius 1 ⇒ λ/D = 2 pixels
+        r = np.hypot(x, y)
+        pupil = ((r <= 1) & (r >= 0.12)).astype(float)
+        lyot = ((r <= 0.85) & (r >= 0.25)).astype(float)
+        fy, fx = (np.mgrid[:n, :n] - n / 2) / 2.0  # focal plane in λ/D
+        spot = 1 - np.exp(-(fx**2 + fy**2) / (2 * 4.0**2))  # HWHM ~ 4.7 λ/D, as MASK335R
+
+        def screen(rms_nm: float) -> np.ndarray:
+            k = np.hypot(*np.meshgrid(np.fft.fftfreq(n), np.fft.fftfreq(n)))
+            amplitude = np.where(k > 0, 1 / np.maximum(k, 1e-9) ** 1.5, 0)
+            noise = rng.normal(size=(n, n)) + 1j * rng.normal(size=(n, n))
+            phase = np.fft.ifft2(noise * amplitude).real * pupil
+            phase *= rms_nm / phase[pupil > 0].std()
+            return 2 * np.pi * phase / WAVELENGTH_NM
+
+        return cls(size, pupil, lyot, spot, screen(60.0), screen(2.0), screen(6.0))
+
+    def image(self, offset: tuple[float, float], aberration: np.ndarray, occulted: bool = True):
+        """Intensity (size, size) of a unit-flux point source at ``offset`` pixels from the spot."""
+        n = 2 * self.size
+        y, x = (np.mgrid[:n, :n] - n / 2) / (n / 4)
+        # A source offset by (dx, dy) pixels is a pupil tilt of (dx, dy)/2 λ/D.
+        tilt = np.pi * (offset[0] * x + offset[1] * y) * (n / 4) / n * 2
+        field = self.pupil * np.exp(1j * (aberration + tilt))
+        focal = np.fft.fftshift(np.fft.fft2(np.fft.ifftshift(field)))
+        if occulted:
+            focal *= self.spot
+        lyot_plane = np.fft.fftshift(np.fft.ifft2(np.fft.ifftshift(focal))) * self.lyot
+        final = np.abs(np.fft.fftshift(np.fft.fft2(np.fft.ifftshift(lyot_plane)))) ** 2
+        unocculted_peak = (self.pupil.sum() * 1.0) ** 2
+        lo = n // 2 - self.size // 2
+        crop = final[lo : lo + self.size, lo : lo + self.size]
+        return crop / unocculted_peak * _PEAK_TO_FLUX
+
+
+_PEAK_TO_FLUX = 0.25  # peak fraction of a λ/D=2-pixel Airy-like PSF's total flux
+
+
+def _write_calints(path: Path, sci, err, dq, primary: dict, sci_keywords: dict) -> None:
+    header = fits.Header()
+    for key, value in primary.items():
+        header[key] = value
+    sci_hdu = fits.ImageHDU(sci.astype(np.float32), name="SCI")
+    for key, value in sci_keywords.items():
+        sci_hdu.header[key] = value
+    var = (err.astype(np.float32) ** 2) / 2
+    hdus = [
+        fits.PrimaryHDU(header=header),
+        sci_hdu,
+        fits.ImageHDU(err.astype(np.float32), name="ERR"),
+        fits.ImageHDU(dq.astype(np.uint32), name="DQ"),
+        fits.ImageHDU(var, name="VAR_POISSON"),
+        fits.ImageHDU(var, name="VAR_RNOISE"),
+        fits.ImageHDU(np.ones(sci.shape[1:], np.float32), name="AREA"),
+    ]
+    fits.HDUList(hdus).writeto(path, overwrite=True)
+
+
+def simulate(
+    outdir: str | Path,
+    *,
+    size: int = 128,
+    sci_exps: int = 2,
+    sci_ints: int = 8,
+    psf_exps: int = 9,
+    psf_ints: int = 5,
+    seed: int = 1,
+    contrast: float = 4e-6,
+    companion: tuple[float, float] = (14.0, 9.0),
+) -> Path:
+    """Write calints files, an ASN, a PSFMASK and ``truth.json`` into ``outdir``; return the ASN.
+
+    ``companion`` is the companion's offset (dx, dy) in pixels from the star, ``contrast``
+    its flux relative to the science star.
+    """
+    for name, value in (
+        ("size", size),
+        ("sci_exps", sci_exps),
+        ("sci_ints", sci_ints),
+        ("psf_exps", psf_exps),
+        ("psf_ints", psf_ints),
+    ):
+        if value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
+    if size < 32:
+        raise ValueError(f"size must be >= 32 pixels, got {size}")
+    outdir = Path(outdir)
+    outdir.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    optics = Optics.make(size, rng)
+    centre = (size / 2, size / 2)  # the spot's place on the detector, 0-based (x, y)
+    bad = rng.random((size, size)) < 0.003
+    bad_dq = np.where(bad, PIXEL["DO_NOT_USE"] | PIXEL["HOT"], 0).astype(np.uint32)
+    program, asn_id = "01386", "c1000"
+    product = f"jw{program}-{asn_id}_t001_nircam_f335m-maskrnd-sub{size}"
+    base = {
+        "TELESCOP": "JWST",
+        "INSTRUME": "NIRCAM",
+        "DETECTOR": "NRCALONG",
+        "MODULE": "A",
+        "CHANNEL": "LONG",
+        "FILTER": "F335M",
+        "PUPIL": "MASKRND",
+        "CORONMSK": "MASKA335R",
+        "SUBARRAY": f"SUB{size}A335R",
+        "EXP_TYPE": "NRC_CORON",
+        "READPATT": "MEDIUM2",
+        "NGROUPS": 10,
+        "PROGRAM": program,
+        "DATAMODL": "CubeModel",
+    }
+    sci_keywords = {"BUNIT": "MJy/sr", "PHOTMJSR": MJYSR_PER_ELECTRON}
+    science_offset = rng.normal(0, 0.12, 2)  # target acquisition error, pixels
+    reference_offset = rng.normal(0, 0.12, 2)
+    truth: dict = {"companion": {}, "frames": {}, "contrast": contrast}
+    members = []
+    time = 0
+    plans = [("science", i, sci_ints) for i in range(sci_exps)]
+    plans += [("psf", i, psf_ints) for i in range(psf_exps)]
+    for exptype, number, nints in plans:
+        is_psf = exptype == "psf"
+        observation = 2 if is_psf else 1
+        name = f"jw{program}{observation:03d}001_03106_{number + 1:05d}_nrcalong_calints.fits"
+        if is_psf:
+            angle = 2 * np.pi * number / max(psf_exps - 1, 1)
+            dither = (
+                (0.0, 0.0) if number == 0 else (np.cos(angle) * SGD_STEP, np.sin(angle) * SGD_STEP)
+            )
+            pointing = reference_offset + np.array(dither)
+            flux = STAR_ELECTRONS * REFERENCE_BRIGHTNESS
+        else:
+            pointing = science_offset + rng.normal(0, 0.02, 2)
+            flux = STAR_ELECTRONS
+        sci = np.empty((nints, size, size))
+        err = np.empty_like(sci)
+        offsets = []
+        for k in range(nints):
+            jitter = pointing + rng.normal(0, 0.01, 2)
+            aberration = optics.static + optics.drift * (time / 50)
+            if is_psf:
+                aberration = aberration + optics.reference_drift
+            electrons = flux * optics.image(tuple(jitter), aberration)
+            if not is_psf:
+                place = jitter + np.array(companion)
+                electrons += flux * contrast * optics.image(tuple(place), aberration, False)
+            electrons += BACKGROUND
+            noisy = rng.poisson(np.clip(electrons, 0, None)) + rng.normal(
+                0, READ_NOISE, electrons.shape
+            )
+            sci[k] = (noisy - BACKGROUND) * MJYSR_PER_ELECTRON
+            err[k] = np.sqrt(np.clip(electrons, 0, None) + READ_NOISE**2) * MJYSR_PER_ELECTRON
+            offsets.append([float(v) for v in jitter])
+            time += 1
+        dq = np.broadcast_to(bad_dq, sci.shape).copy()
+        sci[dq > 0] = np.nan
+        err[dq > 0] = np.nan
+        primary = {
+            **base,
+            "FILENAME": name,
+            "NINTS": nints,
+            "IS_PSF": is_psf,
+            "TARGNAME": "HD 2000 REF" if is_psf else "HD 1000",
+            "OBSERVTN": f"{observation:03d}",
+            "EXPOSURE": f"{number + 1}",
+            "EFFEXPTM": 100.0 * nints,
+        }
+        _write_calints(outdir / name, sci, err, dq, primary, sci_keywords)
+        members.append({"expname": name, "exptype": exptype, "exposerr": "null"})
+        truth["frames"][name] = {"star_offset": offsets}
+        if not is_psf:
+            truth["companion"][name] = [
+                [centre[0] + o[0] + companion[0], centre[1] + o[1] + companion[1]] for o in offsets
+            ]
+    mask = np.ones((size, size), np.float32)
+    y, x = np.mgrid[:size, :size]
+    mask[np.hypot(x - centre[0], y - centre[1]) < 6] = 0
+    mask[:4], mask[-4:], mask[:, :4], mask[:, -4:] = 0, 0, 0, 0
+    psfmask = outdir / "psfmask.fits"
+    fits.HDUList(
+        [
+            fits.PrimaryHDU(header=fits.Header({**base, "REFTYPE": "PSFMASK"})),
+            fits.ImageHDU(mask, name="SCI"),
+        ]
+    ).writeto(psfmask, overwrite=True)
+    asn = {
+        "asn_type": "coron3",
+        "asn_rule": "candidate_Asn_Lv3Coron",
+        "asn_id": asn_id,
+        "program": program,
+        "target": "1",
+        "asn_pool": "jw01386_simulated_pool",
+        "products": [{"name": product, "members": members}],
+    }
+    asn_path = outdir / f"jw{program}-{asn_id}_coron3_asn.json"
+    asn_path.write_text(json.dumps(asn, indent=2))
+    truth["psfmask"] = psfmask.name
+    truth["companion_offset"] = list(companion)
+    (outdir / "truth.json").write_text(json.dumps(truth, indent=2))
+    return asn_path

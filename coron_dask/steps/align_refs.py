@@ -1,0 +1,142 @@
+"""align_refs: bad-pixel fill, then every reference PSF registered to the science frames.
+
+``align_to="each"`` (default) aligns every reference to every science integration and gives
+the 4-D psfalign (integration, psf, y, x) that jwst wrote before 1.16; ``align_to="first"``
+aligns them to the first integration of the exposure, as jwst >= 1.16, giving (psf, y, x).
+Fits run in float64 (see ``kernels.registration``); products are float32 as jwst's.
+"""
+
+from typing import Literal
+
+import dask.array as da
+import numpy as np
+import xarray as xr
+
+from coron_dask.dqflags import PIXEL, bit_value
+from coron_dask.errors import CoronInputError
+from coron_dask.kernels import fit_shifts, fourier_shift, median_fill
+
+AlignTo = Literal["each", "first"]
+SHIFT_PARAMS = ["dx", "dy", "beta"]
+
+
+def _fill_block(sci: np.ndarray, dq: np.ndarray, box: int, bad_bitvalue: int, miri: bool):
+    bad = ((dq & bad_bitvalue) > 0) | np.isnan(sci)
+    if miri:  # jwst: MIRI pixels outside the science area become 0, unfilled
+        non_science = bad & ((dq & PIXEL["NON_SCIENCE"]) > 0)
+        sci = np.where(non_science, 0, sci)
+        bad &= ~non_science
+    return median_fill(sci, bad, box).astype(sci.dtype)
+
+
+def median_replace_img(
+    exposure: xr.Dataset, median_box_length: int = 3, bad_bits: str | int | None = "DO_NOT_USE"
+) -> xr.Dataset:
+    """``exposure`` with bad pixels (DQ & bad_bits, or NaN) of ``sci`` replaced by local medians."""
+    if median_box_length < 0:
+        raise CoronInputError("median_box_length", f"must be >= 0, got {median_box_length}")
+    miri = str(exposure.attrs.get("INSTRUME", "")).upper() == "MIRI"
+    filled = da.map_blocks(
+        _fill_block,
+        exposure["sci"].data,
+        exposure["dq"].data,
+        median_box_length,
+        bit_value(bad_bits),
+        miri,
+        dtype=exposure["sci"].dtype,
+    )
+    return exposure.assign(sci=exposure["sci"].copy(data=filled))
+
+
+def _fit_block(science: np.ndarray, psfs: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Shifts (m, p, 3) of references ``psfs`` (p, y, x) to each science frame (m, y, x)."""
+    return np.stack([fit_shifts(frame, psfs, mask) for frame in science])
+
+
+def _shift_block(psfs: np.ndarray, shifts: np.ndarray) -> np.ndarray:
+    """References (p, y, x) moved by −(dx, dy) of ``shifts`` ([m,] p, 3): ([m,] p, y, x) float32."""
+    if shifts.ndim == 3:
+        return np.stack([_shift_block(psfs, per_frame) for per_frame in shifts])
+    return fourier_shift(psfs, -shifts[:, :2]).astype(np.float32)
+
+
+def align_refs(
+    science: xr.Dataset,
+    psfstack: xr.Dataset,
+    psfmask: np.ndarray | None = None,
+    *,
+    median_box_length: int = 3,
+    bad_bits: str | int | None = "DO_NOT_USE",
+    align_to: AlignTo = "each",
+) -> tuple[xr.Dataset, xr.Dataset]:
+    """Fill bad pixels in both inputs and align the references: (psfalign, filled science).
+
+    psfalign holds ``sci`` and ``err`` (the references' SCI and ERR shifted alike, as jwst)
+    and ``shift``: the fitted (dx, dy, β) of each reference. The filled science is what
+    KLIP subtracts from, as in jwst, where align_refs fills the science cube in place.
+    """
+    frame = (science.sizes["y"], science.sizes["x"])
+    if (psfstack.sizes["y"], psfstack.sizes["x"]) != frame:
+        raise CoronInputError(
+            science.encoding.get("source", "science"),
+            f"frames are {frame[0]}x{frame[1]} pixels, the PSF frames "
+            f"{psfstack.sizes['y']}x{psfstack.sizes['x']}",
+        )
+    if align_to not in ("each", "first"):
+        raise CoronInputError("align_to", f"must be 'each' or 'first', got {align_to!r}")
+    mask = da.from_array(np.ones(frame) if psfmask is None else np.asarray(psfmask, np.float64))
+    science = median_replace_img(science, median_box_length, bad_bits)
+    refs = median_replace_img(psfstack, median_box_length, bad_bits)
+    psf_sci = refs["sci"].data.rechunk({0: -1})
+    psf_err = refs["err"].data.rechunk({0: -1})
+    target = science["sci"].data
+    if align_to == "first":
+        target = target[:1].rechunk({0: 1})
+    shifts = da.blockwise(
+        _fit_block,
+        "mpk",
+        target,
+        "myx",
+        psf_sci,
+        "pyx",
+        mask,
+        "yx",
+        new_axes={"k": 3},
+        concatenate=True,
+        dtype=np.float64,
+    )
+    if align_to == "first":
+        shifts = shifts[0]
+        dims = ("psf", "y", "x")
+        index = "pyx"
+        shift_index = "pk"
+    else:
+        dims = ("integration", "psf", "y", "x")
+        index = "mpyx"
+        shift_index = "mpk"
+    aligned = {
+        name: da.blockwise(
+            _shift_block,
+            index,
+            data,
+            "pyx",
+            shifts,
+            shift_index,
+            concatenate=True,
+            dtype=np.float32,
+        )
+        for name, data in (("sci", psf_sci), ("err", psf_err))
+    }
+    coords = {k: v for k, v in refs.coords.items() if "psf" in v.dims}
+    if align_to == "each":
+        coords["integration"] = science["integration"]
+    psfalign = xr.Dataset(
+        {
+            "sci": (dims, aligned["sci"]),
+            "err": (dims, aligned["err"]),
+            "shift": ((*dims[:-2], "param"), shifts),
+        },
+        coords={**coords, "param": SHIFT_PARAMS},
+        attrs=dict(psfstack.attrs),
+    )
+    return psfalign, science
