@@ -64,7 +64,9 @@ def connect(
 
 
 def execute(writes: Sequence[Delayed], client: object | None, *, progress: bool = True) -> None:
-    """Compute ``writes`` together (shared inputs load once), with a progress bar if asked."""
+    """Compute ``writes`` together (shared inputs load once), with a progress bar if asked
+    and the output is a terminal (a bar redrawn in a batch log is only noise)."""
+    progress = progress and sys.stderr.isatty()
     if client is None:
         if progress:
             from dask.diagnostics import ProgressBar

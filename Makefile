@@ -1,0 +1,38 @@
+# Everything a fresh machine needs: `make demo` and `make test` create .venv and install.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+
+.PHONY: install install-test demo test lint format bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e .
+	touch $@
+
+$(VENV)/.installed-test: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e ".[test]"
+	touch $@ $(VENV)/.installed
+
+install: $(VENV)/.installed
+install-test: $(VENV)/.installed-test
+
+demo: install
+	$(BIN)/coron-dask demo demo_output
+
+test: install-test lint
+	$(BIN)/python -m pytest
+
+lint: install-test
+	$(BIN)/ruff check coron_dask tests benchmarks
+	$(BIN)/ruff format --check coron_dask tests benchmarks
+
+format: install-test
+	$(BIN)/ruff format coron_dask tests benchmarks
+	$(BIN)/ruff check --fix coron_dask tests benchmarks
+
+clean:
+	rm -rf $(VENV) demo_output .pytest_cache .ruff_cache *.egg-info

@@ -1,0 +1,188 @@
+"""The ``coron-dask`` command: run, simulate, demo."""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from coron_dask.errors import CoronInputError
+
+
+def _non_negative(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _add_run_options(parser: argparse.ArgumentParser) -> None:
+    step = parser.add_argument_group("steps (jwst's parameters)")
+    step.add_argument(
+        "--align-to",
+        choices=["each", "first"],
+        default="each",
+        help="align references to each science integration (4-D psfalign, "
+        "default) or to the first one of each exposure (jwst >= 1.16)",
+    )
+    step.add_argument(
+        "--truncate", type=_non_negative, default=50, help="KL modes kept by klip (default 50)"
+    )
+    step.add_argument(
+        "--median-box-length",
+        type=_non_negative,
+        default=3,
+        help="box of the bad-pixel median fill (default 3)",
+    )
+    step.add_argument(
+        "--bad-bits",
+        default="DO_NOT_USE",
+        help="DQ flags of bad pixels, names or integer (default DO_NOT_USE)",
+    )
+    step.add_argument("--psfmask", type=Path, help="PSFMASK FITS file (weights, 0 = ignore)")
+    run = parser.add_argument_group("execution")
+    run.add_argument(
+        "--integrations-per-chunk",
+        type=_positive,
+        help="science integrations per block (default: from dask's chunk size)",
+    )
+    run.add_argument("--n-workers", type=_positive, help="LocalCluster worker processes")
+    run.add_argument(
+        "--memory-limit",
+        default="auto",
+        help="memory limit per LocalCluster worker, e.g. '4GiB' (default auto)",
+    )
+    run.add_argument(
+        "--scheduler",
+        help="address of a running dask scheduler, or "
+        "'synchronous' / 'threads' for dask's local schedulers",
+    )
+    run.add_argument("--scheduler-file", help="scheduler file of a running dask cluster")
+    run.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _run(args: argparse.Namespace, asn: Path, output_dir: Path) -> list[Path]:
+    from coron_dask.pipeline import run_coron3
+
+    return run_coron3(
+        asn,
+        output_dir,
+        align_to=args.align_to,
+        truncate=args.truncate,
+        median_box_length=args.median_box_length,
+        bad_bits=args.bad_bits,
+        psfmask=args.psfmask,
+        integrations=args.integrations_per_chunk,
+        scheduler=args.scheduler,
+        scheduler_file=args.scheduler_file,
+        n_workers=args.n_workers,
+        memory_limit=args.memory_limit,
+        progress=not args.no_progress,
+    )
+
+
+def _simulate(args: argparse.Namespace, outdir: Path) -> Path:
+    from coron_dask.simulate import simulate
+
+    return simulate(
+        outdir,
+        size=args.size,
+        sci_exps=args.sci_exps,
+        sci_ints=args.sci_ints,
+        psf_exps=args.psf_exps,
+        psf_ints=args.psf_ints,
+        seed=args.seed,
+    )
+
+
+def companion_report(products: list[Path], truth_file: Path) -> str:
+    """Where the companion is found in the mean psfsub image, and its signal-to-noise."""
+    from astropy.io import fits
+
+    from coron_dask.photometry import companion_snr, peak_position
+
+    truth = json.loads(truth_file.read_text())
+    frames, places, stars = [], [], []
+    for name, positions in truth["companion"].items():
+        root = name.removesuffix("_calints.fits")
+        psfsub = next(p for p in products if p.name.startswith(root) and "psfsub" in p.name)
+        frames.append(fits.getdata(psfsub, "SCI"))
+        places += positions
+        offsets = np.array(truth["frames"][name]["star_offset"])
+        stars += list(offsets)
+    image = np.concatenate(frames).mean(axis=0)
+    place = tuple(np.mean(places, axis=0))
+    size = image.shape[-1]
+    star = tuple(np.array([size / 2, size / 2]) + np.mean(stars, axis=0))
+    found = peak_position(image, place)
+    snr = companion_snr(image, found, star)
+    error = float(np.hypot(found[0] - place[0], found[1] - place[1]))
+    return (
+        f"companion: injected at x={place[0]:.2f}, y={place[1]:.2f}; found at "
+        f"x={found[0]:.2f}, y={found[1]:.2f} ({error:.2f} px off); "
+        f"S/N {snr:.1f} in the mean of {sum(len(f) for f in frames)} "
+        "psfsub integrations"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="coron-dask",
+        description="JWST coronagraphic stage 3 (calwebb_coron3) on Dask, out-of-core.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    run = commands.add_parser("run", help="run stage 3 on an association")
+    run.add_argument("asn", type=Path, help="level-3 association JSON")
+    run.add_argument("-o", "--output-dir", type=Path, default=Path("."), help="default: .")
+    _add_run_options(run)
+    sim = commands.add_parser("simulate", help="write a simulated coronagraphic observation")
+    sim.add_argument("outdir", type=Path)
+    demo = commands.add_parser("demo", help="simulate, run, and report the companion")
+    demo.add_argument("outdir", type=Path, nargs="?", default=Path("demo_output"))
+    _add_run_options(demo)
+    for sub in (sim, demo):
+        group = sub.add_argument_group("simulated observation")
+        group.add_argument("--size", type=_positive, default=128, help="frame size (pixels)")
+        group.add_argument("--sci-exps", type=_positive, default=2)
+        group.add_argument("--sci-ints", type=_positive, default=8)
+        group.add_argument("--psf-exps", type=_positive, default=9, help="SGD positions")
+        group.add_argument("--psf-ints", type=_positive, default=5)
+        group.add_argument("--seed", type=int, default=1)
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "run":
+            for path in _run(args, args.asn, args.output_dir):
+                print(path)
+        elif args.command == "simulate":
+            print(_simulate(args, args.outdir))
+        else:
+            inputs = args.outdir / "inputs"
+            asn = _simulate(args, inputs)
+            if args.psfmask is None:
+                args.psfmask = inputs / "psfmask.fits"
+            products = _run(args, asn, args.outdir / "products")
+            print("products:")
+            for path in products:
+                print(f"  {path}")
+            print(companion_report(products, inputs / "truth.json"))
+    except CoronInputError as error:
+        print(f"coron-dask: error: {error}", file=sys.stderr)
+        return 2
+    except ValueError as error:
+        if args.command != "simulate":
+            raise
+        print(f"coron-dask: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,68 @@
+"""KL basis and KLIP subtraction against jwst's karhunen_loeve_transform and klip."""
+
+import numpy as np
+import pytest
+from jwst.coron import klip as jwst_klip
+from stdatamodels.jwst.datamodels import CubeModel
+
+from coron_dask.kernels import kl_basis, klip_error, klip_subtract
+
+
+def jwst_test_refs():
+    """The three 3×5 references of jwst's own klip tests."""
+    refs = np.zeros((3, 3, 5))
+    refs[:] = np.arange(15).reshape(3, 5)
+    for (k, y, x), delta in {
+        (0, 1, 1): 0.3,
+        (0, 2, 1): 0.7,
+        (0, 0, 3): -0.5,
+        (0, 1, 2): -1.3,
+        (1, 0, 1): 0.7,
+        (1, 2, 1): 0.2,
+        (1, 2, 3): 0.8,
+        (1, 2, 2): -1.8,
+        (2, 1, 1): 0.9,
+        (2, 2, 2): -0.5,
+        (2, 1, 0): 0.8,
+        (2, 1, 2): 0.8,
+    }.items():
+        refs[k, y, x] += delta
+    return refs
+
+
+def test_basis_matches_jwst_truth_eigenvalues():
+    refs = jwst_test_refs().reshape(3, -1)
+    centred = refs - refs.mean(axis=1, keepdims=True)
+    klvect, eigval, _ = jwst_klip.karhunen_loeve_transform(centred, normalize=True)
+    np.testing.assert_allclose(eigval, [59.0927, 0.22691, 0.16325], atol=1e-4)
+    basis = kl_basis(refs, 50)
+    # eigenvectors are defined up to sign
+    signs = np.sign(np.sum(basis * klvect, axis=1))
+    np.testing.assert_allclose(basis * signs[:, None], klvect, atol=1e-12)
+
+
+@pytest.mark.parametrize("truncate", [1, 2, 50])
+def test_klip_matches_jwst(truncate):
+    rng = np.random.default_rng(truncate)
+    refs = rng.normal(size=(12, 20, 24)) + 5 * np.exp(-(np.linspace(-2, 2, 24) ** 2))
+    targets = refs[:3].mean(axis=0) + rng.normal(0, 0.3, size=(4, 20, 24))
+    model = CubeModel(data=targets.astype(np.float32))
+    expected = jwst_klip.klip(model, CubeModel(data=refs.astype(np.float32)), truncate, False)
+    flat_refs = refs.astype(np.float32).astype(np.float64).reshape(12, -1)
+    basis = kl_basis(flat_refs, truncate)
+    ours = klip_subtract(targets.astype(np.float32).reshape(4, -1), basis)
+    np.testing.assert_allclose(ours.reshape(4, 20, 24), expected.data, atol=2e-5, rtol=1e-5)
+    errors = klip_error(flat_refs, basis).reshape(20, 24)
+    for plane in expected.err:
+        np.testing.assert_allclose(errors, plane, atol=2e-5, rtol=1e-5)
+
+
+def test_subtracts_what_the_references_span():
+    """A target that is a combination of references is removed to rounding."""
+    rng = np.random.default_rng(2)
+    refs = rng.normal(size=(6, 300))
+    target = 2 * refs[0] - refs[3] + 0.5 * refs[5]
+    residual = klip_subtract(target[None], kl_basis(refs, 6))
+    assert np.abs(residual).max() < 1e-10
+    assert kl_basis(refs, 4).shape == (4, 300)
+    assert kl_basis(refs, 0).shape == (0, 300)
