@@ -147,7 +147,7 @@ def simulate(
         "FILTER": "F335M",
         "PUPIL": "MASKRND",
         "CORONMSK": "MASKA335R",
-        "SUBARRAY": f"SUB{size}A335R",
+        "SUBARRAY": "SUB320A335R" if size == 320 else "GENERIC",
         "EXP_TYPE": "NRC_CORON",
         "READPATT": "MEDIUM2",
         "NGROUPS": 10,
@@ -223,7 +223,9 @@ def simulate(
     psfmask = outdir / "psfmask.fits"
     fits.HDUList(
         [
-            fits.PrimaryHDU(header=fits.Header({**base, "REFTYPE": "PSFMASK"})),
+            fits.PrimaryHDU(
+                header=fits.Header({**base, "REFTYPE": "PSFMASK", "DATAMODL": "PsfMaskModel"})
+            ),
             fits.ImageHDU(mask, name="SCI"),
         ]
     ).writeto(psfmask, overwrite=True)

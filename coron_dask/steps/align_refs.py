@@ -20,32 +20,47 @@ AlignTo = Literal["each", "first"]
 SHIFT_PARAMS = ["dx", "dy", "beta"]
 
 
-def _fill_block(sci: np.ndarray, dq: np.ndarray, box: int, bad_bitvalue: int, miri: bool):
-    bad = ((dq & bad_bitvalue) > 0) | np.isnan(sci)
+def _fill_block(
+    image: np.ndarray, sci: np.ndarray, dq: np.ndarray, box: int, bad_bitvalue: int, miri: bool
+) -> np.ndarray:
+    """``image`` with the bad pixels of the exposure (DQ & bad bits, or NaN in SCI) filled."""
+    bad = ((dq & bad_bitvalue) > 0) | np.isnan(sci) | np.isnan(image)
     if miri:  # jwst: MIRI pixels outside the science area become 0, unfilled
         non_science = bad & ((dq & PIXEL["NON_SCIENCE"]) > 0)
-        sci = np.where(non_science, 0, sci)
+        image = np.where(non_science, 0, image)
         bad &= ~non_science
-    return median_fill(sci, bad, box).astype(sci.dtype)
+    return median_fill(image, bad, box).astype(image.dtype)
 
 
 def median_replace_img(
     exposure: xr.Dataset, median_box_length: int = 3, bad_bits: str | int | None = "DO_NOT_USE"
 ) -> xr.Dataset:
-    """``exposure`` with bad pixels (DQ & bad_bits, or NaN) of ``sci`` replaced by local medians."""
+    """``exposure`` with bad pixels (DQ & bad_bits, or NaN) replaced by local medians.
+
+    jwst fills SCI only, so a Fourier-shifted ERR is NaN everywhere once a single pixel is;
+    here ERR is filled the same way, which keeps the psfalign ERR meaningful.
+    """
     if median_box_length < 0:
         raise CoronInputError("median_box_length", f"must be >= 0, got {median_box_length}")
     miri = str(exposure.attrs.get("INSTRUME", "")).upper() == "MIRI"
-    filled = da.map_blocks(
-        _fill_block,
-        exposure["sci"].data,
-        exposure["dq"].data,
-        median_box_length,
-        bit_value(bad_bits),
-        miri,
-        dtype=exposure["sci"].dtype,
-    )
-    return exposure.assign(sci=exposure["sci"].copy(data=filled))
+    bits = bit_value(bad_bits)
+    sci, dq = exposure["sci"].data, exposure["dq"].data
+    filled = {
+        name: exposure[name].copy(
+            data=da.map_blocks(
+                _fill_block,
+                exposure[name].data,
+                sci,
+                dq,
+                median_box_length,
+                bits,
+                miri,
+                dtype=exposure[name].dtype,
+            )
+        )
+        for name in ("sci", "err")
+    }
+    return exposure.assign(filled)
 
 
 def _fit_block(science: np.ndarray, psfs: np.ndarray, mask: np.ndarray) -> np.ndarray:

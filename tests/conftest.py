@@ -1,0 +1,51 @@
+"""Shared fixtures: a small simulated observation, and a guard that counts dask computes."""
+
+import contextlib
+import shutil
+from pathlib import Path
+
+import dask
+import pytest
+
+from coron_dask.simulate import simulate
+
+SMALL = {"size": 64, "sci_exps": 2, "sci_ints": 3, "psf_exps": 3, "psf_ints": 2, "seed": 4}
+
+
+@pytest.fixture(scope="session")
+def observation_dir(tmp_path_factory) -> Path:
+    """A simulated observation (never modified by tests: copy it to change it)."""
+    folder = tmp_path_factory.mktemp("observation")
+    simulate(folder, **SMALL)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def asn(observation_dir) -> Path:
+    return next(observation_dir.glob("*_asn.json"))
+
+
+@pytest.fixture
+def observation_copy(observation_dir, tmp_path) -> Path:
+    """A private copy of the observation that a test may damage."""
+    target = tmp_path / "inputs"
+    shutil.copytree(observation_dir, target)
+    return target
+
+
+class ComputeCounter:
+    """A dask scheduler that counts the computations asked of it (xarray's idea)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def __call__(self, dsk, keys, **kwargs):
+        self.count += 1
+        return dask.get(dsk, keys, **kwargs)
+
+
+@contextlib.contextmanager
+def count_computes():
+    counter = ComputeCounter()
+    with dask.config.set(scheduler=counter):
+        yield counter

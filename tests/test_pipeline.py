@@ -1,0 +1,168 @@
+"""The whole pipeline on simulated data against jwst 3.0.0's functions, the injected
+companion, chunking and scheduler invariance, and laziness."""
+
+import json
+import time
+
+import numpy as np
+import pytest
+from astropy.io import fits
+from stdatamodels.jwst import datamodels
+
+from coron_dask import build_products, run_coron3
+from coron_dask.photometry import companion_snr, peak_position
+from tests import jwst_reference
+from tests.conftest import count_computes
+
+MODES = ("each", "first")
+
+
+def relative_l2(ours, theirs):
+    return float(np.linalg.norm(ours - theirs) / np.linalg.norm(theirs))
+
+
+@pytest.fixture(scope="session")
+def reference(asn, observation_dir):
+    """jwst's functions on the same data, per mode, with the time they took."""
+    out = {}
+    for mode in MODES:
+        start = time.perf_counter()
+        out[mode] = jwst_reference.coron3(asn, observation_dir / "psfmask.fits", mode)
+        out[mode]["seconds"] = time.perf_counter() - start
+    return out
+
+
+@pytest.fixture(scope="session")
+def products(asn, observation_dir, tmp_path_factory):
+    """Our products per mode, run with the synchronous scheduler."""
+    out = {}
+    for mode in MODES:
+        folder = tmp_path_factory.mktemp(f"products_{mode}")
+        start = time.perf_counter()
+        paths = run_coron3(
+            asn,
+            folder,
+            align_to=mode,
+            psfmask=observation_dir / "psfmask.fits",
+            scheduler="synchronous",
+            progress=False,
+        )
+        out[mode] = {"paths": paths, "folder": folder, "seconds": time.perf_counter() - start}
+    return out
+
+
+def read(path, name):
+    with fits.open(path) as hdul:
+        return hdul[name].data.astype(np.float64 if name != "DQ" else np.uint32)
+
+
+def science_roots(asn):
+    members = json.loads(asn.read_text())["products"][0]["members"]
+    return [
+        m["expname"].removesuffix("_calints.fits") for m in members if m["exptype"] == "science"
+    ]
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_products_are_named_and_typed_as_jwst(mode, products, asn):
+    folder = products[mode]["folder"]
+    names = {p.name for p in products[mode]["paths"]}
+    expected = {"jw01386-c1000_t001_nircam_f335m-maskrnd-sub64_psfstack.fits"}
+    for root in science_roots(asn):
+        expected |= {f"{root}_c1000_psfalign.fits", f"{root}_c1000_psfsub.fits"}
+    assert names == expected
+    assert sorted(p.name for p in folder.iterdir()) == sorted(expected)
+    quad = datamodels.QuadModel if mode == "each" else datamodels.CubeModel
+    for path in products[mode]["paths"]:
+        with datamodels.open(path) as model:
+            kind = quad if "psfalign" in path.name else datamodels.CubeModel
+            assert isinstance(model, kind), path.name
+            assert model.meta.instrument.name == "NIRCAM"
+            if "psfsub" in path.name:
+                assert model.meta.cal_step.klip == "COMPLETE"
+                assert model.meta.exposure.nints == 3
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_parity_with_jwst_functions(mode, products, reference, asn):
+    folder = products[mode]["folder"]
+    expected = reference[mode]
+    stack = next(folder.glob("*_psfstack.fits"))
+    for name in ("SCI", "ERR", "DQ"):
+        np.testing.assert_array_equal(
+            read(stack, name), expected["psfstack"][name.lower().replace("sci", "data")]
+        )
+    for root in science_roots(asn):
+        align = folder / f"{root}_c1000_psfalign.fits"
+        sub = folder / f"{root}_c1000_psfsub.fits"
+        ref = expected[root]
+        assert read(align, "SCI").shape == ref["psfalign_sci"].shape
+        assert relative_l2(read(align, "SCI"), ref["psfalign_sci"]) < 1e-4
+        assert relative_l2(read(align, "ERR"), ref["psfalign_err"]) < 1e-4
+        assert relative_l2(read(sub, "SCI"), ref["psfsub_sci"]) < 1e-3
+        # nrefs (6) <= truncate: the references are reproduced and ERR is rounding noise
+        assert np.abs(read(sub, "ERR")).max() < 1e-6
+        assert np.abs(ref["psfsub_err"]).max() < 1e-6
+        np.testing.assert_array_equal(read(sub, "DQ"), ref["psfsub_dq"])
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_truncated_klip_error_matches_jwst(mode, asn, observation_dir, tmp_path, reference):
+    """With fewer KL modes than references ERR is real: compare it too."""
+    paths = run_coron3(
+        asn,
+        tmp_path,
+        align_to=mode,
+        truncate=3,
+        scheduler="synchronous",
+        psfmask=observation_dir / "psfmask.fits",
+        progress=False,
+    )
+    expected = jwst_reference.coron3(asn, observation_dir / "psfmask.fits", mode, truncate=3)
+    for root in science_roots(asn):
+        sub = next(p for p in paths if p.name == f"{root}_c1000_psfsub.fits")
+        assert relative_l2(read(sub, "SCI"), expected[root]["psfsub_sci"]) < 1e-3
+        assert relative_l2(read(sub, "ERR"), expected[root]["psfsub_err"]) < 1e-3
+
+
+def test_companion_recovered_at_its_true_place(products, observation_dir, asn):
+    truth = json.loads((observation_dir / "truth.json").read_text())
+    frames, places = [], []
+    for root in science_roots(asn):
+        frames.append(read(products["each"]["folder"] / f"{root}_c1000_psfsub.fits", "SCI"))
+        places += truth["companion"][f"{root}_calints.fits"]
+    image = np.concatenate(frames).mean(axis=0)
+    place = np.mean(places, axis=0)
+    found = peak_position(image, tuple(place))
+    assert np.hypot(*(np.array(found) - place)) < 0.5
+    assert companion_snr(image, found, (32.0, 32.0)) > 5
+
+
+def test_graph_building_computes_nothing(asn, observation_dir, tmp_path):
+    with count_computes() as counter:
+        products = build_products(asn, tmp_path, psfmask=observation_dir / "psfmask.fits")
+    assert counter.count == 0
+    assert len(products) == 5
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_same_products_for_any_chunks_and_scheduler(mode, asn, observation_dir, products, tmp_path):
+    """One integration per block on a 2-process LocalCluster gives, bit for bit, what whole
+    exposures give on the synchronous scheduler."""
+    paths = run_coron3(
+        asn,
+        tmp_path,
+        align_to=mode,
+        psfmask=observation_dir / "psfmask.fits",
+        integrations=1,
+        n_workers=2,
+        memory_limit="1GiB",
+        progress=False,
+        quiet=True,
+    )
+    for path in paths:
+        baseline = products[mode]["folder"] / path.name
+        with fits.open(path) as ours, fits.open(baseline) as theirs:
+            for hdu in ours[1:]:
+                np.testing.assert_array_equal(hdu.data, theirs[hdu.name].data)
