@@ -10,6 +10,13 @@ import numpy as np
 from coron_dask.errors import CoronInputError
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors in the same one-line form as bad input."""
+
+    def error(self, message: str) -> None:
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
 def _non_negative(text: str) -> int:
     value = int(text)
     if value < 0:
@@ -134,7 +141,7 @@ def companion_report(products: list[Path], truth_file: Path) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="coron-dask",
         description="JWST coronagraphic stage 3 (calwebb_coron3) on Dask, out-of-core.",
     )

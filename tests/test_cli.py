@@ -1,0 +1,185 @@
+"""The command line: bad input gets one line naming the file and the problem, exit code 2,
+and no product; good input lists the products."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from astropy.io import fits
+
+from coron_dask.cli import main
+
+
+def run(args, capsys):
+    try:
+        code = main([str(a) for a in args])
+    except SystemExit as exit_:
+        code = exit_.code
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def asn_of(folder):
+    return next(folder.glob("*_asn.json"))
+
+
+def members(folder, exptype):
+    table = json.loads(asn_of(folder).read_text())
+    return [
+        folder / m["expname"] for m in table["products"][0]["members"] if m["exptype"] == exptype
+    ]
+
+
+def rewrite_members(folder, keep):
+    path = asn_of(folder)
+    table = json.loads(path.read_text())
+    product = table["products"][0]
+    product["members"] = [m for m in product["members"] if keep(m)]
+    path.write_text(json.dumps(table))
+
+
+def resize(path, ny, nx):
+    with fits.open(path) as hdul:
+        hdus = [fits.PrimaryHDU(header=hdul[0].header)]
+        for name in ("SCI", "ERR", "DQ"):
+            hdus.append(fits.ImageHDU(hdul[name].data[:, :ny, :nx], name=name))
+    fits.HDUList(hdus).writeto(path, overwrite=True)
+
+
+def damage(kind, folder):
+    """Break the observation in ``folder``; return the file the error must name."""
+    science, psf = members(folder, "science"), members(folder, "psf")
+    if kind == "missing asn":
+        return folder / "nothing_asn.json"
+    if kind == "malformed asn":
+        asn_of(folder).write_text('{"asn_id": "c1", "products": [')
+        return asn_of(folder)
+    if kind == "no science":
+        rewrite_members(folder, lambda m: m["exptype"] != "science")
+        return asn_of(folder)
+    if kind == "no psf":
+        rewrite_members(folder, lambda m: m["exptype"] != "psf")
+        return asn_of(folder)
+    if kind == "missing member":
+        psf[1].unlink()
+        return psf[1]
+    if kind == "unreadable member":
+        science[1].write_bytes(b"\0" * 5000)
+        return science[1]
+    if kind == "psf frames differ":
+        resize(psf[2], 60, 64)
+        return psf[2]
+    if kind == "science frames differ":
+        resize(science[0], 64, 60)
+        return science[0]
+    if kind == "wrong dimensionality":
+        with fits.open(science[1]) as hdul:
+            hdus = [hdul[0].copy()] + [
+                fits.ImageHDU(hdul[n].data[0], name=n) for n in ("SCI", "ERR", "DQ")
+            ]
+        fits.HDUList(hdus).writeto(science[1], overwrite=True)
+        return science[1]
+    if kind == "psfmask shape":
+        mask = folder / "psfmask.fits"
+        fits.HDUList([fits.PrimaryHDU(), fits.ImageHDU(np.ones((32, 32)), name="SCI")]).writeto(
+            mask, overwrite=True
+        )
+        return mask
+    raise ValueError(kind)
+
+
+CASES = {
+    "missing asn": "not found",
+    "malformed asn": "not valid JSON",
+    "no science": "no science members",
+    "no psf": "no psf members",
+    "missing member": "file not found",
+    "unreadable member": "not a readable FITS file",
+    "psf frames differ": "frames are 60x64 pixels",
+    "science frames differ": "frames are 64x60 pixels",
+    "wrong dimensionality": "expected 3",
+    "psfmask shape": "PSFMASK has shape",
+}
+
+
+@pytest.mark.parametrize("kind", CASES)
+def test_bad_input_one_line_no_product(kind, observation_copy, tmp_path, capsys):
+    named = damage(kind, observation_copy)
+    asn = named if kind == "missing asn" else asn_of(observation_copy)
+    out = tmp_path / "products"
+    code, _, err = run(
+        [
+            "run",
+            asn,
+            "-o",
+            out,
+            "--psfmask",
+            observation_copy / "psfmask.fits",
+            "--scheduler",
+            "synchronous",
+        ],
+        capsys,
+    )
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("coron-dask: error: ")
+    assert str(named) in lines[0] and CASES[kind] in lines[0]
+    assert not out.exists() or not any(out.iterdir())
+
+
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [
+        ("--truncate", "-1"),
+        ("--median-box-length", "-3"),
+        ("--n-workers", "0"),
+        ("--bad-bits", "NOT_A_FLAG"),
+    ],
+)
+def test_bad_parameters(option, value, asn, tmp_path, capsys):
+    code, _, err = run(
+        ["run", asn, "-o", tmp_path / "out", option, value, "--scheduler", "synchronous"], capsys
+    )
+    assert code == 2
+    assert len(err.strip().splitlines()) == 1
+    assert "error" in err and (option.lstrip("-").replace("-", "_") in err or option in err)
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_run_lists_products(asn, observation_dir, tmp_path, capsys):
+    code, out, _ = run(
+        [
+            "run",
+            asn,
+            "-o",
+            tmp_path,
+            "--align-to",
+            "first",
+            "--psfmask",
+            observation_dir / "psfmask.fits",
+            "--scheduler",
+            "synchronous",
+        ],
+        capsys,
+    )
+    assert code == 0
+    listed = sorted(out.split())
+    assert listed == sorted(str(p) for p in tmp_path.iterdir())
+    assert len(listed) == 5
+
+
+def test_entry_point_exit_code(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "coron_dask.cli", "run", str(tmp_path / "none_asn.json")],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert (
+        result.stderr.strip() == f"coron-dask: error: {tmp_path / 'none_asn.json'}: "
+        "association file not found"
+    )
