@@ -44,6 +44,7 @@ def median_replace_img(
         raise CoronInputError("median_box_length", f"must be >= 0, got {median_box_length}")
     miri = str(exposure.attrs.get("INSTRUME", "")).upper() == "MIRI"
     bits = bit_value(bad_bits)
+    exposure = exposure.chunk({})  # dask-backed variables unchanged, numpy ones one block
     sci, dq = exposure["sci"].data, exposure["dq"].data
     filled = {
         name: exposure[name].copy(
