@@ -12,6 +12,23 @@ from jwst.coron.stack_refs import make_cube
 from stdatamodels.jwst import datamodels
 
 
+def fill(model, box: int) -> None:
+    """jwst's median_replace_img, in place, with windows at the image edge cut at the edge.
+
+    jwst's windows for the first box//2 rows and columns are empty (a negative slice
+    start), so it writes 0 there; coron-dask deliberately takes the cut window. Padding
+    the top and left with flagged pixels lets jwst's own function compute that.
+    """
+    half = int(box / 2)
+    pad = ((0, 0), (half, 0), (half, 0))
+    data = np.pad(model.data, pad, constant_values=np.nan)
+    dq = np.pad(model.dq, pad, constant_values=1)
+    padded = datamodels.CubeModel(data=data, dq=dq)
+    padded.meta.instrument.name = model.meta.instrument.name
+    median_replace_img(padded, box, 1)
+    model.data[...] = padded.data[:, half:, half:]
+
+
 def coron3(asn: Path, psfmask: Path, align_to: str, truncate: int = 50, box: int = 3) -> dict:
     """psfstack, and per science exposure root: psfalign SCI/ERR, psfsub SCI/ERR/DQ, shifts."""
     table = json.loads(asn.read_text())
@@ -26,13 +43,14 @@ def coron3(asn: Path, psfmask: Path, align_to: str, truncate: int = 50, box: int
     # coron-dask also fills ERR (jwst's shifted ERR is all NaN): the same fill, on ERR
     err_stack = datamodels.CubeModel(data=psf_stack.err.copy(), dq=psf_stack.dq.copy())
     err_stack.data[np.isnan(psf_stack.data)] = np.nan
-    median_replace_img(psf_stack, box, 1)
-    median_replace_img(err_stack, box, 1)
+    err_stack.meta.instrument.name = psf_stack.meta.instrument.name
+    fill(psf_stack, box)
+    fill(err_stack, box)
     refs = psf_stack.data.astype(np.float64)
     ref_err = err_stack.data.astype(np.float64)
     for path in paths["science"]:
         target = datamodels.open(path)
-        median_replace_img(target, box, 1)
+        fill(target, box)
         science = target.data.astype(np.float64)
         frames = science[:1] if align_to == "first" else science
         shifts = np.array(
