@@ -15,9 +15,10 @@ import numpy as np
 
 from coron_dask.kernels.fourier_shift import shift_phase
 
-#: Stop when a step moves the shift by less than this (pixels) and β relatively by less,
-XTOL = 1e-10
-#: ... or when an accepted step lowers the cost relatively by less than this.
+#: A Newton step that moves the shift by less than this (pixels), and β relatively by
+#: less, is the last: with quadratic convergence what remains is of order XTOL².
+XTOL = 1e-6
+#: Stop also when an accepted step lowers the cost relatively by less than this.
 FTOL = 1e-15
 MAX_ITER = 100
 
@@ -54,6 +55,13 @@ class _Problem:
         self.weight = weight
         self.weight2 = weight * weight
         self.spectrum = np.fft.rfft2(science)
+        # Σ_x a·b = Re Σ_k parseval·conj(A)·B for real a, b and their rfft2s A, B
+        ny, nx = self.shape
+        columns = np.full(nx // 2 + 1, 2.0)
+        columns[0] = 1.0
+        if nx % 2 == 0:
+            columns[-1] = 1.0
+        self.parseval = columns / (ny * nx)
         # Σ w²(x) sci²(x − d) for every integer d: the model's energy at an integer shift.
         self.energy = np.fft.irfft2(
             np.fft.rfft2(self.weight2) * np.conj(np.fft.rfft2(science * science)), s=self.shape
@@ -93,38 +101,54 @@ class _Problem:
     def evaluate(
         self, params: np.ndarray, psfs: np.ndarray
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Cost ‖r‖², its gradient Jᵀr and its exact Hessian at ``params`` (b, 3), halved.
+        """Cost ‖r‖², its gradient Jᵀr and its exact Hessian at ``params`` (b, 3).
 
         With r = w·(psf − β·s), the Hessian is JᵀJ + Σ r·∇²r; the second term needs the
         second derivatives of the shifted model, three more inverse FFTs, and buys the
         quadratic convergence that noisy frames (large residuals) deny Gauss-Newton.
+        The Jacobian's three images come from one batched inverse FFT, the sums of the
+        residual against all six (s and its derivatives) from one forward FFT.
         """
+        count = len(params)
         ramps = shift_phase(self.shape, params[:, 0], params[:, 1], order=2)
-        s, sx, sy, sxx, sxy, syy = (
-            np.fft.irfft2(self.spectrum * ramp, s=self.shape).reshape(len(params), -1)
-            for ramp in ramps
+        spectra = np.empty((count, 3, *self.spectrum.shape), dtype=np.complex128)
+        for k in range(3):
+            np.multiply(self.spectrum, ramps[k], out=spectra[:, k])
+        # s, ∂x s, ∂y s in real space, times the weights: they make the Jacobian
+        model = np.fft.irfft2(spectra, s=self.shape).reshape(count, 3, -1)
+        model *= self.weight.reshape(1, 1, -1)
+        beta = params[:, 2]
+        residual = (
+            psfs.reshape(count, -1) * self.weight.reshape(1, -1) - beta[:, None] * model[:, 0]
         )
-        beta = params[:, 2, None]
-        w = self.weight.reshape(1, -1)
-        residual = w * (psfs.reshape(len(params), -1) - beta * s)
-        jac = np.stack([-beta * w * sx, -beta * w * sy, -w * s], axis=1)
         cost = np.einsum("bp,bp->b", residual, residual)
-        gradient = np.einsum("bip,bp->bi", jac, residual)
-        hessian = np.einsum("bip,bjp->bij", jac, jac)
-        rw = residual * w
-        second = np.einsum("bkp,bp->bk", np.stack([sxx, sxy, syy, sx, sy], axis=1), rw)
-        hessian[:, 0, 0] -= beta[:, 0] * second[:, 0]
-        hessian[:, 0, 1] -= beta[:, 0] * second[:, 1]
-        hessian[:, 1, 1] -= beta[:, 0] * second[:, 2]
-        hessian[:, 0, 2] -= second[:, 3]
-        hessian[:, 1, 2] -= second[:, 4]
+        # Σ w·r·(each of s and its 5 derivatives), by Parseval: one forward FFT of w·r
+        # replaces the inverse FFTs of the second derivatives
+        weighted = np.fft.rfft2((residual * self.weight.reshape(1, -1)).reshape(count, *self.shape))
+        overlap = np.conj(weighted) * self.spectrum * self.parseval
+        sums = np.stack([np.einsum("byx,byx->b", overlap, ramp).real for ramp in ramps], axis=1)
+        gram = np.matmul(model[:, :3], model[:, :3].transpose(0, 2, 1))  # over s, ∂x s, ∂y s
+        # J = [−β·w∂x s, −β·w∂y s, −w·s]: reorder the Gram matrix to (x, y, β)
+        order = [1, 2, 0]
+        scale = np.stack([beta, beta, np.ones_like(beta)], axis=1)
+        hessian = gram[:, order][:, :, order] * scale[:, :, None] * scale[:, None, :]
+        gradient = -scale * sums[:, order]
+        hessian[:, 0, 0] -= beta * sums[:, 3]
+        hessian[:, 0, 1] -= beta * sums[:, 4]
+        hessian[:, 1, 1] -= beta * sums[:, 5]
+        hessian[:, 0, 2] -= sums[:, 1]
+        hessian[:, 1, 2] -= sums[:, 2]
         hessian[:, 1, 0] = hessian[:, 0, 1]
         hessian[:, 2, 0] = hessian[:, 0, 2]
         hessian[:, 2, 1] = hessian[:, 1, 2]
         return cost, gradient, hessian
 
     def solve(self, psfs: np.ndarray) -> np.ndarray:
-        """Damped Newton from the cross-correlation start; each reference stops on its own."""
+        """Damped Newton from the cross-correlation start; each reference stops on its own.
+
+        A Newton step shorter than ``XTOL`` is taken without evaluating where it lands:
+        convergence is quadratic there, so it leaves an error of order XTOL².
+        """
         params = self.start(psfs)
         cost, gradient, hessian = self.evaluate(params, psfs)
         damping = np.full(len(psfs), 1e-6)
@@ -141,17 +165,22 @@ class _Problem:
             if idx.size == 0:
                 continue
             step = -np.linalg.solve(lhs, gradient[idx][..., None])[..., 0]
+            small = (np.abs(step[:, :2]).max(axis=1) < XTOL) & (
+                np.abs(step[:, 2]) <= XTOL * np.abs(params[idx, 2])
+            )
+            params[idx[small]] += step[small]
+            active[idx[small]] = False
+            idx, step = idx[~small], step[~small]
+            if idx.size == 0:
+                continue
             trial = params[idx] + step
             t_cost, t_gradient, t_hessian = self.evaluate(trial, psfs[idx])
             better = t_cost <= cost[idx]
             good = idx[better]
-            small_step = (np.abs(step[:, :2]).max(axis=1) < XTOL) & (
-                np.abs(step[:, 2]) <= XTOL * np.abs(trial[:, 2])
-            )
             small_gain = (cost[idx] - t_cost) <= FTOL * cost[idx]
             params[good], cost[good] = trial[better], t_cost[better]
             gradient[good], hessian[good] = t_gradient[better], t_hessian[better]
             damping[idx] = np.where(better, damping[idx] * 0.1, damping[idx] * 10.0)
-            done = small_step | (better & small_gain) | (damping[idx] > 1e12)
+            done = (better & small_gain) | (damping[idx] > 1e12)
             active[idx[done]] = False
         return params
