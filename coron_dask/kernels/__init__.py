@@ -1,6 +1,6 @@
 """Pure numpy algorithms of coronagraphic stage 3: no dask, no files, float64 inside."""
 
-from coron_dask.kernels.fourier_shift import fourier_shift, shift_phase
+from coron_dask.kernels.fourier_shift import fourier_shift
 from coron_dask.kernels.klip import kl_basis, klip_error, klip_subtract
 from coron_dask.kernels.median_fill import median_fill
 from coron_dask.kernels.registration import fit_shifts
@@ -12,5 +12,4 @@ __all__ = [
     "klip_error",
     "klip_subtract",
     "median_fill",
-    "shift_phase",
 ]

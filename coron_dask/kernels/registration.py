@@ -13,7 +13,7 @@ the science frame's spectrum for every reference and fitting a batch of referenc
 
 import numpy as np
 
-from coron_dask.kernels.fourier_shift import shift_phase
+from coron_dask.kernels.fourier_shift import Ramps
 
 #: A Newton step that moves the shift by less than this (pixels), and β relatively by
 #: less, is the last: with quadratic convergence what remains is of order XTOL².
@@ -61,7 +61,7 @@ class _Problem:
         columns[0] = 1.0
         if nx % 2 == 0:
             columns[-1] = 1.0
-        self.parseval = columns / (ny * nx)
+        self.parseval_spectrum = self.spectrum * (columns / (ny * nx))
         # Σ w²(x) sci²(x − d) for every integer d: the model's energy at an integer shift.
         self.energy = np.fft.irfft2(
             np.fft.rfft2(self.weight2) * np.conj(np.fft.rfft2(science * science)), s=self.shape
@@ -99,9 +99,10 @@ class _Problem:
         return np.stack([dx, dy, beta], axis=1)
 
     def evaluate(
-        self, params: np.ndarray, psfs: np.ndarray
+        self, params: np.ndarray, weighted_psfs: np.ndarray
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Cost ‖r‖², its gradient Jᵀr and its exact Hessian at ``params`` (b, 3).
+        """Cost ‖r‖², its gradient Jᵀr and its exact Hessian at ``params`` (b, 3), for
+        references already multiplied by the weights and flattened (b, npix).
 
         With r = w·(psf − β·s), the Hessian is JᵀJ + Σ r·∇²r; the second term needs the
         second derivatives of the shifted model, three more inverse FFTs, and buys the
@@ -110,23 +111,23 @@ class _Problem:
         residual against all six (s and its derivatives) from one forward FFT.
         """
         count = len(params)
-        ramps = shift_phase(self.shape, params[:, 0], params[:, 1], order=2)
+        ramps = Ramps(self.shape, params[:, 0], params[:, 1], order=2)
         spectra = np.empty((count, 3, *self.spectrum.shape), dtype=np.complex128)
-        for k in range(3):
-            np.multiply(self.spectrum, ramps[k], out=spectra[:, k])
+        for k, (i, j) in enumerate(((0, 0), (1, 0), (0, 1))):
+            spectra[:, k] = ramps.apply(self.spectrum, i, j)
         # s, ∂x s, ∂y s in real space, times the weights: they make the Jacobian
         model = np.fft.irfft2(spectra, s=self.shape).reshape(count, 3, -1)
         model *= self.weight.reshape(1, 1, -1)
         beta = params[:, 2]
-        residual = (
-            psfs.reshape(count, -1) * self.weight.reshape(1, -1) - beta[:, None] * model[:, 0]
-        )
+        residual = weighted_psfs - beta[:, None] * model[:, 0]
         cost = np.einsum("bp,bp->b", residual, residual)
         # Σ w·r·(each of s and its 5 derivatives), by Parseval: one forward FFT of w·r
         # replaces the inverse FFTs of the second derivatives
-        weighted = np.fft.rfft2((residual * self.weight.reshape(1, -1)).reshape(count, *self.shape))
-        overlap = np.conj(weighted) * self.spectrum * self.parseval
-        sums = np.stack([np.einsum("byx,byx->b", overlap, ramp).real for ramp in ramps], axis=1)
+        overlap = np.fft.rfft2((residual * self.weight.reshape(1, -1)).reshape(count, *self.shape))
+        np.conjugate(overlap, out=overlap)
+        overlap *= self.parseval_spectrum
+        terms = ((0, 0), (1, 0), (0, 1), (2, 0), (1, 1), (0, 2))
+        sums = np.stack([ramps.inner(overlap, i, j).real for i, j in terms], axis=1)
         gram = np.matmul(model[:, :3], model[:, :3].transpose(0, 2, 1))  # over s, ∂x s, ∂y s
         # J = [−β·w∂x s, −β·w∂y s, −w·s]: reorder the Gram matrix to (x, y, β)
         order = [1, 2, 0]
@@ -150,7 +151,8 @@ class _Problem:
         convergence is quadratic there, so it leaves an error of order XTOL².
         """
         params = self.start(psfs)
-        cost, gradient, hessian = self.evaluate(params, psfs)
+        weighted_psfs = psfs.reshape(len(psfs), -1) * self.weight.reshape(1, -1)
+        cost, gradient, hessian = self.evaluate(params, weighted_psfs)
         damping = np.full(len(psfs), 1e-6)
         active = np.ones(len(psfs), dtype=bool)
         for _ in range(MAX_ITER):
@@ -174,7 +176,7 @@ class _Problem:
             if idx.size == 0:
                 continue
             trial = params[idx] + step
-            t_cost, t_gradient, t_hessian = self.evaluate(trial, psfs[idx])
+            t_cost, t_gradient, t_hessian = self.evaluate(trial, weighted_psfs[idx])
             better = t_cost <= cost[idx]
             good = idx[better]
             small_gain = (cost[idx] - t_cost) <= FTOL * cost[idx]

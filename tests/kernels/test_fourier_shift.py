@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 from jwst.coron.imageregistration import fourier_imshift
 
-from coron_dask.kernels import fourier_shift, shift_phase
+from coron_dask.kernels import fourier_shift
+from coron_dask.kernels.fourier_shift import Ramps
 
 
 @pytest.mark.parametrize("shape", [(5, 5), (6, 8), (7, 6), (6, 7), (64, 64), (33, 48)])
@@ -47,20 +48,33 @@ def test_batched_shifts_match_one_by_one():
 
 
 @pytest.mark.parametrize("shape", [(6, 8), (6, 7), (7, 8), (7, 7)])
-def test_phase_derivatives_match_finite_differences(shape):
+def test_ramp_derivatives_match_finite_differences(shape):
     dx, dy, eps = np.array([0.3]), np.array([-0.7]), 1e-6
-    ramps = shift_phase(shape, dx, dy, order=2)
-    step_x = shift_phase(shape, dx + eps, dy, order=1)
-    step_y = shift_phase(shape, dx, dy + eps, order=1)
-    pairs = [
-        ((step_x[0] - ramps[0]) / eps, ramps[1]),
-        ((step_y[0] - ramps[0]) / eps, ramps[2]),
-        ((step_x[1] - ramps[1]) / eps, ramps[3]),
-        ((step_y[1] - ramps[1]) / eps, ramps[4]),
-        ((step_y[2] - ramps[2]) / eps, ramps[5]),
-    ]
-    for numeric, analytic in pairs:
-        np.testing.assert_allclose(numeric, analytic, atol=1e-4)
+    ramps = Ramps(shape, dx, dy, order=2)
+    step_x = Ramps(shape, dx + eps, dy, order=1)
+    step_y = Ramps(shape, dx, dy + eps, order=1)
+    for (i, j), stepped, (di, dj) in [
+        ((0, 0), step_x, (1, 0)),
+        ((0, 0), step_y, (0, 1)),
+        ((1, 0), step_x, (2, 0)),
+        ((1, 0), step_y, (1, 1)),
+        ((0, 1), step_y, (0, 2)),
+    ]:
+        numeric = (stepped.term(i, j) - ramps.term(i, j)) / eps
+        np.testing.assert_allclose(numeric, ramps.term(di, dj), atol=1e-4)
+
+
+@pytest.mark.parametrize("shape", [(6, 8), (6, 7), (7, 8)])
+def test_separable_products_equal_full_ramps(shape):
+    rng = np.random.default_rng(5)
+    ramps = Ramps(shape, rng.normal(size=3), rng.normal(size=3), order=2)
+    spectrum = rng.normal(size=(3, shape[0], shape[1] // 2 + 1)) * (1 + 1j)
+    for i, j in [(0, 0), (1, 0), (0, 1), (2, 0), (1, 1), (0, 2)]:
+        full = ramps.term(i, j)
+        np.testing.assert_allclose(ramps.apply(spectrum, i, j), spectrum * full, atol=1e-12)
+        np.testing.assert_allclose(
+            ramps.inner(spectrum, i, j), (spectrum * full).sum(axis=(1, 2)), atol=1e-10
+        )
 
 
 def test_shape_mismatch_is_refused():
