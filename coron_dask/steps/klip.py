@@ -5,39 +5,48 @@ image is the integration minus its mean minus its projection on the first ``trun
 KL images. ERR is jwst's: the per-pixel standard deviation of the references' own KLIP
 residuals. DQ is the science DQ. With a 3-D psfalign (``align_to="first"``) the basis
 is the same for every integration and is computed once per exposure.
+
+References reach the kernels as the blocks dask holds them in, never concatenated, so a
+KLIP task needs little more memory than its references.
 """
 
 import dask.array as da
 import numpy as np
 import xarray as xr
+from dask import delayed
 
 from coron_dask.errors import CoronInputError
-from coron_dask.kernels import kl_basis, klip_error, klip_subtract
+from coron_dask.kernels import KLBasis, klip_subtract
 
 
-def _klip_each_block(targets: np.ndarray, refs: np.ndarray, truncate: int) -> np.ndarray:
-    """psfsub SCI and ERR (m, 2, y, x) of targets (m, y, x), each with its refs (m, p, y, x)."""
-    m, p, ny, nx = refs.shape
+def _flat(block: np.ndarray) -> np.ndarray:
+    return block.reshape(block.shape[0], -1)
+
+
+def _klip_each_block(targets: np.ndarray, ref_blocks: list, truncate: int) -> np.ndarray:
+    """psfsub SCI and ERR (m, 2, y, x) of targets (m, y, x), each with its references,
+    given as blocks (m, p_j, y, x) along the reference axis."""
+    m, ny, nx = targets.shape
     out = np.empty((m, 2, ny, nx), dtype=np.float32)
     for i in range(m):
-        frames = refs[i].reshape(p, -1).astype(np.float64)
-        basis = kl_basis(frames, truncate)
-        out[i, 0] = klip_subtract(targets[i].reshape(1, -1), basis).reshape(ny, nx)
-        out[i, 1] = klip_error(frames, basis).reshape(ny, nx)
+        pieces = [_flat(block[i]) for block in ref_blocks]
+        basis = KLBasis(pieces, truncate)
+        out[i, 0] = klip_subtract(targets[i].reshape(1, -1), basis.images).reshape(ny, nx)
+        out[i, 1] = basis.error(pieces).reshape(ny, nx)
     return out
 
 
-def _basis_block(refs: np.ndarray, truncate: int) -> np.ndarray:
-    return kl_basis(refs.reshape(refs.shape[0], -1), truncate)
+def _basis(ref_blocks: list, truncate: int) -> KLBasis:
+    return KLBasis([_flat(block) for block in ref_blocks], truncate)
 
 
-def _subtract_block(targets: np.ndarray, basis: np.ndarray) -> np.ndarray:
+def _error(basis: KLBasis, ref_blocks: list) -> np.ndarray:
+    return basis.error([_flat(block) for block in ref_blocks])
+
+
+def _subtract_block(targets: np.ndarray, basis: KLBasis) -> np.ndarray:
     flat = targets.reshape(targets.shape[0], -1)
-    return klip_subtract(flat, basis).reshape(targets.shape).astype(np.float32)
-
-
-def _error_block(refs: np.ndarray, basis: np.ndarray) -> np.ndarray:
-    return klip_error(refs.reshape(refs.shape[0], -1), basis).reshape(refs.shape[1:])
+    return klip_subtract(flat, basis.images).reshape(targets.shape).astype(np.float32)
 
 
 def klip(science: xr.Dataset, psfalign: xr.Dataset, truncate: int = 50) -> xr.Dataset:
@@ -46,7 +55,7 @@ def klip(science: xr.Dataset, psfalign: xr.Dataset, truncate: int = 50) -> xr.Da
         raise CoronInputError("truncate", f"must be >= 0, got {truncate}")
     target = science["sci"].data
     if psfalign["sci"].ndim == 4:
-        refs = psfalign["sci"].data.rechunk({0: target.chunks[0], 1: -1, 2: -1, 3: -1})
+        refs = psfalign["sci"].data.rechunk({0: target.chunks[0]})
         both = da.blockwise(
             _klip_each_block,
             "mcyx",
@@ -55,24 +64,20 @@ def klip(science: xr.Dataset, psfalign: xr.Dataset, truncate: int = 50) -> xr.Da
             refs,
             "mpyx",
             new_axes={"c": 2},
-            concatenate=True,
+            concatenate=False,
             dtype=np.float32,
             truncate=truncate,
         )
         sci, err = both[:, 0], both[:, 1]
     else:
-        refs = psfalign["sci"].data.rechunk(-1)
-        nbasis = min(truncate, refs.shape[0])
-        npix = refs.shape[1] * refs.shape[2]
-        basis = refs.map_blocks(
-            _basis_block, truncate, chunks=((nbasis,), (npix,)), drop_axis=2, dtype=np.float64
-        )
-        sci = da.blockwise(
-            _subtract_block, "myx", target, "myx", basis, "kq", dtype=np.float32, concatenate=True
-        )
-        error = da.blockwise(
-            _error_block, "yx", refs, "pyx", basis, "kq", dtype=np.float64, concatenate=True
-        )
+        blocks = psfalign["sci"].data.to_delayed().ravel().tolist()
+        basis = delayed(_basis, pure=True)(blocks, truncate)
+        sci = target.map_blocks(_subtract_block, basis, dtype=np.float32)
+        error = da.from_delayed(
+            delayed(_error, pure=True)(basis, blocks),
+            shape=(target.shape[1] * target.shape[2],),
+            dtype=np.float64,
+        ).reshape(target.shape[1:])
         err = da.broadcast_to(error.astype(np.float32), target.shape, chunks=target.chunks)
     dims = ("integration", "y", "x")
     return xr.Dataset(

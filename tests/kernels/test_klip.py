@@ -5,7 +5,7 @@ import pytest
 from jwst.coron import klip as jwst_klip
 from stdatamodels.jwst.datamodels import CubeModel
 
-from coron_dask.kernels import kl_basis, klip_error, klip_subtract
+from coron_dask.kernels import KLBasis, kl_basis, klip_error, klip_subtract
 
 
 def jwst_test_refs():
@@ -52,9 +52,20 @@ def test_klip_matches_jwst(truncate):
     basis = kl_basis(flat_refs, truncate)
     ours = klip_subtract(targets.astype(np.float32).reshape(4, -1), basis)
     np.testing.assert_allclose(ours.reshape(4, 20, 24), expected.data, atol=2e-5, rtol=1e-5)
-    errors = klip_error(flat_refs, basis).reshape(20, 24)
+    errors = klip_error(flat_refs, truncate).reshape(20, 24)
     for plane in expected.err:
         np.testing.assert_allclose(errors, plane, atol=2e-5, rtol=1e-5)
+
+
+def test_pieces_and_float32_give_the_same_basis():
+    """References split into blocks, in float32, as dask hands them over."""
+    rng = np.random.default_rng(8)
+    refs = (rng.normal(size=(9, 20000)) + 3).astype(np.float32)
+    whole = KLBasis(refs.astype(np.float64), 5)
+    split = KLBasis([refs[:4], refs[4:7], refs[7:]], 5)
+    signs = np.sign(np.sum(whole.images * split.images, axis=1))
+    np.testing.assert_allclose(split.images * signs[:, None], whole.images, atol=1e-12)
+    np.testing.assert_allclose(split.error([refs[:4], refs[4:]]), whole.error(refs), rtol=1e-12)
 
 
 def test_subtracts_what_the_references_span():
