@@ -4,7 +4,10 @@ Runs ``jwst.pipeline.Coron3Pipeline`` unchanged: the members are read as jwst re
 (float32), the references are stacked (stack_refs), then for each science exposure they are
 aligned (align_refs, with PSFMASK given as ``override_psfmask``) and subtracted (klip). The
 psfstack, psfalign and psfsub products are written to OUTDIR. outlier_detection and resample
-are skipped; they belong to a later issue.
+are skipped; they belong to a later issue. With resample skipped, the shipped pipeline still
+saves its input: one unresampled psfsub integration per ``*_<n>_i2d.fits`` file. That write is
+part of the timed run (under a second at 320², 2×10 integrations), but those files are not
+listed as products.
 
 Nothing goes on the network. Step parameters are not looked up in CRDS
 (STPIPE_DISABLE_CRDS_STEPPARS, and the pipeline is built directly instead of through

@@ -59,7 +59,12 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
     run.add_argument(
         "--integrations-per-chunk",
         type=_positive,
-        help="science integrations per block (default: from dask's chunk size)",
+        help="science integrations per block (default: from the workers' memory)",
+    )
+    run.add_argument(
+        "--psfs-per-chunk",
+        type=_positive,
+        help="references per alignment block (default: from the workers' memory)",
     )
     run.add_argument("--n-workers", type=_positive, help="LocalCluster worker processes")
     run.add_argument(
@@ -88,6 +93,7 @@ def _run(args: argparse.Namespace, asn: Path, output_dir: Path) -> list[Path]:
         bad_bits=args.bad_bits,
         psfmask=args.psfmask,
         integrations=args.integrations_per_chunk,
+        psfs=args.psfs_per_chunk,
         scheduler=args.scheduler,
         scheduler_file=args.scheduler_file,
         n_workers=args.n_workers,

@@ -63,6 +63,24 @@ def connect(
         yield client
 
 
+def task_memory(client: object | None) -> tuple[int, int]:
+    """Memory per worker thread (bytes) and the number of worker threads, of the cluster
+    ``client`` is connected to, or of this machine for dask's local schedulers."""
+    if client is None:
+        from distributed.system import MEMORY_LIMIT
+
+        threads = os.cpu_count() or 1
+        return MEMORY_LIMIT // threads, threads
+    workers = client.scheduler_info(n_workers=-1)["workers"].values()
+    threads = sum(w["nthreads"] for w in workers)
+    per_thread = [w["memory_limit"] // w["nthreads"] for w in workers if w["memory_limit"]]
+    if not per_thread:
+        from distributed.system import MEMORY_LIMIT
+
+        per_thread = [MEMORY_LIMIT // max(threads, 1)]
+    return min(per_thread), max(threads, 1)
+
+
 def execute(writes: Sequence[Delayed], client: object | None, *, progress: bool = True) -> None:
     """Compute ``writes`` together (shared inputs load once), with a progress bar if asked
     and the output is a terminal (a bar redrawn in a batch log is only noise)."""

@@ -1,16 +1,17 @@
 """calwebb_coron3 on dask: association in, JWST-named products out, in one computation.
 
-``build_products`` only builds the graph (nothing is read beyond headers, nothing computed);
-``run_coron3`` connects to a cluster and writes the products.
+``open_association`` reads and checks headers only; ``build_products`` builds the graph
+(nothing computed); ``run_coron3`` checks the input, connects to a cluster, plans blocks
+for its workers' memory and writes the products.
 """
 
 from dataclasses import dataclass
 from pathlib import Path
 
-import dask
 import xarray as xr
 
-from coron_dask.cluster import connect, execute
+from coron_dask.chunking import ChunkPlan, plan_chunks
+from coron_dask.cluster import connect, execute, task_memory
 from coron_dask.errors import CoronInputError
 from coron_dask.io import (
     Association,
@@ -41,33 +42,55 @@ def exposure_root(dataset: xr.Dataset) -> str:
     return stem.rsplit("_", 1)[0] if "_" in stem else stem
 
 
-def integrations_per_chunk(nframes: int, npix: int, nints: int, chunk_bytes: int) -> int:
-    """Science integrations per block: a block with its aligned references fits ``chunk_bytes``,
-    and an exposure splits into at least four blocks when it can."""
-    by_memory = max(1, chunk_bytes // max(1, nframes * npix * 4))
-    return int(max(1, min(by_memory, -(-nints // 4))))
+def open_association(
+    asn: str | Path, integrations: int | None = None, psfs: int | None = None
+) -> Observation:
+    """Open an association lazily, checking every member's header and frame size.
 
-
-def open_association(asn: str | Path, integrations: int | None = None) -> Observation:
-    """Open an association: science exposures chunked by integration, references stacked."""
+    Science exposures are chunked by ``integrations``, the reference stack by ``psfs``
+    frames (default: whole exposures, and the whole stack).
+    """
     association = read_association(asn)
-    psf = [open_exposure(path) for path in association.psf]
-    psfstack = stack_refs(psf)
-    chunk_bytes = dask.utils.parse_bytes(dask.config.get("array.chunk-size"))
+    psfstack = stack_refs([open_exposure(path, psfs) for path in association.psf])
+    if psfs is not None:
+        psfstack = psfstack.chunk({"psf": psfs})
+    frame = (psfstack.sizes["y"], psfstack.sizes["x"])
     science = []
     for path in association.science:
-        exposure = open_exposure(path)
-        nints = exposure.sizes["integration"]
-        npix = exposure.sizes["y"] * exposure.sizes["x"]
-        chunk = integrations or integrations_per_chunk(
-            psfstack.sizes["psf"], npix, nints, chunk_bytes
-        )
-        science.append(exposure.chunk({"integration": chunk}))
+        exposure = open_exposure(path, integrations)
+        if (exposure.sizes["y"], exposure.sizes["x"]) != frame:
+            raise CoronInputError(
+                path,
+                f"frames are {exposure.sizes['y']}x{exposure.sizes['x']} pixels, "
+                f"the PSF frames {frame[0]}x{frame[1]}",
+            )
+        science.append(exposure)
     return Observation(association, science, psfstack)
 
 
-def _keywords(attrs: dict, **updates: object) -> dict:
-    return {**attrs, **updates}
+def plan_observation(
+    observation: Observation, task_memory: int, workers: int, truncate: int = 50
+) -> ChunkPlan:
+    """Blocks for ``observation`` on workers with ``task_memory`` bytes per thread."""
+    stack = observation.psfstack
+    return plan_chunks(
+        nints=[exposure.sizes["integration"] for exposure in observation.science],
+        npsf=stack.sizes["psf"],
+        frame=(stack.sizes["y"], stack.sizes["x"]),
+        task_memory=task_memory,
+        workers=workers,
+        truncate=truncate,
+    )
+
+
+def _check_parameters(truncate: int, median_box_length: int, **counts: int | None) -> None:
+    if truncate < 0:
+        raise CoronInputError("truncate", f"must be >= 0, got {truncate}")
+    if median_box_length < 0:
+        raise CoronInputError("median_box_length", f"must be >= 0, got {median_box_length}")
+    for name, value in counts.items():
+        if value is not None and value < 1:
+            raise CoronInputError(name, f"must be >= 1, got {value}")
 
 
 def build_products(
@@ -80,37 +103,32 @@ def build_products(
     bad_bits: str | int | None = "DO_NOT_USE",
     psfmask: str | Path | None = None,
     integrations: int | None = None,
+    psfs: int | None = None,
+    task_memory: int = 2**30,
+    workers: int = 1,
 ) -> list[Product]:
-    """Build the lazy psfstack, psfalign and psfsub products of an association."""
-    if truncate < 0:
-        raise CoronInputError("truncate", f"must be >= 0, got {truncate}")
-    if median_box_length < 0:
-        raise CoronInputError("median_box_length", f"must be >= 0, got {median_box_length}")
-    if integrations is not None and integrations < 1:
-        raise CoronInputError("integrations", f"must be >= 1, got {integrations}")
-    observation = open_association(asn, integrations)
+    """Build the lazy psfstack, psfalign and psfsub products of an association.
+
+    Blocks hold ``integrations`` science integrations and ``psfs`` references, planned
+    from ``task_memory`` (bytes per worker thread) and ``workers`` where not given.
+    """
+    _check_parameters(truncate, median_box_length, integrations=integrations, psfs=psfs)
+    observation = open_association(asn)
+    plan = plan_observation(observation, task_memory, workers, truncate)
+    integrations = integrations or plan.integrations
+    psfs = psfs or plan.psfs
+    observation = open_association(asn, integrations, psfs)
     association = observation.association
     output_dir = Path(output_dir)
     stack = observation.psfstack
-    frame = (stack.sizes["y"], stack.sizes["x"])
-    for exposure in observation.science:
-        if (exposure.sizes["y"], exposure.sizes["x"]) != frame:
-            raise CoronInputError(
-                exposure.encoding["source"],
-                f"frames are {exposure.sizes['y']}x{exposure.sizes['x']} pixels, "
-                f"the PSF frames {frame[0]}x{frame[1]}",
-            )
-    mask = None if psfmask is None else read_psfmask(psfmask, frame)
+    mask = None if psfmask is None else read_psfmask(psfmask, (stack.sizes["y"], stack.sizes["x"]))
     asn_keywords = {"ASNTABLE": association.path.name}
-    stack_keywords = _keywords(stack.attrs, **asn_keywords, S_PSFSTK="COMPLETE")
+    stack_keywords = {**stack.attrs, **asn_keywords, "S_PSFSTK": "COMPLETE"}
+    stack_name = f"{association.product_name}_psfstack.fits"
     products = [
         Product(
-            output_dir / f"{association.product_name}_psfstack.fits",
-            _keywords(
-                stack_keywords,
-                DATAMODL="CubeModel",
-                FILENAME=f"{association.product_name}_psfstack.fits",
-            ),
+            output_dir / stack_name,
+            {**stack_keywords, "DATAMODL": "CubeModel", "FILENAME": stack_name},
             [
                 Extension("SCI", stack["sci"].data, stack["sci"].attrs),
                 Extension("ERR", stack["err"].data),
@@ -133,12 +151,12 @@ def build_products(
         products.append(
             Product(
                 output_dir / f"{root}_psfalign.fits",
-                _keywords(
-                    stack_keywords,
-                    DATAMODL=model,
-                    S_PSFALI="COMPLETE",
-                    FILENAME=f"{root}_psfalign.fits",
-                ),
+                {
+                    **stack_keywords,
+                    "DATAMODL": model,
+                    "S_PSFALI": "COMPLETE",
+                    "FILENAME": f"{root}_psfalign.fits",
+                },
                 [
                     Extension("SCI", psfalign["sci"].data, stack["sci"].attrs),
                     Extension("ERR", psfalign["err"].data),
@@ -148,14 +166,14 @@ def build_products(
         products.append(
             Product(
                 output_dir / f"{root}_psfsub.fits",
-                _keywords(
-                    exposure.attrs,
+                {
+                    **exposure.attrs,
                     **asn_keywords,
-                    DATAMODL="CubeModel",
-                    S_PSFALI="COMPLETE",
-                    S_KLIP="COMPLETE",
-                    FILENAME=f"{root}_psfsub.fits",
-                ),
+                    "DATAMODL": "CubeModel",
+                    "S_PSFALI": "COMPLETE",
+                    "S_KLIP": "COMPLETE",
+                    "FILENAME": f"{root}_psfsub.fits",
+                },
                 [
                     Extension("SCI", psfsub["sci"].data, exposure["sci"].attrs),
                     Extension("ERR", psfsub["err"].data),
@@ -176,6 +194,7 @@ def run_coron3(
     bad_bits: str | int | None = "DO_NOT_USE",
     psfmask: str | Path | None = None,
     integrations: int | None = None,
+    psfs: int | None = None,
     scheduler: str | None = None,
     scheduler_file: str | None = None,
     n_workers: int | None = None,
@@ -187,23 +206,26 @@ def run_coron3(
 
     ``scheduler``: None starts a LocalCluster of ``n_workers`` processes for the run; an
     address or ``scheduler_file`` uses a running cluster; ``"synchronous"`` or ``"threads"``
-    use dask's local schedulers. The graph is built before any cluster starts, so bad input
-    fails fast and leaves no product.
+    use dask's local schedulers. The input is checked before any cluster starts, so bad
+    input fails fast and leaves no product.
     """
-    products = build_products(
-        asn,
-        output_dir,
+    options = dict(
         align_to=align_to,
         truncate=truncate,
         median_box_length=median_box_length,
         bad_bits=bad_bits,
         psfmask=psfmask,
         integrations=integrations,
+        psfs=psfs,
     )
+    _check_parameters(truncate, median_box_length, integrations=integrations, psfs=psfs)
+    observation = open_association(asn)  # check every input before starting a cluster
+    if psfmask is not None:
+        stack = observation.psfstack
+        read_psfmask(psfmask, (stack.sizes["y"], stack.sizes["x"]))
     with connect(
         scheduler, scheduler_file, n_workers=n_workers, memory_limit=memory_limit, quiet=quiet
     ) as client:
+        memory, workers = task_memory(client)
+        products = build_products(asn, output_dir, **options, task_memory=memory, workers=workers)
         return write_products(products, lambda *writes: execute(writes, client, progress=progress))
-
-
-__all__ = ["Observation", "build_products", "open_association", "run_coron3"]

@@ -148,14 +148,15 @@ def test_graph_building_computes_nothing(asn, observation_dir, tmp_path):
 
 @pytest.mark.parametrize("mode", MODES)
 def test_same_products_for_any_chunks_and_scheduler(mode, asn, observation_dir, products, tmp_path):
-    """One integration per block on a 2-process LocalCluster gives, bit for bit, what whole
-    exposures give on the synchronous scheduler."""
+    """One integration and 4 of 6 references (blocks across exposures) per block on a
+    2-process LocalCluster give, bit for bit, what planned blocks give synchronously."""
     paths = run_coron3(
         asn,
         tmp_path,
         align_to=mode,
         psfmask=observation_dir / "psfmask.fits",
         integrations=1,
+        psfs=4,
         n_workers=2,
         memory_limit="1GiB",
         progress=False,

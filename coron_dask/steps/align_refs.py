@@ -103,8 +103,7 @@ def align_refs(
     mask = da.from_array(np.ones(frame) if psfmask is None else np.asarray(psfmask, np.float64))
     science = median_replace_img(science, median_box_length, bad_bits)
     refs = median_replace_img(psfstack, median_box_length, bad_bits)
-    psf_sci = refs["sci"].data.rechunk({0: -1})
-    psf_err = refs["err"].data.rechunk({0: -1})
+    psf_sci, psf_err = refs["sci"].data, refs["err"].data
     target = science["sci"].data
     if align_to == "first":
         target = target[:1].rechunk({0: 1})

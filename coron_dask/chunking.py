@@ -1,0 +1,53 @@
+"""How to cut the work into blocks that fit the workers' memory: pure planning, no dask.
+
+A KLIP block is some science integrations with all the references aligned to them; an
+alignment block is some science integrations with a slice of the references. Blocks are
+sized so that a task's working set stays within a budget per worker thread, and an
+association gives at least two blocks per worker when it can, so all of them work.
+"""
+
+from dataclasses import dataclass
+
+#: Share of a worker thread's memory one task may use: the rest holds blocks waiting to be
+#: written or consumed, and stays under dask's spill (0.7) and pause (0.8) thresholds.
+TASK_SHARE = 0.25
+#: Bytes per pixel of the shift fit's batch (16 frames: spectra, model images, residuals).
+FIT_BYTES_PER_PIXEL = 1200
+#: Bytes per pixel per (integration, reference) pair of an alignment block: the float32
+#: output and the float64 shifted frame and reference spectrum it is made from.
+PAIR_BYTES_PER_PIXEL = 20
+#: KLIP keeps its float64 KL images (up to ``truncate`` of them) and tiles of references.
+KLIP_TILE_BYTES_PER_REFERENCE = 2 * 8 * 8192
+
+
+@dataclass(frozen=True)
+class ChunkPlan:
+    """Science integrations per block, and references per alignment block."""
+
+    integrations: int
+    psfs: int
+
+
+def plan_chunks(
+    *,
+    nints: list[int],
+    npsf: int,
+    frame: tuple[int, int],
+    task_memory: int,
+    workers: int = 1,
+    truncate: int = 50,
+) -> ChunkPlan:
+    """Plan blocks for science exposures of ``nints`` integrations and ``npsf`` references.
+
+    ``task_memory`` is the memory of one worker thread (a worker's limit over its threads).
+    """
+    npix = frame[0] * frame[1]
+    budget = max(1, int(task_memory * TASK_SHARE))
+    klip_fixed = min(truncate, npsf) * 8 * npix + npsf * KLIP_TILE_BYTES_PER_REFERENCE
+    by_klip = (budget - klip_fixed) // (npsf * 4 * npix)
+    # at least two blocks per exposure, and two per worker over the whole association
+    by_parallelism = min(min(-(-n // 2) for n in nints), max(1, sum(nints) // (2 * workers)))
+    integrations = int(max(1, min(by_klip, by_parallelism)))
+    room = budget - FIT_BYTES_PER_PIXEL * npix
+    psfs = int(min(npsf, max(1, room // (integrations * PAIR_BYTES_PER_PIXEL * npix))))
+    return ChunkPlan(integrations=integrations, psfs=psfs)
