@@ -11,8 +11,8 @@ from dataclasses import dataclass
 #: Share of a worker thread's memory one task may use: the rest holds blocks waiting to be
 #: written or consumed, and stays under dask's spill (0.7) and pause (0.8) thresholds.
 TASK_SHARE = 0.25
-#: Bytes per pixel of the shift fit's batch (16 frames: spectra, model images, residuals).
-FIT_BYTES_PER_PIXEL = 1200
+#: Bytes of the shift fit's batch of frames (spectra, model images, residuals).
+FIT_BYTES = 2**18 * 100
 #: Bytes per pixel per (integration, reference) pair of an alignment block: the float32
 #: output and the float64 shifted frame and reference spectrum it is made from.
 PAIR_BYTES_PER_PIXEL = 20
@@ -42,12 +42,14 @@ def plan_chunks(
     ``task_memory`` is the memory of one worker thread (a worker's limit over its threads).
     """
     npix = frame[0] * frame[1]
-    budget = max(1, int(task_memory * TASK_SHARE))
+    # every worker may hold all the filled references (SCI and ERR, float32) for alignment
+    held = npsf * npix * 4 * 2
+    budget = max(1, int((task_memory - held) * TASK_SHARE))
     klip_fixed = min(truncate, npsf) * 8 * npix + npsf * KLIP_TILE_BYTES_PER_REFERENCE
     by_klip = (budget - klip_fixed) // (npsf * 4 * npix)
     # at least two blocks per exposure, and two per worker over the whole association
     by_parallelism = min(min(-(-n // 2) for n in nints), max(1, sum(nints) // (2 * workers)))
     integrations = int(max(1, min(by_klip, by_parallelism)))
-    room = budget - FIT_BYTES_PER_PIXEL * npix
+    room = budget - FIT_BYTES
     psfs = int(min(npsf, max(1, room // (integrations * PAIR_BYTES_PER_PIXEL * npix))))
     return ChunkPlan(integrations=integrations, psfs=psfs)

@@ -28,7 +28,7 @@ def fit_shifts(
     psfs: np.ndarray,
     mask: np.ndarray | None = None,
     *,
-    batch: int = 16,
+    batch: int | None = None,
 ) -> np.ndarray:
     """Fit (dx, dy, β) of each reference in ``psfs`` (n, ny, nx) to ``science`` (ny, nx).
 
@@ -40,6 +40,8 @@ def fit_shifts(
     if psfs.ndim == 2:
         return fit_shifts(science, psfs[None], mask, batch=batch)[0]
     weight = np.ones(science.shape) if mask is None else np.asarray(mask, dtype=np.float64)
+    if batch is None:  # ~100 bytes per pixel per frame in flight: keep a batch near 25 MB
+        batch = int(np.clip(2**18 // science.size, 1, 16))
     problem = _Problem(science, weight)
     out = np.empty((psfs.shape[0], 3))
     for start in range(0, psfs.shape[0], batch):
