@@ -79,6 +79,8 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
     )
     run.add_argument("--scheduler-file", help="scheduler file of a running dask cluster")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    run.add_argument("--report", type=Path, help="save dask's performance report (HTML)")
+    run.add_argument("--stats", type=Path, help="save where the time went (JSON)")
 
 
 def _run(args: argparse.Namespace, asn: Path, output_dir: Path) -> list[Path]:
@@ -99,6 +101,8 @@ def _run(args: argparse.Namespace, asn: Path, output_dir: Path) -> list[Path]:
         n_workers=args.n_workers,
         memory_limit=args.memory_limit,
         progress=not args.no_progress,
+        report=args.report,
+        stats=args.stats,
     )
 
 

@@ -2,8 +2,10 @@
 scheduler (address or scheduler file), or one of dask's local schedulers."""
 
 import contextlib
+import json
 import os
 import sys
+import time
 from collections.abc import Iterator, Sequence
 
 import dask
@@ -90,23 +92,88 @@ def task_memory(client: object | None) -> tuple[int, int]:
     return min(per_thread), max(threads, 1)
 
 
-def execute(writes: Sequence[Delayed], client: object | None, *, progress: bool = True) -> None:
+#: Task-name fragments and the pipeline stage their time counts towards, first match wins.
+STAGES = (
+    ("fit_block", "align_refs: shift fit"),
+    ("shift_block", "align_refs: shift and write psfalign"),
+    ("fill_block", "align_refs: bad-pixel fill"),
+    ("klip", "klip"),
+    ("basis", "klip"),
+    ("error", "klip"),
+    ("subtract_block", "klip"),
+    ("read-", "read calints"),
+    ("store", "write products"),
+)
+
+
+def stage_of(task_prefix: str) -> str:
+    """The pipeline stage a task belongs to, from its name."""
+    return next((stage for part, stage in STAGES if part in task_prefix), "other")
+
+
+def summarize_task_stream(records: list[dict]) -> dict:
+    """Seconds and task counts per stage and per task name from a distributed task stream."""
+    stages: dict[str, dict[str, float]] = {}
+    for record in records:
+        key = record["key"]
+        prefix = (key if isinstance(key, str) else key[0]).rsplit("-", 1)[0]
+        for period in record["startstops"]:
+            if period["action"] != "compute":
+                continue
+            entry = stages.setdefault(stage_of(prefix), {"seconds": 0.0, "tasks": 0})
+            entry["seconds"] += period["stop"] - period["start"]
+            entry["tasks"] += 1
+    return stages
+
+
+def execute(
+    writes: Sequence[Delayed],
+    client: object | None,
+    *,
+    progress: bool = True,
+    report: str | os.PathLike | None = None,
+    stats: str | os.PathLike | None = None,
+) -> None:
     """Compute ``writes`` together (shared inputs load once), with a progress bar if asked
-    and the output is a terminal (a bar redrawn in a batch log is only noise)."""
+    and the output is a terminal (a bar redrawn in a batch log is only noise).
+
+    ``report`` saves dask's HTML performance report; ``stats`` a JSON summary: wall time,
+    task seconds per stage, workers, and how many workers were lost during the run.
+    """
     progress = progress and sys.stderr.isatty()
+    start = time.perf_counter()
+    summary: dict = {}
     if client is None:
-        if progress:
-            from dask.diagnostics import ProgressBar
+        with contextlib.ExitStack() as stack:
+            if progress:
+                from dask.diagnostics import ProgressBar
 
-            with ProgressBar(out=sys.stderr):
-                dask.compute(*writes)
-        else:
+                stack.enter_context(ProgressBar(out=sys.stderr))
             dask.compute(*writes)
-        return
-    from distributed import progress as show_progress
+    else:
+        from distributed import get_task_stream, performance_report
+        from distributed import progress as show_progress
 
-    futures = client.compute(list(writes))
-    if progress:
-        show_progress(futures)
-        print(file=sys.stderr)
-    client.gather(futures)
+        before = client.scheduler_info(n_workers=-1)["workers"]
+        with contextlib.ExitStack() as stack:
+            if report:
+                stack.enter_context(performance_report(filename=os.fspath(report)))
+            stream = stack.enter_context(get_task_stream(client)) if stats else None
+            futures = client.compute(list(writes))
+            if progress:
+                show_progress(futures)
+                print(file=sys.stderr)
+            client.gather(futures)
+        after = client.scheduler_info(n_workers=-1)["workers"]
+        if stream is not None:
+            summary = {
+                "workers": len(after),
+                "threads": sum(w["nthreads"] for w in after.values()),
+                "memory_limit_per_worker": min(w["memory_limit"] for w in after.values()),
+                "workers_lost": len(set(before) - set(after)),
+                "stages": summarize_task_stream(stream.data),
+            }
+    if stats:
+        summary["wall_seconds"] = time.perf_counter() - start
+        with open(stats, "w") as handle:
+            json.dump(summary, handle, indent=2)

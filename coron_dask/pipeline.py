@@ -201,13 +201,16 @@ def run_coron3(
     memory_limit: str | float | None = "auto",
     progress: bool = True,
     quiet: bool = False,
+    report: str | Path | None = None,
+    stats: str | Path | None = None,
 ) -> list[Path]:
     """Run calwebb_coron3 on an association and return the paths of the products written.
 
     ``scheduler``: None starts a LocalCluster of ``n_workers`` processes for the run; an
     address or ``scheduler_file`` uses a running cluster; ``"synchronous"`` or ``"threads"``
     use dask's local schedulers. The input is checked before any cluster starts, so bad
-    input fails fast and leaves no product.
+    input fails fast and leaves no product. ``report`` saves dask's performance report
+    (HTML), ``stats`` a JSON summary of where the time went.
     """
     options = dict(
         align_to=align_to,
@@ -228,4 +231,7 @@ def run_coron3(
     ) as client:
         memory, workers = task_memory(client)
         products = build_products(asn, output_dir, **options, task_memory=memory, workers=workers)
-        return write_products(products, lambda *writes: execute(writes, client, progress=progress))
+        return write_products(
+            products,
+            lambda *writes: execute(writes, client, progress=progress, report=report, stats=stats),
+        )

@@ -161,7 +161,15 @@ def test_same_products_for_any_chunks_and_scheduler(mode, asn, observation_dir, 
         memory_limit="1GiB",
         progress=False,
         quiet=True,
+        stats=tmp_path / "stats.json",
+        report=tmp_path / "report.html",
     )
+    stats = json.loads((tmp_path / "stats.json").read_text())
+    assert stats["workers"] == 2 and stats["workers_lost"] == 0
+    # one fit task per reference block (2) per integration (3, or the first) per exposure (2)
+    fits_expected = 12 if mode == "each" else 4
+    assert stats["stages"]["align_refs: shift fit"]["tasks"] == fits_expected
+    assert "bokeh" in (tmp_path / "report.html").read_text()[:20000].lower()
     for path in paths:
         baseline = products[mode]["folder"] / path.name
         with fits.open(path) as ours, fits.open(baseline) as theirs:
