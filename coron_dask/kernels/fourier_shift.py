@@ -85,14 +85,21 @@ def fourier_shift(image: np.ndarray, shift: np.ndarray) -> np.ndarray:
     """Shift ``image`` (..., ny, nx) circularly by ``shift`` (..., 2) = (dx, dy) pixels.
 
     A positive shift moves content towards higher index, as jwst's ``fourier_imshift``,
-    whose values it reproduces. Computed in float64 whatever the input type.
+    whose values it reproduces. Computed in float64 whatever the input type. ``shift`` may
+    have more leading axes than ``image`` (several shifts of the same images): the images'
+    spectra are then computed once.
     """
     image = np.asarray(image, dtype=np.float64)
     shift = np.asarray(shift, dtype=np.float64)
-    if shift.shape[-1] < 2 or shift.shape[:-1] != image.shape[:-2]:
+    lead = shift.ndim - 1 - (image.ndim - 2)
+    if shift.shape[-1] < 2 or lead < 0 or shift.shape[lead:-1] != image.shape[:-2]:
         raise ValueError(
             f"shift of shape {shift.shape} does not match images of shape {image.shape}"
         )
+    shape = image.shape[-2:]
     spectrum = np.fft.rfft2(image)
-    spectrum *= shift_phase(image.shape[-2:], shift[..., 0], shift[..., 1])
-    return np.fft.irfft2(spectrum, s=image.shape[-2:])
+    out = np.empty(shift.shape[:-1] + shape)
+    for index in np.ndindex(shift.shape[:lead]):
+        moved = spectrum * shift_phase(shape, shift[index][..., 0], shift[index][..., 1])
+        out[index] = np.fft.irfft2(moved, s=shape)
+    return out

@@ -17,7 +17,7 @@ from coron_dask.kernels.fourier_shift import Ramps
 
 #: A Newton step that moves the shift by less than this (pixels), and β relatively by
 #: less, is the last: with quadratic convergence what remains is of order XTOL².
-XTOL = 1e-6
+XTOL = 1e-4
 #: Stop also when an accepted step lowers the cost relatively by less than this.
 FTOL = 1e-15
 MAX_ITER = 100
@@ -150,7 +150,7 @@ class _Problem:
         """Damped Newton from the cross-correlation start; each reference stops on its own.
 
         A Newton step shorter than ``XTOL`` is taken without evaluating where it lands:
-        convergence is quadratic there, so it leaves an error of order XTOL².
+        convergence is quadratic there, so it leaves an error of order XTOL² (1e-8 pixel).
         """
         params = self.start(psfs)
         weighted_psfs = psfs.reshape(len(psfs), -1) * self.weight.reshape(1, -1)

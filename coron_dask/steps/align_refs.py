@@ -71,9 +71,7 @@ def _fit_block(science: np.ndarray, psfs: np.ndarray, mask: np.ndarray) -> np.nd
 
 def _shift_block(psfs: np.ndarray, shifts: np.ndarray) -> np.ndarray:
     """References (p, y, x) moved by −(dx, dy) of ``shifts`` ([m,] p, 3): ([m,] p, y, x) float32."""
-    if shifts.ndim == 3:
-        return np.stack([_shift_block(psfs, per_frame) for per_frame in shifts])
-    return fourier_shift(psfs, -shifts[:, :2]).astype(np.float32)
+    return fourier_shift(psfs, -shifts[..., :2]).astype(np.float32)
 
 
 def align_refs(

@@ -1,0 +1,299 @@
+"""The benchmark suite (``make bench``): coron-dask against jwst 3.0.0 and this machine.
+
+Each scenario simulates a dataset with ``coron-dask simulate``, runs ``coron-dask run`` as a
+whole process on a LocalCluster of given workers and memory, and measures wall time, the
+peak memory of all its processes together, bytes read and written, and (from ``--stats``)
+task time per stage. jwst runs on the same data, as a whole process too: its functions fed
+float64 integration by integration for ``each`` mode, its steps as shipped for ``first``
+mode. Results go to benchmarks/results/ (JSON, Markdown, PNG).
+
+    python -m benchmarks.run                      # every scenario (about half an hour)
+    python -m benchmarks.run --scenario first-sub320 --scenario like-for-like
+"""
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+from astropy.io import fits
+
+from benchmarks.machine import limits
+from benchmarks.monitor import Measurement, measure
+
+RESULTS = Path(__file__).parent / "results"
+GIB = 2**30
+JWST_FUNCTIONS = """
+import sys, numpy as np
+from pathlib import Path
+from tests.jwst_reference import coron3
+result = coron3(Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3])
+np.savez(sys.argv[4], **{f"{root}/{key}": value for root, arrays in result.items()
+                         for key, value in arrays.items() if root != "psfstack"})
+"""
+
+
+@dataclass
+class Scenario:
+    name: str
+    size: int
+    sci_exps: int
+    sci_ints: int
+    psf_exps: int
+    psf_ints: int
+    align_to: str = "each"
+    workers: int = 2
+    memory_limit: str = "auto"
+    jwst: str | None = None  # "functions" or "shipped"
+    extra: list[str] = field(default_factory=list)
+
+    @property
+    def pairs(self) -> int:
+        science = self.sci_exps * (self.sci_ints if self.align_to == "each" else 1)
+        return science * self.psf_exps * self.psf_ints
+
+    @property
+    def psfalign_bytes(self) -> int:
+        return 2 * 4 * self.pairs * self.size**2  # SCI and ERR, float32
+
+
+SCENARIOS = {
+    "like-for-like": Scenario("like-for-like", 160, 2, 16, 8, 5, "each", jwst="functions"),
+    "first-sub320": Scenario("first-sub320", 320, 2, 10, 9, 5, "first", jwst="shipped"),
+    "out-of-core": Scenario("out-of-core", 320, 2, 20, 61, 8, "each", memory_limit="2GiB"),
+}
+SCALING = [Scenario(f"scaling-{n}", 160, 1, n, 8, 5, "each") for n in (10, 20, 40, 80, 160)]
+
+
+def coron_dask(scenario: Scenario, asn: Path, out: Path, *extra: str) -> tuple[Measurement, dict]:
+    stats = out / "stats.json"
+    command = [
+        sys.executable,
+        "-m",
+        "coron_dask.cli",
+        "run",
+        str(asn),
+        "-o",
+        str(out),
+        "--psfmask",
+        str(asn.parent / "psfmask.fits"),
+        "--align-to",
+        scenario.align_to,
+        "--n-workers",
+        str(scenario.workers),
+        "--memory-limit",
+        scenario.memory_limit,
+        "--no-progress",
+        "--stats",
+        str(stats),
+        *scenario.extra,
+        *extra,
+    ]
+    result = measure(command, stdout=subprocess.DEVNULL)
+    if result.returncode:
+        raise RuntimeError(f"coron-dask failed on {scenario.name}")
+    return result, json.loads(stats.read_text())
+
+
+def jwst(scenario: Scenario, asn: Path, work: Path) -> Measurement:
+    mask = asn.parent / "psfmask.fits"
+    if scenario.jwst == "functions":
+        command = [
+            sys.executable,
+            "-c",
+            JWST_FUNCTIONS,
+            str(asn),
+            str(mask),
+            scenario.align_to,
+            str(work / "jwst.npz"),
+        ]
+    else:
+        command = [
+            sys.executable,
+            "-m",
+            "benchmarks.jwst_shipped",
+            str(asn),
+            str(mask),
+            str(work / "jwst"),
+        ]
+    result = measure(command, stdout=subprocess.DEVNULL)
+    if result.returncode:
+        raise RuntimeError(f"jwst failed on {scenario.name}")
+    return result
+
+
+def parity(work: Path, out: Path) -> dict:
+    """Largest relative L2 difference of psfalign and psfsub SCI from jwst's functions."""
+    reference = np.load(work / "jwst.npz")
+    worst: dict[str, float] = {}
+    for key in reference.files:
+        root, name = key.split("/")
+        if name not in ("psfalign_sci", "psfsub_sci"):
+            continue
+        ours = fits.getdata(out / f"{root}_c1000_{name.split('_')[0]}.fits", "SCI")
+        expected = reference[key]
+        diff = float(np.linalg.norm(ours - expected) / np.linalg.norm(expected))
+        worst[name] = max(worst.get(name, 0.0), diff)
+    return worst
+
+
+def identical(first: Path, second: Path) -> bool:
+    for path in sorted(first.glob("*.fits")):
+        with fits.open(path) as a, fits.open(second / path.name) as b:
+            for hdu in a[1:]:
+                if not np.array_equal(hdu.data, b[hdu.name].data, equal_nan=True):
+                    return False
+    return True
+
+
+def simulate(scenario: Scenario, folder: Path) -> Path:
+    command = [
+        sys.executable,
+        "-m",
+        "coron_dask.cli",
+        "simulate",
+        str(folder),
+        "--size",
+        str(scenario.size),
+        "--sci-exps",
+        str(scenario.sci_exps),
+        "--sci-ints",
+        str(scenario.sci_ints),
+        "--psf-exps",
+        str(scenario.psf_exps),
+        "--psf-ints",
+        str(scenario.psf_ints),
+    ]
+    subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+    return next(folder.glob("*_asn.json"))
+
+
+def run_scenario(scenario: Scenario, root: Path, machine: dict, verify_chunks: bool) -> dict:
+    work = root / scenario.name
+    shutil.rmtree(work, ignore_errors=True)
+    asn = simulate(scenario, work / "inputs")
+    ours, stats = coron_dask(scenario, asn, work / "out")
+    row = {
+        "scenario": asdict(scenario),
+        "pairs": scenario.pairs,
+        "psfalign_gb": scenario.psfalign_bytes / 1e9,
+        "coron_dask": asdict(ours),
+        "stages": stats["stages"],
+        "workers_lost": stats.get("workers_lost"),
+        "memory_limit_total": stats.get("memory_limit_per_worker", 0) * stats.get("workers", 0),
+    }
+    fit = stats["stages"].get("align_refs: shift fit", {"seconds": 0})
+    row["frames_aligned_per_s"] = scenario.pairs / ours.seconds
+    row["fit_ms_per_frame_task"] = 1e3 * fit["seconds"] / scenario.pairs
+    nrefs = scenario.psf_exps * scenario.psf_ints
+    nklip = scenario.sci_exps * (scenario.sci_ints if scenario.align_to == "each" else 1)
+    klip_flop = nklip * (nrefs**2 + 4 * min(50, nrefs) * nrefs) * scenario.size**2
+    klip = stats["stages"].get("klip", {"seconds": 0})
+    row["klip_gflops"] = klip_flop / 1e9 / klip["seconds"] if klip["seconds"] else None
+    # roofline per (integration, reference) pair: ~12 real FFTs (start, two Newton steps,
+    # shifts of SCI and ERR) and KLIP's flops at the measured single-thread rates
+    fft_ms = machine["fft_ms_160"] if scenario.size == 160 else machine["fft_ms_320"]
+    fft_ms *= (scenario.size / (160 if scenario.size == 160 else 320)) ** 2
+    roof = scenario.pairs * 12 * fft_ms / 1e3 + klip_flop / 1e9 / machine["matmul_gflops_1_thread"]
+    row["roofline_s"] = roof / machine["cores"]
+    row["over_roofline"] = ours.seconds / row["roofline_s"]
+    if scenario.jwst:
+        theirs = jwst(scenario, asn, work)
+        row["jwst"] = asdict(theirs)
+        row["speedup"] = theirs.seconds / ours.seconds
+        if scenario.jwst == "functions":
+            row["parity"] = parity(work, work / "out")
+    if verify_chunks:
+        small, _ = coron_dask(
+            scenario,
+            asn,
+            work / "out-small",
+            "--integrations-per-chunk",
+            "1",
+            "--psfs-per-chunk",
+            "64",
+        )
+        row["identical_to_small_chunks"] = identical(work / "out", work / "out-small")
+        row["small_chunks_seconds"] = small.seconds
+    shutil.rmtree(work, ignore_errors=True)
+    print(json.dumps({k: v for k, v in row.items() if k != "scenario"}, default=str), flush=True)
+    return row
+
+
+def markdown(rows: list[dict], machine: dict) -> str:
+    lines = [
+        f"Machine: {machine['cores']} cores, float64 matmul {machine['matmul_gflops_1_thread']} "
+        f"GFLOP/s per thread, real FFT {machine['fft_ms_160']} ms (160²) / "
+        f"{machine['fft_ms_320']} ms (320²), disk {machine['disk_write_mbps']} MB/s.",
+        "",
+        "| scenario | frames | psfalign | coron-dask | jwst | speed-up | peak memory | "
+        "limit | frames/s | KLIP GFLOP/s | × roofline |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        s = row["scenario"]
+        jwst_s = f"{row['jwst']['seconds']:.1f} s" if "jwst" in row else "–"
+        speedup = f"{row['speedup']:.1f}×" if "speedup" in row else "–"
+        limit = row["memory_limit_total"] / GIB
+        klip = f"{row['klip_gflops']:.1f}" if row.get("klip_gflops") else "–"
+        lines.append(
+            f"| {s['name']} ({s['size']}², {s['sci_exps']}×{s['sci_ints']} sci, "
+            f"{s['psf_exps']}×{s['psf_ints']} ref, {s['align_to']}) | {row['pairs']} | "
+            f"{row['psfalign_gb']:.2f} GB | {row['coron_dask']['seconds']:.1f} s | {jwst_s} | "
+            f"{speedup} | {row['coron_dask']['peak_memory'] / GIB:.2f} GiB | {limit:.1f} GiB | "
+            f"{row['frames_aligned_per_s']:.0f} | {klip} | {row['over_roofline']:.1f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    scaling = [r for r in rows if r["scenario"]["name"].startswith("scaling")]
+    if not scaling:
+        return
+    nints = [r["scenario"]["sci_ints"] for r in scaling]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    left.plot(nints, [r["coron_dask"]["seconds"] for r in scaling], "o-", label="wall time")
+    left.plot(nints, [r["roofline_s"] for r in scaling], "--", label="roofline")
+    left.set(xlabel="science integrations", ylabel="seconds", title="time (160², 40 refs)")
+    left.legend()
+    right.plot(nints, [r["coron_dask"]["peak_memory"] / GIB for r in scaling], "o-")
+    right.set(xlabel="science integrations", ylabel="GiB", title="peak memory, all processes")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--scenario", action="append", choices=[*SCENARIOS, "scaling"])
+    parser.add_argument("--workdir", type=Path, default=None, help="where datasets go")
+    args = parser.parse_args()
+    chosen = args.scenario or [*SCENARIOS, "scaling"]
+    root = Path(args.workdir or tempfile.mkdtemp(prefix="coron-dask-bench-"))
+    root.mkdir(parents=True, exist_ok=True)
+    machine = limits(str(root))
+    print(json.dumps(machine), flush=True)
+    rows = []
+    for name in chosen:
+        for scenario in SCALING if name == "scaling" else [SCENARIOS[name]]:
+            rows.append(run_scenario(scenario, root, machine, name == "out-of-core"))
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "results.json").write_text(
+        json.dumps({"machine": machine, "rows": rows}, indent=2, default=str)
+    )
+    (RESULTS / "results.md").write_text(markdown(rows, machine))
+    plot(rows, RESULTS / "scaling.png")
+    print(markdown(rows, machine))
+
+
+if __name__ == "__main__":
+    main()
