@@ -1,6 +1,6 @@
 """Lazy reading of JWST ``_calints`` FITS files into xarray Datasets backed by dask.
 
-A task receives a small, picklable description of what to read (path, extension, slice)
+A task receives a small, picklable description of what to read (``fitsfile.FitsExtension``)
 and opens the file itself: no open file handle, lock or memory map travels to a worker.
 """
 
@@ -13,6 +13,7 @@ from astropy.io import fits
 from dask.base import tokenize
 
 from coron_dask.errors import CoronInputError
+from coron_dask.io.fitsfile import FitsExtension
 
 #: Keywords that describe a FITS HDU's layout rather than the data: never carried over.
 STRUCTURAL = frozenset(
@@ -45,22 +46,6 @@ def header_keywords(header: fits.Header) -> dict:
         for key, value in header.items()
         if key not in STRUCTURAL and not key.startswith("NAXIS")
     }
-
-
-class FitsExtension:
-    """Array-like view of one image extension that reads only the requested slab."""
-
-    def __init__(self, path: Path, extname: str, shape: tuple[int, ...], dtype: np.dtype) -> None:
-        self.path = str(path)
-        self.extname = extname
-        self.shape = shape
-        self.dtype = np.dtype(dtype)
-        self.ndim = len(shape)
-
-    def __getitem__(self, key: tuple) -> np.ndarray:
-        with fits.open(self.path, memmap=False, lazy_load_hdus=True) as hdul:
-            data = hdul[self.extname].section[key]
-        return np.asarray(data, dtype=self.dtype)
 
 
 def _image_dtype(header: fits.Header) -> np.dtype:

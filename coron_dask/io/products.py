@@ -12,13 +12,14 @@ import os
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from itertools import product as cartesian
 from pathlib import Path
 
 import dask.array as da
 import numpy as np
 from astropy.io import fits
 from dask.delayed import Delayed
+
+from coron_dask.io.fitsfile import FitsRegion, file_dtype
 
 BLOCK = 2880  # FITS record size
 
@@ -41,14 +42,6 @@ class Product:
     extensions: list[Extension]
 
 
-def _file_dtype(dtype: np.dtype) -> tuple[np.dtype, int | None]:
-    """Big-endian storage type and BZERO (unsigned integers are stored offset, as FITS wants)."""
-    dtype = np.dtype(dtype)
-    if dtype.kind == "u" and dtype.itemsize > 1:
-        return np.dtype(f">i{dtype.itemsize}"), 2 ** (8 * dtype.itemsize - 1)
-    return dtype.newbyteorder(">"), None
-
-
 def _bitpix(file_dtype: np.dtype) -> int:
     return -8 * file_dtype.itemsize if file_dtype.kind == "f" else 8 * file_dtype.itemsize
 
@@ -68,8 +61,8 @@ def _primary_header(keywords: dict) -> fits.Header:
 
 
 def _extension_header(extension: Extension) -> fits.Header:
-    file_dtype, bzero = _file_dtype(extension.data.dtype)
-    header = fits.Header([("XTENSION", "IMAGE"), ("BITPIX", _bitpix(file_dtype))])
+    stored, bzero = file_dtype(extension.data.dtype)
+    header = fits.Header([("XTENSION", "IMAGE"), ("BITPIX", _bitpix(stored))])
     header["NAXIS"] = extension.data.ndim
     for axis, length in enumerate(reversed(extension.data.shape), start=1):
         header[f"NAXIS{axis}"] = length
@@ -81,37 +74,6 @@ def _extension_header(extension: Extension) -> fits.Header:
         header["BSCALE"] = 1
     _set_keywords(header, extension.keywords)
     return header
-
-
-class FitsRegion:
-    """A ``da.store`` target: the data area of one extension inside a FITS file on disk."""
-
-    def __init__(self, path: Path, offset: int, shape: tuple[int, ...], dtype: np.dtype) -> None:
-        self.path = str(path)
-        self.offset = offset
-        self.shape = shape
-        self.file_dtype, self.bzero = _file_dtype(dtype)
-
-    def __setitem__(self, key: tuple[slice, ...], block: np.ndarray) -> None:
-        """Write ``block`` at ``key``: one contiguous write per run of whole trailing axes."""
-        starts = [s.indices(n)[0] for s, n in zip(key, self.shape, strict=True)]
-        if self.bzero is not None:
-            block = block.astype(np.int64) - self.bzero
-        block = np.ascontiguousarray(block, dtype=self.file_dtype)
-        # Axes from `split` on are written whole: the block is contiguous in the file there.
-        split = len(self.shape)
-        while split > 0 and block.shape[split - 1] == self.shape[split - 1]:
-            split -= 1
-        split = max(split - 1, 0)
-        strides = np.cumprod((*self.shape[1:], 1)[::-1])[::-1] * self.file_dtype.itemsize
-        with open(self.path, "r+b") as handle:
-            for index in cartesian(*(range(n) for n in block.shape[:split])):
-                position = sum(
-                    (s + i) * st for s, i, st in zip(starts, index, strides, strict=False)
-                )
-                position += sum(starts[a] * strides[a] for a in range(split, len(self.shape)))
-                handle.seek(self.offset + int(position))
-                handle.write(block[index].tobytes())
 
 
 def _reserve(product: Product, partial: Path) -> list[tuple[da.Array, FitsRegion]]:

@@ -14,22 +14,10 @@ import xarray as xr
 
 from coron_dask.dqflags import PIXEL, bit_value
 from coron_dask.errors import CoronInputError
-from coron_dask.kernels import fit_shifts, fourier_shift, median_fill
+from coron_dask.kernels.blocks import fill_block, fit_block, shift_block
 
 AlignTo = Literal["each", "first"]
 SHIFT_PARAMS = ["dx", "dy", "beta"]
-
-
-def _fill_block(
-    image: np.ndarray, sci: np.ndarray, dq: np.ndarray, box: int, bad_bitvalue: int, miri: bool
-) -> np.ndarray:
-    """``image`` with the bad pixels of the exposure (DQ & bad bits, or NaN in SCI) filled."""
-    bad = ((dq & bad_bitvalue) > 0) | np.isnan(sci) | np.isnan(image)
-    if miri:  # jwst: MIRI pixels outside the science area become 0, unfilled
-        non_science = bad & ((dq & PIXEL["NON_SCIENCE"]) > 0)
-        image = np.where(non_science, 0, image)
-        bad &= ~non_science
-    return median_fill(image, bad, box).astype(image.dtype)
 
 
 def median_replace_img(
@@ -43,35 +31,26 @@ def median_replace_img(
     if median_box_length < 0:
         raise CoronInputError("median_box_length", f"must be >= 0, got {median_box_length}")
     miri = str(exposure.attrs.get("INSTRUME", "")).upper() == "MIRI"
+    non_science = PIXEL["NON_SCIENCE"] if miri else None  # jwst: MIRI's become 0, not filled
     bits = bit_value(bad_bits)
     exposure = exposure.chunk({})  # dask-backed variables unchanged, numpy ones one block
     sci, dq = exposure["sci"].data, exposure["dq"].data
     filled = {
         name: exposure[name].copy(
             data=da.map_blocks(
-                _fill_block,
+                fill_block,
                 exposure[name].data,
                 sci,
                 dq,
                 median_box_length,
                 bits,
-                miri,
+                non_science,
                 dtype=exposure[name].dtype,
             )
         )
         for name in ("sci", "err")
     }
     return exposure.assign(filled)
-
-
-def _fit_block(science: np.ndarray, psfs: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """Shifts (m, p, 3) of references ``psfs`` (p, y, x) to each science frame (m, y, x)."""
-    return np.stack([fit_shifts(frame, psfs, mask) for frame in science])
-
-
-def _shift_block(psfs: np.ndarray, shifts: np.ndarray) -> np.ndarray:
-    """References (p, y, x) moved by −(dx, dy) of ``shifts`` ([m,] p, 3): ([m,] p, y, x) float32."""
-    return fourier_shift(psfs, -shifts[..., :2]).astype(np.float32)
 
 
 def align_refs(
@@ -106,7 +85,7 @@ def align_refs(
     if align_to == "first":
         target = target[:1].rechunk({0: 1})
     shifts = da.blockwise(
-        _fit_block,
+        fit_block,
         "mpk",
         target,
         "myx",
@@ -129,7 +108,7 @@ def align_refs(
         shift_index = "mpk"
     aligned = {
         name: da.blockwise(
-            _shift_block,
+            shift_block,
             index,
             data,
             "pyx",

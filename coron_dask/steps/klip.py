@@ -16,37 +16,7 @@ import xarray as xr
 from dask import delayed
 
 from coron_dask.errors import CoronInputError
-from coron_dask.kernels import KLBasis, klip_subtract
-
-
-def _flat(block: np.ndarray) -> np.ndarray:
-    return block.reshape(block.shape[0], -1)
-
-
-def _klip_each_block(targets: np.ndarray, ref_blocks: list, truncate: int) -> np.ndarray:
-    """psfsub SCI and ERR (m, 2, y, x) of targets (m, y, x), each with its references,
-    given as blocks (m, p_j, y, x) along the reference axis."""
-    m, ny, nx = targets.shape
-    out = np.empty((m, 2, ny, nx), dtype=np.float32)
-    for i in range(m):
-        pieces = [_flat(block[i]) for block in ref_blocks]
-        basis = KLBasis(pieces, truncate)
-        out[i, 0] = klip_subtract(targets[i].reshape(1, -1), basis.images).reshape(ny, nx)
-        out[i, 1] = basis.error(pieces).reshape(ny, nx)
-    return out
-
-
-def _basis(ref_blocks: list, truncate: int) -> KLBasis:
-    return KLBasis([_flat(block) for block in ref_blocks], truncate)
-
-
-def _error(basis: KLBasis, ref_blocks: list) -> np.ndarray:
-    return basis.error([_flat(block) for block in ref_blocks])
-
-
-def _subtract_block(targets: np.ndarray, basis: KLBasis) -> np.ndarray:
-    flat = targets.reshape(targets.shape[0], -1)
-    return klip_subtract(flat, basis.images).reshape(targets.shape).astype(np.float32)
+from coron_dask.kernels.blocks import basis_block, error_block, klip_block, subtract_block
 
 
 def klip(science: xr.Dataset, psfalign: xr.Dataset, truncate: int = 50) -> xr.Dataset:
@@ -57,7 +27,7 @@ def klip(science: xr.Dataset, psfalign: xr.Dataset, truncate: int = 50) -> xr.Da
     if psfalign["sci"].ndim == 4:
         refs = psfalign["sci"].data.rechunk({0: target.chunks[0]})
         both = da.blockwise(
-            _klip_each_block,
+            klip_block,
             "mcyx",
             target,
             "myx",
@@ -71,10 +41,10 @@ def klip(science: xr.Dataset, psfalign: xr.Dataset, truncate: int = 50) -> xr.Da
         sci, err = both[:, 0], both[:, 1]
     else:
         blocks = psfalign["sci"].data.to_delayed().ravel().tolist()
-        basis = delayed(_basis, pure=True)(blocks, truncate)
-        sci = target.map_blocks(_subtract_block, basis, dtype=np.float32)
+        basis = delayed(basis_block, pure=True)(blocks, truncate)
+        sci = target.map_blocks(subtract_block, basis, dtype=np.float32)
         error = da.from_delayed(
-            delayed(_error, pure=True)(basis, blocks),
+            delayed(error_block, pure=True)(basis, blocks),
             shape=(target.shape[1] * target.shape[2],),
             dtype=np.float64,
         ).reshape(target.shape[1:])
