@@ -84,26 +84,32 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _run(args: argparse.Namespace, asn: Path, output_dir: Path) -> list[Path]:
-    from coron_dask.pipeline import run_coron3
+    from coron_dask.cluster import Cluster
 
-    return run_coron3(
-        asn,
-        output_dir,
-        align_to=args.align_to,
-        truncate=args.truncate,
-        median_box_length=args.median_box_length,
-        bad_bits=args.bad_bits,
-        psfmask=args.psfmask,
-        integrations=args.integrations_per_chunk,
-        psfs=args.psfs_per_chunk,
-        scheduler=args.scheduler,
-        scheduler_file=args.scheduler_file,
+    # a LocalCluster starts in the background while the pipeline's modules import
+    with Cluster(
+        args.scheduler,
+        args.scheduler_file,
         n_workers=args.n_workers,
         memory_limit=args.memory_limit,
-        progress=not args.no_progress,
-        report=args.report,
-        stats=args.stats,
-    )
+    ) as cluster:
+        from coron_dask.pipeline import run_coron3
+
+        return run_coron3(
+            asn,
+            output_dir,
+            align_to=args.align_to,
+            truncate=args.truncate,
+            median_box_length=args.median_box_length,
+            bad_bits=args.bad_bits,
+            psfmask=args.psfmask,
+            integrations=args.integrations_per_chunk,
+            psfs=args.psfs_per_chunk,
+            progress=not args.no_progress,
+            report=args.report,
+            stats=args.stats,
+            cluster=cluster,
+        )
 
 
 def _simulate(args: argparse.Namespace, outdir: Path) -> Path:

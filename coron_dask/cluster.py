@@ -1,12 +1,13 @@
 """Where the graph runs: a LocalCluster started for the run, an existing distributed
 scheduler (address or scheduler file), or one of dask's local schedulers."""
 
+import concurrent.futures
 import contextlib
 import json
 import os
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import dask
 from dask.delayed import Delayed
@@ -26,52 +27,79 @@ WORKER_ENVIRON = {
 }
 
 
-@contextlib.contextmanager
-def connect(
-    scheduler: str | None = None,
-    scheduler_file: str | None = None,
-    *,
-    n_workers: int | None = None,
-    threads_per_worker: int = 1,
-    memory_limit: str | float | None = "auto",
-    dashboard_address: str = "127.0.0.1:8787",
-    quiet: bool = False,
-) -> Iterator[object | None]:
-    """Yield a distributed Client for the run (None for dask's local schedulers).
+class Cluster:
+    """Where the graph runs: a LocalCluster started for the run, a running distributed
+    scheduler, or one of dask's local schedulers (``client`` is then None).
 
     ``scheduler`` is an address (``tcp://host:port``) or a local scheduler name
     (``synchronous``, ``threads``); with neither it nor ``scheduler_file`` a LocalCluster of
-    ``n_workers`` processes is started, its dashboard bound to ``dashboard_address``.
+    ``n_workers`` processes starts at once, in the background, while the caller goes on
+    importing and checking its input; ``client`` waits for it. Its dashboard is bound to
+    ``dashboard_address``, loopback unless asked otherwise.
     """
-    if scheduler in LOCAL_SCHEDULERS:
-        with dask.config.set(scheduler=scheduler):
-            yield None
-        return
-    from distributed import Client, LocalCluster
 
-    with contextlib.ExitStack() as stack:
-        if scheduler or scheduler_file:
-            client = stack.enter_context(
-                Client(scheduler, scheduler_file=scheduler_file, set_as_default=True)
+    def __init__(
+        self,
+        scheduler: str | None = None,
+        scheduler_file: str | None = None,
+        *,
+        n_workers: int | None = None,
+        threads_per_worker: int = 1,
+        memory_limit: str | float | None = "auto",
+        dashboard_address: str = "127.0.0.1:8787",
+        quiet: bool = False,
+    ) -> None:
+        self.scheduler, self.scheduler_file, self.quiet = scheduler, scheduler_file, quiet
+        self._client: object | None = None
+        self._local = None
+        self._config = contextlib.ExitStack()
+        if scheduler in LOCAL_SCHEDULERS:
+            self._config.enter_context(dask.config.set(scheduler=scheduler))
+        elif not (scheduler or scheduler_file):
+            options = dict(
+                n_workers=n_workers or max(1, (os.cpu_count() or 1) // threads_per_worker),
+                threads_per_worker=threads_per_worker,
+                processes=True,
+                memory_limit=memory_limit,
+                dashboard_address=dashboard_address,
+                host="127.0.0.1",
             )
-        else:
-            workers = n_workers or max(1, (os.cpu_count() or 1) // threads_per_worker)
-            environ = {**dask.config.get("distributed.nanny.pre-spawn-environ"), **WORKER_ENVIRON}
-            with dask.config.set({"distributed.nanny.pre-spawn-environ": environ}):
-                cluster = stack.enter_context(
-                    LocalCluster(
-                        n_workers=workers,
-                        threads_per_worker=threads_per_worker,
-                        processes=True,
-                        memory_limit=memory_limit,
-                        dashboard_address=dashboard_address,
-                        host="127.0.0.1",
-                    )
+            self._local = concurrent.futures.ThreadPoolExecutor(1).submit(_local_cluster, options)
+
+    @property
+    def client(self) -> object | None:
+        """The distributed Client, connecting (and waiting for a LocalCluster) on first use."""
+        if self._client is None and self.scheduler not in LOCAL_SCHEDULERS:
+            from distributed import Client
+
+            if self._local is not None:
+                self._client = Client(self._local.result(), set_as_default=True)
+            else:
+                self._client = Client(
+                    self.scheduler, scheduler_file=self.scheduler_file, set_as_default=True
                 )
-            client = stack.enter_context(Client(cluster, set_as_default=True))
-        if not quiet:
-            print(f"Dask dashboard: {client.dashboard_link}", file=sys.stderr, flush=True)
-        yield client
+            if not self.quiet:
+                print(f"Dask dashboard: {self._client.dashboard_link}", file=sys.stderr, flush=True)
+        return self._client
+
+    def __enter__(self) -> "Cluster":
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self._client is not None:
+            self._client.close()
+        if self._local is not None:
+            with contextlib.suppress(Exception):
+                self._local.result().close()
+        self._config.close()
+
+
+def _local_cluster(options: dict) -> object:
+    from distributed import LocalCluster
+
+    environ = {**dask.config.get("distributed.nanny.pre-spawn-environ"), **WORKER_ENVIRON}
+    with dask.config.set({"distributed.nanny.pre-spawn-environ": environ}):
+        return LocalCluster(**options)
 
 
 def task_memory(client: object | None) -> tuple[int, int]:

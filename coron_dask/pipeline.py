@@ -5,13 +5,14 @@
 for its workers' memory and writes the products.
 """
 
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import xarray as xr
 
 from coron_dask.chunking import ChunkPlan, plan_chunks
-from coron_dask.cluster import connect, execute, task_memory
+from coron_dask.cluster import Cluster, execute, task_memory
 from coron_dask.errors import CoronInputError
 from coron_dask.io import (
     Association,
@@ -203,6 +204,7 @@ def run_coron3(
     quiet: bool = False,
     report: str | Path | None = None,
     stats: str | Path | None = None,
+    cluster: Cluster | None = None,
 ) -> list[Path]:
     """Run calwebb_coron3 on an association and return the paths of the products written.
 
@@ -210,7 +212,8 @@ def run_coron3(
     address or ``scheduler_file`` uses a running cluster; ``"synchronous"`` or ``"threads"``
     use dask's local schedulers. The input is checked before any cluster starts, so bad
     input fails fast and leaves no product. ``report`` saves dask's performance report
-    (HTML), ``stats`` a JSON summary of where the time went.
+    (HTML), ``stats`` a JSON summary of where the time went. A ``cluster`` already under
+    way (see ``cluster.Cluster``) is used instead of the scheduler options.
     """
     options = dict(
         align_to=align_to,
@@ -222,13 +225,22 @@ def run_coron3(
         psfs=psfs,
     )
     _check_parameters(truncate, median_box_length, integrations=integrations, psfs=psfs)
-    observation = open_association(asn)  # check every input before starting a cluster
+    observation = open_association(asn)  # check every input before using the cluster
     if psfmask is not None:
         stack = observation.psfstack
         read_psfmask(psfmask, (stack.sizes["y"], stack.sizes["x"]))
-    with connect(
-        scheduler, scheduler_file, n_workers=n_workers, memory_limit=memory_limit, quiet=quiet
-    ) as client:
+    with contextlib.ExitStack() as stack:
+        if cluster is None:
+            cluster = stack.enter_context(
+                Cluster(
+                    scheduler,
+                    scheduler_file,
+                    n_workers=n_workers,
+                    memory_limit=memory_limit,
+                    quiet=quiet,
+                )
+            )
+        client = cluster.client
         memory, workers = task_memory(client)
         products = build_products(asn, output_dir, **options, task_memory=memory, workers=workers)
         return write_products(
