@@ -79,6 +79,12 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
     )
     run.add_argument("--scheduler-file", help="scheduler file of a running dask cluster")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    run.add_argument(
+        "--format",
+        choices=["fits", "zarr"],
+        default="fits",
+        help="products as FITS files (default) or Zarr stores",
+    )
     run.add_argument("--report", type=Path, help="save dask's performance report (HTML)")
     run.add_argument("--stats", type=Path, help="save where the time went (JSON)")
 
@@ -109,6 +115,7 @@ def _run(args: argparse.Namespace, asn: Path, output_dir: Path) -> list[Path]:
             report=args.report,
             stats=args.stats,
             cluster=cluster,
+            format=args.format,
         )
 
 

@@ -8,6 +8,7 @@ for its workers' memory and writes the products.
 import contextlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import xarray as xr
 
@@ -25,6 +26,8 @@ from coron_dask.io import (
 )
 from coron_dask.steps import align_refs, klip, stack_refs
 from coron_dask.steps.align_refs import AlignTo
+
+Format = Literal["fits", "zarr"]
 
 
 @dataclass
@@ -84,6 +87,20 @@ def plan_observation(
     )
 
 
+def _extensions(dataset: xr.Dataset, sci_keywords: dict) -> list[Extension]:
+    """SCI, ERR and DQ (those present) of ``dataset`` as product extensions, in that order."""
+    return [
+        Extension(
+            name.upper(),
+            dataset[name].data,
+            sci_keywords if name == "sci" else {},
+            dataset[name].dims,
+        )
+        for name in ("sci", "err", "dq")
+        if name in dataset
+    ]
+
+
 def _check_parameters(truncate: int, median_box_length: int, **counts: int | None) -> None:
     if truncate < 0:
         raise CoronInputError("truncate", f"must be >= 0, got {truncate}")
@@ -107,12 +124,16 @@ def build_products(
     psfs: int | None = None,
     task_memory: int = 2**30,
     workers: int = 1,
+    format: Format = "fits",
 ) -> list[Product]:
     """Build the lazy psfstack, psfalign and psfsub products of an association.
 
     Blocks hold ``integrations`` science integrations and ``psfs`` references, planned
     from ``task_memory`` (bytes per worker thread) and ``workers`` where not given.
+    ``format`` "zarr" writes each product as a Zarr store (``<name>.zarr``) instead of FITS.
     """
+    if format not in ("fits", "zarr"):
+        raise CoronInputError("format", f"must be 'fits' or 'zarr', got {format!r}")
     _check_parameters(truncate, median_box_length, integrations=integrations, psfs=psfs)
     observation = open_association(asn)
     plan = plan_observation(observation, task_memory, workers, truncate)
@@ -125,16 +146,12 @@ def build_products(
     mask = None if psfmask is None else read_psfmask(psfmask, (stack.sizes["y"], stack.sizes["x"]))
     asn_keywords = {"ASNTABLE": association.path.name}
     stack_keywords = {**stack.attrs, **asn_keywords, "S_PSFSTK": "COMPLETE"}
-    stack_name = f"{association.product_name}_psfstack.fits"
+    stack_name = f"{association.product_name}_psfstack.{format}"
     products = [
         Product(
             output_dir / stack_name,
             {**stack_keywords, "DATAMODL": "CubeModel", "FILENAME": stack_name},
-            [
-                Extension("SCI", stack["sci"].data, stack["sci"].attrs),
-                Extension("ERR", stack["err"].data),
-                Extension("DQ", stack["dq"].data),
-            ],
+            _extensions(stack, stack["sci"].attrs),
         )
     ]
     for exposure in observation.science:
@@ -149,37 +166,31 @@ def build_products(
         psfsub = klip(filled, psfalign, truncate)
         root = f"{exposure_root(exposure)}_{association.asn_id}"
         model = "QuadModel" if align_to == "each" else "CubeModel"
+        align_name, sub_name = f"{root}_psfalign.{format}", f"{root}_psfsub.{format}"
         products.append(
             Product(
-                output_dir / f"{root}_psfalign.fits",
+                output_dir / align_name,
                 {
                     **stack_keywords,
                     "DATAMODL": model,
                     "S_PSFALI": "COMPLETE",
-                    "FILENAME": f"{root}_psfalign.fits",
+                    "FILENAME": align_name,
                 },
-                [
-                    Extension("SCI", psfalign["sci"].data, stack["sci"].attrs),
-                    Extension("ERR", psfalign["err"].data),
-                ],
+                _extensions(psfalign[["sci", "err"]], stack["sci"].attrs),
             )
         )
         products.append(
             Product(
-                output_dir / f"{root}_psfsub.fits",
+                output_dir / sub_name,
                 {
                     **exposure.attrs,
                     **asn_keywords,
                     "DATAMODL": "CubeModel",
                     "S_PSFALI": "COMPLETE",
                     "S_KLIP": "COMPLETE",
-                    "FILENAME": f"{root}_psfsub.fits",
+                    "FILENAME": sub_name,
                 },
-                [
-                    Extension("SCI", psfsub["sci"].data, exposure["sci"].attrs),
-                    Extension("ERR", psfsub["err"].data),
-                    Extension("DQ", psfsub["dq"].data),
-                ],
+                _extensions(psfsub, exposure["sci"].attrs),
             )
         )
     return products
@@ -205,6 +216,7 @@ def run_coron3(
     report: str | Path | None = None,
     stats: str | Path | None = None,
     cluster: Cluster | None = None,
+    format: Format = "fits",
 ) -> list[Path]:
     """Run calwebb_coron3 on an association and return the paths of the products written.
 
@@ -223,6 +235,7 @@ def run_coron3(
         psfmask=psfmask,
         integrations=integrations,
         psfs=psfs,
+        format=format,
     )
     _check_parameters(truncate, median_box_length, integrations=integrations, psfs=psfs)
     observation = open_association(asn)  # check every input before using the cluster

@@ -175,3 +175,28 @@ def test_same_products_for_any_chunks_and_scheduler(mode, asn, observation_dir, 
         with fits.open(path) as ours, fits.open(baseline) as theirs:
             for hdu in ours[1:]:
                 np.testing.assert_array_equal(hdu.data, theirs[hdu.name].data)
+
+
+def test_zarr_products_hold_the_fits_products(products, asn, observation_dir, tmp_path):
+    """--format zarr: the same arrays and keywords, labelled, readable by xarray."""
+    import xarray as xr
+
+    paths = run_coron3(
+        asn,
+        tmp_path,
+        psfmask=observation_dir / "psfmask.fits",
+        scheduler="synchronous",
+        progress=False,
+        format="zarr",
+    )
+    assert {p.suffix for p in paths} == {".zarr"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in paths)
+    for path in paths:
+        store = xr.open_zarr(path)
+        fits_path = products["each"]["folder"] / path.with_suffix(".fits").name
+        with fits.open(fits_path) as hdul:
+            for name in store.data_vars:
+                np.testing.assert_array_equal(store[name].values, hdul[name].data)
+            assert store.attrs["INSTRUME"] == hdul[0].header["INSTRUME"]
+        if "psfalign" in path.name:
+            assert store["SCI"].dims == ("integration", "psf", "y", "x")

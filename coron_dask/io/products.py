@@ -5,10 +5,15 @@ are reserved (a sparse file); dask tasks then write their blocks straight into p
 (``da.store`` into a picklable target that opens the file itself). Only when every block
 of every product is written are the temporary files renamed to their JWST names; on any
 failure they are removed.
+
+A product whose path ends in ``.zarr`` is written as a Zarr store instead (for products
+too big for FITS readers): a group with the primary keywords as attributes and one array
+per extension, named and labelled as in the FITS file, readable with ``xarray.open_zarr``.
 """
 
 import contextlib
 import os
+import shutil
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -31,6 +36,7 @@ class Extension:
     name: str
     data: da.Array
     keywords: dict = field(default_factory=dict)
+    dims: tuple[str, ...] | None = None  # axis names, slowest first (Zarr stores keep them)
 
 
 @dataclass
@@ -91,6 +97,51 @@ def _reserve(product: Product, partial: Path) -> list[tuple[da.Array, FitsRegion
     return targets
 
 
+def _json_safe(keywords: dict) -> dict:
+    return {
+        key: value if isinstance(value, bool | int | float | str) else str(value)
+        for key, value in keywords.items()
+        if value is not None
+    }
+
+
+def _reserve_zarr(product: Product, partial: Path) -> list[tuple[da.Array, object]]:
+    """Create the Zarr store of ``product`` in ``partial``, arrays chunked as the data."""
+    import zarr
+
+    group = zarr.open_group(str(partial), mode="w", zarr_format=3)
+    group.attrs.update(_json_safe(product.primary))
+    targets = []
+    for extension in product.extensions:
+        data = da.asarray(extension.data)
+        regular = tuple(max(chunks) for chunks in data.chunks)
+        data = data.rechunk(regular)
+        array = group.create_array(
+            extension.name,
+            shape=data.shape,
+            chunks=regular,
+            dtype=data.dtype,
+            dimension_names=extension.dims,
+        )
+        array.attrs.update(_json_safe(extension.keywords))
+        targets.append((data, array))
+    zarr.consolidate_metadata(str(partial))  # metadata is final: readers open it at once
+    return targets
+
+
+def _remove(partial: Path) -> None:
+    if partial.is_dir():
+        shutil.rmtree(partial, ignore_errors=True)
+    else:
+        partial.unlink(missing_ok=True)
+
+
+def _place(partial: Path, final: Path) -> None:
+    if final.is_dir():  # a store from an earlier run: directories cannot be replaced in one go
+        shutil.rmtree(final)
+    os.replace(partial, final)
+
+
 @contextlib.contextmanager
 def staged_products(products: list[Product]) -> Iterator[list[Delayed]]:
     """Yield the lazy writes of ``products``; on a clean exit rename them into place.
@@ -105,15 +156,16 @@ def staged_products(products: list[Product]) -> Iterator[list[Delayed]]:
             item.path.parent.mkdir(parents=True, exist_ok=True)
             partial = item.path.with_name(f".{item.path.name}.{uuid.uuid4().hex[:8]}.partial")
             partials.append(partial)
-            sources, targets = zip(*_reserve(item, partial), strict=True)
+            reserve = _reserve_zarr if item.path.suffix == ".zarr" else _reserve
+            sources, targets = zip(*reserve(item, partial), strict=True)
             writes.append(da.store(list(sources), list(targets), lock=False, compute=False))
         yield writes
     except BaseException:
         for partial in partials:
-            partial.unlink(missing_ok=True)
+            _remove(partial)
         raise
     for item, partial in zip(products, partials, strict=True):
-        os.replace(partial, item.path)
+        _place(partial, item.path)
 
 
 def write_products(products: list[Product], compute=None) -> list[Path]:
