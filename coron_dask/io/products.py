@@ -15,6 +15,7 @@ import contextlib
 import os
 import shutil
 import uuid
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -125,7 +126,9 @@ def _reserve_zarr(product: Product, partial: Path) -> list[tuple[da.Array, objec
         )
         array.attrs.update(_json_safe(extension.keywords))
         targets.append((data, array))
-    zarr.consolidate_metadata(str(partial))  # metadata is final: readers open it at once
+    with warnings.catch_warnings():  # zarr notes that v3 has no consolidated metadata yet
+        warnings.filterwarnings("ignore", message="Consolidated metadata")
+        zarr.consolidate_metadata(str(partial))  # metadata is final: readers open it at once
     return targets
 
 
