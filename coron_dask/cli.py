@@ -32,27 +32,21 @@ def _positive(text: str) -> int:
 
 
 def _add_run_options(parser: argparse.ArgumentParser) -> None:
-    step = parser.add_argument_group("steps (jwst's parameters)")
+    step = parser.add_argument_group(
+        "steps (jwst's parameters; defaults from the coron_dask section of dask's config)"
+    )
     step.add_argument(
         "--align-to",
         choices=["each", "first"],
-        default="each",
         help="align references to each science integration (4-D psfalign, "
         "default) or to the first one of each exposure (jwst >= 1.16)",
     )
+    step.add_argument("--truncate", type=_non_negative, help="KL modes kept by klip (50)")
     step.add_argument(
-        "--truncate", type=_non_negative, default=50, help="KL modes kept by klip (default 50)"
+        "--median-box-length", type=_non_negative, help="box of the bad-pixel median fill (3)"
     )
     step.add_argument(
-        "--median-box-length",
-        type=_non_negative,
-        default=3,
-        help="box of the bad-pixel median fill (default 3)",
-    )
-    step.add_argument(
-        "--bad-bits",
-        default="DO_NOT_USE",
-        help="DQ flags of bad pixels, names or integer (default DO_NOT_USE)",
+        "--bad-bits", help="DQ flags of bad pixels, names or integer (DO_NOT_USE; '' for none)"
     )
     step.add_argument("--psfmask", type=Path, help="PSFMASK FITS file (weights, 0 = ignore)")
     run = parser.add_argument_group("execution")
@@ -68,9 +62,7 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
     )
     run.add_argument("--n-workers", type=_positive, help="LocalCluster worker processes")
     run.add_argument(
-        "--memory-limit",
-        default="auto",
-        help="memory limit per LocalCluster worker, e.g. '4GiB' (default auto)",
+        "--memory-limit", help="memory limit per LocalCluster worker, e.g. '4GiB' (auto)"
     )
     run.add_argument(
         "--scheduler",
@@ -80,10 +72,7 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--scheduler-file", help="scheduler file of a running dask cluster")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
     run.add_argument(
-        "--format",
-        choices=["fits", "zarr"],
-        default="fits",
-        help="products as FITS files (default) or Zarr stores",
+        "--format", choices=["fits", "zarr"], help="products as FITS files (default) or Zarr stores"
     )
     run.add_argument("--report", type=Path, help="save dask's performance report (HTML)")
     run.add_argument("--stats", type=Path, help="save where the time went (JSON)")

@@ -35,7 +35,8 @@ class Cluster:
     (``synchronous``, ``threads``); with neither it nor ``scheduler_file`` a LocalCluster of
     ``n_workers`` processes starts at once, in the background, while the caller goes on
     importing and checking its input; ``client`` waits for it. Its dashboard is bound to
-    ``dashboard_address``, loopback unless asked otherwise.
+    ``dashboard_address``, loopback unless asked otherwise. Options left None take the
+    configured defaults (``coron_dask.cluster.*``).
     """
 
     def __init__(
@@ -44,9 +45,9 @@ class Cluster:
         scheduler_file: str | None = None,
         *,
         n_workers: int | None = None,
-        threads_per_worker: int = 1,
-        memory_limit: str | float | None = "auto",
-        dashboard_address: str = "127.0.0.1:8787",
+        threads_per_worker: int | None = None,
+        memory_limit: str | float | None = None,
+        dashboard_address: str | None = None,
         quiet: bool = False,
     ) -> None:
         self.scheduler, self.scheduler_file, self.quiet = scheduler, scheduler_file, quiet
@@ -56,6 +57,12 @@ class Cluster:
         if scheduler in LOCAL_SCHEDULERS:
             self._config.enter_context(dask.config.set(scheduler=scheduler))
         elif not (scheduler or scheduler_file):
+            from coron_dask import config
+
+            n_workers = n_workers or config.get("cluster.n-workers")
+            threads_per_worker = threads_per_worker or config.get("cluster.threads-per-worker")
+            memory_limit = memory_limit or config.get("cluster.memory-limit")
+            dashboard_address = dashboard_address or config.get("cluster.dashboard-address")
             options = dict(
                 n_workers=n_workers or max(1, (os.cpu_count() or 1) // threads_per_worker),
                 threads_per_worker=threads_per_worker,

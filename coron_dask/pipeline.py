@@ -12,8 +12,10 @@ from typing import Literal
 
 import xarray as xr
 
+from coron_dask import config
 from coron_dask.chunking import ChunkPlan, plan_chunks
 from coron_dask.cluster import Cluster, execute, task_memory
+from coron_dask.dqflags import bit_value
 from coron_dask.errors import CoronInputError
 from coron_dask.io import (
     Association,
@@ -101,40 +103,87 @@ def _extensions(dataset: xr.Dataset, sci_keywords: dict) -> list[Extension]:
     ]
 
 
-def _check_parameters(truncate: int, median_box_length: int, **counts: int | None) -> None:
-    if truncate < 0:
-        raise CoronInputError("truncate", f"must be >= 0, got {truncate}")
-    if median_box_length < 0:
-        raise CoronInputError("median_box_length", f"must be >= 0, got {median_box_length}")
-    for name, value in counts.items():
-        if value is not None and value < 1:
-            raise CoronInputError(name, f"must be >= 1, got {value}")
+#: Parameters whose default (None) is read from coron-dask's configuration.
+CONFIGURED = {
+    "align_to": "align_refs.align-to",
+    "median_box_length": "align_refs.median-box-length",
+    "bad_bits": "align_refs.bad-bits",
+    "truncate": "klip.truncate",
+    "format": "output.format",
+    "integrations": "chunks.integrations",
+    "psfs": "chunks.psfs",
+}
+
+
+def resolve_parameters(**given: object) -> dict:
+    """Step and output parameters with None replaced by the configured defaults, checked."""
+    unknown = set(given) - set(CONFIGURED)
+    if unknown:
+        raise TypeError(f"unexpected parameters {sorted(unknown)}")
+    resolved = {
+        name: config.get(key) if given.get(name) is None else given[name]
+        for name, key in CONFIGURED.items()
+    }
+    for name in ("truncate", "median_box_length"):
+        if resolved[name] < 0:
+            raise CoronInputError(name, f"must be >= 0, got {resolved[name]}")
+    for name in ("integrations", "psfs"):
+        if resolved[name] is not None and resolved[name] < 1:
+            raise CoronInputError(name, f"must be >= 1, got {resolved[name]}")
+    if resolved["align_to"] not in ("each", "first"):
+        raise CoronInputError(
+            "align_to", f"must be 'each' or 'first', got {resolved['align_to']!r}"
+        )
+    if resolved["format"] not in ("fits", "zarr"):
+        raise CoronInputError("format", f"must be 'fits' or 'zarr', got {resolved['format']!r}")
+    bit_value(resolved["bad_bits"])  # names it cannot read are bad input too
+    return resolved
 
 
 def build_products(
     asn: str | Path,
     output_dir: str | Path = ".",
     *,
-    align_to: AlignTo = "each",
-    truncate: int = 50,
-    median_box_length: int = 3,
-    bad_bits: str | int | None = "DO_NOT_USE",
+    align_to: AlignTo | None = None,
+    truncate: int | None = None,
+    median_box_length: int | None = None,
+    bad_bits: str | int | None = None,
     psfmask: str | Path | None = None,
     integrations: int | None = None,
     psfs: int | None = None,
+    format: Format | None = None,
     task_memory: int = 2**30,
     workers: int = 1,
-    format: Format = "fits",
 ) -> list[Product]:
     """Build the lazy psfstack, psfalign and psfsub products of an association.
 
-    Blocks hold ``integrations`` science integrations and ``psfs`` references, planned
-    from ``task_memory`` (bytes per worker thread) and ``workers`` where not given.
-    ``format`` "zarr" writes each product as a Zarr store (``<name>.zarr``) instead of FITS.
+    Step parameters are jwst's; those left None take coron-dask's configured defaults
+    (``coron_dask.yaml``: align_to "each", truncate 50, median_box_length 3, bad_bits
+    "DO_NOT_USE"; pass bad_bits="" for none). Blocks hold ``integrations`` science
+    integrations and ``psfs`` references, planned from ``task_memory`` (bytes per worker
+    thread) and ``workers`` where not given. ``format`` "zarr" writes each product as a
+    Zarr store (``<name>.zarr``) instead of FITS.
     """
-    if format not in ("fits", "zarr"):
-        raise CoronInputError("format", f"must be 'fits' or 'zarr', got {format!r}")
-    _check_parameters(truncate, median_box_length, integrations=integrations, psfs=psfs)
+    resolved = resolve_parameters(
+        align_to=align_to,
+        truncate=truncate,
+        median_box_length=median_box_length,
+        bad_bits=bad_bits,
+        integrations=integrations,
+        psfs=psfs,
+        format=format,
+    )
+    align_to, truncate, median_box_length = (
+        resolved["align_to"],
+        resolved["truncate"],
+        resolved["median_box_length"],
+    )
+    bad_bits, integrations, psfs, format = (
+        resolved["bad_bits"],
+        resolved["integrations"],
+        resolved["psfs"],
+        resolved["format"],
+    )
     observation = open_association(asn)
     plan = plan_observation(observation, task_memory, workers, truncate)
     integrations = integrations or plan.integrations
@@ -200,44 +249,29 @@ def run_coron3(
     asn: str | Path,
     output_dir: str | Path = ".",
     *,
-    align_to: AlignTo = "each",
-    truncate: int = 50,
-    median_box_length: int = 3,
-    bad_bits: str | int | None = "DO_NOT_USE",
     psfmask: str | Path | None = None,
-    integrations: int | None = None,
-    psfs: int | None = None,
     scheduler: str | None = None,
     scheduler_file: str | None = None,
     n_workers: int | None = None,
-    memory_limit: str | float | None = "auto",
+    memory_limit: str | float | None = None,
     progress: bool = True,
     quiet: bool = False,
     report: str | Path | None = None,
     stats: str | Path | None = None,
     cluster: Cluster | None = None,
-    format: Format = "fits",
+    **parameters: object,
 ) -> list[Path]:
     """Run calwebb_coron3 on an association and return the paths of the products written.
 
-    ``scheduler``: None starts a LocalCluster of ``n_workers`` processes for the run; an
-    address or ``scheduler_file`` uses a running cluster; ``"synchronous"`` or ``"threads"``
-    use dask's local schedulers. The input is checked before any cluster starts, so bad
-    input fails fast and leaves no product. ``report`` saves dask's performance report
-    (HTML), ``stats`` a JSON summary of where the time went. A ``cluster`` already under
-    way (see ``cluster.Cluster``) is used instead of the scheduler options.
+    ``parameters`` are those of ``build_products`` (align_to, truncate, median_box_length,
+    bad_bits, integrations, psfs, format). ``scheduler``: None starts a LocalCluster of
+    ``n_workers`` processes for the run; an address or ``scheduler_file`` uses a running
+    cluster; ``"synchronous"`` or ``"threads"`` use dask's local schedulers; a ``cluster``
+    already under way (``cluster.Cluster``) is used as it is. The input is checked before
+    the cluster is used, so bad input fails fast and leaves no product. ``report`` saves
+    dask's performance report (HTML), ``stats`` a JSON summary of where the time went.
     """
-    options = dict(
-        align_to=align_to,
-        truncate=truncate,
-        median_box_length=median_box_length,
-        bad_bits=bad_bits,
-        psfmask=psfmask,
-        integrations=integrations,
-        psfs=psfs,
-        format=format,
-    )
-    _check_parameters(truncate, median_box_length, integrations=integrations, psfs=psfs)
+    parameters = resolve_parameters(**parameters)
     observation = open_association(asn)  # check every input before using the cluster
     if psfmask is not None:
         stack = observation.psfstack
@@ -255,7 +289,9 @@ def run_coron3(
             )
         client = cluster.client
         memory, workers = task_memory(client)
-        products = build_products(asn, output_dir, **options, task_memory=memory, workers=workers)
+        products = build_products(
+            asn, output_dir, psfmask=psfmask, **parameters, task_memory=memory, workers=workers
+        )
         return write_products(
             products,
             lambda *writes: execute(writes, client, progress=progress, report=report, stats=stats),
