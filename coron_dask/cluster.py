@@ -7,6 +7,7 @@ import json
 import os
 import sys
 import time
+import warnings
 from collections.abc import Sequence
 
 import dask
@@ -104,6 +105,9 @@ class Cluster:
 def _local_cluster(options: dict) -> object:
     from distributed import LocalCluster
 
+    # distributed warns when the dashboard's port is taken and picks another: the link
+    # printed once the client connects says where it is
+    warnings.filterwarnings("ignore", message="Port .* is already in use")
     environ = {**dask.config.get("distributed.nanny.pre-spawn-environ"), **WORKER_ENVIRON}
     with dask.config.set({"distributed.nanny.pre-spawn-environ": environ}):
         return LocalCluster(**options)

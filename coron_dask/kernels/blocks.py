@@ -6,7 +6,7 @@ a task imports numpy and these kernels only, not dask.array, xarray or astropy.
 
 import numpy as np
 
-from coron_dask.kernels.fourier_shift import fourier_shift
+from coron_dask.kernels.fourier_shift import shift_spectra
 from coron_dask.kernels.klip import KLBasis, klip_subtract
 from coron_dask.kernels.median_fill import median_fill
 from coron_dask.kernels.registration import fit_shifts
@@ -38,9 +38,18 @@ def fit_block(science: np.ndarray, psfs: np.ndarray, mask: np.ndarray) -> np.nda
     return np.stack([fit_shifts(frame, psfs, mask) for frame in science])
 
 
-def shift_block(psfs: np.ndarray, shifts: np.ndarray) -> np.ndarray:
-    """References (p, y, x) moved by −(dx, dy) of ``shifts`` ([m,] p, 3): ([m,] p, y, x) float32."""
-    return fourier_shift(psfs, -shifts[..., :2]).astype(np.float32)
+def shift_block(frames: np.ndarray, shifts: np.ndarray) -> np.ndarray:
+    """References' SCI and ERR (2, p, y, x) moved by −(dx, dy) of ``shifts`` ([m,] p, 3):
+    (2, [m,] p, y, x) float32. Each frame is transformed once, whatever the number of
+    science integrations it is aligned to."""
+    spectra = np.fft.rfft2(np.asarray(frames, dtype=np.float64))
+    shape = frames.shape[-2:]
+    if shifts.ndim == 2:
+        return shift_spectra(spectra, shape, -shifts[:, :2]).astype(np.float32)
+    out = np.empty((frames.shape[0], *shifts.shape[:-1], *shape), dtype=np.float32)
+    for m, per_frame in enumerate(shifts):
+        out[:, m] = shift_spectra(spectra, shape, -per_frame[:, :2])
+    return out
 
 
 def _flat(block: np.ndarray) -> np.ndarray:

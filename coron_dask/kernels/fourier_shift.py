@@ -73,33 +73,23 @@ class Ramps:
         return total
 
 
-def shift_phase(shape: tuple[int, int], dx: np.ndarray, dy: np.ndarray) -> np.ndarray:
-    """Phase ramp exp(-2πi(kx·dx + ky·dy)) on an rfft2 grid: it moves an image by (+dx, +dy).
-
-    ``dx`` and ``dy`` may be arrays of shape ``(n,)``: the ramps are then ``(n, ny, nx//2+1)``.
-    """
-    return Ramps(shape, dx, dy, order=0).term(0, 0)
+def shift_spectra(spectra: np.ndarray, shape: tuple[int, int], shift: np.ndarray) -> np.ndarray:
+    """Images (..., ny, nx) from rfft2 ``spectra`` (..., ny, nx//2+1) moved by ``shift``
+    (..., 2) = (dx, dy), which broadcasts against the spectra's leading axes."""
+    ramps = Ramps(shape, shift[..., 0], shift[..., 1], order=0)
+    return np.fft.irfft2(ramps.apply(spectra, 0, 0), s=shape)
 
 
 def fourier_shift(image: np.ndarray, shift: np.ndarray) -> np.ndarray:
     """Shift ``image`` (..., ny, nx) circularly by ``shift`` (..., 2) = (dx, dy) pixels.
 
     A positive shift moves content towards higher index, as jwst's ``fourier_imshift``,
-    whose values it reproduces. Computed in float64 whatever the input type. ``shift`` may
-    have more leading axes than ``image`` (several shifts of the same images): the images'
-    spectra are then computed once.
+    whose values it reproduces. Computed in float64 whatever the input type.
     """
     image = np.asarray(image, dtype=np.float64)
     shift = np.asarray(shift, dtype=np.float64)
-    lead = shift.ndim - 1 - (image.ndim - 2)
-    if shift.shape[-1] < 2 or lead < 0 or shift.shape[lead:-1] != image.shape[:-2]:
+    if shift.shape[-1] < 2 or shift.shape[:-1] != image.shape[:-2]:
         raise ValueError(
             f"shift of shape {shift.shape} does not match images of shape {image.shape}"
         )
-    shape = image.shape[-2:]
-    spectrum = np.fft.rfft2(image)
-    out = np.empty(shift.shape[:-1] + shape)
-    for index in np.ndindex(shift.shape[:lead]):
-        moved = spectrum * shift_phase(shape, shift[index][..., 0], shift[index][..., 1])
-        out[index] = np.fft.irfft2(moved, s=shape)
-    return out
+    return shift_spectra(np.fft.rfft2(image), image.shape[-2:], shift)

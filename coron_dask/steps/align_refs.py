@@ -106,19 +106,18 @@ def align_refs(
         dims = ("integration", "psf", "y", "x")
         index = "mpyx"
         shift_index = "mpk"
-    aligned = {
-        name: da.blockwise(
-            shift_block,
-            index,
-            data,
-            "pyx",
-            shifts,
-            shift_index,
-            concatenate=True,
-            dtype=np.float32,
-        )
-        for name, data in (("sci", psf_sci), ("err", psf_err))
-    }
+    # SCI and ERR of each reference block shift together: one transform, one task
+    both = da.blockwise(
+        shift_block,
+        "c" + index,
+        da.stack([psf_sci, psf_err]).rechunk({0: 2}),
+        "cpyx",
+        shifts,
+        shift_index,
+        concatenate=True,
+        dtype=np.float32,
+    )
+    aligned = {"sci": both[0], "err": both[1]}
     coords = {k: v for k, v in refs.coords.items() if "psf" in v.dims}
     if align_to == "each":
         coords["integration"] = science["integration"]
