@@ -31,6 +31,16 @@ def _positive(text: str) -> int:
     return value
 
 
+def _adapt_range(text: str) -> tuple[int, int]:
+    try:
+        low, high = (int(part) for part in text.split(":"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected MIN:MAX, got {text!r}") from None
+    if not 0 <= low <= high or high < 1:
+        raise argparse.ArgumentTypeError(f"expected 0 <= MIN <= MAX, MAX >= 1, got {text!r}")
+    return low, high
+
+
 def _add_run_options(parser: argparse.ArgumentParser) -> None:
     step = parser.add_argument_group(
         "steps (jwst's parameters; defaults from the coron_dask section of dask's config)"
@@ -70,6 +80,21 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
         "'synchronous' / 'threads' for dask's local schedulers",
     )
     run.add_argument("--scheduler-file", help="scheduler file of a running dask cluster")
+    run.add_argument(
+        "--cluster",
+        choices=["local", "slurm", "pbs"],
+        default="local",
+        help="start a LocalCluster (default) or submit workers through "
+        "dask-jobqueue, configured in a jobqueue.yaml (see cluster/)",
+    )
+    jobs = run.add_mutually_exclusive_group()
+    jobs.add_argument("--jobs", type=_positive, help="batch jobs of workers (slurm, pbs)")
+    jobs.add_argument(
+        "--adapt",
+        type=_adapt_range,
+        metavar="MIN:MAX",
+        help="adapt between MIN and MAX batch jobs (slurm, pbs)",
+    )
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
     run.add_argument(
         "--format", choices=["fits", "zarr"], help="products as FITS files (default) or Zarr stores"
@@ -87,6 +112,9 @@ def _run(args: argparse.Namespace, asn: Path, output_dir: Path) -> list[Path]:
         args.scheduler_file,
         n_workers=args.n_workers,
         memory_limit=args.memory_limit,
+        kind=args.cluster,
+        jobs=args.jobs,
+        adapt=args.adapt,
     ) as cluster:
         from coron_dask.pipeline import run_coron3
 
@@ -162,6 +190,10 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("asn", type=Path, help="level-3 association JSON")
     run.add_argument("-o", "--output-dir", type=Path, default=Path("."), help="default: .")
     _add_run_options(run)
+    jobscript = commands.add_parser(
+        "cluster", help="print the batch job script dask-jobqueue would submit for workers"
+    )
+    jobscript.add_argument("kind", choices=["slurm", "pbs"])
     sim = commands.add_parser("simulate", help="write a simulated coronagraphic observation")
     sim.add_argument("outdir", type=Path)
     demo = commands.add_parser("demo", help="simulate, run, and report the companion")
@@ -180,6 +212,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "run":
             for path in _run(args, args.asn, args.output_dir):
                 print(path)
+        elif args.command == "cluster":
+            from coron_dask.cluster import jobqueue_cluster
+
+            with jobqueue_cluster(args.kind) as cluster:
+                print(cluster.job_script())
         elif args.command == "simulate":
             print(_simulate(args, args.outdir))
         else:

@@ -3,6 +3,7 @@ scheduler (address or scheduler file), or one of dask's local schedulers."""
 
 import concurrent.futures
 import contextlib
+import functools
 import json
 import os
 import sys
@@ -12,6 +13,8 @@ from collections.abc import Sequence
 
 import dask
 from dask.delayed import Delayed
+
+from coron_dask.errors import CoronInputError
 
 LOCAL_SCHEDULERS = ("synchronous", "sync", "single-threaded", "threads", "threading")
 #: Environment of LocalCluster workers. One BLAS thread per worker thread (dask runs one
@@ -33,11 +36,14 @@ class Cluster:
     scheduler, or one of dask's local schedulers (``client`` is then None).
 
     ``scheduler`` is an address (``tcp://host:port``) or a local scheduler name
-    (``synchronous``, ``threads``); with neither it nor ``scheduler_file`` a LocalCluster of
-    ``n_workers`` processes starts at once, in the background, while the caller goes on
-    importing and checking its input; ``client`` waits for it. Its dashboard is bound to
-    ``dashboard_address``, loopback unless asked otherwise. Options left None take the
-    configured defaults (``coron_dask.cluster.*``).
+    (``synchronous``, ``threads``); with neither it nor ``scheduler_file`` a cluster of
+    ``kind`` starts at once, in the background, while the caller goes on importing and
+    checking its input; ``client`` waits for it. ``local`` is a LocalCluster of
+    ``n_workers`` processes; ``slurm`` and ``pbs`` submit worker jobs through dask-jobqueue,
+    configured the dask way (``jobqueue.slurm.*`` in a jobqueue.yaml, see cluster/), as
+    ``jobs`` jobs or adaptively between ``adapt`` = (minimum, maximum) jobs. The dashboard
+    is bound to ``dashboard_address``, loopback unless asked otherwise. Options left None
+    take the configured defaults (``coron_dask.cluster.*``).
     """
 
     def __init__(
@@ -49,9 +55,13 @@ class Cluster:
         threads_per_worker: int | None = None,
         memory_limit: str | float | None = None,
         dashboard_address: str | None = None,
+        kind: str = "local",
+        jobs: int | None = None,
+        adapt: tuple[int, int] | None = None,
         quiet: bool = False,
     ) -> None:
         self.scheduler, self.scheduler_file, self.quiet = scheduler, scheduler_file, quiet
+        self.kind = kind
         self._client: object | None = None
         self._local = None
         self._config = contextlib.ExitStack()
@@ -64,6 +74,10 @@ class Cluster:
             threads_per_worker = threads_per_worker or config.get("cluster.threads-per-worker")
             memory_limit = memory_limit or config.get("cluster.memory-limit")
             dashboard_address = dashboard_address or config.get("cluster.dashboard-address")
+            if kind != "local":
+                start = functools.partial(_jobqueue_cluster, kind, jobs, adapt, dashboard_address)
+                self._local = concurrent.futures.ThreadPoolExecutor(1).submit(start)
+                return
             options = dict(
                 n_workers=n_workers or max(1, (os.cpu_count() or 1) // threads_per_worker),
                 threads_per_worker=threads_per_worker,
@@ -82,6 +96,8 @@ class Cluster:
 
             if self._local is not None:
                 self._client = Client(self._local.result(), set_as_default=True)
+                if self.kind != "local":  # blocks are planned from the workers' memory
+                    self._client.wait_for_workers(1)
             else:
                 self._client = Client(
                     self.scheduler, scheduler_file=self.scheduler_file, set_as_default=True
@@ -102,12 +118,48 @@ class Cluster:
         self._config.close()
 
 
+def _quiet_port_warning() -> None:
+    """distributed warns when the dashboard's port is taken and picks another: the link
+    printed once the client connects says where it is."""
+    warnings.filterwarnings("ignore", message="Port .* is already in use")
+
+
+JOBQUEUE_CLUSTERS = {"slurm": "SLURMCluster", "pbs": "PBSCluster"}
+
+
+def jobqueue_cluster(kind: str, dashboard_address: str | None = None) -> object:
+    """A dask-jobqueue cluster of ``kind`` (slurm, pbs) configured from dask's jobqueue config."""
+    try:
+        import dask_jobqueue
+    except ImportError:
+        raise CoronInputError(
+            f"--cluster {kind}", "needs dask-jobqueue: pip install 'coron-dask[hpc]'"
+        ) from None
+
+    from coron_dask import config
+
+    _quiet_port_warning()
+    dashboard = dashboard_address or config.get("cluster.dashboard-address")
+    return getattr(dask_jobqueue, JOBQUEUE_CLUSTERS[kind])(
+        scheduler_options={"dashboard_address": dashboard}
+    )
+
+
+def _jobqueue_cluster(
+    kind: str, jobs: int | None, adapt: tuple[int, int] | None, dashboard_address: str
+) -> object:
+    cluster = jobqueue_cluster(kind, dashboard_address)
+    if adapt:
+        cluster.adapt(minimum_jobs=adapt[0], maximum_jobs=adapt[1])
+    else:
+        cluster.scale(jobs=jobs or 1)
+    return cluster
+
+
 def _local_cluster(options: dict) -> object:
     from distributed import LocalCluster
 
-    # distributed warns when the dashboard's port is taken and picks another: the link
-    # printed once the client connects says where it is
-    warnings.filterwarnings("ignore", message="Port .* is already in use")
+    _quiet_port_warning()
     environ = {**dask.config.get("distributed.nanny.pre-spawn-environ"), **WORKER_ENVIRON}
     with dask.config.set({"distributed.nanny.pre-spawn-environ": environ}):
         return LocalCluster(**options)
