@@ -272,6 +272,27 @@ def plot(rows: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=100)
 
 
+def merged(rows: list[dict]) -> list[dict]:
+    """Earlier results of the scenarios not run now, then these, in scenario order."""
+    path = RESULTS / "results.json"
+    earlier = json.loads(path.read_text())["rows"] if path.exists() else []
+    fresh = {row["scenario"]["name"] for row in rows}
+    order = [*SCENARIOS, *(s.name for s in SCALING)]
+    kept = [row for row in earlier if row["scenario"]["name"] not in fresh]
+    return sorted(kept + rows, key=lambda row: order.index(row["scenario"]["name"]))
+
+
+def commit() -> str:
+    result = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).parent,
+        check=False,
+    )
+    return result.stdout.strip() or "unknown"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--scenario", action="append", choices=[*SCENARIOS, "scaling"])

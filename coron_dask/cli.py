@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from coron_dask.errors import CoronInputError
+from coron_dask.errors import ClusterError, CoronInputError
 
 
 class _Parser(argparse.ArgumentParser):
@@ -232,6 +232,9 @@ def main(argv: list[str] | None = None) -> int:
     except CoronInputError as error:
         print(f"coron-dask: error: {error}", file=sys.stderr)
         return 2
+    except ClusterError as error:
+        print(f"coron-dask: error: cluster: {error}; no product was written", file=sys.stderr)
+        return 1
     except ValueError as error:
         if args.command != "simulate":
             raise

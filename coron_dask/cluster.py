@@ -5,6 +5,7 @@ import concurrent.futures
 import contextlib
 import functools
 import json
+import logging
 import os
 import sys
 import time
@@ -14,7 +15,7 @@ from collections.abc import Sequence
 import dask
 from dask.delayed import Delayed
 
-from coron_dask.errors import CoronInputError
+from coron_dask.errors import ClusterError, CoronInputError
 
 LOCAL_SCHEDULERS = ("synchronous", "sync", "single-threaded", "threads", "threading")
 #: Environment of LocalCluster workers. One BLAS thread per worker thread (dask runs one
@@ -217,6 +218,23 @@ def summarize_task_stream(records: list[dict]) -> dict:
     return stages
 
 
+def _gather(client: object, futures: list) -> None:
+    """Wait for ``futures``; a cluster that cannot finish raises ClusterError, in one line."""
+    from distributed import KilledWorker
+    from distributed.comm import CommClosedError
+
+    try:
+        client.gather(futures)
+    except KilledWorker as error:
+        raise ClusterError(f"workers kept dying on task {error.task!r}") from None
+    except (concurrent.futures.CancelledError, CommClosedError, OSError):
+        # the client would retry for distributed.comm.timeouts.connect, logging each failure
+        logging.getLogger("distributed.client").setLevel(logging.CRITICAL)
+        with contextlib.suppress(Exception):
+            client.close(timeout=1)
+        raise ClusterError("lost the connection to the scheduler") from None
+
+
 def execute(
     writes: Sequence[Delayed],
     client: object | None,
@@ -254,7 +272,7 @@ def execute(
             if progress:
                 show_progress(futures)
                 print(file=sys.stderr)
-            client.gather(futures)
+            _gather(client, futures)
         after = client.scheduler_info(n_workers=-1)["workers"]
         if stream is not None:
             summary = {

@@ -8,3 +8,7 @@ class CoronInputError(ValueError):
         self.source = str(source)
         self.problem = problem
         super().__init__(f"{self.source}: {problem}")
+
+
+class ClusterError(RuntimeError):
+    """The cluster could not finish the run (scheduler lost, workers killed repeatedly)."""

@@ -1,0 +1,306 @@
+"""Real clusters on loopback: a scheduler and workers started with the ``dask`` commands,
+reached by address and by scheduler file; a worker killed mid-run; the whole cluster lost;
+the dashboard answering during a run; the job scripts dask-jobqueue would submit."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+from astropy.io import fits
+
+from coron_dask import run_coron3
+from coron_dask.simulate import simulate
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def dask_command(*args: str) -> list[str]:
+    return [str(BIN / "dask"), *args]
+
+
+class LoopbackCluster:
+    """``dask scheduler`` and ``dask worker`` processes on 127.0.0.1, free ports."""
+
+    def __init__(self, folder: Path, workers: int = 2) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        self.scheduler_file = folder / "scheduler.json"
+        self.processes = [
+            subprocess.Popen(
+                dask_command(
+                    "scheduler",
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    "0",
+                    "--dashboard-address",
+                    "127.0.0.1:0",
+                    "--scheduler-file",
+                    str(self.scheduler_file),
+                ),
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+        ]
+        deadline = time.monotonic() + 60
+        while not self.scheduler_file.exists() or not self.scheduler_file.read_text().strip():
+            assert time.monotonic() < deadline, "scheduler did not start"
+            time.sleep(0.1)
+        self.address = json.loads(self.scheduler_file.read_text())["address"]
+        for _ in range(workers):
+            self.processes.append(
+                subprocess.Popen(
+                    dask_command(
+                        "worker",
+                        "--scheduler-file",
+                        str(self.scheduler_file),
+                        "--nthreads",
+                        "1",
+                        "--memory-limit",
+                        "1GiB",
+                        "--host",
+                        "127.0.0.1",
+                        "--local-directory",
+                        str(folder),
+                    ),
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                )
+            )
+        from distributed import Client
+
+        with Client(self.address, timeout=60) as client:
+            client.wait_for_workers(workers, timeout=60)
+
+    def worker_pids(self) -> list[int]:
+        from distributed import Client
+
+        with Client(self.address) as client:
+            return list(client.run(os.getpid).values())
+
+    def stop(self) -> None:
+        for process in reversed(self.processes):
+            if process.poll() is None:
+                process.terminate()
+        for process in self.processes:
+            try:
+                process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                process.kill()
+
+
+@pytest.fixture(scope="module")
+def busy_observation(tmp_path_factory) -> Path:
+    """Large enough that a run lasts some seconds: time to kill things during it."""
+    folder = tmp_path_factory.mktemp("busy")
+    return simulate(folder, size=96, sci_exps=2, sci_ints=8, psf_exps=5, psf_ints=4, seed=7)
+
+
+@pytest.fixture(scope="module")
+def busy_baseline(busy_observation, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("busy_baseline")
+    run_coron3(
+        busy_observation,
+        out,
+        psfmask=busy_observation.parent / "psfmask.fits",
+        scheduler="synchronous",
+        progress=False,
+    )
+    return out
+
+
+@pytest.fixture
+def loopback(tmp_path):
+    cluster = LoopbackCluster(tmp_path / "cluster")
+    yield cluster
+    cluster.stop()
+
+
+def assert_identical(folder: Path, baseline: Path) -> None:
+    names = sorted(p.name for p in baseline.glob("*.fits"))
+    assert sorted(p.name for p in folder.iterdir() if not p.name.endswith(".json")) == names
+    for name in names:
+        with fits.open(folder / name) as ours, fits.open(baseline / name) as theirs:
+            for hdu in ours[1:]:
+                np.testing.assert_array_equal(hdu.data, theirs[hdu.name].data)
+
+
+def run_cli(*args: object, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "coron_dask.cli", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
+        check=False,
+    )
+
+
+def test_scheduler_address_and_file(loopback, busy_observation, busy_baseline, tmp_path):
+    mask = busy_observation.parent / "psfmask.fits"
+    by_address = run_cli(
+        "run",
+        busy_observation,
+        "-o",
+        tmp_path / "a",
+        "--psfmask",
+        mask,
+        "--scheduler",
+        loopback.address,
+    )
+    assert by_address.returncode == 0, by_address.stderr
+    assert_identical(tmp_path / "a", busy_baseline)
+    by_file = run_cli(
+        "run",
+        busy_observation,
+        "-o",
+        tmp_path / "f",
+        "--psfmask",
+        mask,
+        "--scheduler-file",
+        loopback.scheduler_file,
+    )
+    assert by_file.returncode == 0, by_file.stderr
+    assert_identical(tmp_path / "f", busy_baseline)
+
+
+def test_killed_worker_changes_nothing(loopback, busy_observation, busy_baseline, tmp_path):
+    out = tmp_path / "out"
+    result: dict = {}
+
+    def run() -> None:
+        result["paths"] = run_coron3(
+            busy_observation,
+            out,
+            psfmask=busy_observation.parent / "psfmask.fits",
+            scheduler=loopback.address,
+            integrations=1,
+            progress=False,
+            quiet=True,
+            stats=tmp_path / "stats.json",
+        )
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    victim = loopback.worker_pids()[0]
+    time.sleep(1.5)  # the run is under way: reading and fitting
+    assert thread.is_alive(), "the run ended before a worker could be killed"
+    os.kill(victim, signal.SIGKILL)
+    thread.join(timeout=300)
+    assert "paths" in result
+    assert json.loads((tmp_path / "stats.json").read_text())["workers_lost"] >= 1
+    assert_identical(out, busy_baseline)
+
+
+def test_lost_cluster_fails_cleanly_and_rerun_succeeds(
+    loopback, busy_observation, busy_baseline, tmp_path
+):
+    out = tmp_path / "out"
+    mask = busy_observation.parent / "psfmask.fits"
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "coron_dask.cli",
+            "run",
+            str(busy_observation),
+            "-o",
+            str(out),
+            "--psfmask",
+            str(mask),
+            "--scheduler",
+            loopback.address,
+            "--integrations-per-chunk",
+            "1",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+    )
+    time.sleep(2.5)
+    assert process.poll() is None, "the run ended before the cluster could be lost"
+    loopback.stop()
+    _, err = process.communicate(timeout=180)
+    assert process.returncode == 1
+    lines = err.strip().splitlines()
+    assert lines[-1].startswith("coron-dask: error: ") and "cluster" in lines[-1]
+    assert not out.exists() or list(out.iterdir()) == []
+    again = run_cli("run", busy_observation, "-o", out, "--psfmask", mask, "--n-workers", "2")
+    assert again.returncode == 0, again.stderr
+    assert_identical(out, busy_baseline)
+
+
+def test_dashboard_answers_during_a_run(busy_observation, tmp_path):
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "coron_dask.cli",
+            "run",
+            str(busy_observation),
+            "-o",
+            str(tmp_path),
+            "--psfmask",
+            str(busy_observation.parent / "psfmask.fits"),
+            "--n-workers",
+            "2",
+            "--integrations-per-chunk",
+            "1",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+    )
+    line = process.stderr.readline()
+    assert line.startswith("Dask dashboard: http://127.0.0.1:"), line
+    url = line.split(": ", 1)[1].strip()
+    with urllib.request.urlopen(url, timeout=30) as response:
+        assert response.status == 200
+        assert b"Dask" in response.read()
+    assert process.wait(timeout=300) == 0
+    assert len(list(tmp_path.glob("*.fits"))) == 5
+
+
+@pytest.mark.parametrize(
+    ("kind", "expected"),
+    [
+        ("slurm", ["#SBATCH --cpus-per-task=8", "#SBATCH --mem=32G", "#SBATCH -t 02:00:00"]),
+        ("pbs", ["#PBS -l walltime=02:00:00", "#PBS -l select=1:ncpus=8:mem=32GB"]),
+    ],
+)
+def test_job_scripts_come_from_the_site_yaml(kind, expected, tmp_path):
+    config = tmp_path / "config"
+    config.mkdir()
+    shutil.copy(ROOT / "cluster" / "jobqueue.yaml", config)
+    if kind == "pbs":  # the example leaves resource-spec to the site
+        text = (config / "jobqueue.yaml").read_text()
+        (config / "jobqueue.yaml").write_text(
+            text.replace(
+                'resource-spec: null        # e.g. "select=1:ncpus=8:mem=32GB"',
+                'resource-spec: "select=1:ncpus=8:mem=32GB"',
+            )
+        )
+    result = subprocess.run(
+        [sys.executable, "-m", "coron_dask.cli", "cluster", kind],
+        env={**os.environ, "DASK_CONFIG": str(config)},
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=ROOT,
+    )
+    for line in expected:
+        assert line in result.stdout
+    assert "--nthreads 1" in result.stdout and "--nworkers 8" in result.stdout
+    assert "--memory-limit 4.00GiB" in result.stdout
+    assert "--lifetime 110m --lifetime-stagger 5m" in result.stdout
