@@ -20,11 +20,19 @@ $(VENV)/.installed-test: pyproject.toml | $(BIN)/python
 install: $(VENV)/.installed
 install-test: $(VENV)/.installed-test
 
+$(VENV)/.installed-bench: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e ".[bench]"
+	touch $@ $(VENV)/.installed-test $(VENV)/.installed
+
 demo: install
 	$(BIN)/coron-dask demo demo_output
 
 test: install-test lint
 	$(BIN)/python -m pytest
+
+# not part of `make test`: about half an hour, results in benchmarks/results/
+bench: $(VENV)/.installed-bench
+	$(BIN)/python -m benchmarks.run
 
 lint: install-test
 	$(BIN)/ruff check coron_dask tests benchmarks

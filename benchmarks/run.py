@@ -308,6 +308,7 @@ def main() -> None:
         for scenario in SCALING if name == "scaling" else [SCENARIOS[name]]:
             rows.append(run_scenario(scenario, root, machine, name == "out-of-core"))
     RESULTS.mkdir(exist_ok=True)
+    rows = merged(rows)
     (RESULTS / "results.json").write_text(
         json.dumps({"machine": machine, "rows": rows}, indent=2, default=str)
     )

@@ -3,7 +3,6 @@ scheduler (address or scheduler file), or one of dask's local schedulers."""
 
 import concurrent.futures
 import contextlib
-import functools
 import json
 import logging
 import os
@@ -40,7 +39,8 @@ class Cluster:
     (``synchronous``, ``threads``); with neither it nor ``scheduler_file`` a cluster of
     ``kind`` starts at once, in the background, while the caller goes on importing and
     checking its input; ``client`` waits for it. ``local`` is a LocalCluster of
-    ``n_workers`` processes; ``slurm`` and ``pbs`` submit worker jobs through dask-jobqueue,
+    ``n_workers`` processes; ``slurm`` and ``pbs`` (started at once, in the foreground)
+    submit worker jobs through dask-jobqueue,
     configured the dask way (``jobqueue.slurm.*`` in a jobqueue.yaml, see cluster/), as
     ``jobs`` jobs or adaptively between ``adapt`` = (minimum, maximum) jobs. The dashboard
     is bound to ``dashboard_address``, loopback unless asked otherwise. Options left None
@@ -75,9 +75,9 @@ class Cluster:
             threads_per_worker = threads_per_worker or config.get("cluster.threads-per-worker")
             memory_limit = memory_limit or config.get("cluster.memory-limit")
             dashboard_address = dashboard_address or config.get("cluster.dashboard-address")
-            if kind != "local":
-                start = functools.partial(_jobqueue_cluster, kind, jobs, adapt, dashboard_address)
-                self._local = concurrent.futures.ThreadPoolExecutor(1).submit(start)
+            if kind != "local":  # dask-jobqueue needs the main thread (it sets signal handlers)
+                self._local = concurrent.futures.Future()
+                self._local.set_result(_jobqueue_cluster(kind, jobs, adapt, dashboard_address))
                 return
             options = dict(
                 n_workers=n_workers or max(1, (os.cpu_count() or 1) // threads_per_worker),
@@ -96,7 +96,7 @@ class Cluster:
             from distributed import Client
 
             if self._local is not None:
-                self._client = Client(self._local.result(), set_as_default=True)
+                self._client = Client(self.deployment, set_as_default=True)
                 if self.kind != "local":  # blocks are planned from the workers' memory
                     self._client.wait_for_workers(1)
             else:
@@ -107,6 +107,11 @@ class Cluster:
                 print(f"Dask dashboard: {self._client.dashboard_link}", file=sys.stderr, flush=True)
         return self._client
 
+    @property
+    def deployment(self) -> object | None:
+        """The LocalCluster or jobqueue cluster started for the run (None otherwise)."""
+        return None if self._local is None else self._local.result()
+
     def __enter__(self) -> "Cluster":
         return self
 
@@ -115,7 +120,7 @@ class Cluster:
             self._client.close()
         if self._local is not None:
             with contextlib.suppress(Exception):
-                self._local.result().close()
+                self.deployment.close()
         self._config.close()
 
 
@@ -140,10 +145,11 @@ def jobqueue_cluster(kind: str, dashboard_address: str | None = None) -> object:
     from coron_dask import config
 
     _quiet_port_warning()
-    dashboard = dashboard_address or config.get("cluster.dashboard-address")
-    return getattr(dask_jobqueue, JOBQUEUE_CLUSTERS[kind])(
-        scheduler_options={"dashboard_address": dashboard}
+    options = dict(dask.config.get(f"jobqueue.{kind}.scheduler-options", None) or {})
+    options.setdefault(
+        "dashboard_address", dashboard_address or config.get("cluster.dashboard-address")
     )
+    return getattr(dask_jobqueue, JOBQUEUE_CLUSTERS[kind])(scheduler_options=options)
 
 
 def _jobqueue_cluster(

@@ -304,3 +304,54 @@ def test_job_scripts_come_from_the_site_yaml(kind, expected, tmp_path):
     assert "--nthreads 1" in result.stdout and "--nworkers 8" in result.stdout
     assert "--memory-limit 4.00GiB" in result.stdout
     assert "--lifetime 110m --lifetime-stagger 5m" in result.stdout
+
+
+@pytest.fixture(scope="module")
+def slurm() -> None:
+    """A single-node SLURM cluster on this machine (.ci/slurm-up installs and starts it)."""
+    if os.geteuid() != 0:
+        pytest.skip("starting slurmctld and slurmd needs root")
+    subprocess.run(["bash", str(ROOT / ".ci" / "slurm-up")], check=True, timeout=600)
+
+
+def test_slurm_jobs_run_the_pipeline(slurm, busy_observation, busy_baseline, tmp_path):
+    """Workers submitted as SLURM jobs by dask-jobqueue, all traffic on loopback."""
+    import dask
+
+    from coron_dask.cluster import Cluster
+
+    site = {
+        "jobqueue": {
+            "slurm": {
+                "cores": 1,
+                "processes": 1,
+                "memory": "2GiB",
+                "walltime": "00:20:00",
+                "interface": "lo",
+                "local-directory": str(tmp_path),
+                "log-directory": str(tmp_path),
+                "job-script-prologue": [],
+                "worker-extra-args": [],
+                "job-extra-directives": [],
+            }
+        }
+    }
+    out = tmp_path / "out"
+    with dask.config.set(site), Cluster(kind="slurm", jobs=2, quiet=True) as cluster:
+        script = cluster.deployment.job_script()
+        assert "#SBATCH --mem=2G" in script and "--interface lo" in script
+        paths = run_coron3(
+            busy_observation,
+            out,
+            psfmask=busy_observation.parent / "psfmask.fits",
+            cluster=cluster,
+            progress=False,
+            stats=tmp_path / "stats.json",
+        )
+        jobs = subprocess.run(
+            ["squeue", "-h", "-o", "%i %j %T"], capture_output=True, text=True, check=True
+        ).stdout
+    assert len(paths) == 5
+    assert jobs.count("RUNNING") >= 1, jobs
+    assert json.loads((tmp_path / "stats.json").read_text())["workers"] >= 1
+    assert_identical(out, busy_baseline)
