@@ -4,7 +4,7 @@ Names are imported on first use: dask workers import ``coron_dask.kernels`` and
 ``coron_dask.io.fitsfile`` without pulling in the pipeline's dependencies.
 """
 
-import importlib
+from coron_dask.lazy import lazy_exports
 
 __version__ = "0.1.0"
 _EXPORTS = {
@@ -14,9 +14,4 @@ _EXPORTS = {
     "open_exposure": "io",
 }
 __all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str) -> object:
-    if name not in _EXPORTS:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(f"coron_dask.{_EXPORTS[name]}"), name)
+__getattr__ = lazy_exports(__name__, _EXPORTS)

@@ -134,15 +134,21 @@ def assert_identical(folder: Path, baseline: Path) -> None:
                 np.testing.assert_array_equal(hdu.data, theirs[hdu.name].data)
 
 
-def run_cli(*args: object, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run(
+def start_cli(*args: object) -> subprocess.Popen:
+    """``coron-dask`` with ``args``, running, its output captured as text."""
+    return subprocess.Popen(
         [sys.executable, "-m", "coron_dask.cli", *map(str, args)],
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
-        timeout=timeout,
         cwd=ROOT,
-        check=False,
     )
+
+
+def run_cli(*args: object, timeout: float = 300) -> subprocess.CompletedProcess:
+    process = start_cli(*args)
+    out, err = process.communicate(timeout=timeout)
+    return subprocess.CompletedProcess(process.args, process.returncode, out, err)
 
 
 def test_scheduler_address_and_file(loopback, busy_observation, busy_baseline, tmp_path):
@@ -206,26 +212,17 @@ def test_lost_cluster_fails_cleanly_and_rerun_succeeds(
 ):
     out = tmp_path / "out"
     mask = busy_observation.parent / "psfmask.fits"
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "coron_dask.cli",
-            "run",
-            str(busy_observation),
-            "-o",
-            str(out),
-            "--psfmask",
-            str(mask),
-            "--scheduler",
-            loopback.address,
-            "--integrations-per-chunk",
-            "1",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        cwd=ROOT,
+    process = start_cli(
+        "run",
+        busy_observation,
+        "-o",
+        out,
+        "--psfmask",
+        mask,
+        "--scheduler",
+        loopback.address,
+        "--integrations-per-chunk",
+        1,
     )
     time.sleep(2.5)
     assert process.poll() is None, "the run ended before the cluster could be lost"
@@ -241,26 +238,17 @@ def test_lost_cluster_fails_cleanly_and_rerun_succeeds(
 
 
 def test_dashboard_answers_during_a_run(busy_observation, tmp_path):
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "coron_dask.cli",
-            "run",
-            str(busy_observation),
-            "-o",
-            str(tmp_path),
-            "--psfmask",
-            str(busy_observation.parent / "psfmask.fits"),
-            "--n-workers",
-            "2",
-            "--integrations-per-chunk",
-            "1",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        cwd=ROOT,
+    process = start_cli(
+        "run",
+        busy_observation,
+        "-o",
+        tmp_path,
+        "--psfmask",
+        busy_observation.parent / "psfmask.fits",
+        "--n-workers",
+        2,
+        "--integrations-per-chunk",
+        1,
     )
     line = process.stderr.readline()
     assert line.startswith("Dask dashboard: http://127.0.0.1:"), line

@@ -4,7 +4,7 @@ Names are imported on first use, so that a worker unpickling ``io.fitsfile`` obj
 not import dask.array and xarray.
 """
 
-import importlib
+from coron_dask.lazy import lazy_exports
 
 _EXPORTS = {
     "Association": "asn",
@@ -16,9 +16,4 @@ _EXPORTS = {
     "write_products": "products",
 }
 __all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str) -> object:
-    if name not in _EXPORTS:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+__getattr__ = lazy_exports(__name__, _EXPORTS)
