@@ -5,8 +5,6 @@ import json
 import sys
 from pathlib import Path
 
-import numpy as np
-
 from coron_dask.errors import ClusterError, CoronInputError
 
 
@@ -59,6 +57,17 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
         "--bad-bits", help="DQ flags of bad pixels, names or integer (DO_NOT_USE; '' for none)"
     )
     step.add_argument("--psfmask", type=Path, help="PSFMASK FITS file (weights, 0 = ignore)")
+    step.add_argument(
+        "--skip",
+        action="append",
+        choices=["outlier_detection", "resample"],
+        help="skip a step, as jwst's --steps.<step>.skip (repeatable)",
+    )
+    step.add_argument(
+        "--orientation",
+        choices=["detector", "north"],
+        help="i2d grid: the first exposure's detector orientation, or north up",
+    )
     run = parser.add_argument_group("execution")
     run.add_argument(
         "--integrations-per-chunk",
@@ -128,6 +137,8 @@ def _run(args: argparse.Namespace, asn: Path, output_dir: Path) -> list[Path]:
             psfmask=args.psfmask,
             integrations=args.integrations_per_chunk,
             psfs=args.psfs_per_chunk,
+            skip=args.skip,
+            orientation=args.orientation,
             progress=not args.no_progress,
             report=args.report,
             stats=args.stats,
@@ -151,33 +162,18 @@ def _simulate(args: argparse.Namespace, outdir: Path) -> Path:
 
 
 def companion_report(products: list[Path], truth_file: Path) -> str:
-    """Where the companion is found in the mean psfsub image, and its signal-to-noise."""
-    from astropy.io import fits
+    """The simulated companion's signal-to-noise per roll and on the sky (i2d)."""
+    from coron_dask.photometry import companion_figures
 
-    from coron_dask.photometry import companion_snr, peak_position
-
-    truth = json.loads(truth_file.read_text())
-    frames, places, stars = [], [], []
-    for name, positions in truth["companion"].items():
-        root = name.removesuffix("_calints.fits")
-        psfsub = next(p for p in products if p.name.startswith(root) and "psfsub" in p.name)
-        frames.append(fits.getdata(psfsub, "SCI"))
-        places += positions
-        offsets = np.array(truth["frames"][name]["star_offset"])
-        stars += list(offsets)
-    image = np.concatenate(frames).mean(axis=0)
-    place = tuple(np.mean(places, axis=0))
-    size = image.shape[-1]
-    star = tuple(np.array([size / 2, size / 2]) + np.mean(stars, axis=0))
-    found = peak_position(image, place)
-    snr = companion_snr(image, found, star)
-    error = float(np.hypot(found[0] - place[0], found[1] - place[1]))
-    return (
-        f"companion: injected at x={place[0]:.2f}, y={place[1]:.2f}; found at "
-        f"x={found[0]:.2f}, y={found[1]:.2f} ({error:.2f} px off); "
-        f"S/N {snr:.1f} in the mean of {sum(len(f) for f in frames)} "
-        "psfsub integrations"
-    )
+    figures = companion_figures(products, json.loads(truth_file.read_text()))
+    rolls = ", ".join(f"{snr:.1f}" for snr in figures["rolls"])
+    text = f"companion: S/N {rolls} in the mean psfsub of each roll"
+    if "i2d_snr" in figures:
+        text += (
+            f"; {figures['i2d_snr']:.1f} in the i2d, found {figures['i2d_offset']:.2f} px from "
+            "its sky position"
+        )
+    return text
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -42,13 +42,15 @@ PIXEL = {
 
 
 def bit_value(bits: str | int | None, parameter: str = "bad_bits") -> int:
-    """DQ bits from names or integers, as jwst's steps read them: "OUTLIER, SATURATED", "18", 18."""
+    """DQ bits from names or integers, as jwst's steps read them: "OUTLIER, SATURATED", "18", 18,
+    or "~DO_NOT_USE" (every bit but those named)."""
     if bits is None or (isinstance(bits, str) and not bits.strip()):
         return 0
     try:
         value = interpret_bit_flags(bits, flag_name_map=PIXEL)
     except (ValueError, TypeError, KeyError) as error:
         raise CoronInputError(parameter, f"cannot read DQ bits {bits!r}: {error}") from None
-    if value is None or value < 0:
+    flipped = isinstance(bits, str) and bits.strip().startswith("~")
+    if value is None or (value < 0 and not flipped):
         raise CoronInputError(parameter, f"DQ bits {bits!r} are not a non-negative bit mask")
-    return int(value)
+    return int(value) & 0xFFFFFFFF  # "~NAME" (every bit but NAME) as the 32-bit DQ mask

@@ -49,3 +49,36 @@ def peak_position(
     by, bx = np.indices(box.shape)
     total = box.sum()
     return float(ix - 1 + (bx * box).sum() / total), float(iy - 1 + (by * box).sum() / total)
+
+
+def companion_figures(products: list, truth: dict) -> dict:
+    """The injected companion measured in the products of a simulated observation.
+
+    Per science exposure (one roll each): its S/N in the mean psfsub image at its true
+    detector place. In the i2d (if any): where it is found against its true sky position
+    (pixels) and its S/N there.
+    """
+    from astropy.io import fits
+    from astropy.wcs import WCS
+
+    figures: dict = {"rolls": []}
+    for name, positions in truth["companion"].items():
+        root = name.removesuffix("_calints.fits")
+        psfsub = next(p for p in products if p.name.startswith(root) and "_psfsub" in p.name)
+        image = fits.getdata(psfsub, "SCI").mean(axis=0)
+        place = tuple(np.mean(positions, axis=0))
+        offsets = np.mean(truth["frames"][name]["star_offset"], axis=0)
+        star = tuple(np.array(image.shape[::-1]) / 2 + offsets)
+        figures["rolls"].append(companion_snr(image, peak_position(image, place), star))
+    i2d = next((p for p in products if "_i2d" in p.name), None)
+    if i2d is not None:
+        with fits.open(i2d) as hdul:
+            image = np.nan_to_num(hdul["SCI"].data.astype(np.float64))
+            grid = WCS(hdul["SCI"].header, naxis=2)
+        place = tuple(float(v) for v in grid.world_to_pixel_values(*truth["companion_sky"]))
+        star = tuple(float(v) for v in grid.world_to_pixel_values(*truth["star_sky"]))
+        found = peak_position(image, place)
+        figures["i2d_offset"] = float(np.hypot(found[0] - place[0], found[1] - place[1]))
+        figures["i2d_snr"] = companion_snr(image, found, star)
+        figures["i2d_place"] = found
+    return figures

@@ -6,9 +6,9 @@ for its workers' memory and writes the products.
 """
 
 import contextlib
+import functools
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import xarray as xr
 
@@ -26,10 +26,8 @@ from coron_dask.io import (
     read_psfmask,
     write_products,
 )
-from coron_dask.steps import align_refs, klip, stack_refs
-from coron_dask.steps.align_refs import AlignTo
-
-Format = Literal["fits", "zarr"]
+from coron_dask.steps import align_refs, klip, outlier_detection, stack_refs
+from coron_dask.steps.resample import resample
 
 
 @dataclass
@@ -38,6 +36,7 @@ class Observation:
 
     association: Association
     science: list[xr.Dataset]
+    psf: list[xr.Dataset]
     psfstack: xr.Dataset
 
 
@@ -57,7 +56,8 @@ def open_association(
     frames (default: whole exposures, and the whole stack).
     """
     association = read_association(asn)
-    psfstack = stack_refs([open_exposure(path, psfs) for path in association.psf])
+    psf = [open_exposure(path, psfs) for path in association.psf]
+    psfstack = stack_refs(psf)
     if psfs is not None:
         psfstack = psfstack.chunk({"psf": psfs})
     frame = (psfstack.sizes["y"], psfstack.sizes["x"])
@@ -71,7 +71,7 @@ def open_association(
                 f"the PSF frames {frame[0]}x{frame[1]}",
             )
         science.append(exposure)
-    return Observation(association, science, psfstack)
+    return Observation(association, science, psf, psfstack)
 
 
 def plan_observation(
@@ -90,7 +90,7 @@ def plan_observation(
 
 
 def _extensions(dataset: xr.Dataset, sci_keywords: dict) -> list[Extension]:
-    """SCI, ERR and DQ (those present) of ``dataset`` as product extensions, in that order."""
+    """SCI, ERR, DQ and WHT (those present) of ``dataset`` as product extensions, in order."""
     return [
         Extension(
             name.upper(),
@@ -98,17 +98,24 @@ def _extensions(dataset: xr.Dataset, sci_keywords: dict) -> list[Extension]:
             sci_keywords if name == "sci" else {},
             dataset[name].dims,
         )
-        for name in ("sci", "err", "dq")
+        for name in ("sci", "err", "dq", "wht")
         if name in dataset
     ]
 
 
+#: Steps that can be skipped, as in jwst.
+SKIPPABLE = ("outlier_detection", "resample")
 #: Parameters whose default (None) is read from coron-dask's configuration.
 CONFIGURED = {
+    "skip": "skip",
+    "snr": "outlier_detection.snr",
+    "maskpt": "outlier_detection.maskpt",
+    "good_bits": "outlier_detection.good-bits",
     "align_to": "align_refs.align-to",
     "median_box_length": "align_refs.median-box-length",
     "bad_bits": "align_refs.bad-bits",
     "truncate": "klip.truncate",
+    "orientation": "resample.orientation",
     "format": "output.format",
     "integrations": "chunks.integrations",
     "psfs": "chunks.psfs",
@@ -137,6 +144,15 @@ def resolve_parameters(**given: object) -> dict:
     if resolved["format"] not in ("fits", "zarr"):
         raise CoronInputError("format", f"must be 'fits' or 'zarr', got {resolved['format']!r}")
     bit_value(resolved["bad_bits"])  # names it cannot read are bad input too
+    bit_value(resolved["good_bits"], "good_bits")
+    resolved["skip"] = tuple(resolved["skip"] or ())
+    unknown_steps = set(resolved["skip"]) - set(SKIPPABLE)
+    if unknown_steps:
+        raise CoronInputError("skip", f"steps {sorted(unknown_steps)} cannot be skipped")
+    if resolved["orientation"] not in ("detector", "north"):
+        raise CoronInputError(
+            "orientation", f"must be 'detector' or 'north', got {resolved['orientation']!r}"
+        )
     return resolved
 
 
@@ -144,103 +160,100 @@ def build_products(
     asn: str | Path,
     output_dir: str | Path = ".",
     *,
-    align_to: AlignTo | None = None,
-    truncate: int | None = None,
-    median_box_length: int | None = None,
-    bad_bits: str | int | None = None,
     psfmask: str | Path | None = None,
-    integrations: int | None = None,
-    psfs: int | None = None,
-    format: Format | None = None,
     task_memory: int = 2**30,
     workers: int = 1,
+    **parameters: object,
 ) -> list[Product]:
-    """Build the lazy psfstack, psfalign and psfsub products of an association.
+    """Build the lazy products of an association, in jwst's order: crfints (outlier_detection,
+    every exposure), psfstack, psfalign and psfsub (each science exposure), i2d (resample).
 
-    Step parameters are jwst's; those left None take coron-dask's configured defaults
-    (``coron_dask.yaml``: align_to "each", truncate 50, median_box_length 3, bad_bits
-    "DO_NOT_USE"; pass bad_bits="" for none). Blocks hold ``integrations`` science
-    integrations and ``psfs`` references, planned from ``task_memory`` (bytes per worker
-    thread) and ``workers`` where not given. ``format`` "zarr" writes each product as a
-    Zarr store (``<name>.zarr``) instead of FITS.
+    ``parameters`` are jwst's step parameters and a few of coron-dask's; those not given take
+    the configured defaults (``coron_dask.yaml``): skip (steps to skip: outlier_detection,
+    resample), snr 5.0, maskpt 0.7, good_bits "~DO_NOT_USE", align_to "each",
+    median_box_length 3, bad_bits "DO_NOT_USE" ("" for none), truncate 50, orientation
+    "detector" (or "north"), format "fits" (or "zarr": Zarr stores), integrations and psfs
+    (block sizes; planned from ``task_memory``, bytes per worker thread, and ``workers``).
     """
-    resolved = resolve_parameters(
-        align_to=align_to,
-        truncate=truncate,
-        median_box_length=median_box_length,
-        bad_bits=bad_bits,
-        integrations=integrations,
-        psfs=psfs,
-        format=format,
-    )
-    align_to, truncate, median_box_length = (
-        resolved["align_to"],
-        resolved["truncate"],
-        resolved["median_box_length"],
-    )
-    bad_bits, integrations, psfs, format = (
-        resolved["bad_bits"],
-        resolved["integrations"],
-        resolved["psfs"],
-        resolved["format"],
-    )
+    p = resolve_parameters(**parameters)
     observation = open_association(asn)
-    plan = plan_observation(observation, task_memory, workers, truncate)
-    integrations = integrations or plan.integrations
-    psfs = psfs or plan.psfs
+    plan = plan_observation(observation, task_memory, workers, p["truncate"])
+    integrations = p["integrations"] or plan.integrations
+    psfs = p["psfs"] or plan.psfs
     observation = open_association(asn, integrations, psfs)
     association = observation.association
-    output_dir = Path(output_dir)
-    stack = observation.psfstack
-    mask = None if psfmask is None else read_psfmask(psfmask, (stack.sizes["y"], stack.sizes["x"]))
+    output_dir, suffix = Path(output_dir), p["format"]
     asn_keywords = {"ASNTABLE": association.path.name}
-    stack_keywords = {**stack.attrs, **asn_keywords, "S_PSFSTK": "COMPLETE"}
-    stack_name = f"{association.product_name}_psfstack.{format}"
-    products = [
-        Product(
-            output_dir / stack_name,
-            {**stack_keywords, "DATAMODL": "CubeModel", "FILENAME": stack_name},
-            _extensions(stack, stack["sci"].attrs),
+    products: list[Product] = []
+
+    def product(name: str, keywords: dict, dataset: xr.Dataset, sci_keywords: dict) -> None:
+        filename = f"{name}.{suffix}"
+        primary = {**keywords, **asn_keywords, "FILENAME": filename}
+        products.append(Product(output_dir / filename, primary, _extensions(dataset, sci_keywords)))
+
+    science, stack = observation.science, observation.psfstack
+    if "outlier_detection" not in p["skip"]:
+        flag = functools.partial(
+            outlier_detection, snr=p["snr"], maskpt=p["maskpt"], good_bits=p["good_bits"]
         )
-    ]
-    for exposure in observation.science:
+        psf = [flag(exposure) for exposure in observation.psf]
+        science = [flag(exposure) for exposure in science]
+        for exposure in [*psf, *science]:
+            product(
+                f"{exposure_root(exposure)}_{association.asn_id}_crfints",
+                {**exposure.attrs, "DATAMODL": "CubeModel", "S_OUTLIR": "COMPLETE"},
+                exposure,
+                exposure["sci"].attrs,
+            )
+        stack = stack_refs(psf).chunk({"psf": psfs})
+    mask = read_psfmask(psfmask, (stack.sizes["y"], stack.sizes["x"])) if psfmask else None
+    stack_keywords = {**stack.attrs, "S_PSFSTK": "COMPLETE"}
+    product(
+        f"{association.product_name}_psfstack",
+        {**stack_keywords, "DATAMODL": "CubeModel"},
+        stack,
+        stack["sci"].attrs,
+    )
+    psfsubs = []
+    for exposure in science:
         psfalign, filled = align_refs(
             exposure,
             stack,
             mask,
-            median_box_length=median_box_length,
-            bad_bits=bad_bits,
-            align_to=align_to,
+            median_box_length=p["median_box_length"],
+            bad_bits=p["bad_bits"],
+            align_to=p["align_to"],
         )
-        psfsub = klip(filled, psfalign, truncate)
+        psfsub = klip(filled, psfalign, p["truncate"])
+        psfsubs.append(psfsub)
         root = f"{exposure_root(exposure)}_{association.asn_id}"
-        model = "QuadModel" if align_to == "each" else "CubeModel"
-        align_name, sub_name = f"{root}_psfalign.{format}", f"{root}_psfsub.{format}"
-        products.append(
-            Product(
-                output_dir / align_name,
-                {
-                    **stack_keywords,
-                    "DATAMODL": model,
-                    "S_PSFALI": "COMPLETE",
-                    "FILENAME": align_name,
-                },
-                _extensions(psfalign[["sci", "err"]], stack["sci"].attrs),
-            )
+        model = "QuadModel" if p["align_to"] == "each" else "CubeModel"
+        product(
+            f"{root}_psfalign",
+            {**stack_keywords, "DATAMODL": model, "S_PSFALI": "COMPLETE"},
+            psfalign[["sci", "err"]],
+            stack["sci"].attrs,
         )
-        products.append(
-            Product(
-                output_dir / sub_name,
-                {
-                    **exposure.attrs,
-                    **asn_keywords,
-                    "DATAMODL": "CubeModel",
-                    "S_PSFALI": "COMPLETE",
-                    "S_KLIP": "COMPLETE",
-                    "FILENAME": sub_name,
-                },
-                _extensions(psfsub, exposure["sci"].attrs),
-            )
+        product(
+            f"{root}_psfsub",
+            {
+                **exposure.attrs,
+                "DATAMODL": "CubeModel",
+                "S_PSFALI": "COMPLETE",
+                "S_KLIP": "COMPLETE",
+            },
+            psfsub,
+            exposure["sci"].attrs,
+        )
+    if "resample" not in p["skip"]:
+        i2d, grid = resample(
+            psfsubs, [exposure["err"] for exposure in science], orientation=p["orientation"]
+        )
+        product(
+            f"{association.product_name}_i2d",
+            {**science[0].attrs, "DATAMODL": "ImageModel", "S_RESAMP": "COMPLETE"},
+            i2d,
+            {"BUNIT": science[0]["sci"].attrs.get("BUNIT", ""), **dict(grid.to_header())},
         )
     return products
 

@@ -26,6 +26,48 @@ BACKGROUND = 20.0  # electrons per pixel
 MJYSR_PER_ELECTRON = 2e-6
 #: Small-grid dither: 9 points 20 mas (~0.3 pixel) apart, as NIRCam's 9-POINT-CIRCLE.
 SGD_STEP = 0.3
+PIXEL_SCALE = 0.063 / 3600  # degrees: NIRCam long wavelength
+TARGET = (80.1234, -29.5678)  # RA, Dec of the science star (deg)
+REFERENCE = (81.0021, -30.1100)
+#: V3 position angles: science exposures alternate between two rolls 10 degrees apart.
+ROLLS = (110.0, 120.0)
+REFERENCE_ROLL = 113.0
+
+
+def pc_matrix(roll: float) -> np.ndarray:
+    """Detector-to-sky rotation for a roll (degrees), east to the left at roll 0.
+
+    Its own inverse: it maps detector offsets to (east, north) offsets and back.
+    """
+    angle = np.radians(roll)
+    return np.array([[-np.cos(angle), np.sin(angle)], [np.sin(angle), np.cos(angle)]])
+
+
+def wcs_keywords(star_pixel: np.ndarray, sky: tuple[float, float], roll: float) -> dict:
+    """The FITS WCS keywords of the SCI header, as the JWST pipeline writes them (TAN)."""
+    pc = pc_matrix(roll)
+    return {
+        "WCSAXES": 2,
+        "CTYPE1": "RA---TAN",
+        "CTYPE2": "DEC--TAN",
+        "CUNIT1": "deg",
+        "CUNIT2": "deg",
+        "CRPIX1": float(star_pixel[0] + 1),
+        "CRPIX2": float(star_pixel[1] + 1),
+        "CRVAL1": sky[0],
+        "CRVAL2": sky[1],
+        "CDELT1": PIXEL_SCALE,
+        "CDELT2": PIXEL_SCALE,
+        "PC1_1": pc[0, 0],
+        "PC1_2": pc[0, 1],
+        "PC2_1": pc[1, 0],
+        "PC2_2": pc[1, 1],
+        "RA_REF": sky[0],
+        "DEC_REF": sky[1],
+        "ROLL_REF": roll,
+        "V3I_YANG": 0.0,
+        "VPARITY": -1,
+    }
 
 
 @dataclass(frozen=True)
@@ -115,8 +157,10 @@ def simulate(
 ) -> Path:
     """Write calints files, an ASN, a PSFMASK and ``truth.json`` into ``outdir``; return the ASN.
 
-    ``companion`` is the companion's offset (dx, dy) in pixels from the star, ``contrast``
-    its flux relative to the science star.
+    ``companion`` is the companion's offset (dx, dy) in pixels from the star at the first
+    roll, ``contrast`` its flux relative to the science star. The companion is fixed on the
+    sky: science exposures alternate between two rolls 10 degrees apart and it turns with
+    them on the detector.
     """
     for name, value in (
         ("size", size),
@@ -158,6 +202,8 @@ def simulate(
     science_offset = rng.normal(0, 0.12, 2)  # target acquisition error, pixels
     reference_offset = rng.normal(0, 0.12, 2)
     truth: dict = {"companion": {}, "frames": {}, "contrast": contrast}
+    # east and north offsets of the companion, in pixels
+    companion_sky = pc_matrix(ROLLS[0]) @ np.array(companion, dtype=float)
     members = []
     time = 0
     plans = [("science", i, sci_ints) for i in range(sci_exps)]
@@ -173,9 +219,12 @@ def simulate(
             )
             pointing = reference_offset + np.array(dither)
             flux = STAR_ELECTRONS * REFERENCE_BRIGHTNESS
+            roll, sky = REFERENCE_ROLL, REFERENCE
         else:
             pointing = science_offset + rng.normal(0, 0.02, 2)
             flux = STAR_ELECTRONS
+            roll, sky = ROLLS[number % 2], TARGET
+        companion_offset = pc_matrix(roll) @ companion_sky
         sci = np.empty((nints, size, size))
         err = np.empty_like(sci)
         offsets = []
@@ -186,7 +235,7 @@ def simulate(
                 aberration = aberration + optics.reference_drift
             electrons = flux * optics.image(tuple(jitter), aberration)
             if not is_psf:
-                place = jitter + np.array(companion)
+                place = jitter + companion_offset
                 electrons += flux * contrast * optics.image(tuple(place), aberration, False)
             electrons += BACKGROUND
             noisy = rng.poisson(np.clip(electrons, 0, None)) + rng.normal(
@@ -208,13 +257,18 @@ def simulate(
             "OBSERVTN": f"{observation:03d}",
             "EXPOSURE": f"{number + 1}",
             "EFFEXPTM": 100.0 * nints,
+            "PA_V3": roll,
+            "TARG_RA": sky[0],
+            "TARG_DEC": sky[1],
         }
-        _write_calints(outdir / name, sci, err, dq, primary, sci_keywords)
+        keywords = {**sci_keywords, **wcs_keywords(np.array(centre) + pointing, sky, roll)}
+        _write_calints(outdir / name, sci, err, dq, primary, keywords)
         members.append({"expname": name, "exptype": exptype, "exposerr": "null"})
         truth["frames"][name] = {"star_offset": offsets}
         if not is_psf:
             truth["companion"][name] = [
-                [centre[0] + o[0] + companion[0], centre[1] + o[1] + companion[1]] for o in offsets
+                [centre[0] + o[0] + companion_offset[0], centre[1] + o[1] + companion_offset[1]]
+                for o in offsets
             ]
     mask = np.ones((size, size), np.float32)
     y, x = np.mgrid[:size, :size]
@@ -242,5 +296,10 @@ def simulate(
     asn_path.write_text(json.dumps(asn, indent=2))
     truth["psfmask"] = psfmask.name
     truth["companion_offset"] = list(companion)
+    # the companion's sky position: star position plus its offset along east and north
+    east, north = companion_sky * PIXEL_SCALE
+    dec = TARGET[1] + north
+    truth["companion_sky"] = [TARGET[0] + east / np.cos(np.radians(TARGET[1])), dec]
+    truth["star_sky"] = list(TARGET)
     (outdir / "truth.json").write_text(json.dumps(truth, indent=2))
     return asn_path

@@ -9,6 +9,7 @@ import numpy as np
 from jwst.coron import imageregistration, klip
 from jwst.coron.median_replace_img import median_replace_img
 from jwst.coron.stack_refs import make_cube
+from jwst.outlier_detection.coron import detect_outliers
 from stdatamodels.jwst import datamodels
 
 
@@ -29,15 +30,26 @@ def fill(model, box: int) -> None:
     model.data[...] = padded.data[:, half:, half:]
 
 
-def coron3(asn: Path, psfmask: Path, align_to: str, truncate: int = 50, box: int = 3) -> dict:
-    """psfstack, and per science exposure root: psfalign SCI/ERR, psfsub SCI/ERR/DQ, shifts."""
+def flag(model):
+    """jwst's coronagraphic outlier_detection with the pipeline's parameters, in place."""
+    return detect_outliers(model, False, "~DO_NOT_USE", 0.7, 5.0, None)
+
+
+def coron3(
+    asn: Path, psfmask: Path, align_to: str, truncate: int = 50, box: int = 3, outliers=True
+) -> dict:
+    """psfstack, and per science exposure root: psfalign SCI/ERR, psfsub SCI/ERR/DQ, shifts.
+
+    With ``outliers``, every exposure goes through outlier_detection first, as in the pipeline.
+    """
     table = json.loads(asn.read_text())
     members = table["products"][0]["members"]
     paths = {
         kind: [asn.parent / m["expname"] for m in members if m["exptype"] == kind]
         for kind in ("science", "psf")
     }
-    psf_stack = make_cube([datamodels.open(p) for p in paths["psf"]])
+    prepare = flag if outliers else (lambda model: model)
+    psf_stack = make_cube([prepare(datamodels.open(p)) for p in paths["psf"]])
     result = {"psfstack": {k: getattr(psf_stack, k).copy() for k in ("data", "err", "dq")}}
     mask = datamodels.open(psfmask).data.astype(np.float64)
     # coron-dask also fills ERR (jwst's shifted ERR is all NaN): the same fill, on ERR
@@ -49,7 +61,7 @@ def coron3(asn: Path, psfmask: Path, align_to: str, truncate: int = 50, box: int
     refs = psf_stack.data.astype(np.float64)
     ref_err = err_stack.data.astype(np.float64)
     for path in paths["science"]:
-        target = datamodels.open(path)
+        target = prepare(datamodels.open(path))
         fill(target, box)
         science = target.data.astype(np.float64)
         frames = science[:1] if align_to == "first" else science

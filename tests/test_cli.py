@@ -168,7 +168,7 @@ def test_run_lists_products(asn, observation_dir, tmp_path, capsys):
     assert code == 0
     listed = sorted(out.split())
     assert listed == sorted(str(p) for p in tmp_path.iterdir())
-    assert len(listed) == 5
+    assert len(listed) == 11
 
 
 def test_entry_point_exit_code(tmp_path):

@@ -13,12 +13,11 @@ import time
 import urllib.request
 from pathlib import Path
 
-import numpy as np
 import pytest
-from astropy.io import fits
 
 from coron_dask import run_coron3
 from coron_dask.simulate import simulate
+from tests.conftest import assert_same_products
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -125,15 +124,6 @@ def loopback(tmp_path):
     cluster.stop()
 
 
-def assert_identical(folder: Path, baseline: Path) -> None:
-    names = sorted(p.name for p in baseline.glob("*.fits"))
-    assert sorted(p.name for p in folder.iterdir() if not p.name.endswith(".json")) == names
-    for name in names:
-        with fits.open(folder / name) as ours, fits.open(baseline / name) as theirs:
-            for hdu in ours[1:]:
-                np.testing.assert_array_equal(hdu.data, theirs[hdu.name].data)
-
-
 def start_cli(*args: object) -> subprocess.Popen:
     """``coron-dask`` with ``args``, running, its output captured as text."""
     return subprocess.Popen(
@@ -164,7 +154,7 @@ def test_scheduler_address_and_file(loopback, busy_observation, busy_baseline, t
         loopback.address,
     )
     assert by_address.returncode == 0, by_address.stderr
-    assert_identical(tmp_path / "a", busy_baseline)
+    assert_same_products(tmp_path / "a", busy_baseline)
     by_file = run_cli(
         "run",
         busy_observation,
@@ -176,7 +166,7 @@ def test_scheduler_address_and_file(loopback, busy_observation, busy_baseline, t
         loopback.scheduler_file,
     )
     assert by_file.returncode == 0, by_file.stderr
-    assert_identical(tmp_path / "f", busy_baseline)
+    assert_same_products(tmp_path / "f", busy_baseline)
 
 
 def test_killed_worker_changes_nothing(loopback, busy_observation, busy_baseline, tmp_path):
@@ -204,7 +194,7 @@ def test_killed_worker_changes_nothing(loopback, busy_observation, busy_baseline
     thread.join(timeout=300)
     assert "paths" in result
     assert json.loads((tmp_path / "stats.json").read_text())["workers_lost"] >= 1
-    assert_identical(out, busy_baseline)
+    assert_same_products(out, busy_baseline)
 
 
 def test_lost_cluster_fails_cleanly_and_rerun_succeeds(
@@ -234,7 +224,7 @@ def test_lost_cluster_fails_cleanly_and_rerun_succeeds(
     assert not out.exists() or list(out.iterdir()) == []
     again = run_cli("run", busy_observation, "-o", out, "--psfmask", mask, "--n-workers", "2")
     assert again.returncode == 0, again.stderr
-    assert_identical(out, busy_baseline)
+    assert_same_products(out, busy_baseline)
 
 
 def test_dashboard_answers_during_a_run(busy_observation, tmp_path):
@@ -257,7 +247,7 @@ def test_dashboard_answers_during_a_run(busy_observation, tmp_path):
         assert response.status == 200
         assert b"Dask" in response.read()
     assert process.wait(timeout=300) == 0
-    assert len(list(tmp_path.glob("*.fits"))) == 5
+    assert len(list(tmp_path.glob("*.fits"))) == 16  # 11 crfints, psfstack, 2+2, i2d
 
 
 @pytest.mark.parametrize(
@@ -339,7 +329,7 @@ def test_slurm_jobs_run_the_pipeline(slurm, busy_observation, busy_baseline, tmp
         jobs = subprocess.run(
             ["squeue", "-h", "-o", "%i %j %T"], capture_output=True, text=True, check=True
         ).stdout
-    assert len(paths) == 5
+    assert len(paths) == 16
     assert jobs.count("RUNNING") >= 1, jobs
     assert json.loads((tmp_path / "stats.json").read_text())["workers"] >= 1
-    assert_identical(out, busy_baseline)
+    assert_same_products(out, busy_baseline)

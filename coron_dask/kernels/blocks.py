@@ -4,6 +4,8 @@ They live apart from the steps that map them over dask arrays so that a worker u
 a task imports numpy and these kernels only, not dask.array, xarray or astropy.
 """
 
+import warnings
+
 import numpy as np
 
 from coron_dask.kernels.fourier_shift import shift_spectra
@@ -83,3 +85,37 @@ def subtract_block(targets: np.ndarray, basis: KLBasis) -> np.ndarray:
     """psfsub SCI (m, y, x) float32 of targets (m, y, x) on a shared basis."""
     flat = targets.reshape(targets.shape[0], -1)
     return klip_subtract(flat, basis.images).reshape(targets.shape).astype(np.float32)
+
+
+def median_block(cube: np.ndarray) -> np.ndarray:
+    """Median over the first axis, ignoring NaN (NaN where a pixel has no value at all)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN pixels stay NaN
+        return np.nanmedian(cube, axis=0).astype(np.float32)
+
+
+def drizzle_block(
+    sci: np.ndarray,
+    err: np.ndarray,
+    dq: np.ndarray,
+    pixmap: np.ndarray,
+    out_shape: tuple[int, int],
+    bad_bits: int,
+) -> np.ndarray:
+    """Drizzle integrations (m, y, x) onto the output grid through ``pixmap`` (y, x, 2),
+    weighted by inverse variance (1/err²), bad pixels (DQ & bad_bits, NaN) left out.
+
+    Returns (1, 2, Y, X): the weighted sum and the total weight, so that blocks add up.
+    """
+    from drizzle.resample import Drizzle
+
+    driz = Drizzle(kernel="square", out_shape=out_shape, fillval="0", disable_ctx=True)
+    for frame, sigma, flags in zip(sci, err, dq, strict=True):
+        good = np.isfinite(frame) & np.isfinite(sigma) & (sigma > 0) & ((flags & bad_bits) == 0)
+        weight = np.where(good, 1.0 / np.where(good, sigma, 1.0) ** 2, 0.0).astype(np.float32)
+        data = np.where(good, frame, 0.0).astype(np.float32)
+        driz.add_image(data, exptime=1.0, pixmap=pixmap, weight_map=weight, pixfrac=1.0)
+    out = np.empty((1, 2, *out_shape))
+    out[0, 1] = driz.out_wht
+    out[0, 0] = driz.out_img * driz.out_wht
+    return out
