@@ -10,6 +10,7 @@ from astropy.io import fits
 from stdatamodels.jwst import datamodels
 
 from coron_dask import build_products, run_coron3
+from coron_dask.dqflags import PIXEL
 from coron_dask.photometry import companion_figures
 from tests import jwst_reference
 from tests.conftest import assert_same_products, count_computes
@@ -217,3 +218,29 @@ def test_zarr_products_hold_the_fits_products(products, asn, observation_dir, tm
             assert store.attrs["INSTRUME"] == hdul[0].header["INSTRUME"]
         if "psfalign" in path.name:
             assert store["SCI"].dims == ("integration", "psf", "y", "x")
+
+
+def test_cosmic_ray_is_flagged_and_absent_from_the_i2d(observation_copy, products, tmp_path):
+    """A cosmic ray in one integration: flagged in crfints and psfsub, no trace in the i2d."""
+    asn = next(observation_copy.glob("*_asn.json"))
+    target = sorted(observation_copy.glob("jw01386001*_calints.fits"))[1]
+    with fits.open(target, mode="update") as hdul:
+        hit = (1, 44, 20)  # integration, y, x: far from the star and the companion
+        amplitude = 1000 * float(hdul["ERR"].data[hit])
+        hdul["SCI"].data[hit] += amplitude
+    paths = run_coron3(
+        asn,
+        tmp_path,
+        psfmask=observation_copy / "psfmask.fits",
+        scheduler="synchronous",
+        progress=False,
+    )
+    root = target.name.removesuffix("_calints.fits")
+    outlier = PIXEL["DO_NOT_USE"] | PIXEL["OUTLIER"]
+    assert read(tmp_path / f"{root}_c1000_crfints.fits", "DQ")[hit] & outlier == outlier
+    assert read(tmp_path / f"{root}_c1000_psfsub.fits", "DQ")[hit] & PIXEL["DO_NOT_USE"]
+    i2d = next(p for p in paths if "_i2d" in p.name)
+    clean = next(p for p in products["each"]["paths"] if "_i2d" in p.name)
+    # unflagged, the ray would add about amplitude / (6 integrations) where it lands
+    difference = np.nanmax(np.abs(read(i2d, "SCI") - read(clean, "SCI")))
+    assert difference < amplitude / 600
