@@ -194,6 +194,7 @@ def run_scenario(scenario: Scenario, root: Path, machine: dict, verify_chunks: b
     ours, stats = coron_dask(scenario, asn, work / "out")
     row = {
         "scenario": asdict(scenario),
+        "commit": commit(),
         "pairs": scenario.pairs,
         "psfalign_gb": scenario.psfalign_bytes / 1e9,
         "coron_dask": asdict(ours),
