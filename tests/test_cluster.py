@@ -247,7 +247,7 @@ def test_dashboard_answers_during_a_run(busy_observation, tmp_path):
         assert response.status == 200
         assert b"Dask" in response.read()
     assert process.wait(timeout=300) == 0
-    assert len(list(tmp_path.glob("*.fits"))) == 16  # 11 crfints, psfstack, 2+2, i2d
+    assert len(list(tmp_path.glob("*.fits"))) == 13  # 7 crfints, psfstack, 2 + 2, i2d
 
 
 @pytest.mark.parametrize(
@@ -329,7 +329,7 @@ def test_slurm_jobs_run_the_pipeline(slurm, busy_observation, busy_baseline, tmp
         jobs = subprocess.run(
             ["squeue", "-h", "-o", "%i %j %T"], capture_output=True, text=True, check=True
         ).stdout
-    assert len(paths) == 16
+    assert len(paths) == 13
     assert jobs.count("RUNNING") >= 1, jobs
     assert json.loads((tmp_path / "stats.json").read_text())["workers"] >= 1
     assert_same_products(out, busy_baseline)
