@@ -276,8 +276,9 @@ def run_coron3(
 ) -> list[Path]:
     """Run calwebb_coron3 on an association and return the paths of the products written.
 
-    ``parameters`` are those of ``build_products`` (align_to, truncate, median_box_length,
-    bad_bits, integrations, psfs, format). ``scheduler``: None starts a LocalCluster of
+    ``parameters`` are those of ``build_products`` (skip, snr, maskpt, good_bits, align_to,
+    median_box_length, bad_bits, truncate, orientation, format, integrations, psfs), the
+    configured defaults where not given. ``scheduler``: None starts a LocalCluster of
     ``n_workers`` processes for the run; an address or ``scheduler_file`` uses a running
     cluster; ``"synchronous"`` or ``"threads"`` use dask's local schedulers; a ``cluster``
     already under way (``cluster.Cluster``) is used as it is. The input is checked before
@@ -287,11 +288,11 @@ def run_coron3(
     parameters = resolve_parameters(**parameters)
     observation = open_association(asn)  # check every input before using the cluster
     if psfmask is not None:
-        stack = observation.psfstack
-        read_psfmask(psfmask, (stack.sizes["y"], stack.sizes["x"]))
-    with contextlib.ExitStack() as stack:
+        frame = observation.psfstack
+        read_psfmask(psfmask, (frame.sizes["y"], frame.sizes["x"]))
+    with contextlib.ExitStack() as resources:
         if cluster is None:
-            cluster = stack.enter_context(
+            cluster = resources.enter_context(
                 Cluster(
                     scheduler,
                     scheduler_file,
