@@ -1,5 +1,7 @@
-"""Where the graph runs: a LocalCluster started for the run, an existing distributed
-scheduler (address or scheduler file), or one of dask's local schedulers."""
+"""Where the graph runs and how: a LocalCluster started for the run, worker jobs on SLURM or
+PBS through dask-jobqueue, an existing distributed scheduler (address or scheduler file), or
+one of dask's local schedulers; computing the writes, with progress, a performance report,
+a summary of where the time went, and one clear error when the cluster is lost."""
 
 import concurrent.futures
 import contextlib
@@ -40,9 +42,9 @@ class Cluster:
     ``kind`` starts at once, in the background, while the caller goes on importing and
     checking its input; ``client`` waits for it. ``local`` is a LocalCluster of
     ``n_workers`` processes; ``slurm`` and ``pbs`` (started at once, in the foreground)
-    submit worker jobs through dask-jobqueue,
-    configured the dask way (``jobqueue.slurm.*`` in a jobqueue.yaml, see cluster/), as
-    ``jobs`` jobs or adaptively between ``adapt`` = (minimum, maximum) jobs. The dashboard
+    submit worker jobs through dask-jobqueue, configured the dask way (``jobqueue.slurm.*``
+    in a jobqueue.yaml, see cluster/), as ``jobs`` jobs or adaptively between ``adapt`` =
+    (minimum, maximum) jobs. The dashboard
     is bound to ``dashboard_address``, loopback unless asked otherwise. Options left None
     take the configured defaults (``coron_dask.cluster.*``).
     """
