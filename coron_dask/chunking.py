@@ -36,10 +36,13 @@ def plan_chunks(
     task_memory: int,
     workers: int = 1,
     truncate: int = 50,
+    align_to: str = "each",
 ) -> ChunkPlan:
     """Plan blocks for science exposures of ``nints`` integrations and ``npsf`` references.
 
     ``task_memory`` is the memory of one worker thread (a worker's limit over its threads).
+    The reference axis is also split when alignment would otherwise give fewer than four
+    tasks per worker thread (with ``align_to="first"`` there is one target per exposure).
     """
     npix = frame[0] * frame[1]
     # every worker may hold all the filled references (SCI and ERR, float32) for alignment
@@ -51,5 +54,8 @@ def plan_chunks(
     by_parallelism = min(min(-(-n // 2) for n in nints), max(1, sum(nints) // (2 * workers)))
     integrations = int(max(1, min(by_klip, by_parallelism)))
     room = budget - FIT_BYTES
-    psfs = int(min(npsf, max(1, room // (integrations * PAIR_BYTES_PER_PIXEL * npix))))
+    by_memory = room // (integrations * PAIR_BYTES_PER_PIXEL * npix)
+    targets = len(nints) if align_to == "first" else sum(-(-n // integrations) for n in nints)
+    splits = -(-4 * workers // targets)  # reference blocks per target block
+    psfs = int(max(1, min(npsf, by_memory, -(-npsf // splits))))
     return ChunkPlan(integrations=integrations, psfs=psfs)

@@ -75,7 +75,11 @@ def open_association(
 
 
 def plan_observation(
-    observation: Observation, task_memory: int, workers: int, truncate: int = 50
+    observation: Observation,
+    task_memory: int,
+    workers: int,
+    truncate: int = 50,
+    align_to: str = "each",
 ) -> ChunkPlan:
     """Blocks for ``observation`` on workers with ``task_memory`` bytes per thread."""
     stack = observation.psfstack
@@ -86,6 +90,7 @@ def plan_observation(
         task_memory=task_memory,
         workers=workers,
         truncate=truncate,
+        align_to=align_to,
     )
 
 
@@ -177,7 +182,7 @@ def build_products(
     """
     p = resolve_parameters(**parameters)
     observation = open_association(asn)
-    plan = plan_observation(observation, task_memory, workers, p["truncate"])
+    plan = plan_observation(observation, task_memory, workers, p["truncate"], p["align_to"])
     integrations = p["integrations"] or plan.integrations
     psfs = p["psfs"] or plan.psfs
     observation = open_association(asn, integrations, psfs)

@@ -7,8 +7,15 @@ GIB = 2**30
 
 def test_small_data_splits_for_parallelism_only():
     plan = plan_chunks(nints=[16, 16], npsf=40, frame=(160, 160), task_memory=2 * GIB, workers=2)
-    assert plan.psfs == 40
     assert plan.integrations == 8
+    assert plan.psfs == 20  # 4 integration blocks x 2 reference blocks: 4 tasks per worker
+
+
+def test_first_mode_splits_the_references_for_the_workers():
+    plan = plan_chunks(
+        nints=[10, 10], npsf=45, frame=(320, 320), task_memory=2 * GIB, workers=2, align_to="first"
+    )
+    assert 2 * -(-45 // plan.psfs) >= 8  # alignment tasks: 2 targets x reference blocks
 
 
 def test_large_reference_sets_split_the_reference_axis():
