@@ -34,8 +34,8 @@ def _adapt_range(text: str) -> tuple[int, int]:
         low, high = (int(part) for part in text.split(":"))
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected MIN:MAX, got {text!r}") from None
-    if not 0 <= low <= high or high < 1:
-        raise argparse.ArgumentTypeError(f"expected 0 <= MIN <= MAX, MAX >= 1, got {text!r}")
+    if not 1 <= low <= high:  # blocks are planned from the first worker's memory
+        raise argparse.ArgumentTypeError(f"expected 1 <= MIN <= MAX, got {text!r}")
     return low, high
 
 
@@ -108,7 +108,9 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
     run.add_argument(
         "--format", choices=["fits", "zarr"], help="products as FITS files (default) or Zarr stores"
     )
-    run.add_argument("--report", type=Path, help="save dask's performance report (HTML)")
+    run.add_argument(
+        "--report", type=Path, help="save dask's performance report (HTML; distributed clusters)"
+    )
     run.add_argument("--stats", type=Path, help="save where the time went (JSON)")
 
 
@@ -230,6 +232,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except ClusterError as error:
         print(f"coron-dask: error: cluster: {error}; no product was written", file=sys.stderr)
+        return 1
+    except OSError as error:  # e.g. the disk filled up while the products were written
+        where = error.filename or "output"
+        print(
+            f"coron-dask: error: {where}: {error.strerror or error}; no product was written",
+            file=sys.stderr,
+        )
         return 1
     except ValueError as error:
         if args.command != "simulate":

@@ -65,6 +65,11 @@ class Cluster:
     ) -> None:
         self.scheduler, self.scheduler_file, self.quiet = scheduler, scheduler_file, quiet
         self.kind = kind
+        #: worker threads the cluster will have once its batch jobs run (0: as connected)
+        self.expected_threads = 0
+        if kind != "local":
+            cores = dask.config.get(f"jobqueue.{kind}.cores", None) or 1
+            self.expected_threads = (adapt[1] if adapt else jobs or 1) * cores
         self._client: object | None = None
         self._local = None
         self._config = contextlib.ExitStack()
@@ -201,6 +206,8 @@ STAGES = (
     ("basis", "klip"),
     ("error", "klip"),
     ("subtract_block", "klip"),
+    ("median_block", "outlier_detection"),
+    ("drizzle_block", "resample"),
     ("read-", "read calints"),
     ("store", "write products"),
 )
@@ -212,7 +219,7 @@ def stage_of(task_prefix: str) -> str:
 
 
 def summarize_task_stream(records: list[dict]) -> dict:
-    """Seconds and task counts per stage and per task name from a distributed task stream."""
+    """Seconds and task counts per pipeline stage from a distributed task stream."""
     stages: dict[str, dict[str, float]] = {}
     for record in records:
         key = record["key"]
@@ -227,20 +234,30 @@ def summarize_task_stream(records: list[dict]) -> dict:
 
 
 def _gather(client: object, futures: list) -> None:
-    """Wait for ``futures``; a cluster that cannot finish raises ClusterError, in one line."""
+    """Wait for ``futures``. A lost scheduler or a task that kills its workers raises
+    ClusterError, in one line; any other failure is the task's own error, raised as it is.
+    Either way the other tasks are cancelled and awaited first, so that none still writes
+    into a product when the caller cleans up."""
     from distributed import KilledWorker
     from distributed.comm import CommClosedError
 
     try:
         client.gather(futures)
-    except KilledWorker as error:
-        raise ClusterError(f"workers kept dying on task {error.task!r}") from None
-    except (concurrent.futures.CancelledError, CommClosedError, OSError):
+    except (concurrent.futures.CancelledError, CommClosedError):
         # the client would retry for distributed.comm.timeouts.connect, logging each failure
         logging.getLogger("distributed.client").setLevel(logging.CRITICAL)
         with contextlib.suppress(Exception):
             client.close(timeout=1)
         raise ClusterError("lost the connection to the scheduler") from None
+    except BaseException as error:
+        client.cancel(futures)
+        deadline = time.monotonic() + 60
+        with contextlib.suppress(Exception):
+            while any(client.processing().values()) and time.monotonic() < deadline:
+                time.sleep(0.1)
+        if isinstance(error, KilledWorker):
+            raise ClusterError(f"workers kept dying on task {error.task!r}") from None
+        raise
 
 
 def execute(
@@ -255,7 +272,9 @@ def execute(
     and the output is a terminal (a bar redrawn in a batch log is only noise).
 
     ``report`` saves dask's HTML performance report; ``stats`` a JSON summary: wall time,
-    task seconds per stage, workers, and how many workers were lost during the run.
+    task seconds per stage, workers, and how many workers were lost during the run. Both
+    need a distributed cluster; with dask's local schedulers ``stats`` holds the wall time
+    only and no report is written.
     """
     progress = progress and sys.stderr.isatty()
     start = time.perf_counter()

@@ -51,6 +51,19 @@ def peak_position(
     return float(ix - 1 + (bx * box).sum() / total), float(iy - 1 + (by * box).sum() / total)
 
 
+def _read(path, name: str) -> tuple[np.ndarray, dict]:
+    """An extension's data and keywords, from a FITS product or a Zarr store."""
+    if str(path).endswith(".zarr"):
+        import zarr
+
+        array = zarr.open_group(str(path), mode="r")[name]
+        return np.asarray(array), dict(array.attrs)
+    from astropy.io import fits
+
+    with fits.open(path) as hdul:
+        return hdul[name].data, dict(hdul[name].header)
+
+
 def companion_figures(products: list, truth: dict) -> dict:
     """The injected companion measured in the products of a simulated observation.
 
@@ -58,23 +71,22 @@ def companion_figures(products: list, truth: dict) -> dict:
     detector place. In the i2d (if any): where it is found against its true sky position
     (pixels) and its S/N there.
     """
-    from astropy.io import fits
     from astropy.wcs import WCS
 
     figures: dict = {"rolls": []}
     for name, positions in truth["companion"].items():
         root = name.removesuffix("_calints.fits")
         psfsub = next(p for p in products if p.name.startswith(root) and "_psfsub" in p.name)
-        image = fits.getdata(psfsub, "SCI").mean(axis=0)
+        image = _read(psfsub, "SCI")[0].mean(axis=0)
         place = tuple(np.mean(positions, axis=0))
         offsets = np.mean(truth["frames"][name]["star_offset"], axis=0)
         star = tuple(np.array(image.shape[::-1]) / 2 + offsets)
         figures["rolls"].append(companion_snr(image, peak_position(image, place), star))
     i2d = next((p for p in products if "_i2d" in p.name), None)
     if i2d is not None:
-        with fits.open(i2d) as hdul:
-            image = np.nan_to_num(hdul["SCI"].data.astype(np.float64))
-            grid = WCS(hdul["SCI"].header, naxis=2)
+        data, header = _read(i2d, "SCI")
+        image = np.nan_to_num(data.astype(np.float64))
+        grid = WCS(header, naxis=2)
         place = tuple(float(v) for v in grid.world_to_pixel_values(*truth["companion_sky"]))
         star = tuple(float(v) for v in grid.world_to_pixel_values(*truth["star_sky"]))
         found = peak_position(image, place)

@@ -150,7 +150,8 @@ def resolve_parameters(**given: object) -> dict:
         raise CoronInputError("format", f"must be 'fits' or 'zarr', got {resolved['format']!r}")
     bit_value(resolved["bad_bits"])  # names it cannot read are bad input too
     bit_value(resolved["good_bits"], "good_bits")
-    resolved["skip"] = tuple(resolved["skip"] or ())
+    skip = resolved["skip"] or ()
+    resolved["skip"] = (skip,) if isinstance(skip, str) else tuple(skip)
     unknown_steps = set(resolved["skip"]) - set(SKIPPABLE)
     if unknown_steps:
         raise CoronInputError("skip", f"steps {sorted(unknown_steps)} cannot be skipped")
@@ -287,7 +288,7 @@ def run_coron3(
     ``n_workers`` processes for the run; an address or ``scheduler_file`` uses a running
     cluster; ``"synchronous"`` or ``"threads"`` use dask's local schedulers; a ``cluster``
     already under way (``cluster.Cluster``) is used as it is. The input is checked before
-    the cluster is used, so bad input fails fast and leaves no product. ``report`` saves
+    the cluster computes anything, so bad input fails fast and leaves no product. ``report`` saves
     dask's performance report (HTML), ``stats`` a JSON summary of where the time went.
     """
     parameters = resolve_parameters(**parameters)
@@ -308,6 +309,7 @@ def run_coron3(
             )
         client = cluster.client
         memory, workers = task_memory(client)
+        workers = max(workers, cluster.expected_threads)  # batch jobs still queued count too
         products = build_products(
             asn, output_dir, psfmask=psfmask, **parameters, task_memory=memory, workers=workers
         )

@@ -49,3 +49,9 @@ def test_bad_configured_values_are_named(key, value, message):
     with dask.config.set({f"coron_dask.{key}": value}), pytest.raises(CoronInputError) as error:
         resolve_parameters()
     assert error.value.source == message
+
+
+def test_a_single_step_to_skip_may_be_a_string():
+    assert resolve_parameters(skip="resample")["skip"] == ("resample",)
+    with dask.config.set({"coron_dask.skip": "outlier_detection"}):
+        assert resolve_parameters()["skip"] == ("outlier_detection",)

@@ -218,6 +218,8 @@ def test_zarr_products_hold_the_fits_products(products, asn, observation_dir, tm
             assert store.attrs["INSTRUME"] == hdul[0].header["INSTRUME"]
         if "psfalign" in path.name:
             assert store["SCI"].dims == ("integration", "psf", "y", "x")
+    truth = json.loads((observation_dir / "truth.json").read_text())
+    assert companion_figures(paths, truth) == companion_figures(products["each"]["paths"], truth)
 
 
 def test_cosmic_ray_is_flagged_and_absent_from_the_i2d(observation_copy, products, tmp_path):

@@ -92,7 +92,7 @@ def _reserve(product: Product, partial: Path) -> list[tuple[da.Array, FitsRegion
             handle.write(_extension_header(extension).tostring().encode("ascii"))
             nbytes = int(np.prod(extension.data.shape)) * np.dtype(extension.data.dtype).itemsize
             region = FitsRegion(partial, handle.tell(), extension.data.shape, extension.data.dtype)
-            targets.append((extension.data, region))
+            targets.append((da.asarray(extension.data), region))
             handle.seek(handle.tell() + -(-nbytes // BLOCK) * BLOCK)
         handle.truncate()
     return targets
@@ -167,8 +167,14 @@ def staged_products(products: list[Product]) -> Iterator[list[Delayed]]:
         for partial in partials:
             _remove(partial)
         raise
-    for item, partial in zip(products, partials, strict=True):
-        _place(partial, item.path)
+    placed = 0
+    try:
+        for item, partial in zip(products, partials, strict=True):
+            _place(partial, item.path)
+            placed += 1
+    finally:
+        for partial in partials[placed:]:
+            _remove(partial)
 
 
 def write_products(products: list[Product], compute=None) -> list[Path]:
