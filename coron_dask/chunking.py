@@ -8,16 +8,19 @@ association gives at least two blocks per worker when it can, so all of them wor
 
 from dataclasses import dataclass
 
+from coron_dask.kernels.klip import TILE
+from coron_dask.kernels.registration import BATCH_PIXELS, BYTES_PER_BATCH_PIXEL
+
 #: Share of a worker thread's memory one task may use: the rest holds blocks waiting to be
 #: written or consumed, and stays under dask's spill (0.7) and pause (0.8) thresholds.
 TASK_SHARE = 0.25
 #: Bytes of the shift fit's batch of frames (spectra, model images, residuals).
-FIT_BYTES = 2**18 * 100
+FIT_BYTES = BATCH_PIXELS * BYTES_PER_BATCH_PIXEL
 #: Bytes per pixel per (integration, reference) pair of an alignment block: the float32
 #: output and the float64 shifted frame and reference spectrum it is made from.
 PAIR_BYTES_PER_PIXEL = 20
 #: KLIP keeps its float64 KL images (up to ``truncate`` of them) and tiles of references.
-KLIP_TILE_BYTES_PER_REFERENCE = 2 * 8 * 8192
+KLIP_TILE_BYTES_PER_REFERENCE = 2 * 8 * TILE
 
 
 @dataclass(frozen=True)

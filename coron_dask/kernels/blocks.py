@@ -42,8 +42,8 @@ def fit_block(science: np.ndarray, psfs: np.ndarray, mask: np.ndarray) -> np.nda
 
 def shift_block(frames: np.ndarray, shifts: np.ndarray) -> np.ndarray:
     """References' SCI and ERR (2, p, y, x) moved by −(dx, dy) of ``shifts`` ([m,] p, 3):
-    (2, [m,] p, y, x) float32. Each frame is transformed once, whatever the number of
-    science integrations it is aligned to."""
+    (2, [m,] p, y, x) float32. Each frame is transformed once per block, whatever the number
+    of the block's science integrations it is aligned to."""
     spectra = np.fft.rfft2(np.asarray(frames, dtype=np.float64))
     shape = frames.shape[-2:]
     if shifts.ndim == 2:

@@ -21,6 +21,10 @@ XTOL = 1e-4
 #: Stop also when an accepted step lowers the cost relatively by less than this.
 FTOL = 1e-15
 MAX_ITER = 100
+#: Pixels of reference frames fitted at once (a batch): about 100 bytes each are in flight
+#: (spectra, model images, residuals), so ~25 MB, cache-friendly, whatever the frame size.
+BATCH_PIXELS = 2**18
+BYTES_PER_BATCH_PIXEL = 100
 
 
 def fit_shifts(
@@ -40,8 +44,8 @@ def fit_shifts(
     if psfs.ndim == 2:
         return fit_shifts(science, psfs[None], mask, batch=batch)[0]
     weight = np.ones(science.shape) if mask is None else np.asarray(mask, dtype=np.float64)
-    if batch is None:  # ~100 bytes per pixel per frame in flight: keep a batch near 25 MB
-        batch = int(np.clip(2**18 // science.size, 1, 16))
+    if batch is None:
+        batch = int(np.clip(BATCH_PIXELS // science.size, 1, 16))
     problem = _Problem(science, weight)
     out = np.empty((psfs.shape[0], 3))
     for start in range(0, psfs.shape[0], batch):

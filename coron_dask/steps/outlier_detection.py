@@ -33,8 +33,7 @@ def outlier_detection(
     """
     if snr <= 0:
         raise CoronInputError("snr", f"must be > 0, got {snr}")
-    good = bit_value(good_bits, "good_bits") & 0xFFFFFFFF
-    bad_bits = ~good & 0xFFFFFFFF
+    bad_bits = ~bit_value(good_bits, "good_bits") & 0xFFFFFFFF
     sci, err, dq = (exposure[name].data for name in ("sci", "err", "dq"))
     weight = ((dq & bad_bits) == 0).astype(np.float32)
     masked = da.where(weight < maskpt, np.nan, sci)
