@@ -4,6 +4,7 @@ A task receives a small, picklable description of what to read (``fitsfile.FitsE
 and opens the file itself: no open file handle, lock or memory map travels to a worker.
 """
 
+import functools
 from pathlib import Path
 
 import dask.array as da
@@ -68,14 +69,11 @@ def _open_checked(path: Path) -> fits.HDUList:
     return hdul
 
 
-def open_exposure(path: str | Path, integrations_per_chunk: int | None = None) -> xr.Dataset:
-    """Open a ``_calints`` file lazily: ``sci``, ``err``, ``dq`` with dims (integration, y, x).
-
-    Primary header keywords go into the Dataset's attrs, SCI header keywords into ``sci.attrs``.
-    ``integrations_per_chunk`` sets the dask chunks along integration (default: all).
-    """
-    path = Path(path)
-    with _open_checked(path) as hdul:
+@functools.lru_cache(maxsize=4096)
+def _headers(path: str, mtime_ns: int, size: int) -> tuple[dict, dict, dict, dict]:
+    """Primary and SCI keywords, shapes and dtypes of SCI/ERR/DQ: read once per file version
+    (planning and checking open an association more than once)."""
+    with _open_checked(Path(path)) as hdul:
         names = {hdu.name for hdu in hdul}
         missing = [name for name in EXTENSIONS if name not in names]
         if missing:
@@ -84,6 +82,20 @@ def open_exposure(path: str | Path, integrations_per_chunk: int | None = None) -
         sci_header = header_keywords(hdul["SCI"].header)
         shapes = {name: tuple(hdul[name].shape) for name in EXTENSIONS}
         dtypes = {name: _image_dtype(hdul[name].header) for name in EXTENSIONS}
+    return primary, sci_header, shapes, dtypes
+
+
+def open_exposure(path: str | Path, integrations_per_chunk: int | None = None) -> xr.Dataset:
+    """Open a ``_calints`` file lazily: ``sci``, ``err``, ``dq`` with dims (integration, y, x).
+
+    Primary header keywords go into the Dataset's attrs, SCI header keywords into ``sci.attrs``.
+    ``integrations_per_chunk`` sets the dask chunks along integration (default: all).
+    """
+    path = Path(path)
+    if not path.exists():
+        raise CoronInputError(path, "file not found")
+    stat = path.stat()
+    primary, sci_header, shapes, dtypes = _headers(str(path), stat.st_mtime_ns, stat.st_size)
     shape = shapes["SCI"]
     if len(shape) != 3:
         raise CoronInputError(
@@ -94,7 +106,7 @@ def open_exposure(path: str | Path, integrations_per_chunk: int | None = None) -
             raise CoronInputError(path, f"{name} has shape {shapes[name]}, SCI has {shape}")
     nints = shape[0]
     chunk = nints if integrations_per_chunk is None else max(1, min(integrations_per_chunk, nints))
-    token = tokenize(str(path.resolve()), path.stat().st_mtime_ns, path.stat().st_size)
+    token = tokenize(str(path.resolve()), stat.st_mtime_ns, stat.st_size)
     variables = {}
     for name in EXTENSIONS:
         dtype = dtypes[name]
@@ -108,7 +120,9 @@ def open_exposure(path: str | Path, integrations_per_chunk: int | None = None) -
             meta=np.empty((0, 0, 0), dtype),
         )
         variables[name.lower()] = (("integration", "y", "x"), data)
-    dataset = xr.Dataset(variables, coords={"integration": np.arange(1, nints + 1)}, attrs=primary)
+    dataset = xr.Dataset(
+        variables, coords={"integration": np.arange(1, nints + 1)}, attrs=dict(primary)
+    )  # a copy: the header cache must not change
     dataset["sci"].attrs.update(sci_header)
     dataset.encoding["source"] = str(path)
     return dataset
