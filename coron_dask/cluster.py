@@ -103,12 +103,12 @@ class Cluster:
             from distributed import Client
 
             if self._local is not None:
-                self._client = Client(self.deployment, set_as_default=True)
+                self._client = Client(self.deployment, set_as_default=False)
                 if self.kind != "local":  # blocks are planned from the workers' memory
                     self._client.wait_for_workers(1)
             else:
                 self._client = Client(
-                    self.scheduler, scheduler_file=self.scheduler_file, set_as_default=True
+                    self.scheduler, scheduler_file=self.scheduler_file, set_as_default=False
                 )
             if not self.quiet:
                 print(f"Dask dashboard: {self._client.dashboard_link}", file=sys.stderr, flush=True)
@@ -292,6 +292,8 @@ def execute(
 
         before = client.scheduler_info(n_workers=-1)["workers"]
         with contextlib.ExitStack() as stack:
+            # current for this run only: nothing of it stays in dask's global configuration
+            stack.enter_context(client.as_current())
             if report:
                 stack.enter_context(performance_report(filename=os.fspath(report)))
             stream = stack.enter_context(get_task_stream(client)) if stats else None
