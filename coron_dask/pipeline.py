@@ -47,6 +47,12 @@ def exposure_root(dataset: xr.Dataset) -> str:
     return stem.rsplit("_", 1)[0] if "_" in stem else stem
 
 
+def _stack(psf: list[xr.Dataset], psfs: int | None) -> xr.Dataset:
+    """stack_refs of ``psf``, in blocks of ``psfs`` references (None: one block)."""
+    stack = stack_refs(psf)
+    return stack if psfs is None else stack.chunk({"psf": psfs})
+
+
 def open_association(
     asn: str | Path, integrations: int | None = None, psfs: int | None = None
 ) -> Observation:
@@ -57,9 +63,7 @@ def open_association(
     """
     association = read_association(asn)
     psf = [open_exposure(path, psfs) for path in association.psf]
-    psfstack = stack_refs(psf)
-    if psfs is not None:
-        psfstack = psfstack.chunk({"psf": psfs})
+    psfstack = _stack(psf, psfs)
     frame = (psfstack.sizes["y"], psfstack.sizes["x"])
     science = []
     for path in association.science:
@@ -211,7 +215,7 @@ def build_products(
                 exposure,
                 exposure["sci"].attrs,
             )
-        stack = stack_refs(psf).chunk({"psf": psfs})
+        stack = _stack(psf, psfs)
     mask = read_psfmask(psfmask, (stack.sizes["y"], stack.sizes["x"])) if psfmask else None
     stack_keywords = {**stack.attrs, "S_PSFSTK": "COMPLETE"}
     product(
