@@ -181,20 +181,17 @@ def _local_cluster(options: dict) -> object:
 
 def task_memory(client: object | None) -> tuple[int, int]:
     """Memory per worker thread (bytes) and the number of worker threads, of the cluster
-    ``client`` is connected to, or of this machine for dask's local schedulers."""
-    if client is None:
-        from distributed.system import MEMORY_LIMIT
+    ``client`` is connected to, or of this machine for dask's local schedulers (and for
+    workers without a memory limit)."""
+    from distributed.system import MEMORY_LIMIT
 
+    if client is None:
         threads = os.cpu_count() or 1
         return MEMORY_LIMIT // threads, threads
     workers = client.scheduler_info(n_workers=-1)["workers"].values()
-    threads = sum(w["nthreads"] for w in workers)
+    threads = max(sum(w["nthreads"] for w in workers), 1)
     per_thread = [w["memory_limit"] // w["nthreads"] for w in workers if w["memory_limit"]]
-    if not per_thread:
-        from distributed.system import MEMORY_LIMIT
-
-        per_thread = [MEMORY_LIMIT // max(threads, 1)]
-    return min(per_thread), max(threads, 1)
+    return min(per_thread or [MEMORY_LIMIT // threads]), threads
 
 
 #: Task-name fragments and the pipeline stage their time counts towards, first match wins.
