@@ -1,64 +1,192 @@
 """How to cut the work into blocks that fit the workers' memory: pure planning, no dask.
 
-A KLIP block is some science integrations with all the references aligned to them; an
-alignment block is some science integrations with a slice of the references. Blocks are
-sized so that a task's working set stays within a budget per worker thread, and an
-association gives at least two blocks per worker when it can, so all of them work.
+A worker's memory holds its own baseline (the interpreter and the libraries tasks import),
+what waits between tasks (the filled references every alignment task reads; the aligned
+references, KLIP tiles and KL images of the targets under way) and, on each of its
+threads, one running task (``memory`` predicts each kind's peak from its block). The plan
+takes the largest blocks for which all of that stays within ``fraction`` of the worker's
+memory limit (under dask's spill threshold, 0.7), with enough blocks for every worker
+thread; if even the smallest blocks do not fit, it refuses, saying what would.
 """
 
 from dataclasses import dataclass
 
-from coron_dask.kernels.klip import TILE
-from coron_dask.kernels.registration import BATCH_PIXELS, BYTES_PER_BATCH_PIXEL
+from coron_dask import memory
+from coron_dask.errors import CoronInputError
+from coron_dask.memory import Frame
 
-#: Share of a worker thread's memory one task may use: the rest holds blocks waiting to be
-#: written or consumed, and stays under dask's spill (0.7) and pause (0.8) thresholds.
-TASK_SHARE = 0.25
-#: Bytes of the shift fit's batch of frames (spectra, model images, residuals).
-FIT_BYTES = BATCH_PIXELS * BYTES_PER_BATCH_PIXEL
-#: Bytes per pixel per (integration, reference) pair of an alignment block: the float32
-#: output and the float64 shifted frame and reference spectrum it is made from.
-PAIR_BYTES_PER_PIXEL = 20
-#: KLIP keeps its float64 KL images (up to ``truncate`` of them) and tiles of references.
-KLIP_TILE_BYTES_PER_REFERENCE = 2 * 8 * TILE
+GIB = 2**30
 
 
 @dataclass(frozen=True)
-class ChunkPlan:
-    """Science integrations per block, and references per alignment block."""
+class Workers:
+    """The workers a run plans for: how many, threads and memory limit of each, and the
+    memory a worker uses before it runs a task (its baseline), in bytes."""
+
+    count: int
+    threads: int
+    memory_limit: int
+    baseline: int
+
+    def describe(self) -> str:
+        return (
+            f"{self.count} worker(s) × {self.threads} thread(s), "
+            f"{self.memory_limit / GIB:.2f} GiB each, baseline {self.baseline / GIB:.2f} GiB"
+        )
+
+
+@dataclass(frozen=True)
+class Observation:
+    """The sizes that decide the blocks."""
+
+    science_nints: tuple[int, ...]
+    psf_nints: tuple[int, ...]
+    frame: tuple[int, int]
+    truncate: int = 50
+    align_to: str = "each"
+    save_psfalign: bool = True
+
+    @property
+    def npsf(self) -> int:
+        return sum(self.psf_nints)
+
+
+@dataclass(frozen=True)
+class BlockPlan:
+    """Science integrations per block, references per alignment block, rows per outlier
+    median slab and per KLIP tile; the predicted peak of a worker and of each task kind."""
 
     integrations: int
     psfs: int
+    outlier_rows: int
+    klip_rows: int
+    worker_peak: int
+    task_peaks: dict
+
+    def describe(self) -> str:
+        kind, peak = max(self.task_peaks.items(), key=lambda item: item[1])
+        return (
+            f"{self.integrations} integration(s) × {self.psfs} reference(s) per alignment "
+            f"block, {self.outlier_rows} row(s) per outlier median slab, {self.klip_rows} "
+            f"row(s) per KLIP tile; predicted worker peak {self.worker_peak / GIB:.2f} GiB "
+            f"(largest task: {kind}, {peak / 2**20:.0f} MiB)"
+        )
 
 
-def plan_chunks(
+def tile_rows(npsf: int, frame: tuple[int, int], tile_bytes: int) -> int:
+    """Rows of a KLIP tile: all ``npsf`` references (float32) over as many whole rows as
+    fit in ``tile_bytes``, at least one. It depends on the data and the setting only, never
+    on the workers, so the products do not either."""
+    return int(max(1, min(frame[0], tile_bytes // (npsf * frame[1] * 4))))
+
+
+def held(obs: Observation) -> int:
+    """Bytes every worker may hold for the whole alignment: the filled references (SCI, and
+    ERR when psfalign is written) and the PSFMASK."""
+    frame = Frame(*obs.frame)
+    return 4 * obs.npsf * frame.pixels * (2 if obs.save_psfalign else 1) + 8 * frame.pixels
+
+
+def waiting(obs: Observation, integrations: int, threads: int) -> int:
+    """Bytes waiting between tasks on a worker: for each target block under way (one per
+    thread and the next), its aligned references (KLIP's tiles are views of them), its KL
+    images (tiles and frames) and its filled science frames."""
+    frame = Frame(*obs.frame)
+    targets = integrations if obs.align_to == "each" else 1
+    count = min(obs.truncate, obs.npsf)
+    per_target = (
+        4 * targets * obs.npsf * frame.pixels
+        + 8 * targets * (2 * count + 1) * frame.pixels
+        + 4 * integrations * frame.pixels
+    )
+    return (threads + 1) * per_target
+
+
+def task_peaks(obs: Observation, integrations: int, psfs: int, outlier_rows: int, klip_rows: int):
+    """Predicted peak of each task kind for these blocks (bytes)."""
+    frame = Frame(*obs.frame)
+    k, p, npsf, truncate = integrations, psfs, obs.npsf, obs.truncate
+    targets = k if obs.align_to == "each" else 1
+    longest = max(obs.science_nints + obs.psf_nints)
+    return {
+        "read": memory.read(max(k, p), frame.pixels),
+        "outlier median": memory.outlier_median(longest, outlier_rows, frame.nx),
+        "outlier flag": memory.outlier_flag(max(k, p), frame),
+        "fill": memory.fill(max(k, p), frame),
+        "fit": memory.fit(targets, p, frame),
+        "shift": memory.shift(targets, p, frame),
+        "klip gram": memory.klip_gram(targets, npsf, klip_rows, frame),
+        "klip sum": memory.klip_sum(targets, npsf),
+        "klip weights": memory.klip_weights(targets, npsf, truncate),
+        "klip images": memory.klip_images(targets, npsf, klip_rows, frame, truncate),
+        "klip subtract": memory.klip_subtract(
+            k, frame, truncate, npsf, shared=obs.align_to == "first"
+        ),
+        "resample": memory.resample(k, frame, 4 * frame.pixels),
+        "write": memory.write(4 * targets * p * frame.pixels),
+    }
+
+
+def plan_blocks(
+    obs: Observation,
+    workers: Workers,
     *,
-    nints: list[int],
-    npsf: int,
-    frame: tuple[int, int],
-    task_memory: int,
-    workers: int = 1,
-    truncate: int = 50,
-    align_to: str = "each",
-) -> ChunkPlan:
-    """Plan blocks for science exposures of ``nints`` integrations and ``npsf`` references.
+    fraction: float = 0.6,
+    tile_bytes: int = 16 * 2**20,
+    integrations: int | None = None,
+    psfs: int | None = None,
+    outlier_rows: int | None = None,
+) -> BlockPlan:
+    """The largest blocks whose predicted worker peak stays within ``fraction`` of the
+    memory limit, with at least two integration blocks per worker thread (when the
+    exposures allow) and four alignment tasks per worker thread. Blocks given
+    (``integrations``, ``psfs``, ``outlier_rows``) are taken as they are, and checked.
 
-    ``task_memory`` is the memory of one worker thread (a worker's limit over its threads).
-    The reference axis is also split when alignment would otherwise give fewer than four
-    tasks per worker thread (with ``align_to="first"`` there is one target per exposure).
+    Raises CoronInputError, before anything is computed, when nothing fits.
     """
-    npix = frame[0] * frame[1]
-    # every worker may hold all the filled references (SCI and ERR, float32) for alignment
-    held = npsf * npix * 4 * 2
-    budget = max(1, int((task_memory - held) * TASK_SHARE))
-    klip_fixed = min(truncate, npsf) * 8 * npix + npsf * KLIP_TILE_BYTES_PER_REFERENCE
-    by_klip = (budget - klip_fixed) // (npsf * 4 * npix)
-    # at least two blocks per exposure, and two per worker over the whole association
-    by_parallelism = min(min(-(-n // 2) for n in nints), max(1, sum(nints) // (2 * workers)))
-    integrations = int(max(1, min(by_klip, by_parallelism)))
-    room = budget - FIT_BYTES
-    by_memory = room // (integrations * PAIR_BYTES_PER_PIXEL * npix)
-    targets = len(nints) if align_to == "first" else sum(-(-n // integrations) for n in nints)
-    splits = -(-4 * workers // targets)  # reference blocks per target block
-    psfs = int(max(1, min(npsf, by_memory, -(-npsf // splits))))
-    return ChunkPlan(integrations=integrations, psfs=psfs)
+    frame = Frame(*obs.frame)
+    threads = workers.count * workers.threads
+    capacity = fraction * workers.memory_limit - workers.baseline - held(obs)
+    klip_rows = tile_rows(obs.npsf, obs.frame, tile_bytes)
+    shortest = min(obs.science_nints)
+    by_parallelism = min(-(-shortest // 2), max(1, sum(obs.science_nints) // (2 * threads)))
+    candidates = [integrations] if integrations else range(max(1, by_parallelism), 0, -1)
+
+    def fits(k: int, p: int, rows: int) -> tuple[bool, int, dict]:
+        peaks = task_peaks(obs, k, p, rows, klip_rows)
+        need = waiting(obs, k, workers.threads) + workers.threads * max(peaks.values())
+        return need <= capacity, need, peaks
+
+    def largest(bound: int, ok) -> int | None:
+        """The largest n in 1..bound with ok(n) (ok is monotone: true up to some n)."""
+        if not ok(1):
+            return None
+        low, high = 1, bound
+        while low < high:
+            middle = (low + high + 1) // 2
+            low, high = (middle, high) if ok(middle) else (low, middle - 1)
+        return low
+
+    for k in candidates:
+        rows = outlier_rows or largest(frame.ny, lambda r: fits(k, 1, r)[0])  # noqa: B023
+        if rows is None:
+            continue
+        targets = len(obs.science_nints) if obs.align_to == "first" else None
+        targets = targets or sum(-(-n // k) for n in obs.science_nints)
+        splits = -(-4 * threads // targets)  # reference blocks per target block
+        bound = max(1, -(-obs.npsf // splits))
+        p = psfs or largest(bound, lambda p: fits(k, p, rows)[0])  # noqa: B023
+        if p is None:
+            continue
+        ok, need, peaks = fits(k, p, rows)
+        if ok or (integrations and psfs and outlier_rows):
+            return BlockPlan(k, p, rows, klip_rows, workers.baseline + held(obs) + need, peaks)
+    _, need, _ = fits(1, 1, 1)
+    minimum = (workers.baseline + held(obs) + need) / fraction
+    raise CoronInputError(
+        "memory",
+        f"{obs.frame[0]}x{obs.frame[1]} frames with {obs.npsf} references need workers of "
+        f"at least {minimum / GIB:.2f} GiB ({minimum / workers.threads / GIB:.2f} GiB per "
+        f"worker thread, {workers.threads} thread(s) each); the workers have "
+        f"{workers.memory_limit / GIB:.2f} GiB (--memory-limit, or fewer threads per worker)",
+    )

@@ -16,7 +16,10 @@ from collections.abc import Sequence
 import dask
 from dask.delayed import Delayed
 
+from coron_dask.chunking import Workers
 from coron_dask.errors import ClusterError, CoronInputError
+
+log = logging.getLogger(__name__)
 
 LOCAL_SCHEDULERS = ("synchronous", "sync", "single-threaded", "threads", "threading")
 #: Environment of LocalCluster workers. One BLAS thread per worker thread (dask runs one
@@ -47,6 +50,12 @@ class Cluster:
     (minimum, maximum) jobs. The dashboard
     is bound to ``dashboard_address``, loopback unless asked otherwise. Options left None
     take the configured defaults (``coron_dask.cluster.*``).
+
+    Blocks are planned from the workers that have joined, so ``client`` first waits, up to
+    ``coron_dask.cluster.worker-timeout`` seconds, until ``wait_for_workers`` workers have
+    joined a running scheduler (default ``coron_dask.cluster.wait-for-workers``, 1) or a
+    jobqueue cluster (default: the workers its jobs bring, ``jobs`` × processes per job, or
+    those of the ``adapt`` minimum). A LocalCluster has its workers when it starts.
     """
 
     def __init__(
@@ -62,9 +71,13 @@ class Cluster:
         jobs: int | None = None,
         adapt: tuple[int, int] | None = None,
         quiet: bool = False,
+        wait_for_workers: int | None = None,
     ) -> None:
         self.scheduler, self.scheduler_file, self.quiet = scheduler, scheduler_file, quiet
         self.kind = kind
+        self.wait_for_workers = _workers_to_await(
+            wait_for_workers, kind if not (scheduler or scheduler_file) else "local", jobs, adapt
+        )
         #: worker threads the cluster will have once its batch jobs run (0: as connected)
         self.expected_threads = 0
         if kind != "local":
@@ -98,20 +111,22 @@ class Cluster:
 
     @property
     def client(self) -> object | None:
-        """The distributed Client, connecting (and waiting for a LocalCluster) on first use."""
+        """The distributed Client, connecting (and waiting for a LocalCluster) on first use,
+        then waiting for ``wait_for_workers`` workers of a running scheduler or jobqueue
+        cluster to join: blocks are planned from the workers there are."""
         if self._client is None and self.scheduler not in LOCAL_SCHEDULERS:
             from distributed import Client
 
             if self._local is not None:
                 self._client = Client(self.deployment, set_as_default=False)
-                if self.kind != "local":  # blocks are planned from the workers' memory
-                    self._client.wait_for_workers(1)
             else:
                 self._client = Client(
                     self.scheduler, scheduler_file=self.scheduler_file, set_as_default=False
                 )
             if not self.quiet:
                 print(f"Dask dashboard: {self._client.dashboard_link}", file=sys.stderr, flush=True)
+            if self.kind != "local" or self._local is None:  # a LocalCluster has its workers
+                await_workers(self._client, self.wait_for_workers)
         return self._client
 
     @property
@@ -129,6 +144,68 @@ class Cluster:
             with contextlib.suppress(Exception):
                 self.deployment.close()
         self._config.close()
+
+
+def _workers_to_await(
+    wanted: int | None, kind: str, jobs: int | None, adapt: tuple[int, int] | None
+) -> int:
+    """How many workers to wait for before planning: ``wanted`` if given; for a jobqueue
+    cluster of ``kind``, the workers its jobs bring (no more than the ``adapt`` minimum
+    guarantees); otherwise ``coron_dask.cluster.wait-for-workers``."""
+    if wanted is not None:
+        return wanted
+    if kind == "local":
+        from coron_dask import config
+
+        return int(config.get("cluster.wait-for-workers"))
+    from distributed.deploy.utils import nprocesses_nthreads
+
+    cores = dask.config.get(f"jobqueue.{kind}.cores", None) or 1
+    processes = dask.config.get(f"jobqueue.{kind}.processes", None)
+    processes = processes or nprocesses_nthreads(cores)[0]  # dask-jobqueue's own default
+    return (adapt[0] if adapt else jobs or 1) * processes
+
+
+def _joined(client: object) -> int:
+    return len(client.scheduler_info(n_workers=-1)["workers"])
+
+
+def _workers(count: int) -> str:
+    return f"{count} worker" if count == 1 else f"{count} workers"
+
+
+def await_workers(client: object, count: int, timeout: float | str | None = None) -> None:
+    """Wait until ``count`` workers have joined ``client``'s scheduler (0: no wait), for at
+    most ``timeout`` (default ``coron_dask.cluster.worker-timeout``, seconds): workers
+    started alongside the run (srun, pbsdsh, batch jobs) may still be starting, and a plan
+    made without them sizes blocks for this machine. Raises ClusterError, in one line, if
+    they do not all join in time."""
+    if count < 1:
+        return
+    from dask.utils import parse_timedelta
+
+    from coron_dask import config
+
+    timeout = parse_timedelta(timeout or config.get("cluster.worker-timeout"), "s")
+    address, start = client.scheduler.address, time.monotonic()
+    joined = _joined(client)
+    if joined < count:
+        log.info("waiting for %s at %s: %d joined", _workers(count), address, joined)
+        try:
+            client.wait_for_workers(count, timeout=timeout)
+        except TimeoutError:
+            raise ClusterError(
+                f"{_joined(client)} of {_workers(count)} joined {address} within {timeout:g} s "
+                "(--wait-for-workers, coron_dask.cluster.worker-timeout)"
+            ) from None
+        joined = _joined(client)
+    log.info(
+        "%s joined %s (waited %.1f s for %d)",
+        _workers(joined),
+        address,
+        time.monotonic() - start,
+        count,
+    )
 
 
 def _quiet_port_warning() -> None:
@@ -179,32 +256,44 @@ def _local_cluster(options: dict) -> object:
         return LocalCluster(**options)
 
 
-def task_memory(client: object | None) -> tuple[int, int]:
-    """Memory per worker thread (bytes) and the number of worker threads, of the cluster
-    ``client`` is connected to, or of this machine for dask's local schedulers (and for
-    workers without a memory limit)."""
+def process_memory() -> int:
+    """Resident memory of this process (bytes), once the modules tasks import are loaded:
+    a worker's baseline."""
+    import psutil
+
+    import coron_dask.io.fitsfile
+    import coron_dask.kernels.blocks  # noqa: F401
+
+    return psutil.Process().memory_info().rss
+
+
+def measure_workers(client: object | None) -> Workers:
+    """The workers of the cluster ``client`` is connected to, as the block plan sees them:
+    count, threads and memory limit of each (the smallest, for a mixed cluster) and the
+    largest baseline measured on them. With dask's local schedulers (``client`` None):
+    this process, with this machine's memory and cores. Workers without a memory limit
+    get this machine's."""
     from distributed.system import MEMORY_LIMIT
 
     if client is None:
-        threads = os.cpu_count() or 1
-        return MEMORY_LIMIT // threads, threads
-    workers = client.scheduler_info(n_workers=-1)["workers"].values()
-    threads = max(sum(w["nthreads"] for w in workers), 1)
-    per_thread = [w["memory_limit"] // w["nthreads"] for w in workers if w["memory_limit"]]
-    return min(per_thread or [MEMORY_LIMIT // threads]), threads
+        threaded = dask.config.get("scheduler", None) in ("threads", "threading")
+        threads = (os.cpu_count() or 1) if threaded else 1
+        return Workers(1, threads, MEMORY_LIMIT, process_memory())
+    info = client.scheduler_info(n_workers=-1)["workers"]
+    baselines = client.run(process_memory)
+    threads = min(w["nthreads"] for w in info.values())
+    limit = min(w["memory_limit"] or MEMORY_LIMIT for w in info.values())
+    return Workers(len(info), threads, limit, max(baselines.values()))
 
 
 #: Task-name fragments and the pipeline stage their time counts towards, first match wins.
 STAGES = (
-    ("fit_block", "align_refs: shift fit"),
-    ("shift_block", "align_refs: shift and write psfalign"),
-    ("fill_block", "align_refs: bad-pixel fill"),
+    ("align-fit", "align_refs: shift fit"),
+    ("align-shift", "align_refs: shift"),
+    ("fill-", "align_refs: bad-pixel fill"),
     ("klip", "klip"),
-    ("basis", "klip"),
-    ("error", "klip"),
-    ("subtract_block", "klip"),
-    ("median_block", "outlier_detection"),
-    ("drizzle_block", "resample"),
+    ("outlier", "outlier_detection"),
+    ("resample", "resample"),
     ("read-", "read calints"),
     ("store", "write products"),
 )

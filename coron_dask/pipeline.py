@@ -6,15 +6,16 @@ for its workers' memory and writes the products.
 """
 
 import contextlib
-import functools
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 import xarray as xr
+from dask.utils import parse_bytes
 
-from coron_dask import config
-from coron_dask.chunking import ChunkPlan, plan_chunks
-from coron_dask.cluster import Cluster, execute, task_memory
+from coron_dask import chunking, config
+from coron_dask.chunking import BlockPlan, Workers
+from coron_dask.cluster import Cluster, execute, measure_workers
 from coron_dask.dqflags import bit_value
 from coron_dask.errors import CoronInputError
 from coron_dask.io import (
@@ -47,6 +48,9 @@ def exposure_root(dataset: xr.Dataset) -> str:
     return stem.rsplit("_", 1)[0] if "_" in stem else stem
 
 
+log = logging.getLogger(__name__)
+
+
 def _stack(psf: list[xr.Dataset], psfs: int | None) -> xr.Dataset:
     """stack_refs of ``psf``, in blocks of ``psfs`` references (None: one block)."""
     stack = stack_refs(psf)
@@ -62,12 +66,12 @@ def open_association(
     frames (default: whole exposures, and the whole stack).
     """
     association = read_association(asn)
-    psf = [open_exposure(path, psfs) for path in association.psf]
+    psf = [open_exposure(path, {"integration": psfs}) for path in association.psf]
     psfstack = _stack(psf, psfs)
     frame = (psfstack.sizes["y"], psfstack.sizes["x"])
     science = []
     for path in association.science:
-        exposure = open_exposure(path, integrations)
+        exposure = open_exposure(path, {"integration": integrations})
         if (exposure.sizes["y"], exposure.sizes["x"]) != frame:
             raise CoronInputError(
                 path,
@@ -79,22 +83,27 @@ def open_association(
 
 
 def plan_observation(
-    observation: Observation,
-    task_memory: int,
-    workers: int,
-    truncate: int = 50,
-    align_to: str = "each",
-) -> ChunkPlan:
-    """Blocks for ``observation`` on workers with ``task_memory`` bytes per thread."""
-    stack = observation.psfstack
-    return plan_chunks(
-        nints=[exposure.sizes["integration"] for exposure in observation.science],
-        npsf=stack.sizes["psf"],
-        frame=(stack.sizes["y"], stack.sizes["x"]),
-        task_memory=task_memory,
-        workers=workers,
-        truncate=truncate,
-        align_to=align_to,
+    observation: Observation, workers: Workers, parameters: dict | None = None
+) -> BlockPlan:
+    """Blocks for ``observation`` on ``workers`` (parameters: those of ``build_products``,
+    resolved; blocks given there are kept), with the settings under coron_dask.chunks."""
+    p = parameters or resolve_parameters()
+    sizes = chunking.Observation(
+        science_nints=tuple(e.sizes["integration"] for e in observation.science),
+        psf_nints=tuple(e.sizes["integration"] for e in observation.psf),
+        frame=(observation.psfstack.sizes["y"], observation.psfstack.sizes["x"]),
+        truncate=p["truncate"],
+        align_to=p["align_to"],
+        save_psfalign=p["save_psfalign"],
+    )
+    return chunking.plan_blocks(
+        sizes,
+        workers,
+        fraction=float(config.get("chunks.memory-fraction")),
+        tile_bytes=parse_bytes(config.get("chunks.klip-tile")),
+        integrations=p["integrations"],
+        psfs=p["psfs"],
+        outlier_rows=p["outlier_rows"],
     )
 
 
@@ -126,8 +135,10 @@ CONFIGURED = {
     "truncate": "klip.truncate",
     "orientation": "resample.orientation",
     "format": "output.format",
+    "save_psfalign": "output.psfalign",
     "integrations": "chunks.integrations",
     "psfs": "chunks.psfs",
+    "outlier_rows": "chunks.outlier-rows",
 }
 
 
@@ -143,7 +154,7 @@ def resolve_parameters(**given: object) -> dict:
     for name in ("truncate", "median_box_length"):
         if resolved[name] < 0:
             raise CoronInputError(name, f"must be >= 0, got {resolved[name]}")
-    for name in ("integrations", "psfs"):
+    for name in ("integrations", "psfs", "outlier_rows"):
         if resolved[name] is not None and resolved[name] < 1:
             raise CoronInputError(name, f"must be >= 1, got {resolved[name]}")
     if resolved["align_to"] not in ("each", "first"):
@@ -171,8 +182,7 @@ def build_products(
     output_dir: str | Path = ".",
     *,
     psfmask: str | Path | None = None,
-    task_memory: int = 2**30,
-    workers: int = 1,
+    workers: Workers | None = None,
     **parameters: object,
 ) -> list[Product]:
     """Build the lazy products of an association, in jwst's order: crfints (outlier_detection,
@@ -182,14 +192,16 @@ def build_products(
     the configured defaults (``coron_dask.yaml``): skip (steps to skip: outlier_detection,
     resample), snr 5.0, maskpt 0.7, good_bits "~DO_NOT_USE", align_to "each",
     median_box_length 3, bad_bits "DO_NOT_USE" ("" for none), truncate 50, orientation
-    "detector" (or "north"), format "fits" (or "zarr": Zarr stores), integrations and psfs
-    (block sizes; planned from ``task_memory``, bytes per worker thread, and ``workers``).
+    "detector" (or "north"), format "fits" (or "zarr": Zarr stores), save_psfalign (True:
+    write psfalign; without it KLIP consumes the aligned references as they are made),
+    integrations, psfs and outlier_rows (block sizes; planned for ``workers``, by default
+    this process on this machine).
     """
     p = resolve_parameters(**parameters)
     observation = open_association(asn)
-    plan = plan_observation(observation, task_memory, workers, p["truncate"], p["align_to"])
-    integrations = p["integrations"] or plan.integrations
-    psfs = p["psfs"] or plan.psfs
+    plan = plan_observation(observation, workers or measure_workers(None), p)
+    log.info("block plan: %s", plan.describe())
+    integrations, psfs = plan.integrations, plan.psfs
     observation = open_association(asn, integrations, psfs)
     association = observation.association
     output_dir, suffix = Path(output_dir), p["format"]
@@ -202,10 +214,20 @@ def build_products(
         products.append(Product(output_dir / filename, primary, _extensions(dataset, sci_keywords)))
 
     science, stack = observation.science, observation.psfstack
-    if "outlier_detection" not in p["skip"]:
-        flag = functools.partial(
-            outlier_detection, snr=p["snr"], maskpt=p["maskpt"], good_bits=p["good_bits"]
-        )
+    if "outlier_detection" in p["skip"]:
+        log.info("outlier_detection skipped")
+    else:
+
+        def flag(exposure: xr.Dataset) -> xr.Dataset:
+            slabs = open_exposure(
+                exposure.encoding["source"], {"integration": -1, "y": plan.outlier_rows}
+            )
+            flagged = outlier_detection(
+                exposure, p["snr"], p["maskpt"], p["good_bits"], slabs=slabs
+            )
+            flagged.encoding.update(exposure.encoding)
+            return flagged
+
         psf = [flag(exposure) for exposure in observation.psf]
         science = [flag(exposure) for exposure in science]
         for exposure in [*psf, *science]:
@@ -217,6 +239,10 @@ def build_products(
             )
         stack = _stack(psf, psfs)
     mask = read_psfmask(psfmask, (stack.sizes["y"], stack.sizes["x"])) if psfmask else None
+    if psfmask:
+        log.info("align_refs: PSFMASK %s", psfmask)
+    else:
+        log.info("align_refs: no PSFMASK given: every pixel weighs 1 in the alignment fit")
     stack_keywords = {**stack.attrs, "S_PSFSTK": "COMPLETE"}
     product(
         f"{association.product_name}_psfstack",
@@ -234,16 +260,19 @@ def build_products(
             bad_bits=p["bad_bits"],
             align_to=p["align_to"],
         )
-        psfsub = klip(filled, psfalign, p["truncate"])
+        psfsub = klip(
+            filled, psfalign, p["truncate"], tile_bytes=parse_bytes(config.get("chunks.klip-tile"))
+        )
         psfsubs.append(psfsub)
         root = f"{exposure_root(exposure)}_{association.asn_id}"
         model = "QuadModel" if p["align_to"] == "each" else "CubeModel"
-        product(
-            f"{root}_psfalign",
-            {**stack_keywords, "DATAMODL": model, "S_PSFALI": "COMPLETE"},
-            psfalign[["sci", "err"]],
-            stack["sci"].attrs,
-        )
+        if p["save_psfalign"]:
+            product(
+                f"{root}_psfalign",
+                {**stack_keywords, "DATAMODL": model, "S_PSFALI": "COMPLETE"},
+                psfalign[["sci", "err"]],
+                stack["sci"].attrs,
+            )
         product(
             f"{root}_psfsub",
             {
@@ -255,7 +284,11 @@ def build_products(
             psfsub,
             exposure["sci"].attrs,
         )
-    if "resample" not in p["skip"]:
+    if not p["save_psfalign"]:
+        log.info("psfalign not written: KLIP consumes the aligned references as they are made")
+    if "resample" in p["skip"]:
+        log.info("resample skipped")
+    else:
         i2d, grid = resample(
             psfsubs, [exposure["err"] for exposure in science], orientation=p["orientation"]
         )
@@ -287,7 +320,8 @@ def run_coron3(
     """Run calwebb_coron3 on an association and return the paths of the products written.
 
     ``parameters`` are those of ``build_products`` (skip, snr, maskpt, good_bits, align_to,
-    median_box_length, bad_bits, truncate, orientation, format, integrations, psfs), the
+    median_box_length, bad_bits, truncate, orientation, format, save_psfalign, integrations,
+    psfs, outlier_rows), the
     configured defaults where not given. ``scheduler``: None starts a LocalCluster of
     ``n_workers`` processes for the run; an address or ``scheduler_file`` uses a running
     cluster; ``"synchronous"`` or ``"threads"`` use dask's local schedulers; a ``cluster``
@@ -312,11 +346,9 @@ def run_coron3(
                 )
             )
         client = cluster.client
-        memory, workers = task_memory(client)
-        workers = max(workers, cluster.expected_threads)  # batch jobs still queued count too
-        products = build_products(
-            asn, output_dir, psfmask=psfmask, **parameters, task_memory=memory, workers=workers
-        )
+        workers = measure_workers(client)
+        log.info("workers: %s", workers.describe())
+        products = build_products(asn, output_dir, psfmask=psfmask, workers=workers, **parameters)
         return write_products(
             products,
             lambda *writes: execute(writes, client, progress=progress, report=report, stats=stats),

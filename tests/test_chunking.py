@@ -1,34 +1,75 @@
-"""Chunk planning: blocks within the memory budget, enough blocks for the workers."""
+"""Block planning: predicted worker peaks within the share of the limit, enough blocks for
+the workers, KLIP tiles that do not depend on the workers, impossible plans refused."""
 
-from coron_dask.chunking import FIT_BYTES, PAIR_BYTES_PER_PIXEL, TASK_SHARE, plan_chunks
+import pytest
+
+from coron_dask.chunking import Observation, Workers, plan_blocks
+from coron_dask.errors import CoronInputError
 
 GIB = 2**30
+MIB = 2**20
 
 
-def test_small_data_splits_for_parallelism_only():
-    plan = plan_chunks(nints=[16, 16], npsf=40, frame=(160, 160), task_memory=2 * GIB, workers=2)
-    assert plan.integrations == 8
-    assert plan.psfs == 20  # 4 integration blocks x 2 reference blocks: 4 tasks per worker
+def workers(limit: float, count: int = 2, threads: int = 1) -> Workers:
+    return Workers(count, threads, int(limit * GIB), 200 * MIB)
+
+
+@pytest.mark.parametrize("limit", [1, 2, 4, 16])
+@pytest.mark.parametrize("align_to", ["each", "first"])
+@pytest.mark.parametrize(
+    ("frame", "science", "psf"),
+    [
+        ((320, 320), (50, 50), (20,) * 11),  # the out-of-core case: 220 references
+        ((224, 288), (150, 150), (65,) * 16),  # MIRI-sized: 1040 references
+        ((64, 64), (3, 3), (2, 2, 2)),
+    ],
+)
+def test_plans_stay_within_the_share_of_the_limit(limit, align_to, frame, science, psf):
+    obs = Observation(science, psf, frame, truncate=20, align_to=align_to)
+    try:
+        plan = plan_blocks(obs, workers(limit), fraction=0.6)
+    except CoronInputError as error:
+        assert "need workers of at least" in str(error)
+        return
+    assert plan.worker_peak <= 0.6 * limit * GIB
+    assert 1 <= plan.integrations <= max(science) and 1 <= plan.psfs <= sum(psf)
+    assert 1 <= plan.outlier_rows <= frame[0] and 1 <= plan.klip_rows <= frame[0]
+
+
+def test_small_data_splits_for_parallelism():
+    obs = Observation((16, 16), (5,) * 8, (160, 160))
+    plan = plan_blocks(obs, workers(2), fraction=0.6)
+    assert plan.integrations == 8  # two blocks per exposure, two per worker thread
+    assert -(-40 // plan.psfs) * 4 >= 4 * 2  # four alignment tasks per worker thread
 
 
 def test_first_mode_splits_the_references_for_the_workers():
-    plan = plan_chunks(
-        nints=[10, 10], npsf=45, frame=(320, 320), task_memory=2 * GIB, workers=2, align_to="first"
-    )
+    obs = Observation((10, 10), (5,) * 9, (320, 320), align_to="first")
+    plan = plan_blocks(obs, workers(2), fraction=0.6)
     assert 2 * -(-45 // plan.psfs) >= 8  # alignment tasks: 2 targets x reference blocks
 
 
-def test_large_reference_sets_split_the_reference_axis():
-    frame = (320, 320)
-    plan = plan_chunks(nints=[20, 20], npsf=2000, frame=frame, task_memory=2 * GIB, workers=2)
-    npix = frame[0] * frame[1]
-    assert plan.integrations == 1
-    assert 1 <= plan.psfs < 2000
-    held = 2000 * npix * 8
-    work = FIT_BYTES + plan.psfs * PAIR_BYTES_PER_PIXEL * npix
-    assert work <= TASK_SHARE * (2 * GIB - held)
+def test_less_memory_gives_smaller_blocks_not_other_results():
+    obs = Observation((50, 50), (20,) * 11, (320, 320), truncate=20)
+    small, large = (plan_blocks(obs, workers(limit), fraction=0.6) for limit in (2, 8))
+    assert small.integrations * small.psfs <= large.integrations * large.psfs
+    assert small.outlier_rows <= large.outlier_rows
+    assert small.klip_rows == large.klip_rows  # the tiles are part of the numerics
 
 
-def test_never_below_one():
-    plan = plan_chunks(nints=[1], npsf=1, frame=(4096, 4096), task_memory=1, workers=8)
-    assert plan.integrations == 1 and plan.psfs == 1
+def test_impossible_plan_is_refused_in_one_line():
+    obs = Observation((50, 50), (20,) * 11, (320, 320), truncate=20)
+    with pytest.raises(CoronInputError) as caught:
+        plan_blocks(obs, workers(0.25), fraction=0.6)
+    message = str(caught.value)
+    assert "\n" not in message
+    assert message.startswith("memory: 320x320 frames with 220 references need workers of at least")
+    assert "the workers have 0.25 GiB" in message
+    minimum = float(message.split("at least ")[1].split(" GiB")[0])
+    plan_blocks(obs, workers(minimum + 0.01), fraction=0.6)  # the stated minimum suffices
+
+
+def test_blocks_given_are_kept():
+    obs = Observation((16, 16), (5,) * 8, (160, 160))
+    plan = plan_blocks(obs, workers(2), fraction=0.6, integrations=1, psfs=3, outlier_rows=5)
+    assert (plan.integrations, plan.psfs, plan.outlier_rows) == (1, 3, 5)

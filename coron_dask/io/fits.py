@@ -69,10 +69,22 @@ def _open_checked(path: Path) -> fits.HDUList:
     return hdul
 
 
+def _data_offset(path: str, hdu: fits.ImageHDU) -> int:
+    """Where the data of an uncompressed, unscaled image extension start in its file."""
+    header = hdu.header
+    if isinstance(hdu, fits.CompImageHDU) or header.get("ZIMAGE"):
+        raise CoronInputError(path, f"{hdu.name} is tile-compressed; expected a plain image")
+    dtype = _image_dtype(header)
+    bzero = header.get("BZERO", 0) if dtype.kind != "u" else 0
+    if header.get("BSCALE", 1) != 1 or bzero != 0:
+        raise CoronInputError(path, f"{hdu.name} is scaled (BSCALE/BZERO); expected raw values")
+    return hdu.fileinfo()["datLoc"]
+
+
 @functools.lru_cache(maxsize=4096)
-def _headers(path: str, mtime_ns: int, size: int) -> tuple[dict, dict, dict, dict]:
-    """Primary and SCI keywords, shapes and dtypes of SCI/ERR/DQ: read once per file version
-    (planning and checking open an association more than once)."""
+def _headers(path: str, mtime_ns: int, size: int) -> tuple[dict, dict, dict, dict, dict]:
+    """Primary and SCI keywords, shapes, dtypes and data offsets of SCI/ERR/DQ: read once
+    per file version (planning and checking open an association more than once)."""
     with _open_checked(Path(path)) as hdul:
         names = {hdu.name for hdu in hdul}
         missing = [name for name in EXTENSIONS if name not in names]
@@ -82,20 +94,28 @@ def _headers(path: str, mtime_ns: int, size: int) -> tuple[dict, dict, dict, dic
         sci_header = header_keywords(hdul["SCI"].header)
         shapes = {name: tuple(hdul[name].shape) for name in EXTENSIONS}
         dtypes = {name: _image_dtype(hdul[name].header) for name in EXTENSIONS}
-    return primary, sci_header, shapes, dtypes
+        offsets = {name: _data_offset(path, hdul[name]) for name in EXTENSIONS}
+    return primary, sci_header, shapes, dtypes, offsets
 
 
-def open_exposure(path: str | Path, integrations_per_chunk: int | None = None) -> xr.Dataset:
+DIMS = ("integration", "y", "x")
+
+
+def open_exposure(path: str | Path, chunks: dict[str, int] | None = None) -> xr.Dataset:
     """Open a ``_calints`` file lazily: ``sci``, ``err``, ``dq`` with dims (integration, y, x).
 
     Primary header keywords go into the Dataset's attrs, SCI header keywords into ``sci.attrs``.
-    ``integrations_per_chunk`` sets the dask chunks along integration (default: all).
+    ``chunks`` gives the dask block size along any of the dims (missing or -1: whole), as
+    xarray's ``open_dataset``; by default a block is the whole exposure. Each block is read
+    straight from the file by its own task.
     """
     path = Path(path)
     if not path.exists():
         raise CoronInputError(path, "file not found")
     stat = path.stat()
-    primary, sci_header, shapes, dtypes = _headers(str(path), stat.st_mtime_ns, stat.st_size)
+    primary, sci_header, shapes, dtypes, offsets = _headers(
+        str(path), stat.st_mtime_ns, stat.st_size
+    )
     shape = shapes["SCI"]
     if len(shape) != 3:
         raise CoronInputError(
@@ -104,22 +124,29 @@ def open_exposure(path: str | Path, integrations_per_chunk: int | None = None) -
     for name in ("ERR", "DQ"):
         if shapes[name] != shape:
             raise CoronInputError(path, f"{name} has shape {shapes[name]}, SCI has {shape}")
-    nints = shape[0]
-    chunk = nints if integrations_per_chunk is None else max(1, min(integrations_per_chunk, nints))
-    token = tokenize(str(path.resolve()), stat.st_mtime_ns, stat.st_size)
+    chunks = chunks or {}
+    unknown = set(chunks) - set(DIMS)
+    if unknown:
+        raise ValueError(f"chunks name unknown dims {sorted(unknown)}; the dims are {DIMS}")
+    blocks = tuple(
+        n if chunks.get(dim, -1) in (-1, None) else max(1, min(int(chunks[dim]), n))
+        for dim, n in zip(DIMS, shape, strict=True)
+    )
+    token = tokenize(str(path.resolve()), stat.st_mtime_ns, stat.st_size, blocks)
     variables = {}
     for name in EXTENSIONS:
         dtype = dtypes[name]
-        proxy = FitsExtension(path.resolve(), name, shape, dtype)
+        proxy = FitsExtension(path.resolve(), offsets[name], shape, dtype)
         data = da.from_array(
             proxy,
-            chunks=(chunk, -1, -1),
+            chunks=blocks,
             lock=False,
             asarray=False,
             name=f"read-{name.lower()}-{token}",
             meta=np.empty((0, 0, 0), dtype),
         )
-        variables[name.lower()] = (("integration", "y", "x"), data)
+        variables[name.lower()] = (DIMS, data)
+    nints = shape[0]
     dataset = xr.Dataset(
         variables, coords={"integration": np.arange(1, nints + 1)}, attrs=dict(primary)
     )  # a copy: the header cache must not change

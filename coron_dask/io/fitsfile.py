@@ -7,23 +7,57 @@ from itertools import product as cartesian
 from pathlib import Path
 
 import numpy as np
-from astropy.io import fits
 
 
 class FitsExtension:
-    """Array-like view of one image extension that reads only the requested slab."""
+    """Array-like view of one uncompressed, unscaled image extension (unsigned integers
+    through BZERO) that reads only the requested slab, straight into the array it returns:
+    one contiguous read per run of whole trailing axes, byte order and offset fixed in
+    place, so a read needs no memory beyond its result."""
 
-    def __init__(self, path: Path, extname: str, shape: tuple[int, ...], dtype: np.dtype) -> None:
+    def __init__(self, path: Path, offset: int, shape: tuple[int, ...], dtype: np.dtype) -> None:
         self.path = str(path)
-        self.extname = extname
+        self.offset = offset
         self.shape = shape
         self.dtype = np.dtype(dtype)
         self.ndim = len(shape)
+        self.file_dtype, self.bzero = file_dtype(dtype)
 
     def __getitem__(self, key: tuple) -> np.ndarray:
-        with fits.open(self.path, memmap=False, lazy_load_hdus=True) as hdul:
-            data = hdul[self.extname].section[key]
-        return np.asarray(data, dtype=self.dtype)
+        key = key if isinstance(key, tuple) else (key,)
+        key = key + (slice(None),) * (self.ndim - len(key))
+        ranges = [range(*k.indices(n)) for k, n in zip(key, self.shape, strict=True)]
+        if any(r.step != 1 for r in ranges):
+            raise IndexError(f"{self.path}: only contiguous slices can be read, got {key}")
+        out = np.empty([len(r) for r in ranges], dtype=self.file_dtype)
+        if out.size:
+            split = _contiguous_from(out.shape, self.shape)
+            strides = np.cumprod((*self.shape[1:], 1)[::-1])[::-1] * out.itemsize
+            with open(self.path, "rb") as handle:
+                for index in cartesian(*(range(n) for n in out.shape[:split])):
+                    position = sum(
+                        (r.start + i) * st for r, i, st in zip(ranges, index, strides, strict=False)
+                    )
+                    position += sum(ranges[a].start * strides[a] for a in range(split, self.ndim))
+                    handle.seek(self.offset + int(position))
+                    run = memoryview(out[index]).cast("B")
+                    if handle.readinto(run) != run.nbytes:
+                        raise OSError(f"{self.path}: file ends inside its {self.shape} data")
+        if not out.dtype.isnative:
+            out = out.byteswap(inplace=True).view(out.dtype.newbyteorder())
+        if self.bzero is not None:  # stored value + 2**(bits-1): flip the sign bit
+            out = out.view(self.dtype)
+            out ^= self.dtype.type(self.bzero)
+        return out
+
+
+def _contiguous_from(block: tuple[int, ...], shape: tuple[int, ...]) -> int:
+    """The first axis from which a block of ``block`` in an array of ``shape`` is one
+    contiguous run: every later axis is whole."""
+    split = len(shape)
+    while split > 0 and block[split - 1] == shape[split - 1]:
+        split -= 1
+    return max(split - 1, 0)
 
 
 def file_dtype(dtype: np.dtype) -> tuple[np.dtype, int | None]:
@@ -46,14 +80,8 @@ class FitsRegion:
     def __setitem__(self, key: tuple[slice, ...], block: np.ndarray) -> None:
         """Write ``block`` at ``key``: one contiguous write per run of whole trailing axes."""
         starts = [s.indices(n)[0] for s, n in zip(key, self.shape, strict=True)]
-        if self.bzero is not None:
-            block = block.astype(np.int64) - self.bzero
-        block = np.ascontiguousarray(block, dtype=self.file_dtype)
         # Axes from `split` on are written whole: the block is contiguous in the file there.
-        split = len(self.shape)
-        while split > 0 and block.shape[split - 1] == self.shape[split - 1]:
-            split -= 1
-        split = max(split - 1, 0)
+        split = _contiguous_from(block.shape, self.shape)
         strides = np.cumprod((*self.shape[1:], 1)[::-1])[::-1] * self.file_dtype.itemsize
         with open(self.path, "r+b") as handle:
             for index in cartesian(*(range(n) for n in block.shape[:split])):
@@ -62,4 +90,12 @@ class FitsRegion:
                 )
                 position += sum(starts[a] * strides[a] for a in range(split, len(self.shape)))
                 handle.seek(self.offset + int(position))
-                handle.write(block[index].tobytes())
+                handle.write(memoryview(self._stored(block[index])).cast("B"))
+
+    def _stored(self, run: np.ndarray) -> np.ndarray:
+        """A run of the block as the file stores it (big-endian, unsigned values offset): a
+        copy of one run at a time, not of the whole block."""
+        if self.bzero is not None:  # stored value = value - 2**(bits-1): flip the sign bit
+            run = np.bitwise_xor(run, run.dtype.type(self.bzero))
+            run = run.view(run.dtype.str.replace("u", "i"))
+        return np.ascontiguousarray(run, dtype=self.file_dtype)

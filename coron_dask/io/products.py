@@ -154,15 +154,18 @@ def staged_products(products: list[Product]) -> Iterator[list[Delayed]]:
     """
     partials = []
     try:
-        writes = []
+        sources, targets = [], []
         for item in products:
             item.path.parent.mkdir(parents=True, exist_ok=True)
             partial = item.path.with_name(f".{item.path.name}.{uuid.uuid4().hex[:8]}.partial")
             partials.append(partial)
             reserve = _reserve_zarr if item.path.suffix == ".zarr" else _reserve
-            sources, targets = zip(*reserve(item, partial), strict=True)
-            writes.append(da.store(list(sources), list(targets), lock=False, compute=False))
-        yield writes
+            for source, target in reserve(item, partial):
+                sources.append(source)
+                targets.append(target)
+        # one store for all products: one graph, so a block several products need (the
+        # aligned references: psfalign and psfsub) is computed once
+        yield [da.store(sources, targets, lock=False, compute=False)]
     except BaseException:
         for partial in partials:
             _remove(partial)

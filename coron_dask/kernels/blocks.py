@@ -1,17 +1,69 @@
 """The functions dask runs on each block: numpy in, numpy out, one call per task.
 
 They live apart from the steps that map them over dask arrays so that a worker unpickling
-a task imports numpy and these kernels only, not dask.array, xarray or astropy.
+a task imports numpy and these kernels only, not dask.array, xarray or astropy. Each keeps
+its temporaries to a frame or a batch of frames, so that a task's peak memory is its
+inputs and output plus a bounded working set (``coron_dask.memory`` predicts it).
 """
-
-import warnings
 
 import numpy as np
 
+from coron_dask.kernels import klip
 from coron_dask.kernels.fourier_shift import shift_spectra
-from coron_dask.kernels.klip import KLBasis, klip_subtract
 from coron_dask.kernels.median_fill import median_fill
-from coron_dask.kernels.registration import fit_shifts
+from coron_dask.kernels.registration import BATCH_PIXELS, fit_shifts
+
+
+def nanmedian_frames(cube: np.ndarray) -> np.ndarray:
+    """Median over the first axis ignoring NaN (NaN where a pixel has no value), equal to
+    ``np.nanmedian(cube, axis=0)`` bit for bit, with one sorted copy of the cube as its
+    only large temporary."""
+    ordered = np.sort(cube, axis=0)  # NaN sort last
+    count = np.zeros(cube.shape[1:], dtype=np.intp)
+    for frame in cube:
+        count += ~np.isnan(frame)
+    low = np.take_along_axis(ordered, ((np.maximum(count, 1) - 1) // 2)[None], axis=0)[0]
+    high = np.take_along_axis(ordered, (count // 2)[None], axis=0)[0]
+    median = (low + high) / ordered.dtype.type(2)
+    median[count == 0] = np.nan
+    return median
+
+
+def median_block(sci: np.ndarray, dq: np.ndarray, bad_bits: int, maskpt: float) -> np.ndarray:
+    """outlier_detection's median image over integrations (rows, nx) of a slab of rows of
+    every integration: pixels whose weight (0 where DQ has ``bad_bits``, else 1) is below
+    ``maskpt`` are left out."""
+    masked = np.empty_like(sci)
+    for i, (frame, flags) in enumerate(zip(sci, dq, strict=True)):
+        weight = np.where((flags & bad_bits) == 0, np.float32(1), np.float32(0))
+        masked[i] = np.where(weight < maskpt, np.float32(np.nan), frame)
+    return nanmedian_frames(masked).astype(np.float32)
+
+
+def flag_block(
+    which: str,
+    sci: np.ndarray,
+    err: np.ndarray,
+    dq: np.ndarray,
+    median: np.ndarray,
+    snr: float,
+    outlier_bits: int,
+    do_not_use: int,
+) -> np.ndarray:
+    """One of ``sci``, ``err``, ``dq`` of integrations (m, y, x) after outlier flagging:
+    pixels further than ``snr``·ERR from the ``median`` image get ``outlier_bits`` in DQ,
+    then every pixel NaN in SCI or ERR or flagged ``do_not_use`` is NaN in both and
+    ``do_not_use`` in DQ."""
+    out = np.empty_like({"sci": sci, "err": err, "dq": dq}[which])
+    for i in range(len(sci)):
+        outlier = np.abs(sci[i] - median) > snr * np.nan_to_num(err[i])
+        flags = dq[i] | np.where(outlier, np.uint32(outlier_bits), np.uint32(0))
+        invalid = np.isnan(sci[i]) | np.isnan(err[i]) | ((flags & do_not_use) > 0)
+        if which == "dq":
+            out[i] = np.where(invalid, flags | np.uint32(do_not_use), flags)
+        else:
+            out[i] = np.where(invalid, np.float32(np.nan), sci[i] if which == "sci" else err[i])
+    return out
 
 
 def fill_block(
@@ -22,17 +74,19 @@ def fill_block(
     bad_bitvalue: int,
     non_science_bit: int | None,
 ) -> np.ndarray:
-    """``image`` with the bad pixels of the exposure (DQ & bad bits, or NaN in SCI) filled.
-
-    With ``non_science_bit`` (jwst does this for MIRI) bad pixels flagged with it become 0
-    and are not filled.
-    """
-    bad = ((dq & bad_bitvalue) > 0) | np.isnan(sci) | np.isnan(image)
-    if non_science_bit is not None:
-        non_science = bad & ((dq & non_science_bit) > 0)
-        image = np.where(non_science, 0, image)
-        bad &= ~non_science
-    return median_fill(image, bad, box).astype(image.dtype)
+    """``image`` (m, y, x) with the bad pixels of the exposure (DQ & bad bits, or NaN in SCI)
+    filled, frame by frame. With ``non_science_bit`` (jwst does this for MIRI) bad pixels
+    flagged with it become 0 and are not filled."""
+    out = np.empty_like(image)
+    for i in range(len(image)):
+        bad = ((dq[i] & bad_bitvalue) > 0) | np.isnan(sci[i]) | np.isnan(image[i])
+        frame = image[i]
+        if non_science_bit is not None:
+            non_science = bad & ((dq[i] & non_science_bit) > 0)
+            frame = np.where(non_science, 0, frame)
+            bad &= ~non_science
+        out[i] = median_fill(frame, bad, box)
+    return out
 
 
 def fit_block(science: np.ndarray, psfs: np.ndarray, mask: np.ndarray) -> np.ndarray:
@@ -41,57 +95,107 @@ def fit_block(science: np.ndarray, psfs: np.ndarray, mask: np.ndarray) -> np.nda
 
 
 def shift_block(frames: np.ndarray, shifts: np.ndarray) -> np.ndarray:
-    """References' SCI and ERR (2, p, y, x) moved by −(dx, dy) of ``shifts`` ([m,] p, 3):
-    (2, [m,] p, y, x) float32. Each frame is transformed once per block, whatever the number
-    of the block's science integrations it is aligned to."""
-    spectra = np.fft.rfft2(np.asarray(frames, dtype=np.float64))
+    """References (p, y, x) moved by −(dx, dy) of ``shifts`` ([m,] p, 3): ([m,] p, y, x)
+    float32. Each frame is transformed once per block, whatever the number of science
+    integrations it is aligned to; frames go through the FFTs a batch at a time."""
     shape = frames.shape[-2:]
-    if shifts.ndim == 2:
-        return shift_spectra(spectra, shape, -shifts[:, :2]).astype(np.float32)
-    out = np.empty((frames.shape[0], *shifts.shape[:-1], *shape), dtype=np.float32)
-    for m, per_frame in enumerate(shifts):
-        out[:, m] = shift_spectra(spectra, shape, -per_frame[:, :2])
+    out = np.empty((*shifts.shape[:-1], *shape), dtype=np.float32)
+    batch = max(1, BATCH_PIXELS // (shape[0] * shape[1]))
+    for start in range(0, len(frames), batch):
+        part = slice(start, start + batch)
+        spectra = np.fft.rfft2(np.asarray(frames[part], dtype=np.float64))
+        if shifts.ndim == 2:
+            out[part] = shift_spectra(spectra, shape, -shifts[part, :2])
+        else:
+            for m, per_frame in enumerate(shifts):
+                out[m, part] = shift_spectra(spectra, shape, -per_frame[part, :2])
     return out
 
 
-def _flat(block: np.ndarray) -> np.ndarray:
-    return block.reshape(block.shape[0], -1)
+def means_block(refs: np.ndarray) -> np.ndarray:
+    """Spatial means (..., p) float64 of reference frames (..., p, y, x)."""
+    return klip.frame_means(refs)
 
 
-def klip_block(targets: np.ndarray, ref_blocks: list, truncate: int) -> np.ndarray:
-    """psfsub SCI and ERR (m, 2, y, x) of targets (m, y, x), each with its own references,
-    given as the blocks (m, p_j, y, x) they are held in along the reference axis."""
-    m, ny, nx = targets.shape
-    out = np.empty((m, 2, ny, nx), dtype=np.float32)
+def _centred_tile(pieces: list, means: list, i: int) -> np.ndarray:
+    """The references aligned to target ``i`` on a tile, as one float64 (p, rows·nx) array
+    minus their means, from the pieces (m, p_j, rows, nx) they are held in along the
+    reference axis: the tile itself is never copied in float32."""
+    rows = [piece[i].reshape(piece.shape[1], -1) for piece in _pieces(pieces)]
+    centred = np.empty((sum(r.shape[0] for r in rows), rows[0].shape[1]))
+    start = 0
+    for r in rows:
+        centred[start : start + len(r)] = r
+        start += len(r)
+    centred -= np.concatenate([m[i] for m in _pieces(means)])[:, None]
+    return centred
+
+
+def _pieces(blocks: list) -> list:
+    """Blocks dask hands over along contracted axes, flattened to one list."""
+    return [b for inner in blocks for b in _pieces(inner)] if isinstance(blocks, list) else [blocks]
+
+
+def gram_block(pieces: list, means: list) -> np.ndarray:
+    """Gram matrices (m, 1, p, p) of a tile of the references aligned to each of m targets,
+    the references given as pieces (m, p_j, rows, nx): one term of the sum over tiles."""
+    first = _pieces(pieces)[0]
+    npsf = sum(piece.shape[1] for piece in _pieces(pieces))
+    out = np.empty((first.shape[0], 1, npsf, npsf))
+    for i in range(first.shape[0]):
+        centred = _centred_tile(pieces, means, i)
+        out[i, 0] = centred @ centred.T
+    return out
+
+
+def keep_block(block: np.ndarray, axis: tuple[int, ...], keepdims: bool) -> np.ndarray:
+    """The first step of a tree sum whose terms are already blocks of one: nothing to do."""
+    return block
+
+
+def add_blocks(blocks: list, axis: tuple[int, ...], keepdims: bool) -> np.ndarray:
+    """Sum of blocks (each of length 1 along ``axis``), in their order, into one new array:
+    no concatenated copy of the terms."""
+    total = np.array(blocks[0], copy=True)
+    for block in blocks[1:]:
+        total += block
+    return total if keepdims else total.squeeze(axis)
+
+
+def weights_block(grams: np.ndarray, npix: int, truncate: int) -> np.ndarray:
+    """KL weights W and C (m, 2, p, K) of each of m targets from its Gram matrix (m, p, p)."""
+    return np.stack([klip.kl_weights(g, npix, truncate) for g in grams])
+
+
+def images_block(pieces: list, means: list, weights: list) -> np.ndarray:
+    """KL images and ERR of each of m targets on a tile of references given as pieces
+    (m, p_j, rows, nx) with their weights (m, 2, p, K) (one block, in dask's nested lists):
+    (m, K + 1, rows, nx) float64, the K images first, KLIP's ERR last."""
+    weights = _pieces(weights)[0]
+    first = _pieces(pieces)[0]
+    m, _, rows, nx = first.shape
+    count = weights.shape[-1]
+    out = np.empty((m, count + 1, rows, nx))
     for i in range(m):
-        pieces = [_flat(block[i]) for block in ref_blocks]
-        basis = KLBasis(pieces, truncate)
-        out[i, 0] = klip_subtract(targets[i].reshape(1, -1), basis.images).reshape(ny, nx)
-        out[i, 1] = basis.error(pieces).reshape(ny, nx)
+        centred = _centred_tile(pieces, means, i)
+        out[i, :count] = (weights[i, 0].T @ centred).reshape(count, rows, nx)
+        out[i, count] = klip.residual_std(centred, 0.0, weights[i]).reshape(rows, nx)
     return out
 
 
-def basis_block(ref_blocks: list, truncate: int) -> KLBasis:
-    """The KL basis of references held in blocks (p_j, y, x)."""
-    return KLBasis([_flat(block) for block in ref_blocks], truncate)
-
-
-def error_block(basis: KLBasis, ref_blocks: list) -> np.ndarray:
-    """KLIP's ERR (npix,) of the references ``basis`` was built from."""
-    return basis.error([_flat(block) for block in ref_blocks])
-
-
-def subtract_block(targets: np.ndarray, basis: KLBasis) -> np.ndarray:
-    """psfsub SCI (m, y, x) float32 of targets (m, y, x) on a shared basis."""
-    flat = targets.reshape(targets.shape[0], -1)
-    return klip_subtract(flat, basis.images).reshape(targets.shape).astype(np.float32)
-
-
-def median_block(cube: np.ndarray) -> np.ndarray:
-    """Median over the first axis, ignoring NaN (NaN where a pixel has no value at all)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN pixels stay NaN
-        return np.nanmedian(cube, axis=0).astype(np.float32)
+def subtract_block(targets: np.ndarray, images: np.ndarray) -> np.ndarray:
+    """psfsub SCI (m, y, x) float32 of targets (m, y, x) on KL images: (K, y, x) shared by
+    all of them, or (m, K, y, x), one basis per target."""
+    m = len(targets)
+    flat = targets.reshape(m, -1)
+    if images.ndim == 3:
+        basis = images.reshape(images.shape[0], -1)
+        return klip.klip_subtract(flat, basis).reshape(targets.shape).astype(np.float32)
+    out = np.empty(targets.shape, dtype=np.float32)
+    for i in range(m):
+        basis = images[i].reshape(images.shape[1], -1)
+        out[i] = klip.klip_subtract(flat[i : i + 1], basis).reshape(targets.shape[1:])
+    return out
 
 
 def drizzle_block(

@@ -5,66 +5,73 @@ their covariance (largest eigenvalue first) give unit-norm KL images, of which t
 ``truncate`` are kept. The basis depends on the references only, so callers build it once
 per set of references and project any number of science frames onto it.
 
-References may come as several pieces along the reference axis (the blocks a dask array
-holds them in) and in float32: they are widened to float64 a tile of pixels at a time,
-so memory stays near that of the references themselves however many there are.
+The work is split into passes over tiles of pixels, so that no step needs every pixel of
+every reference at once (dask runs each pass as tasks over the tiles):
+
+1. ``frame_means``: the spatial mean of each reference;
+2. ``gram``: the Gram matrix of the mean-subtracted references on one tile of pixels;
+   summed over the tiles it is the (nrefs × nrefs) covariance up to npix − 1;
+3. ``kl_weights``: from the summed Gram matrix, the weights W (nrefs × K) that make the KL
+   images out of the references, Z = Wᵀ·(R − μ), and the references' own coefficients on
+   them, C = G·W, which KLIP's ERR needs;
+4. ``kl_images`` and ``residual_std``: per tile, the KL images and the ERR;
+5. ``klip_subtract``: science frames minus their projection on the KL images.
 """
 
-from collections.abc import Sequence
+from collections.abc import Iterator
 
 import numpy as np
 
-TILE = 8192  # pixels per tile of the float64 passes
+#: Pixels per tile when ``KLBasis`` runs the passes on arrays in memory.
+TILE = 8192
 
 
-def _pieces(refs: np.ndarray | Sequence[np.ndarray]) -> list[np.ndarray]:
-    return [refs] if isinstance(refs, np.ndarray) else list(refs)
+def frame_means(refs: np.ndarray) -> np.ndarray:
+    """Spatial mean (float64) of each frame of ``refs`` (..., npix) or (..., ny, nx)."""
+    axes = (-1,) if refs.ndim < 3 else (-2, -1)
+    return refs.mean(axis=axes, dtype=np.float64)
 
 
-class KLBasis:
-    """The KL basis of a set of references, with what KLIP's ERR needs of them."""
-
-    def __init__(self, refs: np.ndarray | Sequence[np.ndarray], truncate: int) -> None:
-        pieces = _pieces(refs)
-        self.npix = pieces[0].shape[1]
-        self.means = np.concatenate([p.mean(axis=1, dtype=np.float64) for p in pieces])
-        gram = np.zeros((len(self.means), len(self.means)))
-        for tile in self._tiles():
-            centred = self._centred(pieces, tile)
-            gram += centred @ centred.T
-        eigval, eigvect = np.linalg.eigh(gram / (self.npix - 1))
-        order = np.argsort(eigval)[::-1][:truncate]
-        vectors = eigvect[:, order]
-        self.images = np.empty((len(order), self.npix))
-        for tile in self._tiles():
-            self.images[:, tile] = vectors.T @ self._centred(pieces, tile)
-        norms = np.linalg.norm(self.images, axis=1)
-        self.images /= norms[:, None]
-        # the references' coefficients on the basis, R·Zᵀ = (R·Rᵀ)·V / norms, from the Gram
-        self.ref_coefficients = gram @ vectors / norms
-
-    def _tiles(self) -> list[slice]:
-        return [slice(a, min(a + TILE, self.npix)) for a in range(0, self.npix, TILE)]
-
-    def _centred(self, pieces: list[np.ndarray], tile: slice) -> np.ndarray:
-        block = np.concatenate([p[:, tile] for p in pieces]).astype(np.float64)
-        block -= self.means[:, None]
-        return block
-
-    def error(self, refs: np.ndarray | Sequence[np.ndarray]) -> np.ndarray:
-        """Per-pixel standard deviation (npix,) of the references' own KLIP residuals (jwst's
-        ERR); ``refs`` are the references the basis was built from."""
-        pieces = _pieces(refs)
-        out = np.empty(self.npix)
-        for tile in self._tiles():
-            residual = self._centred(pieces, tile) - self.ref_coefficients @ self.images[:, tile]
-            out[tile] = residual.std(axis=0)
-        return out
+def _centred(tile: np.ndarray, means: np.ndarray | float) -> np.ndarray:
+    centred = tile.astype(np.float64)
+    centred -= np.asarray(means)[..., None]
+    return centred
 
 
-def kl_basis(refs: np.ndarray | Sequence[np.ndarray], truncate: int) -> np.ndarray:
-    """Unit-norm KL images (K, npix) of reference frames ``refs`` (nrefs, npix), K ≤ truncate."""
-    return KLBasis(refs, truncate).images
+def gram(tile: np.ndarray, means: np.ndarray) -> np.ndarray:
+    """Gram matrix (nrefs, nrefs) of the references on a tile of pixels (nrefs, npix_tile),
+    each minus its mean over the whole frame (``means``)."""
+    centred = _centred(tile, means)
+    return centred @ centred.T
+
+
+def kl_weights(gram_matrix: np.ndarray, npix: int, truncate: int) -> np.ndarray:
+    """W and C (2, nrefs, K) of the KL basis from the references' Gram matrix over all
+    ``npix`` pixels: the KL images are Wᵀ·(R − μ) (unit norm), C = G·W the references'
+    coefficients on them. K = min(truncate, nrefs); modes of zero norm get zero weight."""
+    eigval, eigvect = np.linalg.eigh(gram_matrix / (npix - 1))
+    order = np.argsort(eigval)[::-1][:truncate]
+    vectors = eigvect[:, order]
+    # ‖vᵀ(R − μ)‖² = vᵀ·G·v: the norm of each KL image without forming it
+    norms = np.sqrt(np.maximum(np.einsum("pk,pq,qk->k", vectors, gram_matrix, vectors), 0.0))
+    weights = np.divide(vectors, norms, out=np.zeros_like(vectors), where=norms > 0)
+    return np.stack([weights, gram_matrix @ weights])
+
+
+def kl_images(tile: np.ndarray, means: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """The KL images (K, npix_tile) on a tile of references (nrefs, npix_tile)."""
+    return weights[0].T @ _centred(tile, means)
+
+
+def residual_std(tile: np.ndarray, means: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """KLIP's ERR on a tile (npix_tile,): per pixel, the standard deviation over the
+    references of their own residuals after projection on the KL basis (jwst's ERR).
+    ``means`` 0 for a tile already centred."""
+    residual = _centred(tile, means)
+    residual -= weights[1] @ (weights[0].T @ residual)
+    residual -= residual.mean(axis=0)
+    np.square(residual, out=residual)
+    return np.sqrt(residual.mean(axis=0))
 
 
 def klip_subtract(targets: np.ndarray, basis: np.ndarray) -> np.ndarray:
@@ -74,6 +81,34 @@ def klip_subtract(targets: np.ndarray, basis: np.ndarray) -> np.ndarray:
     return centred - (centred @ basis.T) @ basis
 
 
-def klip_error(refs: np.ndarray | Sequence[np.ndarray], truncate: int) -> np.ndarray:
+class KLBasis:
+    """The passes above run on references (nrefs, npix) held in memory, tile by tile."""
+
+    def __init__(self, refs: np.ndarray, truncate: int) -> None:
+        self.refs = refs
+        self.npix = refs.shape[1]
+        self.means = frame_means(refs)
+        total = sum(gram(refs[:, tile], self.means) for tile in self.tiles())
+        self.weights = kl_weights(total, self.npix, truncate)
+        self.images = np.concatenate(
+            [kl_images(refs[:, tile], self.means, self.weights) for tile in self.tiles()], axis=1
+        )
+
+    def tiles(self) -> Iterator[slice]:
+        return (slice(a, min(a + TILE, self.npix)) for a in range(0, self.npix, TILE))
+
+    def error(self) -> np.ndarray:
+        """KLIP's ERR (npix,) of the references the basis was built from."""
+        return np.concatenate(
+            [residual_std(self.refs[:, tile], self.means, self.weights) for tile in self.tiles()]
+        )
+
+
+def kl_basis(refs: np.ndarray, truncate: int) -> np.ndarray:
+    """Unit-norm KL images (K, npix) of reference frames ``refs`` (nrefs, npix), K ≤ truncate."""
+    return KLBasis(refs, truncate).images
+
+
+def klip_error(refs: np.ndarray, truncate: int) -> np.ndarray:
     """Per-pixel standard deviation (npix,) of the references' own KLIP residuals, as jwst's ERR."""
-    return KLBasis(refs, truncate).error(refs)
+    return KLBasis(refs, truncate).error()

@@ -13,6 +13,9 @@ Where neither applies, the result is identical.
 
 import numpy as np
 
+#: Bad pixels whose windows are gathered at once: bounds the fill's working memory.
+FILL_BATCH = 4096
+
 
 def median_fill(image: np.ndarray, bad: np.ndarray, box: int) -> np.ndarray:
     """Copy of ``image`` (..., ny, nx) with the pixels where ``bad`` is true filled.
@@ -31,13 +34,15 @@ def median_fill(image: np.ndarray, bad: np.ndarray, box: int) -> np.ndarray:
     pad = [(0, 0)] * (filled.ndim - 2) + [(half, half), (half, half)]
     good = np.pad(np.where(bad, np.nan, filled).astype(np.float64), pad, constant_values=np.nan)
     offsets = np.arange(2 * half + 1)
-    rows = where[-2][:, None, None] + offsets[None, :, None]
-    cols = where[-1][:, None, None] + offsets[None, None, :]
-    lead = tuple(index[:, None, None] for index in where[:-2])
-    windows = good[(*lead, rows, cols)].reshape(where[0].size, -1)
-    counts = np.isfinite(windows).sum(axis=1)
-    values = np.zeros(where[0].size)
-    some = counts > 0
-    values[some] = np.nanmedian(windows[some], axis=1)
-    filled[where] = values
+    for start in range(0, where[0].size, FILL_BATCH):
+        part = tuple(index[start : start + FILL_BATCH] for index in where)
+        rows = part[-2][:, None, None] + offsets[None, :, None]
+        cols = part[-1][:, None, None] + offsets[None, None, :]
+        lead = tuple(index[:, None, None] for index in part[:-2])
+        windows = good[(*lead, rows, cols)].reshape(part[0].size, -1)
+        counts = np.isfinite(windows).sum(axis=1)
+        values = np.zeros(part[0].size)
+        some = counts > 0
+        values[some] = np.nanmedian(windows[some], axis=1)
+        filled[part] = values
     return filled

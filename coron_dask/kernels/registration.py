@@ -40,7 +40,7 @@ def fit_shifts(
     shifting the science frame by (dx, dy) and scaling it by β best matches the reference.
     """
     science = np.asarray(science, dtype=np.float64)
-    psfs = np.asarray(psfs, dtype=np.float64)
+    psfs = np.asarray(psfs)
     if psfs.ndim == 2:
         return fit_shifts(science, psfs[None], mask, batch=batch)[0]
     weight = np.ones(science.shape) if mask is None else np.asarray(mask, dtype=np.float64)
@@ -49,7 +49,10 @@ def fit_shifts(
     problem = _Problem(science, weight)
     out = np.empty((psfs.shape[0], 3))
     for start in range(0, psfs.shape[0], batch):
-        out[start : start + batch] = problem.solve(psfs[start : start + batch])
+        # float64 a batch at a time: the block's references stay in their own type
+        out[start : start + batch] = problem.solve(
+            np.asarray(psfs[start : start + batch], dtype=np.float64)
+        )
     return out
 
 

@@ -11,6 +11,7 @@ from typing import Literal
 import dask.array as da
 import numpy as np
 import xarray as xr
+from dask.base import tokenize
 
 from coron_dask.dqflags import PIXEL, bit_value
 from coron_dask.errors import CoronInputError
@@ -35,6 +36,7 @@ def median_replace_img(
     bits = bit_value(bad_bits)
     exposure = exposure.chunk({})  # dask-backed variables unchanged, numpy ones one block
     sci, dq = exposure["sci"].data, exposure["dq"].data
+    arguments = (median_box_length, bits, non_science)
     filled = {
         name: exposure[name].copy(
             data=da.map_blocks(
@@ -42,10 +44,9 @@ def median_replace_img(
                 exposure[name].data,
                 sci,
                 dq,
-                median_box_length,
-                bits,
-                non_science,
+                *arguments,
                 dtype=exposure[name].dtype,
+                name=f"fill-{name}-" + tokenize(exposure[name].data, sci, dq, *arguments),
             )
         )
         for name in ("sci", "err")
@@ -96,28 +97,31 @@ def align_refs(
         new_axes={"k": 3},
         concatenate=True,
         dtype=np.float64,
+        name="align-fit-" + tokenize(target, psf_sci, mask),
     )
     if align_to == "first":
         shifts = shifts[0]
         dims = ("psf", "y", "x")
-        index = "pyx"
-        shift_index = "pk"
+        index, shift_index = "pyx", "pk"
     else:
         dims = ("integration", "psf", "y", "x")
-        index = "mpyx"
-        shift_index = "mpk"
-    # SCI and ERR of each reference block shift together: one transform, one task
-    both = da.blockwise(
-        shift_block,
-        "c" + index,
-        da.stack([psf_sci, psf_err]).rechunk({0: 2}),
-        "cpyx",
-        shifts,
-        shift_index,
-        concatenate=True,
-        dtype=np.float32,
-    )
-    aligned = {"sci": both[0], "err": both[1]}
+        index, shift_index = "mpyx", "mpk"
+    # SCI and ERR in tasks of their own: each output is one array, freed on its own, and
+    # ERR is computed only when psfalign is written
+    aligned = {
+        name: da.blockwise(
+            shift_block,
+            index,
+            frames,
+            "pyx",
+            shifts,
+            shift_index,
+            concatenate=True,
+            dtype=np.float32,
+            name=f"align-shift-{name}-" + tokenize(frames, shifts),
+        )
+        for name, frames in (("sci", psf_sci), ("err", psf_err))
+    }
     coords = {k: v for k, v in refs.coords.items() if "psf" in v.dims}
     if align_to == "each":
         coords["integration"] = science["integration"]

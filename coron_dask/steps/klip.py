@@ -6,52 +6,146 @@ KL images. ERR is jwst's: the per-pixel standard deviation of the references' ow
 residuals. DQ is the science DQ. With a 3-D psfalign (``align_to="first"``) the basis
 is the same for every integration and is computed once per exposure.
 
-References reach the kernels as the blocks dask holds them in, never concatenated, so a
-KLIP task needs little more memory than its references.
+No task needs every pixel of every reference: the aligned references are cut into tiles
+of frame rows holding all references (``tile_rows``), the references' Gram matrix is
+summed over the tiles (a tree reduction), and the KL images and ERR are made tile by tile.
+Only the KL images (at most ``truncate`` frames per basis) come together as whole frames,
+for the subtraction. The tiles follow from the frame and the number of references alone,
+never from the blocks the references arrive in, so the products do not depend on those.
 """
 
 import dask.array as da
 import numpy as np
 import xarray as xr
-from dask import delayed
+from dask.base import tokenize
 
+from coron_dask.chunking import tile_rows
 from coron_dask.errors import CoronInputError
-from coron_dask.kernels.blocks import basis_block, error_block, klip_block, subtract_block
+from coron_dask.kernels.blocks import (
+    add_blocks,
+    gram_block,
+    images_block,
+    keep_block,
+    means_block,
+    subtract_block,
+    weights_block,
+)
+from coron_dask.memory import SPLIT_EVERY
 
 
-def klip(science: xr.Dataset, psfalign: xr.Dataset, truncate: int = 50) -> xr.Dataset:
-    """psfsub of ``science`` (the filled cube from align_refs): ``sci``, ``err``, ``dq``."""
+def tree_sum(terms: da.Array, axis: int, name: str) -> da.Array:
+    """Sum of ``terms`` (blocks of one along ``axis``) in a tree of fixed fan-in, so that
+    the order of the additions, and the result, depend on the number of terms only."""
+    return da.reduction(
+        terms,
+        keep_block,
+        add_blocks,
+        combine=add_blocks,
+        axis=axis,
+        split_every={axis: SPLIT_EVERY},
+        concatenate=False,
+        dtype=terms.dtype,
+        meta=np.empty((0,) * (terms.ndim - 1), dtype=terms.dtype),
+        name=name,
+    )
+
+
+def _basis(aligned: da.Array, truncate: int, rows: int) -> tuple[da.Array, da.Array]:
+    """KL images (m, K, y, x) float64 and KLIP's ERR (m, y, x) float64 of references
+    ``aligned`` (m, p, y, x), one basis per leading index."""
+    name = tokenize(aligned, truncate, rows)
+    npix = aligned.shape[-2] * aligned.shape[-1]
+    count = min(truncate, aligned.shape[1])
+    means = da.map_blocks(
+        means_block, aligned, drop_axis=(2, 3), dtype=np.float64, name=f"klip-means-{name}"
+    )
+    # tiles of rows as views of the aligned blocks (a split, no copy); a tile task takes
+    # the pieces of every reference block
+    pieces = aligned.rechunk({2: rows, 3: -1}, method="tasks")
+    npsf = aligned.shape[1]
+    partial = da.blockwise(
+        gram_block,
+        "mtab",
+        pieces,
+        "mptx",
+        means,
+        "mp",
+        new_axes={"a": npsf, "b": npsf},
+        adjust_chunks={"t": 1},
+        concatenate=False,
+        dtype=np.float64,
+        name=f"klip-gram-{name}",
+    )
+    gram = tree_sum(partial, 1, f"klip-gram-sum-{name}")
+    weights = da.map_blocks(
+        weights_block,
+        gram,
+        npix,
+        truncate,
+        new_axis=1,
+        chunks=(gram.chunks[0], (2,), gram.chunks[1], (count,)),
+        dtype=np.float64,
+        name=f"klip-weights-{name}",
+    )
+    packed = da.blockwise(
+        images_block,
+        "mjyx",
+        pieces,
+        "mpyx",
+        means,
+        "mp",
+        weights,
+        "mwak",
+        new_axes={"j": count + 1},
+        concatenate=False,
+        dtype=np.float64,
+        name=f"klip-images-{name}",
+    )
+    images = packed[:, :count].rechunk({2: -1})
+    error = packed[:, count].rechunk({1: -1})
+    return images, error
+
+
+def klip(
+    science: xr.Dataset, psfalign: xr.Dataset, truncate: int = 50, *, tile_bytes: int = 2**24
+) -> xr.Dataset:
+    """psfsub of ``science`` (the filled cube from align_refs): ``sci``, ``err``, ``dq``.
+
+    ``tile_bytes`` bounds the references' part of a KLIP tile (see ``tile_rows``).
+    """
     if truncate < 0:
         raise CoronInputError("truncate", f"must be >= 0, got {truncate}")
     target = science["sci"].data
-    if psfalign["sci"].ndim == 4:
-        refs = psfalign["sci"].data.rechunk({0: target.chunks[0]})
-        both = da.blockwise(
-            klip_block,
-            "mcyx",
-            target,
-            "myx",
-            refs,
-            "mpyx",
-            new_axes={"c": 2},
-            concatenate=False,
-            dtype=np.float32,
-            truncate=truncate,
-        )
-        sci, err = both[:, 0], both[:, 1]
-    else:
-        blocks = psfalign["sci"].data.to_delayed().ravel().tolist()
-        basis = delayed(basis_block, pure=True)(blocks, truncate)
-        sci = target.map_blocks(subtract_block, basis, dtype=np.float32)
-        error = da.from_delayed(
-            delayed(error_block, pure=True)(basis, blocks),
-            shape=(target.shape[1] * target.shape[2],),
-            dtype=np.float64,
-        ).reshape(target.shape[1:])
-        err = da.broadcast_to(error.astype(np.float32), target.shape, chunks=target.chunks)
+    aligned = psfalign["sci"].data
+    npsf = psfalign.sizes["psf"]
+    rows = tile_rows(npsf, (target.shape[1], target.shape[2]), tile_bytes)
+    if aligned.ndim == 4:
+        images, error = _basis(aligned.rechunk({0: target.chunks[0]}), truncate, rows)
+        images_index = "mkyx"
+        err = error
+    else:  # one basis for the whole exposure
+        images, error = _basis(aligned[None], truncate, rows)
+        images = images[0]
+        images_index = "kyx"
+        err = da.broadcast_to(error[0], target.shape, chunks=target.chunks)
+    sci = da.blockwise(
+        subtract_block,
+        "myx",
+        target,
+        "myx",
+        images,
+        images_index,
+        concatenate=True,
+        dtype=np.float32,
+        name="klip-subtract-" + tokenize(target, images),
+    )
     dims = ("integration", "y", "x")
     return xr.Dataset(
-        {"sci": (dims, sci, science["sci"].attrs), "err": (dims, err), "dq": science["dq"]},
+        {
+            "sci": (dims, sci, science["sci"].attrs),
+            "err": (dims, err.astype(np.float32)),
+            "dq": science["dq"],
+        },
         coords={"integration": science["integration"]},
         attrs=dict(science.attrs),
     )

@@ -13,10 +13,12 @@ import dask.array as da
 import numpy as np
 import xarray as xr
 from astropy.wcs import WCS
+from dask.base import tokenize
 
 from coron_dask.dqflags import PIXEL
 from coron_dask.errors import CoronInputError
 from coron_dask.kernels.blocks import drizzle_block
+from coron_dask.steps.klip import tree_sum
 
 
 def sky_wcs(exposure: xr.Dataset) -> WCS:
@@ -104,9 +106,10 @@ def resample(
                 dtype=np.float64,
                 out_shape=shape,
                 bad_bits=bad_bits,
+                name="resample-drizzle-" + tokenize(sci, error.data, psfsub["dq"].data, shape),
             )
         )
-    total = da.concatenate(partials).sum(axis=0)
+    total = tree_sum(da.concatenate(partials), 0, "resample-sum-" + tokenize(partials))
     weighted, weight = total[0], total[1]
     covered = da.where(weight > 0, weight, np.nan)  # NaN where no input pixel landed
     sci = (weighted / covered).astype(np.float32)

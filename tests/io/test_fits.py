@@ -18,7 +18,7 @@ def calints(observation_dir):
 def test_open_exposure_is_lazy_labelled_and_exact(observation_dir):
     path = calints(observation_dir)
     with count_computes() as counter:
-        dataset = open_exposure(path, integrations_per_chunk=1)
+        dataset = open_exposure(path, {"integration": 1})
     assert counter.count == 0
     assert dataset["sci"].dims == ("integration", "y", "x")
     assert dataset["sci"].data.chunks[0] == (1,) * dataset.sizes["integration"]

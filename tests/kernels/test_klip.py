@@ -57,15 +57,21 @@ def test_klip_matches_jwst(truncate):
         np.testing.assert_allclose(errors, plane, atol=2e-5, rtol=1e-5)
 
 
-def test_pieces_and_float32_give_the_same_basis():
-    """References split into blocks, in float32, as dask hands them over."""
+@pytest.mark.parametrize("tile", [1, 333, 20000])
+def test_tiles_and_float32_give_the_same_basis(tile, monkeypatch):
+    """The passes over tiles of pixels, in float32 as dask hands the references over, give
+    the basis and ERR of the whole float64 array (one tile)."""
+    from coron_dask.kernels import klip
+
     rng = np.random.default_rng(8)
     refs = (rng.normal(size=(9, 20000)) + 3).astype(np.float32)
+    monkeypatch.setattr(klip, "TILE", 20000)
     whole = KLBasis(refs.astype(np.float64), 5)
-    split = KLBasis([refs[:4], refs[4:7], refs[7:]], 5)
-    signs = np.sign(np.sum(whole.images * split.images, axis=1))
-    np.testing.assert_allclose(split.images * signs[:, None], whole.images, atol=1e-12)
-    np.testing.assert_allclose(split.error([refs[:4], refs[4:]]), whole.error(refs), rtol=1e-12)
+    monkeypatch.setattr(klip, "TILE", tile)
+    tiled = KLBasis(refs, 5)
+    signs = np.sign(np.sum(whole.images * tiled.images, axis=1))
+    np.testing.assert_allclose(tiled.images * signs[:, None], whole.images, atol=1e-12)
+    np.testing.assert_allclose(tiled.error(), whole.error(), rtol=1e-10)
 
 
 def test_subtracts_what_the_references_span():

@@ -1,7 +1,5 @@
 """outlier_detection against jwst 3.0.0's coronagraphic detect_outliers on the same cube."""
 
-import importlib
-
 import numpy as np
 import pytest
 from jwst.outlier_detection.coron import detect_outliers
@@ -10,8 +8,6 @@ from stdatamodels.jwst.datamodels import CubeModel
 from coron_dask import open_exposure
 from coron_dask.dqflags import PIXEL
 from coron_dask.steps import outlier_detection
-
-module = importlib.import_module("coron_dask.steps.outlier_detection")
 
 
 @pytest.fixture
@@ -25,12 +21,13 @@ def exposure(observation_dir):
     return dataset.assign(sci=(dataset["sci"].dims, sci), err=(dataset["err"].dims, err))
 
 
-@pytest.mark.parametrize("rows_per_block", [None, 7])
-def test_flags_and_nans_match_jwst(exposure, rows_per_block, monkeypatch):
-    if rows_per_block:  # several row blocks for the median, as for a huge exposure
-        nints, _, nx = exposure["sci"].shape
-        monkeypatch.setattr(module, "MEDIAN_BLOCK_BYTES", rows_per_block * nints * nx * 4)
-    ours = outlier_detection(exposure.chunk({"integration": 1})).compute()
+@pytest.mark.parametrize("rows", [None, 1, 7, 64])
+def test_flags_and_nans_match_jwst(exposure, rows):
+    """The median in slabs of any number of rows, as for a huge exposure; the flagged
+    exposure keeps the blocks of its input (whole frames)."""
+    flagged = outlier_detection(exposure.chunk({"integration": 1}), rows=rows)
+    assert flagged["sci"].data.chunks == ((1, 1, 1), (64,), (64,))
+    ours = flagged.compute()
     model = CubeModel(
         data=exposure["sci"].values.copy(),
         err=exposure["err"].values.copy(),
@@ -52,3 +49,26 @@ def test_snr_must_be_positive(exposure):
 
     with pytest.raises(CoronInputError, match="snr"):
         outlier_detection(exposure, snr=0)
+
+
+@pytest.mark.parametrize("rows", [3, 64])
+def test_median_slabs_read_from_the_file(observation_dir, rows):
+    """Slabs read straight from the file (no exchange between integration blocks) give
+    jwst's flags; the median's tasks read only their rows."""
+    path = sorted(observation_dir.glob("jw01386001*_calints.fits"))[0]
+    exposure = open_exposure(path, {"integration": 1})
+    slabs = open_exposure(path, {"integration": -1, "y": rows})
+    flagged = outlier_detection(exposure, slabs=slabs)
+    layers = flagged["dq"].data.__dask_graph__().layers
+    rechunked = [name for name in layers if name.startswith("rechunk")]
+    # only the median image (2-D: keys of name and two indices) is put together
+    assert all(len(next(iter(layers[name].keys()))) == 3 for name in rechunked)
+    ours = flagged.compute()
+    model = CubeModel(
+        data=exposure["sci"].values.copy(),
+        err=exposure["err"].values.copy(),
+        dq=exposure["dq"].values.copy(),
+    )
+    theirs = detect_outliers(model, False, "~DO_NOT_USE", 0.7, 5.0, None)
+    np.testing.assert_array_equal(ours["dq"].values, theirs.dq)
+    np.testing.assert_array_equal(ours["sci"].values, theirs.data)

@@ -41,8 +41,8 @@ def test_first_mode_builds_one_basis_per_exposure(asn):
     observation = open_association(asn, integrations=1)
     psfalign, filled = align_refs(observation.science[0], observation.psfstack, align_to="first")
     graph = klip(filled, psfalign, truncate=4)["sci"].data.__dask_graph__()
-    basis_tasks = [k for k in graph if str(k).startswith("basis_block-")]
-    assert len(basis_tasks) == 1
+    weights_tasks = [k for k in graph if str(k).startswith("('klip-weights-")]
+    assert len(weights_tasks) == 1
     assert filled["sci"].data.numblocks[0] == 3
 
 
