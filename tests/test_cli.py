@@ -183,3 +183,27 @@ def test_entry_point_exit_code(tmp_path):
         result.stderr.strip() == f"coron-dask: error: {tmp_path / 'none_asn.json'}: "
         "association file not found"
     )
+
+
+def test_impossible_plan_is_refused_before_any_task(tmp_path):
+    """Workers too small for the frames and references: one line saying the minimum, exit 2,
+    before the cluster computes anything, and no product."""
+    from coron_dask.simulate import simulate
+
+    asn = simulate(tmp_path / "in", size=256, sci_exps=1, sci_ints=2, psf_exps=2, psf_ints=30)
+    out = tmp_path / "out"
+    options = ["--n-workers", "1", "--memory-limit", "200MiB", "--stats", tmp_path / "stats.json"]
+    result = subprocess.run(
+        [sys.executable, "-m", "coron_dask.cli", "run", asn, "-o", out, *options],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 2, result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith(
+        "coron-dask: error: memory: 256x256 frames with 60 references need workers of at least "
+    )
+    assert "the workers have 0.20 GiB" in last
+    assert not out.exists() or not any(out.iterdir())
+    assert not (tmp_path / "stats.json").exists()  # nothing was computed

@@ -246,3 +246,96 @@ def test_cosmic_ray_is_flagged_and_absent_from_the_i2d(observation_copy, product
     # unflagged, the ray would add about amplitude / (6 integrations) where it lands
     difference = np.nanmax(np.abs(read(i2d, "SCI") - read(clean, "SCI")))
     assert difference < amplitude / 600
+
+
+#: Block shapes swept: (integrations, references, outlier median rows); 1 row means every
+#: exposure is longer than its median slab, 64 is the whole frame.
+BLOCKS = [(1, 1, 1), (2, 5, 7), (3, 6, 64), (1, 4, 13)]
+
+
+@pytest.fixture(scope="module")
+def swept(asn, observation_dir, tmp_path_factory):
+    """Products of every block shape, with KLIP tiles of 5 rows (13 tiles), synchronous."""
+    import dask
+
+    out = {}
+    with dask.config.set({"coron_dask.chunks.klip-tile": 6 * 64 * 4 * 5}):
+        for mode in MODES:
+            for blocks in BLOCKS:
+                folder = tmp_path_factory.mktemp(f"swept_{mode}")
+                integrations, psfs, rows = blocks
+                run_coron3(
+                    asn,
+                    folder,
+                    align_to=mode,
+                    psfmask=observation_dir / "psfmask.fits",
+                    scheduler="synchronous",
+                    progress=False,
+                    integrations=integrations,
+                    psfs=psfs,
+                    outlier_rows=rows,
+                )
+                out[mode, blocks] = folder
+    return out
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("blocks", BLOCKS[1:])
+def test_products_do_not_depend_on_the_blocks(mode, blocks, swept):
+    """Bit for bit (the i2d to float32 rounding) whatever the blocks of integrations,
+    references and outlier median rows."""
+    assert_same_products(swept[mode, blocks], swept[mode, BLOCKS[0]])
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_tiled_klip_matches_jwst(mode, swept, reference, asn):
+    """KLIP over 13 tiles of rows agrees with jwst's functions as the one-tile run does."""
+    folder = swept[mode, BLOCKS[0]]
+    for root in science_roots(asn):
+        expected = reference[mode][root]
+        sub = folder / f"{root}_c1000_psfsub.fits"
+        align = folder / f"{root}_c1000_psfalign.fits"
+        assert relative_l2(read(align, "SCI"), expected["psfalign_sci"]) < 1e-4
+        assert relative_l2(read(sub, "SCI"), expected["psfsub_sci"]) < 1e-3
+
+
+def test_psfalign_left_unwritten_changes_nothing_else(asn, observation_dir, products, tmp_path):
+    """save_psfalign=False: every other product as when psfalign is written."""
+    paths = run_coron3(
+        asn,
+        tmp_path,
+        psfmask=observation_dir / "psfmask.fits",
+        scheduler="synchronous",
+        progress=False,
+        save_psfalign=False,
+    )
+    assert not any("psfalign" in p.name for p in paths)
+    assert len(paths) == 9
+    for path in paths:
+        with fits.open(path) as ours, fits.open(products["each"]["folder"] / path.name) as base:
+            for hdu in ours[1:]:
+                if path.name.endswith("_i2d.fits"):
+                    np.testing.assert_allclose(hdu.data, base[hdu.name].data, rtol=1e-5)
+                else:
+                    np.testing.assert_array_equal(hdu.data, base[hdu.name].data)
+
+
+def test_first_mode_aligns_each_block_once(asn, observation_dir, tmp_path):
+    """One fit and one shift (SCI, ERR) task per reference block per exposure: the block
+    psfalign and psfsub both need is computed once."""
+    run_coron3(
+        asn,
+        tmp_path,
+        align_to="first",
+        psfmask=observation_dir / "psfmask.fits",
+        integrations=1,
+        psfs=2,
+        n_workers=1,
+        memory_limit="1GiB",
+        progress=False,
+        quiet=True,
+        stats=tmp_path / "stats.json",
+    )
+    stages = json.loads((tmp_path / "stats.json").read_text())["stages"]
+    assert stages["align_refs: shift fit"]["tasks"] == 2 * 3  # 2 exposures x 3 blocks
+    assert stages["align_refs: shift"]["tasks"] == 2 * 3 * 2  # and SCI, ERR
