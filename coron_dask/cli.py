@@ -2,10 +2,46 @@
 
 import argparse
 import json
+import logging
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from coron_dask.errors import ClusterError, CoronInputError
+
+LOG_FORMAT = "%(asctime)s - %(name)s - %(levelname)s - %(message)s"
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is when a message is logged (tests replace it)."""
+
+    @property
+    def stream(self) -> object:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value: object) -> None:
+        pass
+
+
+def _log_to_stderr() -> Callable[[], None]:
+    """Show coron-dask's INFO messages (workers joined, block plan) on stderr, as jwst's
+    steps log theirs; dask's loggers are left alone. Returns the function that undoes it,
+    so that ``main`` called from Python leaves logging as it found it."""
+    logger = logging.getLogger("coron_dask")
+    handler = _StderrHandler()
+    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    level, propagate = logger.level, logger.propagate
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+
+    def restore() -> None:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+        logger.propagate = propagate
+
+    return restore
 
 
 class _Parser(argparse.ArgumentParser):
@@ -104,9 +140,24 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
         metavar="MIN:MAX",
         help="adapt between MIN and MAX batch jobs (slurm, pbs)",
     )
+    run.add_argument(
+        "--wait-for-workers",
+        type=_positive,
+        metavar="N",
+        help="with --scheduler/--scheduler-file/--cluster slurm|pbs: plan blocks only once N "
+        "workers have joined (default 1; slurm, pbs: the workers of the jobs asked for)",
+    )
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
     run.add_argument(
         "--format", choices=["fits", "zarr"], help="products as FITS files (default) or Zarr stores"
+    )
+    run.add_argument(
+        "--no-psfalign",
+        dest="save_psfalign",
+        action="store_const",
+        const=False,
+        help="do not write psfalign: KLIP consumes the aligned references as they are made, "
+        "so disk no longer bounds integrations × references",
     )
     run.add_argument(
         "--report", type=Path, help="save dask's performance report (HTML; distributed clusters)"
@@ -126,6 +177,7 @@ def _run(args: argparse.Namespace, asn: Path, output_dir: Path) -> list[Path]:
         kind=args.cluster,
         jobs=args.jobs,
         adapt=args.adapt,
+        wait_for_workers=args.wait_for_workers,
     ) as cluster:
         from coron_dask.pipeline import run_coron3
 
@@ -146,6 +198,7 @@ def _run(args: argparse.Namespace, asn: Path, output_dir: Path) -> list[Path]:
             stats=args.stats,
             cluster=cluster,
             format=args.format,
+            save_psfalign=args.save_psfalign,
         )
 
 
@@ -206,6 +259,7 @@ def main(argv: list[str] | None = None) -> int:
         group.add_argument("--psf-ints", type=_positive, default=5)
         group.add_argument("--seed", type=int, default=1)
     args = parser.parse_args(argv)
+    restore_logging = _log_to_stderr()
     try:
         if args.command == "run":
             for path in _run(args, args.asn, args.output_dir):
@@ -245,6 +299,8 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"coron-dask: error: {error}", file=sys.stderr)
         return 2
+    finally:
+        restore_logging()
     return 0
 
 
