@@ -13,6 +13,7 @@ import psutil
 class Measurement:
     seconds: float
     peak_memory: int  # bytes, the largest sum of proportional set sizes seen
+    peak_process: int  # bytes, the largest resident set of any one child (a worker)
     read_bytes: int  # bytes read through read() by all processes (page-cache hits included)
     write_bytes: int
     returncode: int
@@ -24,6 +25,7 @@ class _Sampler(threading.Thread):
         self.root = psutil.Process(pid)
         self.interval = interval
         self.peak = 0
+        self.peak_process = 0
         self.io: dict[int, tuple[int, int]] = {}
         self.stop = threading.Event()
 
@@ -36,7 +38,10 @@ class _Sampler(threading.Thread):
                 break
             for process in processes:
                 try:
-                    total += process.memory_full_info().pss
+                    info = process.memory_full_info()
+                    total += info.pss
+                    if process.pid != self.root.pid:
+                        self.peak_process = max(self.peak_process, info.rss)
                     io = process.io_counters()
                     self.io[process.pid] = (io.read_chars, io.write_chars)
                 except psutil.Error:
@@ -58,6 +63,7 @@ def measure(command: list[str], interval: float = 0.1, **kwargs) -> Measurement:
     return Measurement(
         seconds=seconds,
         peak_memory=sampler.peak,
+        peak_process=sampler.peak_process,
         read_bytes=sum(r for r, _ in sampler.io.values()),
         write_bytes=sum(w for _, w in sampler.io.values()),
         returncode=returncode,
