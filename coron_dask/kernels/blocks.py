@@ -80,12 +80,12 @@ def fill_block(
     out = np.empty_like(image)
     for i in range(len(image)):
         bad = ((dq[i] & bad_bitvalue) > 0) | np.isnan(sci[i]) | np.isnan(image[i])
-        frame = image[i]
-        if non_science_bit is not None:
+        frame, non_science = image[i], None
+        if non_science_bit is not None:  # 0, and never a neighbour in the medians (jwst)
             non_science = bad & ((dq[i] & non_science_bit) > 0)
             frame = np.where(non_science, 0, frame)
             bad &= ~non_science
-        out[i] = median_fill(frame, bad, box)
+        out[i] = median_fill(frame, bad, box, non_science)
     return out
 
 

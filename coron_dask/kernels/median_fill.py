@@ -17,10 +17,13 @@ import numpy as np
 FILL_BATCH = 4096
 
 
-def median_fill(image: np.ndarray, bad: np.ndarray, box: int) -> np.ndarray:
+def median_fill(
+    image: np.ndarray, bad: np.ndarray, box: int, unusable: np.ndarray | None = None
+) -> np.ndarray:
     """Copy of ``image`` (..., ny, nx) with the pixels where ``bad`` is true filled.
 
-    A pixel counts as good for the medians when it is finite and not ``bad``.
+    A pixel counts as good for the medians when it is finite, not ``bad`` and not
+    ``unusable`` (pixels left as they are but not to be used, such as MIRI's NON_SCIENCE).
     """
     filled = np.array(image, copy=True)
     bad = np.broadcast_to(bad, filled.shape)
@@ -32,7 +35,10 @@ def median_fill(image: np.ndarray, bad: np.ndarray, box: int) -> np.ndarray:
         filled[where] = 0.0
         return filled
     pad = [(0, 0)] * (filled.ndim - 2) + [(half, half), (half, half)]
-    good = np.pad(np.where(bad, np.nan, filled).astype(np.float64), pad, constant_values=np.nan)
+    excluded = bad if unusable is None else bad | unusable
+    good = np.pad(
+        np.where(excluded, np.nan, filled).astype(np.float64), pad, constant_values=np.nan
+    )
     offsets = np.arange(2 * half + 1)
     for start in range(0, where[0].size, FILL_BATCH):
         part = tuple(index[start : start + FILL_BATCH] for index in where)
