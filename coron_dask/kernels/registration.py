@@ -21,6 +21,10 @@ XTOL = 1e-4
 #: Stop also when an accepted step lowers the cost relatively by less than this.
 FTOL = 1e-15
 MAX_ITER = 100
+#: The fit starts from the best integer shift within this many pixels of no shift: JWST's
+#: pointing puts references well within it, and a wider search can latch onto another
+#: feature of a frame (jwst's fit, from no shift, stays in the PSF core's basin too).
+START_RADIUS = 2
 #: Pixels of reference frames fitted at once (a batch): about 100 bytes each are in flight
 #: (spectra, model images, residuals), so ~25 MB, cache-friendly, whatever the frame size.
 BATCH_PIXELS = 2**18
@@ -71,6 +75,10 @@ class _Problem:
         if nx % 2 == 0:
             columns[-1] = 1.0
         self.parseval_spectrum = self.spectrum * (columns / (ny * nx))
+        # integer shifts the start may take: within START_RADIUS pixels of none (circularly)
+        rows = np.abs(np.fft.fftfreq(ny, 1 / ny))[:, None] <= START_RADIUS
+        cols = np.abs(np.fft.fftfreq(nx, 1 / nx))[None, :] <= START_RADIUS
+        self.window = rows & cols
         # Σ w²(x) sci²(x − d) for every integer d: the model's energy at an integer shift.
         self.energy = np.fft.irfft2(
             np.fft.rfft2(self.weight2) * np.conj(np.fft.rfft2(science * science)), s=self.shape
@@ -89,6 +97,7 @@ class _Problem:
         )
         with np.errstate(divide="ignore", invalid="ignore"):
             gain = np.where((xcorr > 0) & (self.energy > 0), xcorr**2 / self.energy, 0.0)
+        gain *= self.window
         iy, ix = np.unravel_index(np.argmax(gain.reshape(len(psfs), -1), axis=1), self.shape)
         rows = np.arange(len(psfs))
         peak = gain[rows, iy, ix]
