@@ -213,6 +213,7 @@ def _simulate(args: argparse.Namespace, outdir: Path) -> Path:
         psf_exps=args.psf_exps,
         psf_ints=args.psf_ints,
         seed=args.seed,
+        instrument=args.instrument,
     )
 
 
@@ -258,6 +259,12 @@ def main(argv: list[str] | None = None) -> int:
         group.add_argument("--psf-exps", type=_positive, default=9, help="SGD positions")
         group.add_argument("--psf-ints", type=_positive, default=5)
         group.add_argument("--seed", type=int, default=1)
+        group.add_argument(
+            "--instrument",
+            choices=["nircam", "miri"],
+            default="nircam",
+            help="NIRCam round mask (--size) or MIRI 4QPM (224x288, MASK1140)",
+        )
     args = parser.parse_args(argv)
     restore_logging = _log_to_stderr()
     try:

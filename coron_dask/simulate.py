@@ -1,8 +1,10 @@
-"""A simulated NIRCam coronagraphic observation, written as the JWST pipeline writes it.
+"""A simulated NIRCam or MIRI coronagraphic observation, written as the JWST pipeline writes it.
 
-The optics are a Lyot coronagraph computed by Fourier optics: a circular, centrally
-obscured pupil with a static aberration that drifts slowly in time, a Gaussian occulting
-spot, a Lyot stop, sampled at λ/D = 2 pixels. The star sits a little off the spot (target
+The optics are computed by Fourier optics: a circular, centrally obscured pupil with a
+static aberration that drifts slowly in time, a focal-plane mask (NIRCam: a Gaussian
+occulting spot, sampled at λ/D = 2 pixels; MIRI: a four-quadrant phase mask, λ/D = 3.3
+pixels at F1140C, on the 224 × 288 MASK1140 subarray whose columns beyond the coronagraph's
+field are NON_SCIENCE), a Lyot stop. The star sits a little off the spot (target
 acquisition error and jitter, sub-pixel); the brighter reference star is observed on a
 small-grid dither. A companion sits at a known place. Photon and read noise are added,
 and DQ-flagged bad pixels are NaN, as in ``_calints`` files.
@@ -43,7 +45,9 @@ def pc_matrix(roll: float) -> np.ndarray:
     return np.array([[-np.cos(angle), np.sin(angle)], [np.sin(angle), np.cos(angle)]])
 
 
-def wcs_keywords(star_pixel: np.ndarray, sky: tuple[float, float], roll: float) -> dict:
+def wcs_keywords(
+    star_pixel: np.ndarray, sky: tuple[float, float], roll: float, scale: float = PIXEL_SCALE
+) -> dict:
     """The FITS WCS keywords of the SCI header, as the JWST pipeline writes them (TAN)."""
     pc = pc_matrix(roll)
     return {
@@ -56,8 +60,8 @@ def wcs_keywords(star_pixel: np.ndarray, sky: tuple[float, float], roll: float) 
         "CRPIX2": float(star_pixel[1] + 1),
         "CRVAL1": sky[0],
         "CRVAL2": sky[1],
-        "CDELT1": PIXEL_SCALE,
-        "CDELT2": PIXEL_SCALE,
+        "CDELT1": scale,
+        "CDELT2": scale,
         "PC1_1": pc[0, 0],
         "PC1_2": pc[0, 1],
         "PC2_1": pc[1, 0],
@@ -71,26 +75,94 @@ def wcs_keywords(star_pixel: np.ndarray, sky: tuple[float, float], roll: float) 
 
 
 @dataclass(frozen=True)
-class Optics:
-    """Pupil, Lyot stop and aberration modes on an FFT grid twice the frame size."""
+class Instrument:
+    """What differs between the simulated instruments."""
 
-    size: int
+    name: str
+    shape: tuple[int, int]  # frame (ny, nx)
+    centre: tuple[int, int]  # the coronagraph's centre on the detector, 0-based (x, y)
+    lambda_d: float  # pixels per λ/D
+    four_quadrant: bool
+    pixel_scale: float  # degrees
+    field: tuple[int, int, int, int] | None  # science field (y0, y1, x0, x1); beyond: NON_SCIENCE
+    keywords: dict
+
+
+def nircam(size: int) -> Instrument:
+    return Instrument(
+        "nircam",
+        (size, size),
+        (size // 2, size // 2),
+        2.0,
+        False,
+        PIXEL_SCALE,
+        None,
+        {
+            "INSTRUME": "NIRCAM",
+            "DETECTOR": "NRCALONG",
+            "MODULE": "A",
+            "CHANNEL": "LONG",
+            "FILTER": "F335M",
+            "PUPIL": "MASKRND",
+            "CORONMSK": "MASKA335R",
+            "SUBARRAY": "SUB320A335R" if size == 320 else "GENERIC",
+            "EXP_TYPE": "NRC_CORON",
+            "READPATT": "MEDIUM2",
+        },
+    )
+
+
+#: MIRI's 4QPM subarray (MASK1140): the coronagraph's field and centre as in its PSFMASK.
+MIRI = Instrument(
+    "miri",
+    (224, 288),
+    (120, 112),
+    3.3,
+    True,
+    0.11 / 3600,
+    (8, 216, 16, 212),
+    {
+        "INSTRUME": "MIRI",
+        "DETECTOR": "MIRIMAGE",
+        "FILTER": "F1140C",
+        "CORONMSK": "4QPM_1140",
+        "SUBARRAY": "MASK1140",
+        "EXP_TYPE": "MIR_4QPM",
+        "READPATT": "FASTR1",
+    },
+)
+
+
+@dataclass(frozen=True)
+class Optics:
+    """Pupil, focal-plane mask, Lyot stop and aberration modes on an FFT grid at least
+    twice the frame's larger side."""
+
+    instrument: Instrument
     pupil: np.ndarray
     lyot: np.ndarray
-    spot: np.ndarray
+    mask: np.ndarray
     static: np.ndarray
     drift: np.ndarray
     reference_drift: np.ndarray
 
+    @property
+    def grid(self) -> int:
+        return self.pupil.shape[0]
+
     @classmethod
-    def make(cls, size: int, rng: np.random.Generator) -> "Optics":
-        n = 2 * size
-        y, x = (np.mgrid[:n, :n] - n / 2) / (n / 4)  # pupil radius 1 ⇒ λ/D = 2 pixels
+    def make(cls, instrument: Instrument, rng: np.random.Generator) -> "Optics":
+        n = 2 * max(instrument.shape)
+        radius = n / (2 * instrument.lambda_d)  # pupil radius in samples
+        y, x = (np.mgrid[:n, :n] - n / 2) / radius
         r = np.hypot(x, y)
         pupil = ((r <= 1) & (r >= 0.12)).astype(float)
         lyot = ((r <= 0.85) & (r >= 0.25)).astype(float)
-        fy, fx = (np.mgrid[:n, :n] - n / 2) / 2.0  # focal plane in λ/D
-        spot = 1 - np.exp(-(fx**2 + fy**2) / (2 * 4.0**2))  # HWHM ~ 4.7 λ/D, as MASK335R
+        fy, fx = (np.mgrid[:n, :n] - n / 2) / instrument.lambda_d  # focal plane in λ/D
+        if instrument.four_quadrant:  # phase π in two opposite quadrants
+            mask = np.where((fx >= 0) == (fy >= 0), 1.0, -1.0)
+        else:
+            mask = 1 - np.exp(-(fx**2 + fy**2) / (2 * 4.0**2))  # HWHM ~ 4.7 λ/D, as MASK335R
 
         def screen(rms_nm: float) -> np.ndarray:
             k = np.hypot(*np.meshgrid(np.fft.fftfreq(n), np.fft.fftfreq(n)))
@@ -100,24 +172,25 @@ class Optics:
             phase *= rms_nm / phase[pupil > 0].std()
             return 2 * np.pi * phase / WAVELENGTH_NM
 
-        return cls(size, pupil, lyot, spot, screen(60.0), screen(2.0), screen(6.0))
+        return cls(instrument, pupil, lyot, mask, screen(60.0), screen(2.0), screen(6.0))
 
     def image(self, offset: tuple[float, float], aberration: np.ndarray, occulted: bool = True):
-        """Intensity (size, size) of a unit-flux point source at ``offset`` pixels from the spot."""
-        n = 2 * self.size
-        y, x = (np.mgrid[:n, :n] - n / 2) / (n / 4)
-        # A source offset by (dx, dy) pixels is a pupil tilt of (dx, dy)/2 λ/D.
-        tilt = np.pi * (offset[0] * x + offset[1] * y) * (n / 4) / n * 2
+        """Intensity (ny, nx) of a unit-flux point source ``offset`` pixels from the centre."""
+        n = self.grid
+        v, u = np.mgrid[:n, :n] - n / 2
+        # a source offset by (dx, dy) pixels is a phase ramp of (dx, dy) cycles across the grid
+        tilt = 2 * np.pi * (offset[0] * u + offset[1] * v) / n
         field = self.pupil * np.exp(1j * (aberration + tilt))
         focal = np.fft.fftshift(np.fft.fft2(np.fft.ifftshift(field)))
         if occulted:
-            focal *= self.spot
+            focal *= self.mask
         lyot_plane = np.fft.fftshift(np.fft.ifft2(np.fft.ifftshift(focal))) * self.lyot
         final = np.abs(np.fft.fftshift(np.fft.fft2(np.fft.ifftshift(lyot_plane)))) ** 2
         unocculted_peak = (self.pupil.sum() * 1.0) ** 2
-        lo = n // 2 - self.size // 2
-        crop = final[lo : lo + self.size, lo : lo + self.size]
-        return crop / unocculted_peak * _PEAK_TO_FLUX
+        (ny, nx), (cx, cy) = self.instrument.shape, self.instrument.centre
+        crop = final[n // 2 - cy : n // 2 - cy + ny, n // 2 - cx : n // 2 - cx + nx]
+        # the peak holds about 1/(π·(λ/D)²) of the flux of a PSF sampled at λ/D pixels
+        return crop / unocculted_peak * _PEAK_TO_FLUX * (2.0 / self.instrument.lambda_d) ** 2
 
 
 _PEAK_TO_FLUX = 0.25  # peak fraction of a λ/D=2-pixel Airy-like PSF's total flux
@@ -154,8 +227,12 @@ def simulate(
     seed: int = 1,
     contrast: float = 4e-6,
     companion: tuple[float, float] = (14.0, 9.0),
+    instrument: str = "nircam",
 ) -> Path:
     """Write calints files, an ASN, a PSFMASK and ``truth.json`` into ``outdir``; return the ASN.
+
+    ``instrument`` "nircam" gives ``size`` × ``size`` frames of a round occulting spot;
+    "miri" the 224 × 288 frames of MIRI's 4QPM subarray MASK1140 (``size`` is not used).
 
     ``companion`` is the companion's offset (dx, dy) in pixels from the star at the first
     roll, ``contrast`` its flux relative to the science star. The companion is fixed on the
@@ -173,27 +250,31 @@ def simulate(
             raise ValueError(f"{name} must be >= 1, got {value}")
     if size < 32:
         raise ValueError(f"size must be >= 32 pixels, got {size}")
+    if instrument not in ("nircam", "miri"):
+        raise ValueError(f"instrument must be 'nircam' or 'miri', got {instrument!r}")
     outdir = Path(outdir)
     outdir.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
-    optics = Optics.make(size, rng)
-    centre = (size / 2, size / 2)  # the spot's place on the detector, 0-based (x, y)
-    bad = rng.random((size, size)) < 0.003
+    kind = MIRI if instrument == "miri" else nircam(size)
+    optics = Optics.make(kind, rng)
+    shape = kind.shape
+    # the coronagraph's place on the detector, 0-based (x, y)
+    centre = tuple(map(float, kind.centre)) if instrument == "miri" else (size / 2, size / 2)
+    bad = rng.random(shape) < 0.003
     bad_dq = np.where(bad, PIXEL["DO_NOT_USE"] | PIXEL["HOT"], 0).astype(np.uint32)
+    if kind.field is not None:  # beyond the coronagraph's field: not science
+        y0, y1, x0, x1 = kind.field
+        outside = np.ones(shape, dtype=bool)
+        outside[y0:y1, x0:x1] = False
+        bad_dq[outside] |= PIXEL["DO_NOT_USE"] | PIXEL["NON_SCIENCE"]
     program, asn_id = "01386", "c1000"
-    product = f"jw{program}-{asn_id}_t001_nircam_f335m-maskrnd-sub{size}"
+    if instrument == "miri":
+        product = f"jw{program}-{asn_id}_t001_miri_f1140c-mask1140"
+    else:
+        product = f"jw{program}-{asn_id}_t001_nircam_f335m-maskrnd-sub{size}"
     base = {
         "TELESCOP": "JWST",
-        "INSTRUME": "NIRCAM",
-        "DETECTOR": "NRCALONG",
-        "MODULE": "A",
-        "CHANNEL": "LONG",
-        "FILTER": "F335M",
-        "PUPIL": "MASKRND",
-        "CORONMSK": "MASKA335R",
-        "SUBARRAY": "SUB320A335R" if size == 320 else "GENERIC",
-        "EXP_TYPE": "NRC_CORON",
-        "READPATT": "MEDIUM2",
+        **kind.keywords,
         "NGROUPS": 10,
         "PROGRAM": program,
         "DATAMODL": "CubeModel",
@@ -211,7 +292,8 @@ def simulate(
     for exptype, number, nints in plans:
         is_psf = exptype == "psf"
         observation = 2 if is_psf else 1
-        name = f"jw{program}{observation:03d}001_03106_{number + 1:05d}_nrcalong_calints.fits"
+        detector = kind.keywords["DETECTOR"].lower()
+        name = f"jw{program}{observation:03d}001_03106_{number + 1:05d}_{detector}_calints.fits"
         if is_psf:
             angle = 2 * np.pi * number / max(psf_exps - 1, 1)
             dither = (
@@ -225,7 +307,7 @@ def simulate(
             flux = STAR_ELECTRONS
             roll, sky = ROLLS[number % 2], TARGET
         companion_offset = pc_matrix(roll) @ companion_sky
-        sci = np.empty((nints, size, size))
+        sci = np.empty((nints, *shape))
         err = np.empty_like(sci)
         offsets = []
         for k in range(nints):
@@ -261,7 +343,10 @@ def simulate(
             "TARG_RA": sky[0],
             "TARG_DEC": sky[1],
         }
-        keywords = {**sci_keywords, **wcs_keywords(np.array(centre) + pointing, sky, roll)}
+        keywords = {
+            **sci_keywords,
+            **wcs_keywords(np.array(centre) + pointing, sky, roll, kind.pixel_scale),
+        }
         _write_calints(outdir / name, sci, err, dq, primary, keywords)
         members.append({"expname": name, "exptype": exptype, "exposerr": "null"})
         truth["frames"][name] = {"star_offset": offsets}
@@ -270,10 +355,11 @@ def simulate(
                 [centre[0] + o[0] + companion_offset[0], centre[1] + o[1] + companion_offset[1]]
                 for o in offsets
             ]
-    mask = np.ones((size, size), np.float32)
-    y, x = np.mgrid[:size, :size]
+    mask = np.ones(shape, np.float32)
+    y, x = np.mgrid[: shape[0], : shape[1]]
     mask[np.hypot(x - centre[0], y - centre[1]) < 6] = 0
     mask[:4], mask[-4:], mask[:, :4], mask[:, -4:] = 0, 0, 0, 0
+    mask[(bad_dq & PIXEL["NON_SCIENCE"]) > 0] = 0
     psfmask = outdir / "psfmask.fits"
     fits.HDUList(
         [
@@ -297,7 +383,7 @@ def simulate(
     truth["psfmask"] = psfmask.name
     truth["companion_offset"] = list(companion)
     # the companion's sky position: star position plus its offset along east and north
-    east, north = companion_sky * PIXEL_SCALE
+    east, north = companion_sky * kind.pixel_scale
     dec = TARGET[1] + north
     truth["companion_sky"] = [TARGET[0] + east / np.cos(np.radians(TARGET[1])), dec]
     truth["star_sky"] = list(TARGET)
