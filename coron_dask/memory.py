@@ -14,10 +14,20 @@ from coron_dask.kernels.median_fill import FILL_BATCH
 from coron_dask.kernels.registration import BATCH_PIXELS
 
 MIB = 2**20
-#: Python, numpy and file objects a task touches besides its arrays.
-TASK_OVERHEAD = 2 * MIB
+#: What a task's resident memory exceeds its arrays by: one 2 MiB transparent huge page
+#: (numpy asks for them on arrays of 4 MiB and more, and the heap then grows 2 MiB at a
+#: time) and half a MiB of Python and numpy objects and 4 KiB pages; measured on a worker
+#: (tests/test_memory.py): up to 2.02 MiB, 0.3 MiB with numpy's huge pages turned off.
+TASK_OVERHEAD = 5 * MIB // 2
 #: Reduction fan-in of the Gram matrix and i2d sums (``steps.klip.SPLIT_EVERY`` uses it).
 SPLIT_EVERY = 4
+#: glibc malloc on the workers (``cluster.WORKER_ENVIRON``): arrays of 32 MiB and more are
+#: mapped and unmapped whole; smaller ones reuse the heap, and each heap (arena, at most
+#: two) keeps up to 64 MiB of freed memory instead of returning it to the system.
+MALLOC = {"MMAP_THRESHOLD": 2**25, "TRIM_THRESHOLD": 2**26, "ARENA_MAX": 2}
+#: What a worker's resident memory may exceed its arrays by, besides its baseline: the
+#: freed memory its heaps keep (distributed calls it unmanaged memory).
+WORKER_RETAINED = MALLOC["ARENA_MAX"] * MALLOC["TRIM_THRESHOLD"]
 
 
 @dataclass(frozen=True)
@@ -38,8 +48,13 @@ class Frame:
 
 
 def fft_batch(frame: Frame) -> int:
-    """Frames the shift fit and the shift transform at once (``kernels.registration``)."""
+    """Frames the shift fit fits at once (``kernels.registration``: at most 16)."""
     return int(min(16, max(1, BATCH_PIXELS // frame.pixels)))
+
+
+def shift_batch(frame: Frame) -> int:
+    """Frames the shift transforms at once (``kernels.blocks.shift_block``: no cap of 16)."""
+    return int(max(1, BATCH_PIXELS // frame.pixels))
 
 
 def read(frames: int, pixels: int, itemsize: int = 4) -> int:
@@ -61,10 +76,14 @@ def outlier_flag(frames: int, frame: Frame) -> int:
 
 
 def fill(frames: int, frame: Frame, box: int = 3) -> int:
-    """Median fill of ``frames`` frames: image, SCI and DQ in, the output, per frame the bad
-    mask, a padded float64 copy and a batch of windows."""
+    """Median fill of ``frames`` frames: image, SCI and DQ in (the image is SCI itself when
+    SCI is filled), the output, per frame the bad mask, a padded float64 copy and a batch
+    of windows."""
     pad = (frame.ny + box) * (frame.nx + box) * 8
-    windows = 4 * FILL_BATCH * (box + 1) ** 2 * 8
+    # a batch of FILL_BATCH windows of (2·(box // 2) + 1)² pixels: gathered, those with a
+    # good pixel, and nanmedian's masked, sorted copies; measured 53 bytes a window pixel
+    # (box 3), 48 (box 5)
+    windows = FILL_BATCH * (2 * (box // 2) + 1) ** 2 * 56
     return 16 * frames * frame.pixels + 24 * frame.pixels + pad + windows + TASK_OVERHEAD
 
 
@@ -75,27 +94,42 @@ def fit(frames: int, psfs: int, frame: Frame) -> int:
     batch = min(psfs, fft_batch(frame))
     per_batch = batch * (11 * 8 * frame.pixels + 4 * frame.spectrum)
     problem = 4 * 8 * frame.pixels + 4 * frame.spectrum
-    return 4 * (frames + psfs) * frame.pixels + 8 * frame.pixels + problem + per_batch
+    inputs = 4 * (frames + psfs) * frame.pixels + 8 * frame.pixels
+    # the overhead every task has: without it a fit of 64x64 frames measured 1.3 MiB above
+    return inputs + problem + per_batch + TASK_OVERHEAD
 
 
 def shift(frames: int, psfs: int, frame: Frame) -> int:
     """Fourier shift of ``psfs`` references to ``frames`` targets: references in (float32),
-    the output (float32), a batch of float64 frames, their spectra and the shifted ones."""
-    batch = min(psfs, fft_batch(frame))
-    per_batch = batch * (2 * 8 * frame.pixels + 4 * frame.spectrum)
+    the output (float32), and for a batch of frames their spectra, the shifted spectra, the
+    inverse transform's complex intermediate and its float64 result, and heap slack."""
+    # the batch is shift_block's (uncapped: 64 frames of 64x64), not the fit's
+    batch = min(psfs, shift_batch(frame))
+    # the fourth spectrum is slack: the batch's arrays (float64 frames, spectra a little
+    # larger) are freed and made again batch after batch, and with huge pages the heap grew
+    # up to 3 MiB (a spectrum of a batch) beyond them on a worker
+    per_batch = batch * (8 * frame.pixels + 4 * frame.spectrum)
     return 4 * psfs * frame.pixels * (1 + frames) + per_batch + TASK_OVERHEAD
 
 
 def klip_tile(frames: int, npsf: int, rows: int, frame: Frame) -> int:
     """A KLIP tile of ``npsf`` references × ``rows`` rows for ``frames`` targets, made by
-    the rechunk: the tile and the pieces it is made of."""
+    a rechunk that concatenates: the tile and the pieces it is made of. (Not measured, and
+    unused: ``steps.klip`` now cuts its tiles as views of the aligned blocks.)"""
     return 2 * 4 * frames * npsf * rows * frame.nx + TASK_OVERHEAD
 
 
 def klip_gram(frames: int, npsf: int, rows: int, frame: Frame) -> int:
-    """Gram matrices on a tile: the tile, one float64 centred copy, the matrices."""
+    """Gram matrices on a tile: the tile, float64 centred copies, the matrices."""
     tile = rows * frame.nx
-    return 4 * frames * npsf * tile + 8 * npsf * tile + 8 * (frames + 1) * npsf**2 + TASK_OVERHEAD
+    # gram_block still holds the previous target's centred copy while it makes the next
+    copies = min(frames, 2)
+    return (
+        4 * frames * npsf * tile
+        + 8 * copies * npsf * tile
+        + 8 * (frames + 1) * npsf**2
+        + TASK_OVERHEAD
+    )
 
 
 def klip_sum(frames: int, npsf: int) -> int:
@@ -110,15 +144,17 @@ def klip_weights(frames: int, npsf: int, truncate: int) -> int:
 
 
 def klip_images(frames: int, npsf: int, rows: int, frame: Frame, truncate: int) -> int:
-    """KL images and ERR on a tile: the tile, the weights, two float64 copies of the tile
-    (one target at a time), the output."""
+    """KL images and ERR on a tile: the tile, the weights, the output, and for one target
+    at a time three float64 tile-sized arrays and the KL coefficients of the ERR."""
     count = min(truncate, npsf)
     tile = rows * frame.nx
+    # the ERR (klip.residual_std) holds the centred tile, its own copy of it (the residual)
+    # and the projection it subtracts, with the (count, tile) coefficients
     return (
         4 * frames * npsf * tile
         + 16 * frames * npsf * count
-        + 16 * npsf * tile
-        + 16 * count * tile
+        + 3 * 8 * npsf * tile
+        + 8 * count * tile
         + 8 * frames * (count + 1) * tile
         + TASK_OVERHEAD
     )

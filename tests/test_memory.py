@@ -1,0 +1,438 @@
+"""The memory model against measurements: every kind of task runs its block function on a
+Dask worker (a process with the environment the pipeline's LocalCluster gives its workers),
+and its measured peak must lie between the model's prediction / 1.5 and the prediction.
+
+The measured peak of a task is the bytes of its inputs (in a real run they exist before the
+task does) plus the rise of the worker's resident memory during the call: the peak resident
+size (VmHWM, reset just before the call) minus the resident size before it, measured after
+garbage collection and with the free heap memory given back, so that no memory freed by an
+earlier call hides the task's own. Each task runs twice and the second call is the one
+measured: the first loads what a worker loads once (drizzle, FFT plans, BLAS buffers),
+which is part of the worker's baseline, not of a task.
+
+Not measured: ``memory.klip_tile`` (no task makes such tiles any more), and writes of
+blocks cut along an inner axis (a psfalign block of some references), which copy one run
+at a time where ``memory.write`` counts a copy of the whole block.
+"""
+
+import ctypes
+import gc
+import os
+from dataclasses import dataclass
+from itertools import pairwise
+from math import prod
+from pathlib import Path
+
+import numpy as np
+import pytest
+from astropy.io import fits
+
+from coron_dask import memory
+from coron_dask.dqflags import PIXEL
+from coron_dask.io.fitsfile import FitsExtension, FitsRegion
+from coron_dask.kernels import blocks as kernels
+from coron_dask.memory import MIB, SPLIT_EVERY, Frame
+
+#: The model may overestimate a measured peak by at most this factor.
+LOOSENESS = 1.5
+DO_NOT_USE = PIXEL["DO_NOT_USE"]
+OUTLIER_BITS = PIXEL["DO_NOT_USE"] | PIXEL["OUTLIER"]
+MEDIAN_BAD_BITS = DO_NOT_USE  # outlier_detection's, from its good bits ~DO_NOT_USE
+TRUNCATE = 50
+M_TRIM_THRESHOLD = -1  # glibc's mallopt parameter
+MIRI = (8, 216, 16, 212)  # MIRI's 4QPM field (y0, y1, x0, x1): beyond it NON_SCIENCE
+
+
+@dataclass(frozen=True)
+class Case:
+    """One task: its kind and its block (the builder's and the model's arguments)."""
+
+    kind: str
+    block: dict
+
+    def __str__(self) -> str:
+        block = ",".join(f"{k}={v}".replace(" ", "") for k, v in self.block.items())
+        return f"{self.kind}[{block}]"
+
+
+# Blocks of the sizes the planner makes (a few MB and more): small and large frames, few
+# and many frames, references or integrations; a read of every integration of some rows
+# (a median slab); KLIP tiles of about 16 MiB of references (``chunking.tile_rows``) in
+# ``splits`` reference blocks; ``bad``: the fraction of bad pixels (a few, or so many that
+# the fill works in full batches); ``field``: MIRI's, NON_SCIENCE beyond it.
+CASES = [
+    Case("read", dict(block=(60, 160, 160), file=(65, 160, 160), start=3, dtype="float32")),
+    Case("read", dict(block=(50, 224, 288), file=(60, 224, 288), start=5, dtype="uint32")),
+    Case("read", dict(block=(100, 64, 288), file=(100, 224, 288), start=80, dtype="float32")),
+    Case("outlier_median", dict(nints=50, rows=64, nx=160)),
+    Case("outlier_median", dict(nints=100, rows=64, nx=288)),
+    Case("outlier_flag", dict(frames=20, ny=160, nx=160, which="sci")),
+    Case("outlier_flag", dict(frames=40, ny=224, nx=288, which="dq")),
+    Case("fill", dict(frames=150, ny=160, nx=160, image="sci", bad=0.01, box=3)),
+    Case("fill", dict(frames=20, ny=224, nx=288, image="err", bad=0.01, box=3)),
+    Case("fill", dict(frames=30, ny=224, nx=288, image="sci", bad=0.15, box=3)),
+    Case("fill", dict(frames=30, ny=224, nx=288, image="err", bad=0.15, box=5)),
+    Case("fill", dict(frames=20, ny=224, nx=288, image="err", bad=0.003, box=3, field=MIRI)),
+    Case("fit", dict(frames=1, psfs=40, ny=64, nx=64)),
+    Case("fit", dict(frames=2, psfs=20, ny=160, nx=160)),
+    Case("fit", dict(frames=1, psfs=10, ny=224, nx=288)),
+    Case("shift", dict(frames=4, psfs=64, ny=64, nx=64)),
+    Case("shift", dict(frames=1, psfs=20, ny=160, nx=160)),
+    Case("shift", dict(frames=3, psfs=10, ny=224, nx=288)),
+    Case("klip_gram", dict(frames=1, npsf=100, rows=160, ny=160, nx=160, splits=2)),
+    Case("klip_gram", dict(frames=4, npsf=220, rows=66, ny=224, nx=288, splits=4)),
+    Case("klip_sum", dict(frames=4, npsf=300)),
+    Case("klip_sum", dict(frames=8, npsf=400)),
+    Case("klip_weights", dict(frames=8, npsf=300)),
+    Case("klip_weights", dict(frames=2, npsf=800)),
+    Case("klip_images", dict(frames=2, npsf=100, rows=160, ny=160, nx=160, splits=2)),
+    Case("klip_images", dict(frames=4, npsf=220, rows=66, ny=224, nx=288, splits=4)),
+    Case("klip_subtract", dict(frames=10, ny=160, nx=160, npsf=100, shared=True)),
+    Case("klip_subtract", dict(frames=4, ny=224, nx=288, npsf=200, shared=False)),
+    Case("resample", dict(frames=30, ny=160, nx=160)),
+    Case("resample", dict(frames=20, ny=224, nx=288)),
+    Case("write", dict(block=(20, 224, 288), file=(30, 224, 288), dtype="float32")),
+    Case("write", dict(block=(20, 224, 288), file=(30, 224, 288), dtype="uint32")),
+    Case("write", dict(block=(4, 10, 160, 160), file=(6, 10, 160, 160), dtype="float32")),
+]
+
+
+# --- measuring, on the worker ---------------------------------------------------------------
+
+
+def _status() -> dict[str, int]:
+    """VmRSS and VmHWM of this process, in bytes."""
+    values = {}
+    with open("/proc/self/status") as handle:
+        for line in handle:
+            key, _, value = line.partition(":")
+            if key in ("VmRSS", "VmHWM"):
+                values[key] = int(value.split()[0]) * 1024
+    return values
+
+
+def _settle() -> int:
+    """Free what can be freed, give free heap memory back, reset the peak: the resident size.
+
+    ``malloc_trim`` gives back the free pages inside the heaps, but not the free top of a
+    thread's arena (dask runs tasks on threads), which glibc trims only on a free and only
+    beyond MALLOC_TRIM_THRESHOLD_ (64 MiB on the workers): the threshold goes to 0 for one
+    large free, and back.
+    """
+    gc.collect()
+    libc = ctypes.CDLL("libc.so.6")
+    libc.malloc.restype = ctypes.c_void_p
+    libc.free.argtypes = [ctypes.c_void_p]
+    libc.mallopt(M_TRIM_THRESHOLD, 0)
+    libc.free(libc.malloc(2**20))
+    libc.mallopt(M_TRIM_THRESHOLD, int(os.environ.get("MALLOC_TRIM_THRESHOLD_", 2**17)))
+    libc.malloc_trim(0)
+    with open("/proc/self/clear_refs", "w") as handle:
+        handle.write("5")  # VmHWM := VmRSS
+    return _status()["VmRSS"]
+
+
+def measure(case: Case, path: str | None = None, repeat: int = 2) -> int:
+    """Build the inputs of ``case`` here, run its task ``repeat`` times and return the peak
+    of the last run: its inputs' bytes plus the rise of the resident size during the call."""
+    task, arrays = BUILD[case.kind](np.random.default_rng(7), path, **case.block)
+    inputs = sum({id(a): a.nbytes for a in arrays}.values())  # an array given twice counts once
+    for _ in range(repeat):
+        before = _settle()
+        result = task()
+        rise = _status()["VmHWM"] - before
+        del result
+    return inputs + rise
+
+
+# --- realistic inputs -----------------------------------------------------------------------
+
+
+def _psf(ny: int, nx: int, dx: float = 0.0, dy: float = 0.0) -> np.ndarray:
+    """A smooth coronagraphic-looking PSF (a core, a ring, a halo) centred + (dx, dy)."""
+    y, x = np.indices((ny, nx), dtype=np.float64)
+    radius = np.hypot(x - nx / 2 - dx, y - ny / 2 - dy)
+    core = np.exp(-0.5 * (radius / 2.5) ** 2)
+    ring = 0.2 * np.exp(-0.5 * ((radius - ny / 8) / 2.0) ** 2)
+    halo = 0.05 * np.exp(-0.5 * (radius / (ny / 5)) ** 2)
+    return 1000.0 * (core + ring + halo)
+
+
+def _frames(rng, count: int, ny: int, nx: int, jitter: float = 0.0) -> np.ndarray:
+    """``count`` float32 PSF frames, each moved by up to ``jitter`` pixels, scaled, noisy."""
+    out = np.empty((count, ny, nx), dtype=np.float32)
+    for i in range(count):
+        dx, dy = rng.uniform(-jitter, jitter, 2)
+        out[i] = rng.uniform(0.8, 1.2) * _psf(ny, nx, dx, dy) + rng.normal(0, 1.0, (ny, nx))
+    return out
+
+
+def _exposure(rng, count: int, ny: int, nx: int, bad: float = 0.01) -> tuple[np.ndarray, ...]:
+    """SCI, ERR, DQ of ``count`` integrations: a ``bad`` fraction of pixels flagged
+    DO_NOT_USE, a few NaN and a few outliers."""
+    sci = _frames(rng, count, ny, nx, jitter=0.3)
+    err = np.float32(1.0) + np.sqrt(np.abs(sci)) / np.float32(30)
+    dq = np.zeros(sci.shape, dtype=np.uint32)
+    size = sci.size
+    dq.flat[rng.choice(size, int(size * bad), replace=False)] = DO_NOT_USE
+    sci.flat[rng.choice(size, size // 500, replace=False)] = np.nan
+    sci.flat[rng.choice(size, size // 500, replace=False)] += 5000.0
+    return sci, err, dq
+
+
+def _tile(rng, frames: int, npsf: int, rows: int, ny: int, nx: int, splits: int):
+    """A KLIP tile as ``steps.klip`` hands it to a task: ``rows`` rows of the aligned
+    blocks (frames, p_j, ny, nx) that split the references in ``splits``, as views in
+    dask's nested lists; the references' means per block; and the views."""
+    refs = _frames(rng, npsf, ny, nx, jitter=0.05)
+    bounds = np.linspace(0, npsf, splits + 1).astype(int)
+    aligned = [
+        np.ascontiguousarray(np.broadcast_to(refs[a:b], (frames, b - a, ny, nx)))
+        for a, b in pairwise(bounds)
+    ]
+    start = (ny - rows) // 2
+    views = [block[:, :, start : start + rows] for block in aligned]
+    means = [block.mean(axis=(2, 3), dtype=np.float64) for block in aligned]
+    return [[view] for view in views], means, views
+
+
+def build_read(rng, path, block, file, start, dtype):
+    name, offset = path
+    proxy = FitsExtension(Path(name), offset, file, np.dtype(dtype))
+    key = tuple(
+        slice(start, start + n) if n < m else slice(None) for n, m in zip(block, file, strict=True)
+    )
+    return (lambda: proxy[key]), []
+
+
+def build_outlier_median(rng, path, nints, rows, nx):
+    sci, _, dq = _exposure(rng, nints, rows, nx)
+    return (lambda: kernels.median_block(sci, dq, MEDIAN_BAD_BITS, 0.7)), [sci, dq]
+
+
+def build_outlier_flag(rng, path, frames, ny, nx, which):
+    sci, err, dq = _exposure(rng, frames, ny, nx)
+    median = np.nanmedian(sci, axis=0).astype(np.float32)
+
+    def task():
+        return kernels.flag_block(which, sci, err, dq, median, 5.0, OUTLIER_BITS, DO_NOT_USE)
+
+    return task, [sci, err, dq, median]
+
+
+def build_fill(rng, path, frames, ny, nx, image, bad, box, field=None):
+    sci, err, dq = _exposure(rng, frames, ny, nx, bad)
+    non_science = None
+    if field is not None:  # MIRI: pixels beyond the field become 0, not filled
+        y0, y1, x0, x1 = field
+        outside = np.ones((ny, nx), dtype=bool)
+        outside[y0:y1, x0:x1] = False
+        dq[:, outside] |= DO_NOT_USE | PIXEL["NON_SCIENCE"]
+        non_science = PIXEL["NON_SCIENCE"]
+    data = sci if image == "sci" else err  # align_refs fills SCI and ERR, each with SCI, DQ
+
+    def task():
+        return kernels.fill_block(data, sci, dq, box, DO_NOT_USE, non_science)
+
+    return task, [data, sci, dq]
+
+
+def build_fit(rng, path, frames, psfs, ny, nx):
+    science = _frames(rng, frames, ny, nx)
+    refs = _frames(rng, psfs, ny, nx, jitter=1.0)
+    radius = np.hypot(*(np.indices((ny, nx)) - np.array([ny / 2, nx / 2])[:, None, None]))
+    mask = np.where(radius > 3, 1.0, 0.0)  # a PSFMASK without the core, float64 as align_refs
+    return (lambda: kernels.fit_block(science, refs, mask)), [science, refs, mask]
+
+
+def build_shift(rng, path, frames, psfs, ny, nx):
+    refs = _frames(rng, psfs, ny, nx, jitter=1.0)
+    shifts = rng.uniform(-1, 1, (frames, psfs, 3))
+    shifts = shifts[0] if frames == 1 else shifts  # align_to="first": (p, 3)
+    return (lambda: kernels.shift_block(refs, shifts)), [refs, shifts]
+
+
+def build_klip_gram(rng, path, frames, npsf, rows, ny, nx, splits):
+    pieces, means, views = _tile(rng, frames, npsf, rows, ny, nx, splits)
+    return (lambda: kernels.gram_block(pieces, means)), [*views, *means]
+
+
+def build_klip_sum(rng, path, frames, npsf):
+    terms = [rng.normal(size=(frames, 1, npsf, npsf)) for _ in range(SPLIT_EVERY)]
+    return (lambda: kernels.add_blocks(terms, (1,), True)), terms
+
+
+def build_klip_weights(rng, path, frames, npsf):
+    grams = np.empty((frames, npsf, npsf))
+    for gram in grams:
+        basis = rng.normal(size=(npsf, 2 * npsf))
+        np.matmul(basis, basis.T, out=gram)
+    return (lambda: kernels.weights_block(grams, 160 * 160, TRUNCATE)), [grams]
+
+
+def build_klip_images(rng, path, frames, npsf, rows, ny, nx, splits):
+    pieces, means, views = _tile(rng, frames, npsf, rows, ny, nx, splits)
+    weights = rng.normal(size=(frames, 2, npsf, min(TRUNCATE, npsf))) / np.sqrt(rows * nx)
+
+    def task():
+        return kernels.images_block(pieces, means, [[[weights]]])
+
+    return task, [*views, *means, weights]
+
+
+def build_klip_subtract(rng, path, frames, ny, nx, npsf, shared):
+    targets = _frames(rng, frames, ny, nx, jitter=0.3)
+    count = min(TRUNCATE, npsf)
+    images = rng.normal(size=(count, ny, nx) if shared else (frames, count, ny, nx))
+    images /= np.sqrt(ny * nx)
+    return (lambda: kernels.subtract_block(targets, images)), [targets, images]
+
+
+def resample_grid(ny: int, nx: int) -> tuple[np.ndarray, tuple[int, int]]:
+    """A pixel map (ny, nx, 2) of frames rotated by 30° and the output grid that holds them."""
+    y, x = np.indices((ny, nx), dtype=np.float64)
+    angle = np.radians(30)
+    gx = np.cos(angle) * x - np.sin(angle) * y
+    gy = np.sin(angle) * x + np.cos(angle) * y
+    gx -= gx.min() - 1
+    gy -= gy.min() - 1
+    shape = (int(np.ceil(gy.max())) + 2, int(np.ceil(gx.max())) + 2)
+    return np.dstack([gx, gy]), shape
+
+
+def build_resample(rng, path, frames, ny, nx):
+    sci, err, dq = _exposure(rng, frames, ny, nx)
+    pixmap, shape = resample_grid(ny, nx)
+
+    def task():
+        return kernels.drizzle_block(sci, err, dq, pixmap, shape, DO_NOT_USE)
+
+    return task, [sci, err, dq, pixmap]
+
+
+def build_write(rng, path, block, file, dtype):
+    name, offset = path
+    region = FitsRegion(Path(name), offset, file, np.dtype(dtype))
+    if dtype == "uint32":
+        data = rng.integers(0, 2**32, block, dtype=np.uint32)
+    else:
+        data = _frames(rng, prod(block[:-2]), *block[-2:]).reshape(block)
+    key = tuple(slice(1, 1 + n) if n < m else slice(None) for n, m in zip(block, file, strict=True))
+    return (lambda: region.__setitem__(key, data)), [data]
+
+
+BUILD = {
+    "read": build_read,
+    "outlier_median": build_outlier_median,
+    "outlier_flag": build_outlier_flag,
+    "fill": build_fill,
+    "fit": build_fit,
+    "shift": build_shift,
+    "klip_gram": build_klip_gram,
+    "klip_sum": build_klip_sum,
+    "klip_weights": build_klip_weights,
+    "klip_images": build_klip_images,
+    "klip_subtract": build_klip_subtract,
+    "resample": build_resample,
+    "write": build_write,
+}
+
+
+# --- the model's prediction -----------------------------------------------------------------
+
+
+def predict(case: Case) -> int:
+    """The model's peak for ``case``, called as the planner calls it."""
+    b = case.block
+    frame = Frame(b["ny"], b["nx"]) if "ny" in b else None
+    match case.kind:
+        case "read":
+            itemsize = np.dtype(b["dtype"]).itemsize
+            return memory.read(b["block"][0], prod(b["block"][1:]), itemsize)
+        case "outlier_median":
+            return memory.outlier_median(b["nints"], b["rows"], b["nx"])
+        case "outlier_flag":
+            return memory.outlier_flag(b["frames"], frame)
+        case "fill":
+            return memory.fill(b["frames"], frame, b["box"])
+        case "fit":
+            return memory.fit(b["frames"], b["psfs"], frame)
+        case "shift":
+            return memory.shift(b["frames"], b["psfs"], frame)
+        case "klip_gram":
+            return memory.klip_gram(b["frames"], b["npsf"], b["rows"], frame)
+        case "klip_sum":
+            return memory.klip_sum(b["frames"], b["npsf"])
+        case "klip_weights":
+            return memory.klip_weights(b["frames"], b["npsf"], TRUNCATE)
+        case "klip_images":
+            return memory.klip_images(b["frames"], b["npsf"], b["rows"], frame, TRUNCATE)
+        case "klip_subtract":
+            return memory.klip_subtract(b["frames"], frame, TRUNCATE, b["npsf"], b["shared"])
+        case "resample":
+            _, shape = resample_grid(b["ny"], b["nx"])
+            return memory.resample(b["frames"], frame, shape[0] * shape[1])
+        case "write":
+            nbytes = np.dtype(b["dtype"]).itemsize * prod(b["block"])
+            return memory.write(nbytes, unsigned=b["dtype"] == "uint32")
+    raise ValueError(f"no model for {case.kind}")
+
+
+# --- the test -------------------------------------------------------------------------------
+
+
+def fits_file(path: Path, shape: tuple[int, ...], dtype: str, rng=None) -> tuple[str, int]:
+    """A FITS file with one image extension of ``shape`` (random data with ``rng``, else
+    zeros): its name and the offset of its data."""
+    if rng is None:
+        data = np.zeros(shape, dtype=dtype)
+    elif dtype == "uint32":
+        data = rng.integers(0, 2**32, shape, dtype=np.uint32)
+    else:
+        data = rng.normal(size=shape).astype(dtype)
+    fits.HDUList([fits.PrimaryHDU(), fits.ImageHDU(data, name="SCI")]).writeto(path)
+    with fits.open(path) as hdul:
+        return str(path), hdul["SCI"].fileinfo()["datLoc"]
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory) -> dict[str, tuple[str, int]]:
+    """The files the read and write cases work on, by case: name and data offset."""
+    folder = tmp_path_factory.mktemp("memory")
+    rng = np.random.default_rng(3)
+    return {
+        str(case): fits_file(
+            folder / f"{case.kind}{number}.fits",
+            case.block["file"],
+            case.block["dtype"],
+            rng if case.kind == "read" else None,
+        )
+        for number, case in enumerate(CASES)
+        if case.kind in ("read", "write")
+    }
+
+
+@pytest.fixture(scope="module")
+def client():
+    """One worker process with one thread, started as the pipeline starts its workers."""
+    from coron_dask.cluster import Cluster
+
+    with Cluster(
+        n_workers=1,
+        threads_per_worker=1,
+        memory_limit="4GiB",
+        dashboard_address="127.0.0.1:0",
+        quiet=True,
+    ) as cluster:
+        yield cluster.client
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_model_bounds_measured_peak(case, client, files):
+    measured = client.submit(measure, case, files.get(str(case)), pure=False).result()
+    predicted = predict(case)
+    shown = f"{case}: predicted {predicted / MIB:.2f} MiB, measured {measured / MIB:.2f} MiB"
+    assert predicted >= measured, f"the model is below the measured peak: {shown}"
+    assert predicted <= LOOSENESS * measured, (
+        f"the model is loose by {predicted / measured:.2f}× (> {LOOSENESS}×): {shown}"
+    )
