@@ -1,12 +1,13 @@
 """How to cut the work into blocks that fit the workers' memory: pure planning, no dask.
 
 A worker's memory holds its own baseline (the interpreter and the libraries tasks import),
-what waits between tasks (the filled references every alignment task reads; the aligned
-references, KLIP tiles and KL images of the targets under way) and, on each of its
-threads, one running task (``memory`` predicts each kind's peak from its block). The plan
-takes the largest blocks for which all of that stays within ``fraction`` of the worker's
-memory limit (under dask's spill threshold, 0.7), with enough blocks for every worker
-thread; if even the smallest blocks do not fit, it refuses, saying what would.
+the freed memory its heaps keep (``memory.WORKER_RETAINED``), what waits between tasks
+(the filled references every alignment task reads; the aligned references and KL images
+of the targets under way) and, on each of its threads, one running task (``memory``
+predicts each kind's peak from its block). The plan takes the largest blocks for which
+all of that stays within ``fraction`` of the worker's memory limit (under dask's spill
+threshold, 0.7), with enough blocks for every worker thread; if even the smallest blocks
+do not fit, it refuses, saying what would.
 """
 
 from dataclasses import dataclass
@@ -132,7 +133,7 @@ def plan_blocks(
     workers: Workers,
     *,
     fraction: float = 0.6,
-    tile_bytes: int = 16 * 2**20,
+    tile_bytes: int = 8 * 2**20,
     integrations: int | None = None,
     psfs: int | None = None,
     outlier_rows: int | None = None,
@@ -146,7 +147,8 @@ def plan_blocks(
     """
     frame = Frame(*obs.frame)
     threads = workers.count * workers.threads
-    capacity = fraction * workers.memory_limit - workers.baseline - held(obs)
+    own = workers.baseline + memory.WORKER_RETAINED + held(obs)
+    capacity = fraction * workers.memory_limit - own
     klip_rows = tile_rows(obs.npsf, obs.frame, tile_bytes)
     shortest = min(obs.science_nints)
     by_parallelism = min(-(-shortest // 2), max(1, sum(obs.science_nints) // (2 * threads)))
@@ -180,9 +182,9 @@ def plan_blocks(
             continue
         ok, need, peaks = fits(k, p, rows)
         if ok or (integrations and psfs and outlier_rows):
-            return BlockPlan(k, p, rows, klip_rows, workers.baseline + held(obs) + need, peaks)
+            return BlockPlan(k, p, rows, klip_rows, own + need, peaks)
     _, need, _ = fits(1, 1, 1)
-    minimum = (workers.baseline + held(obs) + need) / fraction
+    minimum = (own + need) / fraction
     raise CoronInputError(
         "memory",
         f"{obs.frame[0]}x{obs.frame[1]} frames with {obs.npsf} references need workers of "

@@ -18,21 +18,24 @@ from dask.delayed import Delayed
 
 from coron_dask.chunking import Workers
 from coron_dask.errors import ClusterError, CoronInputError
+from coron_dask.memory import MALLOC
 
 log = logging.getLogger(__name__)
 
 LOCAL_SCHEDULERS = ("synchronous", "sync", "single-threaded", "threads", "threading")
 #: Environment of LocalCluster workers. One BLAS thread per worker thread (dask runs one
-#: task per thread). glibc malloc: distributed's default MALLOC_TRIM_THRESHOLD_=65536 also
-#: pins the mmap threshold at 128 KiB, so every FFT temporary is mapped and faulted in
-#: afresh, which halves the speed of the shift fit; arrays under 32 MiB reuse the heap here,
-#: and free memory over 64 MiB still goes back to the system.
+#: task per thread). glibc malloc (``memory.MALLOC``, which the memory model counts on):
+#: distributed's default MALLOC_TRIM_THRESHOLD_=65536 also pins the mmap threshold at
+#: 128 KiB, so every FFT temporary is mapped and faulted in afresh, which halves the speed
+#: of the shift fit; arrays under 32 MiB reuse the heap here, at most two heaps keep freed
+#: memory, and no more than 64 MiB each.
 WORKER_ENVIRON = {
     "OMP_NUM_THREADS": "1",
     "OPENBLAS_NUM_THREADS": "1",
     "MKL_NUM_THREADS": "1",
-    "MALLOC_MMAP_THRESHOLD_": str(2**25),
-    "MALLOC_TRIM_THRESHOLD_": str(2**26),
+    "MALLOC_MMAP_THRESHOLD_": str(MALLOC["MMAP_THRESHOLD"]),
+    "MALLOC_TRIM_THRESHOLD_": str(MALLOC["TRIM_THRESHOLD"]),
+    "MALLOC_ARENA_MAX": str(MALLOC["ARENA_MAX"]),
 }
 
 
@@ -256,6 +259,23 @@ def _local_cluster(options: dict) -> object:
         return LocalCluster(**options)
 
 
+#: mallopt(3) parameters of glibc for ``memory.MALLOC``'s settings.
+MALLOPT = {"TRIM_THRESHOLD": -1, "MMAP_THRESHOLD": -3, "ARENA_MAX": -8}
+
+
+def configure_malloc() -> bool:
+    """Apply ``memory.MALLOC`` to this process's glibc malloc (workers started by other
+    means than our LocalCluster: ``dask worker`` in a batch script or a jobqueue job).
+    False where the C library is not glibc."""
+    import ctypes
+
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return False
+    return all(mallopt(MALLOPT[name], value) == 1 for name, value in MALLOC.items())
+
+
 def process_memory() -> int:
     """Resident memory of this process (bytes), once the modules tasks import are loaded:
     a worker's baseline."""
@@ -280,6 +300,7 @@ def measure_workers(client: object | None) -> Workers:
         threads = (os.cpu_count() or 1) if threaded else 1
         return Workers(1, threads, MEMORY_LIMIT, process_memory())
     info = client.scheduler_info(n_workers=-1)["workers"]
+    client.run(configure_malloc)  # what the memory model counts on, however workers started
     baselines = client.run(process_memory)
     threads = min(w["nthreads"] for w in info.values())
     limit = min(w["memory_limit"] or MEMORY_LIMIT for w in info.values())

@@ -107,7 +107,7 @@ def _basis(aligned: da.Array, truncate: int, rows: int) -> tuple[da.Array, da.Ar
 
 
 def klip(
-    science: xr.Dataset, psfalign: xr.Dataset, truncate: int = 50, *, tile_bytes: int = 2**24
+    science: xr.Dataset, psfalign: xr.Dataset, truncate: int = 50, *, tile_bytes: int = 2**23
 ) -> xr.Dataset:
     """psfsub of ``science`` (the filled cube from align_refs): ``sci``, ``err``, ``dq``.
 
