@@ -220,7 +220,7 @@ def run_scenario(scenario: Scenario, root: Path, machine: dict, verify_chunks: b
         "commit": commit(),
         "pairs": scenario.pairs,
         "psfalign_gb": scenario.psfalign_bytes / 1e9,
-        "coron_dask": asdict(ours),
+        "coron_dask": {k: v for k, v in asdict(ours).items() if k != "trace"},
         "stages": stats["stages"],
         "workers_lost": stats.get("workers_lost"),
         "events": stats["events"],
@@ -243,7 +243,7 @@ def run_scenario(scenario: Scenario, root: Path, machine: dict, verify_chunks: b
     row["over_roofline"] = ours.seconds / row["roofline_s"]
     if scenario.jwst:
         theirs = jwst(scenario, asn, work)
-        row["jwst"] = asdict(theirs)
+        row["jwst"] = {k: v for k, v in asdict(theirs).items() if k != "trace"}
         row["speedup"] = theirs.seconds / ours.seconds
         if scenario.jwst == "functions":
             row["parity"] = parity(work, work / "out")
