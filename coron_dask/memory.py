@@ -10,6 +10,7 @@ also holds what waits between tasks (``held``, ``waiting``) on top of its own ba
 
 from dataclasses import dataclass
 
+from coron_dask.kernels.klip import PROJECTION_COLUMNS
 from coron_dask.kernels.median_fill import FILL_BATCH
 from coron_dask.kernels.registration import BATCH_PIXELS
 
@@ -122,14 +123,8 @@ def klip_tile(frames: int, npsf: int, rows: int, frame: Frame) -> int:
 def klip_gram(frames: int, npsf: int, rows: int, frame: Frame) -> int:
     """Gram matrices on a tile: the tile, float64 centred copies, the matrices."""
     tile = rows * frame.nx
-    # gram_block still holds the previous target's centred copy while it makes the next
-    copies = min(frames, 2)
-    return (
-        4 * frames * npsf * tile
-        + 8 * copies * npsf * tile
-        + 8 * (frames + 1) * npsf**2
-        + TASK_OVERHEAD
-    )
+    # one target's centred copy at a time
+    return 4 * frames * npsf * tile + 8 * npsf * tile + 8 * (frames + 1) * npsf**2 + TASK_OVERHEAD
 
 
 def klip_sum(frames: int, npsf: int) -> int:
@@ -145,16 +140,17 @@ def klip_weights(frames: int, npsf: int, truncate: int) -> int:
 
 def klip_images(frames: int, npsf: int, rows: int, frame: Frame, truncate: int) -> int:
     """KL images and ERR on a tile: the tile, the weights, the output, and for one target
-    at a time three float64 tile-sized arrays and the KL coefficients of the ERR."""
+    at a time the float64 centred tile (the ERR works in it), the KL images and the
+    projection of a slice of PROJECTION_COLUMNS pixels."""
     count = min(truncate, npsf)
     tile = rows * frame.nx
-    # the ERR (klip.residual_std) holds the centred tile, its own copy of it (the residual)
-    # and the projection it subtracts, with the (count, tile) coefficients
+    columns = min(tile, PROJECTION_COLUMNS)
     return (
         4 * frames * npsf * tile
         + 16 * frames * npsf * count
-        + 3 * 8 * npsf * tile
+        + 8 * npsf * tile
         + 8 * count * tile
+        + 8 * (npsf + count) * columns
         + 8 * frames * (count + 1) * tile
         + TASK_OVERHEAD
     )

@@ -145,6 +145,7 @@ def gram_block(pieces: list, means: list) -> np.ndarray:
     for i in range(first.shape[0]):
         centred = _centred_tile(pieces, means, i)
         out[i, 0] = centred @ centred.T
+        del centred  # before the next target's is made
     return out
 
 
@@ -179,7 +180,8 @@ def images_block(pieces: list, means: list, weights: list) -> np.ndarray:
     for i in range(m):
         centred = _centred_tile(pieces, means, i)
         out[i, :count] = (weights[i, 0].T @ centred).reshape(count, rows, nx)
-        out[i, count] = klip.residual_std(centred, 0.0, weights[i]).reshape(rows, nx)
+        out[i, count] = klip.centred_residual_std(centred, weights[i]).reshape(rows, nx)
+        del centred  # before the next target's is made
     return out
 
 

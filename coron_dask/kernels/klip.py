@@ -32,9 +32,9 @@ def frame_means(refs: np.ndarray) -> np.ndarray:
     return refs.mean(axis=axes, dtype=np.float64)
 
 
-def _centred(tile: np.ndarray, means: np.ndarray | float) -> np.ndarray:
+def _centred(tile: np.ndarray, means: np.ndarray) -> np.ndarray:
     centred = tile.astype(np.float64)
-    centred -= np.asarray(means)[..., None]
+    centred -= means[:, None]
     return centred
 
 
@@ -63,15 +63,25 @@ def kl_images(tile: np.ndarray, means: np.ndarray, weights: np.ndarray) -> np.nd
     return weights[0].T @ _centred(tile, means)
 
 
+#: Pixels of a tile whose projection on the KL basis is subtracted at once: bounds the
+#: ERR's temporary to nrefs × PROJECTION_COLUMNS.
+PROJECTION_COLUMNS = 1024
+
+
 def residual_std(tile: np.ndarray, means: np.ndarray, weights: np.ndarray) -> np.ndarray:
     """KLIP's ERR on a tile (npix_tile,): per pixel, the standard deviation over the
-    references of their own residuals after projection on the KL basis (jwst's ERR).
-    ``means`` 0 for a tile already centred."""
-    residual = _centred(tile, means)
-    residual -= weights[1] @ (weights[0].T @ residual)
-    residual -= residual.mean(axis=0)
-    np.square(residual, out=residual)
-    return np.sqrt(residual.mean(axis=0))
+    references of their own residuals after projection on the KL basis (jwst's ERR)."""
+    return centred_residual_std(_centred(tile, means), weights)
+
+
+def centred_residual_std(centred: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """``residual_std`` of a tile already centred and in float64, which it overwrites."""
+    for start in range(0, centred.shape[1], PROJECTION_COLUMNS):
+        part = centred[:, start : start + PROJECTION_COLUMNS]
+        part -= weights[1] @ (weights[0].T @ part)
+    centred -= centred.mean(axis=0)
+    np.square(centred, out=centred)
+    return np.sqrt(centred.mean(axis=0))
 
 
 def klip_subtract(targets: np.ndarray, basis: np.ndarray) -> np.ndarray:
