@@ -259,34 +259,6 @@ def _local_cluster(options: dict) -> object:
         return LocalCluster(**options)
 
 
-#: mallopt(3) parameters of glibc for ``memory.MALLOC``'s settings.
-MALLOPT = {"TRIM_THRESHOLD": -1, "MMAP_THRESHOLD": -3, "ARENA_MAX": -8}
-
-
-def configure_malloc() -> bool:
-    """Apply ``memory.MALLOC`` to this process's glibc malloc (workers started by other
-    means than our LocalCluster: ``dask worker`` in a batch script or a jobqueue job).
-    False where the C library is not glibc."""
-    import ctypes
-
-    try:
-        mallopt = ctypes.CDLL("libc.so.6").mallopt
-    except (OSError, AttributeError):
-        return False
-    return all(mallopt(MALLOPT[name], value) == 1 for name, value in MALLOC.items())
-
-
-def process_memory() -> int:
-    """Resident memory of this process (bytes), once the modules tasks import are loaded:
-    a worker's baseline."""
-    import psutil
-
-    import coron_dask.io.fitsfile
-    import coron_dask.kernels.blocks  # noqa: F401
-
-    return psutil.Process().memory_info().rss
-
-
 def measure_workers(client: object | None) -> Workers:
     """The workers of the cluster ``client`` is connected to, as the block plan sees them:
     count, threads and memory limit of each (the smallest, for a mixed cluster) and the
@@ -295,12 +267,18 @@ def measure_workers(client: object | None) -> Workers:
     get this machine's."""
     from distributed.system import MEMORY_LIMIT
 
+    from coron_dask.workers import process_memory
+
     if client is None:
         threaded = dask.config.get("scheduler", None) in ("threads", "threading")
         threads = (os.cpu_count() or 1) if threaded else 1
         return Workers(1, threads, MEMORY_LIMIT, process_memory())
     info = client.scheduler_info(n_workers=-1)["workers"]
-    client.run(configure_malloc)  # what the memory model counts on, however workers started
+    from coron_dask.workers import TrimAfterTasks, configure_malloc, process_memory
+
+    # what the memory model counts on, however the workers were started
+    client.run(configure_malloc)
+    client.register_plugin(TrimAfterTasks(), name=TrimAfterTasks.name)
     baselines = client.run(process_memory)
     threads = min(w["nthreads"] for w in info.values())
     limit = min(w["memory_limit"] or MEMORY_LIMIT for w in info.values())
