@@ -51,6 +51,7 @@ class Scenario:
     memory_limit: str = "auto"
     jwst: str | None = None  # "functions" or "shipped"
     extra: list[str] = field(default_factory=list)
+    instrument: str = "nircam"  # miri: 224 × 288 4QPM frames (size unused)
 
     @property
     def pairs(self) -> int:
@@ -59,7 +60,16 @@ class Scenario:
 
     @property
     def psfalign_bytes(self) -> int:
-        return 2 * 4 * self.pairs * self.size**2  # SCI and ERR, float32
+        written = "--no-psfalign" not in self.extra
+        return 2 * 4 * self.pairs * self.pixels if written else 0  # SCI and ERR, float32
+
+    @property
+    def pixels(self) -> int:
+        return 224 * 288 if self.instrument == "miri" else self.size**2
+
+    @property
+    def frame(self) -> str:
+        return "224×288" if self.instrument == "miri" else f"{self.size}²"
 
 
 SCENARIOS = {
@@ -87,6 +97,30 @@ SCENARIOS = {
         )
         for limit in ("0.75GiB", "1GiB", "2GiB", "4GiB")
     },
+    # MIRI 4QPM at realistic counts, 2 GiB workers: 1040 references; without psfalign
+    # 2 × 100 integrations (its psfalign would be 107 GB), with it 2 × 20 (21 GB)
+    "miri-no-psfalign": Scenario(
+        "miri-no-psfalign",
+        0,
+        2,
+        100,
+        16,
+        65,
+        memory_limit="2GiB",
+        extra=["--truncate", "20", "--no-psfalign"],
+        instrument="miri",
+    ),
+    "miri-psfalign": Scenario(
+        "miri-psfalign",
+        0,
+        2,
+        20,
+        16,
+        65,
+        memory_limit="2GiB",
+        extra=["--truncate", "20"],
+        instrument="miri",
+    ),
 }
 SCALING = [Scenario(f"scaling-{n}", 160, 1, n, 8, 5, "each") for n in (10, 20, 40, 80, 160)]
 
@@ -191,7 +225,9 @@ def simulate(scenario: Scenario, folder: Path) -> Path:
         "simulate",
         str(folder),
         "--size",
-        str(scenario.size),
+        str(scenario.size or 128),
+        "--instrument",
+        scenario.instrument,
         "--sci-exps",
         str(scenario.sci_exps),
         "--sci-ints",
@@ -231,13 +267,13 @@ def run_scenario(scenario: Scenario, root: Path, machine: dict, verify_chunks: b
     row["fit_ms_per_frame_task"] = 1e3 * fit["seconds"] / scenario.pairs
     nrefs = scenario.psf_exps * scenario.psf_ints
     nklip = scenario.sci_exps * (scenario.sci_ints if scenario.align_to == "each" else 1)
-    klip_flop = nklip * (nrefs**2 + 4 * min(50, nrefs) * nrefs) * scenario.size**2
+    klip_flop = nklip * (nrefs**2 + 4 * min(50, nrefs) * nrefs) * scenario.pixels
     klip = stats["stages"].get("klip", {"seconds": 0})
     row["klip_gflops"] = klip_flop / 1e9 / klip["seconds"] if klip["seconds"] else None
     # roofline per (integration, reference) pair: ~12 real FFTs (start, two Newton steps,
     # shifts of SCI and ERR) and KLIP's flops at the measured single-thread rates
     fft_ms = machine["fft_ms_160"] if scenario.size == 160 else machine["fft_ms_320"]
-    fft_ms *= (scenario.size / (160 if scenario.size == 160 else 320)) ** 2
+    fft_ms *= scenario.pixels / (160**2 if scenario.size == 160 else 320**2)
     roof = scenario.pairs * 12 * fft_ms / 1e3 + klip_flop / 1e9 / machine["matmul_gflops_1_thread"]
     row["roofline_s"] = roof / machine["cores"]
     row["over_roofline"] = ours.seconds / row["roofline_s"]
@@ -271,8 +307,8 @@ def markdown(rows: list[dict], machine: dict) -> str:
         f"{machine['fft_ms_320']} ms (320²), disk {machine['disk_write_mbps']} MB/s.",
         "",
         "| scenario | frames | psfalign | coron-dask | jwst | speed-up | peak memory | "
-        "limit | frames/s | KLIP GFLOP/s | × roofline |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "limit | largest worker | frames/s | KLIP GFLOP/s | × roofline |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         s = row["scenario"]
@@ -284,13 +320,21 @@ def markdown(rows: list[dict], machine: dict) -> str:
         limit = row["memory_limit_total"] / GIB
         klip = f"{row['klip_gflops']:.1f}" if row.get("klip_gflops") else "–"
         lines.append(
-            f"| {s['name']} ({s['size']}², {s['sci_exps']}×{s['sci_ints']} sci, "
+            f"| {s['name']} ({Scenario(**s).frame}, {s['sci_exps']}×{s['sci_ints']} sci, "
             f"{s['psf_exps']}×{s['psf_ints']} ref, {s['align_to']}) | {row['pairs']} | "
             f"{row['psfalign_gb']:.2f} GB | {row['coron_dask']['seconds']:.1f} s | {jwst_s} | "
             f"{speedup} | {row['coron_dask']['peak_memory'] / GIB:.2f} GiB | {limit:.1f} GiB | "
+            f"{worker_share(row)} | "
             f"{row['frames_aligned_per_s']:.0f} | {klip} | {row['over_roofline']:.1f} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def worker_share(row: dict) -> str:
+    """The largest worker's peak as a share of its memory limit (dask spills at 0.70)."""
+    peak = row["coron_dask"].get("peak_worker")
+    per_worker = row["memory_limit_total"] / max(1, row["scenario"]["workers"])
+    return f"{peak / per_worker:.2f} of limit" if peak and per_worker else "–"
 
 
 def plot(rows: list[dict], path: Path) -> None:

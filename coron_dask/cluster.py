@@ -265,21 +265,23 @@ def measure_workers(client: object | None) -> Workers:
     largest baseline measured on them. With dask's local schedulers (``client`` None):
     this process, with this machine's memory and cores. Workers without a memory limit
     get this machine's."""
+    from distributed.comm import CommClosedError
     from distributed.system import MEMORY_LIMIT
 
-    from coron_dask.workers import process_memory
+    from coron_dask.workers import TrimAfterTasks, configure_malloc, process_memory
 
     if client is None:
         threaded = dask.config.get("scheduler", None) in ("threads", "threading")
         threads = (os.cpu_count() or 1) if threaded else 1
         return Workers(1, threads, MEMORY_LIMIT, process_memory())
-    info = client.scheduler_info(n_workers=-1)["workers"]
-    from coron_dask.workers import TrimAfterTasks, configure_malloc, process_memory
-
-    # what the memory model counts on, however the workers were started
-    client.run(configure_malloc)
-    client.register_plugin(TrimAfterTasks(), name=TrimAfterTasks.name)
-    baselines = client.run(process_memory)
+    try:
+        info = client.scheduler_info(n_workers=-1)["workers"]
+        # what the memory model counts on, however the workers were started
+        client.run(configure_malloc)
+        client.register_plugin(TrimAfterTasks(), name=TrimAfterTasks.name)
+        baselines = client.run(process_memory)
+    except (OSError, CommClosedError, KeyError):  # the scheduler went away while we asked
+        raise ClusterError("lost the connection to the scheduler") from None
     threads = min(w["nthreads"] for w in info.values())
     limit = min(w["memory_limit"] or MEMORY_LIMIT for w in info.values())
     return Workers(len(info), threads, limit, max(baselines.values()))
