@@ -119,17 +119,22 @@ class Cluster:
         cluster to join: blocks are planned from the workers there are."""
         if self._client is None and self.scheduler not in LOCAL_SCHEDULERS:
             from distributed import Client
+            from distributed.comm import CommClosedError
 
-            if self._local is not None:
-                self._client = Client(self.deployment, set_as_default=False)
-            else:
-                self._client = Client(
-                    self.scheduler, scheduler_file=self.scheduler_file, set_as_default=False
-                )
-            if not self.quiet:
-                print(f"Dask dashboard: {self._client.dashboard_link}", file=sys.stderr, flush=True)
-            if self.kind != "local" or self._local is None:  # a LocalCluster has its workers
-                await_workers(self._client, self.wait_for_workers)
+            try:
+                if self._local is not None:
+                    self._client = Client(self.deployment, set_as_default=False)
+                else:
+                    self._client = Client(
+                        self.scheduler, scheduler_file=self.scheduler_file, set_as_default=False
+                    )
+                if not self.quiet:
+                    link = self._client.dashboard_link
+                    print(f"Dask dashboard: {link}", file=sys.stderr, flush=True)
+                if self.kind != "local" or self._local is None:  # a LocalCluster has its workers
+                    await_workers(self._client, self.wait_for_workers)
+            except (OSError, CommClosedError) as error:  # not there, or gone while we waited
+                raise ClusterError(f"cannot reach the scheduler ({error})") from None
         return self._client
 
     @property
@@ -320,6 +325,24 @@ def summarize_task_stream(records: list[dict]) -> dict:
     return stages
 
 
+def _lost(client: object) -> None:
+    """Raise the one-line error of a lost scheduler, without distributed's reconnection
+    attempts (it would retry for distributed.comm.timeouts.connect, logging each one)."""
+    logging.getLogger("distributed.client").setLevel(logging.CRITICAL)
+    with contextlib.suppress(Exception):
+        client.close(timeout=1)
+    raise ClusterError("lost the connection to the scheduler") from None
+
+
+def _cancel(client: object, futures: list) -> None:
+    """Cancel ``futures`` and wait (a minute at most) until no task runs any more."""
+    client.cancel(futures)
+    deadline = time.monotonic() + 60
+    with contextlib.suppress(Exception):
+        while any(client.processing().values()) and time.monotonic() < deadline:
+            time.sleep(0.1)
+
+
 def _gather(client: object, futures: list) -> None:
     """Wait for ``futures``. A lost scheduler or a task that kills its workers raises
     ClusterError, in one line; any other failure is the task's own error, raised as it is.
@@ -331,17 +354,14 @@ def _gather(client: object, futures: list) -> None:
     try:
         client.gather(futures)
     except (concurrent.futures.CancelledError, CommClosedError):
-        # the client would retry for distributed.comm.timeouts.connect, logging each failure
-        logging.getLogger("distributed.client").setLevel(logging.CRITICAL)
-        with contextlib.suppress(Exception):
-            client.close(timeout=1)
-        raise ClusterError("lost the connection to the scheduler") from None
+        _lost(client)
+    except OSError:
+        if client.status != "running":  # the client's own connection, not a task's I/O
+            _lost(client)
+        _cancel(client, futures)
+        raise
     except BaseException as error:
-        client.cancel(futures)
-        deadline = time.monotonic() + 60
-        with contextlib.suppress(Exception):
-            while any(client.processing().values()) and time.monotonic() < deadline:
-                time.sleep(0.1)
+        _cancel(client, futures)
         if isinstance(error, KilledWorker):
             raise ClusterError(f"workers kept dying on task {error.task!r}") from None
         raise
@@ -384,7 +404,12 @@ def execute(
             if report:
                 stack.enter_context(performance_report(filename=os.fspath(report)))
             stream = stack.enter_context(get_task_stream(client)) if stats else None
-            futures = client.compute(list(writes))
+            try:
+                futures = client.compute(list(writes))
+            except OSError:
+                if client.status == "running":
+                    raise
+                _lost(client)
             if progress:
                 show_progress(futures)
                 print(file=sys.stderr)
