@@ -113,13 +113,6 @@ def shift(frames: int, psfs: int, frame: Frame) -> int:
     return 4 * psfs * frame.pixels * (1 + frames) + per_batch + TASK_OVERHEAD
 
 
-def klip_tile(frames: int, npsf: int, rows: int, frame: Frame) -> int:
-    """A KLIP tile of ``npsf`` references × ``rows`` rows for ``frames`` targets, made by
-    a rechunk that concatenates: the tile and the pieces it is made of. (Not measured, and
-    unused: ``steps.klip`` now cuts its tiles as views of the aligned blocks.)"""
-    return 2 * 4 * frames * npsf * rows * frame.nx + TASK_OVERHEAD
-
-
 def klip_gram(frames: int, npsf: int, rows: int, frame: Frame) -> int:
     """Gram matrices on a tile: the tile, float64 centred copies, the matrices."""
     tile = rows * frame.nx

@@ -10,9 +10,9 @@ earlier call hides the task's own. Each task runs twice and the second call is t
 measured: the first loads what a worker loads once (drizzle, FFT plans, BLAS buffers),
 which is part of the worker's baseline, not of a task.
 
-Not measured: ``memory.klip_tile`` (no task makes such tiles any more), and writes of
-blocks cut along an inner axis (a psfalign block of some references), which copy one run
-at a time where ``memory.write`` counts a copy of the whole block.
+Not measured: writes of blocks cut along an inner axis (a psfalign block of some
+references), which copy one run at a time where ``memory.write`` counts a copy of the
+whole block (an upper bound, looser than 1.5× there).
 """
 
 import ctypes
