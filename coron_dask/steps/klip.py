@@ -22,32 +22,13 @@ from dask.base import tokenize
 from coron_dask.chunking import tile_rows
 from coron_dask.errors import CoronInputError
 from coron_dask.kernels.blocks import (
-    add_blocks,
     gram_block,
     images_block,
-    keep_block,
     means_block,
     subtract_block,
     weights_block,
 )
-from coron_dask.memory import SPLIT_EVERY
-
-
-def tree_sum(terms: da.Array, axis: int, name: str) -> da.Array:
-    """Sum of ``terms`` (blocks of one along ``axis``) in a tree of fixed fan-in, so that
-    the order of the additions, and the result, depend on the number of terms only."""
-    return da.reduction(
-        terms,
-        keep_block,
-        add_blocks,
-        combine=add_blocks,
-        axis=axis,
-        split_every={axis: SPLIT_EVERY},
-        concatenate=False,
-        dtype=terms.dtype,
-        meta=np.empty((0,) * (terms.ndim - 1), dtype=terms.dtype),
-        name=name,
-    )
+from coron_dask.steps.reductions import tree_sum
 
 
 def _basis(aligned: da.Array, truncate: int, rows: int) -> tuple[da.Array, da.Array]:

@@ -18,7 +18,7 @@ from dask.base import tokenize
 from coron_dask.dqflags import PIXEL
 from coron_dask.errors import CoronInputError
 from coron_dask.kernels.blocks import drizzle_block
-from coron_dask.steps.klip import tree_sum
+from coron_dask.steps.reductions import tree_sum
 
 
 def sky_wcs(exposure: xr.Dataset) -> WCS:
