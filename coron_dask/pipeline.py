@@ -260,9 +260,7 @@ def build_products(
             bad_bits=p["bad_bits"],
             align_to=p["align_to"],
         )
-        psfsub = klip(
-            filled, psfalign, p["truncate"], tile_bytes=parse_bytes(config.get("chunks.klip-tile"))
-        )
+        psfsub = klip(filled, psfalign, p["truncate"], rows=plan.klip_rows)
         psfsubs.append(psfsub)
         root = f"{exposure_root(exposure)}_{association.asn_id}"
         model = "QuadModel" if p["align_to"] == "each" else "CubeModel"

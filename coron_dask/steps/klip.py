@@ -88,18 +88,19 @@ def _basis(aligned: da.Array, truncate: int, rows: int) -> tuple[da.Array, da.Ar
 
 
 def klip(
-    science: xr.Dataset, psfalign: xr.Dataset, truncate: int = 50, *, tile_bytes: int = 2**23
+    science: xr.Dataset, psfalign: xr.Dataset, truncate: int = 50, *, rows: int | None = None
 ) -> xr.Dataset:
     """psfsub of ``science`` (the filled cube from align_refs): ``sci``, ``err``, ``dq``.
 
-    ``tile_bytes`` bounds the references' part of a KLIP tile (see ``tile_rows``).
+    ``rows`` of frame per KLIP tile (the block plan's; default: ``chunking.tile_rows`` of
+    8 MiB, the default of the setting coron_dask.chunks.klip-tile).
     """
     if truncate < 0:
         raise CoronInputError("truncate", f"must be >= 0, got {truncate}")
     target = science["sci"].data
     aligned = psfalign["sci"].data
     npsf = psfalign.sizes["psf"]
-    rows = tile_rows(npsf, (target.shape[1], target.shape[2]), tile_bytes)
+    rows = rows or tile_rows(npsf, (target.shape[1], target.shape[2]), 2**23)
     if aligned.ndim == 4:
         images, error = _basis(aligned.rechunk({0: target.chunks[0]}), truncate, rows)
         images_index = "mkyx"
