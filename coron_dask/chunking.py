@@ -183,12 +183,16 @@ def plan_blocks(
         ok, need, peaks = fits(k, p, rows)
         if ok or (integrations and psfs and outlier_rows):
             return BlockPlan(k, p, rows, klip_rows, own + need, peaks)
-    _, need, _ = fits(1, 1, 1)
-    minimum = (own + need) / fraction
+    smallest = max(task_peaks(obs, 1, 1, 1, klip_rows).values())
+
+    def minimum(threads: int) -> float:
+        """The memory limit a worker of ``threads`` threads needs for the smallest blocks."""
+        return (own + waiting(obs, 1, threads) + threads * smallest) / fraction / GIB
+
     raise CoronInputError(
         "memory",
         f"{obs.frame[0]}x{obs.frame[1]} frames with {obs.npsf} references need workers of "
-        f"at least {minimum / GIB:.2f} GiB ({minimum / workers.threads / GIB:.2f} GiB per "
-        f"worker thread, {workers.threads} thread(s) each); the workers have "
+        f"at least {minimum(workers.threads):.2f} GiB ({minimum(1):.2f} GiB per worker "
+        f"thread, {workers.threads} thread(s) each); the workers have "
         f"{workers.memory_limit / GIB:.2f} GiB (--memory-limit, or fewer threads per worker)",
     )

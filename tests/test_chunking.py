@@ -73,3 +73,17 @@ def test_blocks_given_are_kept():
     obs = Observation((16, 16), (5,) * 8, (160, 160))
     plan = plan_blocks(obs, workers(2), fraction=0.6, integrations=1, psfs=3, outlier_rows=5)
     assert (plan.integrations, plan.psfs, plan.outlier_rows) == (1, 3, 5)
+
+
+def test_minimum_per_thread_is_that_of_a_one_thread_worker():
+    """With several threads per worker the stated per-thread minimum is what a worker of
+    one thread needs: enough for it, and less than the minimum of the given workers."""
+    obs = Observation((50, 50), (20,) * 11, (320, 320), truncate=20)
+    with pytest.raises(CoronInputError) as caught:
+        plan_blocks(obs, workers(0.25, threads=4), fraction=0.6)
+    message = str(caught.value)
+    total = float(message.split("at least ")[1].split(" GiB")[0])
+    per_thread = float(message.split("(")[1].split(" GiB per worker thread")[0])
+    assert "4 thread(s) each" in message and per_thread < total
+    plan_blocks(obs, workers(per_thread + 0.01, threads=1), fraction=0.6)
+    plan_blocks(obs, workers(total + 0.01, threads=4), fraction=0.6)
