@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from coron_dask.kernels.klip import PROJECTION_COLUMNS
 from coron_dask.kernels.median_fill import FILL_BATCH
-from coron_dask.kernels.registration import BATCH_PIXELS
+from coron_dask.kernels.registration import fit_batch, shift_batch
 
 MIB = 2**20
 #: What a task's resident memory exceeds its arrays by: one 2 MiB transparent huge page
@@ -46,16 +46,6 @@ class Frame:
     def spectrum(self) -> int:
         """Bytes of one complex rfft2 spectrum (float64)."""
         return self.ny * (self.nx // 2 + 1) * 16
-
-
-def fft_batch(frame: Frame) -> int:
-    """Frames the shift fit fits at once (``kernels.registration``: at most 16)."""
-    return int(min(16, max(1, BATCH_PIXELS // frame.pixels)))
-
-
-def shift_batch(frame: Frame) -> int:
-    """Frames the shift transforms at once (``kernels.blocks.shift_block``: no cap of 16)."""
-    return int(max(1, BATCH_PIXELS // frame.pixels))
 
 
 def read(frames: int, pixels: int, itemsize: int = 4) -> int:
@@ -92,7 +82,7 @@ def fit(frames: int, psfs: int, frame: Frame) -> int:
     """Shift fit of ``psfs`` references to ``frames`` science frames: both in (float32), the
     PSFMASK, the science frame's spectra and model energy, and a batch of references in
     flight (float64 frames, their spectra, the model and its derivatives)."""
-    batch = min(psfs, fft_batch(frame))
+    batch = min(psfs, fit_batch(frame.pixels))
     per_batch = batch * (11 * 8 * frame.pixels + 4 * frame.spectrum)
     problem = 4 * 8 * frame.pixels + 4 * frame.spectrum
     inputs = 4 * (frames + psfs) * frame.pixels + 8 * frame.pixels
@@ -105,7 +95,7 @@ def shift(frames: int, psfs: int, frame: Frame) -> int:
     the output (float32), and for a batch of frames their spectra, the shifted spectra, the
     inverse transform's complex intermediate and its float64 result, and heap slack."""
     # the batch is shift_block's (uncapped: 64 frames of 64x64), not the fit's
-    batch = min(psfs, shift_batch(frame))
+    batch = min(psfs, shift_batch(frame.pixels))
     # the fourth spectrum is slack: the batch's arrays (float64 frames, spectra a little
     # larger) are freed and made again batch after batch, and with huge pages the heap grew
     # up to 3 MiB (a spectrum of a batch) beyond them on a worker

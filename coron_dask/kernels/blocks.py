@@ -11,7 +11,7 @@ import numpy as np
 from coron_dask.kernels import klip
 from coron_dask.kernels.fourier_shift import shift_spectra
 from coron_dask.kernels.median_fill import median_fill
-from coron_dask.kernels.registration import BATCH_PIXELS, fit_shifts
+from coron_dask.kernels.registration import fit_shifts, shift_batch
 
 
 def nanmedian_frames(cube: np.ndarray) -> np.ndarray:
@@ -100,7 +100,7 @@ def shift_block(frames: np.ndarray, shifts: np.ndarray) -> np.ndarray:
     integrations it is aligned to; frames go through the FFTs a batch at a time."""
     shape = frames.shape[-2:]
     out = np.empty((*shifts.shape[:-1], *shape), dtype=np.float32)
-    batch = max(1, BATCH_PIXELS // (shape[0] * shape[1]))
+    batch = shift_batch(shape[0] * shape[1])
     for start in range(0, len(frames), batch):
         part = slice(start, start + batch)
         spectra = np.fft.rfft2(np.asarray(frames[part], dtype=np.float64))

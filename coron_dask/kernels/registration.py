@@ -31,6 +31,16 @@ BATCH_PIXELS = 2**18
 BYTES_PER_BATCH_PIXEL = 100
 
 
+def fit_batch(pixels: int) -> int:
+    """References of ``pixels`` pixels each that the fit takes at once (1 to 16)."""
+    return int(np.clip(BATCH_PIXELS // pixels, 1, 16))
+
+
+def shift_batch(pixels: int) -> int:
+    """Frames of ``pixels`` pixels each that a Fourier shift block transforms at once."""
+    return max(1, BATCH_PIXELS // pixels)
+
+
 def fit_shifts(
     science: np.ndarray,
     psfs: np.ndarray,
@@ -49,7 +59,7 @@ def fit_shifts(
         return fit_shifts(science, psfs[None], mask, batch=batch)[0]
     weight = np.ones(science.shape) if mask is None else np.asarray(mask, dtype=np.float64)
     if batch is None:
-        batch = int(np.clip(BATCH_PIXELS // science.size, 1, 16))
+        batch = fit_batch(science.size)
     problem = _Problem(science, weight)
     out = np.empty((psfs.shape[0], 3))
     for start in range(0, psfs.shape[0], batch):
