@@ -106,7 +106,8 @@ def resample(
                 dtype=np.float64,
                 out_shape=shape,
                 bad_bits=bad_bits,
-                name="resample-drizzle-" + tokenize(sci, error.data, psfsub["dq"].data, shape),
+                name="resample-drizzle-"
+                + tokenize(sci, error.data, psfsub["dq"].data, pixmap, shape, bad_bits),
             )
         )
     total = tree_sum(da.concatenate(partials), 0, "resample-sum-" + tokenize(partials))
