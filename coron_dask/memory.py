@@ -107,7 +107,14 @@ def klip_gram(frames: int, npsf: int, rows: int, frame: Frame) -> int:
     """Gram matrices on a tile: the tile, float64 centred copies, the matrices."""
     tile = rows * frame.nx
     # one target's centred copy at a time
-    return 4 * frames * npsf * tile + 8 * npsf * tile + 8 * (frames + 1) * npsf**2 + TASK_OVERHEAD
+    # + a huge page (2 MiB) of rounding for the second large array alive at once
+    return (
+        4 * frames * npsf * tile
+        + 8 * npsf * tile
+        + 8 * (frames + 1) * npsf**2
+        + TASK_OVERHEAD
+        + 2 * MIB
+    )
 
 
 def klip_sum(frames: int, npsf: int) -> int:
@@ -136,6 +143,7 @@ def klip_images(frames: int, npsf: int, rows: int, frame: Frame, truncate: int) 
         + 8 * (npsf + count) * columns
         + 8 * frames * (count + 1) * tile
         + TASK_OVERHEAD
+        + 2 * 2 * MIB  # a huge page of rounding for each further large array alive at once
     )
 
 
@@ -166,7 +174,7 @@ def resample(frames: int, frame: Frame, grid_pixels: int) -> int:
     )
 
 
-def write(nbytes: int, unsigned: bool = False) -> int:
-    """Write a block of ``nbytes``: the block and its big-endian copy (and the offset one
-    of unsigned integers)."""
-    return nbytes * (3 if unsigned else 2) + TASK_OVERHEAD
+def write(nbytes: int) -> int:
+    """Write a block of ``nbytes``: the block and its big-endian copy (unsigned integers are
+    offset in that copy)."""
+    return 2 * nbytes + TASK_OVERHEAD

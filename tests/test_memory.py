@@ -374,7 +374,7 @@ def predict(case: Case) -> int:
             return memory.resample(b["frames"], frame, shape[0] * shape[1])
         case "write":
             nbytes = np.dtype(b["dtype"]).itemsize * prod(b["block"])
-            return memory.write(nbytes, unsigned=b["dtype"] == "uint32")
+            return memory.write(nbytes)
     raise ValueError(f"no model for {case.kind}")
 
 

@@ -93,9 +93,9 @@ class FitsRegion:
                 handle.write(memoryview(self._stored(block[index])).cast("B"))
 
     def _stored(self, run: np.ndarray) -> np.ndarray:
-        """A run of the block as the file stores it (big-endian, unsigned values offset): a
-        copy of one run at a time, not of the whole block."""
+        """A run of the block as the file stores it (big-endian, unsigned values offset): one
+        copy of one run at a time, offset in place, not a copy of the whole block."""
+        stored = run.astype(run.dtype.newbyteorder(">"), order="C")
         if self.bzero is not None:  # stored value = value - 2**(bits-1): flip the sign bit
-            run = np.bitwise_xor(run, run.dtype.type(self.bzero))
-            run = run.view(run.dtype.str.replace("u", "i"))
-        return np.ascontiguousarray(run, dtype=self.file_dtype)
+            stored ^= stored.dtype.type(self.bzero)
+        return stored.view(self.file_dtype)
