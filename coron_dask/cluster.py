@@ -273,7 +273,7 @@ def measure_workers(client: object | None) -> Workers:
     from distributed.comm import CommClosedError
     from distributed.system import MEMORY_LIMIT
 
-    from coron_dask.workers import TrimAfterTasks, configure_malloc, process_memory
+    from coron_dask.workers import TrimAfterTasks, configure_memory, process_memory
 
     if client is None:
         threaded = dask.config.get("scheduler", None) in ("threads", "threading")
@@ -282,7 +282,7 @@ def measure_workers(client: object | None) -> Workers:
     try:
         info = client.scheduler_info(n_workers=-1)["workers"]
         # what the memory model counts on, however the workers were started
-        client.run(configure_malloc)
+        client.run(configure_memory)
         client.register_plugin(TrimAfterTasks(), name=TrimAfterTasks.name)
         baselines = client.run(process_memory)
     except (OSError, CommClosedError, KeyError):  # the scheduler went away while we asked

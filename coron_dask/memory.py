@@ -15,11 +15,11 @@ from coron_dask.kernels.median_fill import FILL_BATCH
 from coron_dask.kernels.registration import fit_batch, shift_batch
 
 MIB = 2**20
-#: What a task's resident memory exceeds its arrays by: one 2 MiB transparent huge page
-#: (numpy asks for them on arrays of 4 MiB and more, and the heap then grows 2 MiB at a
-#: time) and half a MiB of Python and numpy objects and 4 KiB pages; measured on a worker
-#: (tests/test_memory.py): up to 2.02 MiB, 0.3 MiB with numpy's huge pages turned off.
-TASK_OVERHEAD = 5 * MIB // 2
+#: What a task's resident memory exceeds its arrays by: Python and numpy objects, 4 KiB
+#: page rounding and heap fragments; measured on a worker (tests/test_memory.py), whose
+#: transparent huge pages are off (``workers.configure_memory``): 0.3 MiB, up to 1.3 MiB
+#: under load.
+TASK_OVERHEAD = 2 * MIB
 #: Reduction fan-in of the Gram matrix and i2d sums (``steps.klip.SPLIT_EVERY`` uses it).
 SPLIT_EVERY = 4
 #: glibc malloc on the workers (``cluster.WORKER_ENVIRON``): arrays of 32 MiB and more are
@@ -92,14 +92,11 @@ def fit(frames: int, psfs: int, frame: Frame) -> int:
 
 def shift(frames: int, psfs: int, frame: Frame) -> int:
     """Fourier shift of ``psfs`` references to ``frames`` targets: references in (float32),
-    the output (float32), and for a batch of frames their spectra, the shifted spectra, the
-    inverse transform's complex intermediate and its float64 result, and heap slack."""
+    the output (float32), and the block's batch buffers: float64 frames, their spectra and
+    the shifted spectra (``kernels.blocks.shift_block``)."""
     # the batch is shift_block's (uncapped: 64 frames of 64x64), not the fit's
     batch = min(psfs, shift_batch(frame.pixels))
-    # the fourth spectrum is slack: the batch's arrays (float64 frames, spectra a little
-    # larger) are freed and made again batch after batch, and with huge pages the heap grew
-    # up to 3 MiB (a spectrum of a batch) beyond them on a worker
-    per_batch = batch * (8 * frame.pixels + 4 * frame.spectrum)
+    per_batch = batch * (8 * frame.pixels + 2 * frame.spectrum)
     return 4 * psfs * frame.pixels * (1 + frames) + per_batch + TASK_OVERHEAD
 
 
@@ -107,14 +104,7 @@ def klip_gram(frames: int, npsf: int, rows: int, frame: Frame) -> int:
     """Gram matrices on a tile: the tile, float64 centred copies, the matrices."""
     tile = rows * frame.nx
     # one target's centred copy at a time
-    # + a huge page (2 MiB) of rounding for the second large array alive at once
-    return (
-        4 * frames * npsf * tile
-        + 8 * npsf * tile
-        + 8 * (frames + 1) * npsf**2
-        + TASK_OVERHEAD
-        + 2 * MIB
-    )
+    return 4 * frames * npsf * tile + 8 * npsf * tile + 8 * (frames + 1) * npsf**2 + TASK_OVERHEAD
 
 
 def klip_sum(frames: int, npsf: int) -> int:
@@ -143,7 +133,6 @@ def klip_images(frames: int, npsf: int, rows: int, frame: Frame, truncate: int) 
         + 8 * (npsf + count) * columns
         + 8 * frames * (count + 1) * tile
         + TASK_OVERHEAD
-        + 2 * 2 * MIB  # a huge page of rounding for each further large array alive at once
     )
 
 

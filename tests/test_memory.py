@@ -414,8 +414,8 @@ def files(tmp_path_factory) -> dict[str, tuple[str, int]]:
 
 @pytest.fixture(scope="module")
 def client():
-    """One worker process with one thread, started as the pipeline starts its workers."""
-    from coron_dask.cluster import Cluster
+    """One worker process with one thread, started and set up as the pipeline's workers."""
+    from coron_dask.cluster import Cluster, measure_workers
 
     with Cluster(
         n_workers=1,
@@ -424,6 +424,7 @@ def client():
         dashboard_address="127.0.0.1:0",
         quiet=True,
     ) as cluster:
+        measure_workers(cluster.client)
         yield cluster.client
 
 

@@ -100,15 +100,22 @@ def shift_block(frames: np.ndarray, shifts: np.ndarray) -> np.ndarray:
     integrations it is aligned to; frames go through the FFTs a batch at a time."""
     shape = frames.shape[-2:]
     out = np.empty((*shifts.shape[:-1], *shape), dtype=np.float32)
-    batch = shift_batch(shape[0] * shape[1])
+    batch = min(len(frames), shift_batch(shape[0] * shape[1]))
+    # one set of batch buffers for the block: float64 frames (then the shifted images),
+    # their spectra and the shifted spectra
+    real = np.empty((batch, *shape))
+    spectra = np.empty((batch, shape[0], shape[1] // 2 + 1), dtype=np.complex128)
+    work = np.empty_like(spectra)
     for start in range(0, len(frames), batch):
-        part = slice(start, start + batch)
-        spectra = np.fft.rfft2(np.asarray(frames[part], dtype=np.float64))
-        if shifts.ndim == 2:
-            out[part] = shift_spectra(spectra, shape, -shifts[part, :2])
-        else:
-            for m, per_frame in enumerate(shifts):
-                out[m, part] = shift_spectra(spectra, shape, -per_frame[part, :2])
+        n = min(batch, len(frames) - start)
+        part = slice(start, start + n)
+        real[:n] = frames[part]
+        np.fft.rfft2(real[:n], out=spectra[:n])
+        for m, per_frame in enumerate(shifts if shifts.ndim == 3 else [shifts]):
+            images = shift_spectra(
+                spectra[:n], shape, -per_frame[part, :2], work=work[:n], out=real[:n]
+            )
+            out[(m, part) if shifts.ndim == 3 else part] = images
     return out
 
 

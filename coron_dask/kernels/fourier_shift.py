@@ -53,9 +53,12 @@ class Ramps:
             ramp[..., self.nyquist_row, -1] = self.corner[i + j]
         return ramp
 
-    def apply(self, spectrum: np.ndarray, i: int, j: int) -> np.ndarray:
-        """``spectrum`` times ``term(i, j)``, without building the full ramp first."""
-        out = spectrum * self.rows[j]
+    def apply(
+        self, spectrum: np.ndarray, i: int, j: int, out: np.ndarray | None = None
+    ) -> np.ndarray:
+        """``spectrum`` times ``term(i, j)``, without building the full ramp first (into
+        ``out`` if given)."""
+        out = np.multiply(spectrum, self.rows[j], out=out)
         out *= self.cols[i]
         if self.corner is not None:
             out[..., self.nyquist_row, -1] = (
@@ -73,11 +76,23 @@ class Ramps:
         return total
 
 
-def shift_spectra(spectra: np.ndarray, shape: tuple[int, int], shift: np.ndarray) -> np.ndarray:
+def shift_spectra(
+    spectra: np.ndarray,
+    shape: tuple[int, int],
+    shift: np.ndarray,
+    *,
+    work: np.ndarray | None = None,
+    out: np.ndarray | None = None,
+) -> np.ndarray:
     """Images (..., ny, nx) from rfft2 ``spectra`` (..., ny, nx//2+1) moved by ``shift``
-    (..., 2) = (dx, dy), which broadcasts against the spectra's leading axes."""
+    (..., 2) = (dx, dy), which broadcasts against the spectra's leading axes. ``work`` (like
+    ``spectra``) and ``out`` (float64) are buffers to reuse: with them nothing frame-sized
+    is allocated (irfft2 would make two spectra), so a loop over batches does not grow the
+    heap with fragments."""
     ramps = Ramps(shape, shift[..., 0], shift[..., 1], order=0)
-    return np.fft.irfft2(ramps.apply(spectra, 0, 0), s=shape)
+    moved = ramps.apply(spectra, 0, 0, out=work)
+    np.fft.ifft(moved, axis=-2, out=moved)  # irfft2 as its two passes, the first in place
+    return np.fft.irfft(moved, n=shape[1], axis=-1, out=out)
 
 
 def fourier_shift(image: np.ndarray, shift: np.ndarray) -> np.ndarray:
