@@ -88,10 +88,11 @@ def held(obs: Observation) -> int:
     return 4 * obs.npsf * frame.pixels * (2 if obs.save_psfalign else 1) + 8 * frame.pixels
 
 
-def waiting(obs: Observation, integrations: int, threads: int) -> int:
+def waiting(obs: Observation, integrations: int, psfs: int, threads: int) -> int:
     """Bytes waiting between tasks on a worker: for each target block under way (one per
     thread and the next), its aligned references (KLIP's tiles are views of them), its KL
-    images (tiles and frames) and its filled science frames."""
+    images (tiles and frames) and its filled science frames; and on each thread one
+    alignment block of a further target, which a thread aligns while KLIP finishes."""
     frame = Frame(*obs.frame)
     targets = integrations if obs.align_to == "each" else 1
     count = min(obs.truncate, obs.npsf)
@@ -100,7 +101,8 @@ def waiting(obs: Observation, integrations: int, threads: int) -> int:
         + 8 * targets * (2 * count + 1) * frame.pixels
         + 4 * integrations * frame.pixels
     )
-    return (threads + 1) * per_target
+    ahead = 4 * targets * psfs * frame.pixels
+    return (threads + 1) * per_target + threads * ahead
 
 
 def task_peaks(obs: Observation, integrations: int, psfs: int, outlier_rows: int, klip_rows: int):
@@ -140,8 +142,10 @@ def plan_blocks(
 ) -> BlockPlan:
     """The largest blocks whose predicted worker peak stays within ``fraction`` of the
     memory limit, with at least two integration blocks per worker thread (when the
-    exposures allow) and four alignment tasks per worker thread. Blocks given
-    (``integrations``, ``psfs``, ``outlier_rows``) are taken as they are, and checked.
+    exposures allow) and four alignment tasks per worker thread: of the integrations per
+    block that fit, the one that needs the fewest alignment tasks (the larger, on a tie).
+    Blocks given (``integrations``, ``psfs``, ``outlier_rows``) are taken
+    as they are, and checked.
 
     Raises CoronInputError, before anything is computed, when nothing fits.
     """
@@ -156,7 +160,7 @@ def plan_blocks(
 
     def fits(k: int, p: int, rows: int) -> tuple[bool, int, dict]:
         peaks = task_peaks(obs, k, p, rows, klip_rows)
-        need = waiting(obs, k, workers.threads) + workers.threads * max(peaks.values())
+        need = waiting(obs, k, p, workers.threads) + workers.threads * max(peaks.values())
         return need <= capacity, need, peaks
 
     def largest(bound: int, ok) -> int | None:
@@ -169,6 +173,7 @@ def plan_blocks(
             low, high = (middle, high) if ok(middle) else (low, middle - 1)
         return low
 
+    best = None
     for k in candidates:
         rows = outlier_rows or largest(frame.ny, lambda r: fits(k, 1, r)[0])  # noqa: B023
         if rows is None:
@@ -180,14 +185,19 @@ def plan_blocks(
         p = psfs or largest(bound, lambda p: fits(k, p, rows)[0])  # noqa: B023
         if p is None:
             continue
+        p = psfs or -(-obs.npsf // -(-obs.npsf // p))  # as many blocks, of even sizes
         ok, need, peaks = fits(k, p, rows)
         if ok or (integrations and psfs and outlier_rows):
-            return BlockPlan(k, p, rows, klip_rows, own + need, peaks)
+            tasks = targets * -(-obs.npsf // p)
+            if best is None or tasks < best[0]:
+                best = tasks, BlockPlan(k, p, rows, klip_rows, own + need, peaks)
+    if best is not None:
+        return best[1]
     smallest = max(task_peaks(obs, 1, 1, 1, klip_rows).values())
 
     def minimum(threads: int) -> float:
         """The memory limit a worker of ``threads`` threads needs for the smallest blocks."""
-        return (own + waiting(obs, 1, threads) + threads * smallest) / fraction / GIB
+        return (own + waiting(obs, 1, 1, threads) + threads * smallest) / fraction / GIB
 
     raise CoronInputError(
         "memory",
