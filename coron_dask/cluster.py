@@ -28,7 +28,7 @@ LOCAL_SCHEDULERS = ("synchronous", "sync", "single-threaded", "threads", "thread
 #: distributed's default MALLOC_TRIM_THRESHOLD_=65536 also pins the mmap threshold at
 #: 128 KiB, so every FFT temporary is mapped and faulted in afresh, which halves the speed
 #: of the shift fit; arrays under 32 MiB reuse the heap here, at most two heaps keep freed
-#: memory, and no more than 64 MiB each.
+#: memory, and no more than 32 MiB each.
 WORKER_ENVIRON = {
     "OMP_NUM_THREADS": "1",
     "OPENBLAS_NUM_THREADS": "1",

@@ -24,8 +24,9 @@ TASK_OVERHEAD = 2 * MIB
 SPLIT_EVERY = 4
 #: glibc malloc on the workers (``cluster.WORKER_ENVIRON``): arrays of 32 MiB and more are
 #: mapped and unmapped whole; smaller ones reuse the heap, and each heap (arena, at most
-#: two) keeps up to 64 MiB of freed memory instead of returning it to the system.
-MALLOC = {"MMAP_THRESHOLD": 2**25, "TRIM_THRESHOLD": 2**26, "ARENA_MAX": 2}
+#: two) keeps up to 32 MiB of freed memory instead of returning it to the system (a
+#: lower threshold slows the shift fit by a fifth: it maps its temporaries afresh).
+MALLOC = {"MMAP_THRESHOLD": 2**25, "TRIM_THRESHOLD": 2**25, "ARENA_MAX": 2}
 #: What a worker's resident memory may exceed its arrays by, besides its baseline: the
 #: freed memory its heaps keep (distributed calls it unmanaged memory).
 WORKER_RETAINED = MALLOC["ARENA_MAX"] * MALLOC["TRIM_THRESHOLD"]

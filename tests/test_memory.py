@@ -116,7 +116,7 @@ def _settle() -> int:
 
     ``malloc_trim`` gives back the free pages inside the heaps, but not the free top of a
     thread's arena (dask runs tasks on threads), which glibc trims only on a free and only
-    beyond MALLOC_TRIM_THRESHOLD_ (64 MiB on the workers): the threshold goes to 0 for one
+    beyond MALLOC_TRIM_THRESHOLD_ (32 MiB on the workers): the threshold goes to 0 for one
     large free, and back.
     """
     gc.collect()
