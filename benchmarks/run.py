@@ -298,7 +298,7 @@ def run_scenario(scenario: Scenario, root: Path, machine: dict, verify_chunks: b
             "--integrations-per-chunk",
             "1",
             "--psfs-per-chunk",
-            "64",
+            "16",
         )
         row["identical_to_small_chunks"] = identical(work / "out", work / "out-small")
         row["small_chunks_seconds"] = small.seconds
