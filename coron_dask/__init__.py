@@ -6,7 +6,29 @@ Names are imported on first use: dask workers import ``coron_dask.kernels`` and
 
 from coron_dask.lazy import lazy_exports
 
-__version__ = "0.1.0"
+
+def _version() -> str:
+    """coron-dask's version: the installed package's metadata; in a source tree that is not
+    installed, pyproject.toml's; else "0+unknown"."""
+    from importlib import metadata
+
+    try:
+        return metadata.version("coron-dask")
+    except metadata.PackageNotFoundError:
+        pass
+    import tomllib
+    from pathlib import Path
+
+    try:
+        project = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
+        if project["project"]["name"] == "coron-dask":
+            return str(project["project"]["version"])
+    except (OSError, KeyError, tomllib.TOMLDecodeError):
+        pass
+    return "0+unknown"
+
+
+__version__ = _version()
 _EXPORTS = {
     "build_products": "pipeline",
     "open_association": "pipeline",

@@ -1,13 +1,25 @@
 """The ``coron-dask`` command: run, simulate, demo."""
 
 import argparse
+import contextlib
 import json
 import logging
+import os
+import signal
 import sys
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from coron_dask.errors import ClusterError, CoronInputError
+from coron_dask import __version__
+from coron_dask.errors import ClusterError, CoronInputError, Interrupted
+
+#: Exit codes: each way a run can end has its own (a signal's is 128 + its number, as the
+#: shell reports a process it ended).
+EXIT_ERROR = 1  # an unexpected error: a bug, or a failure of a library
+EXIT_INPUT = 2  # bad input or options: nothing was started
+EXIT_CLUSTER = 3  # the cluster could not finish the run
+EXIT_OUTPUT = 4  # the products could not be written (disk full, permissions)
 
 LOG_FORMAT = "%(asctime)s - %(name)s - %(levelname)s - %(message)s"
 
@@ -24,16 +36,18 @@ class _StderrHandler(logging.StreamHandler):
         pass
 
 
-def _log_to_stderr() -> Callable[[], None]:
-    """Show coron-dask's INFO messages (workers joined, block plan) on stderr, as jwst's
-    steps log theirs; dask's loggers are left alone. Returns the function that undoes it,
-    so that ``main`` called from Python leaves logging as it found it."""
+def _log_to_stderr(debug: bool = False) -> Callable[[], None]:
+    """Show coron-dask's log (workers joined, block plan, what was skipped) on stderr, as
+    jwst's steps log theirs: with times and step names in a batch log, as short lines on a
+    terminal; DEBUG too with ``--debug``. dask's loggers are left alone. Returns the function
+    that undoes it, so that ``main`` called from Python leaves logging as it found it."""
     logger = logging.getLogger("coron_dask")
     handler = _StderrHandler()
-    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    terminal = sys.stderr.isatty()
+    handler.setFormatter(logging.Formatter("%(message)s" if terminal else LOG_FORMAT))
     level, propagate = logger.level, logger.propagate
     logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
+    logger.setLevel(logging.DEBUG if debug else logging.INFO)
     logger.propagate = False
 
     def restore() -> None:
@@ -42,6 +56,33 @@ def _log_to_stderr() -> Callable[[], None]:
         logger.propagate = propagate
 
     return restore
+
+
+@contextlib.contextmanager
+def _signals_end_the_run() -> Iterator[None]:
+    """SIGTERM (scancel, a walltime limit) and SIGINT (Ctrl-C) end a run as an error does:
+    the first raises Interrupted wherever the run is, so that tasks are cancelled, partial
+    products removed and the cluster closed on the way out; later ones only say that this
+    is under way (cleaning up is what makes the end clean)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    stopping = []
+
+    def handler(signum: int, _frame: object) -> None:
+        if stopping:
+            os.write(2, f"coron-dask: {signal.Signals(signum).name}: still cleaning up\n".encode())
+            return
+        stopping.append(signum)
+        raise Interrupted(signum)
+
+    signals = (signal.SIGTERM, signal.SIGINT)
+    previous = {number: signal.signal(number, handler) for number in signals}
+    try:
+        yield
+    finally:
+        for number, action in previous.items():
+            signal.signal(number, action)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -165,10 +206,95 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--stats", type=Path, help="save where the time went (JSON)")
 
 
+def _check_execution(args: argparse.Namespace) -> None:
+    """Refuse, before anything starts, execution options that cannot be read or cannot
+    apply where the run goes (a LocalCluster, a running scheduler, batch jobs, dask's local
+    schedulers): an option is honoured or refused, never ignored."""
+    from dask.utils import parse_bytes
+    from distributed.system import MEMORY_LIMIT
+
+    from coron_dask import config
+    from coron_dask.cluster import LOCAL_SCHEDULERS, check_jobqueue
+
+    running = args.scheduler or args.scheduler_file
+    local = args.scheduler in LOCAL_SCHEDULERS
+    where = (
+        f"--scheduler {args.scheduler}"
+        if args.scheduler
+        else "--scheduler-file"
+        if args.scheduler_file
+        else f"--cluster {args.cluster}"
+    )
+
+    def refuse(option: str, problem: str) -> None:
+        raise CoronInputError(option, problem)
+
+    if args.scheduler and args.scheduler_file:
+        refuse("--scheduler-file", "give either --scheduler or --scheduler-file, not both")
+    if running and args.cluster != "local":
+        refuse(f"--cluster {args.cluster}", f"starts its own scheduler: it cannot go with {where}")
+    for option, value in (("--n-workers", args.n_workers), ("--memory-limit", args.memory_limit)):
+        if value is not None and (running or args.cluster != "local"):
+            refuse(
+                option,
+                f"sizes the LocalCluster coron-dask starts; with {where} the "
+                "workers are sized where they are started",
+            )
+    for option, value in (("--jobs", args.jobs), ("--adapt", args.adapt)):
+        if value is not None and (running or args.cluster == "local"):
+            refuse(option, f"sizes batch jobs of --cluster slurm or pbs, not {where}")
+    if args.wait_for_workers is not None and not running and args.cluster == "local":
+        refuse("--wait-for-workers", "a LocalCluster has its workers when it starts")
+    if local and args.wait_for_workers is not None:
+        refuse("--wait-for-workers", f"{where} has no workers to wait for")
+    if local and args.report is not None:
+        refuse("--report", f"dask's performance report needs a distributed cluster, not {where}")
+    if args.scheduler_file and not Path(args.scheduler_file).parent.is_dir():
+        refuse(args.scheduler_file, "its folder does not exist: no scheduler can write there")
+    if args.cluster != "local" and not running:
+        check_jobqueue(args.cluster)
+    if args.memory_limit is not None and args.memory_limit != "auto":
+        try:
+            limit = parse_bytes(args.memory_limit)
+        except ValueError:
+            refuse("--memory-limit", f"cannot read {args.memory_limit!r} as a size: e.g. 4GiB")
+        if limit <= 0:
+            refuse("--memory-limit", f"must be more than 0, got {args.memory_limit!r}")
+        count = args.n_workers or config.get("cluster.n-workers") or os.cpu_count() or 1
+        if count * limit > MEMORY_LIMIT:
+            refuse(
+                "--memory-limit",
+                f"{count} worker(s) × {args.memory_limit} is more than this machine's "
+                f"{MEMORY_LIMIT / 2**30:.1f} GiB: the system would kill workers before dask "
+                "could pause them (fewer workers, or a smaller limit)",
+            )
+    for option, path in (("--report", args.report), ("--stats", args.stats)):
+        if path is not None and path.is_dir():
+            refuse(path, f"{option} names a file to write, and this is a folder")
+
+
+def _parameters(args: argparse.Namespace) -> dict:
+    """The step and block parameters given on the command line (None: configured)."""
+    return dict(
+        align_to=args.align_to,
+        truncate=args.truncate,
+        median_box_length=args.median_box_length,
+        bad_bits=args.bad_bits,
+        integrations=args.integrations_per_chunk,
+        psfs=args.psfs_per_chunk,
+        skip=args.skip,
+        orientation=args.orientation,
+        format=args.format,
+        save_psfalign=args.save_psfalign,
+    )
+
+
 def _run(args: argparse.Namespace, asn: Path, output_dir: Path) -> list[Path]:
     from coron_dask.cluster import Cluster
+    from coron_dask.pipeline import check_inputs, run_coron3
 
-    # a LocalCluster starts in the background while the pipeline's modules import
+    _check_execution(args)
+    check_inputs(asn, output_dir, psfmask=args.psfmask, **_parameters(args))
     with Cluster(
         args.scheduler,
         args.scheduler_file,
@@ -179,26 +305,15 @@ def _run(args: argparse.Namespace, asn: Path, output_dir: Path) -> list[Path]:
         adapt=args.adapt,
         wait_for_workers=args.wait_for_workers,
     ) as cluster:
-        from coron_dask.pipeline import run_coron3
-
         return run_coron3(
             asn,
             output_dir,
-            align_to=args.align_to,
-            truncate=args.truncate,
-            median_box_length=args.median_box_length,
-            bad_bits=args.bad_bits,
             psfmask=args.psfmask,
-            integrations=args.integrations_per_chunk,
-            psfs=args.psfs_per_chunk,
-            skip=args.skip,
-            orientation=args.orientation,
             progress=not args.no_progress,
             report=args.report,
             stats=args.stats,
             cluster=cluster,
-            format=args.format,
-            save_psfalign=args.save_psfalign,
+            **_parameters(args),
         )
 
 
@@ -233,22 +348,36 @@ def companion_report(products: list[Path], truth_file: Path) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--debug", action="store_true", help="log DEBUG messages; show a traceback on errors"
+    )
     parser = _Parser(
         prog="coron-dask",
         description="JWST coronagraphic stage 3 (calwebb_coron3) on Dask, out-of-core.",
+        epilog="exit codes: 0 done; 1 unexpected error; 2 bad input or options (nothing "
+        "started); 3 the cluster could not finish; 4 products could not be written; "
+        "130 SIGINT, 143 SIGTERM. No product is left partly written.",
     )
+    parser.add_argument("--version", action="version", version=f"coron-dask {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
-    run = commands.add_parser("run", help="run stage 3 on an association")
+    run = commands.add_parser("run", help="run stage 3 on an association", parents=[common])
     run.add_argument("asn", type=Path, help="level-3 association JSON")
     run.add_argument("-o", "--output-dir", type=Path, default=Path("."), help="default: .")
     _add_run_options(run)
     jobscript = commands.add_parser(
-        "cluster", help="print the batch job script dask-jobqueue would submit for workers"
+        "cluster",
+        help="print the batch job script dask-jobqueue would submit for workers",
+        parents=[common],
     )
     jobscript.add_argument("kind", choices=["slurm", "pbs"])
-    sim = commands.add_parser("simulate", help="write a simulated coronagraphic observation")
+    sim = commands.add_parser(
+        "simulate", help="write a simulated coronagraphic observation", parents=[common]
+    )
     sim.add_argument("outdir", type=Path)
-    demo = commands.add_parser("demo", help="simulate, run, and report the companion")
+    demo = commands.add_parser(
+        "demo", help="simulate, run, and report the companion", parents=[common]
+    )
     demo.add_argument("outdir", type=Path, nargs="?", default=Path("demo_output"))
     _add_run_options(demo)
     for sub in (sim, demo):
@@ -266,49 +395,68 @@ def main(argv: list[str] | None = None) -> int:
             help="NIRCam round mask (--size) or MIRI 4QPM (224x288, MASK1140)",
         )
     args = parser.parse_args(argv)
-    restore_logging = _log_to_stderr()
+    restore_logging = _log_to_stderr(args.debug)
     try:
-        if args.command == "run":
-            for path in _run(args, args.asn, args.output_dir):
-                print(path)
-        elif args.command == "cluster":
-            from coron_dask.cluster import jobqueue_cluster
+        with _signals_end_the_run():
+            _command(args)
+    except (Exception, Interrupted, KeyboardInterrupt) as error:
+        code, line = _ending(error, args.command in ("run", "demo"))
+        if args.debug:
+            import traceback
 
-            with jobqueue_cluster(args.kind) as cluster:
-                print(cluster.job_script())
-        elif args.command == "simulate":
-            print(_simulate(args, args.outdir))
-        else:
-            inputs = args.outdir / "inputs"
-            asn = _simulate(args, inputs)
-            if args.psfmask is None:
-                args.psfmask = inputs / "psfmask.fits"
-            products = _run(args, asn, args.outdir / "products")
-            print("products:")
-            for path in products:
-                print(f"  {path}")
-            print(companion_report(products, inputs / "truth.json"))
-    except CoronInputError as error:
-        print(f"coron-dask: error: {error}", file=sys.stderr)
-        return 2
-    except ClusterError as error:
-        print(f"coron-dask: error: cluster: {error}; no product was written", file=sys.stderr)
-        return 1
-    except OSError as error:  # e.g. the disk filled up while the products were written
-        where = error.filename or "output"
-        print(
-            f"coron-dask: error: {where}: {error.strerror or error}; no product was written",
-            file=sys.stderr,
-        )
-        return 1
-    except ValueError as error:
-        if args.command != "simulate":
-            raise
-        print(f"coron-dask: error: {error}", file=sys.stderr)
-        return 2
+            traceback.print_exc()
+        print(f"coron-dask: error: {line}", file=sys.stderr, flush=True)
+        return code
     finally:
         restore_logging()
     return 0
+
+
+def _command(args: argparse.Namespace) -> None:
+    if args.command == "run":
+        for path in _run(args, args.asn, args.output_dir):
+            print(path)
+    elif args.command == "cluster":
+        from coron_dask.cluster import jobqueue_cluster
+
+        with jobqueue_cluster(args.kind) as cluster:
+            print(cluster.job_script())
+    elif args.command == "simulate":
+        print(_simulate(args, args.outdir))
+    else:
+        inputs = args.outdir / "inputs"
+        _check_execution(args)
+        from coron_dask.pipeline import check_output_dir
+
+        check_output_dir(args.outdir)
+        asn = _simulate(args, inputs)
+        if args.psfmask is None:
+            args.psfmask = inputs / "psfmask.fits"
+        products = _run(args, asn, args.outdir / "products")
+        print("products:")
+        for path in products:
+            print(f"  {path}")
+        print(companion_report(products, inputs / "truth.json"))
+
+
+def _ending(error: BaseException, products: bool) -> tuple[int, str]:
+    """The exit code and the one line of an error that ended a command."""
+    after = "; no product was written" if products else ""
+    if isinstance(error, KeyboardInterrupt):  # SIGINT outside the run's handlers
+        error = Interrupted(signal.SIGINT)
+    if isinstance(error, Interrupted):
+        return 128 + error.signum, f"{error}{after}"
+    if isinstance(error, CoronInputError):
+        return EXIT_INPUT, str(error)
+    if isinstance(error, ClusterError):
+        return EXIT_CLUSTER, f"cluster: {error}{after}"
+    if isinstance(error, OSError):  # e.g. the disk filled up while the products were written
+        where = error.filename or "output"
+        return EXIT_OUTPUT, f"{where}: {error.strerror or error}{after}"
+    if isinstance(error, ValueError) and not products:  # simulate's parameters
+        return EXIT_INPUT, str(error)
+    name = type(error).__name__
+    return EXIT_ERROR, f"unexpected {name}: {error}{after} (--debug shows where)"
 
 
 if __name__ == "__main__":

@@ -8,16 +8,19 @@ import contextlib
 import json
 import logging
 import os
+import subprocess
 import sys
+import threading
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 
 import dask
 from dask.delayed import Delayed
 
 from coron_dask.chunking import Workers
-from coron_dask.errors import ClusterError, CoronInputError
+from coron_dask.errors import ClusterError, CoronInputError, Interrupted
 from coron_dask.memory import MALLOC
 
 log = logging.getLogger(__name__)
@@ -125,17 +128,22 @@ class Cluster:
                 if self._local is not None:
                     self._client = Client(self.deployment, set_as_default=False)
                 else:
-                    self._client = Client(
-                        self.scheduler, scheduler_file=self.scheduler_file, set_as_default=False
-                    )
+                    self._client = connect(self.scheduler, self.scheduler_file)
                 if not self.quiet:
                     link = self._client.dashboard_link
                     print(f"Dask dashboard: {link}", file=sys.stderr, flush=True)
                 if self.kind != "local" or self._local is None:  # a LocalCluster has its workers
-                    await_workers(self._client, self.wait_for_workers)
+                    await_workers(self._client, self.wait_for_workers, queue=self._queue_state)
             except (OSError, CommClosedError) as error:  # not there, or gone while we waited
                 raise ClusterError(f"cannot reach the scheduler ({error})") from None
         return self._client
+
+    def _queue_state(self) -> str:
+        """What the batch jobs of a jobqueue cluster are doing, for the lines of a wait."""
+        if self.kind == "local" or self._local is None:
+            return ""
+        ids = [job.job_id for job in self.deployment.workers.values() if job.job_id]
+        return queue_state(self.kind, ids)
 
     @property
     def deployment(self) -> object | None:
@@ -145,13 +153,37 @@ class Cluster:
     def __enter__(self) -> "Cluster":
         return self
 
-    def __exit__(self, *exc_info: object) -> None:
+    def __exit__(self, kind: type | None, error: BaseException | None, _tb: object) -> None:
+        lost = (
+            error is not None
+            and not isinstance(error, ClusterError | CoronInputError | Interrupted)
+            and self._client is not None
+            and self._client.status != "running"
+        )
+        # the run has said how it ended: what dask logs as it shuts down is noise (tasks
+        # cancelled, heartbeats to a scheduler already closed, reconnection attempts)
+        logger = logging.getLogger("distributed")
+        level = logger.level
+        quiet_distributed()
+        if self._client is not None and not lost and self._local is not None:
+            with contextlib.suppress(Exception):
+                self._client.run(quiet_distributed)  # our own workers, about to close
         if self._client is not None:
-            self._client.close()
+            with contextlib.suppress(Exception):
+                self._client.close(timeout=5 if lost else None)
         if self._local is not None:
             with contextlib.suppress(Exception):
                 self.deployment.close()
         self._config.close()
+        logger.setLevel(level)
+        if lost:  # whatever failed on the way (a graph sent, a worker list asked for)
+            raise ClusterError("lost the connection to the scheduler") from None
+
+
+def quiet_distributed() -> None:
+    """Log only distributed's critical messages in this process: a run that is ending
+    (cancelled tasks, connections closing, reconnection attempts) has said why already."""
+    logging.getLogger("distributed").setLevel(logging.CRITICAL)
 
 
 def _workers_to_await(
@@ -182,12 +214,19 @@ def _workers(count: int) -> str:
     return f"{count} worker" if count == 1 else f"{count} workers"
 
 
-def await_workers(client: object, count: int, timeout: float | str | None = None) -> None:
+def await_workers(
+    client: object,
+    count: int,
+    timeout: float | str | None = None,
+    queue: Callable[[], str] | None = None,
+) -> None:
     """Wait until ``count`` workers have joined ``client``'s scheduler (0: no wait), for at
     most ``timeout`` (default ``coron_dask.cluster.worker-timeout``, seconds): workers
     started alongside the run (srun, pbsdsh, batch jobs) may still be starting, and a plan
-    made without them sizes blocks for this machine. Raises ClusterError, in one line, if
-    they do not all join in time."""
+    made without them sizes blocks for this machine. Says what it waits for, and again
+    every ``coron_dask.cluster.status-interval`` seconds, with ``queue()`` (what the batch
+    jobs are doing) if given. Raises ClusterError, in one line, if they do not all join in
+    time."""
     if count < 1:
         return
     from dask.utils import parse_timedelta
@@ -195,25 +234,106 @@ def await_workers(client: object, count: int, timeout: float | str | None = None
     from coron_dask import config
 
     timeout = parse_timedelta(timeout or config.get("cluster.worker-timeout"), "s")
+    interval = parse_timedelta(config.get("cluster.status-interval"), "s")
     address, start = client.scheduler.address, time.monotonic()
-    joined = _joined(client)
-    if joined < count:
-        log.info("waiting for %s at %s: %d joined", _workers(count), address, joined)
-        try:
-            client.wait_for_workers(count, timeout=timeout)
-        except TimeoutError:
-            raise ClusterError(
-                f"{_joined(client)} of {_workers(count)} joined {address} within {timeout:g} s "
-                "(--wait-for-workers, coron_dask.cluster.worker-timeout)"
-            ) from None
-        joined = _joined(client)
+    deadline = start + timeout
+
+    def state() -> str:
+        jobs = queue() if queue else ""
+        return f"{_joined(client)} joined" + (f"; batch jobs: {jobs}" if jobs else "")
+
+    if _joined(client) < count:
+        log.info("waiting up to %g s for %s at %s: %s", timeout, _workers(count), address, state())
+        while True:
+            left = deadline - time.monotonic()
+            try:
+                client.wait_for_workers(count, timeout=max(0.1, min(interval, left)))
+                break
+            except TimeoutError:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise ClusterError(
+                        f"{_joined(client)} of {_workers(count)} joined {address} within "
+                        f"{timeout:g} s (--wait-for-workers, coron_dask.cluster.worker-timeout)"
+                    ) from None
+                log.info("still waiting for %s (%.0f s left): %s", _workers(count), left, state())
     log.info(
         "%s joined %s (waited %.1f s for %d)",
-        _workers(joined),
+        _workers(_joined(client)),
         address,
         time.monotonic() - start,
         count,
     )
+
+
+def queue_state(kind: str, job_ids: Sequence[str]) -> str:
+    """The state of batch jobs ``job_ids`` as the queue reports it (squeue, qstat), e.g.
+    "123 PENDING (Resources)"; what was submitted if the queue does not answer."""
+    if not job_ids:
+        return "none submitted yet"
+    command = {
+        "slurm": ["squeue", "--noheader", "--format=%i %T %r", "--jobs", ",".join(job_ids)],
+        "pbs": ["qstat", *job_ids],
+    }[kind]
+    try:
+        answer = subprocess.run(command, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        answer = None
+    lines = answer.stdout.strip().splitlines() if answer and answer.returncode == 0 else []
+    if kind == "pbs":
+        lines = [" ".join(line.split()[i] for i in (0, 4)) for line in lines[2:]]
+    return "; ".join(lines) or f"{len(job_ids)} submitted ({', '.join(job_ids)})"
+
+
+def _scheduler_address(scheduler_file: str, timeout: float) -> str:
+    """The address in ``scheduler_file``, waiting up to ``timeout`` seconds for the file to
+    appear (a scheduler started alongside the run writes it when it is up)."""
+    path, deadline = Path(scheduler_file), time.monotonic() + timeout
+    if not path.exists():
+        log.info("waiting up to %g s for the scheduler file %s", timeout, path)
+    while True:
+        with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+            return json.loads(path.read_text())["address"]  # ValueError: being written
+        if time.monotonic() > deadline:
+            raise ClusterError(
+                f"{path}: no scheduler wrote its address there within {timeout:g} s "
+                "(--scheduler-file, coron_dask.cluster.scheduler-timeout)"
+            )
+        time.sleep(0.2)
+
+
+@contextlib.contextmanager
+def _said_if_slow(message: str, after: float = 2.0) -> Iterator[None]:
+    """Log ``message`` if the block takes longer than ``after`` seconds."""
+    timer = threading.Timer(after, log.info, (message,))
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
+
+
+def connect(scheduler: str | None, scheduler_file: str | None = None) -> object:
+    """A Client of the scheduler at ``scheduler`` (or in ``scheduler_file``), waiting up to
+    ``coron_dask.cluster.scheduler-timeout`` seconds for it, and saying so if it takes
+    long. Raises ClusterError, in one line, if no scheduler answers."""
+    from dask.utils import parse_timedelta
+    from distributed import Client
+
+    from coron_dask import config
+
+    timeout = parse_timedelta(config.get("cluster.scheduler-timeout"), "s")
+    address = _scheduler_address(scheduler_file, timeout) if scheduler_file else scheduler
+    option = "--scheduler-file" if scheduler_file else "--scheduler"
+    with _said_if_slow(f"connecting to the scheduler at {address} (up to {timeout:g} s)"):
+        try:
+            return Client(address, timeout=timeout, set_as_default=False)
+        except OSError:
+            raise ClusterError(
+                f"no scheduler answered at {address} within {timeout:g} s "
+                f"({option}, coron_dask.cluster.scheduler-timeout)"
+            ) from None
 
 
 def _quiet_port_warning() -> None:
@@ -225,14 +345,29 @@ def _quiet_port_warning() -> None:
 JOBQUEUE_CLUSTERS = {"slurm": "SLURMCluster", "pbs": "PBSCluster"}
 
 
-def jobqueue_cluster(kind: str, dashboard_address: str | None = None) -> object:
-    """A dask-jobqueue cluster of ``kind`` (slurm, pbs) configured from dask's jobqueue config."""
+def check_jobqueue(kind: str) -> None:
+    """Raise CoronInputError, in one line, unless dask-jobqueue is installed and dask's
+    configuration says what a ``kind`` (slurm, pbs) job asks for: cores and memory."""
     try:
-        import dask_jobqueue
+        import dask_jobqueue  # noqa: F401
     except ImportError:
         raise CoronInputError(
             f"--cluster {kind}", "needs dask-jobqueue: pip install 'coron-dask[hpc]'"
         ) from None
+    missing = [key for key in ("cores", "memory") if not dask.config.get(f"jobqueue.{kind}.{key}")]
+    if missing:
+        raise CoronInputError(
+            f"--cluster {kind}",
+            f"dask's configuration has no jobqueue.{kind}.{' or '.join(missing)}: copy "
+            "cluster/jobqueue.yaml to ~/.config/dask/ (or set DASK_CONFIG to its folder) and "
+            "fill in your site's queue, cores and memory",
+        )
+
+
+def jobqueue_cluster(kind: str, dashboard_address: str | None = None) -> object:
+    """A dask-jobqueue cluster of ``kind`` (slurm, pbs) configured from dask's jobqueue config."""
+    check_jobqueue(kind)
+    import dask_jobqueue
 
     from coron_dask import config
 
@@ -260,7 +395,12 @@ def _local_cluster(options: dict) -> object:
 
     _quiet_port_warning()
     environ = {**dask.config.get("distributed.nanny.pre-spawn-environ"), **WORKER_ENVIRON}
-    with dask.config.set({"distributed.nanny.pre-spawn-environ": environ}):
+    preload = [*dask.config.get("distributed.worker.preload"), "coron_dask.workers"]
+    settings = {
+        "distributed.nanny.pre-spawn-environ": environ,
+        "distributed.worker.preload": preload,
+    }
+    with dask.config.set(settings):
         return LocalCluster(**options)
 
 
@@ -325,46 +465,107 @@ def summarize_task_stream(records: list[dict]) -> dict:
     return stages
 
 
-def _lost(client: object) -> None:
-    """Raise the one-line error of a lost scheduler, without distributed's reconnection
-    attempts (it would retry for distributed.comm.timeouts.connect, logging each one)."""
-    logging.getLogger("distributed.client").setLevel(logging.CRITICAL)
-    with contextlib.suppress(Exception):
-        client.close(timeout=1)
-    raise ClusterError("lost the connection to the scheduler") from None
-
-
 def _cancel(client: object, futures: list) -> None:
-    """Cancel ``futures`` and wait (a minute at most) until no task runs any more."""
+    """Cancel ``futures`` and wait (``coron_dask.cluster.cancel-timeout`` at most) until no
+    task runs any more, so that none still writes into a product being removed."""
+    from dask.utils import parse_timedelta
+
+    from coron_dask import config
+
     client.cancel(futures)
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + parse_timedelta(config.get("cluster.cancel-timeout"), "s")
     with contextlib.suppress(Exception):
         while any(client.processing().values()) and time.monotonic() < deadline:
             time.sleep(0.1)
 
 
 def _gather(client: object, futures: list) -> None:
-    """Wait for ``futures``. A lost scheduler or a task that kills its workers raises
-    ClusterError, in one line; any other failure is the task's own error, raised as it is.
-    Either way the other tasks are cancelled and awaited first, so that none still writes
-    into a product when the caller cleans up."""
+    """Wait for ``futures``. A task that kills its workers raises ClusterError, in one line;
+    any other failure (a task's own error, a signal, the scheduler lost: ``Cluster`` says
+    so) is raised as it is, after the other tasks are cancelled and awaited."""
     from distributed import KilledWorker
-    from distributed.comm import CommClosedError
 
     try:
         client.gather(futures)
-    except (concurrent.futures.CancelledError, CommClosedError):
-        _lost(client)
-    except OSError:
-        if client.status != "running":  # the client's own connection, not a task's I/O
-            _lost(client)
-        _cancel(client, futures)
-        raise
     except BaseException as error:
-        _cancel(client, futures)
+        if client.status == "running":
+            _cancel(client, futures)
         if isinstance(error, KilledWorker):
             raise ClusterError(f"workers kept dying on task {error.task!r}") from None
         raise
+
+
+class _ProgressLines:
+    """Where a run is: a bar on a terminal; in a batch log, a line every
+    ``coron_dask.cluster.status-interval`` seconds and one at the end."""
+
+    def __init__(self) -> None:
+        from dask.utils import parse_timedelta
+
+        from coron_dask import config
+
+        self.terminal = sys.stderr.isatty()
+        self.interval = parse_timedelta(config.get("cluster.status-interval"), "s")
+        self.start = self.last = time.monotonic()
+
+    def show(self, done: int, total: int) -> None:
+        now = time.monotonic()
+        fraction = done / total if total else 1.0
+        if self.terminal:
+            bar = "#" * int(40 * fraction)
+            sys.stderr.write(f"\r[{bar:<40}] {fraction:4.0%} | {now - self.start:6.1f} s")
+            sys.stderr.flush()
+        elif now - self.last >= self.interval or done == total:
+            self.last = now
+            log.info(
+                "progress: %d of %d tasks (%.0f%%), %.0f s",
+                done,
+                total,
+                100 * fraction,
+                now - self.start,
+            )
+
+    def stop(self) -> None:
+        if self.terminal:
+            sys.stderr.write("\n")
+            sys.stderr.flush()
+
+
+def _distributed_progress(futures: list, lines: _ProgressLines) -> None:
+    """Show the progress of ``futures`` and every task they depend on, until they end."""
+    from distributed.diagnostics.progressbar import TextProgressBar
+
+    class Bar(TextProgressBar):
+        def _draw_bar(self, remaining: int, all: int, **kwargs: object) -> None:
+            lines.show(all - remaining, all)
+
+        def _draw_stop(self, **kwargs: object) -> None:
+            lines.stop()
+
+    Bar(futures, interval="1s")
+
+
+class _LocalWatch:
+    """A dask callback for the local schedulers: progress lines, and each task's compute
+    period in the form of distributed's task stream (for ``stats``)."""
+
+    def __init__(self, lines: _ProgressLines | None) -> None:
+        from dask.callbacks import Callback
+
+        self.lines, self.records, self.started = lines, [], {}
+        self.callback = Callback(pretask=self._pretask, posttask=self._posttask)
+
+    def _pretask(self, key: object, _dsk: dict, _state: dict) -> None:
+        self.started[key] = time.time()
+
+    def _posttask(self, key: object, _result: object, _dsk: dict, state: dict, _id: int) -> None:
+        stop = time.time()
+        period = {"action": "compute", "start": self.started.pop(key, stop), "stop": stop}
+        self.records.append({"key": key, "startstops": [period]})
+        if self.lines is not None:
+            done = len(state["finished"])
+            pending = sum(len(state[k]) for k in ("ready", "waiting", "running"))
+            self.lines.show(done, done + pending)
 
 
 def execute(
@@ -375,27 +576,25 @@ def execute(
     report: str | os.PathLike | None = None,
     stats: str | os.PathLike | None = None,
 ) -> None:
-    """Compute ``writes`` together (shared inputs load once), with a progress bar if asked
-    and the output is a terminal (a bar redrawn in a batch log is only noise).
+    """Compute ``writes`` together (shared inputs load once), showing progress if asked:
+    a bar on a terminal, lines in a batch log.
 
-    ``report`` saves dask's HTML performance report; ``stats`` a JSON summary: wall time,
-    task seconds per stage, workers, and how many workers were lost during the run. Both
-    need a distributed cluster; with dask's local schedulers ``stats`` holds the wall time
-    only and no report is written.
+    ``report`` saves dask's HTML performance report (a distributed cluster only); ``stats``
+    a JSON summary: wall time, task seconds per stage and, on a distributed cluster, its
+    workers and how many were lost during the run.
     """
-    progress = progress and sys.stderr.isatty()
+    lines = _ProgressLines() if progress else None
     start = time.perf_counter()
     summary: dict = {}
     if client is None:
-        with contextlib.ExitStack() as stack:
-            if progress:
-                from dask.diagnostics import ProgressBar
-
-                stack.enter_context(ProgressBar(out=sys.stderr))
+        watch = _LocalWatch(lines)
+        with watch.callback:
             dask.compute(*writes)
+        if lines is not None:
+            lines.stop()
+        summary["stages"] = summarize_task_stream(watch.records)
     else:
         from distributed import get_task_stream, performance_report
-        from distributed import progress as show_progress
 
         before = client.scheduler_info(n_workers=-1)["workers"]
         with contextlib.ExitStack() as stack:
@@ -404,15 +603,9 @@ def execute(
             if report:
                 stack.enter_context(performance_report(filename=os.fspath(report)))
             stream = stack.enter_context(get_task_stream(client)) if stats else None
-            try:
-                futures = client.compute(list(writes))
-            except OSError:
-                if client.status == "running":
-                    raise
-                _lost(client)
-            if progress:
-                show_progress(futures)
-                print(file=sys.stderr)
+            futures = client.compute(list(writes))
+            if lines is not None:
+                _distributed_progress(futures, lines)
             _gather(client, futures)
         after = client.scheduler_info(n_workers=-1)["workers"]
         if stream is not None:

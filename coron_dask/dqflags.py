@@ -48,7 +48,13 @@ def bit_value(bits: str | int | None, parameter: str = "bad_bits") -> int:
         return 0
     try:
         value = interpret_bit_flags(bits, flag_name_map=PIXEL)
-    except (ValueError, TypeError, KeyError) as error:
+    except KeyError as error:
+        raise CoronInputError(
+            parameter,
+            f"{bits!r}: no DQ flag is named {error.args[0]!r}; give an integer or names of "
+            f"jwst's pixel flags ({', '.join(list(PIXEL)[1:6])}, ...), joined by commas",
+        ) from None
+    except (ValueError, TypeError) as error:
         raise CoronInputError(parameter, f"cannot read DQ bits {bits!r}: {error}") from None
     flipped = isinstance(bits, str) and bits.strip().startswith("~")
     if value is None or (value < 0 and not flipped):

@@ -7,7 +7,9 @@ for its workers' memory and writes the products.
 
 import contextlib
 import logging
+import os
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
 import xarray as xr
@@ -27,6 +29,7 @@ from coron_dask.io import (
     read_psfmask,
     write_products,
 )
+from coron_dask.provenance import provenance
 from coron_dask.steps import align_refs, klip, outlier_detection, stack_refs
 from coron_dask.steps.resample import resample
 
@@ -195,7 +198,8 @@ def build_products(
     "detector" (or "north"), format "fits" (or "zarr": Zarr stores), save_psfalign (True:
     write psfalign; without it KLIP consumes the aligned references as they are made),
     integrations, psfs and outlier_rows (block sizes; planned for ``workers``, by default
-    this process on this machine).
+    this process on this machine). Every product's primary keywords record how it was made
+    (``provenance``: version, date, parameters, block plan, member exposures).
     """
     p = resolve_parameters(**parameters)
     observation = open_association(asn)
@@ -205,12 +209,25 @@ def build_products(
     observation = open_association(asn, integrations, psfs)
     association = observation.association
     output_dir, suffix = Path(output_dir), p["format"]
-    asn_keywords = {"ASNTABLE": association.path.name}
+    made = datetime.now(UTC)  # every product of a run has the same DATE
     products: list[Product] = []
 
-    def product(name: str, keywords: dict, dataset: xr.Dataset, sci_keywords: dict) -> None:
+    def product(
+        name: str,
+        keywords: dict,
+        dataset: xr.Dataset,
+        sci_keywords: dict,
+        steps: tuple[str, ...],
+        science: tuple[str | Path, ...] = (),
+        psf: tuple[str | Path, ...] = (),
+    ) -> None:
+        """Add a product made by ``steps`` from the ``science`` and ``psf`` exposures,
+        with the record of how it was made (``provenance``)."""
         filename = f"{name}.{suffix}"
-        primary = {**keywords, **asn_keywords, "FILENAME": filename}
+        record = provenance(
+            p, plan, science, psf, steps=steps, asn=association.path, psfmask=psfmask, date=made
+        )
+        primary = {**keywords, **record, "FILENAME": filename}
         products.append(Product(output_dir / filename, primary, _extensions(dataset, sci_keywords)))
 
     science, stack = observation.science, observation.psfstack
@@ -230,12 +247,14 @@ def build_products(
 
         psf = [flag(exposure) for exposure in observation.psf]
         science = [flag(exposure) for exposure in science]
-        for exposure in [*psf, *science]:
+        for exptype, exposure in [*(("psf", e) for e in psf), *(("science", e) for e in science)]:
             product(
                 f"{exposure_root(exposure)}_{association.asn_id}_crfints",
-                {**exposure.attrs, "DATAMODL": "CubeModel", "S_OUTLIR": "COMPLETE"},
+                {**exposure.attrs, "DATAMODL": "CubeModel"},
                 exposure,
                 exposure["sci"].attrs,
+                ("outlier_detection",),
+                **{exptype: (exposure.encoding["source"],)},
             )
         stack = _stack(psf, psfs)
     mask = read_psfmask(psfmask, (stack.sizes["y"], stack.sizes["x"])) if psfmask else None
@@ -243,12 +262,14 @@ def build_products(
         log.info("align_refs: PSFMASK %s", psfmask)
     else:
         log.info("align_refs: no PSFMASK given: every pixel weighs 1 in the alignment fit")
-    stack_keywords = {**stack.attrs, "S_PSFSTK": "COMPLETE"}
+    stack_keywords = stack.attrs
     product(
         f"{association.product_name}_psfstack",
         {**stack_keywords, "DATAMODL": "CubeModel"},
         stack,
         stack["sci"].attrs,
+        ("outlier_detection", "stack_refs"),
+        psf=association.psf,
     )
     psfsubs = []
     for exposure in science:
@@ -264,23 +285,24 @@ def build_products(
         psfsubs.append(psfsub)
         root = f"{exposure_root(exposure)}_{association.asn_id}"
         model = "QuadModel" if p["align_to"] == "each" else "CubeModel"
+        # psfalign and psfsub: the references, aligned to this science exposure
+        members = {"science": (exposure.encoding["source"],), "psf": association.psf}
         if p["save_psfalign"]:
             product(
                 f"{root}_psfalign",
-                {**stack_keywords, "DATAMODL": model, "S_PSFALI": "COMPLETE"},
+                {**stack_keywords, "DATAMODL": model},
                 psfalign[["sci", "err"]],
                 stack["sci"].attrs,
+                ("outlier_detection", "stack_refs", "align_refs"),
+                **members,
             )
         product(
             f"{root}_psfsub",
-            {
-                **exposure.attrs,
-                "DATAMODL": "CubeModel",
-                "S_PSFALI": "COMPLETE",
-                "S_KLIP": "COMPLETE",
-            },
+            {**exposure.attrs, "DATAMODL": "CubeModel"},
             psfsub,
             exposure["sci"].attrs,
+            ("outlier_detection", "align_refs", "klip"),
+            **members,
         )
     if not p["save_psfalign"]:
         log.info("psfalign not written: KLIP consumes the aligned references as they are made")
@@ -292,11 +314,43 @@ def build_products(
         )
         product(
             f"{association.product_name}_i2d",
-            {**science[0].attrs, "DATAMODL": "ImageModel", "S_RESAMP": "COMPLETE"},
+            {**science[0].attrs, "DATAMODL": "ImageModel"},
             i2d,
             {"BUNIT": science[0]["sci"].attrs.get("BUNIT", ""), **dict(grid.to_header())},
+            ("outlier_detection", "align_refs", "klip", "resample"),
+            science=association.science,
+            psf=association.psf,
         )
     return products
+
+
+def check_output_dir(output_dir: str | Path) -> None:
+    """Raise CoronInputError unless products can be written in ``output_dir``: a folder, or
+    one that can be made, that this process may write in."""
+    path = Path(output_dir).absolute()
+    existing = next(folder for folder in (path, *path.parents) if folder.exists())
+    if not existing.is_dir():
+        raise CoronInputError(existing, "is a file: products go in a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise CoronInputError(existing, "is not writable")
+
+
+def check_inputs(
+    asn: str | Path,
+    output_dir: str | Path = ".",
+    *,
+    psfmask: str | Path | None = None,
+    **parameters: object,
+) -> dict:
+    """Check a run's input before any cluster starts: parameters (returned resolved), every
+    member's header and frame size, the PSFMASK, the output folder."""
+    resolved = resolve_parameters(**parameters)
+    observation = open_association(asn)
+    if psfmask is not None:
+        frame = observation.psfstack
+        read_psfmask(psfmask, (frame.sizes["y"], frame.sizes["x"]))
+    check_output_dir(output_dir)
+    return resolved
 
 
 def run_coron3(
@@ -327,11 +381,7 @@ def run_coron3(
     the cluster computes anything, so bad input fails fast and leaves no product. ``report`` saves
     dask's performance report (HTML), ``stats`` a JSON summary of where the time went.
     """
-    parameters = resolve_parameters(**parameters)
-    observation = open_association(asn)  # check every input before using the cluster
-    if psfmask is not None:
-        frame = observation.psfstack
-        read_psfmask(psfmask, (frame.sizes["y"], frame.sizes["x"]))
+    parameters = check_inputs(asn, output_dir, psfmask=psfmask, **parameters)
     with contextlib.ExitStack() as resources:
         if cluster is None:
             cluster = resources.enter_context(
@@ -344,6 +394,10 @@ def run_coron3(
                 )
             )
         client = cluster.client
+        if report and client is None:
+            raise CoronInputError(
+                "report", "needs a distributed cluster, not dask's local schedulers"
+            )
         workers = measure_workers(client)
         log.info("workers: %s", workers.describe())
         products = build_products(asn, output_dir, psfmask=psfmask, workers=workers, **parameters)

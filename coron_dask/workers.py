@@ -13,6 +13,15 @@ MALLOPT = {"TRIM_THRESHOLD": -1, "MMAP_THRESHOLD": -3, "ARENA_MAX": -8}
 PR_SET_THP_DISABLE = 41
 
 
+def dask_setup(worker: object) -> None:
+    """Preload of the LocalCluster's worker processes (dask runs it as each starts): they
+    ignore SIGINT. Ctrl-C reaches every process of the terminal's group; the run that
+    started them catches it, and closes them as it ends."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def configure_memory() -> bool:
     """Make this worker process allocate as the memory model counts: ``memory.MALLOC``'s
     glibc malloc settings (workers started by other means than our LocalCluster: ``dask

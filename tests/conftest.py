@@ -1,4 +1,5 @@
-"""Shared fixtures: a small simulated observation, and a guard that counts dask computes."""
+"""Shared fixtures: a small simulated observation, a busier one with its products, and a guard
+that counts dask computes."""
 
 import contextlib
 import shutil
@@ -7,6 +8,7 @@ from pathlib import Path
 import dask
 import pytest
 
+from coron_dask import run_coron3
 from coron_dask.simulate import simulate
 
 SMALL = {"size": 64, "sci_exps": 2, "sci_ints": 3, "psf_exps": 3, "psf_ints": 2, "seed": 4}
@@ -23,6 +25,28 @@ def observation_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def asn(observation_dir) -> Path:
     return next(observation_dir.glob("*_asn.json"))
+
+
+@pytest.fixture(scope="session")
+def busy_observation(tmp_path_factory) -> Path:
+    """Large enough that a run lasts some seconds: time to kill things during it (never
+    modified by tests)."""
+    folder = tmp_path_factory.mktemp("busy")
+    return simulate(folder, size=96, sci_exps=2, sci_ints=8, psf_exps=5, psf_ints=4, seed=7)
+
+
+@pytest.fixture(scope="session")
+def busy_baseline(busy_observation, tmp_path_factory) -> Path:
+    """The products of ``busy_observation``, computed synchronously."""
+    out = tmp_path_factory.mktemp("busy_baseline")
+    run_coron3(
+        busy_observation,
+        out,
+        psfmask=busy_observation.parent / "psfmask.fits",
+        scheduler="synchronous",
+        progress=False,
+    )
+    return out
 
 
 @pytest.fixture

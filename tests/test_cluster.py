@@ -1,6 +1,8 @@
 """Real clusters on loopback: a scheduler and workers started with the ``dask`` commands,
 reached by address and by scheduler file; a worker killed mid-run; the whole cluster lost;
-the dashboard answering during a run; the job scripts dask-jobqueue would submit."""
+the dashboard answering during a run; the job scripts dask-jobqueue would submit (SLURM
+jobs that run the pipeline: tests/test_slurm.py). ``busy_observation`` and ``busy_baseline``
+are in conftest.py."""
 
 import json
 import os
@@ -16,7 +18,6 @@ from pathlib import Path
 import pytest
 
 from coron_dask import run_coron3
-from coron_dask.simulate import simulate
 from tests.conftest import assert_same_products
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -80,12 +81,6 @@ class LoopbackCluster:
         with Client(self.address, timeout=60) as client:
             client.wait_for_workers(workers, timeout=60)
 
-    def worker_pids(self) -> list[int]:
-        from distributed import Client
-
-        with Client(self.address) as client:
-            return list(client.run(os.getpid).values())
-
     def stop(self) -> None:
         for process in reversed(self.processes):
             if process.poll() is None:
@@ -95,26 +90,6 @@ class LoopbackCluster:
                 process.wait(timeout=20)
             except subprocess.TimeoutExpired:
                 process.kill()
-
-
-@pytest.fixture(scope="module")
-def busy_observation(tmp_path_factory) -> Path:
-    """Large enough that a run lasts some seconds: time to kill things during it."""
-    folder = tmp_path_factory.mktemp("busy")
-    return simulate(folder, size=96, sci_exps=2, sci_ints=8, psf_exps=5, psf_ints=4, seed=7)
-
-
-@pytest.fixture(scope="module")
-def busy_baseline(busy_observation, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("busy_baseline")
-    run_coron3(
-        busy_observation,
-        out,
-        psfmask=busy_observation.parent / "psfmask.fits",
-        scheduler="synchronous",
-        progress=False,
-    )
-    return out
 
 
 @pytest.fixture
@@ -169,6 +144,26 @@ def test_scheduler_address_and_file(loopback, busy_observation, busy_baseline, t
     assert_same_products(tmp_path / "f", busy_baseline)
 
 
+def running_on(address: str, worker: str | None = None, prefix: str = "") -> None:
+    """Wait until a task whose name starts with ``prefix`` runs (on ``worker``, if given) on
+    the scheduler at ``address``: an event, not a number of seconds a busy machine may need."""
+    from distributed import Client
+
+    deadline = time.monotonic() + 300
+    with Client(address, timeout=60) as client:
+        while True:
+            processing = client.processing()
+            keys = [
+                key
+                for name in ([worker] if worker else processing)
+                for key in processing.get(name, ())
+            ]
+            if any(str(key).lstrip("('").startswith(prefix) for key in keys):
+                return
+            assert time.monotonic() < deadline, "no task started"
+            time.sleep(0.02)
+
+
 def test_killed_worker_changes_nothing(loopback, busy_observation, busy_baseline, tmp_path):
     out = tmp_path / "out"
     result: dict = {}
@@ -187,10 +182,14 @@ def test_killed_worker_changes_nothing(loopback, busy_observation, busy_baseline
 
     thread = threading.Thread(target=run)
     thread.start()
-    victim = loopback.worker_pids()[0]
-    time.sleep(1.5)  # the run is under way: reading and fitting
+    from distributed import Client
+
+    with Client(loopback.address) as client:
+        pids = client.run(os.getpid)
+    victim = sorted(pids)[0]
+    running_on(loopback.address, victim, "align-fit")  # the run is under way: fitting
     assert thread.is_alive(), "the run ended before a worker could be killed"
-    os.kill(victim, signal.SIGKILL)
+    os.kill(pids[victim], signal.SIGKILL)
     thread.join(timeout=300)
     assert "paths" in result
     assert json.loads((tmp_path / "stats.json").read_text())["workers_lost"] >= 1
@@ -214,13 +213,16 @@ def test_lost_cluster_fails_cleanly_and_rerun_succeeds(
         "--integrations-per-chunk",
         1,
     )
-    time.sleep(2.5)
+    running_on(loopback.address)
     assert process.poll() is None, "the run ended before the cluster could be lost"
     loopback.stop()
     _, err = process.communicate(timeout=180)
-    assert process.returncode == 1
+    assert process.returncode == 3, err
+    assert "Traceback" not in err
     lines = err.strip().splitlines()
-    assert lines[-1].startswith("coron-dask: error: ") and "cluster" in lines[-1]
+    assert lines[-1] == (
+        "coron-dask: error: cluster: lost the connection to the scheduler; no product was written"
+    )
     assert not out.exists() or list(out.iterdir()) == []
     again = run_cli("run", busy_observation, "-o", out, "--psfmask", mask, "--n-workers", "2")
     assert again.returncode == 0, again.stderr
@@ -282,54 +284,3 @@ def test_job_scripts_come_from_the_site_yaml(kind, expected, tmp_path):
     assert "--nthreads 1" in result.stdout and "--nworkers 8" in result.stdout
     assert "--memory-limit 4.00GiB" in result.stdout
     assert "--lifetime 110m --lifetime-stagger 5m" in result.stdout
-
-
-@pytest.fixture(scope="module")
-def slurm() -> None:
-    """A single-node SLURM cluster on this machine (.ci/slurm-up installs and starts it)."""
-    if os.geteuid() != 0:
-        pytest.skip("starting slurmctld and slurmd needs root")
-    subprocess.run(["bash", str(ROOT / ".ci" / "slurm-up")], check=True, timeout=600)
-
-
-def test_slurm_jobs_run_the_pipeline(slurm, busy_observation, busy_baseline, tmp_path):
-    """Workers submitted as SLURM jobs by dask-jobqueue, all traffic on loopback."""
-    import dask
-
-    from coron_dask.cluster import Cluster
-
-    site = {
-        "jobqueue": {
-            "slurm": {
-                "cores": 1,
-                "processes": 1,
-                "memory": "2GiB",
-                "walltime": "00:20:00",
-                "interface": "lo",
-                "local-directory": str(tmp_path),
-                "log-directory": str(tmp_path),
-                "job-script-prologue": [],
-                "worker-extra-args": [],
-                "job-extra-directives": [],
-            }
-        }
-    }
-    out = tmp_path / "out"
-    with dask.config.set(site), Cluster(kind="slurm", jobs=2, quiet=True) as cluster:
-        script = cluster.deployment.job_script()
-        assert "#SBATCH --mem=2G" in script and "--interface lo" in script
-        paths = run_coron3(
-            busy_observation,
-            out,
-            psfmask=busy_observation.parent / "psfmask.fits",
-            cluster=cluster,
-            progress=False,
-            stats=tmp_path / "stats.json",
-        )
-        jobs = subprocess.run(
-            ["squeue", "-h", "-o", "%i %j %T"], capture_output=True, text=True, check=True
-        ).stdout
-    assert len(paths) == 13
-    assert jobs.count("RUNNING") >= 1, jobs
-    assert json.loads((tmp_path / "stats.json").read_text())["workers"] >= 1
-    assert_same_products(out, busy_baseline)

@@ -9,12 +9,17 @@ failure they are removed.
 A product whose path ends in ``.zarr`` is written as a Zarr store instead (for products
 too big for FITS readers): a group with the primary keywords as attributes and one array
 per extension, named and labelled as in the FITS file, readable with ``xarray.open_zarr``.
+
+Keywords are values or (value, comment) pairs (the comment goes to FITS only); HISTORY
+and COMMENT take a list of entries (a list attribute in a Zarr store).
 """
 
 import contextlib
+import logging
 import os
 import shutil
-import uuid
+import socket
+import textwrap
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -28,6 +33,9 @@ from dask.delayed import Delayed
 from coron_dask.io.fitsfile import FitsRegion, file_dtype
 
 BLOCK = 2880  # FITS record size
+
+log = logging.getLogger(__name__)
+COMMENTARY = ("HISTORY", "COMMENT")  # keywords whose cards hold free text, one entry each
 
 
 @dataclass
@@ -54,8 +62,19 @@ def _bitpix(file_dtype: np.dtype) -> int:
 
 
 def _set_keywords(header: fits.Header, keywords: dict) -> None:
+    """Set ``keywords`` not yet in ``header``: each a value or a (value, comment) pair; a
+    list under HISTORY or COMMENT is one entry each, wrapped onto as many cards as it
+    needs (continuation cards indented by two spaces)."""
     for key, value in keywords.items():
-        if key in header or value is None:
+        if key in COMMENTARY and isinstance(value, list):
+            for entry in value:
+                for line in textwrap.wrap(
+                    str(entry), 72, subsequent_indent="  ", break_on_hyphens=False
+                ) or [""]:
+                    with contextlib.suppress(ValueError):
+                        header.append((key, line), end=True)
+            continue
+        if key in header or value is None or (isinstance(value, tuple) and value[0] is None):
             continue
         with contextlib.suppress(ValueError, TypeError, KeyError):
             header[key] = value
@@ -98,12 +117,19 @@ def _reserve(product: Product, partial: Path) -> list[tuple[da.Array, FitsRegion
     return targets
 
 
+def _json_value(value: object) -> object:
+    """A keyword's value as a Zarr attribute: a (value, comment) pair gives its value, a
+    list (HISTORY) stays a list."""
+    if isinstance(value, tuple):
+        value = value[0]
+    if isinstance(value, list):
+        return [_json_value(item) for item in value]
+    return value if isinstance(value, bool | int | float | str) or value is None else str(value)
+
+
 def _json_safe(keywords: dict) -> dict:
-    return {
-        key: value if isinstance(value, bool | int | float | str) else str(value)
-        for key, value in keywords.items()
-        if value is not None
-    }
+    plain = {key: _json_value(value) for key, value in keywords.items()}
+    return {key: value for key, value in plain.items() if value is not None}
 
 
 def _reserve_zarr(product: Product, partial: Path) -> list[tuple[da.Array, object]]:
@@ -145,19 +171,52 @@ def _place(partial: Path, final: Path) -> None:
     os.replace(partial, final)
 
 
+def _partial(path: Path) -> Path:
+    """The hidden file (or store) ``path`` is written in until it is whole, named after the
+    host and process writing it: another run can tell whether its writer is still alive."""
+    return path.with_name(f".{path.name}.{socket.gethostname()}.{os.getpid()}.partial")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def clear_stale_partials(path: Path) -> None:
+    """Remove what a killed run left of product ``path`` (SIGKILL, a node lost): partial
+    files of this host whose process is gone. Those of other hosts may belong to a run
+    still going there: they are reported, not touched."""
+    host = socket.gethostname()
+    for stale in path.parent.glob(f".{path.name}.*.partial"):
+        writer = stale.name.removeprefix(f".{path.name}.").removesuffix(".partial")
+        where, _, pid = writer.rpartition(".")
+        if where == host and pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            _remove(stale)
+            log.warning("removed %s, left by an earlier run that was killed", stale)
+        elif where != host:
+            log.warning("%s is being written, or was left, by a run on %s", stale, where or "?")
+
+
 @contextlib.contextmanager
 def staged_products(products: list[Product]) -> Iterator[list[Delayed]]:
     """Yield the lazy writes of ``products``; on a clean exit rename them into place.
 
     The caller computes the yielded writes (all together, so shared inputs load once).
-    Any exception removes every temporary file and leaves no product behind.
+    Any exception (or signal: ``errors.Interrupted``) removes every temporary file and
+    leaves no product behind; those an earlier, killed run left are removed first.
     """
     partials = []
     try:
         sources, targets = [], []
         for item in products:
             item.path.parent.mkdir(parents=True, exist_ok=True)
-            partial = item.path.with_name(f".{item.path.name}.{uuid.uuid4().hex[:8]}.partial")
+            clear_stale_partials(item.path)
+            partial = _partial(item.path)
             partials.append(partial)
             reserve = _reserve_zarr if item.path.suffix == ".zarr" else _reserve
             for source, target in reserve(item, partial):

@@ -1,0 +1,279 @@
+"""Every way a run ends is the same clean end: one line on stderr, its own exit code, no
+traceback (unless --debug), no partial product, no worker process left; options that
+cannot apply are refused before any cluster starts; waits say what they wait for."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import dask
+import numpy as np
+import psutil
+import pytest
+
+from coron_dask import __version__, cluster
+from coron_dask.cli import main
+from tests.conftest import assert_same_products
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(args: list, capsys) -> tuple[int, str, str]:
+    try:
+        code = main([str(a) for a in args])
+    except SystemExit as exit_:
+        code = exit_.code
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def error_line(err: str) -> str:
+    """The one line a failed command ends with; nothing that looks like a traceback."""
+    assert "Traceback" not in err, err
+    lines = err.strip().splitlines()
+    assert lines[-1].startswith("coron-dask: error: "), err
+    assert sum(line.startswith("coron-dask: error: ") for line in lines) == 1, err
+    return lines[-1]
+
+
+@pytest.fixture
+def no_cluster(monkeypatch):
+    """Fail the test if a cluster (or a connection to one) is started."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a cluster was started")
+
+    monkeypatch.setattr(cluster.Cluster, "__init__", refuse)
+
+
+@pytest.mark.parametrize(
+    ("options", "named", "problem"),
+    [
+        (["--memory-limit", "lots"], "--memory-limit", "cannot read 'lots' as a size"),
+        (["--memory-limit", "0"], "--memory-limit", "must be more than 0"),
+        (
+            ["--memory-limit", "100TiB", "--n-workers", "4"],
+            "--memory-limit",
+            "4 worker(s) × 100TiB is more than this machine's",
+        ),
+        (["--bad-bits", "FOO"], "bad_bits", "no DQ flag is named 'FOO'"),
+        (["--scheduler", "threads", "--report", "r.html"], "--report", "needs a distributed"),
+        (["--scheduler", "tcp://127.0.0.1:1", "--n-workers", "2"], "--n-workers", "sizes the"),
+        (["--jobs", "2"], "--jobs", "sizes batch jobs of --cluster slurm or pbs"),
+        (["--wait-for-workers", "2"], "--wait-for-workers", "has its workers when it starts"),
+        (
+            ["--scheduler", "tcp://127.0.0.1:1", "--scheduler-file", "s.json"],
+            "--scheduler-file",
+            "either --scheduler or --scheduler-file",
+        ),
+        (["--scheduler-file", "/nope/s.json"], "/nope/s.json", "its folder does not exist"),
+        (["--cluster", "slurm"], "--cluster slurm", "cluster/jobqueue.yaml"),
+    ],
+)
+def test_options_refused_before_any_cluster(
+    options, named, problem, asn, tmp_path, capsys, no_cluster
+):
+    out = tmp_path / "out"
+    with dask.config.set({"jobqueue.slurm.cores": None, "jobqueue.slurm.memory": None}):
+        code, _, err = run(["run", asn, "-o", out, *options], capsys)
+    assert code == 2
+    assert err.strip().splitlines() == [error_line(err)]
+    assert named in err and problem in err
+    assert not out.exists()
+
+
+def test_output_path_that_is_a_file(asn, tmp_path, capsys, no_cluster):
+    (tmp_path / "taken").write_text("")
+    code, _, err = run(["run", asn, "-o", tmp_path / "taken" / "out"], capsys)
+    assert code == 2
+    assert (
+        error_line(err)
+        == f"coron-dask: error: {tmp_path / 'taken'}: is a file: products go in a folder"
+    )
+
+
+def test_jobqueue_script_without_configuration(capsys):
+    with dask.config.set({"jobqueue.pbs.cores": None, "jobqueue.pbs.memory": None}):
+        code, _, err = run(["cluster", "pbs"], capsys)
+    assert code == 2
+    assert "cluster/jobqueue.yaml" in error_line(err)
+
+
+def test_version(capsys):
+    code, out, _ = run(["--version"], capsys)
+    assert code == 0 and out.strip() == f"coron-dask {__version__}"
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_scheduler_that_does_not_answer(asn, tmp_path, capsys):
+    address = f"tcp://127.0.0.1:{_free_port()}"
+    with dask.config.set({"coron_dask.cluster.scheduler-timeout": 2}):
+        start = time.monotonic()
+        code, _, err = run(["run", asn, "-o", tmp_path / "out", "--scheduler", address], capsys)
+    assert code == 3
+    assert error_line(err) == (
+        f"coron-dask: error: cluster: no scheduler answered at {address} within 2 s "
+        "(--scheduler, coron_dask.cluster.scheduler-timeout); no product was written"
+    )
+    assert f"connecting to the scheduler at {address} (up to 2 s)" in err  # said while waiting
+    assert time.monotonic() - start < 30
+
+
+def test_scheduler_file_that_never_appears(asn, tmp_path, capsys):
+    path = tmp_path / "scheduler.json"
+    with dask.config.set({"coron_dask.cluster.scheduler-timeout": 1}):
+        code, _, err = run(["run", asn, "-o", tmp_path / "out", "--scheduler-file", path], capsys)
+    assert code == 3
+    assert f"waiting up to 1 s for the scheduler file {path}" in err
+    assert error_line(err).startswith(
+        f"coron-dask: error: cluster: {path}: no scheduler wrote its address there within 1 s"
+    )
+
+
+def test_unexpected_error_is_one_line_and_debug_shows_where(asn, tmp_path, capsys, monkeypatch):
+    from coron_dask import pipeline
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(pipeline, "build_products", broken)
+    options = ["run", asn, "-o", tmp_path / "out", "--scheduler", "synchronous"]
+    code, _, err = run(options, capsys)
+    assert code == 1
+    assert error_line(err) == (
+        "coron-dask: error: unexpected RuntimeError: a bug; no product was written "
+        "(--debug shows where)"
+    )
+    code, _, err = run([*options, "--debug"], capsys)
+    assert code == 1 and "Traceback" in err and "RuntimeError: a bug" in err
+
+
+def test_stats_and_progress_lines_under_the_threaded_scheduler(asn, tmp_path, capsys):
+    """--stats is honoured without a distributed cluster: task seconds per stage, as many
+    fit tasks as alignment blocks; a batch log (stderr not a terminal) gets progress lines."""
+    stats = tmp_path / "stats.json"
+    options = ["--integrations-per-chunk", "1", "--psfs-per-chunk", "4", "--stats", stats]
+    with dask.config.set({"coron_dask.cluster.status-interval": 0}):
+        code, _, err = run(
+            ["run", asn, "-o", tmp_path / "out", "--scheduler", "threads", *options], capsys
+        )
+    assert code == 0, err
+    stages = json.loads(stats.read_text())["stages"]
+    # 2 exposures × 3 integrations, 6 references in blocks of 4: 6 × 2 fit tasks
+    assert stages["align_refs: shift fit"]["tasks"] == 12
+    assert all(stage["seconds"] > 0 for stage in stages.values())
+    progress = [line for line in err.splitlines() if " - progress: " in line]
+    assert len(progress) > 3
+    done, total = progress[-1].split("progress: ")[1].split(" tasks")[0].split(" of ")
+    assert done == total and "(100%)" in progress[-1]
+
+
+def test_stale_partials_of_a_killed_run(asn, tmp_path, capsys):
+    """A run removes the partial products a killed run on this host left (its process is
+    gone), and reports, without touching them, those of a run on another host."""
+    out = tmp_path / "out"
+    out.mkdir()
+    name = "jw01386-c1000_t001_nircam_f335m-maskrnd-sub64_psfstack.fits"
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    stale = out / f".{name}.{socket.gethostname()}.{int(dead.stdout)}.partial"
+    foreign = out / f".{name}.elsewhere.{os.getpid()}.partial"
+    stale.write_bytes(b"\0" * 2880)
+    foreign.write_bytes(b"\0" * 2880)
+    code, _, err = run(["run", asn, "-o", out, "--scheduler", "synchronous"], capsys)
+    assert code == 0, err
+    assert not stale.exists() and f"removed {stale}, left by an earlier run" in err
+    assert (
+        foreign.exists()
+        and f"{foreign} is being written, or was left, by a run on elsewhere" in err
+    )
+    assert (out / name).exists()
+
+
+def start_cli(*args: object) -> subprocess.Popen:
+    """``coron-dask`` in a session of its own, as a batch job or a terminal runs it."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "coron_dask.cli", *map(str, args)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+        start_new_session=True,
+    )
+
+
+def wait_for_partials(folder: Path, process: subprocess.Popen) -> None:
+    """Wait until the run has begun writing its products (no fixed sleep)."""
+    deadline = time.monotonic() + 300
+    while not list(folder.glob(".*.partial")):
+        assert process.poll() is None, process.communicate()
+        assert time.monotonic() < deadline, "no product was begun"
+        time.sleep(0.02)
+
+
+@pytest.mark.parametrize(
+    ("signals", "code"),
+    [
+        ([signal.SIGTERM], 143),  # scancel, a walltime limit: to the process
+        ([signal.SIGINT], 130),  # Ctrl-C: to the terminal's whole process group
+        ([signal.SIGINT, signal.SIGINT], 130),  # Ctrl-C twice
+    ],
+    ids=["SIGTERM", "SIGINT", "SIGINT-twice"],
+)
+def test_signals_end_the_run_cleanly(signals, code, busy_observation, busy_baseline, tmp_path):
+    out = tmp_path / "out"
+    args = ["run", busy_observation, "-o", out, "--n-workers", 2, "--integrations-per-chunk", 1]
+    args += ["--psfmask", busy_observation.parent / "psfmask.fits"]
+    process = start_cli(*args)
+    wait_for_partials(out, process)
+    workers = psutil.Process(process.pid).children(recursive=True)
+    assert workers, "the LocalCluster has no worker processes"
+    for number in signals:
+        if number == signal.SIGINT:
+            os.killpg(process.pid, number)
+        else:
+            process.send_signal(number)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == code, err
+    name = signal.Signals(signals[0]).name
+    assert error_line(err) == f"coron-dask: error: stopped by {name}; no product was written"
+    assert "leaked semaphore" not in err
+    assert list(out.iterdir()) == []
+    _, alive = psutil.wait_procs(workers, timeout=30)
+    assert alive == [], alive
+    again = start_cli(*args)
+    _, err = again.communicate(timeout=300)
+    assert again.returncode == 0, err
+    assert_same_products(out, busy_baseline)
+
+
+def test_median_of_a_pixel_flagged_in_every_integration_is_quiet():
+    """No 'All-NaN slice' RuntimeWarning from the outlier median (it showed under the
+    threaded scheduler): the pixel's median is NaN, the others numpy's nanmedian."""
+    from coron_dask.kernels.blocks import median_block
+
+    rng = np.random.default_rng(3)
+    sci = rng.normal(size=(5, 4, 6)).astype(np.float32)
+    dq = np.zeros(sci.shape, np.uint32)
+    dq[:, 2, 3] = 1
+    dq[1:, 0, 0] = 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        median = median_block(sci, dq, 1, 0.7)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # numpy's own warns here
+        expected = np.nanmedian(np.where(dq & 1, np.nan, sci), axis=0)
+    np.testing.assert_array_equal(median, expected.astype(np.float32))
+    assert np.isnan(median[2, 3]) and median[0, 0] == sci[0, 0, 0]
