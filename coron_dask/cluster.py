@@ -511,12 +511,15 @@ class _ProgressLines:
     def show(self, done: int, total: int) -> None:
         now = time.monotonic()
         fraction = done / total if total else 1.0
+        every = 0.1 if self.terminal else self.interval  # a bar is redrawn 10 times a second
+        if now - self.last < every and done < total:
+            return
+        self.last = now
         if self.terminal:
             bar = "#" * int(40 * fraction)
             sys.stderr.write(f"\r[{bar:<40}] {fraction:4.0%} | {now - self.start:6.1f} s")
             sys.stderr.flush()
-        elif now - self.last >= self.interval or done == total:
-            self.last = now
+        else:
             log.info(
                 "progress: %d of %d tasks (%.0f%%), %.0f s",
                 done,

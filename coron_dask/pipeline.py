@@ -261,7 +261,10 @@ def build_products(
     if psfmask:
         log.info("align_refs: PSFMASK %s", psfmask)
     else:
-        log.info("align_refs: no PSFMASK given: every pixel weighs 1 in the alignment fit")
+        log.warning(
+            "align_refs: no PSFMASK given (--psfmask): every pixel weighs 1 in the alignment "
+            "fit, where jwst weighs them with the PSFMASK reference file of the coronagraph"
+        )
     stack_keywords = stack.attrs
     product(
         f"{association.product_name}_psfstack",

@@ -25,21 +25,40 @@ ROOT = Path(__file__).resolve().parents[1]
 VENV = Path(sys.executable).parents[1]  # not resolved: the virtualenv, not its base Python
 LAUNCH_DELAY = 4  # seconds: coron-dask run is connected and waiting when workers start
 
-#: srun as a job step: drops its own options and starts SLURM_NTASKS copies of the command
-FAKE_SRUN = f"""#!/bin/bash
-sleep {LAUNCH_DELAY}
+#: srun as a job step: drops its own options and starts on each node of the job, "node<i>"
+#: (SLURM_NODEID i), as many copies of the command as SLURM_TASKS_PER_NODE gives it tasks
+FAKE_SRUN = r"""#!/bin/bash
+sleep "${FAKE_LAUNCH_DELAY:-@DELAY@}"
 while [[ $1 == -* ]]; do shift; done
-for _ in $(seq "$SLURM_NTASKS"); do "$@" & done
+node=0
+IFS=, read -ra items <<< "${SLURM_TASKS_PER_NODE:-$SLURM_NTASKS}"
+for item in "${items[@]}"; do  # "8(x2),4": 8 tasks on each of 2 nodes, then 4
+    tasks=${item%%"("*} repeat=1
+    [[ $item =~ \(x([0-9]+)\)$ ]] && repeat=${BASH_REMATCH[1]}
+    for ((r = 0; r < repeat; r++, node++)); do
+        for ((t = 0; t < tasks; t++)); do
+            SLURM_NODEID=$node SLURMD_NODENAME=node$node "$@" &
+        done
+    done
+done
 wait
-"""
+""".replace("@DELAY@", str(LAUNCH_DELAY))
 
-#: pbsdsh: the command once per line of PBS_NODEFILE
-FAKE_PBSDSH = f"""#!/bin/bash
-sleep {LAUNCH_DELAY}
+#: pbsdsh (Torque's and PBS Pro's): with ``-n I`` the command once, on the host of line I
+#: (from 0) of PBS_NODEFILE; without, once per line; FAKE_HOST says on which host
+FAKE_PBSDSH = r"""#!/bin/bash
+sleep "${FAKE_LAUNCH_DELAY:-@DELAY@}"
+index=
+while [[ $1 == -* && $1 != -- ]]; do
+    case $1 in -n) index=$2; shift 2 ;; *) shift ;; esac
+done
 [[ $1 == -- ]] && shift
-for _ in $(seq "$(wc -l < "$PBS_NODEFILE")"); do "$@" & done
+mapfile -t lines < "$PBS_NODEFILE"
+for i in "${!lines[@]}"; do
+    if [[ -z $index || $index == "$i" ]]; then FAKE_HOST=${lines[i]} "$@" & fi
+done
 wait
-"""
+""".replace("@DELAY@", str(LAUNCH_DELAY))
 
 
 @pytest.fixture(scope="module")
@@ -112,7 +131,10 @@ def _slurm_job(tmp_path: Path) -> tuple[Path, dict[str, str]]:
         "PATH": str(_fake_launcher(tmp_path / "bin", "srun", FAKE_SRUN)),
         "SLURM_JOB_ID": "4242",
         "SLURM_NTASKS": "2",
-        "SLURM_MEM_PER_CPU": "1024",
+        "SLURM_JOB_NUM_NODES": "1",
+        "SLURM_TASKS_PER_NODE": "2",
+        "SLURM_JOB_CPUS_PER_NODE": "2",
+        "SLURM_MEM_PER_CPU": "2048",  # 2 GiB of the 4 for scheduler and client: 1 GiB workers
     }
 
 
@@ -124,6 +146,8 @@ def _pbs_job(tmp_path: Path) -> tuple[Path, dict[str, str]]:
         "PBS_JOBID": "4243.pbs-server",
         "PBS_NODEFILE": str(nodefile),
         "PBS_O_WORKDIR": str(tmp_path),
+        "PBS_NUM_PPN": "2",  # Torque: the node file lists the host once per core
+        "MEM_PER_NODE": "4gb",  # 2gb for scheduler and client: 1 GiB workers
     }
 
 
@@ -133,7 +157,7 @@ def test_batch_script_plans_only_after_its_workers_joined(job, asn, product_name
     scratch, out = tmp_path / "scratch", tmp_path / "products"
     (tmp_path / "tmp").mkdir()
     env = {
-        **{k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "PBS_"))},
+        **{k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "PBS_", "NCPUS"))},
         **job_env,
         "PATH": f"{job_env['PATH']}{os.pathsep}{os.environ['PATH']}",
         "SCRATCH": str(scratch),
@@ -161,6 +185,223 @@ def test_batch_script_plans_only_after_its_workers_joined(job, asn, product_name
             assert "workers: 2 worker(s)" in ours[i], ours[i]
     run = next(scratch.glob("coron-dask-*"))
     assert json.loads((run / "stats.json").read_text())["workers"] == 2
+
+
+#: dask: ``scheduler`` writes its scheduler file and is done; ``worker`` writes a line to
+#: FAKE_LOG for each worker process it would start (--nworkers): its host and its options
+FAKE_DASK = r"""#!/bin/bash
+command=$1 workers=1 options=("${@:2}")
+shift
+while (($#)); do
+    case $1 in
+        --scheduler-file) [[ $command == scheduler ]] && echo '{}' > "$2" ;;
+        --nworkers) workers=$2 ;;
+    esac
+    shift
+done
+if [[ $command == worker ]]; then
+    for ((i = 0; i < workers; i++)); do
+        echo "${SLURMD_NODENAME:-$FAKE_HOST} ${options[*]}" >> "$FAKE_LOG"
+    done
+fi
+"""
+
+#: coron-dask run: writes its options to FAKE_LOG.run and, like the real one, waits for the
+#: workers it is told to (and a moment more, for any it was not told of)
+FAKE_CORON_DASK = r"""#!/bin/bash
+echo "$*" > "$FAKE_LOG.run"
+while (($#)); do [[ $1 == --wait-for-workers ]] && workers=$2; shift; done
+for _ in $(seq 100); do
+    if (($(cat "$FAKE_LOG" 2>/dev/null | wc -l) >= workers)); then sleep 0.3; exit 0; fi
+    sleep 0.1
+done
+exit 3
+"""
+
+#: qstat -f JOB: the job's record, from the file FAKE_QSTAT
+FAKE_QSTAT = r"""#!/bin/bash
+[[ $1 == -f && $2 == "$PBS_JOBID" && -n $FAKE_QSTAT ]] && cat "$FAKE_QSTAT"
+"""
+
+
+def launched_workers(
+    script: Path, job_env: dict[str, str], tmp_path: Path
+) -> tuple[int, str, list[tuple[str, int, int]], str]:
+    """Run a batch ``script`` in the environment of a job, ``job_env``, with fake ``srun``,
+    ``pbsdsh``, ``qstat`` and a fake virtualenv whose ``dask`` and ``coron-dask`` start
+    nothing but record what they are asked: the script's exit code and stderr, the workers it
+    started as sorted (host, memory limit in bytes, threads), and the options of its run."""
+    from dask.utils import parse_bytes
+
+    bin_ = tmp_path / "bin"
+    for name, text in [
+        ("srun", FAKE_SRUN),
+        ("pbsdsh", FAKE_PBSDSH),
+        ("qstat", FAKE_QSTAT),
+        ("dask", FAKE_DASK),
+        ("coron-dask", FAKE_CORON_DASK),
+    ]:
+        _fake_launcher(bin_, name, text)
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    # pbsdsh's tasks run in a login shell, which may reset PATH: the venv puts the fakes back
+    (venv / "bin" / "activate").write_text(f'export PATH="{bin_}:$PATH"\n')
+    log = tmp_path / "workers.log"
+    env = {
+        "PATH": f"{bin_}{os.pathsep}/usr/bin:/bin",
+        "HOME": str(tmp_path),
+        "VENV": str(venv),
+        "ASN": str(tmp_path / "asn.json"),
+        "SCRATCH": str(tmp_path / "scratch"),
+        "FAKE_LOG": str(log),
+        "FAKE_LAUNCH_DELAY": "0",
+        **job_env,
+    }
+    code, _, stderr = run_batch_script(script, env, tmp_path)
+    workers = []
+    for line in log.read_text().splitlines() if log.exists() else []:
+        host, *options = line.split()
+        value = dict(zip(options, [*options[1:], ""], strict=True))
+        workers.append((host, parse_bytes(value["--memory-limit"]), int(value["--nthreads"])))
+    run = log.with_name("workers.log.run")
+    return code, stderr, sorted(workers), run.read_text() if run.exists() else ""
+
+
+def _on(host: str, workers: int, mib: int, threads: int = 1) -> list[tuple[str, int, int]]:
+    return [(host, mib * 2**20, threads)] * workers
+
+
+SLURM_SCRIPT = ROOT / "cluster" / "slurm" / "coron-dask.sbatch"
+PBS_SCRIPT = ROOT / "cluster" / "pbs" / "coron-dask.pbs"
+
+
+@pytest.mark.parametrize(
+    ("job", "expected"),
+    [
+        pytest.param(  # --mem=16G --ntasks=4 on 1 node: 2 GiB kept, 14 shared by 4 workers
+            {"SLURM_MEM_PER_NODE": "16384", "SLURM_TASKS_PER_NODE": "4"},
+            _on("node0", 4, 3584),
+            id="mem-1-node",
+        ),
+        pytest.param(  # --mem=32G --nodes=2 --ntasks-per-node=8
+            {"SLURM_MEM_PER_NODE": "32768", "SLURM_TASKS_PER_NODE": "8(x2)"},
+            _on("node0", 8, 3840) + _on("node1", 8, 4096),
+            id="mem-2-nodes",
+        ),
+        pytest.param(  # --mem-per-cpu=4G --ntasks-per-node=8 on 1 node
+            {"SLURM_MEM_PER_CPU": "4096", "SLURM_TASKS_PER_NODE": "8"},
+            _on("node0", 8, 3840),
+            id="mem-per-cpu-1-node",
+        ),
+        pytest.param(  # --mem-per-cpu=4G --nodes=2 --ntasks-per-node=4 --cpus-per-task=2
+            {
+                "SLURM_MEM_PER_CPU": "4096",
+                "SLURM_TASKS_PER_NODE": "4(x2)",
+                "SLURM_JOB_CPUS_PER_NODE": "8(x2)",
+                "SLURM_CPUS_PER_TASK": "2",
+            },
+            _on("node0", 4, 7680, threads=2) + _on("node1", 4, 8192, threads=2),
+            id="mem-per-cpu-2-nodes",
+        ),
+        pytest.param(  # --mem=8G --ntasks=5 laid out 3 + 2, and 1G kept for scheduler, client
+            {"SLURM_MEM_PER_NODE": "8192", "SLURM_TASKS_PER_NODE": "3,2", "SCHEDULER_MEMORY": "1G"},
+            _on("node0", 3, 7168 // 3) + _on("node1", 2, 4096),
+            id="mem-uneven-nodes",
+        ),
+    ],
+)
+def test_sbatch_gives_each_worker_its_share_of_its_node(job, expected, tmp_path):
+    """Whether the job asks for --mem or --mem-per-cpu, each worker's --memory-limit is its
+    node's memory over its workers, after SCHEDULER_MEMORY on the first node (the scheduler
+    and the client run there), and the run waits for all of them."""
+    env = {"SLURM_JOB_ID": "4242", "SLURM_NTASKS": str(len(expected)), **job}
+    code, stderr, workers, run = launched_workers(SLURM_SCRIPT, env, tmp_path)
+    assert code == 0, stderr[-3000:]
+    assert workers == sorted(expected)
+    assert f"--wait-for-workers {len(expected)} " in run
+
+
+def test_sbatch_refuses_a_first_node_with_no_memory_for_its_workers(tmp_path):
+    """--mem-per-cpu=1G with 2 tasks on 1 node: the scheduler and client's 2 GiB leave the
+    workers nothing; the job says so rather than starting workers that cannot run."""
+    env = {"SLURM_JOB_ID": "4242", "SLURM_MEM_PER_CPU": "1024", "SLURM_TASKS_PER_NODE": "2"}
+    code, stderr, workers, run = launched_workers(SLURM_SCRIPT, env, tmp_path)
+    assert code == 1
+    assert "would leave 0 MiB to each of its 2 workers (SCHEDULER_MEMORY=2G" in stderr
+    assert workers == [] and run == ""
+
+
+#: ``qstat -f`` of a PBS Pro job, qsub -l select=2:ncpus=8:mem=32gb
+PBS_PRO_QSTAT = """Job Id: 4243.pbs-server
+    Job_Name = coron-dask
+    Resource_List.mem = 64gb
+    Resource_List.ncpus = 16
+    Resource_List.nodect = 2
+    Resource_List.place = free
+    Resource_List.select = 2:ncpus=8:mem=32gb
+    Resource_List.walltime = 02:00:00
+"""
+
+#: ``qstat -f`` of a Torque job, qsub -l nodes=2:ppn=8,pmem=4gb
+TORQUE_QSTAT = """Job Id: 4243.pbs-server
+    Job_Name = coron-dask
+    Resource_List.nodect = 2
+    Resource_List.nodes = 2:ppn=8
+    Resource_List.pmem = 4gb
+    Resource_List.walltime = 02:00:00
+"""
+
+
+@pytest.mark.parametrize(
+    ("nodes", "job", "qstat", "expected"),
+    [
+        pytest.param(  # one line per chunk
+            ["n1", "n2"],
+            {"NCPUS": "8"},
+            PBS_PRO_QSTAT,
+            _on("n1", 8, 3840) + _on("n2", 8, 4096),
+            id="pbs-pro",
+        ),
+        pytest.param(  # select=2:ncpus=8:mpiprocs=8:mem=32gb, one line per MPI rank
+            ["n1"] * 8 + ["n2"] * 8,
+            {"NCPUS": "8"},
+            PBS_PRO_QSTAT,
+            _on("n1", 8, 3840) + _on("n2", 8, 4096),
+            id="pbs-pro-mpiprocs",
+        ),
+        pytest.param(  # one line per core
+            ["n1"] * 8 + ["n2"] * 8,
+            {"PBS_NUM_PPN": "8", "PBS_NUM_NODES": "2", "PBS_NP": "16"},
+            TORQUE_QSTAT,
+            _on("n1", 8, 3840) + _on("n2", 8, 4096),
+            id="torque",
+        ),
+        pytest.param(  # nodes=1:ppn=4, and the node's memory and the scheduler's set by hand
+            ["n1"] * 4,
+            {"PBS_NUM_PPN": "4", "MEM_PER_NODE": "16gb", "SCHEDULER_MEMORY": "1gb"},
+            TORQUE_QSTAT,
+            _on("n1", 4, 3840),
+            id="torque-1-node-by-hand",
+        ),
+    ],
+)
+def test_pbs_starts_one_worker_per_core_on_each_host(nodes, job, qstat, expected, tmp_path):
+    """Whether PBS_NODEFILE lists a host once per core (Torque) or once per chunk (PBS Pro),
+    each host gets one worker per core, and each worker its share of the host's memory as the
+    job asked for it (qstat), after SCHEDULER_MEMORY on the first host."""
+    (tmp_path / "nodefile").write_text("".join(f"{node}\n" for node in nodes))
+    (tmp_path / "qstat").write_text(qstat)
+    env = {
+        "PBS_JOBID": "4243.pbs-server",
+        "PBS_NODEFILE": str(tmp_path / "nodefile"),
+        "PBS_O_WORKDIR": str(tmp_path),
+        "FAKE_QSTAT": str(tmp_path / "qstat"),
+        **job,
+    }
+    code, stderr, workers, run = launched_workers(PBS_SCRIPT, env, tmp_path)
+    assert code == 0, stderr[-3000:]
+    assert workers == sorted(expected)
+    assert f"--wait-for-workers {len(expected)} " in run
 
 
 @pytest.fixture
