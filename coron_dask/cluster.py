@@ -129,6 +129,9 @@ class Cluster:
                     self._client = Client(self.deployment, set_as_default=False)
                 else:
                     self._client = connect(self.scheduler, self.scheduler_file)
+                client_log = logging.getLogger("distributed.client")
+                client_log.addFilter(self._connected)
+                self._config.callback(client_log.removeFilter, self._connected)
                 if not self.quiet:
                     link = self._client.dashboard_link
                     print(f"Dask dashboard: {link}", file=sys.stderr, flush=True)
@@ -137,6 +140,11 @@ class Cluster:
             except (OSError, CommClosedError) as error:  # not there, or gone while we waited
                 raise ClusterError(f"cannot reach the scheduler ({error})") from None
         return self._client
+
+    def _connected(self, _record: logging.LogRecord) -> bool:
+        """A filter of distributed's client log: nothing while the connection is lost (its
+        reconnection attempts), which the run reports in its own line."""
+        return self._client is None or self._client.status == "running"
 
     def _queue_state(self) -> str:
         """What the batch jobs of a jobqueue cluster are doing, for the lines of a wait."""

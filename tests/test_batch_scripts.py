@@ -4,6 +4,7 @@ with bash on this machine as their batch system would run them (a fake ``srun`` 
 with one line."""
 
 import json
+import logging
 import os
 import re
 import signal
@@ -174,7 +175,11 @@ def test_batch_script_plans_only_after_its_workers_joined(job, asn, product_name
     assert sorted(Path(line).name for line in stdout.split()) == product_names
 
     ours = [line for line in stderr.splitlines() if " - coron_dask." in line]
-    waiting = [i for i, line in enumerate(ours) if re.search(r"waiting for 2 workers at ", line)]
+    waiting = [
+        i
+        for i, line in enumerate(ours)
+        if re.search(r"waiting (?:up to \S+ s )?for 2 workers at ", line)
+    ]
     joined = [i for i, line in enumerate(ours) if re.search(r"INFO - 2 workers joined ", line)]
     assert waiting and joined and waiting[0] < joined[0], "\n".join(ours)
     assert re.search(r": [01] joined$", ours[waiting[0]]), ours[waiting[0]]  # run came first
@@ -438,13 +443,60 @@ def test_cli_wait_for_workers_fails_in_one_line(empty_scheduler, asn, tmp_path, 
         args = ["run", asn, "-o", out, "--scheduler", empty_scheduler, "--wait-for-workers", 2]
         code = main([str(arg) for arg in args])
     err = capsys.readouterr().err.strip().splitlines()
-    assert code == 1
+    assert code == 3
     assert err[-1] == (
         f"coron-dask: error: cluster: 0 of 2 workers joined {empty_scheduler} within 2 s "
         "(--wait-for-workers, coron_dask.cluster.worker-timeout); no product was written"
     )
-    assert any(f"waiting for 2 workers at {empty_scheduler}: 0 joined" in line for line in err)
+    waiting = f"waiting up to 2 s for 2 workers at {empty_scheduler}: 0 joined"
+    assert any(waiting in line for line in err)
     assert not out.exists() or not any(out.iterdir())
+
+
+def test_a_wait_for_batch_jobs_says_what_the_queue_says(empty_scheduler, tmp_path, caplog):
+    """Workers of batch jobs still in the queue: the wait says so, as squeue reports them,
+    every status-interval, then ends in one line."""
+    from distributed import Client
+
+    from coron_dask.cluster import await_workers, queue_state
+
+    squeue = tmp_path / "squeue"
+    squeue.write_text(
+        '#!/bin/sh\necho "$@" > "$(dirname "$0")/asked"\necho \'101 PENDING Resources\'\n'
+    )
+    squeue.chmod(0o755)
+    path = f"{tmp_path}{os.pathsep}{os.environ['PATH']}"
+    settings = {"coron_dask.cluster.status-interval": 0.5}
+    with (
+        pytest.MonkeyPatch.context() as patch,
+        dask.config.set(settings),
+        Client(empty_scheduler, set_as_default=False) as client,
+        caplog.at_level(logging.INFO, logger="coron_dask"),
+    ):
+        patch.setenv("PATH", path)
+        with pytest.raises(ClusterError, match="0 of 2 workers joined"):
+            await_workers(client, 2, timeout=2, queue=lambda: queue_state("slurm", ["101"]))
+    assert (tmp_path / "asked").read_text().split() == [
+        "--noheader",
+        "--format=%i",
+        "%T",
+        "%r",
+        "--jobs",
+        "101",
+    ]
+    lines = [r.getMessage() for r in caplog.records if r.name.startswith("coron_dask")]
+    assert (
+        lines[0] == f"waiting up to 2 s for 2 workers at {empty_scheduler}: 0 joined; "
+        "batch jobs: 101 PENDING Resources"
+    )
+    assert (
+        sum(
+            "still waiting for 2 workers" in line and "101 PENDING Resources" in line
+            for line in lines
+        )
+        >= 2
+    )
+    assert queue_state("slurm", []) == "none submitted yet"
 
 
 def test_jobqueue_waits_for_the_workers_its_jobs_bring():
