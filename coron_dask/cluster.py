@@ -487,13 +487,19 @@ def _cancel(client: object, futures: list) -> None:
             time.sleep(0.1)
 
 
-def _gather(client: object, futures: list) -> None:
-    """Wait for ``futures``. A task that kills its workers raises ClusterError, in one line;
-    any other failure (a task's own error, a signal, the scheduler lost: ``Cluster`` says
-    so) is raised as it is, after the other tasks are cancelled and awaited."""
+def _gather(client: object, futures: list, lines: "_ProgressLines | None" = None) -> None:
+    """Wait for ``futures``, showing progress on ``lines`` if given. A task that kills its
+    workers raises ClusterError, in one line; any other failure (a task's own error, a
+    signal, the scheduler lost: ``Cluster`` says so) is raised as it is, after the other
+    tasks are cancelled and awaited. The progress display never ends a run itself."""
     from distributed import KilledWorker
 
     try:
+        if lines is not None:
+            try:
+                _distributed_progress(futures, lines)
+            except Exception:  # its own connection lost: the gather says what happened
+                log.debug("progress display ended early", exc_info=True)
         client.gather(futures)
     except BaseException as error:
         if client.status == "running":
@@ -615,9 +621,7 @@ def execute(
                 stack.enter_context(performance_report(filename=os.fspath(report)))
             stream = stack.enter_context(get_task_stream(client)) if stats else None
             futures = client.compute(list(writes))
-            if lines is not None:
-                _distributed_progress(futures, lines)
-            _gather(client, futures)
+            _gather(client, futures, lines)
         after = client.scheduler_info(n_workers=-1)["workers"]
         if stream is not None:
             summary = {
