@@ -3,6 +3,8 @@ that counts dask computes."""
 
 import contextlib
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import dask
@@ -94,3 +96,37 @@ def assert_same_products(folder: Path, baseline: Path, names: list[str] | None =
                     np.testing.assert_allclose(hdu.data, expected, rtol=1e-5, atol=1e-6 * scale)
                 else:
                     np.testing.assert_array_equal(hdu.data, expected)
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_main(args: list, capsys) -> tuple[int, str, str]:
+    """``coron-dask`` with ``args`` in this process: exit code, stdout, stderr."""
+    from coron_dask.cli import main
+
+    try:
+        code = main([str(a) for a in args])
+    except SystemExit as exit_:
+        code = exit_.code
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def start_cli(*args: object) -> subprocess.Popen:
+    """``coron-dask`` with ``args``, running in a session of its own (as a batch job or a
+    terminal runs it), its output captured as text."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "coron_dask.cli", *map(str, args)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+        start_new_session=True,
+    )
+
+
+def run_cli(*args: object, timeout: float = 300) -> subprocess.CompletedProcess:
+    process = start_cli(*args)
+    out, err = process.communicate(timeout=timeout)
+    return subprocess.CompletedProcess(process.args, process.returncode, out, err)

@@ -9,16 +9,7 @@ import numpy as np
 import pytest
 from astropy.io import fits
 
-from coron_dask.cli import main
-
-
-def run(args, capsys):
-    try:
-        code = main([str(a) for a in args])
-    except SystemExit as exit_:
-        code = exit_.code
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
+from tests.conftest import run_main
 
 
 def asn_of(folder):
@@ -109,7 +100,7 @@ def test_bad_input_one_line_no_product(kind, observation_copy, tmp_path, capsys)
     named = damage(kind, observation_copy)
     asn = named if kind == "missing asn" else asn_of(observation_copy)
     out = tmp_path / "products"
-    code, _, err = run(
+    code, _, err = run_main(
         [
             "run",
             asn,
@@ -140,7 +131,7 @@ def test_bad_input_one_line_no_product(kind, observation_copy, tmp_path, capsys)
     ],
 )
 def test_bad_parameters(option, value, asn, tmp_path, capsys):
-    code, _, err = run(
+    code, _, err = run_main(
         ["run", asn, "-o", tmp_path / "out", option, value, "--scheduler", "synchronous"], capsys
     )
     assert code == 2
@@ -150,7 +141,7 @@ def test_bad_parameters(option, value, asn, tmp_path, capsys):
 
 
 def test_run_lists_products(asn, observation_dir, tmp_path, capsys):
-    code, out, _ = run(
+    code, out, _ = run_main(
         [
             "run",
             asn,

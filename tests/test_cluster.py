@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from coron_dask import run_coron3
-from tests.conftest import assert_same_products
+from tests.conftest import assert_same_products, run_cli, start_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -97,23 +97,6 @@ def loopback(tmp_path):
     cluster = LoopbackCluster(tmp_path / "cluster")
     yield cluster
     cluster.stop()
-
-
-def start_cli(*args: object) -> subprocess.Popen:
-    """``coron-dask`` with ``args``, running, its output captured as text."""
-    return subprocess.Popen(
-        [sys.executable, "-m", "coron_dask.cli", *map(str, args)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        cwd=ROOT,
-    )
-
-
-def run_cli(*args: object, timeout: float = 300) -> subprocess.CompletedProcess:
-    process = start_cli(*args)
-    out, err = process.communicate(timeout=timeout)
-    return subprocess.CompletedProcess(process.args, process.returncode, out, err)
 
 
 def test_scheduler_address_and_file(loopback, busy_observation, busy_baseline, tmp_path):

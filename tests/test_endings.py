@@ -18,19 +18,7 @@ import psutil
 import pytest
 
 from coron_dask import __version__, cluster
-from coron_dask.cli import main
-from tests.conftest import assert_same_products
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def run(args: list, capsys) -> tuple[int, str, str]:
-    try:
-        code = main([str(a) for a in args])
-    except SystemExit as exit_:
-        code = exit_.code
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
+from tests.conftest import assert_same_products, run_main, start_cli
 
 
 def error_line(err: str) -> str:
@@ -81,7 +69,7 @@ def test_options_refused_before_any_cluster(
 ):
     out = tmp_path / "out"
     with dask.config.set({"jobqueue.slurm.cores": None, "jobqueue.slurm.memory": None}):
-        code, _, err = run(["run", asn, "-o", out, *options], capsys)
+        code, _, err = run_main(["run", asn, "-o", out, *options], capsys)
     assert code == 2
     assert err.strip().splitlines() == [error_line(err)]
     assert named in err and problem in err
@@ -90,7 +78,7 @@ def test_options_refused_before_any_cluster(
 
 def test_output_path_that_is_a_file(asn, tmp_path, capsys, no_cluster):
     (tmp_path / "taken").write_text("")
-    code, _, err = run(["run", asn, "-o", tmp_path / "taken" / "out"], capsys)
+    code, _, err = run_main(["run", asn, "-o", tmp_path / "taken" / "out"], capsys)
     assert code == 2
     assert (
         error_line(err)
@@ -100,13 +88,13 @@ def test_output_path_that_is_a_file(asn, tmp_path, capsys, no_cluster):
 
 def test_jobqueue_script_without_configuration(capsys):
     with dask.config.set({"jobqueue.pbs.cores": None, "jobqueue.pbs.memory": None}):
-        code, _, err = run(["cluster", "pbs"], capsys)
+        code, _, err = run_main(["cluster", "pbs"], capsys)
     assert code == 2
     assert "cluster/jobqueue.yaml" in error_line(err)
 
 
 def test_version(capsys):
-    code, out, _ = run(["--version"], capsys)
+    code, out, _ = run_main(["--version"], capsys)
     assert code == 0 and out.strip() == f"coron-dask {__version__}"
 
 
@@ -120,7 +108,9 @@ def test_scheduler_that_does_not_answer(asn, tmp_path, capsys):
     address = f"tcp://127.0.0.1:{_free_port()}"
     with dask.config.set({"coron_dask.cluster.scheduler-timeout": 2}):
         start = time.monotonic()
-        code, _, err = run(["run", asn, "-o", tmp_path / "out", "--scheduler", address], capsys)
+        code, _, err = run_main(
+            ["run", asn, "-o", tmp_path / "out", "--scheduler", address], capsys
+        )
     assert code == 3
     assert error_line(err) == (
         f"coron-dask: error: cluster: no scheduler answered at {address} within 2 s "
@@ -133,7 +123,9 @@ def test_scheduler_that_does_not_answer(asn, tmp_path, capsys):
 def test_scheduler_file_that_never_appears(asn, tmp_path, capsys):
     path = tmp_path / "scheduler.json"
     with dask.config.set({"coron_dask.cluster.scheduler-timeout": 1}):
-        code, _, err = run(["run", asn, "-o", tmp_path / "out", "--scheduler-file", path], capsys)
+        code, _, err = run_main(
+            ["run", asn, "-o", tmp_path / "out", "--scheduler-file", path], capsys
+        )
     assert code == 3
     assert f"waiting up to 1 s for the scheduler file {path}" in err
     assert error_line(err).startswith(
@@ -149,13 +141,13 @@ def test_unexpected_error_is_one_line_and_debug_shows_where(asn, tmp_path, capsy
 
     monkeypatch.setattr(pipeline, "build_products", broken)
     options = ["run", asn, "-o", tmp_path / "out", "--scheduler", "synchronous"]
-    code, _, err = run(options, capsys)
+    code, _, err = run_main(options, capsys)
     assert code == 1
     assert error_line(err) == (
         "coron-dask: error: unexpected RuntimeError: a bug; no product was written "
         "(--debug shows where)"
     )
-    code, _, err = run([*options, "--debug"], capsys)
+    code, _, err = run_main([*options, "--debug"], capsys)
     assert code == 1 and "Traceback" in err and "RuntimeError: a bug" in err
 
 
@@ -165,7 +157,7 @@ def test_stats_and_progress_lines_under_the_threaded_scheduler(asn, tmp_path, ca
     stats = tmp_path / "stats.json"
     options = ["--integrations-per-chunk", "1", "--psfs-per-chunk", "4", "--stats", stats]
     with dask.config.set({"coron_dask.cluster.status-interval": 0}):
-        code, _, err = run(
+        code, _, err = run_main(
             ["run", asn, "-o", tmp_path / "out", "--scheduler", "threads", *options], capsys
         )
     assert code == 0, err
@@ -192,7 +184,7 @@ def test_stale_partials_of_a_killed_run(asn, tmp_path, capsys):
     foreign = out / f".{name}.elsewhere.{os.getpid()}.partial"
     stale.write_bytes(b"\0" * 2880)
     foreign.write_bytes(b"\0" * 2880)
-    code, _, err = run(["run", asn, "-o", out, "--scheduler", "synchronous"], capsys)
+    code, _, err = run_main(["run", asn, "-o", out, "--scheduler", "synchronous"], capsys)
     assert code == 0, err
     assert not stale.exists() and f"removed {stale}, left by an earlier run" in err
     assert (
@@ -200,18 +192,6 @@ def test_stale_partials_of_a_killed_run(asn, tmp_path, capsys):
         and f"{foreign} is being written, or was left, by a run on elsewhere" in err
     )
     assert (out / name).exists()
-
-
-def start_cli(*args: object) -> subprocess.Popen:
-    """``coron-dask`` in a session of its own, as a batch job or a terminal runs it."""
-    return subprocess.Popen(
-        [sys.executable, "-m", "coron_dask.cli", *map(str, args)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        cwd=ROOT,
-        start_new_session=True,
-    )
 
 
 def wait_for_partials(folder: Path, process: subprocess.Popen) -> None:
