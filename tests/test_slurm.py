@@ -139,3 +139,49 @@ def test_slurm_jobs_run_the_pipeline(slurm, busy_observation, busy_baseline, tmp
     assert NODE in jobs, jobs  # the private cluster's node ran them, not the machine's SLURM
     assert json.loads((tmp_path / "stats.json").read_text())["workers"] >= 1
     assert_same_products(out, busy_baseline)
+
+
+def test_jobs_that_cannot_start_are_shown_waiting_then_one_line(slurm, asn, tmp_path):
+    """Batch jobs held in the queue (here: not to begin for an hour): the run prints its
+    dashboard, then what it waits for, as squeue reports the jobs, every status-interval;
+    then one line, exit 3, no product, and its jobs are cancelled."""
+    import yaml
+
+    config = tmp_path / "dask"
+    config.mkdir()
+    site = {
+        "cores": 1,
+        "memory": "1GiB",
+        "walltime": "00:05:00",
+        "interface": "lo",
+        "log-directory": str(tmp_path),
+        "job-extra-directives": ["--begin=now+3600"],
+    }
+    (config / "jobqueue.yaml").write_text(yaml.safe_dump({"jobqueue": {"slurm": site}}))
+    env = {
+        **os.environ,
+        "DASK_CONFIG": str(config),
+        "DASK_CORON_DASK__CLUSTER__WORKER_TIMEOUT": "6",
+        "DASK_CORON_DASK__CLUSTER__STATUS_INTERVAL": "2",
+    }
+    out = tmp_path / "out"
+    result = subprocess.run(
+        [sys.executable, "-m", "coron_dask.cli", "run", asn, "-o", out, "--cluster", "slurm"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+        env=env,
+    )
+    err = result.stderr.strip().splitlines()
+    assert result.returncode == 3, result.stderr
+    assert err[0].startswith("Dask dashboard: http://")
+    waiting = [line for line in err if "waiting" in line]
+    assert "waiting up to 6 s for 1 worker at tcp://" in waiting[0]
+    assert all(" PENDING BeginTime" in line for line in waiting), waiting
+    assert any("still waiting for 1 worker" in line for line in waiting), waiting
+    assert err[-1].startswith("coron-dask: error: cluster: 0 of 1 worker joined ")
+    assert "Traceback" not in result.stderr
+    assert not out.exists()
+    queue = subprocess.run(["squeue", "-h"], capture_output=True, text=True, check=True).stdout
+    assert queue.strip() == ""
