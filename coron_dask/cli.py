@@ -271,6 +271,8 @@ def _check_execution(args: argparse.Namespace) -> None:
     for option, path in (("--report", args.report), ("--stats", args.stats)):
         if path is not None and path.is_dir():
             refuse(path, f"{option} names a file to write, and this is a folder")
+        if path is not None and not os.access(path.absolute().parent, os.W_OK | os.X_OK):
+            refuse(path, f"{option}: its folder does not exist or is not writable")
 
 
 def _parameters(args: argparse.Namespace) -> dict:

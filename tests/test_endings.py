@@ -62,6 +62,7 @@ def no_cluster(monkeypatch):
         ),
         (["--scheduler-file", "/nope/s.json"], "/nope/s.json", "its folder does not exist"),
         (["--cluster", "slurm"], "--cluster slurm", "cluster/jobqueue.yaml"),
+        (["--stats", "/nope/stats.json"], "/nope/stats.json", "does not exist or is not writable"),
     ],
 )
 def test_options_refused_before_any_cluster(
