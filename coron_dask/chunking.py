@@ -92,7 +92,8 @@ def waiting(obs: Observation, integrations: int, psfs: int, threads: int) -> int
     """Bytes waiting between tasks on a worker: for each target block under way (one per
     thread and the next), its aligned references (KLIP's tiles are views of them), its KL
     images (tiles and frames) and its filled science frames; and on each thread one
-    alignment block of a further target, which a thread aligns while KLIP finishes."""
+    alignment block of a further target, which a thread aligns while KLIP finishes (SCI,
+    and ERR when psfalign is written: an ERR block waits for its write)."""
     frame = Frame(*obs.frame)
     targets = integrations if obs.align_to == "each" else 1
     count = min(obs.truncate, obs.npsf)
@@ -101,7 +102,7 @@ def waiting(obs: Observation, integrations: int, psfs: int, threads: int) -> int
         + 8 * targets * (2 * count + 1) * frame.pixels
         + 4 * integrations * frame.pixels
     )
-    ahead = 4 * targets * psfs * frame.pixels
+    ahead = 4 * targets * psfs * frame.pixels * (2 if obs.save_psfalign else 1)
     return (threads + 1) * per_target + threads * ahead
 
 

@@ -78,7 +78,7 @@ class LoopbackCluster:
             )
         from distributed import Client
 
-        with Client(self.address, timeout=60) as client:
+        with Client(self.address, timeout=60, set_as_default=False) as client:
             client.wait_for_workers(workers, timeout=60)
 
     def stop(self) -> None:
@@ -133,7 +133,7 @@ def running_on(address: str, worker: str | None = None, prefix: str = "") -> Non
     from distributed import Client
 
     deadline = time.monotonic() + 300
-    with Client(address, timeout=60) as client:
+    with Client(address, timeout=60, set_as_default=False) as client:
         while True:
             processing = client.processing()
             keys = [
@@ -167,7 +167,7 @@ def test_killed_worker_changes_nothing(loopback, busy_observation, busy_baseline
     thread.start()
     from distributed import Client
 
-    with Client(loopback.address) as client:
+    with Client(loopback.address, set_as_default=False) as client:
         pids = client.run(os.getpid)
     victim = sorted(pids)[0]
     running_on(loopback.address, victim, "align-fit")  # the run is under way: fitting

@@ -18,6 +18,10 @@ import psutil
 import pytest
 
 from coron_dask import __version__, cluster
+
+# dask-jobqueue adds its defaults to dask's configuration when imported: imported here, so
+# that the tests' dask.config.set of jobqueue keys restores them, and does not drop them all
+pytest.importorskip("dask_jobqueue")
 from tests.conftest import assert_same_products, run_main, start_cli
 
 

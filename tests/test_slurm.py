@@ -120,7 +120,9 @@ def test_slurm_jobs_run_the_pipeline(slurm, busy_observation, busy_baseline, tmp
         }
     }
     out = tmp_path / "out"
-    with dask.config.set(site), Cluster(kind="slurm", jobs=2, quiet=True) as cluster:
+    # key by key: a whole "jobqueue" dict would replace dask-jobqueue's other defaults
+    settings = {f"jobqueue.slurm.{key}": value for key, value in site["jobqueue"]["slurm"].items()}
+    with dask.config.set(settings), Cluster(kind="slurm", jobs=2, quiet=True) as cluster:
         script = cluster.deployment.job_script()
         assert "#SBATCH --mem=2G" in script and "--interface lo" in script
         paths = run_coron3(
