@@ -3,7 +3,7 @@ integrations, 220 references) on a scheduler and 2 workers of LIMIT (default 4Gi
 here, each polled every 0.2 s for its resident memory, its data by task prefix and the task
 it runs; printed at each worker's highest resident memory.
 
-    LIMIT=2GiB python benchmarks/worker_probe.py WORKDIR
+    LIMIT=2GiB python benchmarks/worker_probe.py WORKDIR [coron-dask run options]
 """
 
 import os
@@ -146,6 +146,7 @@ r = subprocess.run(
         "--truncate",
         "20",
         "--no-progress",
+        *sys.argv[2:],  # further options of coron-dask run
     ],
     capture_output=True,
     text=True,
