@@ -213,8 +213,7 @@ def _check_execution(args: argparse.Namespace) -> None:
     from dask.utils import parse_bytes
     from distributed.system import MEMORY_LIMIT
 
-    from coron_dask import config
-    from coron_dask.cluster import LOCAL_SCHEDULERS, check_jobqueue
+    from coron_dask.cluster import LOCAL_SCHEDULERS, check_jobqueue, local_worker_count
 
     running = args.scheduler or args.scheduler_file
     local = args.scheduler in LOCAL_SCHEDULERS
@@ -260,7 +259,7 @@ def _check_execution(args: argparse.Namespace) -> None:
             refuse("--memory-limit", f"cannot read {args.memory_limit!r} as a size: e.g. 4GiB")
         if limit <= 0:
             refuse("--memory-limit", f"must be more than 0, got {args.memory_limit!r}")
-        count = args.n_workers or config.get("cluster.n-workers") or os.cpu_count() or 1
+        count = local_worker_count(args.n_workers)
         if count * limit > MEMORY_LIMIT:
             refuse(
                 "--memory-limit",
@@ -292,31 +291,26 @@ def _parameters(args: argparse.Namespace) -> dict:
 
 
 def _run(args: argparse.Namespace, asn: Path, output_dir: Path) -> list[Path]:
-    from coron_dask.cluster import Cluster
-    from coron_dask.pipeline import check_inputs, run_coron3
+    """run_coron3 with the command line's options (``_check_execution`` has checked them)."""
+    from coron_dask.pipeline import run_coron3
 
-    _check_execution(args)
-    check_inputs(asn, output_dir, psfmask=args.psfmask, **_parameters(args))
-    with Cluster(
-        args.scheduler,
-        args.scheduler_file,
+    return run_coron3(
+        asn,
+        output_dir,
+        psfmask=args.psfmask,
+        scheduler=args.scheduler,
+        scheduler_file=args.scheduler_file,
         n_workers=args.n_workers,
         memory_limit=args.memory_limit,
         kind=args.cluster,
         jobs=args.jobs,
         adapt=args.adapt,
         wait_for_workers=args.wait_for_workers,
-    ) as cluster:
-        return run_coron3(
-            asn,
-            output_dir,
-            psfmask=args.psfmask,
-            progress=not args.no_progress,
-            report=args.report,
-            stats=args.stats,
-            cluster=cluster,
-            **_parameters(args),
-        )
+        progress=not args.no_progress,
+        report=args.report,
+        stats=args.stats,
+        **_parameters(args),
+    )
 
 
 def _simulate(args: argparse.Namespace, outdir: Path) -> Path:
@@ -416,6 +410,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _command(args: argparse.Namespace) -> None:
     if args.command == "run":
+        _check_execution(args)
         for path in _run(args, args.asn, args.output_dir):
             print(path)
     elif args.command == "cluster":

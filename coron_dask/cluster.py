@@ -97,7 +97,6 @@ class Cluster:
         elif not (scheduler or scheduler_file):
             from coron_dask import config
 
-            n_workers = n_workers or config.get("cluster.n-workers")
             threads_per_worker = threads_per_worker or config.get("cluster.threads-per-worker")
             memory_limit = memory_limit or config.get("cluster.memory-limit")
             dashboard_address = dashboard_address or config.get("cluster.dashboard-address")
@@ -106,7 +105,7 @@ class Cluster:
                 self._local.set_result(_jobqueue_cluster(kind, jobs, adapt, dashboard_address))
                 return
             options = dict(
-                n_workers=n_workers or max(1, (os.cpu_count() or 1) // threads_per_worker),
+                n_workers=local_worker_count(n_workers, threads_per_worker),
                 threads_per_worker=threads_per_worker,
                 processes=True,
                 memory_limit=memory_limit,
@@ -188,6 +187,24 @@ class Cluster:
             raise ClusterError("lost the connection to the scheduler") from None
 
 
+def _seconds(setting: str, given: float | str | None = None) -> float:
+    """``given``, else the setting ``coron_dask.cluster.<setting>``, in seconds."""
+    from dask.utils import parse_timedelta
+
+    from coron_dask import config
+
+    return parse_timedelta(given or config.get(f"cluster.{setting}"), "s")
+
+
+def local_worker_count(n_workers: int | None = None, threads_per_worker: int | None = None) -> int:
+    """The worker processes of the LocalCluster a run starts: ``n_workers``, else the
+    setting ``coron_dask.cluster.n-workers``, else as many as the cores give threads."""
+    from coron_dask import config
+
+    threads = threads_per_worker or config.get("cluster.threads-per-worker")
+    return n_workers or config.get("cluster.n-workers") or max(1, (os.cpu_count() or 1) // threads)
+
+
 def quiet_distributed() -> None:
     """Log only distributed's critical messages in this process: a run that is ending
     (cancelled tasks, connections closing, reconnection attempts) has said why already."""
@@ -237,12 +254,7 @@ def await_workers(
     time."""
     if count < 1:
         return
-    from dask.utils import parse_timedelta
-
-    from coron_dask import config
-
-    timeout = parse_timedelta(timeout or config.get("cluster.worker-timeout"), "s")
-    interval = parse_timedelta(config.get("cluster.status-interval"), "s")
+    timeout, interval = _seconds("worker-timeout", timeout), _seconds("status-interval")
     address, start = client.scheduler.address, time.monotonic()
     deadline = start + timeout
 
@@ -326,12 +338,9 @@ def connect(scheduler: str | None, scheduler_file: str | None = None) -> object:
     """A Client of the scheduler at ``scheduler`` (or in ``scheduler_file``), waiting up to
     ``coron_dask.cluster.scheduler-timeout`` seconds for it, and saying so if it takes
     long. Raises ClusterError, in one line, if no scheduler answers."""
-    from dask.utils import parse_timedelta
     from distributed import Client
 
-    from coron_dask import config
-
-    timeout = parse_timedelta(config.get("cluster.scheduler-timeout"), "s")
+    timeout = _seconds("scheduler-timeout")
     address = _scheduler_address(scheduler_file, timeout) if scheduler_file else scheduler
     option = "--scheduler-file" if scheduler_file else "--scheduler"
     with _said_if_slow(f"connecting to the scheduler at {address} (up to {timeout:g} s)"):
@@ -476,12 +485,8 @@ def summarize_task_stream(records: list[dict]) -> dict:
 def _cancel(client: object, futures: list) -> None:
     """Cancel ``futures`` and wait (``coron_dask.cluster.cancel-timeout`` at most) until no
     task runs any more, so that none still writes into a product being removed."""
-    from dask.utils import parse_timedelta
-
-    from coron_dask import config
-
     client.cancel(futures)
-    deadline = time.monotonic() + parse_timedelta(config.get("cluster.cancel-timeout"), "s")
+    deadline = time.monotonic() + _seconds("cancel-timeout")
     with contextlib.suppress(Exception):
         while any(client.processing().values()) and time.monotonic() < deadline:
             time.sleep(0.1)
@@ -514,12 +519,8 @@ class _ProgressLines:
     ``coron_dask.cluster.status-interval`` seconds and one at the end."""
 
     def __init__(self) -> None:
-        from dask.utils import parse_timedelta
-
-        from coron_dask import config
-
         self.terminal = sys.stderr.isatty()
-        self.interval = parse_timedelta(config.get("cluster.status-interval"), "s")
+        self.interval = _seconds("status-interval")
         self.start = self.last = time.monotonic()
 
     def show(self, done: int, total: int) -> None:

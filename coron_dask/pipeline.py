@@ -365,6 +365,10 @@ def run_coron3(
     scheduler_file: str | None = None,
     n_workers: int | None = None,
     memory_limit: str | float | None = None,
+    kind: str = "local",
+    jobs: int | None = None,
+    adapt: tuple[int, int] | None = None,
+    wait_for_workers: int | None = None,
     progress: bool = True,
     quiet: bool = False,
     report: str | Path | None = None,
@@ -378,9 +382,11 @@ def run_coron3(
     median_box_length, bad_bits, truncate, orientation, format, save_psfalign, integrations,
     psfs, outlier_rows), the
     configured defaults where not given. ``scheduler``: None starts a LocalCluster of
-    ``n_workers`` processes for the run; an address or ``scheduler_file`` uses a running
-    cluster; ``"synchronous"`` or ``"threads"`` use dask's local schedulers; a ``cluster``
-    already under way (``cluster.Cluster``) is used as it is. The input is checked before
+    ``n_workers`` processes for the run (or, with ``kind`` "slurm" or "pbs", ``jobs`` batch
+    jobs of workers, or between the ``adapt`` minimum and maximum); an address or
+    ``scheduler_file`` uses a running cluster, once ``wait_for_workers`` workers joined;
+    ``"synchronous"`` or ``"threads"`` use dask's local schedulers; a ``cluster`` already
+    under way (``cluster.Cluster``) is used as it is. The input is checked before
     the cluster computes anything, so bad input fails fast and leaves no product. ``report`` saves
     dask's performance report (HTML), ``stats`` a JSON summary of where the time went.
     """
@@ -393,6 +399,10 @@ def run_coron3(
                     scheduler_file,
                     n_workers=n_workers,
                     memory_limit=memory_limit,
+                    kind=kind,
+                    jobs=jobs,
+                    adapt=adapt,
+                    wait_for_workers=wait_for_workers,
                     quiet=quiet,
                 )
             )
