@@ -46,6 +46,7 @@ class Observation:
     truncate: int = 50
     align_to: str = "each"
     save_psfalign: bool = True
+    format: str = "fits"
 
     @property
     def npsf(self) -> int:
@@ -92,8 +93,9 @@ def waiting(obs: Observation, integrations: int, psfs: int, threads: int) -> int
     """Bytes waiting between tasks on a worker: for each target block under way (one per
     thread and the next), its aligned references (KLIP's tiles are views of them), its KL
     images (tiles and frames) and its filled science frames; and on each thread one
-    alignment block of a further target, which a thread aligns while KLIP finishes (SCI,
-    and ERR when psfalign is written: an ERR block waits for its write)."""
+    aligned SCI block of a further target, which a thread aligns while KLIP finishes.
+    No block waits for its write: SCI is written as KLIP reads it (``write_through``),
+    ERR by the task that shifts it."""
     frame = Frame(*obs.frame)
     targets = integrations if obs.align_to == "each" else 1
     count = min(obs.truncate, obs.npsf)
@@ -102,7 +104,7 @@ def waiting(obs: Observation, integrations: int, psfs: int, threads: int) -> int
         + 8 * targets * (2 * count + 1) * frame.pixels
         + 4 * integrations * frame.pixels
     )
-    ahead = 4 * targets * psfs * frame.pixels * (2 if obs.save_psfalign else 1)
+    ahead = 4 * targets * psfs * frame.pixels
     return (threads + 1) * per_target + threads * ahead
 
 
@@ -127,7 +129,11 @@ def task_peaks(obs: Observation, integrations: int, psfs: int, outlier_rows: int
             k, frame, truncate, npsf, shared=obs.align_to == "first"
         ),
         "resample": memory.resample(k, frame, 4 * frame.pixels),
-        "write": memory.write(4 * targets * p * frame.pixels),
+        "write": memory.write(
+            4 * targets * p * frame.pixels,
+            4 * p * frame.pixels if p < npsf else None,  # runs of p references
+            buffered=obs.format == "fits",
+        ),
     }
 
 

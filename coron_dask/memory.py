@@ -10,6 +10,7 @@ also holds what waits between tasks (``held``, ``waiting``) on top of its own ba
 
 from dataclasses import dataclass
 
+from coron_dask.io.fitsfile import WRITE_BUFFER
 from coron_dask.kernels.klip import PROJECTION_COLUMNS
 from coron_dask.kernels.median_fill import FILL_BATCH
 from coron_dask.kernels.registration import fit_batch, shift_batch
@@ -164,7 +165,10 @@ def resample(frames: int, frame: Frame, grid_pixels: int) -> int:
     )
 
 
-def write(nbytes: int) -> int:
-    """Write a block of ``nbytes``: the block and its big-endian copy (unsigned integers are
-    offset in that copy)."""
-    return 2 * nbytes + TASK_OVERHEAD
+def write(nbytes: int, run: int | None = None, buffered: bool = True) -> int:
+    """Write a block of ``nbytes`` whose longest run contiguous in the file is ``run``
+    bytes (default: the whole block): the block and its big-endian copy, made a run at a
+    time and WRITE_BUFFER bytes at most into a FITS file (``buffered``), whole for a Zarr
+    chunk (its encoder copies the whole chunk)."""
+    copy = min(run or nbytes, WRITE_BUFFER) if buffered else nbytes
+    return nbytes + copy + TASK_OVERHEAD

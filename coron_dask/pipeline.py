@@ -28,6 +28,7 @@ from coron_dask.io import (
     read_association,
     read_psfmask,
     write_products,
+    write_through,
 )
 from coron_dask.provenance import provenance
 from coron_dask.steps import align_refs, klip, outlier_detection, stack_refs
@@ -98,6 +99,7 @@ def plan_observation(
         truncate=p["truncate"],
         align_to=p["align_to"],
         save_psfalign=p["save_psfalign"],
+        format=p["format"],
     )
     return chunking.plan_blocks(
         sizes,
@@ -284,8 +286,6 @@ def build_products(
             bad_bits=p["bad_bits"],
             align_to=p["align_to"],
         )
-        psfsub = klip(filled, psfalign, p["truncate"], rows=plan.klip_rows)
-        psfsubs.append(psfsub)
         root = f"{exposure_root(exposure)}_{association.asn_id}"
         model = "QuadModel" if p["align_to"] == "each" else "CubeModel"
         # psfalign and psfsub: the references, aligned to this science exposure
@@ -299,6 +299,11 @@ def build_products(
                 ("outlier_detection", "stack_refs", "align_refs"),
                 **members,
             )
+            # KLIP reads each aligned block as it is written, so none waits for its write
+            written = write_through(products[-1], "SCI")
+            psfalign = psfalign.assign(sci=psfalign["sci"].copy(data=written))
+        psfsub = klip(filled, psfalign, p["truncate"], rows=plan.klip_rows)
+        psfsubs.append(psfsub)
         product(
             f"{root}_psfsub",
             {**exposure.attrs, "DATAMODL": "CubeModel"},

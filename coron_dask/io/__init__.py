@@ -14,6 +14,7 @@ _EXPORTS = {
     "Extension": "products",
     "Product": "products",
     "write_products": "products",
+    "write_through": "products",
 }
 __all__ = sorted(_EXPORTS)
 __getattr__ = lazy_exports(__name__, _EXPORTS)

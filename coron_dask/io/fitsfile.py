@@ -3,6 +3,7 @@ description (path, extension or byte offset, shape, dtype) from which the task o
 file itself. No open file handle, lock or memory map travels to a worker, and a worker
 unpickling these imports numpy and astropy.io.fits only."""
 
+from collections.abc import Iterator
 from itertools import product as cartesian
 from pathlib import Path
 
@@ -68,6 +69,26 @@ def file_dtype(dtype: np.dtype) -> tuple[np.dtype, int | None]:
     return dtype.newbyteorder(">"), None
 
 
+#: Bytes a write converts to the file's byte order at a time: a block is written in runs
+#: of at most this size, so a write needs little memory beyond its block.
+WRITE_BUFFER = 8 * 2**20
+
+
+def _pieces(run: np.ndarray, limit: int) -> Iterator[np.ndarray]:
+    """``run`` as consecutive slabs (in C order) of at most ``limit`` bytes, or of one row
+    of its last axis where a row is larger."""
+    if run.nbytes <= limit or run.ndim == 1:
+        yield run
+        return
+    step = limit // run[0].nbytes
+    if step:
+        for start in range(0, run.shape[0], step):
+            yield run[start : start + step]
+    else:
+        for part in run:
+            yield from _pieces(part, limit)
+
+
 class FitsRegion:
     """A ``da.store`` target: the data area of one extension inside a FITS file on disk."""
 
@@ -77,8 +98,12 @@ class FitsRegion:
         self.shape = shape
         self.file_dtype, self.bzero = file_dtype(dtype)
 
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, FitsRegion) and vars(self) == vars(other)
+
     def __setitem__(self, key: tuple[slice, ...], block: np.ndarray) -> None:
-        """Write ``block`` at ``key``: one contiguous write per run of whole trailing axes."""
+        """Write ``block`` at ``key``: one seek per run of whole trailing axes, each run
+        converted and written WRITE_BUFFER bytes at a time."""
         starts = [s.indices(n)[0] for s, n in zip(key, self.shape, strict=True)]
         # Axes from `split` on are written whole: the block is contiguous in the file there.
         split = _contiguous_from(block.shape, self.shape)
@@ -90,11 +115,11 @@ class FitsRegion:
                 )
                 position += sum(starts[a] * strides[a] for a in range(split, len(self.shape)))
                 handle.seek(self.offset + int(position))
-                handle.write(memoryview(self._stored(block[index])).cast("B"))
+                for piece in _pieces(block[index], WRITE_BUFFER):
+                    handle.write(memoryview(self._stored(piece)).cast("B"))
 
     def _stored(self, run: np.ndarray) -> np.ndarray:
-        """A run of the block as the file stores it (big-endian, unsigned values offset): one
-        copy of one run at a time, offset in place, not a copy of the whole block."""
+        """A piece of the block as the file stores it (big-endian, unsigned values offset)."""
         stored = run.astype(run.dtype.newbyteorder(">"), order="C")
         if self.bzero is not None:  # stored value = value - 2**(bits-1): flip the sign bit
             stored ^= stored.dtype.type(self.bzero)

@@ -28,7 +28,9 @@ from pathlib import Path
 import dask.array as da
 import numpy as np
 from astropy.io import fits
+from dask.base import tokenize
 from dask.delayed import Delayed
+from dask.layers import ArraySliceDep
 
 from coron_dask.io.fitsfile import FitsRegion, file_dtype
 
@@ -46,6 +48,18 @@ class Extension:
     data: da.Array
     keywords: dict = field(default_factory=dict)
     dims: tuple[str, ...] | None = None  # axis names, slowest first (Zarr stores keep them)
+    #: written by the tasks that pass its blocks on to a later step (``write_through``);
+    #: None: by a store task of its own
+    through: "Through | None" = None
+
+
+@dataclass(frozen=True)
+class Through:
+    """An extension's blocks written as they pass on to a later step: the array that
+    does it, and where it writes them."""
+
+    array: da.Array
+    target: object
 
 
 @dataclass
@@ -102,19 +116,35 @@ def _extension_header(extension: Extension) -> fits.Header:
     return header
 
 
-def _reserve(product: Product, partial: Path) -> list[tuple[da.Array, FitsRegion]]:
-    """Write the headers of ``product`` into ``partial``, sized for its data; give the targets."""
-    targets = []
+def _fits_layout(product: Product, partial: Path) -> list[tuple[bytes, FitsRegion]]:
+    """The headers of ``product`` in order, each with the region of its data in ``partial``
+    (the primary header has none): pure, so a region is known before the file exists."""
+    primary = _primary_header(product.primary).tostring().encode("ascii")
+    layout = [(primary, None)]
+    position = len(primary)
+    for extension in product.extensions:
+        header = _extension_header(extension).tostring().encode("ascii")
+        position += len(header)
+        shape, dtype = extension.data.shape, extension.data.dtype
+        layout.append((header, FitsRegion(partial, position, shape, dtype)))
+        nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+        position += -(-nbytes // BLOCK) * BLOCK
+    return layout
+
+
+def _reserve(product: Product, partial: Path) -> list[FitsRegion]:
+    """Write the headers of ``product`` into ``partial``, sized for its data; give the
+    regions its extensions' blocks go to."""
+    layout = _fits_layout(product, partial)
     with open(partial, "wb") as handle:
-        handle.write(_primary_header(product.primary).tostring().encode("ascii"))
-        for extension in product.extensions:
-            handle.write(_extension_header(extension).tostring().encode("ascii"))
-            nbytes = int(np.prod(extension.data.shape)) * np.dtype(extension.data.dtype).itemsize
-            region = FitsRegion(partial, handle.tell(), extension.data.shape, extension.data.dtype)
-            targets.append((da.asarray(extension.data), region))
-            handle.seek(handle.tell() + -(-nbytes // BLOCK) * BLOCK)
-        handle.truncate()
-    return targets
+        for header, region in layout:
+            if region is not None:
+                handle.seek(region.offset - len(header))
+            handle.write(header)
+        *_, (_, last) = layout
+        end = last.offset + int(np.prod(last.shape)) * last.file_dtype.itemsize
+        handle.truncate(-(-end // BLOCK) * BLOCK)
+    return [region for _, region in layout[1:]]
 
 
 def _json_value(value: object) -> object:
@@ -132,30 +162,102 @@ def _json_safe(keywords: dict) -> dict:
     return {key: value for key, value in plain.items() if value is not None}
 
 
-def _reserve_zarr(product: Product, partial: Path) -> list[tuple[da.Array, object]]:
-    """Create the Zarr store of ``product`` in ``partial``, arrays chunked as the data."""
+class ZarrArray:
+    """A ``da.store`` target: one array of a Zarr store on disk, opened by the task that
+    writes to it (picklable, like ``FitsRegion``)."""
+
+    def __init__(self, store: Path, name: str) -> None:
+        self.store = str(store)
+        self.name = name
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, ZarrArray) and vars(self) == vars(other)
+
+    def __setitem__(self, key: tuple[slice, ...], block: np.ndarray) -> None:
+        import zarr
+
+        zarr.open_array(self.store, path=self.name, mode="r+")[key] = block
+
+
+def _zarr_chunks(data: da.Array) -> tuple[int, ...]:
+    """The Zarr chunks of ``data``: its largest block on each axis."""
+    return tuple(max(chunks) for chunks in data.chunks)
+
+
+def _reserve_zarr(product: Product, partial: Path) -> list[ZarrArray]:
+    """Create the Zarr store of ``product`` in ``partial``, arrays chunked as the data (an
+    extension's blocks must each fall in one chunk: ``staged_products`` rechunks the
+    data it stores, ``write_through`` requires it)."""
     import zarr
 
     group = zarr.open_group(str(partial), mode="w", zarr_format=3)
     group.attrs.update(_json_safe(product.primary))
-    targets = []
     for extension in product.extensions:
         data = da.asarray(extension.data)
-        regular = tuple(max(chunks) for chunks in data.chunks)
-        data = data.rechunk(regular)
         array = group.create_array(
             extension.name,
             shape=data.shape,
-            chunks=regular,
+            chunks=_zarr_chunks(data),
             dtype=data.dtype,
             dimension_names=extension.dims,
         )
         array.attrs.update(_json_safe(extension.keywords))
-        targets.append((data, array))
     with warnings.catch_warnings():  # zarr notes that v3 has no consolidated metadata yet
         warnings.filterwarnings("ignore", message="Consolidated metadata")
         zarr.consolidate_metadata(str(partial))  # metadata is final: readers open it at once
-    return targets
+    return [ZarrArray(partial, extension.name) for extension in product.extensions]
+
+
+def _write_block(block: np.ndarray, target: object, where: tuple[slice, ...]) -> np.ndarray:
+    """Write ``block`` at ``where`` in ``target`` and pass it on."""
+    target[where] = block
+    return block
+
+
+def write_through(product: Product, name: str) -> da.Array:
+    """Extension ``name`` of ``product`` as an array that writes each block into the
+    product's file as the block is computed, and passes it on.
+
+    A later step that reads the extension from this array (KLIP reads psfalign's SCI) holds
+    each block only while it uses it: no block waits in a worker's memory for a write task
+    of its own, which dask may order after much else. That step must be written with the
+    product; ``staged_products`` checks that it is.
+    """
+    extension = next(item for item in product.extensions if item.name == name)
+    data = da.asarray(extension.data)
+    partial = _partial(product.path)
+    if product.path.suffix == ".zarr":
+        # each block in one chunk: blocks of one size along each axis, the last no larger
+        if not all(set(c[:-1]) <= {c[0]} and c[-1] <= c[0] for c in data.chunks):
+            raise ValueError(f"{product.path.name} {name}: blocks {data.chunks} are uneven")
+        target = ZarrArray(partial, name)
+    else:
+        index = product.extensions.index(extension)
+        target = _fits_layout(product, partial)[1 + index][1]
+    kind = product.path.stem.rsplit("_", 1)[-1]
+    array = data.map_blocks(
+        _write_block,
+        target,
+        ArraySliceDep(data.chunks),  # each block's place (a block dependency: it fuses)
+        dtype=data.dtype,
+        meta=data._meta,
+        name=f"write-{kind}-{name.lower()}-" + tokenize(data, str(partial), name),
+    )
+    extension.through = Through(array, target)
+    return array
+
+
+def _check_passed(passed: list[tuple[Product, Through, object]], sources: list[da.Array]):
+    """Raise ValueError unless the stores read every extension written through (or its
+    blocks would never be written), and it writes where its file was reserved."""
+    layers = set()
+    for source in sources:
+        layers.update(source.__dask_graph__().layers)
+    for product, through, target in passed:
+        if through.array.name not in layers:
+            raise ValueError(f"{product.path.name}: written through, but no product reads it")
+        if through.target != target:
+            raise ValueError(f"{product.path.name}: its layout changed after write_through")
 
 
 def _remove(partial: Path) -> None:
@@ -212,18 +314,24 @@ def staged_products(products: list[Product]) -> Iterator[list[Delayed]]:
     """
     partials = []
     try:
-        sources, targets = [], []
+        sources, targets, passed = [], [], []
         for item in products:
             item.path.parent.mkdir(parents=True, exist_ok=True)
             clear_stale_partials(item.path)
             partial = _partial(item.path)
             partials.append(partial)
-            reserve = _reserve_zarr if item.path.suffix == ".zarr" else _reserve
-            for source, target in reserve(item, partial):
-                sources.append(source)
+            zarr = item.path.suffix == ".zarr"
+            reserved = (_reserve_zarr if zarr else _reserve)(item, partial)
+            for extension, target in zip(item.extensions, reserved, strict=True):
+                if extension.through is not None:  # written by the graph that reads it
+                    passed.append((item, extension.through, target))
+                    continue
+                data = da.asarray(extension.data)
+                sources.append(data.rechunk(_zarr_chunks(data)) if zarr else data)
                 targets.append(target)
         # one store for all products: one graph, so a block several products need (the
         # aligned references: psfalign and psfsub) is computed once
+        _check_passed(passed, sources)
         yield [da.store(sources, targets, lock=False, compute=False)]
     except BaseException:
         for partial in partials:
