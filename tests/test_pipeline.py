@@ -7,6 +7,7 @@ import time
 import numpy as np
 import pytest
 from astropy.io import fits
+from distributed.diagnostics.plugin import SchedulerPlugin
 from stdatamodels.jwst import datamodels
 
 from coron_dask import build_products, run_coron3
@@ -357,3 +358,56 @@ def test_miri_4qpm_matches_jwst_functions(tmp_path):
     assert read(align, "SCI").shape == (2, 6, 224, 288)
     assert relative_l2(read(align, "SCI"), expected[root]["psfalign_sci"]) < 1e-4
     assert relative_l2(read(sub, "SCI"), expected[root]["psfsub_sci"]) < 1e-3
+
+
+class _Order(SchedulerPlugin):
+    """The order the scheduler gives a graph's tasks, and their dependencies."""
+
+    def update_graph(self, scheduler, *, tasks, priority, **kwargs):
+        self.order = sorted(tasks, key=priority.__getitem__)
+        self.dependencies = {k: {d.key for d in scheduler.tasks[k].dependencies} for k in tasks}
+
+
+def _most_held(order: list, dependencies: dict, prefixes: tuple[str, ...]) -> int:
+    """Most outputs of tasks named ``prefixes`` held at once when one thread runs ``order``
+    (an output is held until every task that reads it has run)."""
+    readers = {key: 0 for key in order}
+    for key in order:
+        for dependency in dependencies[key]:
+            readers[dependency] += 1
+    held, most = set(), 0
+    for key in order:
+        if (key[0] if isinstance(key, tuple) else key).startswith(prefixes):
+            held.add(key)
+        for dependency in dependencies[key]:
+            readers[dependency] -= 1
+            if not readers[dependency]:
+                held.discard(dependency)
+        most = max(most, len(held))
+    return most
+
+
+def test_no_aligned_block_waits_for_its_write(asn, tmp_path):
+    """In the order the scheduler runs a run's tasks, a thread holds the aligned references
+    of one target block (and the next block) at a time: KLIP reads each block as psfalign
+    is written. A store task of its own, which dask ordered at the end of its exposure,
+    kept every aligned block of an exposure waiting (issue 8: 4 GiB workers held 4.5)."""
+    from distributed import Client, LocalCluster
+
+    from coron_dask.chunking import Workers
+    from coron_dask.cluster import execute
+    from coron_dask.io.products import staged_products
+
+    plugin = _Order()
+    workers = Workers(1, 1, 2**31, 2**28)
+    built = build_products(asn, tmp_path, workers=workers, integrations=1, psfs=3)
+    with (
+        LocalCluster(n_workers=1, threads_per_worker=1, processes=False) as cluster,
+        Client(cluster, set_as_default=False) as client,
+        staged_products(built) as writes,
+    ):
+        cluster.scheduler.add_plugin(plugin)
+        execute(writes, client, progress=False)
+    aligned = ("align-shift-sci", "write-psfalign-sci")
+    blocks_per_target = 2  # 6 references in blocks of 3
+    assert _most_held(plugin.order, plugin.dependencies, aligned) <= blocks_per_target + 1
