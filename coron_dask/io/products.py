@@ -2,9 +2,11 @@
 
 Each product's headers are written first into a hidden temporary file whose data areas
 are reserved (a sparse file); dask tasks then write their blocks straight into place
-(``da.store`` into a picklable target that opens the file itself). Only when every block
-of every product is written are the temporary files renamed to their JWST names; on any
-failure they are removed.
+(``da.store`` into a picklable target that opens the file itself). An extension a later
+step reads (psfalign's SCI, which KLIP reads) is written as the step reads it
+(``write_through``): a store task of its own would keep each block in memory until dask
+got round to it. Only when every block of every product is written are the temporary
+files renamed to their JWST names; on any failure they are removed.
 
 A product whose path ends in ``.zarr`` is written as a Zarr store instead (for products
 too big for FITS readers): a group with the primary keywords as attributes and one array
@@ -308,7 +310,8 @@ def clear_stale_partials(path: Path) -> None:
 def staged_products(products: list[Product]) -> Iterator[list[Delayed]]:
     """Yield the lazy writes of ``products``; on a clean exit rename them into place.
 
-    The caller computes the yielded writes (all together, so shared inputs load once).
+    Extensions written through (``write_through``) get no store task: the other
+    products' stores must read them, which is checked. The caller computes the yielded writes (all together, so shared inputs load once).
     Any exception (or signal: ``errors.Interrupted``) removes every temporary file and
     leaves no product behind; those an earlier, killed run left are removed first.
     """
