@@ -387,7 +387,8 @@ def _most_held(order: list, dependencies: dict, prefixes: tuple[str, ...]) -> in
     return most
 
 
-def test_no_aligned_block_waits_for_its_write(asn, tmp_path):
+@pytest.mark.parametrize("mode", MODES)
+def test_no_aligned_block_waits_for_its_write(asn, tmp_path, mode):
     """In the order the scheduler runs a run's tasks, a thread holds the aligned references
     of one target block (and the next block) at a time: KLIP reads each block as psfalign
     is written. A store task of its own, which dask ordered at the end of its exposure,
@@ -400,14 +401,16 @@ def test_no_aligned_block_waits_for_its_write(asn, tmp_path):
 
     plugin = _Order()
     workers = Workers(1, 1, 2**31, 2**28)
-    built = build_products(asn, tmp_path, workers=workers, integrations=1, psfs=3)
+    built = build_products(asn, tmp_path, workers=workers, integrations=1, psfs=3, align_to=mode)
     with (
-        LocalCluster(n_workers=1, threads_per_worker=1, processes=False) as cluster,
+        LocalCluster(
+            n_workers=1, threads_per_worker=1, processes=False, dashboard_address=":0"
+        ) as cluster,
         Client(cluster, set_as_default=False) as client,
         staged_products(built) as writes,
     ):
         cluster.scheduler.add_plugin(plugin)
         execute(writes, client, progress=False)
     aligned = ("align-shift-sci", "write-psfalign-sci")
-    blocks_per_target = 2  # 6 references in blocks of 3
+    blocks_per_target = 2  # 6 references in blocks of 3 (first: one target per exposure)
     assert _most_held(plugin.order, plugin.dependencies, aligned) <= blocks_per_target + 1
