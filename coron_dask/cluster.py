@@ -459,6 +459,7 @@ STAGES = (
     ("resample", "resample"),
     ("read-", "read calints"),
     ("store", "write products"),
+    ("write-", "write products"),  # an extension written as a later step reads it
 )
 
 
