@@ -143,8 +143,12 @@ def _reserve(product: Product, partial: Path) -> list[FitsRegion]:
             if region is not None:
                 handle.seek(region.offset - len(header))
             handle.write(header)
-        *_, (_, last) = layout
-        end = last.offset + int(np.prod(last.shape)) * last.file_dtype.itemsize
+        (header, last) = layout[-1]
+        end = (
+            len(header)
+            if last is None
+            else last.offset + last.file_dtype.itemsize * int(np.prod(last.shape))
+        )
         handle.truncate(-(-end // BLOCK) * BLOCK)
     return [region for _, region in layout[1:]]
 
@@ -310,10 +314,11 @@ def clear_stale_partials(path: Path) -> None:
 def staged_products(products: list[Product]) -> Iterator[list[Delayed]]:
     """Yield the lazy writes of ``products``; on a clean exit rename them into place.
 
+    The caller computes the yielded writes (all together, so shared inputs load once).
     Extensions written through (``write_through``) get no store task: the other
-    products' stores must read them, which is checked. The caller computes the yielded writes (all together, so shared inputs load once).
-    Any exception (or signal: ``errors.Interrupted``) removes every temporary file and
-    leaves no product behind; those an earlier, killed run left are removed first.
+    products' stores must read them, which is checked. Any exception (or signal:
+    ``errors.Interrupted``) removes every temporary file and leaves no product behind;
+    those an earlier, killed run left are removed first.
     """
     partials = []
     try:
