@@ -118,9 +118,10 @@ def _extension_header(extension: Extension) -> fits.Header:
     return header
 
 
-def _fits_layout(product: Product, partial: Path) -> list[tuple[bytes, FitsRegion]]:
+def _fits_layout(product: Product, partial: Path) -> tuple[list[tuple[bytes, FitsRegion]], int]:
     """The headers of ``product`` in order, each with the region of its data in ``partial``
-    (the primary header has none): pure, so a region is known before the file exists."""
+    (the primary header has none), and the file's size: pure, so a region is known before
+    the file exists."""
     primary = _primary_header(product.primary).tostring().encode("ascii")
     layout = [(primary, None)]
     position = len(primary)
@@ -131,25 +132,19 @@ def _fits_layout(product: Product, partial: Path) -> list[tuple[bytes, FitsRegio
         layout.append((header, FitsRegion(partial, position, shape, dtype)))
         nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
         position += -(-nbytes // BLOCK) * BLOCK
-    return layout
+    return layout, position
 
 
 def _reserve(product: Product, partial: Path) -> list[FitsRegion]:
     """Write the headers of ``product`` into ``partial``, sized for its data; give the
     regions its extensions' blocks go to."""
-    layout = _fits_layout(product, partial)
+    layout, size = _fits_layout(product, partial)
     with open(partial, "wb") as handle:
         for header, region in layout:
             if region is not None:
                 handle.seek(region.offset - len(header))
             handle.write(header)
-        (header, last) = layout[-1]
-        end = (
-            len(header)
-            if last is None
-            else last.offset + last.file_dtype.itemsize * int(np.prod(last.shape))
-        )
-        handle.truncate(-(-end // BLOCK) * BLOCK)
+        handle.truncate(size)
     return [region for _, region in layout[1:]]
 
 
@@ -239,12 +234,13 @@ def write_through(product: Product, name: str) -> da.Array:
         target = ZarrArray(partial, name)
     else:
         index = product.extensions.index(extension)
-        target = _fits_layout(product, partial)[1 + index][1]
+        layout, _ = _fits_layout(product, partial)
+        target = layout[1 + index][1]
     kind = product.path.stem.rsplit("_", 1)[-1]
     array = data.map_blocks(
         _write_block,
         target,
-        ArraySliceDep(data.chunks),  # each block's place (a block dependency: it fuses)
+        ArraySliceDep(data.chunks),  # each block's place in the file, as da.store gives it
         dtype=data.dtype,
         meta=data._meta,
         name=f"write-{kind}-{name.lower()}-" + tokenize(data, str(partial), name),
