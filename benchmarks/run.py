@@ -97,6 +97,11 @@ SCENARIOS = {
         )
         for limit in ("0.75GiB", "1GiB", "2GiB", "4GiB")
     },
+    # 1040 references on 1 GiB workers: refused while every worker held the filled
+    # references (the plan asked for 3.37 GiB); 2 × 5 integrations (an 8.5 GB psfalign)
+    "refs-1GiB": Scenario(
+        "refs-1GiB", 320, 2, 5, 16, 65, memory_limit="1GiB", extra=["--truncate", "20"]
+    ),
     # MIRI 4QPM at realistic counts, 2 GiB workers: 1040 references; without psfalign
     # 2 × 100 integrations (its psfalign would be 107 GB, more than this machine's disk),
     # with it 2 × 20 (21 GB)

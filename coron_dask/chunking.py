@@ -2,12 +2,12 @@
 
 A worker's memory holds its own baseline (the interpreter and the libraries tasks import),
 the freed memory its heaps keep (``memory.WORKER_RETAINED``), what waits between tasks
-(the filled references every alignment task reads; the aligned references and KL images
-of the targets under way) and, on each of its threads, one running task (``memory``
-predicts each kind's peak from its block). The plan takes the largest blocks for which
-all of that stays within ``fraction`` of the worker's memory limit (under dask's spill
-threshold, 0.7), with enough blocks for every worker thread; if even the smallest blocks
-do not fit, it refuses, saying what would.
+(the filled science frames, KL images and Gram matrices of the targets under way: the
+references, filled and aligned, are on disk) and, on each of its threads, one running
+task (``memory`` predicts each kind's peak from its block). The plan takes the largest
+blocks for which all of that stays within ``fraction`` of the worker's memory limit
+(under dask's spill threshold, 0.7), with enough blocks for every worker thread; if even
+the smallest blocks do not fit, it refuses, saying what would.
 """
 
 from dataclasses import dataclass
@@ -83,29 +83,27 @@ def tile_rows(npsf: int, frame: tuple[int, int], tile_bytes: int) -> int:
 
 
 def held(obs: Observation) -> int:
-    """Bytes every worker may hold for the whole alignment: the filled references (SCI, and
-    ERR when psfalign is written) and the PSFMASK."""
-    frame = Frame(*obs.frame)
-    return 4 * obs.npsf * frame.pixels * (2 if obs.save_psfalign else 1) + 8 * frame.pixels
+    """Bytes every worker may hold for the whole alignment: the PSFMASK. The filled
+    references are on disk: each alignment task reads its block."""
+    return 8 * Frame(*obs.frame).pixels
 
 
 def waiting(obs: Observation, integrations: int, psfs: int, threads: int) -> int:
     """Bytes waiting between tasks on a worker: for each target block under way (one per
-    thread and the next), its aligned references (KLIP's tiles are views of them), its KL
-    images (tiles and frames) and its filled science frames; and on each thread one
-    aligned SCI block of a further target, which a thread aligns while KLIP finishes.
-    No block waits for its write: SCI is written as KLIP reads it (``write_through``),
-    ERR by the task that shifts it."""
+    thread and the next), its filled science frames, its KL images (tiles and frames),
+    its Gram matrices (SPLIT_EVERY terms of their sum, and the sum) and KL weights.
+    No reference waits: the aligned references are written by the tasks that shift them
+    and read back a tile at a time by the KLIP tasks (``io.products.write_blocks``)."""
     frame = Frame(*obs.frame)
     targets = integrations if obs.align_to == "each" else 1
-    count = min(obs.truncate, obs.npsf)
+    npsf, count = obs.npsf, min(obs.truncate, obs.npsf)
     per_target = (
-        4 * targets * obs.npsf * frame.pixels
+        4 * integrations * frame.pixels
         + 8 * targets * (2 * count + 1) * frame.pixels
-        + 4 * integrations * frame.pixels
+        + 8 * targets * npsf**2 * (memory.SPLIT_EVERY + 1)
+        + 16 * targets * npsf * count
     )
-    ahead = 4 * targets * psfs * frame.pixels
-    return (threads + 1) * per_target + threads * ahead
+    return (threads + 1) * per_target
 
 
 def task_peaks(obs: Observation, integrations: int, psfs: int, outlier_rows: int, klip_rows: int):
@@ -114,13 +112,14 @@ def task_peaks(obs: Observation, integrations: int, psfs: int, outlier_rows: int
     k, p, npsf, truncate = integrations, psfs, obs.npsf, obs.truncate
     targets = k if obs.align_to == "each" else 1
     longest = max(obs.science_nints + obs.psf_nints)
+    zarr = obs.save_psfalign and obs.format == "zarr"
     return {
         "read": memory.read(max(k, p), frame.pixels),
         "outlier median": memory.outlier_median(longest, outlier_rows, frame.nx),
         "outlier flag": memory.outlier_flag(max(k, p), frame),
         "fill": memory.fill(max(k, p), frame),
         "fit": memory.fit(targets, p, frame),
-        "shift": memory.shift(targets, p, frame),
+        "shift": memory.shift(targets, p, frame, written="zarr" if zarr else "fits"),
         "klip gram": memory.klip_gram(targets, npsf, klip_rows, frame),
         "klip sum": memory.klip_sum(targets, npsf),
         "klip weights": memory.klip_weights(targets, npsf, truncate),
@@ -129,10 +128,11 @@ def task_peaks(obs: Observation, integrations: int, psfs: int, outlier_rows: int
             k, frame, truncate, npsf, shared=obs.align_to == "first"
         ),
         "resample": memory.resample(k, frame, 4 * frame.pixels),
+        # the products' stores; psfalign's ERR is written by its shift task, as SCI is
         "write": memory.write(
             4 * targets * p * frame.pixels,
             4 * p * frame.pixels if p < npsf else None,  # runs of p references
-            buffered=obs.format == "fits",
+            buffered=not zarr,
         ),
     }
 

@@ -27,11 +27,11 @@ from coron_dask.io import (
     open_exposure,
     read_association,
     read_psfmask,
+    write_blocks,
     write_products,
-    write_through,
 )
 from coron_dask.provenance import provenance
-from coron_dask.steps import align_refs, klip, outlier_detection, stack_refs
+from coron_dask.steps import align_models, klip, median_replace_img, outlier_detection, stack_refs
 from coron_dask.steps.resample import resample
 
 
@@ -232,6 +232,13 @@ def build_products(
         primary = {**keywords, **record, "FILENAME": filename}
         products.append(Product(output_dir / filename, primary, _extensions(dataset, sci_keywords)))
 
+    def scratch(name: str, dataset: xr.Dataset, names: tuple[str, ...]) -> Product:
+        """A scratch file (FITS) holding ``names`` of ``dataset``, removed once the run ends."""
+        extensions = [Extension(item, dataset[item.lower()].data) for item in names]
+        kept = Product(output_dir / f"{name}.fits", {}, extensions, scratch=True)
+        products.append(kept)
+        return kept
+
     science, stack = observation.science, observation.psfstack
     if "outlier_detection" in p["skip"]:
         log.info("outlier_detection skipped")
@@ -276,20 +283,20 @@ def build_products(
         ("outlier_detection", "stack_refs"),
         psf=association.psf,
     )
+    # the filled references go to disk once; each alignment task reads its block
+    refs = median_replace_img(stack, p["median_box_length"], p["bad_bits"])
+    names = ("SCI", "ERR") if p["save_psfalign"] else ("SCI",)
+    kept = scratch(f"{association.product_name}_refs", refs, names)
+    on_disk = {name.lower(): write_blocks(name, kept) for name in names}
     psfsubs = []
     for exposure in science:
-        psfalign, filled = align_refs(
-            exposure,
-            stack,
-            mask,
-            median_box_length=p["median_box_length"],
-            bad_bits=p["bad_bits"],
-            align_to=p["align_to"],
-        )
+        filled = median_replace_img(exposure, p["median_box_length"], p["bad_bits"])
+        psfalign = align_models(filled, refs, mask, align_to=p["align_to"], on_disk=on_disk)
         root = f"{exposure_root(exposure)}_{association.asn_id}"
         model = "QuadModel" if p["align_to"] == "each" else "CubeModel"
         # psfalign and psfsub: the references, aligned to this science exposure
         members = {"science": (exposure.encoding["source"],), "psf": association.psf}
+        aligned_in = []  # where the aligned SCI is written, KLIP reading it from the first
         if p["save_psfalign"]:
             product(
                 f"{root}_psfalign",
@@ -299,10 +306,12 @@ def build_products(
                 ("outlier_detection", "stack_refs", "align_refs"),
                 **members,
             )
-            # KLIP reads each aligned block as it is written, so none waits for its write
-            written = write_through(products[-1], "SCI")
-            psfalign = psfalign.assign(sci=psfalign["sci"].copy(data=written))
-        psfsub = klip(filled, psfalign, p["truncate"], rows=plan.klip_rows)
+            aligned_in.append(products[-1])
+        if not p["save_psfalign"] or suffix == "zarr":  # KLIP reads a FITS file
+            aligned_in.insert(0, scratch(f"{root}_aligned", psfalign, ("SCI",)))
+        # each block written by the task that shifts it; KLIP reads it back a tile at a time
+        aligned = write_blocks("SCI", *aligned_in)
+        psfsub = klip(filled, psfalign, p["truncate"], rows=plan.klip_rows, on_disk=aligned)
         psfsubs.append(psfsub)
         product(
             f"{root}_psfsub",
@@ -313,7 +322,7 @@ def build_products(
             **members,
         )
     if not p["save_psfalign"]:
-        log.info("psfalign not written: KLIP consumes the aligned references as they are made")
+        log.info("psfalign not written: the aligned references go to a scratch file KLIP reads")
     if "resample" in p["skip"]:
         log.info("resample skipped")
     else:

@@ -18,7 +18,6 @@ import ctypes
 import gc
 import os
 from dataclasses import dataclass
-from itertools import pairwise
 from math import prod
 from pathlib import Path
 
@@ -29,6 +28,7 @@ from astropy.io import fits
 from coron_dask import memory
 from coron_dask.dqflags import PIXEL
 from coron_dask.io.fitsfile import FitsExtension, FitsRegion
+from coron_dask.io.products import write_block
 from coron_dask.kernels import blocks as kernels
 from coron_dask.memory import MIB, SPLIT_EVERY, Frame
 
@@ -78,14 +78,14 @@ CASES = [
     Case("shift", dict(frames=4, psfs=64, ny=64, nx=64)),
     Case("shift", dict(frames=1, psfs=20, ny=160, nx=160)),
     Case("shift", dict(frames=3, psfs=10, ny=224, nx=288)),
-    Case("klip_gram", dict(frames=1, npsf=100, rows=160, ny=160, nx=160, splits=2)),
-    Case("klip_gram", dict(frames=4, npsf=220, rows=66, ny=224, nx=288, splits=4)),
+    Case("klip_gram", dict(frames=1, npsf=100, rows=160, ny=160, nx=160)),
+    Case("klip_gram", dict(frames=4, npsf=220, rows=66, ny=224, nx=288)),
     Case("klip_sum", dict(frames=4, npsf=300)),
     Case("klip_sum", dict(frames=8, npsf=400)),
     Case("klip_weights", dict(frames=8, npsf=300)),
     Case("klip_weights", dict(frames=2, npsf=800)),
-    Case("klip_images", dict(frames=2, npsf=100, rows=160, ny=160, nx=160, splits=2)),
-    Case("klip_images", dict(frames=4, npsf=220, rows=66, ny=224, nx=288, splits=4)),
+    Case("klip_images", dict(frames=2, npsf=100, rows=160, ny=160, nx=160)),
+    Case("klip_images", dict(frames=4, npsf=220, rows=66, ny=224, nx=288)),
     Case("klip_subtract", dict(frames=10, ny=160, nx=160, npsf=100, shared=True)),
     Case("klip_subtract", dict(frames=4, ny=224, nx=288, npsf=200, shared=False)),
     Case("resample", dict(frames=30, ny=160, nx=160)),
@@ -182,22 +182,6 @@ def _exposure(rng, count: int, ny: int, nx: int, bad: float = 0.01) -> tuple[np.
     return sci, err, dq
 
 
-def _tile(rng, frames: int, npsf: int, rows: int, ny: int, nx: int, splits: int):
-    """A KLIP tile as ``steps.klip`` hands it to a task: ``rows`` rows of the aligned
-    blocks (frames, p_j, ny, nx) that split the references in ``splits``, as views in
-    dask's nested lists; the references' means per block; and the views."""
-    refs = _frames(rng, npsf, ny, nx, jitter=0.05)
-    bounds = np.linspace(0, npsf, splits + 1).astype(int)
-    aligned = [
-        np.ascontiguousarray(np.broadcast_to(refs[a:b], (frames, b - a, ny, nx)))
-        for a, b in pairwise(bounds)
-    ]
-    start = (ny - rows) // 2
-    views = [block[:, :, start : start + rows] for block in aligned]
-    means = [block.mean(axis=(2, 3), dtype=np.float64) for block in aligned]
-    return [[view] for view in views], means, views
-
-
 def build_read(rng, path, block, file, start, dtype):
     name, offset = path
     proxy = FitsExtension(Path(name), offset, file, np.dtype(dtype))
@@ -239,24 +223,62 @@ def build_fill(rng, path, frames, ny, nx, image, bad, box, field=None):
     return task, [data, sci, dq]
 
 
+def _on_disk(folder: str, name: str, data: np.ndarray) -> FitsExtension:
+    """``data`` written to a file in ``folder`` as the pipeline keeps arrays on disk (a
+    big-endian FITS data area, here at offset 0): what reads it back."""
+    path = Path(folder) / f"{name}.raw"
+    data.astype(data.dtype.newbyteorder(">")).tofile(path)
+    return FitsExtension(path, 0, data.shape, data.dtype)
+
+
 def build_fit(rng, path, frames, psfs, ny, nx):
+    """As the pipeline runs it: the references' block read from disk by the task."""
     science = _frames(rng, frames, ny, nx)
-    refs = _frames(rng, psfs, ny, nx, jitter=1.0)
+    source = _on_disk(path[0], "refs", _frames(rng, 2 * psfs, ny, nx, jitter=1.0))
+    indices = np.arange(psfs // 2, psfs // 2 + psfs)
     radius = np.hypot(*(np.indices((ny, nx)) - np.array([ny / 2, nx / 2])[:, None, None]))
     mask = np.where(radius > 3, 1.0, 0.0)  # a PSFMASK without the core, float64 as align_refs
-    return (lambda: kernels.fit_block(science, refs, mask)), [science, refs, mask]
+    return (lambda: kernels.fit_block(science, indices, mask, source)), [science, mask]
 
 
 def build_shift(rng, path, frames, psfs, ny, nx):
-    refs = _frames(rng, psfs, ny, nx, jitter=1.0)
+    """As the pipeline runs it: the references read from disk, shifted, the result written
+    into psfalign (a FITS file) and its frame means given back (``write_blocks``)."""
+    source = _on_disk(path[0], "refs", _frames(rng, 2 * psfs, ny, nx, jitter=1.0))
+    indices = np.arange(psfs, 2 * psfs)
     shifts = rng.uniform(-1, 1, (frames, psfs, 3))
-    shifts = shifts[0] if frames == 1 else shifts  # align_to="first": (p, 3)
-    return (lambda: kernels.shift_block(refs, shifts)), [refs, shifts]
+    if frames == 1:  # align_to="first": (p, 3)
+        shifts, shape, where = shifts[0], (2 * psfs, ny, nx), (slice(psfs, 2 * psfs),)
+    else:
+        shape = (frames + 1, 2 * psfs, ny, nx)
+        where = (slice(1, frames + 1), slice(psfs, 2 * psfs))
+    region = FitsRegion(Path(path[0]) / "psfalign.raw", 0, shape, np.float32)
+    with open(region.path, "wb") as handle:
+        handle.truncate(4 * prod(shape))
+    where += (slice(None), slice(None))
+
+    def task():
+        return write_block(kernels.shift_block(indices, shifts, source), where, (region,))
+
+    return task, [shifts]
 
 
-def build_klip_gram(rng, path, frames, npsf, rows, ny, nx, splits):
-    pieces, means, views = _tile(rng, frames, npsf, rows, ny, nx, splits)
-    return (lambda: kernels.gram_block(pieces, means)), [*views, *means]
+def _tile_on_disk(rng, folder, frames, npsf, rows, ny, nx):
+    """Aligned references (frames + 1, npsf, ny, nx) on disk, as the pipeline writes them,
+    the means of those of ``frames`` targets, and a KLIP task's tile's indices."""
+    refs = _frames(rng, npsf, ny, nx, jitter=0.05)
+    aligned = np.ascontiguousarray(np.broadcast_to(refs, (frames + 1, npsf, ny, nx)))
+    source = _on_disk(folder, "aligned", aligned)
+    means = [aligned[1:].mean(axis=(2, 3), dtype=np.float64)]
+    start = (ny - rows) // 2
+    return source, means, np.arange(1, frames + 1), np.arange(start, start + rows)
+
+
+def build_klip_gram(rng, path, frames, npsf, rows, ny, nx):
+    """As the pipeline runs it: the tile read from disk by the task."""
+    source, means, targets, tile = _tile_on_disk(rng, path[0], frames, npsf, rows, ny, nx)
+    reading = kernels.ReadingTiles(kernels.gram_block, source)
+    return (lambda: reading(targets, tile, None, means)), means
 
 
 def build_klip_sum(rng, path, frames, npsf):
@@ -272,14 +294,12 @@ def build_klip_weights(rng, path, frames, npsf):
     return (lambda: kernels.weights_block(grams, 160 * 160, TRUNCATE)), [grams]
 
 
-def build_klip_images(rng, path, frames, npsf, rows, ny, nx, splits):
-    pieces, means, views = _tile(rng, frames, npsf, rows, ny, nx, splits)
+def build_klip_images(rng, path, frames, npsf, rows, ny, nx):
+    """As the pipeline runs it: the tile read from disk by the task."""
+    source, means, targets, tile = _tile_on_disk(rng, path[0], frames, npsf, rows, ny, nx)
     weights = rng.normal(size=(frames, 2, npsf, min(TRUNCATE, npsf))) / np.sqrt(rows * nx)
-
-    def task():
-        return kernels.images_block(pieces, means, [[[weights]]])
-
-    return task, [*views, *means, weights]
+    reading = kernels.ReadingTiles(kernels.images_block, source)
+    return (lambda: reading(targets, tile, None, means, [[[weights]]])), [*means, weights]
 
 
 def build_klip_subtract(rng, path, frames, ny, nx, npsf, shared):
@@ -323,6 +343,7 @@ def build_write(rng, path, block, file, dtype):
     return (lambda: region.__setitem__(key, data)), [data]
 
 
+ON_DISK = ("fit", "shift", "klip_gram", "klip_images")  # tasks that read from disk
 BUILD = {
     "read": build_read,
     "outlier_median": build_outlier_median,
@@ -359,8 +380,8 @@ def predict(case: Case) -> int:
             return memory.fill(b["frames"], frame, b["box"])
         case "fit":
             return memory.fit(b["frames"], b["psfs"], frame)
-        case "shift":
-            return memory.shift(b["frames"], b["psfs"], frame)
+        case "shift":  # its block written into a FITS file by the task
+            return memory.shift(b["frames"], b["psfs"], frame, written="fits")
         case "klip_gram":
             return memory.klip_gram(b["frames"], b["npsf"], b["rows"], frame)
         case "klip_sum":
@@ -414,6 +435,10 @@ def files(tmp_path_factory) -> dict[str, tuple[str, int]]:
         )
         for number, case in enumerate(CASES)
         if case.kind in ("read", "write")
+    } | {  # a folder of its own for each case that keeps its data on disk
+        str(case): (str(folder / f"{case.kind}{number}"), 0)
+        for number, case in enumerate(CASES)
+        if case.kind in ON_DISK and (folder / f"{case.kind}{number}").mkdir() is None
     }
 
 

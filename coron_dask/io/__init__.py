@@ -13,8 +13,9 @@ _EXPORTS = {
     "read_psfmask": "fits",
     "Extension": "products",
     "Product": "products",
+    "OnDisk": "products",
+    "write_blocks": "products",
     "write_products": "products",
-    "write_through": "products",
 }
 __all__ = sorted(_EXPORTS)
 __getattr__ = lazy_exports(__name__, _EXPORTS)

@@ -96,6 +96,7 @@ class FitsRegion:
         self.path = str(path)
         self.offset = offset
         self.shape = shape
+        self.dtype = np.dtype(dtype)
         self.file_dtype, self.bzero = file_dtype(dtype)
 
     def __eq__(self, other: object) -> bool:

@@ -3,10 +3,12 @@
 Each product's headers are written first into a hidden temporary file whose data areas
 are reserved (a sparse file); dask tasks then write their blocks straight into place
 (``da.store`` into a picklable target that opens the file itself). An extension a later
-step reads (psfalign's SCI, which KLIP reads) is written as the step reads it
-(``write_through``): a store task of its own would keep each block in memory until dask
-got round to it. Only when every block of every product is written are the temporary
-files renamed to their JWST names; on any failure they are removed.
+step reads (psfalign's SCI, which KLIP reads) is written by the tasks that make its
+blocks and read back by the tasks that use it (``write_blocks``): handed on in memory,
+each block waited on a worker until dask got round to its readers and its write. Only
+when every block of every product is written are the temporary files renamed to their
+JWST names; on any failure they are removed. Scratch files (what a run keeps on disk
+rather than in workers' memory) are written the same way and removed at the end.
 
 A product whose path ends in ``.zarr`` is written as a Zarr store instead (for products
 too big for FITS readers): a group with the primary keywords as attributes and one array
@@ -34,7 +36,8 @@ from dask.base import tokenize
 from dask.delayed import Delayed
 from dask.layers import ArraySliceDep
 
-from coron_dask.io.fitsfile import FitsRegion, file_dtype
+from coron_dask.io.fitsfile import FitsExtension, FitsRegion, file_dtype
+from coron_dask.kernels.klip import frame_means
 
 BLOCK = 2880  # FITS record size
 
@@ -50,18 +53,27 @@ class Extension:
     data: da.Array
     keywords: dict = field(default_factory=dict)
     dims: tuple[str, ...] | None = None  # axis names, slowest first (Zarr stores keep them)
-    #: written by the tasks that pass its blocks on to a later step (``write_through``);
-    #: None: by a store task of its own
-    through: "Through | None" = None
+    #: written by the tasks that make its blocks (``write_blocks``); None: by a store task
+    written: "Written | None" = None
 
 
 @dataclass(frozen=True)
-class Through:
-    """An extension's blocks written as they pass on to a later step: the array that
-    does it, and where it writes them."""
+class Written:
+    """An extension written by the tasks that make its blocks: the array of those tasks,
+    and where they write."""
 
     array: da.Array
     target: object
+
+
+@dataclass(frozen=True)
+class OnDisk:
+    """An array that tasks wrote to a file block by block (``write_blocks``): ``written``
+    holds each block's frame means (a task reading a block back depends on it), ``source``
+    reads any part of the array (``fitsfile.FitsExtension``)."""
+
+    written: da.Array
+    source: FitsExtension
 
 
 @dataclass
@@ -71,6 +83,9 @@ class Product:
     path: Path
     primary: dict
     extensions: list[Extension]
+    #: a file the run needs only while it runs (what it keeps on disk rather than in
+    #: workers' memory): written as a product is, removed at the end, never placed
+    scratch: bool = False
 
 
 def _bitpix(file_dtype: np.dtype) -> int:
@@ -188,7 +203,7 @@ def _zarr_chunks(data: da.Array) -> tuple[int, ...]:
 def _reserve_zarr(product: Product, partial: Path) -> list[ZarrArray]:
     """Create the Zarr store of ``product`` in ``partial``, arrays chunked as the data (an
     extension's blocks must each fall in one chunk: ``staged_products`` rechunks the
-    data it stores, ``write_through`` requires it)."""
+    data it stores, ``write_blocks`` requires it)."""
     import zarr
 
     group = zarr.open_group(str(partial), mode="w", zarr_format=3)
@@ -209,57 +224,87 @@ def _reserve_zarr(product: Product, partial: Path) -> list[ZarrArray]:
     return [ZarrArray(partial, extension.name) for extension in product.extensions]
 
 
-def _write_block(block: np.ndarray, target: object, where: tuple[slice, ...]) -> np.ndarray:
-    """Write ``block`` at ``where`` in ``target`` and pass it on."""
-    target[where] = block
-    return block
-
-
-def write_through(product: Product, name: str) -> da.Array:
-    """Extension ``name`` of ``product`` as an array that writes each block into the
-    product's file as the block is computed, and passes it on.
-
-    A later step that reads the extension from this array (KLIP reads psfalign's SCI) holds
-    each block only while it uses it: no block waits in a worker's memory for a write task
-    of its own, which dask may order after much else. That step must be written with the
-    product; ``staged_products`` checks that it is.
-    """
-    extension = next(item for item in product.extensions if item.name == name)
-    data = da.asarray(extension.data)
+def target(product: Product, name: str) -> "FitsRegion | ZarrArray":
+    """Where extension ``name`` of ``product`` is written, known before the file exists (a
+    target ``da.store`` and tasks write blocks into)."""
     partial = _partial(product.path)
     if product.path.suffix == ".zarr":
-        # each block in one chunk: blocks of one size along each axis, the last no larger
-        if not all(set(c[:-1]) <= {c[0]} and c[-1] <= c[0] for c in data.chunks):
-            raise ValueError(f"{product.path.name} {name}: blocks {data.chunks} are uneven")
-        target = ZarrArray(partial, name)
-    else:
-        index = product.extensions.index(extension)
-        layout, _ = _fits_layout(product, partial)
-        target = layout[1 + index][1]
-    kind = product.path.stem.rsplit("_", 1)[-1]
-    array = data.map_blocks(
-        _write_block,
-        target,
+        return ZarrArray(partial, name)
+    layout, _ = _fits_layout(product, partial)
+    index = next(i for i, item in enumerate(product.extensions) if item.name == name)
+    return layout[1 + index][1]
+
+
+def reader(product: Product, name: str) -> FitsExtension:
+    """What reads back any part of extension ``name`` of FITS ``product`` while it is being
+    written (from its partial file), once the tasks that wrote that part have run."""
+    region = target(product, name)
+    if not isinstance(region, FitsRegion):
+        raise ValueError(f"{product.path.name}: only a FITS file is read back")
+    return FitsExtension(region.path, region.offset, region.shape, region.dtype)
+
+
+def written_by(product: Product, name: str, array: da.Array) -> None:
+    """Record that the tasks of ``array`` write extension ``name`` of ``product`` (into
+    ``target``): it gets no store task, and the stores must depend on ``array``."""
+    extension = next(item for item in product.extensions if item.name == name)
+    extension.written = Written(array, target(product, name))
+
+
+def write_block(block: np.ndarray, where: tuple[slice, ...], to: tuple) -> np.ndarray:
+    """Write ``block`` at ``where`` in each of ``to``; give back its frame means (float64,
+    one per frame: what a later step reading the block back needs first), as frames of one
+    pixel."""
+    for item in to:
+        item[where] = block
+    return frame_means(block)[..., None, None]
+
+
+def write_blocks(name: str, *products: Product) -> OnDisk:
+    """Extension ``name`` (the same data in each of ``products``) written by tasks that
+    keep nothing: each writes its block and gives back only the block's frame means (its
+    last two axes are frames).
+
+    Tasks that read blocks back (from the first FITS product) depend on these instead of
+    the data, so no block waits in a worker's memory for them and none is sent between
+    workers; dask fuses the write into the task that makes the block when nothing else
+    reads the data.
+    """
+    data = da.asarray(next(e for e in products[0].extensions if e.name == name).data)
+    to = tuple(target(item, name) for item in products)
+    if any(len(chunks) > 1 for chunks in data.chunks[-2:]):
+        raise ValueError(f"{products[0].path.name} {name}: blocks must hold whole frames")
+    for item in products:  # each block in one Zarr chunk: of one size, the last no larger
+        even = all(set(c[:-1]) <= {c[0]} and c[-1] <= c[0] for c in data.chunks)
+        if item.path.suffix == ".zarr" and not even:
+            raise ValueError(f"{item.path.name} {name}: blocks {data.chunks} are uneven")
+    written = da.map_blocks(
+        write_block,
+        data,
         ArraySliceDep(data.chunks),  # each block's place in the file, as da.store gives it
-        dtype=data.dtype,
-        meta=data._meta,
-        name=f"write-{kind}-{name.lower()}-" + tokenize(data, str(partial), name),
-    )
-    extension.through = Through(array, target)
-    return array
+        to,
+        chunks=(*data.chunks[:-2], (1,), (1,)),
+        dtype=np.float64,
+        name=f"write-{name.lower()}-" + tokenize(data, to),
+    )[..., 0, 0]
+    for item in products:
+        written_by(item, name, written)
+    fits_file = next(item for item in products if item.path.suffix != ".zarr")
+    return OnDisk(written, reader(fits_file, name))
 
 
-def _check_passed(passed: list[tuple[Product, Through, object]], sources: list[da.Array]):
-    """Raise ValueError unless the stores read every extension written through (or its
-    blocks would never be written), and it writes where its file was reserved."""
+def _check_passed(passed: list[tuple[Product, Written, object]], sources: list[da.Array]):
+    """Raise ValueError unless the stores depend on every extension written by the tasks
+    that make it (or its blocks would never be written), and it writes where its file was
+    reserved."""
     layers = set()
     for source in sources:
         layers.update(source.__dask_graph__().layers)
-    for product, through, target in passed:
-        if through.array.name not in layers:
-            raise ValueError(f"{product.path.name}: written through, but no product reads it")
-        if through.target != target:
-            raise ValueError(f"{product.path.name}: its layout changed after write_through")
+    for product, written, target in passed:
+        if written.array.name not in layers:
+            raise ValueError(f"{product.path.name}: written by tasks no product reads")
+        if written.target != target:
+            raise ValueError(f"{product.path.name}: its layout changed after write_blocks")
 
 
 def _remove(partial: Path) -> None:
@@ -311,8 +356,8 @@ def staged_products(products: list[Product]) -> Iterator[list[Delayed]]:
     """Yield the lazy writes of ``products``; on a clean exit rename them into place.
 
     The caller computes the yielded writes (all together, so shared inputs load once).
-    Extensions written through (``write_through``) get no store task: the other
-    products' stores must read them, which is checked. Any exception (or signal:
+    Extensions written by the tasks that make them (``write_blocks``) get no store task:
+    the other products' stores must depend on them, which is checked. Any exception (or signal:
     ``errors.Interrupted``) removes every temporary file and leaves no product behind;
     those an earlier, killed run left are removed first.
     """
@@ -327,8 +372,8 @@ def staged_products(products: list[Product]) -> Iterator[list[Delayed]]:
             zarr = item.path.suffix == ".zarr"
             reserved = (_reserve_zarr if zarr else _reserve)(item, partial)
             for extension, target in zip(item.extensions, reserved, strict=True):
-                if extension.through is not None:  # written by the graph that reads it
-                    passed.append((item, extension.through, target))
+                if extension.written is not None:  # by the tasks that make its blocks
+                    passed.append((item, extension.written, target))
                     continue
                 data = da.asarray(extension.data)
                 sources.append(data.rechunk(_zarr_chunks(data)) if zarr else data)
@@ -341,20 +386,20 @@ def staged_products(products: list[Product]) -> Iterator[list[Delayed]]:
         for partial in partials:
             _remove(partial)
         raise
-    placed = 0
     try:
         for item, partial in zip(products, partials, strict=True):
-            _place(partial, item.path)
-            placed += 1
+            if not item.scratch:
+                _place(partial, item.path)
     finally:
-        for partial in partials[placed:]:
+        for partial in partials:  # scratch files, and any product not placed
             _remove(partial)
 
 
 def write_products(products: list[Product], compute=None) -> list[Path]:
-    """Write ``products`` with ``compute`` (default ``dask.compute``) and return their paths."""
+    """Write ``products`` with ``compute`` (default ``dask.compute``) and return their paths
+    (scratch files are not products)."""
     import dask
 
     with staged_products(products) as writes:
         (compute or dask.compute)(*writes)
-    return [item.path for item in products]
+    return [item.path for item in products if not item.scratch]

@@ -89,15 +89,38 @@ def fill_block(
     return out
 
 
-def fit_block(science: np.ndarray, psfs: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """Shifts (m, p, 3) of references ``psfs`` (p, y, x) to each science frame (m, y, x)."""
+def _references(psfs: np.ndarray, source: object | None) -> np.ndarray:
+    """The references of a task: ``psfs`` itself or, with a ``source`` (references kept on
+    disk), those ``psfs`` indexes read from it."""
+    return psfs if source is None else source[int(psfs[0]) : int(psfs[-1]) + 1]
+
+
+def fit_block(
+    science: np.ndarray,
+    psfs: np.ndarray,
+    mask: np.ndarray,
+    source: object | None = None,
+    after: object = None,
+) -> np.ndarray:
+    """Shifts (m, p, 3) of references ``psfs`` (p, y, x) to each science frame (m, y, x);
+    with ``source``, ``psfs`` are indices of references read from it, once the task
+    ``after`` stands for wrote them."""
+    psfs = _references(psfs, source)
     return np.stack([fit_shifts(frame, psfs, mask) for frame in science])
 
 
-def shift_block(frames: np.ndarray, shifts: np.ndarray) -> np.ndarray:
+def shift_block(
+    frames: np.ndarray,
+    shifts: np.ndarray,
+    source: object | None = None,
+    after: object = None,
+) -> np.ndarray:
     """References (p, y, x) moved by −(dx, dy) of ``shifts`` ([m,] p, 3): ([m,] p, y, x)
-    float32. Each frame is transformed once per block, whatever the number of science
-    integrations it is aligned to; frames go through the FFTs a batch at a time."""
+    float32; with ``source``, ``frames`` are indices of references read from it, as in
+    ``fit_block``. Each
+    frame is transformed once per block, whatever the number of science integrations it
+    is aligned to; frames go through the FFTs a batch at a time."""
+    frames = _references(frames, source)
     shape = frames.shape[-2:]
     out = np.empty((*shifts.shape[:-1], *shape), dtype=np.float32)
     batch = min(len(frames), shift_batch(shape[0] * shape[1]))
@@ -117,6 +140,25 @@ def shift_block(frames: np.ndarray, shifts: np.ndarray) -> np.ndarray:
             )
             out[(m, part) if shifts.ndim == 3 else part] = images
     return out
+
+
+class ReadingTiles:
+    """A KLIP block function (``gram_block``, ``images_block``) whose tile of aligned
+    references the task reads from ``source`` (m, p, y, x), or (p, y, x) for one target:
+    called with the targets' and the tile's rows' indices and the write tasks it comes
+    after, then the function's other arguments."""
+
+    def __init__(self, function, source: object) -> None:
+        self.function = function
+        self.source = source
+
+    def __call__(self, targets: np.ndarray, rows: np.ndarray, after: object, *rest):
+        part = slice(int(rows[0]), int(rows[-1]) + 1)
+        if len(self.source.shape) == 3:
+            tile = self.source[:, part][None]
+        else:
+            tile = self.source[int(targets[0]) : int(targets[-1]) + 1, :, part]
+        return self.function(tile, *rest)
 
 
 def means_block(refs: np.ndarray) -> np.ndarray:

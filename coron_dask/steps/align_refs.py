@@ -15,6 +15,7 @@ from dask.base import tokenize
 
 from coron_dask.dqflags import PIXEL, bit_value
 from coron_dask.errors import CoronInputError
+from coron_dask.io.products import OnDisk
 from coron_dask.kernels.blocks import fill_block, fit_block, shift_block
 
 AlignTo = Literal["each", "first"]
@@ -69,35 +70,62 @@ def align_refs(
     and ``shift``: the fitted (dx, dy, β) of each reference. The filled science is what
     KLIP subtracts from, as in jwst, where align_refs fills the science cube in place.
     """
+    science = median_replace_img(science, median_box_length, bad_bits)
+    refs = median_replace_img(psfstack, median_box_length, bad_bits)
+    return align_models(science, refs, psfmask, align_to=align_to), science
+
+
+def align_models(
+    science: xr.Dataset,
+    refs: xr.Dataset,
+    psfmask: np.ndarray | None = None,
+    *,
+    align_to: AlignTo = "each",
+    on_disk: dict[str, OnDisk] | None = None,
+) -> xr.Dataset:
+    """psfalign of the filled references ``refs`` on the filled ``science`` (see
+    ``align_refs``).
+
+    With ``on_disk`` ({"sci": ..., "err": ...}: the filled references written to disk,
+    ``io.products.write_blocks``), each task that fits or shifts references reads its
+    block from disk: no worker holds every reference for the whole alignment.
+    """
     frame = (science.sizes["y"], science.sizes["x"])
-    if (psfstack.sizes["y"], psfstack.sizes["x"]) != frame:
+    if (refs.sizes["y"], refs.sizes["x"]) != frame:
         raise CoronInputError(
             science.encoding.get("source", "science"),
             f"frames are {frame[0]}x{frame[1]} pixels, the PSF frames "
-            f"{psfstack.sizes['y']}x{psfstack.sizes['x']}",
+            f"{refs.sizes['y']}x{refs.sizes['x']}",
         )
     if align_to not in ("each", "first"):
         raise CoronInputError("align_to", f"must be 'each' or 'first', got {align_to!r}")
     mask = da.from_array(np.ones(frame) if psfmask is None else np.asarray(psfmask, np.float64))
-    science = median_replace_img(science, median_box_length, bad_bits)
-    refs = median_replace_img(psfstack, median_box_length, bad_bits)
-    psf_sci, psf_err = refs["sci"].data, refs["err"].data
     target = science["sci"].data
     if align_to == "first":
         target = target[:1].rechunk({0: 1})
+    # each reference block as an argument: the block itself, or its indices on disk
+    # (read by the task), the source, and the writes it must come after
+    blocks = {}
+    for name in ("sci", "err"):
+        data, stored = refs[name].data, (on_disk or {}).get(name)
+        if stored is None:
+            blocks[name] = (data, "pyx", None, None, None, None)
+        else:
+            indices = da.arange(refs.sizes["psf"], chunks=data.chunks[:1])
+            blocks[name] = (indices, "p", stored.source, None, stored.written, "p")
     shifts = da.blockwise(
         fit_block,
         "mpk",
         target,
         "myx",
-        psf_sci,
-        "pyx",
+        *blocks["sci"][:2],
         mask,
         "yx",
+        *blocks["sci"][2:],
         new_axes={"k": 3},
         concatenate=True,
         dtype=np.float64,
-        name="align-fit-" + tokenize(target, psf_sci, mask),
+        name="align-fit-" + tokenize(target, blocks["sci"], mask),
     )
     if align_to == "first":
         shifts = shifts[0]
@@ -112,26 +140,26 @@ def align_refs(
         name: da.blockwise(
             shift_block,
             index,
-            frames,
-            "pyx",
+            *arguments[:2],
             shifts,
             shift_index,
+            *arguments[2:],
+            new_axes={"y": frame[0], "x": frame[1]} if arguments[2] is not None else None,
             concatenate=True,
             dtype=np.float32,
-            name=f"align-shift-{name}-" + tokenize(frames, shifts),
+            name=f"align-shift-{name}-" + tokenize(arguments, shifts),
         )
-        for name, frames in (("sci", psf_sci), ("err", psf_err))
+        for name, arguments in blocks.items()
     }
     coords = {k: v for k, v in refs.coords.items() if "psf" in v.dims}
     if align_to == "each":
         coords["integration"] = science["integration"]
-    psfalign = xr.Dataset(
+    return xr.Dataset(
         {
             "sci": (dims, aligned["sci"]),
             "err": (dims, aligned["err"]),
             "shift": ((*dims[:-2], "param"), shifts),
         },
         coords={**coords, "param": SHIFT_PARAMS},
-        attrs=dict(psfstack.attrs),
+        attrs=dict(refs.attrs),
     )
-    return psfalign, science

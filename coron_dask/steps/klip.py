@@ -9,6 +9,7 @@ is the same for every integration and is computed once per exposure.
 No task needs every pixel of every reference: the aligned references are cut into tiles
 of frame rows holding all references (``tile_rows``), the references' Gram matrix is
 summed over the tiles (a tree reduction), and the KL images and ERR are made tile by tile.
+In the pipeline the aligned references are on disk and each task reads its tile itself.
 Only the KL images (at most ``truncate`` frames per basis) come together as whole frames,
 for the subtraction. The tiles follow from the frame and the number of references alone,
 never from the blocks the references arrive in, so the products do not depend on those.
@@ -21,7 +22,9 @@ from dask.base import tokenize
 
 from coron_dask.chunking import tile_rows
 from coron_dask.errors import CoronInputError
+from coron_dask.io.products import OnDisk
 from coron_dask.kernels.blocks import (
+    ReadingTiles,
     gram_block,
     images_block,
     means_block,
@@ -31,28 +34,48 @@ from coron_dask.kernels.blocks import (
 from coron_dask.steps.reductions import tree_sum
 
 
-def _basis(aligned: da.Array, truncate: int, rows: int) -> tuple[da.Array, da.Array]:
+def _basis(
+    aligned: da.Array, truncate: int, rows: int, on_disk: OnDisk | None = None
+) -> tuple[da.Array, da.Array]:
     """KL images (m, K, y, x) float64 and KLIP's ERR (m, y, x) float64 of references
-    ``aligned`` (m, p, y, x), one basis per leading index."""
-    name = tokenize(aligned, truncate, rows)
+    ``aligned`` (m, p, y, x), one basis per leading index; with ``on_disk``, the same
+    references written to disk, which each task reads a tile of."""
+    name = tokenize(aligned, truncate, rows, on_disk)
     npix = aligned.shape[-2] * aligned.shape[-1]
     count = min(truncate, aligned.shape[1])
-    means = da.map_blocks(
-        means_block, aligned, drop_axis=(2, 3), dtype=np.float64, name=f"klip-means-{name}"
-    )
-    # tiles of rows as views of the aligned blocks (a split, no copy); a tile task takes
-    # the pieces of every reference block
-    pieces = aligned.rechunk({2: rows, 3: -1}, method="tasks")
     npsf = aligned.shape[1]
+    if on_disk is None:
+        means = da.map_blocks(
+            means_block, aligned, drop_axis=(2, 3), dtype=np.float64, name=f"klip-means-{name}"
+        )
+        # tiles of rows as views of the aligned blocks (a split, no copy); a tile task
+        # takes the pieces of every reference block
+        pieces = aligned.rechunk({2: rows, 3: -1}, method="tasks")
+
+        def tiles(kernel, axis: str) -> tuple:
+            return (kernel, pieces, f"mp{axis}x")
+
+    else:  # each task reads its tile itself: no tile waits in memory between tasks
+        written = on_disk.written if on_disk.written.ndim == 2 else on_disk.written[None]
+        written = written.rechunk({0: aligned.chunks[0]})
+        means = written.rechunk({1: -1})
+        targets = da.arange(aligned.shape[0], chunks=aligned.chunks[:1])
+        tile_rows = da.arange(aligned.shape[2], chunks=rows)
+
+        def tiles(kernel, axis: str) -> tuple:
+            reading = ReadingTiles(kernel, on_disk.source)
+            return (reading, targets, "m", tile_rows, axis, written, "mq")
+
+    kernel, *arguments = tiles(gram_block, "t")
     partial = da.blockwise(
-        gram_block,
+        kernel,
         "mtab",
-        pieces,
-        "mptx",
+        *arguments,
         means,
         "mp",
         new_axes={"a": npsf, "b": npsf},
         adjust_chunks={"t": 1},
+        align_arrays=on_disk is None,  # on disk: blocks of targets and tiles, as given
         concatenate=False,
         dtype=np.float64,
         name=f"klip-gram-{name}",
@@ -68,16 +91,17 @@ def _basis(aligned: da.Array, truncate: int, rows: int) -> tuple[da.Array, da.Ar
         dtype=np.float64,
         name=f"klip-weights-{name}",
     )
+    kernel, *arguments = tiles(images_block, "y")
     packed = da.blockwise(
-        images_block,
+        kernel,
         "mjyx",
-        pieces,
-        "mpyx",
+        *arguments,
         means,
         "mp",
         weights,
         "mwak",
-        new_axes={"j": count + 1},
+        new_axes={"j": count + 1, **({} if on_disk is None else {"x": aligned.shape[3]})},
+        align_arrays=on_disk is None,
         concatenate=False,
         dtype=np.float64,
         name=f"klip-images-{name}",
@@ -88,12 +112,19 @@ def _basis(aligned: da.Array, truncate: int, rows: int) -> tuple[da.Array, da.Ar
 
 
 def klip(
-    science: xr.Dataset, psfalign: xr.Dataset, truncate: int = 50, *, rows: int | None = None
+    science: xr.Dataset,
+    psfalign: xr.Dataset,
+    truncate: int = 50,
+    *,
+    rows: int | None = None,
+    on_disk: OnDisk | None = None,
 ) -> xr.Dataset:
     """psfsub of ``science`` (the filled cube from align_refs): ``sci``, ``err``, ``dq``.
 
     ``rows`` of frame per KLIP tile (the block plan's; default: ``chunking.tile_rows`` of
-    8 MiB, the default of the setting coron_dask.chunks.klip-tile).
+    8 MiB, the default of the setting coron_dask.chunks.klip-tile). ``on_disk``: psfalign's
+    SCI as written to disk (``io.products.write_blocks``), which the KLIP tasks then read a
+    tile at a time: no worker holds a target's aligned references between tasks.
     """
     if truncate < 0:
         raise CoronInputError("truncate", f"must be >= 0, got {truncate}")
@@ -102,11 +133,11 @@ def klip(
     npsf = psfalign.sizes["psf"]
     rows = rows or tile_rows(npsf, (target.shape[1], target.shape[2]), 2**23)
     if aligned.ndim == 4:
-        images, error = _basis(aligned.rechunk({0: target.chunks[0]}), truncate, rows)
+        images, error = _basis(aligned.rechunk({0: target.chunks[0]}), truncate, rows, on_disk)
         images_index = "mkyx"
         err = error
     else:  # one basis for the whole exposure
-        images, error = _basis(aligned[None], truncate, rows)
+        images, error = _basis(aligned[None], truncate, rows, on_disk)
         images = images[0]
         images_index = "kyx"
         err = da.broadcast_to(error[0], target.shape, chunks=target.chunks)

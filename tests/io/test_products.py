@@ -9,7 +9,7 @@ from astropy.io import fits
 from stdatamodels.jwst import datamodels
 
 from coron_dask.io import Extension, Product, write_products
-from coron_dask.io.products import staged_products, write_through
+from coron_dask.io.products import staged_products, write_blocks
 
 
 @pytest.mark.parametrize("chunks", [(1, 1, -1, -1), (2, 3, -1, -1), (-1, 2, -1, -1), -1])
@@ -103,48 +103,73 @@ def _read(path, name):
         return hdul[name].data
 
 
+def _read_back(written, source):
+    """Each block written, read back inside the task that uses it: its sum over references."""
+    return da.map_blocks(
+        lambda means, indices: source[int(indices[0]) : int(indices[-1]) + 1].sum(axis=1),
+        written[:, 0],
+        da.arange(written.shape[0], chunks=written.chunks[:1]),
+        new_axis=(1, 2),
+        chunks=(written.chunks[0], (source.shape[2],), (source.shape[3],)),
+        dtype=np.float32,
+    )
+
+
 @pytest.mark.parametrize("suffix", [".fits", ".zarr"])
-def test_written_through_extension_is_written_as_a_later_product_reads_it(tmp_path, suffix):
-    """write_through: the later product reads each block as it is written, both come out
-    exact, and the extension has no store task of its own."""
+def test_written_blocks_are_read_back_exactly(tmp_path, suffix):
+    """write_blocks: every block written (into a FITS file and, alongside, a Zarr store),
+    its frame means given back, read back exactly from the FITS file by a later product's
+    tasks; the extension has no store task of its own, and the scratch file is gone."""
     cube = np.random.default_rng(1).normal(size=(5, 6, 4, 7)).astype(np.float32)
-    aligned = _quad(tmp_path / f"x_psfalign{suffix}", cube)
-    through = write_through(aligned, "SCI")
-    later = Product(tmp_path / f"x_psfsub{suffix}", {}, [Extension("SCI", through.sum(axis=1))])
-    with staged_products([aligned, later]) as writes:
+    scratch = _quad(tmp_path / "x_aligned.fits", cube)
+    scratch.scratch = True
+    zarr = [_quad(tmp_path / "x_psfalign.zarr", cube)] if suffix == ".zarr" else []
+    products = [scratch, *zarr]
+    stored = write_blocks("SCI", *products)
+    later = Product(
+        tmp_path / "x_psfsub.fits",
+        {},
+        [Extension("SCI", _read_back(stored.written, stored.source))],
+    )
+    means = Product(tmp_path / "x_means.fits", {}, [Extension("SCI", stored.written)])
+    with staged_products([*products, later, means]) as writes:
         (stores,) = writes
-        assert len(stores) == 2  # ERR and the later product: SCI is written by `through`
+        # the ERRs, the later product and the means: SCI is written by `stored.written`
+        assert len(stores) == 2 + len(products)
         dask.compute(*writes, scheduler="threads")
-    np.testing.assert_array_equal(_read(aligned.path, "SCI"), cube)
-    np.testing.assert_array_equal(_read(aligned.path, "ERR"), 2 * cube)
-    np.testing.assert_allclose(_read(later.path, "SCI"), cube.sum(axis=1), atol=1e-5)
+    np.testing.assert_allclose(_read(later.path, "SCI"), cube.sum(axis=1), rtol=1e-6)
+    np.testing.assert_allclose(_read(means.path, "SCI"), cube.mean(axis=(2, 3), dtype=np.float64))
+    if suffix == ".zarr":
+        np.testing.assert_array_equal(_read(products[1].path, "SCI"), cube)
+    assert not list(tmp_path.glob("*aligned*")) and not list(tmp_path.glob(".*"))
 
 
-def test_written_through_but_read_by_nothing_is_refused(tmp_path):
+def test_written_blocks_read_by_nothing_are_refused(tmp_path):
     """Its blocks would never be written: refused before anything is computed."""
     product = _quad(tmp_path / "x_psfalign.fits", np.ones((5, 6, 4, 7), np.float32))
-    write_through(product, "SCI")
-    with pytest.raises(ValueError, match="no product reads it"):
+    write_blocks("SCI", product)
+    with pytest.raises(ValueError, match="no product reads"):
         with staged_products([product]):
             pass
     assert list(tmp_path.iterdir()) == []
 
 
-def test_written_through_then_changed_header_is_refused(tmp_path):
-    """Keywords added after write_through move the data: refused, not written astray."""
+def test_written_blocks_then_changed_header_is_refused(tmp_path):
+    """Keywords added after write_blocks move the data: refused, not written astray."""
     product = _quad(tmp_path / "x_psfalign.fits", np.ones((5, 6, 4, 7), np.float32))
-    through = write_through(product, "SCI")
+    stored = write_blocks("SCI", product)
     product.primary.update({f"KEY{i}": i for i in range(40)})  # one more header block
-    later = Product(tmp_path / "x_psfsub.fits", {}, [Extension("SCI", through.sum(axis=1))])
+    later = Product(tmp_path / "x_psfsub.fits", {}, [Extension("SCI", stored.written)])
     with pytest.raises(ValueError, match="layout changed"):
         with staged_products([product, later]):
             pass
     assert list(tmp_path.iterdir()) == []
 
 
-def test_uneven_blocks_cannot_be_written_through_to_zarr(tmp_path):
+def test_uneven_blocks_cannot_be_written_to_zarr_by_their_tasks(tmp_path):
     """A Zarr chunk per block: blocks of uneven sizes would share chunks."""
     cube = np.ones((5, 6, 4, 7), np.float32)
+    scratch = _quad(tmp_path / "x_aligned.fits", cube, chunks=((1, 4), 6, 4, 7))
     product = _quad(tmp_path / "x_psfalign.zarr", cube, chunks=((1, 4), 6, 4, 7))
     with pytest.raises(ValueError, match="uneven"):
-        write_through(product, "SCI")
+        write_blocks("SCI", scratch, product)
