@@ -88,7 +88,7 @@ def held(obs: Observation) -> int:
     return 8 * Frame(*obs.frame).pixels
 
 
-def waiting(obs: Observation, integrations: int, psfs: int, threads: int) -> int:
+def waiting(obs: Observation, integrations: int, threads: int) -> int:
     """Bytes waiting between tasks on a worker: for each target block under way (one per
     thread and the next), its filled science frames, its KL images (tiles and frames),
     its Gram matrices (SPLIT_EVERY terms of their sum, and the sum) and KL weights.
@@ -167,7 +167,7 @@ def plan_blocks(
 
     def fits(k: int, p: int, rows: int) -> tuple[bool, int, dict]:
         peaks = task_peaks(obs, k, p, rows, klip_rows)
-        need = waiting(obs, k, p, workers.threads) + workers.threads * max(peaks.values())
+        need = waiting(obs, k, workers.threads) + workers.threads * max(peaks.values())
         return need <= capacity, need, peaks
 
     def largest(bound: int, ok) -> int | None:
@@ -204,7 +204,7 @@ def plan_blocks(
 
     def minimum(threads: int) -> float:
         """The memory limit a worker of ``threads`` threads needs for the smallest blocks."""
-        return (own + waiting(obs, 1, 1, threads) + threads * smallest) / fraction / GIB
+        return (own + waiting(obs, 1, threads) + threads * smallest) / fraction / GIB
 
     raise CoronInputError(
         "memory",
