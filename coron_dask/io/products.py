@@ -36,6 +36,7 @@ from dask.base import tokenize
 from dask.delayed import Delayed
 from dask.layers import ArraySliceDep
 
+from coron_dask.errors import CoronInputError
 from coron_dask.io.fitsfile import FitsExtension, FitsRegion, file_dtype
 from coron_dask.kernels.klip import frame_means
 
@@ -351,22 +352,43 @@ def clear_stale_partials(path: Path) -> None:
             log.warning("%s is being written, or was left, by a run on %s", stale, where or "?")
 
 
+def _check_space(products: list[Product]) -> None:
+    """Raise CoronInputError, before anything is written, unless the folders of the FITS
+    products and scratch files have room for all of them (a Zarr store's compressed size
+    is not known beforehand: not counted)."""
+    needed: dict[Path, int] = {}
+    for item in products:
+        if item.path.suffix != ".zarr":
+            folder = item.path.parent
+            needed[folder] = needed.get(folder, 0) + _fits_layout(item, item.path)[1]
+    for folder, size in needed.items():
+        free = shutil.disk_usage(folder).free
+        if size > free:
+            raise CoronInputError(
+                folder,
+                f"the products and scratch files need {size / 1e9:.1f} GB, "
+                f"the disk has {free / 1e9:.1f} GB free",
+            )
+
+
 @contextlib.contextmanager
 def staged_products(products: list[Product]) -> Iterator[list[Delayed]]:
     """Yield the lazy writes of ``products``; on a clean exit rename them into place.
 
     The caller computes the yielded writes (all together, so shared inputs load once).
     Extensions written by the tasks that make them (``write_blocks``) get no store task:
-    the other products' stores must depend on them, which is checked. Any exception (or signal:
-    ``errors.Interrupted``) removes every temporary file and leaves no product behind;
-    those an earlier, killed run left are removed first.
+    the other products' stores must depend on them, which is checked, as is the room on
+    disk. Any exception (or signal: ``errors.Interrupted``) removes every temporary file
+    and leaves no product behind; those an earlier, killed run left are removed first.
     """
     partials = []
     try:
-        sources, targets, passed = [], [], []
         for item in products:
             item.path.parent.mkdir(parents=True, exist_ok=True)
             clear_stale_partials(item.path)
+        _check_space(products)
+        sources, targets, passed = [], [], []
+        for item in products:
             partial = _partial(item.path)
             partials.append(partial)
             zarr = item.path.suffix == ".zarr"

@@ -8,6 +8,7 @@ import pytest
 from astropy.io import fits
 from stdatamodels.jwst import datamodels
 
+from coron_dask.errors import CoronInputError
 from coron_dask.io import Extension, Product, write_products
 from coron_dask.io.products import staged_products, write_blocks
 
@@ -173,3 +174,13 @@ def test_uneven_blocks_cannot_be_written_to_zarr_by_their_tasks(tmp_path):
     product = _quad(tmp_path / "x_psfalign.zarr", cube, chunks=((1, 4), 6, 4, 7))
     with pytest.raises(ValueError, match="uneven"):
         write_blocks("SCI", scratch, product)
+
+
+def test_products_larger_than_the_free_disk_are_refused_before_anything_is_written(tmp_path):
+    """One line naming the folder, the bytes needed and free; no file left behind."""
+    huge = da.zeros((10**6, 10**6), dtype=np.float32, chunks=(10**4, 10**4))  # 4 TB
+    scratch = Product(tmp_path / "x_aligned.fits", {}, [Extension("SCI", huge)], scratch=True)
+    with pytest.raises(CoronInputError, match=r"need 4000\.0 GB, the disk has [\d.]+ GB free"):
+        with staged_products([scratch]):
+            pass
+    assert list(tmp_path.iterdir()) == []
