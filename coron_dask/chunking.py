@@ -90,8 +90,8 @@ def held(obs: Observation) -> int:
 
 def waiting(obs: Observation, integrations: int, threads: int) -> int:
     """Bytes waiting between tasks on a worker: for each target block under way (one per
-    thread and the next), its filled science frames, its KL images (tiles and frames),
-    its Gram matrices (SPLIT_EVERY terms of their sum, and the sum) and KL weights.
+    thread and the next), its filled science frames, its Gram matrices, KL weights and
+    KL images (with ERR).
     No reference waits: the aligned references are written by the tasks that shift them
     and read back a tile at a time by the KLIP tasks (``io.products.write_blocks``)."""
     frame = Frame(*obs.frame)
@@ -99,9 +99,9 @@ def waiting(obs: Observation, integrations: int, threads: int) -> int:
     npsf, count = obs.npsf, min(obs.truncate, obs.npsf)
     per_target = (
         4 * integrations * frame.pixels
-        + 8 * targets * (2 * count + 1) * frame.pixels
-        + 8 * targets * npsf**2 * (memory.SPLIT_EVERY + 1)
+        + 8 * targets * npsf**2
         + 16 * targets * npsf * count
+        + 8 * targets * (count + 1) * frame.pixels
     )
     return (threads + 1) * per_target
 
@@ -121,7 +121,6 @@ def task_peaks(obs: Observation, integrations: int, psfs: int, outlier_rows: int
         "fit": memory.fit(targets, p, frame),
         "shift": memory.shift(targets, p, frame, written="zarr" if zarr else "fits"),
         "klip gram": memory.klip_gram(targets, npsf, klip_rows, frame),
-        "klip sum": memory.klip_sum(targets, npsf),
         "klip weights": memory.klip_weights(targets, npsf, truncate),
         "klip images": memory.klip_images(targets, npsf, klip_rows, frame, truncate),
         "klip subtract": memory.klip_subtract(

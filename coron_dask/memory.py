@@ -21,7 +21,7 @@ MIB = 2**20
 #: transparent huge pages are off (``workers.configure_memory``): 0.3 MiB, up to 1.3 MiB
 #: under load.
 TASK_OVERHEAD = 2 * MIB
-#: Reduction fan-in of the Gram matrix and i2d sums (``steps.klip.SPLIT_EVERY`` uses it).
+#: Reduction fan-in of the i2d sums (``steps.reductions.tree_sum``).
 SPLIT_EVERY = 4
 #: glibc malloc on the workers (``cluster.WORKER_ENVIRON``): arrays of 32 MiB and more are
 #: mapped and unmapped whole; smaller ones reuse the heap, and each heap (arena, at most
@@ -109,15 +109,10 @@ def shift(frames: int, psfs: int, frame: Frame, written: str | None = None) -> i
 
 
 def klip_gram(frames: int, npsf: int, rows: int, frame: Frame) -> int:
-    """Gram matrices on a tile: the tile, float64 centred copies, the matrices."""
+    """Gram matrices of ``frames`` targets' references, summed over tiles of ``rows`` rows:
+    a tile, one target's float64 centred copy of it, the matrices and a product."""
     tile = rows * frame.nx
-    # one target's centred copy at a time
     return 4 * frames * npsf * tile + 8 * npsf * tile + 8 * (frames + 1) * npsf**2 + TASK_OVERHEAD
-
-
-def klip_sum(frames: int, npsf: int) -> int:
-    """A step of the Gram matrices' tree sum: its inputs and the sum."""
-    return 8 * frames * npsf**2 * (SPLIT_EVERY + 1) + TASK_OVERHEAD
 
 
 def klip_weights(frames: int, npsf: int, truncate: int) -> int:
@@ -127,9 +122,10 @@ def klip_weights(frames: int, npsf: int, truncate: int) -> int:
 
 
 def klip_images(frames: int, npsf: int, rows: int, frame: Frame, truncate: int) -> int:
-    """KL images and ERR on a tile: the tile, the weights, the output, and for one target
-    at a time the float64 centred tile (the ERR works in it), the KL images and the
-    projection of a slice of PROJECTION_COLUMNS pixels."""
+    """KL images and ERR of ``frames`` targets, made a tile of ``rows`` rows at a time: a
+    tile, the weights, the output (whole frames), and for one target at a time the float64
+    centred tile (the ERR works in it), its KL images and the projection of a slice of
+    PROJECTION_COLUMNS pixels."""
     count = min(truncate, npsf)
     tile = rows * frame.nx
     columns = min(tile, PROJECTION_COLUMNS)
@@ -139,7 +135,7 @@ def klip_images(frames: int, npsf: int, rows: int, frame: Frame, truncate: int) 
         + 8 * npsf * tile
         + 8 * count * tile
         + 8 * (npsf + count) * columns
-        + 8 * frames * (count + 1) * tile
+        + 8 * frames * (count + 1) * frame.pixels
         + TASK_OVERHEAD
     )
 

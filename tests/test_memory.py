@@ -30,7 +30,7 @@ from coron_dask.dqflags import PIXEL
 from coron_dask.io.fitsfile import FitsExtension, FitsRegion
 from coron_dask.io.products import write_block
 from coron_dask.kernels import blocks as kernels
-from coron_dask.memory import MIB, SPLIT_EVERY, Frame
+from coron_dask.memory import MIB, Frame
 
 #: The model may overestimate a measured peak by at most this factor.
 LOOSENESS = 1.5
@@ -80,8 +80,6 @@ CASES = [
     Case("shift", dict(frames=3, psfs=10, ny=224, nx=288)),
     Case("klip_gram", dict(frames=1, npsf=100, rows=160, ny=160, nx=160)),
     Case("klip_gram", dict(frames=4, npsf=220, rows=66, ny=224, nx=288)),
-    Case("klip_sum", dict(frames=4, npsf=300)),
-    Case("klip_sum", dict(frames=8, npsf=400)),
     Case("klip_weights", dict(frames=8, npsf=300)),
     Case("klip_weights", dict(frames=2, npsf=800)),
     Case("klip_images", dict(frames=2, npsf=100, rows=160, ny=160, nx=160)),
@@ -263,27 +261,20 @@ def build_shift(rng, path, frames, psfs, ny, nx):
     return task, [shifts]
 
 
-def _tile_on_disk(rng, folder, frames, npsf, rows, ny, nx):
+def _aligned_on_disk(rng, folder, frames, npsf, ny, nx):
     """Aligned references (frames + 1, npsf, ny, nx) on disk, as the pipeline writes them,
-    the means of those of ``frames`` targets, and a KLIP task's tile's indices."""
+    the means of those of the task's ``frames`` targets, and the targets' indices."""
     refs = _frames(rng, npsf, ny, nx, jitter=0.05)
     aligned = np.ascontiguousarray(np.broadcast_to(refs, (frames + 1, npsf, ny, nx)))
     source = _on_disk(folder, "aligned", aligned)
     means = [aligned[1:].mean(axis=(2, 3), dtype=np.float64)]
-    start = (ny - rows) // 2
-    return source, means, np.arange(1, frames + 1), np.arange(start, start + rows)
+    return source, means, np.arange(1, frames + 1)
 
 
 def build_klip_gram(rng, path, frames, npsf, rows, ny, nx):
-    """As the pipeline runs it: the tile read from disk by the task."""
-    source, means, targets, tile = _tile_on_disk(rng, path[0], frames, npsf, rows, ny, nx)
-    reading = kernels.ReadingTiles(kernels.gram_block, source)
-    return (lambda: reading(targets, tile, None, means)), means
-
-
-def build_klip_sum(rng, path, frames, npsf):
-    terms = [rng.normal(size=(frames, 1, npsf, npsf)) for _ in range(SPLIT_EVERY)]
-    return (lambda: kernels.add_blocks(terms, (1,), True)), terms
+    """As the pipeline runs it: every tile read from disk by the task, in turn."""
+    source, means, targets = _aligned_on_disk(rng, path[0], frames, npsf, ny, nx)
+    return (lambda: kernels.gram_block(targets, means, rows, source)), means
 
 
 def build_klip_weights(rng, path, frames, npsf):
@@ -295,11 +286,14 @@ def build_klip_weights(rng, path, frames, npsf):
 
 
 def build_klip_images(rng, path, frames, npsf, rows, ny, nx):
-    """As the pipeline runs it: the tile read from disk by the task."""
-    source, means, targets, tile = _tile_on_disk(rng, path[0], frames, npsf, rows, ny, nx)
-    weights = rng.normal(size=(frames, 2, npsf, min(TRUNCATE, npsf))) / np.sqrt(rows * nx)
-    reading = kernels.ReadingTiles(kernels.images_block, source)
-    return (lambda: reading(targets, tile, None, means, [[[weights]]])), [*means, weights]
+    """As the pipeline runs it: every tile read from disk by the task, in turn."""
+    source, means, targets = _aligned_on_disk(rng, path[0], frames, npsf, ny, nx)
+    weights = rng.normal(size=(frames, 2, npsf, min(TRUNCATE, npsf))) / np.sqrt(ny * nx)
+
+    def task():
+        return kernels.images_block(targets, means, [[[weights]]], rows, source)
+
+    return task, [*means, weights]
 
 
 def build_klip_subtract(rng, path, frames, ny, nx, npsf, shared):
@@ -352,7 +346,6 @@ BUILD = {
     "fit": build_fit,
     "shift": build_shift,
     "klip_gram": build_klip_gram,
-    "klip_sum": build_klip_sum,
     "klip_weights": build_klip_weights,
     "klip_images": build_klip_images,
     "klip_subtract": build_klip_subtract,
@@ -384,8 +377,6 @@ def predict(case: Case) -> int:
             return memory.shift(b["frames"], b["psfs"], frame, written="fits")
         case "klip_gram":
             return memory.klip_gram(b["frames"], b["npsf"], b["rows"], frame)
-        case "klip_sum":
-            return memory.klip_sum(b["frames"], b["npsf"])
         case "klip_weights":
             return memory.klip_weights(b["frames"], b["npsf"], TRUNCATE)
         case "klip_images":

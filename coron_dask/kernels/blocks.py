@@ -6,6 +6,8 @@ its temporaries to a frame or a batch of frames, so that a task's peak memory is
 inputs and output plus a bounded working set (``coron_dask.memory`` predicts it).
 """
 
+from collections.abc import Iterator
+
 import numpy as np
 
 from coron_dask.kernels import klip
@@ -142,25 +144,6 @@ def shift_block(
     return out
 
 
-class ReadingTiles:
-    """A KLIP block function (``gram_block``, ``images_block``) whose tile of aligned
-    references the task reads from ``source`` (m, p, y, x), or (p, y, x) for one target:
-    called with the targets' and the tile's rows' indices and the write tasks it comes
-    after, then the function's other arguments."""
-
-    def __init__(self, function, source: object) -> None:
-        self.function = function
-        self.source = source
-
-    def __call__(self, targets: np.ndarray, rows: np.ndarray, after: object, *rest):
-        part = slice(int(rows[0]), int(rows[-1]) + 1)
-        if len(self.source.shape) == 3:
-            tile = self.source[:, part][None]
-        else:
-            tile = self.source[int(targets[0]) : int(targets[-1]) + 1, :, part]
-        return self.function(tile, *rest)
-
-
 def means_block(refs: np.ndarray) -> np.ndarray:
     """Spatial means (..., p) float64 of reference frames (..., p, y, x)."""
     return klip.frame_means(refs)
@@ -185,16 +168,45 @@ def _pieces(blocks: list) -> list:
     return [b for inner in blocks for b in _pieces(inner)] if isinstance(blocks, list) else [blocks]
 
 
-def gram_block(pieces: list, means: list) -> np.ndarray:
-    """Gram matrices (m, 1, p, p) of a tile of the references aligned to each of m targets,
-    the references given as pieces (m, p_j, rows, nx): one term of the sum over tiles."""
-    first = _pieces(pieces)[0]
-    npsf = sum(piece.shape[1] for piece in _pieces(pieces))
-    out = np.empty((first.shape[0], 1, npsf, npsf))
-    for i in range(first.shape[0]):
-        centred = _centred_tile(pieces, means, i)
-        out[i, 0] = centred @ centred.T
-        del centred  # before the next target's is made
+def _tiles(aligned: list | np.ndarray, rows: int, source: object | None) -> Iterator[list]:
+    """The references aligned to a KLIP task's targets, a tile of ``rows`` frame rows at a
+    time, as pieces (m, p_j, rows, x) along the reference axis: views of the blocks
+    (m, p_j, y, x) ``aligned`` holds, or with ``source`` (m, p, y, x), or (p, y, x) for
+    one target, read from it for the targets ``aligned`` gives the indices of."""
+    if source is None:
+        blocks = _pieces(aligned)
+        for start in range(0, blocks[0].shape[2], rows):
+            yield [block[:, :, start : start + rows] for block in blocks]
+        return
+    targets = _pieces(aligned)[0]
+    for start in range(0, source.shape[-2], rows):
+        part = slice(start, min(start + rows, source.shape[-2]))
+        if len(source.shape) == 3:
+            yield [source[:, part][None]]
+        else:
+            yield [source[int(targets[0]) : int(targets[-1]) + 1, :, part]]
+
+
+def gram_block(
+    aligned: list | np.ndarray,
+    means: list,
+    rows: int,
+    source: object | None = None,
+    after: object = None,
+) -> np.ndarray:
+    """Gram matrices (m, p, p) of the mean-subtracted references aligned to each of m
+    targets, summed over tiles of ``rows`` frame rows in order (``_tiles``: from the
+    blocks, or read from ``source`` once the tasks ``after`` stands for wrote them)."""
+    out = None
+    for pieces in _tiles(aligned, rows, source):
+        if out is None:
+            npsf = sum(piece.shape[1] for piece in pieces)
+            out = np.zeros((pieces[0].shape[0], npsf, npsf))
+        for i in range(len(out)):
+            centred = _centred_tile(pieces, means, i)
+            out[i] += centred @ centred.T
+            del centred  # before the next target's is made
+        del pieces  # before the next tile is read
     return out
 
 
@@ -217,20 +229,33 @@ def weights_block(grams: np.ndarray, npix: int, truncate: int) -> np.ndarray:
     return np.stack([klip.kl_weights(g, npix, truncate) for g in grams])
 
 
-def images_block(pieces: list, means: list, weights: list) -> np.ndarray:
-    """KL images and ERR of each of m targets on a tile of references given as pieces
-    (m, p_j, rows, nx) with their weights (m, 2, p, K) (one block, in dask's nested lists):
-    (m, K + 1, rows, nx) float64, the K images first, KLIP's ERR last."""
+def images_block(
+    aligned: list | np.ndarray,
+    means: list,
+    weights: list,
+    rows: int,
+    source: object | None = None,
+    after: object = None,
+) -> np.ndarray:
+    """KL images and ERR of each of m targets from the references aligned to it, a tile of
+    ``rows`` rows at a time (as ``gram_block``), with their weights (m, 2, p, K):
+    (m, K + 1, y, x) float64, the K images first, KLIP's ERR last."""
     weights = _pieces(weights)[0]
-    first = _pieces(pieces)[0]
-    m, _, rows, nx = first.shape
     count = weights.shape[-1]
-    out = np.empty((m, count + 1, rows, nx))
-    for i in range(m):
-        centred = _centred_tile(pieces, means, i)
-        out[i, :count] = (weights[i, 0].T @ centred).reshape(count, rows, nx)
-        out[i, count] = klip.centred_residual_std(centred, weights[i]).reshape(rows, nx)
-        del centred  # before the next target's is made
+    out, start = None, 0
+    for pieces in _tiles(aligned, rows, source):
+        m, _, height, nx = pieces[0].shape
+        if out is None:
+            ny = source.shape[-2] if source is not None else _pieces(aligned)[0].shape[2]
+            out = np.empty((m, count + 1, ny, nx))
+        part = slice(start, start + height)
+        for i in range(m):
+            centred = _centred_tile(pieces, means, i)
+            out[i, :count, part] = (weights[i, 0].T @ centred).reshape(count, height, nx)
+            out[i, count, part] = klip.centred_residual_std(centred, weights[i]).reshape(height, nx)
+            del centred  # before the next target's is made
+        start += height
+        del pieces  # before the next tile is read
     return out
 
 

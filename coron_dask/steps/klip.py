@@ -6,13 +6,13 @@ KL images. ERR is jwst's: the per-pixel standard deviation of the references' ow
 residuals. DQ is the science DQ. With a 3-D psfalign (``align_to="first"``) the basis
 is the same for every integration and is computed once per exposure.
 
-No task needs every pixel of every reference: the aligned references are cut into tiles
-of frame rows holding all references (``tile_rows``), the references' Gram matrix is
-summed over the tiles (a tree reduction), and the KL images and ERR are made tile by tile.
-In the pipeline the aligned references are on disk and each task reads its tile itself.
-Only the KL images (at most ``truncate`` frames per basis) come together as whole frames,
-for the subtraction. The tiles follow from the frame and the number of references alone,
-never from the blocks the references arrive in, so the products do not depend on those.
+No task needs every pixel of every reference at once: one task per target block sums the
+references' Gram matrix over tiles of frame rows holding all references (``tile_rows``),
+another makes the KL images and ERR tile by tile. In the pipeline the aligned references
+are on disk and these tasks read one tile at a time; nothing but the Gram matrices, the
+KL weights and the KL images waits between them. The tiles follow from the frame and the
+number of references alone, never from the blocks the references arrive in, and the Gram
+matrix is summed over them in order, so the products do not depend on the blocks.
 """
 
 import dask.array as da
@@ -24,14 +24,12 @@ from coron_dask.chunking import tile_rows
 from coron_dask.errors import CoronInputError
 from coron_dask.io.products import OnDisk
 from coron_dask.kernels.blocks import (
-    ReadingTiles,
     gram_block,
     images_block,
     means_block,
     subtract_block,
     weights_block,
 )
-from coron_dask.steps.reductions import tree_sum
 
 
 def _basis(
@@ -39,48 +37,37 @@ def _basis(
 ) -> tuple[da.Array, da.Array]:
     """KL images (m, K, y, x) float64 and KLIP's ERR (m, y, x) float64 of references
     ``aligned`` (m, p, y, x), one basis per leading index; with ``on_disk``, the same
-    references written to disk, which each task reads a tile of."""
+    references written to disk, which each task reads a tile at a time."""
     name = tokenize(aligned, truncate, rows, on_disk)
     npix = aligned.shape[-2] * aligned.shape[-1]
     count = min(truncate, aligned.shape[1])
     npsf = aligned.shape[1]
-    if on_disk is None:
+    if on_disk is None:  # the aligned blocks of a target block, handed to its tasks
         means = da.map_blocks(
             means_block, aligned, drop_axis=(2, 3), dtype=np.float64, name=f"klip-means-{name}"
         )
-        # tiles of rows as views of the aligned blocks (a split, no copy); a tile task
-        # takes the pieces of every reference block
-        pieces = aligned.rechunk({2: rows, 3: -1}, method="tasks")
-
-        def tiles(kernel, axis: str) -> tuple:
-            return (kernel, pieces, f"mp{axis}x")
-
-    else:  # each task reads its tile itself: no tile waits in memory between tasks
+        references = (aligned, "mpyx")
+        reading: tuple = ()
+    else:  # the targets' indices: the tasks read their references from disk
         written = on_disk.written if on_disk.written.ndim == 2 else on_disk.written[None]
         written = written.rechunk({0: aligned.chunks[0]})
         means = written.rechunk({1: -1})
-        targets = da.arange(aligned.shape[0], chunks=aligned.chunks[:1])
-        tile_rows = da.arange(aligned.shape[2], chunks=rows)
-
-        def tiles(kernel, axis: str) -> tuple:
-            reading = ReadingTiles(kernel, on_disk.source)
-            return (reading, targets, "m", tile_rows, axis, written, "mq")
-
-    kernel, *arguments = tiles(gram_block, "t")
-    partial = da.blockwise(
-        kernel,
-        "mtab",
-        *arguments,
+        references = (da.arange(aligned.shape[0], chunks=aligned.chunks[:1]), "m")
+        reading = (on_disk.source, None, written, "mq")
+    gram = da.blockwise(
+        gram_block,
+        "mab",
+        *references,
         means,
         "mp",
+        rows,
+        None,
+        *reading,
         new_axes={"a": npsf, "b": npsf},
-        adjust_chunks={"t": 1},
-        align_arrays=on_disk is None,  # on disk: blocks of targets and tiles, as given
         concatenate=False,
         dtype=np.float64,
         name=f"klip-gram-{name}",
     )
-    gram = tree_sum(partial, 1, f"klip-gram-sum-{name}")
     weights = da.map_blocks(
         weights_block,
         gram,
@@ -91,24 +78,24 @@ def _basis(
         dtype=np.float64,
         name=f"klip-weights-{name}",
     )
-    kernel, *arguments = tiles(images_block, "y")
+    frame = {} if on_disk is None else {"y": aligned.shape[2], "x": aligned.shape[3]}
     packed = da.blockwise(
-        kernel,
+        images_block,
         "mjyx",
-        *arguments,
+        *references,
         means,
         "mp",
         weights,
         "mwak",
-        new_axes={"j": count + 1, **({} if on_disk is None else {"x": aligned.shape[3]})},
-        align_arrays=on_disk is None,
+        rows,
+        None,
+        *reading,
+        new_axes={"j": count + 1, **frame},
         concatenate=False,
         dtype=np.float64,
         name=f"klip-images-{name}",
     )
-    images = packed[:, :count].rechunk({2: -1})
-    error = packed[:, count].rechunk({1: -1})
-    return images, error
+    return packed[:, :count], packed[:, count]
 
 
 def klip(
