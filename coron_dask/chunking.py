@@ -88,22 +88,24 @@ def held(obs: Observation) -> int:
     return 8 * Frame(*obs.frame).pixels
 
 
-def waiting(obs: Observation, integrations: int, threads: int) -> int:
-    """Bytes waiting between tasks on a worker: for each target block under way (one per
-    thread and the next), its filled science frames, its Gram matrices, KL weights and
-    KL images (with ERR).
-    No reference waits: the aligned references are written by the tasks that shift them
-    and read back a tile at a time by the KLIP tasks (``io.products.write_blocks``)."""
+def waiting(obs: Observation, integrations: int, psfs: int, threads: int) -> int:
+    """Bytes waiting between tasks on a worker, for each block under way (one per thread
+    and the next): a flagged block of an exposure (SCI, ERR, DQ) waiting for its fill and
+    its writes; and of a target block, its filled science frames, its Gram matrices, KL
+    weights and KL images (with ERR). No reference waits: the references, filled and
+    aligned, are written by the tasks that make them and read back by the tasks that use
+    them (``io.products.write_blocks``)."""
     frame = Frame(*obs.frame)
     targets = integrations if obs.align_to == "each" else 1
     npsf, count = obs.npsf, min(obs.truncate, obs.npsf)
+    flagged = 12 * max(integrations, psfs) * frame.pixels
     per_target = (
         4 * integrations * frame.pixels
         + 8 * targets * npsf**2
         + 16 * targets * npsf * count
         + 8 * targets * (count + 1) * frame.pixels
     )
-    return (threads + 1) * per_target
+    return (threads + 1) * (flagged + per_target)
 
 
 def task_peaks(obs: Observation, integrations: int, psfs: int, outlier_rows: int, klip_rows: int):
@@ -166,7 +168,7 @@ def plan_blocks(
 
     def fits(k: int, p: int, rows: int) -> tuple[bool, int, dict]:
         peaks = task_peaks(obs, k, p, rows, klip_rows)
-        need = waiting(obs, k, workers.threads) + workers.threads * max(peaks.values())
+        need = waiting(obs, k, p, workers.threads) + workers.threads * max(peaks.values())
         return need <= capacity, need, peaks
 
     def largest(bound: int, ok) -> int | None:
@@ -203,7 +205,7 @@ def plan_blocks(
 
     def minimum(threads: int) -> float:
         """The memory limit a worker of ``threads`` threads needs for the smallest blocks."""
-        return (own + waiting(obs, 1, threads) + threads * smallest) / fraction / GIB
+        return (own + waiting(obs, 1, 1, threads) + threads * smallest) / fraction / GIB
 
     raise CoronInputError(
         "memory",

@@ -239,7 +239,9 @@ def build_products(
         products.append(kept)
         return kept
 
-    science, stack = observation.science, observation.psfstack
+    # the references in their exposures' blocks of at most `psfs` (no block merges
+    # pieces of several): each alignment task reads its `psfs` references from disk
+    science, stack = observation.science, stack_refs(observation.psf)
     if "outlier_detection" in p["skip"]:
         log.info("outlier_detection skipped")
     else:
@@ -265,7 +267,7 @@ def build_products(
                 ("outlier_detection",),
                 **{exptype: (exposure.encoding["source"],)},
             )
-        stack = _stack(psf, psfs)
+        stack = stack_refs(psf)
     mask = read_psfmask(psfmask, (stack.sizes["y"], stack.sizes["x"])) if psfmask else None
     if psfmask:
         log.info("align_refs: PSFMASK %s", psfmask)
@@ -291,7 +293,9 @@ def build_products(
     psfsubs = []
     for exposure in science:
         filled = median_replace_img(exposure, p["median_box_length"], p["bad_bits"])
-        psfalign = align_models(filled, refs, mask, align_to=p["align_to"], on_disk=on_disk)
+        psfalign = align_models(
+            filled, refs, mask, align_to=p["align_to"], on_disk=on_disk, psfs=psfs
+        )
         root = f"{exposure_root(exposure)}_{association.asn_id}"
         model = "QuadModel" if p["align_to"] == "each" else "CubeModel"
         # psfalign and psfsub: the references, aligned to this science exposure

@@ -82,9 +82,11 @@ def align_models(
     *,
     align_to: AlignTo = "each",
     on_disk: dict[str, OnDisk] | None = None,
+    psfs: int | None = None,
 ) -> xr.Dataset:
     """psfalign of the filled references ``refs`` on the filled ``science`` (see
-    ``align_refs``).
+    ``align_refs``), ``psfs`` references per alignment task (default: the blocks of
+    ``refs``).
 
     With ``on_disk`` ({"sci": ..., "err": ...}: the filled references written to disk,
     ``io.products.write_blocks``), each task that fits or shifts references reads its
@@ -108,11 +110,13 @@ def align_models(
     blocks = {}
     for name in ("sci", "err"):
         data, stored = refs[name].data, (on_disk or {}).get(name)
+        chunks = (psfs,) if psfs else data.chunks[:1]
         if stored is None:
-            blocks[name] = (data, "pyx", None, None, None, None)
+            blocks[name] = (data.rechunk((*chunks, -1, -1)), "pyx", None, None, None, None)
         else:
-            indices = da.arange(refs.sizes["psf"], chunks=data.chunks[:1])
-            blocks[name] = (indices, "p", stored.source, None, stored.written, "p")
+            indices = da.arange(refs.sizes["psf"], chunks=chunks)
+            written = stored.written.rechunk(indices.chunks)  # the writes a task comes after
+            blocks[name] = (indices, "p", stored.source, None, written, "p")
     shifts = da.blockwise(
         fit_block,
         "mpk",
