@@ -159,16 +159,27 @@ def test_i2d_has_a_celestial_wcs_and_opens_as_image_model(products):
     assert np.isfinite(ra) and np.isfinite(dec)
 
 
-def test_graph_building_computes_nothing(asn, observation_dir, tmp_path):
+@pytest.mark.parametrize(
+    "options, aligned",
+    [({}, False), ({"save_psfalign": False}, True), ({"format": "zarr"}, True)],
+)
+def test_graph_building_computes_nothing(asn, observation_dir, tmp_path, options, aligned):
+    """Nothing computed, nothing written; the scratch files the run will keep: the filled
+    references, and the aligned SCI where psfalign is not a FITS file KLIP can read."""
     with count_computes() as counter:
-        products = build_products(asn, tmp_path, psfmask=observation_dir / "psfmask.fits")
+        products = build_products(
+            asn, tmp_path, psfmask=observation_dir / "psfmask.fits", **options
+        )
     assert counter.count == 0
     kept = [item.path.name for item in products if not item.scratch]
-    assert len(kept) == 11  # 5 crfints, psfstack, 2 psfalign, 2 psfsub, i2d
-    # the filled references are kept on disk while the run lasts
-    assert [item.path.name for item in products if item.scratch] == [
-        "jw01386-c1000_t001_nircam_f335m-maskrnd-sub64_refs.fits"
-    ]
+    psfalign = [name for name in kept if "_psfalign." in name]
+    assert len(kept) == 11 - (2 if options.get("save_psfalign") is False else 0)
+    assert len(psfalign) == (0 if options.get("save_psfalign") is False else 2)
+    scratch = [item.path.name for item in products if item.scratch]
+    assert scratch[0] == "jw01386-c1000_t001_nircam_f335m-maskrnd-sub64_refs.fits"
+    assert [name.endswith("_c1000_aligned.fits") for name in scratch[1:]] == [aligned] * (
+        2 if aligned else 0
+    )
     assert list(tmp_path.iterdir()) == []
 
 
