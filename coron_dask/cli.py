@@ -197,8 +197,8 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
         dest="save_psfalign",
         action="store_const",
         const=False,
-        help="do not write psfalign: KLIP consumes the aligned references as they are made, "
-        "so disk no longer bounds integrations × references",
+        help="do not write psfalign: the aligned SCI goes to a scratch file KLIP reads, "
+        "removed at the end (half the size of psfalign)",
     )
     run.add_argument(
         "--report", type=Path, help="save dask's performance report (HTML; distributed clusters)"

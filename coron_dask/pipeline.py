@@ -198,7 +198,7 @@ def build_products(
     resample), snr 5.0, maskpt 0.7, good_bits "~DO_NOT_USE", align_to "each",
     median_box_length 3, bad_bits "DO_NOT_USE" ("" for none), truncate 50, orientation
     "detector" (or "north"), format "fits" (or "zarr": Zarr stores), save_psfalign (True:
-    write psfalign; without it KLIP consumes the aligned references as they are made),
+    write psfalign; without it only a scratch file of its SCI, which KLIP reads),
     integrations, psfs and outlier_rows (block sizes; planned for ``workers``, by default
     this process on this machine). Every product's primary keywords record how it was made
     (``provenance``: version, date, parameters, block plan, member exposures).
