@@ -121,7 +121,7 @@ def task_peaks(obs: Observation, integrations: int, psfs: int, outlier_rows: int
         "outlier flag": memory.outlier_flag(max(k, p), frame),
         "fill": memory.fill(max(k, p), frame),
         "fit": memory.fit(targets, p, frame),
-        "shift": memory.shift(targets, p, frame, written="zarr" if zarr else "fits"),
+        "shift": memory.shift(targets, p, frame, zarr),
         "klip gram": memory.klip_gram(targets, npsf, klip_rows, frame),
         "klip weights": memory.klip_weights(targets, npsf, truncate),
         "klip images": memory.klip_images(targets, npsf, klip_rows, frame, truncate),

@@ -92,19 +92,17 @@ def fit(frames: int, psfs: int, frame: Frame) -> int:
     return inputs + problem + per_batch + TASK_OVERHEAD
 
 
-def shift(frames: int, psfs: int, frame: Frame, written: str | None = None) -> int:
+def shift(frames: int, psfs: int, frame: Frame, zarr: bool = False) -> int:
     """Fourier shift of ``psfs`` references to ``frames`` targets: references in (float32),
     the output (float32), and the block's batch buffers: float64 frames, their spectra and
-    the shifted spectra (``kernels.blocks.shift_block``); ``written`` ("fits", "zarr": into
-    a FITS file, and also a Zarr store) by the task itself (``io.products.write_block``),
-    the copy a write makes."""
+    the shifted spectra (``kernels.blocks.shift_block``); then the copy the task makes to
+    write its block (``io.products.write_block``) into a FITS file, a run of references at
+    a time, and with ``zarr`` into a Zarr store too, whole."""
     # the batch is shift_block's (uncapped: 64 frames of 64x64), not the fit's
     batch = min(psfs, shift_batch(frame.pixels))
     per_batch = batch * (8 * frame.pixels + 2 * frame.spectrum)
     output = 4 * psfs * frame.pixels * frames
-    copy = 0
-    if written:  # into the FITS file a run of references at a time, whole into Zarr
-        copy = output if written == "zarr" else min(4 * psfs * frame.pixels, WRITE_BUFFER)
+    copy = output if zarr else min(4 * psfs * frame.pixels, WRITE_BUFFER)
     return 4 * psfs * frame.pixels + output + max(per_batch, copy) + TASK_OVERHEAD
 
 

@@ -374,7 +374,7 @@ def predict(case: Case) -> int:
         case "fit":
             return memory.fit(b["frames"], b["psfs"], frame)
         case "shift":  # its block written into a FITS file by the task
-            return memory.shift(b["frames"], b["psfs"], frame, written="fits")
+            return memory.shift(b["frames"], b["psfs"], frame)
         case "klip_gram":
             return memory.klip_gram(b["frames"], b["npsf"], b["rows"], frame)
         case "klip_weights":

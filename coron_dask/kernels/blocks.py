@@ -119,9 +119,8 @@ def shift_block(
 ) -> np.ndarray:
     """References (p, y, x) moved by −(dx, dy) of ``shifts`` ([m,] p, 3): ([m,] p, y, x)
     float32; with ``source``, ``frames`` are indices of references read from it, as in
-    ``fit_block``. Each
-    frame is transformed once per block, whatever the number of science integrations it
-    is aligned to; frames go through the FFTs a batch at a time."""
+    ``fit_block``. Each frame is transformed once per block, whatever the number of
+    science integrations it is aligned to; frames go through the FFTs a batch at a time."""
     frames = _references(frames, source)
     shape = frames.shape[-2:]
     out = np.empty((*shifts.shape[:-1], *shape), dtype=np.float32)

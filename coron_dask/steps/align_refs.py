@@ -105,31 +105,31 @@ def align_models(
     target = science["sci"].data
     if align_to == "first":
         target = target[:1].rechunk({0: 1})
-    # each reference block as an argument: the block itself, or its indices on disk
-    # (read by the task), the source, and the writes it must come after
-    blocks = {}
+    # each reference block as an argument: the block itself, or its indices on disk, which
+    # the task reads from the source once the writes it depends on have run
+    references, reading = {}, {}
     for name in ("sci", "err"):
         data, stored = refs[name].data, (on_disk or {}).get(name)
         chunks = (psfs,) if psfs else data.chunks[:1]
         if stored is None:
-            blocks[name] = (data.rechunk((*chunks, -1, -1)), "pyx", None, None, None, None)
+            references[name], reading[name] = (data.rechunk((*chunks, -1, -1)), "pyx"), ()
         else:
             indices = da.arange(refs.sizes["psf"], chunks=chunks)
-            written = stored.written.rechunk(indices.chunks)  # the writes a task comes after
-            blocks[name] = (indices, "p", stored.source, None, written, "p")
+            references[name] = (indices, "p")
+            reading[name] = (stored.source, None, stored.written.rechunk(indices.chunks), "p")
     shifts = da.blockwise(
         fit_block,
         "mpk",
         target,
         "myx",
-        *blocks["sci"][:2],
+        *references["sci"],
         mask,
         "yx",
-        *blocks["sci"][2:],
+        *reading["sci"],
         new_axes={"k": 3},
         concatenate=True,
         dtype=np.float64,
-        name="align-fit-" + tokenize(target, blocks["sci"], mask),
+        name="align-fit-" + tokenize(target, references["sci"], reading["sci"], mask),
     )
     if align_to == "first":
         shifts = shifts[0]
@@ -144,16 +144,17 @@ def align_models(
         name: da.blockwise(
             shift_block,
             index,
-            *arguments[:2],
+            *references[name],
             shifts,
             shift_index,
-            *arguments[2:],
-            new_axes={"y": frame[0], "x": frame[1]} if arguments[2] is not None else None,
+            *reading[name],
+            # read from disk, the frames come from no input
+            new_axes={"y": frame[0], "x": frame[1]} if reading[name] else None,
             concatenate=True,
             dtype=np.float32,
-            name=f"align-shift-{name}-" + tokenize(arguments, shifts),
+            name=f"align-shift-{name}-" + tokenize(references[name], reading[name], shifts),
         )
-        for name, arguments in blocks.items()
+        for name in references
     }
     coords = {k: v for k, v in refs.coords.items() if "psf" in v.dims}
     if align_to == "each":
