@@ -43,7 +43,7 @@ class Observation:
     science_nints: tuple[int, ...]
     psf_nints: tuple[int, ...]
     frame: tuple[int, int]
-    truncate: int = 50
+    truncate: int | tuple[int, ...] = 50  # several: a KL-mode cube
     align_to: str = "each"
     save_psfalign: bool = True
     format: str = "fits"
@@ -51,6 +51,18 @@ class Observation:
     @property
     def npsf(self) -> int:
         return sum(self.psf_nints)
+
+    @property
+    def planes(self) -> int:
+        """KL cutoffs: the images each psfsub integration has."""
+        return 1 if isinstance(self.truncate, int) else len(self.truncate)
+
+    @property
+    def count(self) -> int:
+        """KL images per basis: the largest cutoff, at most the number of references."""
+        return min(
+            self.truncate if isinstance(self.truncate, int) else max(self.truncate), self.npsf
+        )
 
 
 @dataclass(frozen=True)
@@ -97,13 +109,13 @@ def waiting(obs: Observation, integrations: int, psfs: int, threads: int) -> int
     them (``io.products.write_blocks``)."""
     frame = Frame(*obs.frame)
     targets = integrations if obs.align_to == "each" else 1
-    npsf, count = obs.npsf, min(obs.truncate, obs.npsf)
+    npsf, count = obs.npsf, obs.count
     flagged = 12 * max(integrations, psfs) * frame.pixels
     per_target = (
         4 * integrations * frame.pixels
         + 8 * targets * npsf**2
         + 16 * targets * npsf * count
-        + 8 * targets * (count + 1) * frame.pixels
+        + 8 * targets * (count + obs.planes) * frame.pixels
     )
     return (threads + 1) * (flagged + per_target)
 
@@ -111,7 +123,7 @@ def waiting(obs: Observation, integrations: int, psfs: int, threads: int) -> int
 def task_peaks(obs: Observation, integrations: int, psfs: int, outlier_rows: int, klip_rows: int):
     """Predicted peak of each task kind for these blocks (bytes)."""
     frame = Frame(*obs.frame)
-    k, p, npsf, truncate = integrations, psfs, obs.npsf, obs.truncate
+    k, p, npsf, count, planes = integrations, psfs, obs.npsf, obs.count, obs.planes
     targets = k if obs.align_to == "each" else 1
     longest = max(obs.science_nints + obs.psf_nints)
     zarr = obs.save_psfalign and obs.format == "zarr"
@@ -123,17 +135,20 @@ def task_peaks(obs: Observation, integrations: int, psfs: int, outlier_rows: int
         "fit": memory.fit(targets, p, frame),
         "shift": memory.shift(targets, p, frame, zarr),
         "klip gram": memory.klip_gram(targets, npsf, klip_rows, frame),
-        "klip weights": memory.klip_weights(targets, npsf, truncate),
-        "klip images": memory.klip_images(targets, npsf, klip_rows, frame, truncate),
+        "klip weights": memory.klip_weights(targets, npsf, count),
+        "klip images": memory.klip_images(targets, npsf, klip_rows, frame, count, planes),
         "klip subtract": memory.klip_subtract(
-            k, frame, truncate, npsf, shared=obs.align_to == "first"
+            k, frame, count, npsf, shared=obs.align_to == "first", planes=planes
         ),
-        "resample": memory.resample(k, frame, 4 * frame.pixels),
+        "resample": memory.resample(k, frame, 4 * frame.pixels, planes),
         # the products' stores; psfalign's ERR is written by its shift task, as SCI is
-        "write": memory.write(
-            4 * targets * p * frame.pixels,
-            4 * p * frame.pixels if p < npsf else None,  # runs of p references
-            buffered=not zarr,
+        "write": max(
+            memory.write(
+                4 * targets * p * frame.pixels,
+                4 * p * frame.pixels if p < npsf else None,  # runs of p references
+                buffered=not zarr,
+            ),
+            memory.write(4 * planes * k * frame.pixels, buffered=obs.format == "fits"),  # psfsub
         ),
     }
 

@@ -99,6 +99,16 @@ def _non_negative(text: str) -> int:
     return value
 
 
+def _cutoffs(text: str) -> int | tuple[int, ...]:
+    """--truncate: one number of KL modes, or several separated by commas."""
+    from coron_dask.pipeline import truncation
+
+    try:
+        return truncation(text)
+    except CoronInputError as error:
+        raise argparse.ArgumentTypeError(error.problem) from None
+
+
 def _positive(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -126,7 +136,12 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
         help="align references to each science integration (4-D psfalign, "
         "default) or to the first one of each exposure (jwst >= 1.16)",
     )
-    step.add_argument("--truncate", type=_non_negative, help="KL modes kept by klip (50)")
+    step.add_argument(
+        "--truncate",
+        type=_cutoffs,
+        help="KL modes kept by klip (50); several, e.g. 5,10,20,50: a KL-mode cube, one "
+        "psfsub and i2d image per cutoff from one basis",
+    )
     step.add_argument(
         "--median-box-length", type=_non_negative, help="box of the bad-pixel median fill (3)"
     )

@@ -113,54 +113,60 @@ def klip_gram(frames: int, npsf: int, rows: int, frame: Frame) -> int:
     return 4 * frames * npsf * tile + 8 * npsf * tile + 8 * (frames + 1) * npsf**2 + TASK_OVERHEAD
 
 
-def klip_weights(frames: int, npsf: int, truncate: int) -> int:
-    """Eigen-decompositions of the Gram matrices: the matrices, LAPACK's work, the weights."""
-    count = min(truncate, npsf)
+def klip_weights(frames: int, npsf: int, count: int) -> int:
+    """Eigen-decompositions of the Gram matrices: the matrices, LAPACK's work, the weights
+    of ``count`` KL modes (the largest cutoff, at most ``npsf``)."""
     return 8 * frames * npsf**2 + 6 * 8 * npsf**2 + 16 * frames * npsf * count + TASK_OVERHEAD
 
 
-def klip_images(frames: int, npsf: int, rows: int, frame: Frame, truncate: int) -> int:
-    """KL images and ERR of ``frames`` targets, made a tile of ``rows`` rows at a time: a
-    tile, the weights, the output (whole frames), and for one target at a time the float64
-    centred tile (the ERR works in it), its KL images and the projection of a slice of
-    PROJECTION_COLUMNS pixels."""
-    count = min(truncate, npsf)
+def klip_images(
+    frames: int, npsf: int, rows: int, frame: Frame, count: int, planes: int = 1
+) -> int:
+    """``count`` KL images and an ERR per cutoff (``planes``) of ``frames`` targets, made a
+    tile of ``rows`` rows at a time: a tile, the weights, the output (whole frames), and
+    for one target at a time the float64 centred tile (the ERR works in it), its KL images,
+    its ERR on the tile, and for a slice of PROJECTION_COLUMNS pixels the projection and
+    the standard deviation's copy."""
     tile = rows * frame.nx
     columns = min(tile, PROJECTION_COLUMNS)
     return (
         4 * frames * npsf * tile
         + 16 * frames * npsf * count
         + 8 * npsf * tile
-        + 8 * count * tile
-        + 8 * (npsf + count) * columns
-        + 8 * frames * (count + 1) * frame.pixels
+        + 8 * (count + planes) * tile
+        + 8 * (2 * npsf + count) * columns
+        + 8 * frames * (count + planes) * frame.pixels
         + TASK_OVERHEAD
     )
 
 
-def klip_subtract(frames: int, frame: Frame, truncate: int, npsf: int, shared: bool) -> int:
-    """Subtraction for ``frames`` targets: the targets, the KL images (shared by all, or one
-    set per target), float64 copies of one target (all of them with a shared basis)."""
-    count = min(truncate, npsf)
+def klip_subtract(
+    frames: int, frame: Frame, count: int, npsf: int, shared: bool, planes: int = 1
+) -> int:
+    """Subtraction for ``frames`` targets on ``count`` KL images (shared by all, or one set
+    per target), one image per cutoff (``planes``): the targets, the images, float64 copies
+    of one target (all of them with a shared basis): centred, its projection and each
+    cutoff's image; and the output (float32)."""
     images = count if shared else frames * count
     copies = frames if shared else 1
     return (
         4 * frames * frame.pixels
         + 8 * images * frame.pixels
-        + 4 * 8 * copies * frame.pixels
-        + 4 * frames * frame.pixels
+        + 8 * (3 + planes) * copies * frame.pixels
+        + 4 * planes * frames * frame.pixels
         + TASK_OVERHEAD
     )
 
 
-def resample(frames: int, frame: Frame, grid_pixels: int) -> int:
-    """Drizzle of ``frames`` integrations: SCI, ERR, DQ and the pixel map in, drizzle's
-    output and weight images, the float64 block sum, per-frame weights and data."""
+def resample(frames: int, frame: Frame, grid_pixels: int, planes: int = 1) -> int:
+    """Drizzle of ``frames`` integrations, each with an image per KL cutoff (``planes``):
+    SCI, ERR, DQ and the pixel map in, drizzle's output and weight images, the float64
+    block sum, per-frame weights and data."""
     return (
-        12 * frames * frame.pixels
+        4 * (planes + 2) * frames * frame.pixels
         + 16 * frame.pixels
         + 40 * frame.pixels
-        + 32 * grid_pixels
+        + (16 + 8 * (planes + 1)) * grid_pixels
         + TASK_OVERHEAD
     )
 

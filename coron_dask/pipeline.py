@@ -32,6 +32,7 @@ from coron_dask.io import (
 )
 from coron_dask.provenance import provenance
 from coron_dask.steps import align_models, klip, median_replace_img, outlier_detection, stack_refs
+from coron_dask.steps.klip import kl_cutoffs
 from coron_dask.steps.resample import resample
 
 
@@ -147,6 +148,30 @@ CONFIGURED = {
 }
 
 
+def truncation(truncate: object) -> int | tuple[int, ...]:
+    """klip's truncate as given (an int, a sequence or a text such as "5,10,20,50"): one
+    cutoff as an int (jwst's psfsub), several as a KL-mode cube's ascending cutoffs."""
+    if isinstance(truncate, str):
+        try:
+            truncate = [int(value) for value in truncate.split(",") if value.strip()]
+        except ValueError:
+            raise CoronInputError(
+                "truncate", f"must be whole numbers separated by commas, got {truncate!r}"
+            ) from None
+    cutoffs = kl_cutoffs(truncate)
+    return cutoffs[0] if len(cutoffs) == 1 else cutoffs
+
+
+def kl_keywords(truncate: int | tuple[int, ...]) -> dict:
+    """The SCI header's record of a KL-mode cube's cutoffs, as pyKLIP's: KLMODE0, KLMODE1,
+    ... (none for one cutoff, jwst's layout)."""
+    if isinstance(truncate, int):
+        return {}
+    return {
+        f"KLMODE{i}": (k, f"KL modes of plane {i} of the kl axis") for i, k in enumerate(truncate)
+    }
+
+
 def resolve_parameters(**given: object) -> dict:
     """Step and output parameters with None replaced by the configured defaults, checked."""
     unknown = set(given) - set(CONFIGURED)
@@ -156,9 +181,11 @@ def resolve_parameters(**given: object) -> dict:
         name: config.get(key) if given.get(name) is None else given[name]
         for name, key in CONFIGURED.items()
     }
-    for name in ("truncate", "median_box_length"):
-        if resolved[name] < 0:
-            raise CoronInputError(name, f"must be >= 0, got {resolved[name]}")
+    resolved["truncate"] = truncation(resolved["truncate"])
+    if resolved["median_box_length"] < 0:
+        raise CoronInputError(
+            "median_box_length", f"must be >= 0, got {resolved['median_box_length']}"
+        )
     for name in ("integrations", "psfs", "outlier_rows"):
         if resolved[name] is not None and resolved[name] < 1:
             raise CoronInputError(name, f"must be >= 1, got {resolved[name]}")
@@ -321,7 +348,7 @@ def build_products(
             f"{root}_psfsub",
             {**exposure.attrs, "DATAMODL": "CubeModel"},
             psfsub,
-            exposure["sci"].attrs,
+            {**exposure["sci"].attrs, **kl_keywords(p["truncate"])},
             ("outlier_detection", "align_refs", "klip"),
             **members,
         )
@@ -337,7 +364,11 @@ def build_products(
             f"{association.product_name}_i2d",
             {**science[0].attrs, "DATAMODL": "ImageModel"},
             i2d,
-            {"BUNIT": science[0]["sci"].attrs.get("BUNIT", ""), **dict(grid.to_header())},
+            {
+                "BUNIT": science[0]["sci"].attrs.get("BUNIT", ""),
+                **dict(grid.to_header()),
+                **kl_keywords(p["truncate"]),
+            },
             ("outlier_detection", "align_refs", "klip", "resample"),
             science=association.science,
             psf=association.psf,

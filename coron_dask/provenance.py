@@ -106,6 +106,8 @@ def provenance(
         keywords[STEP_STATUS[step]] = "SKIPPED" if step in skipped else "COMPLETE"
     recorded = {name: _plain(parameters[name]) for name in PARAMETERS}
     recorded["skip"] = ",".join(skipped) or NO_STEP
+    if not isinstance(recorded["truncate"], int):  # a KL-mode cube's cutoffs
+        recorded["truncate"] = ",".join(str(k) for k in recorded["truncate"])
     for name, (key, comment) in PARAMETERS.items():
         keywords[key] = (recorded[name], comment)
     for name, (key, comment) in PLAN.items():
@@ -132,6 +134,8 @@ def read_provenance(keywords: Mapping[str, object]) -> dict:
     parameters = {name: keywords[key] for name, (key, _) in PARAMETERS.items()}
     skip = str(parameters["skip"])
     parameters["skip"] = () if skip == NO_STEP else tuple(skip.split(","))
+    if isinstance(parameters["truncate"], str):  # a KL-mode cube's cutoffs
+        parameters["truncate"] = tuple(int(k) for k in parameters["truncate"].split(","))
     psfmask = keywords["R_PSFMAS"]
     record = {
         "software": keywords["CAL_NAME"],

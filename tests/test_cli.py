@@ -125,6 +125,8 @@ def test_bad_input_one_line_no_product(kind, observation_copy, tmp_path, capsys)
     ("option", "value"),
     [
         ("--truncate", "-1"),
+        ("--truncate", "5,x"),
+        ("--truncate", "5,-2"),
         ("--median-box-length", "-3"),
         ("--n-workers", "0"),
         ("--bad-bits", "NOT_A_FLAG"),

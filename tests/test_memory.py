@@ -37,6 +37,7 @@ LOOSENESS = 1.5
 DO_NOT_USE = PIXEL["DO_NOT_USE"]
 OUTLIER_BITS = PIXEL["DO_NOT_USE"] | PIXEL["OUTLIER"]
 MEDIAN_BAD_BITS = DO_NOT_USE  # outlier_detection's, from its good bits ~DO_NOT_USE
+KL_CUBE = (5, 10, 20, 50)  # a KL-mode cube's cutoffs
 TRUNCATE = 50
 M_TRIM_THRESHOLD = -1  # glibc's mallopt parameter
 MIRI = (8, 216, 16, 212)  # MIRI's 4QPM field (y0, y1, x0, x1): beyond it NON_SCIENCE
@@ -84,10 +85,14 @@ CASES = [
     Case("klip_weights", dict(frames=2, npsf=800)),
     Case("klip_images", dict(frames=2, npsf=100, rows=160, ny=160, nx=160)),
     Case("klip_images", dict(frames=4, npsf=220, rows=66, ny=224, nx=288)),
+    Case("klip_images", dict(frames=4, npsf=220, rows=66, ny=224, nx=288, cutoffs=(5, 10, 20, 50))),
     Case("klip_subtract", dict(frames=10, ny=160, nx=160, npsf=100, shared=True)),
     Case("klip_subtract", dict(frames=4, ny=224, nx=288, npsf=200, shared=False)),
+    Case("klip_subtract", dict(frames=10, ny=160, nx=160, npsf=100, shared=True, cutoffs=KL_CUBE)),
+    Case("klip_subtract", dict(frames=4, ny=224, nx=288, npsf=200, shared=False, cutoffs=KL_CUBE)),
     Case("resample", dict(frames=30, ny=160, nx=160)),
     Case("resample", dict(frames=20, ny=224, nx=288)),
+    Case("resample", dict(frames=20, ny=224, nx=288, planes=4)),
     Case("write", dict(block=(20, 224, 288), file=(30, 224, 288), dtype="float32")),
     Case("write", dict(block=(20, 224, 288), file=(30, 224, 288), dtype="uint32")),
     Case("write", dict(block=(4, 10, 160, 160), file=(6, 10, 160, 160), dtype="float32")),
@@ -285,23 +290,25 @@ def build_klip_weights(rng, path, frames, npsf):
     return (lambda: kernels.weights_block(grams, 160 * 160, TRUNCATE)), [grams]
 
 
-def build_klip_images(rng, path, frames, npsf, rows, ny, nx):
+def build_klip_images(rng, path, frames, npsf, rows, ny, nx, cutoffs=(TRUNCATE,)):
     """As the pipeline runs it: every tile read from disk by the task, in turn."""
     source, means, targets = _aligned_on_disk(rng, path[0], frames, npsf, ny, nx)
-    weights = rng.normal(size=(frames, 2, npsf, min(TRUNCATE, npsf))) / np.sqrt(ny * nx)
+    weights = rng.normal(size=(frames, 2, npsf, min(cutoffs[-1], npsf))) / np.sqrt(ny * nx)
+    kept = tuple(min(k, npsf) for k in cutoffs)
 
     def task():
-        return kernels.images_block(targets, means, [[[weights]]], rows, source)
+        return kernels.images_block(targets, means, [[[weights]]], rows, kept, source)
 
     return task, [*means, weights]
 
 
-def build_klip_subtract(rng, path, frames, ny, nx, npsf, shared):
+def build_klip_subtract(rng, path, frames, ny, nx, npsf, shared, cutoffs=(TRUNCATE,)):
     targets = _frames(rng, frames, ny, nx, jitter=0.3)
-    count = min(TRUNCATE, npsf)
+    count = min(cutoffs[-1], npsf)
     images = rng.normal(size=(count, ny, nx) if shared else (frames, count, ny, nx))
     images /= np.sqrt(ny * nx)
-    return (lambda: kernels.subtract_block(targets, images)), [targets, images]
+    kept = tuple(min(k, npsf) for k in cutoffs)
+    return (lambda: kernels.subtract_block(targets, images, kept)), [targets, images]
 
 
 def resample_grid(ny: int, nx: int) -> tuple[np.ndarray, tuple[int, int]]:
@@ -316,14 +323,15 @@ def resample_grid(ny: int, nx: int) -> tuple[np.ndarray, tuple[int, int]]:
     return np.dstack([gx, gy]), shape
 
 
-def build_resample(rng, path, frames, ny, nx):
+def build_resample(rng, path, frames, ny, nx, planes=1):
     sci, err, dq = _exposure(rng, frames, ny, nx)
+    images = np.stack([sci] * planes)  # a KL-mode cube's planes
     pixmap, shape = resample_grid(ny, nx)
 
     def task():
-        return kernels.drizzle_block(sci, err, dq, pixmap, shape, DO_NOT_USE)
+        return kernels.drizzle_block(images, err, dq, pixmap, shape, DO_NOT_USE)
 
-    return task, [sci, err, dq, pixmap]
+    return task, [images, err, dq, pixmap]
 
 
 def build_write(rng, path, block, file, dtype):
@@ -378,14 +386,16 @@ def predict(case: Case) -> int:
         case "klip_gram":
             return memory.klip_gram(b["frames"], b["npsf"], b["rows"], frame)
         case "klip_weights":
-            return memory.klip_weights(b["frames"], b["npsf"], TRUNCATE)
-        case "klip_images":
-            return memory.klip_images(b["frames"], b["npsf"], b["rows"], frame, TRUNCATE)
-        case "klip_subtract":
-            return memory.klip_subtract(b["frames"], frame, TRUNCATE, b["npsf"], b["shared"])
+            return memory.klip_weights(b["frames"], b["npsf"], min(TRUNCATE, b["npsf"]))
+        case "klip_images" | "klip_subtract":
+            cutoffs = b.get("cutoffs", (TRUNCATE,))
+            count, planes = min(cutoffs[-1], b["npsf"]), len(cutoffs)
+            if case.kind == "klip_images":
+                return memory.klip_images(b["frames"], b["npsf"], b["rows"], frame, count, planes)
+            return memory.klip_subtract(b["frames"], frame, count, b["npsf"], b["shared"], planes)
         case "resample":
             _, shape = resample_grid(b["ny"], b["nx"])
-            return memory.resample(b["frames"], frame, shape[0] * shape[1])
+            return memory.resample(b["frames"], frame, shape[0] * shape[1], b.get("planes", 1))
         case "write":
             itemsize = np.dtype(b["dtype"]).itemsize
             block, file = b["block"], b["file"]

@@ -132,6 +132,49 @@ def test_truncated_klip_error_matches_jwst(mode, asn, observation_dir, tmp_path,
 
 
 @pytest.mark.parametrize("mode", MODES)
+def test_each_plane_of_the_kl_mode_cube_is_a_single_truncation_run(
+    mode, asn, observation_dir, tmp_path
+):
+    """--truncate 1,3,5: psfsub SCI and ERR (kl, integration, y, x) and i2d SCI (kl, y, x),
+    whose every plane is the product of a run with that one truncation (6 references:
+    every cutoff is a real truncation but the last, which keeps five of six modes)."""
+    cutoffs = (1, 3, 5)
+
+    def run(truncate, folder):
+        paths = run_coron3(
+            asn,
+            tmp_path / folder,
+            align_to=mode,
+            truncate=truncate,
+            scheduler="synchronous",
+            psfmask=observation_dir / "psfmask.fits",
+            progress=False,
+        )
+        return {p.name: p for p in paths if "_psfsub" in p.name or "_i2d" in p.name}
+
+    cube = run(",".join(map(str, cutoffs)), "cube")
+    singles = [run(k, f"single{k}") for k in cutoffs]
+    for name, path in cube.items():
+        with fits.open(path) as hdul:
+            header = hdul["SCI"].header
+            assert [header[f"KLMODE{i}"] for i in range(len(cutoffs))] == list(cutoffs)
+            assert fits.getheader(path)["TRUNCATE"] == "1,3,5"
+            names = ("SCI", "ERR") if "_psfsub" in name else ("SCI",)
+            for extension in names:
+                planes = hdul[extension].data.astype(np.float64)
+                assert planes.shape[0] == len(cutoffs)
+                for plane, single in zip(planes, singles, strict=True):
+                    expected = read(single[name], extension)
+                    assert plane.shape == expected.shape
+                    scale = np.nanmax(np.abs(expected))
+                    np.testing.assert_allclose(plane, expected, rtol=0, atol=1e-5 * scale)
+                # the planes differ: more modes take more of the star away
+                assert not np.allclose(planes[0], planes[-1])
+            if "_psfsub" in name:
+                np.testing.assert_array_equal(hdul["DQ"].data, read(singles[0][name], "DQ"))
+
+
+@pytest.mark.parametrize("mode", MODES)
 def test_companion_found_on_the_sky_and_stronger_than_in_either_roll(
     mode, products, observation_dir
 ):

@@ -43,7 +43,7 @@ ZARR_RUN = {
     "align_to": "each",
     "median_box_length": 7,
     "bad_bits": 3,
-    "truncate": 4,
+    "truncate": (2, 4),  # a KL-mode cube
     "orientation": "detector",
     "save_psfalign": False,
 }
@@ -149,7 +149,9 @@ def check_record(keywords, name, asn, parameters, plan, psfmask, start, end) -> 
     assert record["steps"] == expected_steps(name, parameters["skip"]), name
     text = history(keywords["HISTORY"])
     assert f"coron-dask {coron_dask.__version__} calwebb_coron3" in text
-    assert f"truncate={parameters['truncate']} " in text
+    truncate = parameters["truncate"]  # a KL-mode cube's cutoffs as 2,4
+    truncate = truncate if isinstance(truncate, int) else ",".join(map(str, truncate))
+    assert f"truncate={truncate} " in text
     blocks = (
         f"block plan: {plan['integrations']} integration(s) x {plan['psfs']} reference(s) per "
         f"alignment block, {plan['outlier_rows']} row(s) per outlier median slab, "

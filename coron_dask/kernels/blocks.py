@@ -233,12 +233,14 @@ def images_block(
     means: list,
     weights: list,
     rows: int,
+    cutoffs: tuple[int, ...],
     source: object | None = None,
     after: object = None,
 ) -> np.ndarray:
     """KL images and ERR of each of m targets from the references aligned to it, a tile of
     ``rows`` rows at a time (as ``gram_block``), with their weights (m, 2, p, K):
-    (m, K + 1, y, x) float64, the K images first, KLIP's ERR last."""
+    (m, K + len(cutoffs), y, x) float64, the K images first, then KLIP's ERR for each
+    cutoff (ascending, at most K)."""
     weights = _pieces(weights)[0]
     count = weights.shape[-1]
     out, start = None, 0
@@ -246,30 +248,34 @@ def images_block(
         m, _, height, nx = pieces[0].shape
         if out is None:
             ny = source.shape[-2] if source is not None else _pieces(aligned)[0].shape[2]
-            out = np.empty((m, count + 1, ny, nx))
+            out = np.empty((m, count + len(cutoffs), ny, nx))
         part = slice(start, start + height)
         for i in range(m):
             centred = _centred_tile(pieces, means, i)
             out[i, :count, part] = (weights[i, 0].T @ centred).reshape(count, height, nx)
-            out[i, count, part] = klip.centred_residual_std(centred, weights[i]).reshape(height, nx)
+            errors = klip.residual_stds(centred, weights[i], cutoffs)
+            out[i, count:, part] = errors.reshape(len(cutoffs), height, nx)
             del centred  # before the next target's is made
         start += height
         del pieces  # before the next tile is read
     return out
 
 
-def subtract_block(targets: np.ndarray, images: np.ndarray) -> np.ndarray:
-    """psfsub SCI (m, y, x) float32 of targets (m, y, x) on KL images: (K, y, x) shared by
-    all of them, or (m, K, y, x), one basis per target."""
+def subtract_block(targets: np.ndarray, images: np.ndarray, cutoffs: tuple[int, ...]) -> np.ndarray:
+    """psfsub SCI (len(cutoffs), m, y, x) float32 of targets (m, y, x), one image per KL
+    cutoff (ascending, at most K), on KL images (K, y, x) shared by all targets, or
+    (m, K, y, x), one basis per target."""
     m = len(targets)
     flat = targets.reshape(m, -1)
+    out = np.empty((len(cutoffs), *targets.shape), dtype=np.float32)
     if images.ndim == 3:
         basis = images.reshape(images.shape[0], -1)
-        return klip.klip_subtract(flat, basis).reshape(targets.shape).astype(np.float32)
-    out = np.empty(targets.shape, dtype=np.float32)
+        out[:] = klip.klip_subtract(flat, basis, cutoffs).reshape(out.shape)
+        return out
     for i in range(m):
         basis = images[i].reshape(images.shape[1], -1)
-        out[i] = klip.klip_subtract(flat[i : i + 1], basis).reshape(targets.shape[1:])
+        subtracted = klip.klip_subtract(flat[i : i + 1], basis, cutoffs)
+        out[:, i] = subtracted.reshape(len(cutoffs), *targets.shape[1:])
     return out
 
 
@@ -281,20 +287,26 @@ def drizzle_block(
     out_shape: tuple[int, int],
     bad_bits: int,
 ) -> np.ndarray:
-    """Drizzle integrations (m, y, x) onto the output grid through ``pixmap`` (y, x, 2),
-    weighted by inverse variance (1/err²), bad pixels (DQ & bad_bits, NaN) left out.
+    """Drizzle integrations (c, m, y, x) (c images of each: a KL-mode cube's planes) onto
+    the output grid through ``pixmap`` (y, x, 2), weighted by inverse variance (1/err²),
+    bad pixels (DQ & bad_bits, NaN) left out.
 
-    Returns (1, 2, Y, X): the weighted sum and the total weight, so that blocks add up.
+    Returns (1, c + 1, Y, X): the c weighted sums and the total weight, so that blocks add
+    up.
     """
     from drizzle.resample import Drizzle
 
-    driz = Drizzle(kernel="square", out_shape=out_shape, fillval="0", disable_ctx=True)
-    for frame, sigma, flags in zip(sci, err, dq, strict=True):
-        good = np.isfinite(frame) & np.isfinite(sigma) & (sigma > 0) & ((flags & bad_bits) == 0)
-        weight = np.where(good, 1.0 / np.where(good, sigma, 1.0) ** 2, 0.0).astype(np.float32)
-        data = np.where(good, frame, 0.0).astype(np.float32)
-        driz.add_image(data, exptime=1.0, pixmap=pixmap, weight_map=weight, pixfrac=1.0)
-    out = np.empty((1, 2, *out_shape))
-    out[0, 1] = driz.out_wht
-    out[0, 0] = driz.out_img * driz.out_wht
+    out = np.empty((1, len(sci) + 1, *out_shape))
+    for c, planes in enumerate(sci):
+        driz = Drizzle(kernel="square", out_shape=out_shape, fillval="0", disable_ctx=True)
+        for frame, sigma, flags in zip(planes, err, dq, strict=True):
+            good = np.isfinite(frame) & np.isfinite(sigma) & (sigma > 0)
+            good &= (flags & bad_bits) == 0
+            weight = np.where(good, 1.0 / np.where(good, sigma, 1.0) ** 2, 0.0)
+            data = np.where(good, frame, 0.0).astype(np.float32)
+            driz.add_image(
+                data, exptime=1.0, pixmap=pixmap, weight_map=weight.astype(np.float32), pixfrac=1.0
+            )
+        out[0, c] = driz.out_img * driz.out_wht
+    out[0, -1] = driz.out_wht
     return out

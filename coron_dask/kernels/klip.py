@@ -71,24 +71,44 @@ PROJECTION_COLUMNS = 1024
 def residual_std(tile: np.ndarray, means: np.ndarray, weights: np.ndarray) -> np.ndarray:
     """KLIP's ERR on a tile (npix_tile,): per pixel, the standard deviation over the
     references of their own residuals after projection on the KL basis (jwst's ERR)."""
-    return centred_residual_std(_centred(tile, means), weights)
+    return residual_stds(_centred(tile, means), weights, (weights.shape[-1],))[0]
 
 
-def centred_residual_std(centred: np.ndarray, weights: np.ndarray) -> np.ndarray:
-    """``residual_std`` of a tile already centred and in float64, which it overwrites."""
+def residual_stds(centred: np.ndarray, weights: np.ndarray, cutoffs: tuple[int, ...]) -> np.ndarray:
+    """``residual_std`` (len(cutoffs), npix_tile) of a tile already centred and in float64
+    after projection on the first k KL images, for each k of ``cutoffs`` (ascending, each
+    at most the number of weights): each cutoff's projection adds the modes the previous
+    one left out. The tile is overwritten."""
+    out = np.empty((len(cutoffs), centred.shape[1]))
     for start in range(0, centred.shape[1], PROJECTION_COLUMNS):
-        part = centred[:, start : start + PROJECTION_COLUMNS]
-        part -= weights[1] @ (weights[0].T @ part)
-    centred -= centred.mean(axis=0)
-    np.square(centred, out=centred)
-    return np.sqrt(centred.mean(axis=0))
+        columns = slice(start, start + PROJECTION_COLUMNS)
+        part, done = centred[:, columns], 0
+        for c, k in enumerate(cutoffs):
+            modes = slice(done, k)
+            part -= weights[1][:, modes] @ (weights[0][:, modes].T @ part)
+            out[c, columns] = part.std(axis=0)
+            done = k
+    return out
 
 
-def klip_subtract(targets: np.ndarray, basis: np.ndarray) -> np.ndarray:
-    """Science frames (m, npix) minus their mean and their projection on ``basis`` (K, npix)."""
+def klip_subtract(
+    targets: np.ndarray, basis: np.ndarray, cutoffs: tuple[int, ...] | None = None
+) -> np.ndarray:
+    """Science frames (m, npix) minus their mean and their projection on ``basis`` (K, npix):
+    (m, npix), or with ``cutoffs`` (ascending, each at most K) one such subtraction per
+    cutoff k on the first k KL images, (len(cutoffs), m, npix), from one projection."""
     centred = np.asarray(targets, dtype=np.float64)
     centred = centred - centred.mean(axis=1, keepdims=True)
-    return centred - (centred @ basis.T) @ basis
+    coefficients = centred @ basis.T
+    if cutoffs is None:
+        return centred - coefficients @ basis
+    out = np.empty((len(cutoffs), *centred.shape))
+    done = 0
+    for c, k in enumerate(cutoffs):
+        centred -= coefficients[:, done:k] @ basis[done:k]
+        out[c] = centred
+        done = k
+    return out
 
 
 class KLBasis:

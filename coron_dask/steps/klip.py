@@ -4,7 +4,8 @@ For each science integration the references aligned to it give a KL basis; the p
 image is the integration minus its mean minus its projection on the first ``truncate``
 KL images. ERR is jwst's: the per-pixel standard deviation of the references' own KLIP
 residuals. DQ is the science DQ. With a 3-D psfalign (``align_to="first"``) the basis
-is the same for every integration and is computed once per exposure.
+is the same for every integration and is computed once per exposure. Several cutoffs
+(a KL-mode cube) come from one basis: each projects on its first k KL images.
 
 No task needs every pixel of every reference at once: one task per target block sums the
 references' Gram matrix over tiles of frame rows holding all references (``tile_rows``),
@@ -14,6 +15,8 @@ KL weights and the KL images waits between them. The tiles follow from the frame
 number of references alone, never from the blocks the references arrive in, and the Gram
 matrix is summed over them in order, so the products do not depend on the blocks.
 """
+
+from collections.abc import Sequence
 
 import dask.array as da
 import numpy as np
@@ -32,16 +35,26 @@ from coron_dask.kernels.blocks import (
 )
 
 
+def kl_cutoffs(truncate: int | Sequence[int]) -> tuple[int, ...]:
+    """The KL cutoffs of ``truncate`` (one, or several: a KL-mode cube), ascending, checked."""
+    values = (truncate,) if isinstance(truncate, int | np.integer) else tuple(truncate)
+    if not values or any(int(k) < 0 for k in values):
+        raise CoronInputError("truncate", f"must be one or more values >= 0, got {truncate}")
+    return tuple(sorted({int(k) for k in values}))
+
+
 def _basis(
-    aligned: da.Array, truncate: int, rows: int, on_disk: OnDisk | None = None
+    aligned: da.Array, cutoffs: tuple[int, ...], rows: int, on_disk: OnDisk | None = None
 ) -> tuple[da.Array, da.Array]:
-    """KL images (m, K, y, x) float64 and KLIP's ERR (m, y, x) float64 of references
-    ``aligned`` (m, p, y, x), one basis per leading index; with ``on_disk``, the same
-    references written to disk, which each task reads a tile at a time."""
-    name = tokenize(aligned, truncate, rows, on_disk)
+    """KL images (m, K, y, x) float64 and KLIP's ERR (m, c, y, x) float64 for each of the
+    ``cutoffs`` c of references ``aligned`` (m, p, y, x), one basis per leading index, K
+    the largest cutoff (at most p); with ``on_disk``, the same references written to disk,
+    which each task reads a tile at a time."""
+    name = tokenize(aligned, cutoffs, rows, on_disk)
     npix = aligned.shape[-2] * aligned.shape[-1]
-    count = min(truncate, aligned.shape[1])
     npsf = aligned.shape[1]
+    count = min(cutoffs[-1], npsf)
+    kept = tuple(min(k, npsf) for k in cutoffs)
     if on_disk is None:  # the aligned blocks of a target block, handed to its tasks
         means = da.map_blocks(
             means_block, aligned, drop_axis=(2, 3), dtype=np.float64, name=f"klip-means-{name}"
@@ -72,7 +85,7 @@ def _basis(
         weights_block,
         gram,
         npix,
-        truncate,
+        count,
         new_axis=1,
         chunks=(gram.chunks[0], (2,), gram.chunks[1], (count,)),
         dtype=np.float64,
@@ -89,63 +102,78 @@ def _basis(
         "mwak",
         rows,
         None,
+        kept,
+        None,
         *reading,
-        new_axes={"j": count + 1, **frame},
+        new_axes={"j": count + len(kept), **frame},
         concatenate=False,
         dtype=np.float64,
         name=f"klip-images-{name}",
     )
-    return packed[:, :count], packed[:, count]
+    return packed[:, :count], packed[:, count:]
 
 
 def klip(
     science: xr.Dataset,
     psfalign: xr.Dataset,
-    truncate: int = 50,
+    truncate: int | Sequence[int] = 50,
     *,
     rows: int | None = None,
     on_disk: OnDisk | None = None,
 ) -> xr.Dataset:
     """psfsub of ``science`` (the filled cube from align_refs): ``sci``, ``err``, ``dq``.
 
+    ``truncate``: the KL modes kept, or several cutoffs (a KL-mode cube): then ``sci`` and
+    ``err`` have a leading ``kl`` dimension, one image per cutoff (ascending) from one
+    basis, which each cutoff projects on its first k images (k at most the number of
+    references; the ``kl`` coordinate keeps the cutoffs asked for).
     ``rows`` of frame per KLIP tile (the block plan's; default: ``chunking.tile_rows`` of
     8 MiB, the default of the setting coron_dask.chunks.klip-tile). ``on_disk``: psfalign's
     SCI as written to disk (``io.products.write_blocks``), which the KLIP tasks then read a
     tile at a time: no worker holds a target's aligned references between tasks.
     """
-    if truncate < 0:
-        raise CoronInputError("truncate", f"must be >= 0, got {truncate}")
+    cutoffs = kl_cutoffs(truncate)
     target = science["sci"].data
     aligned = psfalign["sci"].data
     npsf = psfalign.sizes["psf"]
+    kept = tuple(min(k, npsf) for k in cutoffs)
     rows = rows or tile_rows(npsf, (target.shape[1], target.shape[2]), 2**23)
     if aligned.ndim == 4:
-        images, error = _basis(aligned.rechunk({0: target.chunks[0]}), truncate, rows, on_disk)
+        images, err = _basis(aligned.rechunk({0: target.chunks[0]}), cutoffs, rows, on_disk)
         images_index = "mkyx"
-        err = error
+        err = err.transpose(1, 0, 2, 3)
     else:  # one basis for the whole exposure
-        images, error = _basis(aligned[None], truncate, rows, on_disk)
+        images, error = _basis(aligned[None], cutoffs, rows, on_disk)
         images = images[0]
         images_index = "kyx"
-        err = da.broadcast_to(error[0], target.shape, chunks=target.chunks)
+        err = da.broadcast_to(
+            error[0][:, None], (len(cutoffs), *target.shape), chunks=(-1, *target.chunks)
+        )
     sci = da.blockwise(
         subtract_block,
-        "myx",
+        "cmyx",
         target,
         "myx",
         images,
         images_index,
+        kept,
+        None,
+        new_axes={"c": len(cutoffs)},
         concatenate=True,
         dtype=np.float32,
-        name="klip-subtract-" + tokenize(target, images),
+        name="klip-subtract-" + tokenize(target, images, kept),
     )
-    dims = ("integration", "y", "x")
+    dims = ("kl", "integration", "y", "x")
+    coords = {"integration": science["integration"], "kl": list(cutoffs)}
+    if isinstance(truncate, int | np.integer):  # jwst's layout: no kl dimension
+        sci, err, dims = sci[0], err[0], dims[1:]
+        del coords["kl"]
     return xr.Dataset(
         {
             "sci": (dims, sci, science["sci"].attrs),
             "err": (dims, err.astype(np.float32)),
             "dq": science["dq"],
         },
-        coords={"integration": science["integration"]},
+        coords=coords,
         attrs=dict(science.attrs),
     )

@@ -74,7 +74,8 @@ def resample(
     orientation: str = "detector",
     bad_bits: int = PIXEL["DO_NOT_USE"],
 ) -> tuple[xr.Dataset, WCS]:
-    """The i2d image (``sci``, ``err``, ``wht`` on dims y, x) of ``psfsubs`` and its WCS.
+    """The i2d image (``sci``, ``err``, ``wht`` on dims y, x) of ``psfsubs`` and its WCS;
+    of a KL-mode cube, ``sci`` has their ``kl`` dimension (the same weights for each).
 
     ``errors`` are the science exposures' own ERR (photon and read noise), which give the
     inverse-variance weights; the psfsub ERR (KLIP's scatter of the references) does not.
@@ -88,19 +89,22 @@ def resample(
         pixmap = np.dstack(grid.world_to_pixel_values(*wcs.pixel_to_world_values(x, y)))
         pixmap = da.from_array(pixmap, chunks=-1)  # one key in the graph, shared by its tasks
         sci = psfsub["sci"].data
+        if "kl" not in psfsub["sci"].dims:
+            sci = sci[None]
+        planes = sci.shape[0]
         partials.append(
             da.blockwise(
                 drizzle_block,
-                "mcYX",
+                "mjYX",
                 sci,
+                "cmyx",
+                error.data.rechunk(sci.chunks[1:]),
                 "myx",
-                error.data.rechunk(sci.chunks),
-                "myx",
-                psfsub["dq"].data.rechunk(sci.chunks),
+                psfsub["dq"].data.rechunk(sci.chunks[1:]),
                 "myx",
                 pixmap,
                 "yxk",
-                new_axes={"c": 2, "Y": shape[0], "X": shape[1]},
+                new_axes={"j": planes + 1, "Y": shape[0], "X": shape[1]},
                 adjust_chunks={"m": 1},
                 concatenate=True,
                 dtype=np.float64,
@@ -111,13 +115,19 @@ def resample(
             )
         )
     total = tree_sum(da.concatenate(partials), 0, "resample-sum-" + tokenize(partials))
-    weighted, weight = total[0], total[1]
+    weighted, weight = total[:-1], total[-1]
     covered = da.where(weight > 0, weight, np.nan)  # NaN where no input pixel landed
     sci = (weighted / covered).astype(np.float32)
     err = (1 / da.sqrt(covered)).astype(np.float32)
     dims = ("y", "x")
+    sci_dims, coords = ("kl", *dims), {}
+    if "kl" in psfsubs[0].dims:
+        coords["kl"] = psfsubs[0]["kl"]
+    else:
+        sci, sci_dims = sci[0], dims
     i2d = xr.Dataset(
-        {"sci": (dims, sci), "err": (dims, err), "wht": (dims, weight.astype(np.float32))},
+        {"sci": (sci_dims, sci), "err": (dims, err), "wht": (dims, weight.astype(np.float32))},
+        coords=coords,
         attrs=dict(psfsubs[0].attrs),
     )
     return i2d, grid
