@@ -160,13 +160,15 @@ def klip_subtract(
 
 def resample(frames: int, frame: Frame, grid_pixels: int, planes: int = 1) -> int:
     """Drizzle of ``frames`` integrations, each with an image per KL cutoff (``planes``):
-    SCI, ERR, DQ and the pixel map in, drizzle's output and weight images, the float64
-    block sum, per-frame weights and data."""
+    SCI, ERR, variance, DQ and the pixel map in, every frame's weights (float32) and
+    weighted ERR² (float64), per-frame temporaries, drizzle's output and weight images and
+    the float64 block sum."""
     return (
-        4 * (planes + 2) * frames * frame.pixels
+        4 * (planes + 3) * frames * frame.pixels
+        + 12 * frames * frame.pixels
         + 16 * frame.pixels
         + 40 * frame.pixels
-        + (16 + 8 * (planes + 1)) * grid_pixels
+        + (16 + 8 * (planes + 2)) * grid_pixels
         + TASK_OVERHEAD
     )
 

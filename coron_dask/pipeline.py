@@ -357,9 +357,7 @@ def build_products(
     if "resample" in p["skip"]:
         log.info("resample skipped")
     else:
-        i2d, grid = resample(
-            psfsubs, [exposure["err"] for exposure in science], orientation=p["orientation"]
-        )
+        i2d, grid = resample(psfsubs, science, orientation=p["orientation"])
         product(
             f"{association.product_name}_i2d",
             {**science[0].attrs, "DATAMODL": "ImageModel"},

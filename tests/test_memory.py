@@ -328,10 +328,12 @@ def build_resample(rng, path, frames, ny, nx, planes=1):
     images = np.stack([sci] * planes)  # a KL-mode cube's planes
     pixmap, shape = resample_grid(ny, nx)
 
-    def task():
-        return kernels.drizzle_block(images, err, dq, pixmap, shape, DO_NOT_USE)
+    variance = err**2 / 2
 
-    return task, [images, err, dq, pixmap]
+    def task():
+        return kernels.drizzle_block(images, err, variance, dq, pixmap, shape, DO_NOT_USE)
+
+    return task, [images, err, variance, dq, pixmap]
 
 
 def build_write(rng, path, block, file, dtype):

@@ -38,6 +38,8 @@ STRUCTURAL = frozenset(
     }
 )
 EXTENSIONS = ("SCI", "ERR", "DQ")
+#: Read when present: the read-noise variance, which weighs the i2d as jwst's resample does.
+OPTIONAL = ("VAR_RNOISE",)
 
 
 def header_keywords(header: fits.Header) -> dict:
@@ -92,9 +94,10 @@ def _headers(path: str, mtime_ns: int, size: int) -> tuple[dict, dict, dict, dic
             raise CoronInputError(path, f"missing extension(s) {', '.join(missing)}")
         primary = header_keywords(hdul[0].header)
         sci_header = header_keywords(hdul["SCI"].header)
-        shapes = {name: tuple(hdul[name].shape) for name in EXTENSIONS}
-        dtypes = {name: _image_dtype(hdul[name].header) for name in EXTENSIONS}
-        offsets = {name: _data_offset(path, hdul[name]) for name in EXTENSIONS}
+        present = (*EXTENSIONS, *(name for name in OPTIONAL if name in names))
+        shapes = {name: tuple(hdul[name].shape) for name in present}
+        dtypes = {name: _image_dtype(hdul[name].header) for name in present}
+        offsets = {name: _data_offset(path, hdul[name]) for name in present}
     return primary, sci_header, shapes, dtypes, offsets
 
 
@@ -102,7 +105,8 @@ DIMS = ("integration", "y", "x")
 
 
 def open_exposure(path: str | Path, chunks: dict[str, int] | None = None) -> xr.Dataset:
-    """Open a ``_calints`` file lazily: ``sci``, ``err``, ``dq`` with dims (integration, y, x).
+    """Open a ``_calints`` file lazily: ``sci``, ``err``, ``dq`` (and ``var_rnoise`` where
+    the file has VAR_RNOISE) with dims (integration, y, x).
 
     Primary header keywords go into the Dataset's attrs, SCI header keywords into ``sci.attrs``.
     ``chunks`` gives the dask block size along any of the dims (missing or -1: whole), as
@@ -121,7 +125,7 @@ def open_exposure(path: str | Path, chunks: dict[str, int] | None = None) -> xr.
         raise CoronInputError(
             path, f"SCI has {len(shape)} dimension(s); expected 3 (integration, y, x)"
         )
-    for name in ("ERR", "DQ"):
+    for name in shapes:
         if shapes[name] != shape:
             raise CoronInputError(path, f"{name} has shape {shapes[name]}, SCI has {shape}")
     chunks = chunks or {}
@@ -134,7 +138,7 @@ def open_exposure(path: str | Path, chunks: dict[str, int] | None = None) -> xr.
     )
     token = tokenize(str(path.resolve()), stat.st_mtime_ns, stat.st_size, blocks)
     variables = {}
-    for name in EXTENSIONS:
+    for name in shapes:
         dtype = dtypes[name]
         proxy = FitsExtension(path.resolve(), offsets[name], shape, dtype)
         data = da.from_array(

@@ -4,10 +4,15 @@ Each exposure's celestial WCS (the FITS keywords the JWST pipeline writes in the
 maps its pixels onto an output grid with the first exposure's pixel scale, in the detector
 orientation of the first exposure (as jwst) or north up. drizzle (jwst's resampling
 library, square kernel, pixfrac 1) does the pixel mapping; integrations are weighted by
-inverse variance, bad pixels left out. Blocks of integrations drizzle separately and their
-weighted sums add up, so memory holds a few output-sized images whatever the number of
-integrations. ERR is 1/sqrt(WHT).
+the inverse of their read-noise variance (VAR_RNOISE; ERR² where a file has none), as
+jwst's, pixels flagged DO_NOT_USE or NON_SCIENCE left out. Blocks of integrations drizzle
+separately and their weighted sums add up, so memory holds a few output-sized images
+whatever the number of integrations. ERR propagates the exposures' ERR through the same
+weights: sqrt(Σ w²·ERR²) / Σ w.
 """
+
+import logging
+from pathlib import Path
 
 import dask.array as da
 import numpy as np
@@ -19,6 +24,8 @@ from coron_dask.dqflags import PIXEL
 from coron_dask.errors import CoronInputError
 from coron_dask.kernels.blocks import drizzle_block
 from coron_dask.steps.reductions import tree_sum
+
+log = logging.getLogger(__name__)
 
 
 def sky_wcs(exposure: xr.Dataset) -> WCS:
@@ -61,30 +68,43 @@ def output_grid(wcs_list: list[WCS], shapes: list[tuple[int, int]], orientation:
             np.column_stack(grid.world_to_pixel_values(*wcs.pixel_to_world_values(x, y)))
         )
     corners = np.concatenate(corners)
-    low = np.floor(corners.min(axis=0) + 0.5)
-    high = np.ceil(corners.max(axis=0) - 0.5)
-    grid.wcs.crpix = 1 - low  # 1-based: pixel `low` becomes pixel 0
+    # the pixels whose centres the frames cover, rounding errors of the transforms aside
+    low = np.floor(corners.min(axis=0) + 0.5 + 1e-6)
+    high = np.ceil(corners.max(axis=0) - 0.5 - 1e-6)
+    grid.wcs.crpix = grid.wcs.crpix - low  # pixel `low` becomes pixel 0
     shape = (int(high[1] - low[1]) + 1, int(high[0] - low[0]) + 1)
     return grid, shape
 
 
 def resample(
     psfsubs: list[xr.Dataset],
-    errors: list[xr.DataArray],
+    science: list[xr.Dataset],
     orientation: str = "detector",
-    bad_bits: int = PIXEL["DO_NOT_USE"],
+    bad_bits: int = PIXEL["DO_NOT_USE"] | PIXEL["NON_SCIENCE"],
 ) -> tuple[xr.Dataset, WCS]:
     """The i2d image (``sci``, ``err``, ``wht`` on dims y, x) of ``psfsubs`` and its WCS;
     of a KL-mode cube, ``sci`` has their ``kl`` dimension (the same weights for each).
 
-    ``errors`` are the science exposures' own ERR (photon and read noise), which give the
-    inverse-variance weights; the psfsub ERR (KLIP's scatter of the references) does not.
+    ``science`` are the science exposures the psfsubs come from: their read-noise variance
+    (``var_rnoise``) gives the inverse-variance weights, as jwst's resample (weight_type
+    "ivm"), or where an exposure has none its ERR² (the psfsub ERR, KLIP's scatter of the
+    references, does not); their ERR, propagated with the same weights, the i2d's ERR.
+    Pixels flagged with ``bad_bits`` (jwst's default: DO_NOT_USE and NON_SCIENCE) are left
+    out.
     """
     wcs_list = [sky_wcs(psfsub) for psfsub in psfsubs]
     shapes = [(p.sizes["y"], p.sizes["x"]) for p in psfsubs]
     grid, shape = output_grid(wcs_list, shapes, orientation)
     partials = []
-    for psfsub, error, wcs, (ny, nx) in zip(psfsubs, errors, wcs_list, shapes, strict=True):
+    for psfsub, exposure, wcs, (ny, nx) in zip(psfsubs, science, wcs_list, shapes, strict=True):
+        if "var_rnoise" in exposure:
+            variance = exposure["var_rnoise"].data
+        else:
+            log.info(
+                "resample: %s has no VAR_RNOISE: weights from ERR",
+                Path(exposure.encoding.get("source", "science")).name,
+            )
+            variance = exposure["err"].data ** 2
         y, x = np.indices((ny, nx), dtype=np.float64)
         pixmap = np.dstack(grid.world_to_pixel_values(*wcs.pixel_to_world_values(x, y)))
         pixmap = da.from_array(pixmap, chunks=-1)  # one key in the graph, shared by its tasks
@@ -92,33 +112,31 @@ def resample(
         if "kl" not in psfsub["sci"].dims:
             sci = sci[None]
         planes = sci.shape[0]
+        inputs = [exposure["err"].data, variance, psfsub["dq"].data]
+        inputs = [data.rechunk(sci.chunks[1:]) for data in inputs]
         partials.append(
             da.blockwise(
                 drizzle_block,
                 "mjYX",
                 sci,
                 "cmyx",
-                error.data.rechunk(sci.chunks[1:]),
-                "myx",
-                psfsub["dq"].data.rechunk(sci.chunks[1:]),
-                "myx",
+                *(item for data in inputs for item in (data, "myx")),
                 pixmap,
                 "yxk",
-                new_axes={"j": planes + 1, "Y": shape[0], "X": shape[1]},
+                new_axes={"j": planes + 2, "Y": shape[0], "X": shape[1]},
                 adjust_chunks={"m": 1},
                 concatenate=True,
                 dtype=np.float64,
                 out_shape=shape,
                 bad_bits=bad_bits,
-                name="resample-drizzle-"
-                + tokenize(sci, error.data, psfsub["dq"].data, pixmap, shape, bad_bits),
+                name="resample-drizzle-" + tokenize(sci, *inputs, pixmap, shape, bad_bits),
             )
         )
     total = tree_sum(da.concatenate(partials), 0, "resample-sum-" + tokenize(partials))
-    weighted, weight = total[:-1], total[-1]
+    weighted, variance, weight = total[:-2], total[-2], total[-1]
     covered = da.where(weight > 0, weight, np.nan)  # NaN where no input pixel landed
     sci = (weighted / covered).astype(np.float32)
-    err = (1 / da.sqrt(covered)).astype(np.float32)
+    err = (da.sqrt(variance) / covered).astype(np.float32)
     dims = ("y", "x")
     sci_dims, coords = ("kl", *dims), {}
     if "kl" in psfsubs[0].dims:

@@ -26,7 +26,9 @@ def stack_refs(psf_exposures: list[xr.Dataset]) -> xr.Dataset:
                 f"the first PSF exposure's are {frame[0]}x{frame[1]}",
             )
         stacks.append(
-            exposure.rename(integration="psf").assign_coords(
+            exposure[["sci", "err", "dq"]]
+            .rename(integration="psf")
+            .assign_coords(
                 psf_exposure=("psf", np.full(exposure.sizes["integration"], name)),
                 psf_integration=("psf", exposure["integration"].values),
             )
