@@ -47,6 +47,7 @@ class Observation:
     align_to: str = "each"
     save_psfalign: bool = True
     format: str = "fits"
+    injections: int = 0  # sets of companions subtracted on the same bases (contrast)
 
     @property
     def npsf(self) -> int:
@@ -103,8 +104,9 @@ def held(obs: Observation) -> int:
 def waiting(obs: Observation, integrations: int, psfs: int, threads: int) -> int:
     """Bytes waiting between tasks on a worker, for each block under way (one per thread
     and the next): a flagged block of an exposure (SCI, ERR, DQ) waiting for its fill and
-    its writes; and of a target block, its filled science frames, its Gram matrices, KL
-    weights and KL images (with ERR). No reference waits: the references, filled and
+    its writes; and of a target block, its filled science frames (and each injected set's,
+    for a contrast curve), its Gram matrices, KL weights and KL images (with ERR). No
+    reference waits: the references, filled and
     aligned, are written by the tasks that make them and read back by the tasks that use
     them (``io.products.write_blocks``)."""
     frame = Frame(*obs.frame)
@@ -112,7 +114,7 @@ def waiting(obs: Observation, integrations: int, psfs: int, threads: int) -> int
     npsf, count = obs.npsf, obs.count
     flagged = 12 * max(integrations, psfs) * frame.pixels
     per_target = (
-        4 * integrations * frame.pixels
+        4 * (1 + obs.injections) * integrations * frame.pixels  # filled, and each injected
         + 8 * targets * npsf**2
         + 16 * targets * npsf * count
         + 8 * targets * (count + obs.planes) * frame.pixels

@@ -31,8 +31,8 @@ from coron_dask.io import (
     write_products,
 )
 from coron_dask.provenance import provenance
-from coron_dask.steps import align_models, klip, median_replace_img, outlier_detection, stack_refs
-from coron_dask.steps.klip import kl_cutoffs
+from coron_dask.steps import align_models, median_replace_img, outlier_detection, stack_refs
+from coron_dask.steps.klip import KLBasis, kl_basis, kl_cutoffs, subtract
 from coron_dask.steps.resample import resample
 
 
@@ -88,10 +88,14 @@ def open_association(
 
 
 def plan_observation(
-    observation: Observation, workers: Workers, parameters: dict | None = None
+    observation: Observation,
+    workers: Workers,
+    parameters: dict | None = None,
+    injections: int = 0,
 ) -> BlockPlan:
     """Blocks for ``observation`` on ``workers`` (parameters: those of ``build_products``,
-    resolved; blocks given there are kept), with the settings under coron_dask.chunks."""
+    resolved; blocks given there are kept; ``injections``: sets of companions subtracted on
+    the same bases), with the settings under coron_dask.chunks."""
     p = parameters or resolve_parameters()
     sizes = chunking.Observation(
         science_nints=tuple(e.sizes["integration"] for e in observation.science),
@@ -101,6 +105,7 @@ def plan_observation(
         align_to=p["align_to"],
         save_psfalign=p["save_psfalign"],
         format=p["format"],
+        injections=injections,
     )
     return chunking.plan_blocks(
         sizes,
@@ -209,6 +214,20 @@ def resolve_parameters(**given: object) -> dict:
     return resolved
 
 
+@dataclass
+class Reduction:
+    """A reduction built lazily (``reduce_observation``): its products and the pieces that
+    more can be built on: per science exposure the flagged cube (crfints), KLIP's KL basis
+    and the psfsub; the parameters as resolved and the block plan."""
+
+    products: list[Product]
+    science: list[xr.Dataset]
+    bases: list[KLBasis]
+    psfsubs: list[xr.Dataset]
+    parameters: dict
+    plan: BlockPlan
+
+
 def build_products(
     asn: str | Path,
     output_dir: str | Path = ".",
@@ -230,9 +249,26 @@ def build_products(
     this process on this machine). Every product's primary keywords record how it was made
     (``provenance``: version, date, parameters, block plan, member exposures).
     """
+    return reduce_observation(
+        asn, output_dir, psfmask=psfmask, workers=workers, **parameters
+    ).products
+
+
+def reduce_observation(
+    asn: str | Path,
+    output_dir: str | Path = ".",
+    *,
+    psfmask: str | Path | None = None,
+    workers: Workers | None = None,
+    injections: int = 0,
+    **parameters: object,
+) -> Reduction:
+    """``build_products``, with what was built on the way (``Reduction``); ``injections``:
+    sets of companions that will be subtracted on the same bases, which the block plan
+    makes room for (``contrast``)."""
     p = resolve_parameters(**parameters)
     observation = open_association(asn)
-    plan = plan_observation(observation, workers or measure_workers(None), p)
+    plan = plan_observation(observation, workers or measure_workers(None), p, injections)
     log.info("block plan: %s", plan.describe())
     integrations, psfs = plan.integrations, plan.psfs
     observation = open_association(asn, integrations, psfs)
@@ -317,7 +353,7 @@ def build_products(
     names = ("SCI", "ERR") if p["save_psfalign"] else ("SCI",)
     kept = scratch(f"{association.product_name}_refs", refs, names)
     on_disk = {name.lower(): write_blocks(name, kept) for name in names}
-    psfsubs = []
+    psfsubs, bases = [], []
     for exposure in science:
         filled = median_replace_img(exposure, p["median_box_length"], p["bad_bits"])
         psfalign = align_models(
@@ -342,8 +378,10 @@ def build_products(
             aligned_in.insert(0, scratch(f"{root}_aligned", psfalign, ("SCI",)))
         # each block written by the task that shifts it; KLIP reads it back a tile at a time
         aligned = write_blocks("SCI", *aligned_in)
-        psfsub = klip(filled, psfalign, p["truncate"], rows=plan.klip_rows, on_disk=aligned)
+        basis = kl_basis(filled, psfalign, p["truncate"], rows=plan.klip_rows, on_disk=aligned)
+        psfsub = subtract(filled, basis)
         psfsubs.append(psfsub)
+        bases.append(basis)
         product(
             f"{root}_psfsub",
             {**exposure.attrs, "DATAMODL": "CubeModel"},
@@ -371,7 +409,7 @@ def build_products(
             science=association.science,
             psf=association.psf,
         )
-    return products
+    return Reduction(products, science, bases, psfsubs, p, plan)
 
 
 def check_output_dir(output_dir: str | Path) -> None:
@@ -401,6 +439,54 @@ def check_inputs(
         read_psfmask(psfmask, (frame.sizes["y"], frame.sizes["x"]))
     check_output_dir(output_dir)
     return resolved
+
+
+def execute_on_cluster(
+    build,
+    *,
+    scheduler: str | None = None,
+    scheduler_file: str | None = None,
+    n_workers: int | None = None,
+    memory_limit: str | float | None = None,
+    kind: str = "local",
+    jobs: int | None = None,
+    adapt: tuple[int, int] | None = None,
+    wait_for_workers: int | None = None,
+    progress: bool = True,
+    quiet: bool = False,
+    report: str | Path | None = None,
+    stats: str | Path | None = None,
+    cluster: Cluster | None = None,
+) -> list[Path]:
+    """Connect to (or start) the cluster ``run_coron3`` describes, build the products with
+    ``build(workers)`` for its workers and write them in one computation: their paths."""
+    with contextlib.ExitStack() as resources:
+        if cluster is None:
+            cluster = resources.enter_context(
+                Cluster(
+                    scheduler,
+                    scheduler_file,
+                    n_workers=n_workers,
+                    memory_limit=memory_limit,
+                    kind=kind,
+                    jobs=jobs,
+                    adapt=adapt,
+                    wait_for_workers=wait_for_workers,
+                    quiet=quiet,
+                )
+            )
+        client = cluster.client
+        if report and client is None:
+            raise CoronInputError(
+                "report", "needs a distributed cluster, not dask's local schedulers"
+            )
+        workers = measure_workers(client)
+        log.info("workers: %s", workers.describe())
+        products = build(workers)
+        return write_products(
+            products,
+            lambda *writes: execute(writes, client, progress=progress, report=report, stats=stats),
+        )
 
 
 def run_coron3(
@@ -438,30 +524,21 @@ def run_coron3(
     dask's performance report (HTML), ``stats`` a JSON summary of where the time went.
     """
     parameters = check_inputs(asn, output_dir, psfmask=psfmask, **parameters)
-    with contextlib.ExitStack() as resources:
-        if cluster is None:
-            cluster = resources.enter_context(
-                Cluster(
-                    scheduler,
-                    scheduler_file,
-                    n_workers=n_workers,
-                    memory_limit=memory_limit,
-                    kind=kind,
-                    jobs=jobs,
-                    adapt=adapt,
-                    wait_for_workers=wait_for_workers,
-                    quiet=quiet,
-                )
-            )
-        client = cluster.client
-        if report and client is None:
-            raise CoronInputError(
-                "report", "needs a distributed cluster, not dask's local schedulers"
-            )
-        workers = measure_workers(client)
-        log.info("workers: %s", workers.describe())
-        products = build_products(asn, output_dir, psfmask=psfmask, workers=workers, **parameters)
-        return write_products(
-            products,
-            lambda *writes: execute(writes, client, progress=progress, report=report, stats=stats),
-        )
+    return execute_on_cluster(
+        lambda workers: build_products(
+            asn, output_dir, psfmask=psfmask, workers=workers, **parameters
+        ),
+        scheduler=scheduler,
+        scheduler_file=scheduler_file,
+        n_workers=n_workers,
+        memory_limit=memory_limit,
+        kind=kind,
+        jobs=jobs,
+        adapt=adapt,
+        wait_for_workers=wait_for_workers,
+        progress=progress,
+        quiet=quiet,
+        report=report,
+        stats=stats,
+        cluster=cluster,
+    )

@@ -17,6 +17,7 @@ matrix is summed over them in order, so the products do not depend on the blocks
 """
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import dask.array as da
 import numpy as np
@@ -113,6 +114,87 @@ def _basis(
     return packed[:, :count], packed[:, count:]
 
 
+@dataclass(frozen=True)
+class KLBasis:
+    """The KL basis of one science exposure (lazy): ``images`` (m, K, y, x) per target
+    block of integrations, or (K, y, x) shared by all (``align_to="first"``), and KLIP's
+    ERR (kl, integration, y, x) for each cutoff."""
+
+    images: da.Array
+    err: da.Array
+    truncate: int | tuple[int, ...]
+
+    @property
+    def cutoffs(self) -> tuple[int, ...]:
+        return kl_cutoffs(self.truncate)
+
+
+def kl_basis(
+    science: xr.Dataset,
+    psfalign: xr.Dataset,
+    truncate: int | Sequence[int] = 50,
+    *,
+    rows: int | None = None,
+    on_disk: OnDisk | None = None,
+) -> KLBasis:
+    """The KL basis of the references ``psfalign`` aligned to ``science`` (the filled cube
+    from align_refs), in the science exposure's blocks of integrations (see ``klip``)."""
+    cutoffs = kl_cutoffs(truncate)
+    target = science["sci"].data
+    aligned = psfalign["sci"].data
+    npsf = psfalign.sizes["psf"]
+    rows = rows or tile_rows(npsf, (target.shape[1], target.shape[2]), 2**23)
+    if aligned.ndim == 4:
+        images, err = _basis(aligned.rechunk({0: target.chunks[0]}), cutoffs, rows, on_disk)
+        err = err.transpose(1, 0, 2, 3)
+    else:  # one basis for the whole exposure
+        images, error = _basis(aligned[None], cutoffs, rows, on_disk)
+        images = images[0]
+        err = da.broadcast_to(
+            error[0][:, None], (len(cutoffs), *target.shape), chunks=(-1, *target.chunks)
+        )
+    truncate = (
+        cutoffs if len(cutoffs) > 1 or not isinstance(truncate, int | np.integer) else cutoffs[0]
+    )
+    return KLBasis(images, err.astype(np.float32), truncate)
+
+
+def subtract(science: xr.Dataset, basis: KLBasis) -> xr.Dataset:
+    """psfsub of ``science`` (a filled cube, in the blocks ``basis`` was made in) on
+    ``basis``: ``sci``, ``err`` (the basis's), ``dq`` (see ``klip``). KLIP is linear in the
+    science frames: any cube subtracted on one basis (the science, or the science with
+    companions injected) is reduced exactly as the science is."""
+    target = science["sci"].data
+    cutoffs = basis.cutoffs
+    kept = tuple(min(k, basis.images.shape[-3]) for k in cutoffs)
+    images_index = "mkyx" if basis.images.ndim == 4 else "kyx"
+    sci = da.blockwise(
+        subtract_block,
+        "cmyx",
+        target,
+        "myx",
+        basis.images,
+        images_index,
+        kept,
+        None,
+        new_axes={"c": len(cutoffs)},
+        concatenate=True,
+        dtype=np.float32,
+        name="klip-subtract-" + tokenize(target, basis.images, kept),
+    )
+    err = basis.err
+    dims = ("kl", "integration", "y", "x")
+    coords = {"integration": science["integration"], "kl": list(cutoffs)}
+    if isinstance(basis.truncate, int):  # jwst's layout: no kl dimension
+        sci, err, dims = sci[0], err[0], dims[1:]
+        del coords["kl"]
+    return xr.Dataset(
+        {"sci": (dims, sci, science["sci"].attrs), "err": (dims, err), "dq": science["dq"]},
+        coords=coords,
+        attrs=dict(science.attrs),
+    )
+
+
 def klip(
     science: xr.Dataset,
     psfalign: xr.Dataset,
@@ -132,48 +214,5 @@ def klip(
     SCI as written to disk (``io.products.write_blocks``), which the KLIP tasks then read a
     tile at a time: no worker holds a target's aligned references between tasks.
     """
-    cutoffs = kl_cutoffs(truncate)
-    target = science["sci"].data
-    aligned = psfalign["sci"].data
-    npsf = psfalign.sizes["psf"]
-    kept = tuple(min(k, npsf) for k in cutoffs)
-    rows = rows or tile_rows(npsf, (target.shape[1], target.shape[2]), 2**23)
-    if aligned.ndim == 4:
-        images, err = _basis(aligned.rechunk({0: target.chunks[0]}), cutoffs, rows, on_disk)
-        images_index = "mkyx"
-        err = err.transpose(1, 0, 2, 3)
-    else:  # one basis for the whole exposure
-        images, error = _basis(aligned[None], cutoffs, rows, on_disk)
-        images = images[0]
-        images_index = "kyx"
-        err = da.broadcast_to(
-            error[0][:, None], (len(cutoffs), *target.shape), chunks=(-1, *target.chunks)
-        )
-    sci = da.blockwise(
-        subtract_block,
-        "cmyx",
-        target,
-        "myx",
-        images,
-        images_index,
-        kept,
-        None,
-        new_axes={"c": len(cutoffs)},
-        concatenate=True,
-        dtype=np.float32,
-        name="klip-subtract-" + tokenize(target, images, kept),
-    )
-    dims = ("kl", "integration", "y", "x")
-    coords = {"integration": science["integration"], "kl": list(cutoffs)}
-    if isinstance(truncate, int | np.integer):  # jwst's layout: no kl dimension
-        sci, err, dims = sci[0], err[0], dims[1:]
-        del coords["kl"]
-    return xr.Dataset(
-        {
-            "sci": (dims, sci, science["sci"].attrs),
-            "err": (dims, err.astype(np.float32)),
-            "dq": science["dq"],
-        },
-        coords=coords,
-        attrs=dict(science.attrs),
-    )
+    basis = kl_basis(science, psfalign, truncate, rows=rows, on_disk=on_disk)
+    return subtract(science, basis)
