@@ -32,6 +32,7 @@ from coron_dask.io import (
 )
 from coron_dask.provenance import provenance
 from coron_dask.steps import align_models, median_replace_img, outlier_detection, stack_refs
+from coron_dask.steps.align_refs import alignment_table
 from coron_dask.steps.klip import KLBasis, kl_basis, kl_cutoffs, subtract
 from coron_dask.steps.resample import resample
 
@@ -373,6 +374,7 @@ def reduce_observation(
                 ("outlier_detection", "stack_refs", "align_refs"),
                 **members,
             )
+            products[-1].extensions.append(alignment_table(psfalign))  # ALIGN: the fits
             aligned_in.append(products[-1])
         if not p["save_psfalign"] or suffix == "zarr":  # KLIP reads a FITS file
             aligned_in.insert(0, scratch(f"{root}_aligned", psfalign, ("SCI",)))
@@ -390,6 +392,7 @@ def reduce_observation(
             ("outlier_detection", "align_refs", "klip"),
             **members,
         )
+        products[-1].extensions.append(alignment_table(psfalign))
     if not p["save_psfalign"]:
         log.info("psfalign not written: the aligned references go to a scratch file KLIP reads")
     if "resample" in p["skip"]:

@@ -11,9 +11,11 @@ _EXPORTS = {
     "read_association": "asn",
     "open_exposure": "fits",
     "read_psfmask": "fits",
+    "Column": "products",
     "Extension": "products",
     "Product": "products",
     "OnDisk": "products",
+    "table": "products",
     "write_blocks": "products",
     "write_products": "products",
 }

@@ -14,6 +14,11 @@ A product whose path ends in ``.zarr`` is written as a Zarr store instead (for p
 too big for FITS readers): a group with the primary keywords as attributes and one array
 per extension, named and labelled as in the FITS file, readable with ``xarray.open_zarr``.
 
+An extension whose data has a structured dtype (``table``: one lazy block of a few rows,
+such as psfalign's ALIGN record of the fitted shifts) is a table: a FITS BINTABLE, or in
+a Zarr store a group of that name with one array per column (``xarray.open_zarr(store,
+group=name)``), written by the same computation as the images, before the file is placed.
+
 Keywords are values or (value, comment) pairs (the comment goes to FITS only); HISTORY
 and COMMENT take a list of entries (a list attribute in a Zarr store).
 """
@@ -48,7 +53,8 @@ COMMENTARY = ("HISTORY", "COMMENT")  # keywords whose cards hold free text, one 
 
 @dataclass
 class Extension:
-    """One image extension: its EXTNAME, a dask (or numpy) array and extra header keywords."""
+    """One extension: its EXTNAME, a dask (or numpy) array and extra header keywords; an
+    image, or a table (a binary table) when the array is 1-D of a structured dtype (``table``)."""
 
     name: str
     data: da.Array
@@ -56,6 +62,79 @@ class Extension:
     dims: tuple[str, ...] | None = None  # axis names, slowest first (Zarr stores keep them)
     #: written by the tasks that make its blocks (``write_blocks``); None: by a store task
     written: "Written | None" = None
+    #: a table's columns: (unit, description) by name (TUNITn and the comment of TTYPEn)
+    columns: dict[str, tuple[str, str]] = field(default_factory=dict)
+
+    @property
+    def is_table(self) -> bool:
+        return self.data.dtype.names is not None
+
+
+@dataclass(frozen=True)
+class Column:
+    """One column of a table extension: ``data`` (numpy, or a lazy dask array; text is
+    stored as ASCII, of its dtype's length if lazy), its unit ("" for none) and a short
+    description."""
+
+    name: str
+    data: object
+    unit: str = ""
+    description: str = ""
+
+
+#: FITS binary table formats (TFORMn) of the column types a table may hold
+_TFORMS = {"u1": "B", "i2": "I", "i4": "J", "i8": "K", "f4": "E", "f8": "D"}
+
+
+def _tform(dtype: np.dtype) -> str:
+    if dtype.kind == "S":
+        return f"{dtype.itemsize}A"
+    code = _TFORMS.get(f"{dtype.kind}{dtype.itemsize}")
+    if code is None:
+        raise ValueError(f"a table column cannot hold {dtype}")
+    return code
+
+
+def table_block(*columns: np.ndarray, record: np.dtype) -> np.ndarray:
+    """The rows of a table, of dtype ``record``, from its ``columns`` in order."""
+    rows = np.empty(len(columns[0]), dtype=record)
+    for name, values in zip(record.names, columns, strict=True):
+        rows[name] = values
+    return rows
+
+
+def table(name: str, columns: list[Column], keywords: dict | None = None) -> Extension:
+    """A table extension ``name`` of ``columns`` (of one length): one lazy block, so it is
+    computed with the products and written whole (text is stored as ASCII)."""
+    arrays, fields = [], []
+    for column in columns:
+        data = column.data
+        if isinstance(data, da.Array):
+            if data.dtype.kind == "U":  # as many ASCII characters as the dtype holds
+                chars = max(data.dtype.itemsize // 4, 1)
+                data = data.map_blocks(np.char.encode, "ascii", dtype=f"S{chars}")
+        else:
+            data = np.asarray(data)
+            if data.dtype.kind == "U":
+                data = np.char.encode(data, "ascii")
+            if data.dtype.kind == "S":  # text of at least one character (FITS "0A" is odd)
+                data = data.astype(f"S{max(data.dtype.itemsize, 1)}")
+        _tform(data.dtype)
+        arrays.append(da.asarray(data).rechunk(-1))
+        fields.append((column.name, data.dtype.newbyteorder("=")))
+    lengths = {array.shape for array in arrays}
+    if len(lengths) != 1 or len(next(iter(lengths))) != 1:
+        raise ValueError(f"{name}: columns must be 1-D and of one length, got {lengths}")
+    record = np.dtype(fields)
+    rows = da.map_blocks(
+        table_block,
+        *arrays,
+        record=record,
+        dtype=record,
+        name=f"table-{name.lower()}-" + tokenize(*arrays, record),
+    )
+    described = {column.name: (column.unit, column.description) for column in columns}
+    return Extension(name, rows, keywords or {}, ("row",), columns=described)
 
 
 @dataclass(frozen=True)
@@ -118,7 +197,29 @@ def _primary_header(keywords: dict) -> fits.Header:
     return header
 
 
+def _table_header(extension: Extension) -> fits.Header:
+    """A BINTABLE header: its rows are ``extension.data``'s records, packed, big-endian."""
+    record = extension.data.dtype
+    header = fits.Header([("XTENSION", "BINTABLE"), ("BITPIX", 8), ("NAXIS", 2)])
+    header["NAXIS1"] = (record.itemsize, "bytes per row")
+    header["NAXIS2"] = (extension.data.shape[0], "rows")
+    header["PCOUNT"] = 0
+    header["GCOUNT"] = 1
+    header["TFIELDS"] = len(record.names)
+    for number, name in enumerate(record.names, start=1):
+        unit, description = extension.columns.get(name, ("", ""))
+        header[f"TTYPE{number}"] = (name, description)
+        header[f"TFORM{number}"] = _tform(record[name])
+        if unit:
+            header[f"TUNIT{number}"] = unit
+    header["EXTNAME"] = extension.name
+    _set_keywords(header, extension.keywords)
+    return header
+
+
 def _extension_header(extension: Extension) -> fits.Header:
+    if extension.is_table:
+        return _table_header(extension)
     stored, bzero = file_dtype(extension.data.dtype)
     header = fits.Header([("XTENSION", "IMAGE"), ("BITPIX", _bitpix(stored))])
     header["NAXIS"] = extension.data.ndim
@@ -196,12 +297,56 @@ class ZarrArray:
         zarr.open_array(self.store, path=self.name, mode="r+")[key] = block
 
 
+class ZarrTable:
+    """A ``da.store`` target: a table of a Zarr store, a group of one array per column,
+    whose rows (a structured array) are written column by column (picklable)."""
+
+    def __init__(self, store: Path, name: str) -> None:
+        self.store = str(store)
+        self.name = name
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, ZarrTable) and vars(self) == vars(other)
+
+    def __setitem__(self, key: tuple[slice, ...], rows: np.ndarray) -> None:
+        import zarr
+
+        for name in rows.dtype.names:
+            values = rows[name]
+            if values.dtype.kind == "S":  # stored as Zarr's (specified) UTF-8 strings
+                values = values.astype(str)
+            zarr.open_array(self.store, path=f"{self.name}/{name}", mode="r+")[key] = values
+
+
+def _zarr_target(partial: Path, extension: Extension) -> "ZarrArray | ZarrTable":
+    return (ZarrTable if extension.is_table else ZarrArray)(partial, extension.name)
+
+
+def _create_zarr_table(group: object, extension: Extension, chunks: tuple[int, ...]) -> None:
+    """The group of table ``extension`` in Zarr ``group``: its keywords as attributes, one
+    array per column (dimension ``row``) with its ``units`` and ``long_name``."""
+    columns = group.create_group(extension.name)
+    columns.attrs.update(_json_safe(extension.keywords))
+    record = extension.data.dtype
+    for name in record.names:
+        text = record[name].kind == "S"
+        array = columns.create_array(
+            name,
+            shape=extension.data.shape,
+            chunks=chunks,
+            dtype=str if text else record[name],
+            dimension_names=extension.dims or ("row",),
+        )
+        unit, description = extension.columns.get(name, ("", ""))
+        array.attrs.update(_json_safe({"units": unit or None, "long_name": description or None}))
+
+
 def _zarr_chunks(data: da.Array) -> tuple[int, ...]:
     """The Zarr chunks of ``data``: its largest block on each axis."""
     return tuple(max(chunks) for chunks in data.chunks)
 
 
-def _reserve_zarr(product: Product, partial: Path) -> list[ZarrArray]:
+def _reserve_zarr(product: Product, partial: Path) -> list["ZarrArray | ZarrTable"]:
     """Create the Zarr store of ``product`` in ``partial``, arrays chunked as the data (an
     extension's blocks must each fall in one chunk: ``staged_products`` rechunks the
     data it stores, ``write_blocks`` requires it)."""
@@ -211,6 +356,9 @@ def _reserve_zarr(product: Product, partial: Path) -> list[ZarrArray]:
     group.attrs.update(_json_safe(product.primary))
     for extension in product.extensions:
         data = da.asarray(extension.data)
+        if extension.is_table:
+            _create_zarr_table(group, extension, _zarr_chunks(data))
+            continue
         array = group.create_array(
             extension.name,
             shape=data.shape,
@@ -222,17 +370,17 @@ def _reserve_zarr(product: Product, partial: Path) -> list[ZarrArray]:
     with warnings.catch_warnings():  # zarr notes that v3 has no consolidated metadata yet
         warnings.filterwarnings("ignore", message="Consolidated metadata")
         zarr.consolidate_metadata(str(partial))  # metadata is final: readers open it at once
-    return [ZarrArray(partial, extension.name) for extension in product.extensions]
+    return [_zarr_target(partial, extension) for extension in product.extensions]
 
 
-def target(product: Product, name: str) -> "FitsRegion | ZarrArray":
+def target(product: Product, name: str) -> "FitsRegion | ZarrArray | ZarrTable":
     """Where extension ``name`` of ``product`` is written, known before the file exists (a
     target ``da.store`` and tasks write blocks into)."""
     partial = _partial(product.path)
-    if product.path.suffix == ".zarr":
-        return ZarrArray(partial, name)
-    layout, _ = _fits_layout(product, partial)
     index = next(i for i, item in enumerate(product.extensions) if item.name == name)
+    if product.path.suffix == ".zarr":
+        return _zarr_target(partial, product.extensions[index])
+    layout, _ = _fits_layout(product, partial)
     return layout[1 + index][1]
 
 

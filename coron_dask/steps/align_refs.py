@@ -15,7 +15,7 @@ from dask.base import tokenize
 
 from coron_dask.dqflags import PIXEL, bit_value
 from coron_dask.errors import CoronInputError
-from coron_dask.io.products import OnDisk
+from coron_dask.io.products import Column, Extension, OnDisk, table
 from coron_dask.kernels.blocks import fill_block, fit_block, shift_block
 
 AlignTo = Literal["each", "first"]
@@ -168,3 +168,64 @@ def align_models(
         coords={**coords, "param": SHIFT_PARAMS},
         attrs=dict(refs.attrs),
     )
+
+
+#: What the ALIGN table says of its sign convention (header COMMENT, README)
+ALIGN_CONVENTION = (
+    "DX, DY: the reference's offset from the science frame in pixels along x (columns) and "
+    "y (rows), its star's position minus the science star's: the science frame moved by "
+    "+(DX, DY) (towards higher pixel indices) and scaled by BETA best matches the "
+    "reference, and align_refs moved the reference by -(DX, DY) onto the science frame. "
+    "BETA: the reference's flux over the science frame's (the references are not scaled)."
+)
+
+
+def alignment_table(psfalign: xr.Dataset) -> Extension:
+    """ALIGN, the alignment record of ``psfalign`` (``align_models``): the fitted (dx, dy,
+    β) of every reference for every science integration, as a table extension of one row
+    per (integration, reference), integration-major.
+
+    Columns: INTEGRATION (1-based, of the science exposure; 1, the one aligned to, with
+    align_to "first"), PSF (0-based index in the psfstack), PSF_FILE and PSF_INT (the
+    reference's exposure file and 1-based integration, where the stack names them), DX and
+    DY (pixel; sign: ``ALIGN_CONVENTION``) and BETA. Lazy: computed with the products,
+    from the same fits the shifts come from.
+    """
+    shift = psfalign["shift"]
+    npsf = shift.sizes["psf"]
+    each = "integration" in shift.dims
+    integrations = psfalign["integration"].values if each else np.array([1])
+    fitted = shift.transpose(..., "param").data.rechunk(-1).reshape(-1, 3)
+
+    def per_row(values: object) -> da.Array:  # a value per reference, on every row
+        return da.tile(da.asarray(values), len(integrations))  # the stack's coords: lazy
+
+    columns = [
+        Column(
+            "INTEGRATION",
+            np.repeat(integrations, npsf).astype(np.int32),
+            "",
+            "science integration (1-based)",
+        ),
+        Column("PSF", per_row(shift["psf"].values).astype(np.int32), "", "psfstack index"),
+    ]
+    if "psf_exposure" in psfalign.coords:
+        files = per_row(psfalign["psf_exposure"].data)
+        columns.append(Column("PSF_FILE", files, "", "reference exposure"))
+    if "psf_integration" in psfalign.coords:
+        numbers = per_row(psfalign["psf_integration"].data).astype(np.int32)
+        columns.append(Column("PSF_INT", numbers, "", "its integration (1-based)"))
+    index = {name: k for k, name in enumerate(shift["param"].values)}
+    columns += [
+        Column("DX", fitted[:, index["dx"]], "pixel", "reference x - science x"),
+        Column("DY", fitted[:, index["dy"]], "pixel", "reference y - science y"),
+        Column("BETA", fitted[:, index["beta"]], "", "reference flux / science flux"),
+    ]
+    keywords = {
+        "ALIGN_TO": ("each" if each else "first", "science integrations aligned to"),
+        "COMMENT": [
+            "Alignment record of align_refs: one row per (science integration, reference).",
+            ALIGN_CONVENTION,
+        ],
+    }
+    return table("ALIGN", columns, keywords)
