@@ -305,14 +305,9 @@ def _parameters(args: argparse.Namespace) -> dict:
     )
 
 
-def _run(args: argparse.Namespace, asn: Path, output_dir: Path) -> list[Path]:
-    """run_coron3 with the command line's options (``_check_execution`` has checked them)."""
-    from coron_dask.pipeline import run_coron3
-
-    return run_coron3(
-        asn,
-        output_dir,
-        psfmask=args.psfmask,
+def _execution(args: argparse.Namespace) -> dict:
+    """Where and how the run computes (``pipeline.execute_on_cluster``'s options)."""
+    return dict(
         scheduler=args.scheduler,
         scheduler_file=args.scheduler_file,
         n_workers=args.n_workers,
@@ -324,8 +319,47 @@ def _run(args: argparse.Namespace, asn: Path, output_dir: Path) -> list[Path]:
         progress=not args.no_progress,
         report=args.report,
         stats=args.stats,
-        **_parameters(args),
     )
+
+
+def _run(args: argparse.Namespace, asn: Path, output_dir: Path) -> list[Path]:
+    """run_coron3 with the command line's options (``_check_execution`` has checked them)."""
+    from coron_dask.pipeline import run_coron3
+
+    return run_coron3(
+        asn, output_dir, psfmask=args.psfmask, **_execution(args), **_parameters(args)
+    )
+
+
+def _contrast(args: argparse.Namespace) -> list[Path]:
+    """contrast_curve with the command line's options."""
+    from coron_dask.contrast import contrast_curve
+
+    parameters = _parameters(args)
+    del parameters["save_psfalign"]  # a contrast run writes no psfalign
+    return contrast_curve(
+        args.asn,
+        args.output_dir,
+        offaxis_psf=args.offaxis_psf,
+        star_flux=args.star_flux,
+        separations=args.separations,
+        position_angles=tuple(args.position_angles),
+        inject_contrast=args.inject_contrast,
+        resolution=args.resolution,
+        psfmask=args.psfmask,
+        execution=_execution(args),
+        **parameters,
+    )
+
+
+def _numbers(text: str) -> list[float]:
+    """Numbers separated by commas."""
+    try:
+        return [float(value) for value in text.split(",") if value.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"must be numbers separated by commas, got {text!r}"
+        ) from None
 
 
 def _simulate(args: argparse.Namespace, outdir: Path) -> Path:
@@ -376,6 +410,47 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("asn", type=Path, help="level-3 association JSON")
     run.add_argument("-o", "--output-dir", type=Path, default=Path("."), help="default: .")
     _add_run_options(run)
+    contrast = commands.add_parser(
+        "contrast",
+        help="5σ contrast curve of an association, calibrated by injecting companions",
+        parents=[common],
+    )
+    contrast.add_argument("asn", type=Path, help="level-3 association JSON")
+    contrast.add_argument("-o", "--output-dir", type=Path, default=Path("."), help="default: .")
+    injection = contrast.add_argument_group("injection-recovery")
+    injection.add_argument(
+        "--offaxis-psf",
+        type=Path,
+        required=True,
+        help="the star unocculted: a FITS image in the calints' units (SCI or primary)",
+    )
+    injection.add_argument(
+        "--star-flux", type=float, help="rescale the off-axis PSF to this total flux"
+    )
+    injection.add_argument(
+        "--separations",
+        type=_numbers,
+        help="companions' separations, arcsec, e.g. 0.5,1,1.5 (default: 10 from 3 λ/D to "
+        "the field's edge)",
+    )
+    injection.add_argument(
+        "--position-angles",
+        type=_numbers,
+        default=[0.0, 120.0, 240.0],
+        help="one set of companions per angle, degrees east of north (0,120,240)",
+    )
+    injection.add_argument(
+        "--inject-contrast",
+        type=float,
+        default=1e-4,
+        help="contrast of the injected companions (1e-4; KLIP is linear: any will do)",
+    )
+    injection.add_argument(
+        "--resolution",
+        type=float,
+        help="λ/D in pixels (default: from FILTER's pivot wavelength)",
+    )
+    _add_run_options(contrast)
     jobscript = commands.add_parser(
         "cluster",
         help="print the batch job script dask-jobqueue would submit for workers",
@@ -411,7 +486,7 @@ def main(argv: list[str] | None = None) -> int:
         with _signals_end_the_run():
             _command(args)
     except (Exception, Interrupted, KeyboardInterrupt) as error:
-        code, line = _ending(error, args.command in ("run", "demo"))
+        code, line = _ending(error, args.command in ("run", "demo", "contrast"))
         if args.debug:
             import traceback
 
@@ -427,6 +502,10 @@ def _command(args: argparse.Namespace) -> None:
     if args.command == "run":
         _check_execution(args)
         for path in _run(args, args.asn, args.output_dir):
+            print(path)
+    elif args.command == "contrast":
+        _check_execution(args)
+        for path in _contrast(args):
             print(path)
     elif args.command == "cluster":
         from coron_dask.cluster import jobqueue_cluster

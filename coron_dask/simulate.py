@@ -19,7 +19,7 @@ from astropy.io import fits
 
 from coron_dask.dqflags import PIXEL
 
-WAVELENGTH_NM = 3350.0
+WAVELENGTH_NM = 3350.0  # the wavelength the aberration screens (nm rms) are phases at
 #: Science-target photo-electrons per integration (a bright star), reference 1.6× brighter.
 STAR_ELECTRONS = 5e9
 REFERENCE_BRIGHTNESS = 1.6
@@ -31,6 +31,8 @@ SGD_STEP = 0.3
 PIXEL_SCALE = 0.063 / 3600  # degrees: NIRCam long wavelength
 TARGET = (80.1234, -29.5678)  # RA, Dec of the science star (deg)
 REFERENCE = (81.0021, -30.1100)
+#: Half the side of the off-axis PSF image written beside the data (pixels).
+OFFAXIS_HALF = 32
 #: V3 position angles: science exposures alternate between two rolls 10 degrees apart.
 ROLLS = (110.0, 120.0)
 REFERENCE_ROLL = 113.0
@@ -102,7 +104,7 @@ def nircam(size: int) -> Instrument:
             "DETECTOR": "NRCALONG",
             "MODULE": "A",
             "CHANNEL": "LONG",
-            "FILTER": "F335M",
+            "FILTER": "F410M",
             "PUPIL": "MASKRND",
             "CORONMSK": "MASKA335R",
             "SUBARRAY": "SUB320A335R" if size == 320 else "GENERIC",
@@ -229,7 +231,9 @@ def simulate(
     companion: tuple[float, float] = (14.0, 9.0),
     instrument: str = "nircam",
 ) -> Path:
-    """Write calints files, an ASN, a PSFMASK and ``truth.json`` into ``outdir``; return the ASN.
+    """Write calints files, an ASN, a PSFMASK, the star's off-axis PSF (``offaxis_psf.fits``:
+    the star unocculted, in the calints' units, centred in its odd box) and ``truth.json``
+    into ``outdir``; return the ASN.
 
     ``instrument`` "nircam" gives ``size`` × ``size`` frames of a round occulting spot;
     "miri" the 224 × 288 frames of MIRI's 4QPM subarray MASK1140 (``size`` is not used).
@@ -271,7 +275,7 @@ def simulate(
     if instrument == "miri":
         product = f"jw{program}-{asn_id}_t001_miri_f1140c-mask1140"
     else:
-        product = f"jw{program}-{asn_id}_t001_nircam_f335m-maskrnd-sub{size}"
+        product = f"jw{program}-{asn_id}_t001_nircam_f410m-maskrnd-sub{size}"
     base = {
         "TELESCOP": "JWST",
         **kind.keywords,
@@ -381,6 +385,19 @@ def simulate(
     asn_path = outdir / f"jw{program}-{asn_id}_coron3_asn.json"
     asn_path.write_text(json.dumps(asn, indent=2))
     truth["psfmask"] = psfmask.name
+    # the star unocculted (static aberration), as a contrast curve's injections need it
+    offaxis = outdir / "offaxis_psf.fits"
+    cx, cy = kind.centre
+    half = min(OFFAXIS_HALF, cx, cy, shape[1] - 1 - cx, shape[0] - 1 - cy)
+    star = STAR_ELECTRONS * MJYSR_PER_ELECTRON * optics.image((0.0, 0.0), optics.static, False)
+    box = star[cy - half : cy + half + 1, cx - half : cx + half + 1].astype(np.float32)
+    fits.HDUList(
+        [
+            fits.PrimaryHDU(header=fits.Header({**base, "DATAMODL": "ImageModel"})),
+            fits.ImageHDU(box, header=fits.Header({"BUNIT": "MJy/sr"}), name="SCI"),
+        ]
+    ).writeto(offaxis, overwrite=True)
+    truth["offaxis_psf"] = offaxis.name
     truth["companion_offset"] = list(companion)
     # the companion's sky position: star position plus its offset along east and north
     east, north = companion_sky * kind.pixel_scale

@@ -181,7 +181,7 @@ def test_stale_partials_of_a_killed_run(asn, tmp_path, capsys):
     gone), and reports, without touching them, those of a run on another host."""
     out = tmp_path / "out"
     out.mkdir()
-    name = "jw01386-c1000_t001_nircam_f335m-maskrnd-sub64_psfstack.fits"
+    name = "jw01386-c1000_t001_nircam_f410m-maskrnd-sub64_psfstack.fits"
     dead = subprocess.run(
         [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
     )

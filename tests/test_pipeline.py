@@ -69,7 +69,7 @@ def science_roots(asn):
 def test_products_are_named_and_typed_as_jwst(mode, products, asn):
     folder = products[mode]["folder"]
     names = {p.name for p in products[mode]["paths"]}
-    product = "jw01386-c1000_t001_nircam_f335m-maskrnd-sub64"
+    product = "jw01386-c1000_t001_nircam_f410m-maskrnd-sub64"
     expected = {f"{product}_psfstack.fits", f"{product}_i2d.fits"}
     for root in science_roots(asn):
         expected |= {f"{root}_c1000_psfalign.fits", f"{root}_c1000_psfsub.fits"}
@@ -219,7 +219,7 @@ def test_graph_building_computes_nothing(asn, observation_dir, tmp_path, options
     assert len(kept) == 11 - (2 if options.get("save_psfalign") is False else 0)
     assert len(psfalign) == (0 if options.get("save_psfalign") is False else 2)
     scratch = [item.path.name for item in products if item.scratch]
-    assert scratch[0] == "jw01386-c1000_t001_nircam_f335m-maskrnd-sub64_refs.fits"
+    assert scratch[0] == "jw01386-c1000_t001_nircam_f410m-maskrnd-sub64_refs.fits"
     assert [name.endswith("_c1000_aligned.fits") for name in scratch[1:]] == [aligned] * (
         2 if aligned else 0
     )
