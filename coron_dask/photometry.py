@@ -321,7 +321,8 @@ def find_candidates(
     wcs=None,
 ):
     """Point-source candidates: the highest pixels within w of the significance map above
-    ``threshold``, as an astropy Table sorted by significance, most significant first.
+    ``threshold``, at least w inside the data (away from the image's edges and from pixels
+    without data), as an astropy Table sorted by significance, most significant first.
 
     Columns (the same with or without ``wcs``): ``x``, ``y`` (pix; the S/N map's peak refined
     to sub-pixel by a parabola on each axis), ``separation`` (pix), ``separation_arcsec``,
@@ -338,7 +339,10 @@ def find_candidates(
     oy, ox = np.mgrid[-reach : reach + 1, -reach : reach + 1]
     footprint = ox * ox + oy * oy <= resolution * resolution
     highest = ndimage.maximum_filter(sig, footprint=footprint, mode="constant", cval=-np.inf)
-    iy, ix = np.nonzero((sig == highest) & (sig > threshold))
+    # within w of the data's edge a pixel is partly covered (drizzle's edges, a mask):
+    # its noise is not its annulus', so no candidate is taken there
+    interior = ndimage.binary_erosion(np.isfinite(significance), footprint, border_value=0)
+    iy, ix = np.nonzero((sig == highest) & (sig > threshold) & interior)
     # ties (a flat top) give several maxima: keep the first of each group within w
     rank = np.lexsort((ix, iy, -sig[iy, ix]))
     kept: list[tuple[int, int]] = []

@@ -524,10 +524,13 @@ def run_coron3(
     ``"synchronous"`` or ``"threads"`` use dask's local schedulers; a ``cluster`` already
     under way (``cluster.Cluster``) is used as it is. The input is checked before
     the cluster computes anything, so bad input fails fast and leaves no product. ``report`` saves
-    dask's performance report (HTML), ``stats`` a JSON summary of where the time went.
+    dask's performance report (HTML), ``stats`` a JSON summary of where the time went. With
+    an i2d, the run ends with its detection map and candidates (``detection.detect``).
     """
+    from coron_dask.detection import detection_products
+
     parameters = check_inputs(asn, output_dir, psfmask=psfmask, **parameters)
-    return execute_on_cluster(
+    paths = execute_on_cluster(
         lambda workers: build_products(
             asn, output_dir, psfmask=psfmask, workers=workers, **parameters
         ),
@@ -545,3 +548,4 @@ def run_coron3(
         stats=stats,
         cluster=cluster,
     )
+    return [*paths, *detection_products(paths)]

@@ -29,6 +29,16 @@ def asn(observation_dir) -> Path:
     return next(observation_dir.glob("*_asn.json"))
 
 
+#: 128² frames, two rolls, for the science outputs (contrast, detection).
+BLANK = {"size": 128, "sci_exps": 2, "sci_ints": 4, "psf_exps": 5, "psf_ints": 3, "seed": 11}
+
+
+@pytest.fixture(scope="session")
+def blank(tmp_path_factory) -> Path:
+    """A simulated observation without a companion (``BLANK``): its ASN."""
+    return simulate(tmp_path_factory.mktemp("blank"), contrast=0.0, **BLANK)
+
+
 @pytest.fixture(scope="session")
 def busy_observation(tmp_path_factory) -> Path:
     """Large enough that a run lasts some seconds: time to kill things during it (never

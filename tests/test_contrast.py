@@ -22,18 +22,11 @@ from coron_dask.io import Extension, Product, write_products
 from coron_dask.photometry import snr_map
 from coron_dask.pipeline import reduce_observation
 from coron_dask.simulate import simulate
+from tests.conftest import BLANK
 from tests.test_cli import run_main
 
-#: 128² frames, two rolls: a companion-free observation, measured in the session.
-OBSERVATION = {"size": 128, "sci_exps": 2, "sci_ints": 4, "psf_exps": 5, "psf_ints": 3, "seed": 11}
 SYNCHRONOUS = {"scheduler": "synchronous", "progress": False}
 TRUNCATE = 8
-
-
-@pytest.fixture(scope="module")
-def blank(tmp_path_factory):
-    """A simulated observation without a companion."""
-    return simulate(tmp_path_factory.mktemp("blank"), contrast=0.0, **OBSERVATION)
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +69,7 @@ def test_companion_at_the_5_sigma_limit_is_recovered_at_5_sigma(curve, tmp_path)
     pixels = separation / table.meta["pixel_scale_arcsec"]
     angle = np.radians(33.0)
     offset = (pixels * np.cos(angle), pixels * np.sin(angle))
-    asn = simulate(tmp_path / "sim", contrast=limit, companion=offset, **OBSERVATION)
+    asn = simulate(tmp_path / "sim", contrast=limit, companion=offset, **BLANK)
     truth = json.loads((asn.parent / "truth.json").read_text())
     paths = run_coron3(
         asn,

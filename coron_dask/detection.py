@@ -1,0 +1,125 @@
+"""Detection map and candidates of an i2d: the signal-to-noise of every pixel against its
+annulus, with the statistics of the contrast curve (``photometry.snr_map``: Mawet et al.
+2014), and the sources above a threshold with their places on the sky.
+
+Written beside the i2d as ``<product>_snr.fits`` (SNR and SIGNIF: the Student-t S/N and
+its Gaussian-equivalent significance, one plane per KL cutoff, with the i2d's WCS) and
+``<product>_candidates.ecsv`` (one row per candidate and KL cutoff).
+"""
+
+import logging
+from pathlib import Path
+
+import numpy as np
+from astropy.coordinates import SkyCoord
+from astropy.io import fits
+from astropy.table import Table, vstack
+from astropy.wcs import WCS
+
+from coron_dask.contrast import lambda_over_d, pixel_positions, pixel_scale_arcsec
+from coron_dask.errors import CoronInputError
+from coron_dask.photometry import find_candidates, snr_map
+
+log = logging.getLogger(__name__)
+
+#: Significance (Gaussian σ) above which a source is a candidate.
+THRESHOLD = 5.0
+
+
+def detect(
+    i2d: str | Path, resolution: float | None = None, threshold: float = THRESHOLD
+) -> list[Path]:
+    """Write the detection map and the candidates of the FITS ``i2d``; return their paths.
+
+    ``resolution``: λ/D in pixels (default: from the FILTER's pivot wavelength); the star is
+    at TARG_RA, TARG_DEC of the primary header."""
+    i2d = Path(i2d)
+    primary, header, image = _read_i2d(i2d)
+    grid = WCS(header, naxis=2)
+    try:
+        star_sky = SkyCoord(primary["TARG_RA"], primary["TARG_DEC"], unit="deg")
+    except KeyError:
+        raise CoronInputError(i2d, "no TARG_RA/TARG_DEC: the star's place is needed") from None
+    star = tuple(float(v) for v in pixel_positions(grid, star_sky)[0])
+    if resolution is None:
+        resolution = lambda_over_d(primary.get("FILTER", "?"), pixel_scale_arcsec(grid) / 3600)
+    cutoffs = [header[f"KLMODE{i}"] for i in range(image.shape[0])] if image.ndim == 3 else []
+    planes = image if image.ndim == 3 else image[None]
+    maps, found = [], []
+    for k, plane in enumerate(planes):
+        snr, significance = snr_map(plane, star, resolution)
+        maps.append((snr, significance))
+        table = find_candidates(
+            significance, snr, threshold, resolution=resolution, star=star, wcs=grid
+        )
+        if cutoffs:
+            table["kl"] = np.full(len(table), cutoffs[k], dtype=int)
+        found.append(table)
+    candidates = vstack(found) if found else Table()
+    candidates.meta.update(
+        {
+            "i2d": i2d.name,
+            "threshold_sigma": threshold,
+            "resolution_pixels": resolution,
+            "star_pixel": list(star),
+        }
+    )
+    stem = i2d.name.removesuffix(i2d.suffix).removesuffix("_i2d")
+    snr_path = i2d.with_name(f"{stem}_snr.fits")
+    keywords = {k: v for k, v in header.items() if k.startswith(("KLMODE", "C", "PC", "WCS"))}
+    hdus = [fits.PrimaryHDU(header=primary)]
+    for name, index in (("SNR", 0), ("SIGNIF", 1)):
+        data = np.stack([m[index] for m in maps]) if cutoffs else maps[0][index]
+        hdu = fits.ImageHDU(data.astype(np.float32), name=name)
+        hdu.header.update(grid.to_header())
+        for key, value in keywords.items():
+            if key.startswith("KLMODE"):
+                hdu.header[key] = value
+        hdus.append(hdu)
+    hdus[0].header["FILENAME"] = snr_path.name
+    _write_fits(fits.HDUList(hdus), snr_path)
+    table_path = i2d.with_name(f"{stem}_candidates.ecsv")
+    partial = table_path.with_name(table_path.name + ".partial")
+    candidates.write(partial, format="ascii.ecsv", overwrite=True)
+    partial.replace(table_path)
+    log.info(
+        "detection: %d candidate(s) above %gσ in %s (λ/D %.2f px)",
+        len(candidates),
+        threshold,
+        i2d.name,
+        resolution,
+    )
+    return [snr_path, table_path]
+
+
+def _read_i2d(path: Path) -> tuple[fits.Header, fits.Header, np.ndarray]:
+    """Primary and SCI keywords and SCI (float64) of an i2d, FITS or Zarr."""
+    if path.suffix == ".zarr":
+        import zarr
+
+        group = zarr.open_group(str(path), mode="r")
+        keywords = {k: v for k, v in group["SCI"].attrs.items() if not isinstance(v, list)}
+        primary = {k: v for k, v in group.attrs.items() if not isinstance(v, list | dict)}
+        return fits.Header(primary), fits.Header(keywords), np.asarray(group["SCI"][...], float)
+    with fits.open(path) as hdul:
+        return hdul[0].header, hdul["SCI"].header, hdul["SCI"].data.astype(np.float64)
+
+
+def detection_products(paths: list[Path]) -> list[Path]:
+    """``detect`` on the i2d among a run's ``paths`` (none without one); skipped, with a
+    warning, where the resolution element cannot be known."""
+    i2d = next((p for p in paths if p.name.removesuffix(p.suffix).endswith("_i2d")), None)
+    if i2d is None:
+        return []
+    try:
+        return detect(i2d)
+    except CoronInputError as error:
+        log.warning("detection map not made: %s", error)
+        return []
+
+
+def _write_fits(hdul: fits.HDUList, path: Path) -> None:
+    """Write ``hdul`` to a partial file and rename it: whole or not at all."""
+    partial = path.with_name(path.name + ".partial")
+    hdul.writeto(partial, overwrite=True)
+    partial.replace(path)
