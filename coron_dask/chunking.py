@@ -143,6 +143,8 @@ def task_peaks(obs: Observation, integrations: int, psfs: int, outlier_rows: int
             k, frame, count, npsf, shared=obs.align_to == "first", planes=planes
         ),
         "resample": memory.resample(k, frame, 4 * frame.pixels, planes),
+        # companions added to a block of integrations (a contrast curve), PSF as big as a frame
+        **({"inject": memory.inject(k, frame, frame.pixels)} if obs.injections else {}),
         # the products' stores; psfalign's ERR is written by its shift task, as SCI is
         "write": max(
             memory.write(

@@ -173,6 +173,13 @@ def resample(frames: int, frame: Frame, grid_pixels: int, planes: int = 1) -> in
     )
 
 
+def inject(frames: int, frame: Frame, psf_pixels: int) -> int:
+    """Companions added to ``frames`` integrations: the integrations in, the output, the
+    companions' image (float64, then float32) and a PSF box's Fourier shift (the box, its
+    spectra and ramps, a few float64 and complex copies of ``psf_pixels``)."""
+    return 8 * frames * frame.pixels + 12 * frame.pixels + 80 * psf_pixels + TASK_OVERHEAD
+
+
 def write(nbytes: int, run: int | None = None, buffered: bool = True) -> int:
     """Write a block of ``nbytes`` whose longest run contiguous in the file is ``run``
     bytes (default: the whole block): the block and its big-endian copy, made a run at a

@@ -30,6 +30,7 @@ from coron_dask.dqflags import PIXEL
 from coron_dask.io.fitsfile import FitsExtension, FitsRegion
 from coron_dask.io.products import write_block
 from coron_dask.kernels import blocks as kernels
+from coron_dask.kernels import inject as kernels_inject
 from coron_dask.memory import MIB, Frame
 
 #: The model may overestimate a measured peak by at most this factor.
@@ -90,6 +91,8 @@ CASES = [
     Case("klip_subtract", dict(frames=4, ny=224, nx=288, npsf=200, shared=False)),
     Case("klip_subtract", dict(frames=10, ny=160, nx=160, npsf=100, shared=True, cutoffs=KL_CUBE)),
     Case("klip_subtract", dict(frames=4, ny=224, nx=288, npsf=200, shared=False, cutoffs=KL_CUBE)),
+    Case("inject", dict(frames=60, ny=160, nx=160, box=65)),
+    Case("inject", dict(frames=30, ny=224, nx=288, box=161)),
     Case("resample", dict(frames=30, ny=160, nx=160)),
     Case("resample", dict(frames=20, ny=224, nx=288)),
     Case("resample", dict(frames=20, ny=224, nx=288, planes=4)),
@@ -311,6 +314,15 @@ def build_klip_subtract(rng, path, frames, ny, nx, npsf, shared, cutoffs=(TRUNCA
     return (lambda: kernels.subtract_block(targets, images, kept)), [targets, images]
 
 
+def build_inject(rng, path, frames, ny, nx, box):
+    """Ten companions of a ``box``-sided PSF added to every integration."""
+    sci = _frames(rng, frames, ny, nx)
+    psf = _psf(box, box, 0.0, 0.0)
+    positions = rng.uniform(10, min(ny, nx) - 10, (10, 2))
+    fluxes = np.full(10, 1e-3)
+    return (lambda: kernels_inject.inject_block(sci, positions, fluxes, psf, False)), [sci, psf]
+
+
 def resample_grid(ny: int, nx: int) -> tuple[np.ndarray, tuple[int, int]]:
     """A pixel map (ny, nx, 2) of frames rotated by 30° and the output grid that holds them."""
     y, x = np.indices((ny, nx), dtype=np.float64)
@@ -359,6 +371,7 @@ BUILD = {
     "klip_weights": build_klip_weights,
     "klip_images": build_klip_images,
     "klip_subtract": build_klip_subtract,
+    "inject": build_inject,
     "resample": build_resample,
     "write": build_write,
 }
@@ -395,6 +408,8 @@ def predict(case: Case) -> int:
             if case.kind == "klip_images":
                 return memory.klip_images(b["frames"], b["npsf"], b["rows"], frame, count, planes)
             return memory.klip_subtract(b["frames"], frame, count, b["npsf"], b["shared"], planes)
+        case "inject":
+            return memory.inject(b["frames"], frame, b["box"] ** 2)
         case "resample":
             _, shape = resample_grid(b["ny"], b["nx"])
             return memory.resample(b["frames"], frame, shape[0] * shape[1], b.get("planes", 1))
