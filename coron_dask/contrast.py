@@ -30,10 +30,12 @@ from pathlib import Path
 import dask.array as da
 import numpy as np
 import xarray as xr
+from astropy import units as u
 from astropy.coordinates import SkyCoord
 from astropy.io import fits
 from astropy.table import Table
 from astropy.wcs import WCS
+from dask.base import tokenize
 
 from coron_dask.errors import CoronInputError
 from coron_dask.io import Extension, Product
@@ -161,11 +163,9 @@ def star_position(exposure: xr.Dataset) -> SkyCoord:
 
 def sky_positions(star: SkyCoord, companions: list[Companion]) -> SkyCoord:
     """The companions' places on the sky."""
-    angles = [c.position_angle for c in companions]
-    separations = [c.separation for c in companions]
-    return star.directional_offset_by(
-        np.radians(angles) * 1.0, np.radians(np.array(separations) / 3600)
-    )
+    angles = np.array([c.position_angle for c in companions]) * u.deg
+    separations = np.array([c.separation for c in companions]) * u.arcsec
+    return star.directional_offset_by(angles, separations)
 
 
 def pixel_positions(wcs: WCS, places: SkyCoord) -> np.ndarray:
@@ -177,8 +177,11 @@ def pixel_positions(wcs: WCS, places: SkyCoord) -> np.ndarray:
 def _injected(
     exposure: xr.Dataset, positions: np.ndarray, fluxes: np.ndarray, psf: np.ndarray, alone: bool
 ) -> xr.Dataset:
-    """``exposure`` with companions added to SCI (lazy), or the companions alone."""
+    """``exposure`` with companions added to SCI (lazy), or the companions alone (made
+    from nothing: no science read for them)."""
     sci = exposure["sci"].data
+    if alone:
+        sci = da.zeros(sci.shape, chunks=sci.chunks, dtype=np.float32)
     data = da.map_blocks(
         inject_block,
         sci,
@@ -187,8 +190,7 @@ def _injected(
         psf,
         alone,
         dtype=np.float32,
-        name=f"inject-{'model' if alone else 'sci'}-"
-        + da.core.tokenize(sci, positions, fluxes, psf),
+        name=f"inject-{'model' if alone else 'sci'}-" + tokenize(sci, positions, fluxes, psf),
     )
     return exposure.assign(sci=exposure["sci"].copy(data=data))
 

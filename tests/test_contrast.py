@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+from astropy.coordinates import SkyCoord
 from astropy.io import fits
 from astropy.table import Table
 from astropy.wcs import WCS
@@ -164,3 +165,25 @@ def test_bad_offaxis_psf_is_one_line_and_nothing_written(blank, tmp_path, capsys
     assert code == 2
     assert len(err.strip().splitlines()) == 1 and str(bad) in err and "2-D" in err
     assert not out.exists() or not any(out.iterdir())
+
+
+def test_injected_companions_are_where_asked_on_the_sky(curve):
+    """Each companion of the injection i2ds (INJECTED − SCI), found by its peak and taken
+    to the sky through the i2d's WCS, lies at the separation and position angle asked
+    (from the star at TARG_RA, TARG_DEC)."""
+    table, paths, _ = curve
+    with fits.open(paths[0]) as hdul:
+        science = hdul["SCI"].data.astype(np.float64)
+        injected = hdul["INJECTED"].data.astype(np.float64)
+        grid = WCS(hdul["SCI"].header, naxis=2)
+        star = SkyCoord(hdul[0].header["TARG_RA"], hdul[0].header["TARG_DEC"], unit="deg")
+    scale = table.meta["pixel_scale_arcsec"]
+    yy, xx = np.indices(science.shape)
+    for companion in table.meta["injections"]:
+        difference = injected[companion["set"]] - science
+        near = np.hypot(xx - companion["x"], yy - companion["y"]) <= 3
+        iy, ix = np.unravel_index(np.argmax(np.where(near, difference, -np.inf)), science.shape)
+        found = grid.pixel_to_world(ix, iy)
+        assert abs(star.separation(found).arcsec - companion["separation"]) <= 0.75 * scale
+        angle = (star.position_angle(found).deg - companion["position_angle"] + 180) % 360 - 180
+        assert abs(angle) < np.degrees(0.75 * scale / companion["separation"]) + 1.0
