@@ -10,6 +10,7 @@ its Gaussian-equivalent significance, one plane per KL cutoff, with the i2d's WC
 import logging
 from pathlib import Path
 
+import dask.array as da
 import numpy as np
 from astropy.coordinates import SkyCoord
 from astropy.io import fits
@@ -18,6 +19,8 @@ from astropy.wcs import WCS
 
 from coron_dask.contrast import lambda_over_d, pixel_positions, pixel_scale_arcsec
 from coron_dask.errors import CoronInputError
+from coron_dask.io import Extension, Product, write_products
+from coron_dask.io.fits import STRUCTURAL
 from coron_dask.photometry import find_candidates, snr_map
 
 log = logging.getLogger(__name__)
@@ -65,19 +68,21 @@ def detect(
         }
     )
     stem = i2d.name.removesuffix(i2d.suffix).removesuffix("_i2d")
-    snr_path = i2d.with_name(f"{stem}_snr.fits")
-    keywords = {k: v for k, v in header.items() if k.startswith(("KLMODE", "C", "PC", "WCS"))}
-    hdus = [fits.PrimaryHDU(header=primary)]
+    snr_path = i2d.with_name(f"{stem}_snr{i2d.suffix}")  # in the i2d's format
+    sci_keywords = {
+        **dict(grid.to_header()),
+        **{k: v for k, v in header.items() if k.startswith("KLMODE")},
+    }
+    dims = ("kl", "y", "x") if cutoffs else ("y", "x")
+    extensions = []
     for name, index in (("SNR", 0), ("SIGNIF", 1)):
-        data = np.stack([m[index] for m in maps]) if cutoffs else maps[0][index]
-        hdu = fits.ImageHDU(data.astype(np.float32), name=name)
-        hdu.header.update(grid.to_header())
-        for key, value in keywords.items():
-            if key.startswith("KLMODE"):
-                hdu.header[key] = value
-        hdus.append(hdu)
-    hdus[0].header["FILENAME"] = snr_path.name
-    _write_fits(fits.HDUList(hdus), snr_path)
+        planes = np.stack([m[index] for m in maps]).astype(np.float32)
+        data = planes if cutoffs else planes[0]
+        extensions.append(Extension(name, da.from_array(data, chunks=-1), sci_keywords, dims))
+    # the i2d's record of how it was made: the map is made from it
+    (snr_path,) = write_products(
+        [Product(snr_path, {**primary, "FILENAME": snr_path.name}, extensions)]
+    )
     table_path = i2d.with_name(f"{stem}_candidates.ecsv")
     partial = table_path.with_name(table_path.name + ".partial")
     candidates.write(partial, format="ascii.ecsv", overwrite=True)
@@ -92,17 +97,21 @@ def detect(
     return [snr_path, table_path]
 
 
-def _read_i2d(path: Path) -> tuple[fits.Header, fits.Header, np.ndarray]:
-    """Primary and SCI keywords and SCI (float64) of an i2d, FITS or Zarr."""
+def _read_i2d(path: Path) -> tuple[dict, fits.Header, np.ndarray]:
+    """Primary keywords (HISTORY a list: what a product's primary takes), SCI keywords and
+    SCI (float64) of an i2d, FITS or Zarr."""
     if path.suffix == ".zarr":
         import zarr
 
         group = zarr.open_group(str(path), mode="r")
         keywords = {k: v for k, v in group["SCI"].attrs.items() if not isinstance(v, list)}
-        primary = {k: v for k, v in group.attrs.items() if not isinstance(v, list | dict)}
-        return fits.Header(primary), fits.Header(keywords), np.asarray(group["SCI"][...], float)
+        data = np.asarray(group["SCI"][...], dtype=np.float64)
+        return dict(group.attrs), fits.Header(keywords), data
     with fits.open(path) as hdul:
-        return hdul[0].header, hdul["SCI"].header, hdul["SCI"].data.astype(np.float64)
+        header = hdul[0].header
+        primary = {k: v for k, v in header.items() if k not in STRUCTURAL}
+        primary["HISTORY"] = [str(entry) for entry in header.get("HISTORY", [])]
+        return primary, hdul["SCI"].header, hdul["SCI"].data.astype(np.float64)
 
 
 def detection_products(paths: list[Path]) -> list[Path]:
@@ -116,10 +125,3 @@ def detection_products(paths: list[Path]) -> list[Path]:
     except CoronInputError as error:
         log.warning("detection map not made: %s", error)
         return []
-
-
-def _write_fits(hdul: fits.HDUList, path: Path) -> None:
-    """Write ``hdul`` to a partial file and rename it: whole or not at all."""
-    partial = path.with_name(path.name + ".partial")
-    hdul.writeto(partial, overwrite=True)
-    partial.replace(path)

@@ -447,37 +447,20 @@ def check_inputs(
 def execute_on_cluster(
     build,
     *,
-    scheduler: str | None = None,
-    scheduler_file: str | None = None,
-    n_workers: int | None = None,
-    memory_limit: str | float | None = None,
-    kind: str = "local",
-    jobs: int | None = None,
-    adapt: tuple[int, int] | None = None,
-    wait_for_workers: int | None = None,
     progress: bool = True,
-    quiet: bool = False,
     report: str | Path | None = None,
     stats: str | Path | None = None,
     cluster: Cluster | None = None,
+    **where: object,
 ) -> list[Path]:
-    """Connect to (or start) the cluster ``run_coron3`` describes, build the products with
-    ``build(workers)`` for its workers and write them in one computation: their paths."""
+    """Connect to (or start) the cluster ``where`` describes (``cluster.Cluster``'s
+    arguments: scheduler, scheduler_file, n_workers, memory_limit, kind, jobs, adapt,
+    wait_for_workers, quiet; or a ``cluster`` under way), build the products with
+    ``build(workers)`` for its workers and write them in one computation (``progress``,
+    ``report``, ``stats``: see ``run_coron3``): their paths."""
     with contextlib.ExitStack() as resources:
         if cluster is None:
-            cluster = resources.enter_context(
-                Cluster(
-                    scheduler,
-                    scheduler_file,
-                    n_workers=n_workers,
-                    memory_limit=memory_limit,
-                    kind=kind,
-                    jobs=jobs,
-                    adapt=adapt,
-                    wait_for_workers=wait_for_workers,
-                    quiet=quiet,
-                )
-            )
+            cluster = resources.enter_context(Cluster(**where))
         client = cluster.client
         if report and client is None:
             raise CoronInputError(

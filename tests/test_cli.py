@@ -161,7 +161,7 @@ def test_run_lists_products(asn, observation_dir, tmp_path, capsys):
     assert code == 0
     listed = sorted(out.split())
     assert listed == sorted(str(p) for p in tmp_path.iterdir())
-    assert len(listed) == 11
+    assert len(listed) == 13  # 11 products, the detection map and the candidates
 
 
 def test_entry_point_exit_code(tmp_path):

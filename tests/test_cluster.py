@@ -232,7 +232,7 @@ def test_dashboard_answers_during_a_run(busy_observation, tmp_path):
         assert response.status == 200
         assert b"Dask" in response.read()
     assert process.wait(timeout=300) == 0
-    assert len(list(tmp_path.glob("*.fits"))) == 13  # 7 crfints, psfstack, 2 + 2, i2d
+    assert len(list(tmp_path.glob("*.fits"))) == 14  # 7 crfints, psfstack, 2 + 2, i2d, snr
 
 
 @pytest.mark.parametrize(

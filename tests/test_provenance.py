@@ -104,7 +104,7 @@ def expected_inputs(name: str, asn: Path) -> dict[str, list[str]]:
     stem = name.rsplit(".", 1)[0]
     if stem.endswith("_psfstack"):
         return {"science": [], "psf": exposures["psf"]}
-    if stem.endswith("_i2d"):
+    if stem.endswith(("_i2d", "_snr")):  # the detection map: the i2d's record
         return exposures
     root, _, suffix = stem.rpartition("_c1000_")
     own = f"{root}_calints.fits"
@@ -123,7 +123,7 @@ def expected_steps(name: str, skip: tuple[str, ...]) -> dict[str, str]:
         "psfalign": ["outlier_detection", "stack_refs", "align_refs"],
         "psfsub": ["outlier_detection", "align_refs", "klip"],
         "i2d": ["outlier_detection", "align_refs", "klip", "resample"],
-    }[kind]
+    }[kind.replace("snr", "i2d")]
     return {step: "SKIPPED" if step in skip else "COMPLETE" for step in steps}
 
 
@@ -162,9 +162,10 @@ def check_record(keywords, name, asn, parameters, plan, psfmask, start, end) -> 
 
 def test_fits_products_record_how_they_were_made(fits_run, asn):
     paths, start, end = fits_run
-    assert len(paths) == 11  # 5 crfints, psfstack, 2 psfalign, 2 psfsub, i2d
+    # 5 crfints, psfstack, 2 psfalign, 2 psfsub, i2d, and the detection map and candidates
+    assert len(paths) == 13
     dates = set()
-    for path in paths:
+    for path in (p for p in paths if p.suffix == ".fits"):
         with fits.open(path) as hdul:
             hdul.verify("exception")  # standard cards only: no HIERARCH, no long lines
             header = hdul[0].header
@@ -179,9 +180,9 @@ def test_zarr_products_record_how_they_were_made(zarr_run, asn):
     import xarray as xr
 
     paths, start, end = zarr_run
-    assert {p.suffix for p in paths} == {".zarr"}
+    paths = [p for p in paths if p.suffix == ".zarr"]  # not the candidates' table
     names = sorted(p.name.rsplit("_", 1)[1] for p in paths)
-    assert names == ["i2d.zarr", "psfstack.zarr", "psfsub.zarr", "psfsub.zarr"]
+    assert names == ["i2d.zarr", "psfstack.zarr", "psfsub.zarr", "psfsub.zarr", "snr.zarr"]
     for path in paths:
         attrs = xr.open_zarr(path).attrs
         assert isinstance(attrs["HISTORY"], list)

@@ -136,7 +136,7 @@ def test_slurm_jobs_run_the_pipeline(slurm, busy_observation, busy_baseline, tmp
         jobs = subprocess.run(
             ["squeue", "-h", "-o", "%i %j %T %N"], capture_output=True, text=True, check=True
         ).stdout
-    assert len(paths) == 13
+    assert len(paths) == 15  # 13 products, the detection map and the candidates
     assert jobs.count("RUNNING") >= 1, jobs
     assert NODE in jobs, jobs  # the private cluster's node ran them, not the machine's SLURM
     assert json.loads((tmp_path / "stats.json").read_text())["workers"] >= 1
