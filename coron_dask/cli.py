@@ -1,4 +1,4 @@
-"""The ``coron-dask`` command: run, simulate, demo."""
+"""The ``coron-dask`` command: run, contrast, plot, cluster, simulate, demo."""
 
 import argparse
 import contextlib
@@ -457,6 +457,21 @@ def main(argv: list[str] | None = None) -> int:
         parents=[common],
     )
     jobscript.add_argument("kind", choices=["slurm", "pbs"])
+    plot = commands.add_parser(
+        "plot",
+        help="quicklook PNGs of a run's products: psfsub means, i2d, detection map, "
+        "contrast curve, alignment shifts",
+        parents=[common],
+    )
+    plot.add_argument("outdir", type=Path, help="the folder of a run's products")
+    plot.add_argument(
+        "-o",
+        "--output-dir",
+        dest="folder",
+        metavar="FOLDER",
+        type=Path,
+        help="where the PNGs go (default: OUTDIR)",
+    )
     sim = commands.add_parser(
         "simulate", help="write a simulated coronagraphic observation", parents=[common]
     )
@@ -512,6 +527,11 @@ def _command(args: argparse.Namespace) -> None:
 
         with jobqueue_cluster(args.kind) as cluster:
             print(cluster.job_script())
+    elif args.command == "plot":
+        from coron_dask.plots import quicklook
+
+        for path in quicklook(args.outdir, args.folder):
+            print(path)
     elif args.command == "simulate":
         print(_simulate(args, args.outdir))
     else:
@@ -528,6 +548,12 @@ def _command(args: argparse.Namespace) -> None:
         for path in products:
             print(f"  {path}")
         print(companion_report(products, inputs / "truth.json"))
+        from coron_dask.plots import quicklook
+
+        pngs = quicklook(args.outdir / "products")
+        print(f"quicklook: {len(pngs)} PNG(s) in {args.outdir / 'products'}:")
+        for path in pngs:
+            print(f"  {path.name}")
 
 
 def _ending(error: BaseException, products: bool) -> tuple[int, str]:
