@@ -3,6 +3,7 @@
 
     /work/main/.venv/bin/python -m benchmarks.contrast --workdir /work/bench/contrast
     /work/main/.venv/bin/python -m benchmarks.contrast --dataset demo --repeats 1
+    /work/main/.venv/bin/python -m benchmarks.contrast --tables   # contrast.md from the JSON
 
 Each dataset is simulated once (``coron-dask simulate``, seed 1; kept in the workdir for
 later runs): ``demo`` is what ``coron-dask demo`` reduces (128², 2 × 8 science, 9 × 5
@@ -545,8 +546,16 @@ def markdown(results: dict) -> str:
     for name, row in results["datasets"].items():
         d, s = row["dataset"], row["summary"]
 
-        def cell(key: str, s=s) -> str:
-            return f"{s[key]['seconds']:.1f} s, {s[key]['peak_gib']:.2f} GiB"
+        def cell(key: str, s=s, runs=row["runs"]) -> str:
+            text = f"{s[key]['seconds']:.1f} s, {s[key]['peak_gib']:.2f} GiB"
+            if len(runs[key]) > 1:  # the range of the repeats
+                seconds = [run["seconds"] for run in runs[key]]
+                peaks = [run["peak_memory"] / GIB for run in runs[key]]
+                text += (
+                    f" ({min(seconds):.1f}–{max(seconds):.1f} s, "
+                    f"{min(peaks):.2f}–{max(peaks):.2f} GiB)"
+                )
+            return text
 
         def ratio(key: str, s=s) -> str:
             return f"{s[key]['seconds']:.2f}× time, {s[key]['peak']:.2f}× peak"
@@ -606,14 +615,20 @@ def main() -> None:
     parser.add_argument("--dataset", action="append", choices=list(DATASETS))
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/coron-dask-bench-contrast"))
     parser.add_argument("--repeats", type=int, help="default: the dataset's (demo 5, large 2)")
+    parser.add_argument(
+        "--tables", action="store_true", help="only rewrite contrast.md from contrast.json"
+    )
     args = parser.parse_args()
     from importlib.metadata import version
 
     import psutil
 
+    path = RESULTS / "contrast.json"
+    if args.tables:
+        (RESULTS / "contrast.md").write_text(markdown(json.loads(path.read_text())))
+        return
     root = args.workdir
     root.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / "contrast.json"
     results = json.loads(path.read_text()) if path.exists() else {"datasets": {}}
     results["settings"] = {
         "commit": commit(),
