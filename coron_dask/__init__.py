@@ -34,6 +34,8 @@ _EXPORTS = {
     "open_association": "pipeline",
     "run_coron3": "pipeline",
     "open_exposure": "io",
+    "open_product": "io",
+    "contrast_curve": "contrast",
 }
 __all__ = sorted(_EXPORTS)
 __getattr__ = lazy_exports(__name__, _EXPORTS)

@@ -10,6 +10,7 @@ _EXPORTS = {
     "Association": "asn",
     "read_association": "asn",
     "open_exposure": "fits",
+    "open_product": "backend",
     "read_psfmask": "fits",
     "Column": "products",
     "Extension": "products",
