@@ -104,6 +104,7 @@ class Cluster:
                 self._local = concurrent.futures.Future()
                 self._local.set_result(_jobqueue_cluster(kind, jobs, adapt, dashboard_address))
                 return
+            self._config.callback(_main_not_rerun())
             options = dict(
                 n_workers=local_worker_count(n_workers, threads_per_worker),
                 threads_per_worker=threads_per_worker,
@@ -405,6 +406,25 @@ def _jobqueue_cluster(
     else:
         cluster.scale(jobs=jobs or 1)
     return cluster
+
+
+def _main_not_rerun():
+    """Keep the worker processes of a LocalCluster from running the user's script again:
+    multiprocessing starts them fresh ("spawn") and, where the script's ``__main__`` has a
+    file, runs it first, so a script calling ``run_coron3`` at its top would start another
+    cluster in every worker. Workers need coron_dask's functions only; the file is hidden
+    from multiprocessing while the cluster lives (restarted workers included). Returns the
+    function that shows it again."""
+    main = sys.modules.get("__main__")
+    path = getattr(main, "__file__", None)
+    if main is None or path is None or getattr(main, "__spec__", None) is not None:
+        return lambda: None  # a notebook, ``python -m``: nothing is run again
+    del main.__file__
+
+    def restore() -> None:
+        main.__file__ = path
+
+    return restore
 
 
 def _local_cluster(options: dict) -> object:

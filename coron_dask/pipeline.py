@@ -451,17 +451,20 @@ def execute_on_cluster(
     report: str | Path | None = None,
     stats: str | Path | None = None,
     cluster: Cluster | None = None,
+    client: object | None = None,
     **where: object,
 ) -> list[Path]:
     """Connect to (or start) the cluster ``where`` describes (``cluster.Cluster``'s
     arguments: scheduler, scheduler_file, n_workers, memory_limit, kind, jobs, adapt,
-    wait_for_workers, quiet; or a ``cluster`` under way), build the products with
-    ``build(workers)`` for its workers and write them in one computation (``progress``,
-    ``report``, ``stats``: see ``run_coron3``): their paths."""
+    wait_for_workers, quiet; or a ``cluster`` under way, or a distributed ``client`` you
+    have, which is used and left open), build the products with ``build(workers)`` for its
+    workers and write them in one computation (``progress``, ``report``, ``stats``: see
+    ``run_coron3``): their paths."""
     with contextlib.ExitStack() as resources:
-        if cluster is None:
-            cluster = resources.enter_context(Cluster(**where))
-        client = cluster.client
+        if client is None:
+            if cluster is None:
+                cluster = resources.enter_context(Cluster(**where))
+            client = cluster.client
         if report and client is None:
             raise CoronInputError(
                 "report", "needs a distributed cluster, not dask's local schedulers"
@@ -493,6 +496,7 @@ def run_coron3(
     report: str | Path | None = None,
     stats: str | Path | None = None,
     cluster: Cluster | None = None,
+    client: object | None = None,
     **parameters: object,
 ) -> list[Path]:
     """Run calwebb_coron3 on an association and return the paths of the products written.
@@ -505,7 +509,8 @@ def run_coron3(
     jobs of workers, or between the ``adapt`` minimum and maximum); an address or
     ``scheduler_file`` uses a running cluster, once ``wait_for_workers`` workers joined;
     ``"synchronous"`` or ``"threads"`` use dask's local schedulers; a ``cluster`` already
-    under way (``cluster.Cluster``) is used as it is. The input is checked before
+    under way (``cluster.Cluster``) is used as it is, and so is a distributed ``client``
+    you already have (a notebook's), which the run leaves open. The input is checked before
     the cluster computes anything, so bad input fails fast and leaves no product. ``report`` saves
     dask's performance report (HTML), ``stats`` a JSON summary of where the time went. With
     an i2d, the run ends with its detection map and candidates (``detection.detect``).
@@ -530,5 +535,6 @@ def run_coron3(
         report=report,
         stats=stats,
         cluster=cluster,
+        client=client,
     )
     return [*paths, *detection_products(paths)]

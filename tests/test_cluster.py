@@ -267,3 +267,42 @@ def test_job_scripts_come_from_the_site_yaml(kind, expected, tmp_path):
     assert "--nthreads 1" in result.stdout and "--nworkers 8" in result.stdout
     assert "--memory-limit 4.00GiB" in result.stdout
     assert "--lifetime 110m --lifetime-stagger 5m" in result.stdout
+
+
+def test_a_client_you_have_is_used_and_left_open(asn, observation_dir, tmp_path):
+    """run_coron3(client=...): a notebook's own cluster runs the reduction, the same
+    products as dask's synchronous scheduler, and both stay open afterwards."""
+    from distributed import Client, LocalCluster
+
+    psfmask = observation_dir / "psfmask.fits"
+    baseline = tmp_path / "baseline"
+    run_coron3(asn, baseline, psfmask=psfmask, scheduler="synchronous", progress=False)
+    with (
+        LocalCluster(n_workers=1, threads_per_worker=1, dashboard_address=":0") as cluster,
+        Client(cluster, set_as_default=False) as client,
+    ):
+        paths = run_coron3(asn, tmp_path / "out", psfmask=psfmask, client=client, progress=False)
+        assert client.status == "running" and len(cluster.workers) == 1
+        assert client.submit(sum, [1, 2]).result() == 3  # still usable
+    assert_same_products(tmp_path / "out", baseline)
+    assert len(paths) == len(list(baseline.iterdir()))
+
+
+def test_the_python_api_runs_at_the_top_of_a_plain_script(asn, observation_dir, tmp_path):
+    """No ``if __name__ == "__main__":``: the LocalCluster's worker processes do not run the
+    script again (they would each start a cluster of their own)."""
+    script = tmp_path / "reduce.py"
+    script.write_text(
+        "from coron_dask import run_coron3\n"
+        f"paths = run_coron3({str(asn)!r}, {str(tmp_path / 'out')!r}, n_workers=1,\n"
+        f"    psfmask={str(observation_dir / 'psfmask.fits')!r}, progress=False, quiet=True)\n"
+        "print(len(paths), __file__)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=300, cwd=tmp_path
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "Nanny failed to start" not in done.stderr
+    count, name = done.stdout.split()
+    assert int(count) == len(list((tmp_path / "out").iterdir())) > 10
+    assert name == str(script)  # the script's own __file__ is back once the run ends
