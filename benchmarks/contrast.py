@@ -83,6 +83,7 @@ from astropy.io import fits
 from astropy.wcs import WCS
 
 from benchmarks.monitor import measure
+from benchmarks.run import commit
 
 RESULTS = Path(__file__).parent / "results"
 GIB = 2**30
@@ -594,17 +595,6 @@ def markdown(results: dict) -> str:
                 f"{r['vip_throughput']:.2f} |"
             )
     return "\n".join(lines) + "\n"
-
-
-def commit() -> str:
-    result = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"],
-        capture_output=True,
-        text=True,
-        cwd=Path(__file__).parent,
-        check=False,
-    )
-    return result.stdout.strip() or "unknown"
 
 
 def main() -> None:
