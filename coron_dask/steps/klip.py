@@ -122,11 +122,8 @@ class KLBasis:
 
     images: da.Array
     err: da.Array
-    truncate: int | tuple[int, ...]
-
-    @property
-    def cutoffs(self) -> tuple[int, ...]:
-        return kl_cutoffs(self.truncate)
+    cutoffs: tuple[int, ...]
+    cube: bool  # a KL-mode cube (truncate given as cutoffs), or jwst's layout (one int)
 
 
 def kl_basis(
@@ -153,10 +150,8 @@ def kl_basis(
         err = da.broadcast_to(
             error[0][:, None], (len(cutoffs), *target.shape), chunks=(-1, *target.chunks)
         )
-    truncate = (
-        cutoffs if len(cutoffs) > 1 or not isinstance(truncate, int | np.integer) else cutoffs[0]
-    )
-    return KLBasis(images, err.astype(np.float32), truncate)
+    cube = not isinstance(truncate, int | np.integer)
+    return KLBasis(images, err.astype(np.float32), cutoffs, cube)
 
 
 def subtract(science: xr.Dataset, basis: KLBasis) -> xr.Dataset:
@@ -185,7 +180,7 @@ def subtract(science: xr.Dataset, basis: KLBasis) -> xr.Dataset:
     err = basis.err
     dims = ("kl", "integration", "y", "x")
     coords = {"integration": science["integration"], "kl": list(cutoffs)}
-    if isinstance(basis.truncate, int):  # jwst's layout: no kl dimension
+    if not basis.cube:  # jwst's layout: no kl dimension
         sci, err, dims = sci[0], err[0], dims[1:]
         del coords["kl"]
     return xr.Dataset(
