@@ -24,6 +24,7 @@ The science products are never touched: a contrast run writes only its own outpu
 
 import logging
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,8 +44,8 @@ from coron_dask.kernels.fourier_shift import fourier_shift
 from coron_dask.kernels.inject import inject_block
 from coron_dask.photometry import find_candidates, noise_profile, snr_map
 from coron_dask.steps import median_replace_img
-from coron_dask.steps.klip import subtract
-from coron_dask.steps.resample import resample, sky_wcs
+from coron_dask.steps.klip import kl_cutoffs, subtract
+from coron_dask.steps.resample import pixel_scale, resample, sky_wcs
 
 log = logging.getLogger(__name__)
 
@@ -148,16 +149,14 @@ def companion_sets(
     ]
 
 
-def star_position(exposure: xr.Dataset) -> SkyCoord:
-    """The star's place on the sky: TARG_RA, TARG_DEC of the science exposure."""
+def star_position(keywords: Mapping, source: object) -> SkyCoord:
+    """The star's place on the sky: TARG_RA, TARG_DEC of the primary ``keywords`` of
+    ``source`` (a science exposure, a product)."""
     try:
-        return SkyCoord(
-            float(exposure.attrs["TARG_RA"]), float(exposure.attrs["TARG_DEC"]), unit="deg"
-        )
+        return SkyCoord(float(keywords["TARG_RA"]), float(keywords["TARG_DEC"]), unit="deg")
     except KeyError:
         raise CoronInputError(
-            exposure.encoding.get("source", "science"),
-            "no TARG_RA/TARG_DEC in the primary header: the star's place is needed",
+            source, "no TARG_RA/TARG_DEC in the primary header: the star's place is needed"
         ) from None
 
 
@@ -234,7 +233,7 @@ def build_injections(
     plane per set (the set injected and reduced; its companions alone, drizzled)."""
     p = reduction.parameters
     science = reduction.science
-    star = star_position(science[0])
+    star = star_position(science[0].attrs, science[0].encoding.get("source", "science"))
     injected_i2d, model_i2d = [], []
     for members in companions:
         subs, models = injected_psfsubs(reduction, psf, members, star)
@@ -277,7 +276,7 @@ def default_separations(exposure: xr.Dataset, star: SkyCoord, resolution: float,
 
 def pixel_scale_arcsec(wcs: WCS) -> float:
     """The pixel side of a celestial WCS, arcsec."""
-    return float(np.sqrt(abs(np.linalg.det(wcs.celestial.pixel_scale_matrix)))) * 3600
+    return pixel_scale(wcs.celestial) * 3600
 
 
 def _aperture(image: np.ndarray, x: float, y: float, radius: float) -> np.ndarray:
@@ -438,7 +437,7 @@ def contrast_curve(
     psf = read_offaxis_psf(offaxis_psf, star_flux)
     observation = open_association(asn)
     first = observation.science[0]
-    star = star_position(first)
+    star = star_position(first.attrs, first.encoding.get("source", "science"))
     scale = pixel_scale_arcsec(sky_wcs(first))
     if resolution is None:
         resolution = lambda_over_d(first.attrs.get("FILTER", "?"), scale / 3600)
@@ -479,11 +478,7 @@ def contrast_curve(
         science, injected, model = (
             hdul[n].data.astype(np.float64) for n in ("SCI", "INJECTED", "MODEL")
         )
-    cutoffs = (
-        (parameters["truncate"],)
-        if isinstance(parameters["truncate"], int)
-        else parameters["truncate"]
-    )
+    cutoffs = kl_cutoffs(parameters["truncate"])
     if len(cutoffs) == 1:  # jwst's layout: no kl axis
         science, injected = science[None], injected[:, None]
     table, measured = measure(

@@ -12,15 +12,12 @@ from pathlib import Path
 
 import dask.array as da
 import numpy as np
-from astropy.coordinates import SkyCoord
-from astropy.io import fits
 from astropy.table import Table, vstack
 from astropy.wcs import WCS
 
-from coron_dask.contrast import lambda_over_d, pixel_positions, pixel_scale_arcsec
+from coron_dask.contrast import lambda_over_d, pixel_positions, pixel_scale_arcsec, star_position
 from coron_dask.errors import CoronInputError
-from coron_dask.io import Extension, Product, write_products
-from coron_dask.io.fits import STRUCTURAL
+from coron_dask.io import Extension, Product, open_product, write_products
 from coron_dask.photometry import find_candidates, snr_map
 
 log = logging.getLogger(__name__)
@@ -37,16 +34,14 @@ def detect(
     ``resolution``: λ/D in pixels (default: from the FILTER's pivot wavelength); the star is
     at TARG_RA, TARG_DEC of the primary header."""
     i2d = Path(i2d)
-    primary, header, image = _read_i2d(i2d)
-    grid = WCS(header, naxis=2)
-    try:
-        star_sky = SkyCoord(primary["TARG_RA"], primary["TARG_DEC"], unit="deg")
-    except KeyError:
-        raise CoronInputError(i2d, "no TARG_RA/TARG_DEC: the star's place is needed") from None
-    star = tuple(float(v) for v in pixel_positions(grid, star_sky)[0])
+    product = open_product(i2d)
+    primary, header = product.attrs, product["SCI"].attrs
+    image = product["SCI"].values.astype(np.float64)
+    grid = WCS({k: v for k, v in header.items() if not isinstance(v, list)}, naxis=2)
+    star = tuple(float(v) for v in pixel_positions(grid, star_position(primary, i2d))[0])
     if resolution is None:
         resolution = lambda_over_d(primary.get("FILTER", "?"), pixel_scale_arcsec(grid) / 3600)
-    cutoffs = [header[f"KLMODE{i}"] for i in range(image.shape[0])] if image.ndim == 3 else []
+    cutoffs = [int(k) for k in product["kl"].values] if "kl" in product.dims else []
     planes = image if image.ndim == 3 else image[None]
     maps, found = [], []
     for k, plane in enumerate(planes):
@@ -95,23 +90,6 @@ def detect(
         resolution,
     )
     return [snr_path, table_path]
-
-
-def _read_i2d(path: Path) -> tuple[dict, fits.Header, np.ndarray]:
-    """Primary keywords (HISTORY a list: what a product's primary takes), SCI keywords and
-    SCI (float64) of an i2d, FITS or Zarr."""
-    if path.suffix == ".zarr":
-        import zarr
-
-        group = zarr.open_group(str(path), mode="r")
-        keywords = {k: v for k, v in group["SCI"].attrs.items() if not isinstance(v, list)}
-        data = np.asarray(group["SCI"][...], dtype=np.float64)
-        return dict(group.attrs), fits.Header(keywords), data
-    with fits.open(path) as hdul:
-        header = hdul[0].header
-        primary = {k: v for k, v in header.items() if k not in STRUCTURAL}
-        primary["HISTORY"] = [str(entry) for entry in header.get("HISTORY", [])]
-        return primary, hdul["SCI"].header, hdul["SCI"].data.astype(np.float64)
 
 
 def detection_products(paths: list[Path]) -> list[Path]:

@@ -231,9 +231,11 @@ def compass(wcs, x: float, y: float) -> tuple[np.ndarray, np.ndarray]:
     Right for any rotation and parity of the grid."""
     from astropy import units as u
 
+    from coron_dask.steps.resample import pixel_scale
+
     sky = wcs.celestial
     here = sky.pixel_to_world(x, y)
-    step = np.sqrt(abs(np.linalg.det(sky.pixel_scale_matrix))) * u.deg  # one pixel
+    step = pixel_scale(sky) * u.deg  # one pixel
     vectors = []
     for angle in (0.0, 90.0):
         there = here.directional_offset_by(angle * u.deg, step)

@@ -105,7 +105,9 @@ def test_zero_flux_injection_leaves_the_psfsub_identical(blank, tmp_path):
     )
     psf = read_offaxis_psf(blank.parent / "offaxis_psf.fits")
     members = [Companion(0, s, 45.0 * i, 0.0) for i, s in enumerate((0.5, 1.0, 1.5))]
-    subs, _ = injected_psfsubs(reduction, psf, members, star_position(reduction.science[0]))
+    subs, _ = injected_psfsubs(
+        reduction, psf, members, star_position(reduction.science[0].attrs, blank)
+    )
     zero = [
         Product(tmp_path / f"zero{i}.fits", {}, [Extension("SCI", sub["sci"].data)])
         for i, sub in enumerate(subs)

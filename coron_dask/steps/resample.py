@@ -45,11 +45,16 @@ def sky_wcs(exposure: xr.Dataset) -> WCS:
     return wcs
 
 
+def pixel_scale(wcs: WCS) -> float:
+    """The side of a square pixel of a celestial ``wcs`` (degrees)."""
+    return float(np.sqrt(abs(np.linalg.det(wcs.pixel_scale_matrix))))
+
+
 def output_grid(wcs_list: list[WCS], shapes: list[tuple[int, int]], orientation: str):
     """A TAN grid with the first WCS's pixel scale and orientation (or north up) covering every
     input frame: its WCS and shape (ny, nx)."""
     first = wcs_list[0]
-    scale = float(np.sqrt(abs(np.linalg.det(first.pixel_scale_matrix))))
+    scale = pixel_scale(first)
     grid = WCS(naxis=2)
     grid.wcs.ctype = ["RA---TAN", "DEC--TAN"]
     grid.wcs.cunit = ["deg", "deg"]
