@@ -17,8 +17,8 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import dask
-from dask.delayed import Delayed
 
+from coron_dask import dashboard
 from coron_dask.chunking import Workers
 from coron_dask.errors import ClusterError, CoronInputError, Interrupted
 from coron_dask.memory import MALLOC
@@ -133,7 +133,7 @@ class Cluster:
                 client_log.addFilter(self._connected)
                 self._config.callback(client_log.removeFilter, self._connected)
                 if not self.quiet:
-                    link = self._client.dashboard_link
+                    link = dashboard.link(self._client.dashboard_link)
                     print(f"Dask dashboard: {link}", file=sys.stderr, flush=True)
                 if self.kind != "local" or self._local is None:  # a LocalCluster has its workers
                     await_workers(self._client, self.wait_for_workers, queue=self._queue_state)
@@ -469,31 +469,32 @@ def measure_workers(client: object | None) -> Workers:
     return Workers(len(info), threads, limit, max(baselines.values()))
 
 
-#: Task-name fragments and the pipeline stage their time counts towards, first match wins.
+#: The steps' task names (``dashboard.by_step``) and the stage of ``--stats`` their time
+#: counts towards, first match wins.
 STAGES = (
-    ("align-fit", "align_refs: shift fit"),
-    ("align-shift", "align_refs: shift"),
-    ("fill-", "align_refs: bad-pixel fill"),
+    ("align_refs-fit", "align_refs: shift fit"),
+    ("align_refs-shift", "align_refs: shift"),
+    ("align_refs-fill", "align_refs: bad-pixel fill"),
     ("klip", "klip"),
-    ("outlier", "outlier_detection"),
+    ("outlier_detection", "outlier_detection"),
     ("resample", "resample"),
     ("read-", "read calints"),
-    ("store", "write products"),
-    ("write-", "write products"),  # an extension written as a later step reads it
+    ("write_", "write products"),
 )
 
 
 def stage_of(task_prefix: str) -> str:
     """The pipeline stage a task belongs to, from its name."""
-    return next((stage for part, stage in STAGES if part in task_prefix), "other")
+    return next((stage for part, stage in STAGES if task_prefix.startswith(part)), "other")
 
 
 def summarize_task_stream(records: list[dict]) -> dict:
     """Seconds and task counts per pipeline stage from a distributed task stream."""
+    from dask.utils import key_split
+
     stages: dict[str, dict[str, float]] = {}
     for record in records:
-        key = record["key"]
-        prefix = (key if isinstance(key, str) else key[0]).rsplit("-", 1)[0]
+        prefix = key_split(record["key"])
         for period in record["startstops"]:
             if period["action"] != "compute":
                 continue
@@ -513,17 +514,21 @@ def _cancel(client: object, futures: list) -> None:
             time.sleep(0.1)
 
 
-def _gather(client: object, futures: list, lines: "_ProgressLines | None" = None) -> None:
-    """Wait for ``futures``, showing progress on ``lines`` if given. A task that kills its
-    workers raises ClusterError, in one line; any other failure (a task's own error, a
-    signal, the scheduler lost: ``Cluster`` says so) is raised as it is, after the other
-    tasks are cancelled and awaited. The progress display never ends a run itself."""
+def _gather(client: object, futures: list, lines: "dashboard.Lines | None" = None) -> None:
+    """Wait for ``futures``, showing progress per step on ``lines`` if given (in Jupyter,
+    distributed's widget). A task that kills its workers raises ClusterError, in one line;
+    any other failure (a task's own error, a signal, the scheduler lost: ``Cluster`` says
+    so) is raised as it is, after the other tasks are cancelled and awaited. The progress
+    display never ends a run itself."""
     from distributed import KilledWorker
 
     try:
         if lines is not None:
             try:
-                _distributed_progress(futures, lines)
+                if dashboard.in_jupyter():
+                    dashboard.widget(futures)
+                else:
+                    dashboard.watch(futures, lines)
             except Exception:  # its own connection lost: the gather says what happened
                 log.debug("progress display ended early", exc_info=True)
         client.gather(futures)
@@ -535,102 +540,67 @@ def _gather(client: object, futures: list, lines: "_ProgressLines | None" = None
         raise
 
 
-class _ProgressLines:
-    """Where a run is: a bar on a terminal; in a batch log, a line every
-    ``coron_dask.cluster.status-interval`` seconds and one at the end."""
-
-    def __init__(self) -> None:
-        self.terminal = sys.stderr.isatty()
-        self.interval = _seconds("status-interval")
-        self.start = self.last = time.monotonic()
-
-    def show(self, done: int, total: int) -> None:
-        now = time.monotonic()
-        fraction = done / total if total else 1.0
-        every = 0.1 if self.terminal else self.interval  # a bar is redrawn 10 times a second
-        if now - self.last < every and done < total:
-            return
-        self.last = now
-        if self.terminal:
-            bar = "#" * int(40 * fraction)
-            sys.stderr.write(f"\r[{bar:<40}] {fraction:4.0%} | {now - self.start:6.1f} s")
-            sys.stderr.flush()
-        else:
-            log.info(
-                "progress: %d of %d tasks (%.0f%%), %.0f s",
-                done,
-                total,
-                100 * fraction,
-                now - self.start,
-            )
-
-    def stop(self) -> None:
-        if self.terminal:
-            sys.stderr.write("\n")
-            sys.stderr.flush()
-
-
-def _distributed_progress(futures: list, lines: _ProgressLines) -> None:
-    """Show the progress of ``futures`` and every task they depend on, until they end."""
-    from distributed.diagnostics.progressbar import TextProgressBar
-
-    class Bar(TextProgressBar):
-        def _draw_bar(self, remaining: int, all: int, **kwargs: object) -> None:
-            lines.show(all - remaining, all)
-
-        def _draw_stop(self, **kwargs: object) -> None:
-            lines.stop()
-
-    Bar(futures, interval="1s")
-
-
 class _LocalWatch:
-    """A dask callback for the local schedulers: progress lines, and each task's compute
-    period in the form of distributed's task stream (for ``stats``)."""
+    """A dask callback for the local schedulers: progress lines per step, and each task's
+    compute period in the form of distributed's task stream (for ``stats``)."""
 
-    def __init__(self, lines: _ProgressLines | None) -> None:
+    def __init__(self, lines: dashboard.Lines | None) -> None:
         from dask.callbacks import Callback
 
         self.lines, self.records, self.started = lines, [], {}
-        self.callback = Callback(pretask=self._pretask, posttask=self._posttask)
+        self.everything: dict[str, int] = {}
+        self.remaining: dict[str, int] = {}
+        self.callback = Callback(
+            start_state=self._start, pretask=self._pretask, posttask=self._posttask
+        )
+
+    def _start(self, dsk: dict, _state: dict) -> None:
+        from dask.utils import key_split
+
+        for key in dsk:
+            group = key_split(key)
+            self.everything[group] = self.everything.get(group, 0) + 1
+        self.remaining = dict(self.everything)
 
     def _pretask(self, key: object, _dsk: dict, _state: dict) -> None:
         self.started[key] = time.time()
 
     def _posttask(self, key: object, _result: object, _dsk: dict, state: dict, _id: int) -> None:
+        from dask.utils import key_split
+
         stop = time.time()
         period = {"action": "compute", "start": self.started.pop(key, stop), "stop": stop}
         self.records.append({"key": key, "startstops": [period]})
         if self.lines is not None:
-            done = len(state["finished"])
-            pending = sum(len(state[k]) for k in ("ready", "waiting", "running"))
-            self.lines.show(done, done + pending)
+            self.remaining[key_split(key)] -= 1
+            finished = not any(self.remaining.values())
+            self.lines.show(dashboard.summary(self.remaining, self.everything), finished)
 
 
 def execute(
-    writes: Sequence[Delayed],
+    writes: Sequence[object],
     client: object | None,
     *,
     progress: bool = True,
     report: str | os.PathLike | None = None,
     stats: str | os.PathLike | None = None,
 ) -> None:
-    """Compute ``writes`` together (shared inputs load once), showing progress if asked:
-    a bar on a terminal, lines in a batch log.
+    """Compute ``writes`` (dask collections) together, shared inputs loaded once, their
+    tasks named after the steps (``dashboard.by_step``), showing progress per step if
+    asked: bars on a terminal, lines in a batch log, distributed's widget in Jupyter.
 
     ``report`` saves dask's HTML performance report (a distributed cluster only); ``stats``
     a JSON summary: wall time, task seconds per stage and, on a distributed cluster, its
     workers and how many were lost during the run.
     """
-    lines = _ProgressLines() if progress else None
+    lines = dashboard.Lines(_seconds("status-interval")) if progress else None
     start = time.perf_counter()
+    run = dashboard.by_step(writes)  # tasks named after the steps, as the dashboard shows
     summary: dict = {}
     if client is None:
         watch = _LocalWatch(lines)
         with watch.callback:
-            dask.compute(*writes)
-        if lines is not None:
-            lines.stop()
+            dask.compute(run, optimize_graph=False)
         summary["stages"] = summarize_task_stream(watch.records)
     else:
         from distributed import get_task_stream, performance_report
@@ -642,7 +612,7 @@ def execute(
             if report:
                 stack.enter_context(performance_report(filename=os.fspath(report)))
             stream = stack.enter_context(get_task_stream(client)) if stats else None
-            futures = client.compute(list(writes))
+            futures = [client.compute(run, optimize_graph=False)]
             _gather(client, futures, lines)
         after = client.scheduler_info(n_workers=-1)["workers"]
         if stream is not None:

@@ -170,7 +170,7 @@ def test_killed_worker_changes_nothing(loopback, busy_observation, busy_baseline
     with Client(loopback.address, set_as_default=False) as client:
         pids = client.run(os.getpid)
     victim = sorted(pids)[0]
-    running_on(loopback.address, victim, "align-fit")  # the run is under way: fitting
+    running_on(loopback.address, victim, "align_refs-fit")  # the run is under way: fitting
     assert thread.is_alive(), "the run ended before a worker could be killed"
     os.kill(pids[victim], signal.SIGKILL)
     thread.join(timeout=300)
@@ -227,7 +227,8 @@ def test_dashboard_answers_during_a_run(busy_observation, tmp_path):
     )
     line = process.stderr.readline()
     assert line.startswith("Dask dashboard: http://127.0.0.1:"), line
-    url = line.split(": ", 1)[1].strip()
+    url = line.split(": ", 1)[1].split()[0]  # then how to reach it through an ssh tunnel
+    assert "ssh -L" in line
     with urllib.request.urlopen(url, timeout=30) as response:
         assert response.status == 200
         assert b"Dask" in response.read()

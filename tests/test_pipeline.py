@@ -458,10 +458,10 @@ def test_no_task_hands_on_a_block_of_references(asn, tmp_path, mode, psfalign):
         plugin = _Outputs(cluster.scheduler)
         cluster.scheduler.add_plugin(plugin)
         execute(writes, client, progress=False)
-    prefix = ("align-", "write-", "fill-sci", "fill-err", "klip-")
+    prefix = ("align_refs-", "write_", "klip-")
     names = {key: key[0] if isinstance(key, tuple) else key for key in plugin.nbytes}
     references = {k: n for k, n in plugin.nbytes.items() if names[k].startswith(prefix)}
-    aligned = [k for k in references if "align-shift-sci" in names[k]]
+    aligned = [k for k in references if names[k].startswith("align_refs-shift")]
     assert aligned and all(references[k] <= 8 * 3 for k in aligned)  # 3 means of 8 bytes
     block = 3 * 64 * 64 * 4  # 3 references aligned to one integration
     largest = max(n for k, n in references.items() if "shift" in names[k] or "write" in names[k])

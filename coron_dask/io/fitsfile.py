@@ -90,7 +90,8 @@ def _pieces(run: np.ndarray, limit: int) -> Iterator[np.ndarray]:
 
 
 class FitsRegion:
-    """A ``da.store`` target: the data area of one extension inside a FITS file on disk."""
+    """A write target (``products.stored``): the data area of one extension inside a FITS
+    file on disk."""
 
     def __init__(self, path: Path, offset: int, shape: tuple[int, ...], dtype: np.dtype) -> None:
         self.path = str(path)

@@ -2,7 +2,7 @@
 
 Each product's headers are written first into a hidden temporary file whose data areas
 are reserved (a sparse file); dask tasks then write their blocks straight into place
-(``da.store`` into a picklable target that opens the file itself). An extension a later
+(each into a picklable target that opens the file itself, ``stored``). An extension a later
 step reads (psfalign's SCI, which KLIP reads) is written by the tasks that make its
 blocks and read back by the tasks that use it (``write_blocks``): handed on in memory,
 each block waited on a worker until dask got round to its readers and its write. Only
@@ -38,7 +38,6 @@ import dask.array as da
 import numpy as np
 from astropy.io import fits
 from dask.base import tokenize
-from dask.delayed import Delayed
 from dask.layers import ArraySliceDep
 
 from coron_dask.errors import CoronInputError
@@ -167,6 +166,13 @@ class Product:
     #: workers' memory): written as a product is, removed at the end, never placed
     scratch: bool = False
 
+    @property
+    def kind(self) -> str:
+        """What the product is, as its name ends (crfints, psfstack, psfalign, psfsub, i2d,
+        snr...), or "scratch": the name its write tasks carry on the dashboard."""
+        stem = self.path.name.removesuffix(self.path.suffix)
+        return "scratch" if self.scratch else stem.rsplit("_", 1)[-1].lower()
+
 
 def _bitpix(file_dtype: np.dtype) -> int:
     return -8 * file_dtype.itemsize if file_dtype.kind == "f" else 8 * file_dtype.itemsize
@@ -281,7 +287,7 @@ def _json_safe(keywords: dict) -> dict:
 
 
 class ZarrArray:
-    """A ``da.store`` target: one array of a Zarr store on disk, opened by the task that
+    """A write target (``stored``): one array of a Zarr store on disk, opened by the task that
     writes to it (picklable, like ``FitsRegion``)."""
 
     def __init__(self, store: Path, name: str) -> None:
@@ -298,7 +304,7 @@ class ZarrArray:
 
 
 class ZarrTable:
-    """A ``da.store`` target: a table of a Zarr store, a group of one array per column,
+    """A write target (``stored``): a table of a Zarr store, a group of one array per column,
     whose rows (a structured array) are written column by column (picklable)."""
 
     def __init__(self, store: Path, name: str) -> None:
@@ -375,7 +381,7 @@ def _reserve_zarr(product: Product, partial: Path) -> list["ZarrArray | ZarrTabl
 
 def target(product: Product, name: str) -> "FitsRegion | ZarrArray | ZarrTable":
     """Where extension ``name`` of ``product`` is written, known before the file exists (a
-    target ``da.store`` and tasks write blocks into)."""
+    target the write tasks write blocks into)."""
     partial = _partial(product.path)
     index = next(i for i, item in enumerate(product.extensions) if item.name == name)
     if product.path.suffix == ".zarr":
@@ -409,6 +415,28 @@ def write_block(block: np.ndarray, where: tuple[slice, ...], to: tuple) -> np.nd
     return frame_means(block)[..., None, None]
 
 
+def store_block(block: np.ndarray, where: tuple[slice, ...], to: object) -> np.ndarray:
+    """Write ``block`` at ``where`` in ``to``; give back one byte (what is written is done
+    with)."""
+    to[where] = block
+    return np.zeros((1,) * block.ndim, np.uint8)
+
+
+def stored(data: da.Array, product: Product, name: str, to: object) -> da.Array:
+    """The tasks that write each block of ``data`` (extension ``name`` of ``product``)
+    into ``to``, named after the product (``write-psfsub-sci``: what the dashboard shows)."""
+    return da.map_blocks(
+        store_block,
+        data,
+        ArraySliceDep(data.chunks),
+        to,
+        chunks=tuple((1,) * len(chunks) for chunks in data.chunks),
+        dtype=np.uint8,
+        meta=np.empty((0,) * data.ndim, np.uint8),
+        name=f"write-{product.kind}-{name.lower()}-" + tokenize(data, to),
+    )
+
+
 def write_blocks(name: str, *products: Product) -> OnDisk:
     """Extension ``name`` (the same data in each of ``products``) written by tasks that
     keep nothing: each writes its block and gives back only the block's frame means (its
@@ -430,11 +458,11 @@ def write_blocks(name: str, *products: Product) -> OnDisk:
     written = da.map_blocks(
         write_block,
         data,
-        ArraySliceDep(data.chunks),  # each block's place in the file, as da.store gives it
+        ArraySliceDep(data.chunks),  # each block's place in the file
         to,
         chunks=(*data.chunks[:-2], (1,), (1,)),
         dtype=np.float64,
-        name=f"write-{name.lower()}-" + tokenize(data, to),
+        name=f"write-{products[0].kind}-{name.lower()}-" + tokenize(data, to),
     )[..., 0, 0]
     for item in products:
         written_by(item, name, written)
@@ -520,7 +548,7 @@ def _check_space(products: list[Product]) -> None:
 
 
 @contextlib.contextmanager
-def staged_products(products: list[Product]) -> Iterator[list[Delayed]]:
+def staged_products(products: list[Product]) -> Iterator[list[da.Array]]:
     """Yield the lazy writes of ``products``; on a clean exit rename them into place.
 
     The caller computes the yielded writes (all together, so shared inputs load once).
@@ -535,7 +563,7 @@ def staged_products(products: list[Product]) -> Iterator[list[Delayed]]:
             item.path.parent.mkdir(parents=True, exist_ok=True)
             clear_stale_partials(item.path)
         _check_space(products)
-        sources, targets, passed = [], [], []
+        sources, writes, passed = [], [], []
         for item in products:
             partial = _partial(item.path)
             partials.append(partial)
@@ -546,12 +574,13 @@ def staged_products(products: list[Product]) -> Iterator[list[Delayed]]:
                     passed.append((item, extension.written, target))
                     continue
                 data = da.asarray(extension.data)
-                sources.append(data.rechunk(_zarr_chunks(data)) if zarr else data)
-                targets.append(target)
-        # one store for all products: one graph, so a block several products need (the
-        # aligned references: psfalign and psfsub) is computed once
+                data = data.rechunk(_zarr_chunks(data)) if zarr else data
+                sources.append(data)
+                writes.append(stored(data, item, extension.name, target))
+        # computed together: one graph, so a block several products need (the aligned
+        # references: psfalign and psfsub) is computed once
         _check_passed(passed, sources)
-        yield [da.store(sources, targets, lock=False, compute=False)]
+        yield writes
     except BaseException:
         for partial in partials:
             _remove(partial)
