@@ -13,8 +13,12 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install --quiet -e .
 	touch $@
 
+# the dashboard test drives Debian's chromium (Playwright's own browser download is not used)
+APT := $(shell [ "$$(id -u)" = 0 ] || echo sudo) apt-get
 $(VENV)/.installed-test: pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install --quiet -e ".[test]"
+	command -v chromium >/dev/null || $(APT) install -y --no-install-recommends chromium \
+		|| { $(APT) update && $(APT) install -y --no-install-recommends chromium; }
 	touch $@ $(VENV)/.installed
 
 install: $(VENV)/.installed
