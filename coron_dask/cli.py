@@ -148,7 +148,11 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
     step.add_argument(
         "--bad-bits", help="DQ flags of bad pixels, names or integer (DO_NOT_USE; '' for none)"
     )
-    step.add_argument("--psfmask", type=Path, help="PSFMASK FITS file (weights, 0 = ignore)")
+    step.add_argument(
+        "--psfmask",
+        help="PSFMASK FITS file (weights, 0 = ignore); 'crds': the one CRDS gives for the "
+        "science header, as jwst (default); 'none': every pixel weighs 1",
+    )
     step.add_argument(
         "--skip",
         action="append",

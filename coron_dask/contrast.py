@@ -423,11 +423,13 @@ def contrast_curve(
     from coron_dask.pipeline import (
         check_inputs,
         execute_on_cluster,
+        find_psfmask,
         open_association,
         reduce_observation,
     )
     from coron_dask.plots import contrast_figure
 
+    psfmask = find_psfmask(asn, psfmask)
     parameters = check_inputs(asn, output_dir, psfmask=psfmask, **parameters)
     if "resample" in parameters["skip"]:
         raise CoronInputError("skip", "the contrast curve is measured on the i2d: keep resample")

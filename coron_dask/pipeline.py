@@ -269,6 +269,8 @@ def reduce_observation(
     makes room for (``contrast``)."""
     p = resolve_parameters(**parameters)
     observation = open_association(asn)
+    psfmask = find_psfmask(asn, psfmask)
+    psfmask = None if psfmask == "none" else psfmask
     plan = plan_observation(observation, workers or measure_workers(None), p, injections)
     log.info("block plan: %s", plan.describe())
     integrations, psfs = plan.integrations, plan.psfs
@@ -337,7 +339,7 @@ def reduce_observation(
         log.info("align_refs: PSFMASK %s", psfmask)
     else:
         log.warning(
-            "align_refs: no PSFMASK given (--psfmask): every pixel weighs 1 in the alignment "
+            "align_refs: no PSFMASK (--psfmask none): every pixel weighs 1 in the alignment "
             "fit, where jwst weighs them with the PSFMASK reference file of the coronagraph"
         )
     stack_keywords = stack.attrs
@@ -415,6 +417,30 @@ def reduce_observation(
     return Reduction(products, science, bases, psfsubs, p, plan)
 
 
+#: --psfmask's words: the PSFMASK CRDS gives (jwst's), or none (every pixel weighs 1)
+PSFMASK_CHOICES = ("crds", "none")
+
+
+def find_psfmask(asn: str | Path, psfmask: str | Path | None = None) -> Path | str:
+    """The PSFMASK of align_refs: ``psfmask`` if it names a file; from CRDS for the first
+    science exposure's header, as jwst finds it, for "crds" (the default, the setting
+    ``coron_dask.align_refs.psfmask``); "none" for none (every pixel weighs 1 in the
+    alignment fit). Raises CoronInputError, in one line, where CRDS has none for it or
+    cannot be reached."""
+    from coron_dask.io.reference_files import best_psfmask
+
+    choice = psfmask if psfmask is not None else config.get("align_refs.psfmask")
+    choice = "none" if choice is None else choice  # dask's configuration reads none as null
+    if str(choice).lower() not in PSFMASK_CHOICES:
+        return Path(choice)
+    if str(choice).lower() == "none":
+        return "none"
+    science = read_association(asn).science[0]
+    found = best_psfmask(science, open_exposure(science).attrs)
+    log.info("align_refs: PSFMASK %s from CRDS, for %s", found.name, Path(science).name)
+    return found
+
+
 def check_output_dir(output_dir: str | Path) -> None:
     """Raise CoronInputError unless products can be written in ``output_dir``: a folder, or
     one that can be made, that this process may write in."""
@@ -437,7 +463,7 @@ def check_inputs(
     member's header and frame size, the PSFMASK, the output folder."""
     resolved = resolve_parameters(**parameters)
     observation = open_association(asn)
-    if psfmask is not None:
+    if psfmask is not None and str(psfmask).lower() not in PSFMASK_CHOICES:
         frame = observation.psfstack
         read_psfmask(psfmask, (frame.sizes["y"], frame.sizes["x"]))
     check_output_dir(output_dir)
@@ -517,6 +543,7 @@ def run_coron3(
     """
     from coron_dask.detection import detection_products
 
+    psfmask = find_psfmask(asn, psfmask)  # before any cluster starts, as the input checks
     parameters = check_inputs(asn, output_dir, psfmask=psfmask, **parameters)
     paths = execute_on_cluster(
         lambda workers: build_products(

@@ -281,6 +281,8 @@ def simulate(
         **kind.keywords,
         "NGROUPS": 10,
         "PROGRAM": program,
+        "DATE-OBS": "2023-06-01",  # what CRDS picks reference files by, with the optics
+        "TIME-OBS": "12:00:00.000",
         "DATAMODL": "CubeModel",
     }
     sci_keywords = {"BUNIT": "MJy/sr", "PHOTMJSR": MJYSR_PER_ELECTRON}

@@ -2,16 +2,23 @@
 that counts dask computes."""
 
 import contextlib
+import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+# Runs without --psfmask weigh every pixel 1 instead of asking CRDS (this process and the
+# commands it starts): tests/test_reference_files.py asks a CRDS cache of its own.
+os.environ["DASK_CORON_DASK__ALIGN_REFS__PSFMASK"] = "none"
+
 import dask
 import pytest
 
-from coron_dask import run_coron3
-from coron_dask.simulate import simulate
+dask.config.refresh()
+
+from coron_dask import run_coron3  # noqa: E402
+from coron_dask.simulate import simulate  # noqa: E402
 
 SMALL = {"size": 64, "sci_exps": 2, "sci_ints": 3, "psf_exps": 3, "psf_ints": 2, "seed": 4}
 
