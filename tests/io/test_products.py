@@ -134,9 +134,8 @@ def test_written_blocks_are_read_back_exactly(tmp_path, suffix):
     )
     means = Product(tmp_path / "x_means.fits", {}, [Extension("SCI", stored.written)])
     with staged_products([*products, later, means]) as writes:
-        (stores,) = writes
         # the ERRs, the later product and the means: SCI is written by `stored.written`
-        assert len(stores) == 2 + len(products)
+        assert len(writes) == 2 + len(products)
         dask.compute(*writes, scheduler="threads")
     np.testing.assert_allclose(_read(later.path, "SCI"), cube.sum(axis=1), rtol=1e-6)
     np.testing.assert_allclose(_read(means.path, "SCI"), cube.mean(axis=(2, 3), dtype=np.float64))
