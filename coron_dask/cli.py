@@ -511,6 +511,10 @@ def main(argv: list[str] | None = None) -> int:
 
             traceback.print_exc()
         print(f"coron-dask: error: {line}", file=sys.stderr, flush=True)
+        if not args.debug:  # the line above ends the log, whatever closes after it
+            from coron_dask.cluster import quiet_distributed
+
+            quiet_distributed()
         return code
     finally:
         restore_logging()

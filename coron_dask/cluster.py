@@ -170,8 +170,7 @@ class Cluster:
         )
         # the run has said how it ended: what dask logs as it shuts down is noise (tasks
         # cancelled, heartbeats to a scheduler already closed, reconnection attempts)
-        logger = logging.getLogger("distributed")
-        level = logger.level
+        levels = {name: logging.getLogger(name).level for name in CLUSTER_LOGGERS}
         quiet_distributed()
         if self._client is not None and not lost and self._local is not None:
             with contextlib.suppress(Exception):
@@ -183,7 +182,8 @@ class Cluster:
             with contextlib.suppress(Exception):
                 self.deployment.close()
         self._config.close()
-        logger.setLevel(level)
+        for name, level in levels.items():
+            logging.getLogger(name).setLevel(level)
         if lost:  # whatever failed on the way (a graph sent, a worker list asked for)
             raise ClusterError("lost the connection to the scheduler") from None
 
@@ -206,10 +206,16 @@ def local_worker_count(n_workers: int | None = None, threads_per_worker: int | N
     return n_workers or config.get("cluster.n-workers") or max(1, (os.cpu_count() or 1) // threads)
 
 
+#: The loggers of a cluster's machinery: distributed's, and the event loop's under it
+#: (tornado logs a callback that failed, e.g. a job scaled while the cluster closes).
+CLUSTER_LOGGERS = ("distributed", "tornado", "asyncio")
+
+
 def quiet_distributed() -> None:
-    """Log only distributed's critical messages in this process: a run that is ending
-    (cancelled tasks, connections closing, reconnection attempts) has said why already."""
-    logging.getLogger("distributed").setLevel(logging.CRITICAL)
+    """Log only the cluster machinery's critical messages in this process: a run that is
+    ending (cancelled tasks, connections closing, reconnection attempts) has said why."""
+    for name in CLUSTER_LOGGERS:
+        logging.getLogger(name).setLevel(logging.CRITICAL)
 
 
 def _workers_to_await(
@@ -489,18 +495,23 @@ def stage_of(task_prefix: str) -> str:
 
 
 def summarize_task_stream(records: list[dict]) -> dict:
-    """Seconds and task counts per pipeline stage from a distributed task stream."""
+    """Per pipeline stage, from a task stream: the seconds of its tasks and of dask's
+    operations feeding them, the number of its own tasks (one fit per alignment block) and
+    of those operations."""
     from dask.utils import key_split
 
     stages: dict[str, dict[str, float]] = {}
     for record in records:
         prefix = key_split(record["key"])
+        own = dashboard.operation(record["key"]) is None
         for period in record["startstops"]:
             if period["action"] != "compute":
                 continue
-            entry = stages.setdefault(stage_of(prefix), {"seconds": 0.0, "tasks": 0})
+            entry = stages.setdefault(
+                stage_of(prefix), {"seconds": 0.0, "tasks": 0, "dask_tasks": 0}
+            )
             entry["seconds"] += period["stop"] - period["start"]
-            entry["tasks"] += 1
+            entry["tasks" if own else "dask_tasks"] += 1
     return stages
 
 
@@ -554,10 +565,12 @@ class _LocalWatch:
             start_state=self._start, pretask=self._pretask, posttask=self._posttask
         )
 
-    def _start(self, dsk: dict, _state: dict) -> None:
+    def _start(self, dsk: dict, state: dict) -> None:
         from dask.utils import key_split
 
         for key in dsk:
+            if key in state["cache"]:  # data (an array read lazily), never run as a task
+                continue
             group = key_split(key)
             self.everything[group] = self.everything.get(group, 0) + 1
         self.remaining = dict(self.everything)

@@ -8,7 +8,10 @@ dask's internals (``getitem``, ``rechunk-merge``, names joined when dask fuses t
 Jupyter widget and the terminal then list outlier_detection, align_refs' fill, fit and
 shift, klip, resample and the writes of each product in pipeline order. A task of dask's
 own takes the step of the tasks it feeds (a slice of the filled frames fed to the fit is
-the fit's), or else of its inputs. Only names change: the tasks, and so the products, are
+the fit's), or else of its inputs, and keeps its operation after the token:
+``align_refs-fit-<token>-getitem``. The dashboard groups it with its step (dask names a
+group by the words before the token), and ``operation`` tells it from the step's own
+tasks (``--stats`` counts those). Only names change: the tasks, and so the products, are
 those dask would have run.
 """
 
@@ -63,6 +66,20 @@ def step_of(name: str) -> str | None:
     return write
 
 
+def operation(key: object) -> str | None:
+    """The dask operation a task renamed by ``by_step`` is (``getitem`` for
+    ``align_refs-fit-<token>-getitem``), None for a task of the step's own."""
+    words = _name(key).split("-")
+    token = next((i for i, w in enumerate(words) if len(w) == 32 and _hex(w)), None)
+    if token is None:
+        return None
+    return "-".join(words[token + 1 :]) or None
+
+
+def _hex(word: str) -> bool:
+    return all(c in "0123456789abcdef" for c in word)
+
+
 def written_kind(name: str) -> str | None:
     """The kind of product a task named ``name`` writes (``write-<kind>-…`` anywhere in
     it: fused into the task that makes the block, or alone), None if it writes none."""
@@ -115,6 +132,7 @@ def by_step(collections: Sequence[object]) -> object:
     from dask.base import collections_to_expr, tokenize
     from dask.core import flatten
     from dask.delayed import Delayed
+    from dask.utils import key_split
 
     collections = list(collections)
     expr = collections_to_expr(collections, optimize_graph=True).optimize()
@@ -128,7 +146,10 @@ def by_step(collections: Sequence[object]) -> object:
         name = key[0] if isinstance(key, tuple) else key
         new = names.get((labels[key], name))
         if new is None:
-            new = names[labels[key], name] = f"{labels[key]}-{tokenize(name)}"
+            new = f"{labels[key]}-{tokenize(name)}"
+            if step_of(name) is None:  # dask's own: its operation after the token
+                new += f"-{key_split(name)}"
+            names[labels[key], name] = new
         return (new, *key[1:]) if isinstance(key, tuple) else new
 
     new_keys = {key: renamed(key) for key in graph}

@@ -172,8 +172,15 @@ def test_stats_and_progress_lines_under_the_threaded_scheduler(asn, tmp_path, ca
     assert all(stage["seconds"] > 0 for stage in stages.values())
     progress = [line for line in err.splitlines() if " - progress: " in line]
     assert len(progress) > 3
-    done, total = progress[-1].split("progress: ")[1].split(" tasks")[0].split(" of ")
-    assert done == total and "(100%)" in progress[-1]
+    # the last line: every step's tasks done, every product written
+    assert "progress: 100% in " in progress[-1]
+    counts = progress[-1].split(": ", 2)[2].replace("; products", ",").split(", ")
+    assert {"align_refs fit", "klip subtract", "write psfsub"} <= {
+        c.rsplit(" ", 1)[0] for c in counts
+    }
+    for count in counts:
+        done, total = count.rsplit(" ", 1)[1].split("/")
+        assert done == total != "0", count
 
 
 def test_stale_partials_of_a_killed_run(asn, tmp_path, capsys):

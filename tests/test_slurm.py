@@ -182,7 +182,7 @@ def test_jobs_that_cannot_start_are_shown_waiting_then_one_line(slurm, asn, tmp_
     assert "waiting up to 6 s for 1 worker at tcp://" in waiting[0]
     assert all(" PENDING BeginTime" in line for line in waiting), waiting
     assert any("still waiting for 1 worker" in line for line in waiting), waiting
-    assert err[-1].startswith("coron-dask: error: cluster: 0 of 1 worker joined ")
+    assert err[-1].startswith("coron-dask: error: cluster: 0 of 1 worker joined "), result.stderr
     assert "Traceback" not in result.stderr
     assert not out.exists()
     queue = subprocess.run(["squeue", "-h"], capture_output=True, text=True, check=True).stdout
