@@ -47,8 +47,8 @@ class Scenario:
     psf_exps: int
     psf_ints: int
     align_to: str = "each"
-    workers: int = 2
-    memory_limit: str = "auto"
+    workers: int | None = 2  # None: as a user runs it (a small run computes in process)
+    memory_limit: str | None = "auto"
     jwst: str | None = None  # "functions" or "shipped"
     extra: list[str] = field(default_factory=list)
     instrument: str = "nircam"  # miri: 224 × 288 4QPM frames (size unused)
@@ -75,8 +75,19 @@ class Scenario:
 SCENARIOS = {
     # coron-dask runs the steps jwst runs in each comparison: jwst's functions here include
     # outlier_detection but no resample; jwst's shipped pipeline is run without both
+    # issue 12's datasets, run with coron-dask's defaults as a user would
     "like-for-like": Scenario(
-        "like-for-like", 160, 2, 16, 8, 5, "each", jwst="functions", extra=["--skip", "resample"]
+        "like-for-like",
+        160,
+        2,
+        20,
+        8,
+        6,
+        "each",
+        workers=None,
+        memory_limit=None,
+        jwst="functions",
+        extra=["--skip", "resample"],
     ),
     "first-sub320": Scenario(
         "first-sub320",
@@ -86,6 +97,8 @@ SCENARIOS = {
         9,
         5,
         "first",
+        workers=None,
+        memory_limit=None,
         jwst="shipped",
         extra=["--skip", "outlier_detection", "--skip", "resample"],
     ),
@@ -145,10 +158,8 @@ def coron_dask(scenario: Scenario, asn: Path, out: Path, *extra: str) -> tuple[M
         str(asn.parent / "psfmask.fits"),
         "--align-to",
         scenario.align_to,
-        "--n-workers",
-        str(scenario.workers),
-        "--memory-limit",
-        scenario.memory_limit,
+        *(["--n-workers", str(scenario.workers)] if scenario.workers else []),
+        *(["--memory-limit", scenario.memory_limit] if scenario.memory_limit else []),
         "--no-progress",
         "--stats",
         str(stats),

@@ -197,6 +197,44 @@ def _seconds(setting: str, given: float | str | None = None) -> float:
     return parse_timedelta(given or config.get(f"cluster.{setting}"), "s")
 
 
+def in_process(
+    data_bytes: int | None,
+    *,
+    scheduler: str | None = None,
+    scheduler_file: str | None = None,
+    n_workers: int | None = None,
+    memory_limit: str | float | None = None,
+    kind: str = "local",
+    report: object = None,
+    **_where: object,
+) -> bool:
+    """Whether a run whose data (inputs and aligned frames) come to ``data_bytes`` computes
+    in this process, on dask's threaded scheduler (numpy's FFTs and products release the
+    GIL), rather than on a LocalCluster started for it: yes when nothing asks for a
+    cluster (a scheduler, worker processes or their memory limit, batch jobs, a performance
+    report) and the data come to less than ``coron_dask.cluster.in-process-below``. Worker
+    processes take seconds to start, longer than such a run computes."""
+    from dask.utils import format_bytes, parse_bytes
+
+    from coron_dask import config
+
+    below = config.get("cluster.in-process-below")
+    asked = scheduler or scheduler_file or n_workers or config.get("cluster.n-workers")
+    if below is None or data_bytes is None or asked or memory_limit or kind != "local" or report:
+        return False
+    if data_bytes >= parse_bytes(below):
+        return False
+    log.info(
+        "cluster: %s of data, less than coron_dask.cluster.in-process-below (%s): computing "
+        "in this process on %d threads, no worker processes to start (--n-workers starts "
+        "a LocalCluster and its dashboard)",
+        format_bytes(data_bytes),
+        below,
+        os.cpu_count() or 1,
+    )
+    return True
+
+
 def local_worker_count(n_workers: int | None = None, threads_per_worker: int | None = None) -> int:
     """The worker processes of the LocalCluster a run starts: ``n_workers``, else the
     setting ``coron_dask.cluster.n-workers``, else as many as the cores give threads."""

@@ -424,6 +424,7 @@ def contrast_curve(
         check_inputs,
         execute_on_cluster,
         find_psfmask,
+        observation_bytes,
         open_association,
         reduce_observation,
     )
@@ -474,7 +475,8 @@ def contrast_curve(
         scratch = [product for product in reduction.products if product.scratch]
         return [*scratch, built["injections"].product]
 
-    paths = execute_on_cluster(build, **(execution or {}))
+    data = observation_bytes(asn, parameters["align_to"])
+    paths = execute_on_cluster(build, data_bytes=data, **(execution or {}))
     injections = built["injections"]
     with fits.open(injections.product.path) as hdul:
         science, injected, model = (

@@ -1,6 +1,7 @@
-"""JWST pixel data-quality bits (the values of ``stdatamodels.jwst.dqflags.pixel``)."""
+"""JWST pixel data-quality bits (the values of ``stdatamodels.jwst.dqflags.pixel``), and
+the bit-mask expressions jwst's steps take ("~DO_NOT_USE", "OUTLIER, SATURATED", "18")."""
 
-from astropy.nddata.bitmask import interpret_bit_flags
+import re
 
 from coron_dask.errors import CoronInputError
 
@@ -42,21 +43,55 @@ PIXEL = {
 
 
 def bit_value(bits: str | int | None, parameter: str = "bad_bits") -> int:
-    """DQ bits from names or integers, as jwst's steps read them: "OUTLIER, SATURATED", "18", 18,
-    or "~DO_NOT_USE" (every bit but those named)."""
+    """DQ bits from names or integers, as jwst's steps read them (astropy's
+    ``interpret_bit_flags``, whose import costs a run half a second): "OUTLIER, SATURATED",
+    "OUTLIER+SATURATED", "18", 18, or "~DO_NOT_USE" (every bit but those named)."""
     if bits is None or (isinstance(bits, str) and not bits.strip()):
         return 0
-    try:
-        value = interpret_bit_flags(bits, flag_name_map=PIXEL)
-    except KeyError as error:
-        raise CoronInputError(
-            parameter,
-            f"{bits!r}: no DQ flag is named {error.args[0]!r}; give an integer or names of "
-            f"jwst's pixel flags ({', '.join(list(PIXEL)[1:6])}, ...), joined by commas",
-        ) from None
-    except (ValueError, TypeError) as error:
-        raise CoronInputError(parameter, f"cannot read DQ bits {bits!r}: {error}") from None
-    flipped = isinstance(bits, str) and bits.strip().startswith("~")
-    if value is None or (value < 0 and not flipped):
+    if not isinstance(bits, str):
+        try:
+            value, flipped = int(bits), False
+        except (ValueError, TypeError) as error:
+            raise CoronInputError(parameter, f"cannot read DQ bits {bits!r}: {error}") from None
+    else:
+        value, flipped = _expression(bits, parameter)
+    if value < 0 and not flipped:
         raise CoronInputError(parameter, f"DQ bits {bits!r} are not a non-negative bit mask")
-    return int(value) & 0xFFFFFFFF  # "~NAME" (every bit but NAME) as the 32-bit DQ mask
+    return (~value if flipped else value) & 0xFFFFFFFF  # "~NAME": every bit but NAME
+
+
+def _expression(bits: str, parameter: str) -> tuple[int, bool]:
+    """(value, flipped) of a bit-mask expression: "~" flips the whole of what follows,
+    optionally in parentheses; one kind of separator (",", "+" or "|") joins names, or
+    joins integers that are single bits; a lone integer is taken as it is."""
+    text = bits.strip()
+    flipped = text.startswith("~")
+    text = text.removeprefix("~").strip()
+    if text.startswith("(") and text.endswith(")"):
+        text = text[1:-1].strip()
+    separators = set(re.findall(r"[,+|]", text))
+    if len(separators) > 1:
+        raise CoronInputError(
+            parameter, f"cannot read DQ bits {bits!r}: use one of ',', '+' or '|' between flags"
+        )
+    parts = [part.strip() for part in re.split(r"[,+|]", text)]
+    if all(re.fullmatch(r"[+-]?\d+", part) for part in parts):
+        numbers = [int(part) for part in parts]
+        if len(numbers) > 1 and any(n <= 0 or n & (n - 1) for n in numbers):
+            raise CoronInputError(
+                parameter, f"cannot read DQ bits {bits!r}: a list of integers must be of bits"
+            )
+        value = 0
+        for number in numbers:
+            value |= number
+        return (numbers[0] if len(numbers) == 1 else value), flipped
+    value = 0
+    for name in parts:
+        if name not in PIXEL:
+            raise CoronInputError(
+                parameter,
+                f"{bits!r}: no DQ flag is named {name!r}; give an integer or names of "
+                f"jwst's pixel flags ({', '.join(list(PIXEL)[1:6])}, ...), joined by commas",
+            )
+        value |= PIXEL[name]
+    return value, flipped

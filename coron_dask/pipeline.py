@@ -17,7 +17,7 @@ from dask.utils import parse_bytes
 
 from coron_dask import chunking, config
 from coron_dask.chunking import BlockPlan, Workers
-from coron_dask.cluster import Cluster, execute, measure_workers
+from coron_dask.cluster import Cluster, execute, in_process, measure_workers
 from coron_dask.dqflags import bit_value
 from coron_dask.errors import CoronInputError
 from coron_dask.io import (
@@ -478,6 +478,7 @@ def execute_on_cluster(
     stats: str | Path | None = None,
     cluster: Cluster | None = None,
     client: object | None = None,
+    data_bytes: int | None = None,
     **where: object,
 ) -> list[Path]:
     """Connect to (or start) the cluster ``where`` describes (``cluster.Cluster``'s
@@ -485,10 +486,13 @@ def execute_on_cluster(
     wait_for_workers, quiet; or a ``cluster`` under way, or a distributed ``client`` you
     have, which is used and left open), build the products with ``build(workers)`` for its
     workers and write them in one computation (``progress``, ``report``, ``stats``: see
-    ``run_coron3``): their paths."""
+    ``run_coron3``): their paths. A run of ``data_bytes`` (``observation_bytes``) that asks for no
+    cluster may compute in this process (``cluster.in_process``)."""
     with contextlib.ExitStack() as resources:
         if client is None:
             if cluster is None:
+                if in_process(data_bytes, report=report, **where):
+                    where = {**where, "scheduler": "threads"}
                 cluster = resources.enter_context(Cluster(**where))
             client = cluster.client
         if report and client is None:
@@ -502,6 +506,23 @@ def execute_on_cluster(
             products,
             lambda *writes: execute(writes, client, progress=progress, report=report, stats=stats),
         )
+
+
+def observation_bytes(asn: str | Path, align_to: str) -> int:
+    """What a run of ``asn`` reads and aligns: its exposures' SCI, ERR and DQ, and the
+    aligned references' SCI and ERR (psfalign, kept or as a scratch file), in bytes."""
+    observation = open_association(asn)
+    inputs = sum(
+        dataset[name].nbytes
+        for dataset in (*observation.science, *observation.psf)
+        for name in ("sci", "err", "dq")
+        if name in dataset
+    )
+    targets = sum(
+        dataset.sizes["integration"] if align_to == "each" else 1 for dataset in observation.science
+    )
+    frame = observation.psfstack.sizes["y"] * observation.psfstack.sizes["x"]
+    return int(inputs + 2 * 4 * targets * observation.psfstack.sizes["psf"] * frame)
 
 
 def run_coron3(
@@ -563,5 +584,6 @@ def run_coron3(
         stats=stats,
         cluster=cluster,
         client=client,
+        data_bytes=observation_bytes(asn, parameters["align_to"]),
     )
     return [*paths, *detection_products(paths)]
