@@ -349,13 +349,13 @@ def markdown(rows: list[dict], machine: dict) -> str:
             continue
         jwst_s = f"{row['jwst']['seconds']:.1f} s" if "jwst" in row else "–"
         speedup = f"{row['speedup']:.1f}×" if "speedup" in row else "–"
-        limit = row["memory_limit_total"] / GIB
+        limit = f"{row['memory_limit_total'] / GIB:.1f} GiB" if s["workers"] else "in process"
         klip = f"{row['klip_gflops']:.1f}" if row.get("klip_gflops") else "–"
         lines.append(
             f"| {s['name']} ({Scenario(**s).frame}, {s['sci_exps']}×{s['sci_ints']} sci, "
             f"{s['psf_exps']}×{s['psf_ints']} ref, {s['align_to']}) | {row['pairs']} | "
             f"{row['psfalign_gb']:.2f} GB | {row['coron_dask']['seconds']:.1f} s | {jwst_s} | "
-            f"{speedup} | {row['coron_dask']['peak_memory'] / GIB:.2f} GiB | {limit:.1f} GiB | "
+            f"{speedup} | {row['coron_dask']['peak_memory'] / GIB:.2f} GiB | {limit} | "
             f"{worker_share(row)} | "
             f"{row['frames_aligned_per_s']:.0f} | {klip} | {row['over_roofline']:.1f} |"
         )
@@ -365,7 +365,7 @@ def markdown(rows: list[dict], machine: dict) -> str:
 def worker_share(row: dict) -> str:
     """The largest worker's peak as a share of its memory limit (dask spills at 0.70)."""
     peak = row["coron_dask"].get("peak_worker")
-    per_worker = row["memory_limit_total"] / max(1, row["scenario"]["workers"])
+    per_worker = row["memory_limit_total"] / max(1, row["scenario"]["workers"] or 1)
     return f"{peak / per_worker:.2f} of limit" if peak and per_worker else "–"
 
 
