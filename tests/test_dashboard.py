@@ -134,11 +134,13 @@ def _names_on(page, url: str | None, wanted: set, timeout: float = 60) -> set:
         page.wait_for_function("() => window.Bokeh && window.Bokeh.documents.length > 0")
     deadline = time.monotonic() + timeout
     while True:
-        # the task stream also draws moving a task's result: transfer-, disk-read-<task>
+        # the task stream also draws moving a task's result: transfer-, disk-read-<task>,
+        # and a worker spilling results to disk (when the machine is short of memory):
+        # disk-write, an activity of distributed's, not a task
         names = {
             key_split(name).removeprefix("transfer-").removeprefix("disk-read-")
             for name in page.evaluate(BROWSER_NAMES)
-        }
+        } - {"disk-write", "disk-read"}
         if wanted <= names or time.monotonic() > deadline:
             return names
         page.wait_for_timeout(250)

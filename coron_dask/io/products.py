@@ -165,8 +165,8 @@ class Product:
     #: a file the run needs only while it runs (what it keeps on disk rather than in
     #: workers' memory): written as a product is, removed at the end, never placed
     scratch: bool = False
-    #: its FITS headers, made once (astropy takes ~30 ms a product) for the extensions
-    #: it had then (``_fits_headers``)
+    #: its FITS headers and what they were made of (astropy takes ~30 ms a product to
+    #: make them; ``_fits_headers``)
     _headers: tuple | None = field(default=None, init=False, repr=False, compare=False)
 
     @property
@@ -261,9 +261,16 @@ def _fits_layout(product: Product, partial: Path) -> tuple[list[tuple[bytes, Fit
 
 
 def _fits_headers(product: Product) -> list[bytes]:
-    """The primary and extension headers of ``product`` as written, made once for the
-    extensions it has (a product's layout is asked for by every write task's target)."""
-    extensions = tuple(map(id, product.extensions))
+    """The primary and extension headers of ``product`` as written, made again only when
+    what they are made of changed (a product's layout is asked for by every write task's
+    target, and by the check that keywords added later did not move its data)."""
+    # what the headers are made of, cheap to compare (astropy's cards are not)
+    extensions = repr(
+        (
+            product.primary,
+            [(e.name, e.keywords, e.data.shape, e.data.dtype) for e in product.extensions],
+        )
+    )
     if product._headers is None or product._headers[0] != extensions:
         headers = [_primary_header(product.primary)]
         headers += [_extension_header(extension) for extension in product.extensions]
