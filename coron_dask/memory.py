@@ -82,11 +82,14 @@ def fill(frames: int, frame: Frame, box: int = 3) -> int:
 
 def fit(frames: int, psfs: int, frame: Frame) -> int:
     """Shift fit of ``psfs`` references to ``frames`` science frames: both in (float32), the
-    PSFMASK, the science frame's spectra and model energy, and a batch of references in
-    flight (float64 frames, their spectra, the model and its derivatives)."""
+    PSFMASK, the science frame's terms (its spectrum split as a shift weighs it, and at
+    their peak the linear autoconvolution's doubled transforms and E's terms: about 200
+    bytes a pixel, ``registration._Problem``), and a batch of references in flight
+    (float64 frames, their weighted spectra, cross-correlation and overlaps M: 40 bytes a
+    pixel each)."""
     batch = min(psfs, fit_batch(frame.pixels))
-    per_batch = batch * (11 * 8 * frame.pixels + 4 * frame.spectrum)
-    problem = 4 * 8 * frame.pixels + 4 * frame.spectrum
+    per_batch = batch * 40 * frame.pixels
+    problem = 200 * frame.pixels
     inputs = 4 * (frames + psfs) * frame.pixels + 8 * frame.pixels
     # the overhead every task has: without it a fit of 64x64 frames measured 1.3 MiB above
     return inputs + problem + per_batch + TASK_OVERHEAD

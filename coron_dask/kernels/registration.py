@@ -12,8 +12,7 @@ the science frame's spectrum for every reference and fitting a batch of referenc
 """
 
 import numpy as np
-
-from coron_dask.kernels.fourier_shift import Ramps
+from scipy import fft  # numpy's FFTs hold the GIL for part of their time, scipy's do not
 
 #: A Newton step that moves the shift by less than this (pixels), and β relatively by
 #: less, is the last: with quadratic convergence what remains is of order XTOL².
@@ -25,10 +24,9 @@ MAX_ITER = 100
 #: pointing puts references well within it, and a wider search can latch onto another
 #: feature of a frame (jwst's fit, from no shift, stays in the PSF core's basin too).
 START_RADIUS = 2
-#: Pixels of reference frames fitted at once (a batch): about 100 bytes each are in flight
-#: (spectra, model images, residuals), so ~25 MB, cache-friendly, whatever the frame size.
+#: Pixels of reference frames fitted at once (a batch): about 40 bytes each are in flight
+#: (float64 frames, spectra, overlaps), so ~10 MB, cache-friendly, whatever the frame size.
 BATCH_PIXELS = 2**18
-BYTES_PER_BATCH_PIXEL = 100
 
 
 def fit_batch(pixels: int) -> int:
@@ -71,30 +69,49 @@ def fit_shifts(
 
 
 class _Problem:
-    """The fit of many references to one science frame: spectra computed once, reused."""
+    """The fit of many references to one science frame: spectra computed once, reused.
+
+    The cost ‖w·(psf − β·s)‖², with s the science frame shifted by d = (dx, dy), is
+    P − 2β·X(d) + β²·E(d): P = Σ w²psf², X(d) = Σ w²·psf·s and E(d) = Σ w²·s². Both X and
+    E are sums of phase ramps exp(−2πi q·d) over frequencies, so that they and their
+    derivatives in d cost no FFT per evaluation, only products with ramps that separate
+    along y and x (matrix products):
+
+    - s = ifft of Ã·ramp over the frequencies −N//2…N//2 of each axis, Ã the science
+      frame's spectrum with the bins that jwst's real part of a complex shift splits
+      (Nyquist rows and columns, N even) shared half-and-half between ±N/2;
+    - E(d) = Σ_q H(q)·ramp(q) over −2·(N//2)…2·(N//2), H = (Ã∗Ã)(q)·FFT(w²)(−q) / N²
+      (a linear autoconvolution, once per science frame);
+    - X(d) = Σ_k M(k)·ramp(k), M = Ã(k)·FFT(w²psf)(−k) / N (once per reference).
+    """
 
     def __init__(self, science: np.ndarray, weight: np.ndarray) -> None:
-        self.shape = science.shape
+        self.shape = ny, nx = science.shape
         self.weight = weight
         self.weight2 = weight * weight
-        self.spectrum = np.fft.rfft2(science)
-        # Σ_x a·b = Re Σ_k parseval·conj(A)·B for real a, b and their rfft2s A, B
-        ny, nx = self.shape
-        columns = np.full(nx // 2 + 1, 2.0)
-        columns[0] = 1.0
-        if nx % 2 == 0:
-            columns[-1] = 1.0
-        self.parseval_spectrum = self.spectrum * (columns / (ny * nx))
+        self.spectrum = fft.rfft2(science)
+        self.axes = [_SplitAxis(n) for n in self.shape]
+        y, x = self.axes
+        self.tilde = _split_spectrum(self.spectrum, y, x)
+        # linear autoconvolution of Ã by FFTs long enough not to wrap around
+        square = fft.fft2(self.tilde, s=(2 * y.size, 2 * x.size))
+        square *= square
+        conv = fft.ifft2(square)[: 2 * y.size - 1, : 2 * x.size - 1]
+        del square
+        reflected = fft.fft2(self.weight2)[np.ix_(-y.double % ny, -x.double % nx)]
+        terms = conv * reflected / float(ny * nx) ** 2
+        # a term at −q is the conjugate of that at q: the columns q_x ≥ 0 suffice, twice
+        self.energy_terms = terms[:, x.double >= 0] * _fold(x.double)
         # integer shifts the start may take: within START_RADIUS pixels of none (circularly)
         rows = np.abs(np.fft.fftfreq(ny, 1 / ny))[:, None] <= START_RADIUS
         cols = np.abs(np.fft.fftfreq(nx, 1 / nx))[None, :] <= START_RADIUS
         self.window = rows & cols
         # Σ w²(x) sci²(x − d) for every integer d: the model's energy at an integer shift.
-        self.energy = np.fft.irfft2(
-            np.fft.rfft2(self.weight2) * np.conj(np.fft.rfft2(science * science)), s=self.shape
+        self.energy = fft.irfft2(
+            fft.rfft2(self.weight2) * np.conj(fft.rfft2(science * science)), s=self.shape
         )
 
-    def start(self, psfs: np.ndarray) -> np.ndarray:
+    def start(self, psfs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(dx, dy, β) at the best integer shift, refined by a parabola through its neighbours.
 
         At an integer shift d the best β is cc(d)/E(d), with cc the weighted cross-correlation
@@ -102,9 +119,8 @@ class _Problem:
         that of cc alone (which a masked core biases), marks the start.
         """
         ny, nx = self.shape
-        xcorr = np.fft.irfft2(
-            np.fft.rfft2(psfs * self.weight2) * np.conj(self.spectrum), s=self.shape
-        )
+        weighted = fft.rfft2(psfs * self.weight2)  # also X's: kept for the Newton steps
+        xcorr = fft.irfft2(weighted * np.conj(self.spectrum), s=self.shape)
         with np.errstate(divide="ignore", invalid="ignore"):
             gain = np.where((xcorr > 0) & (self.energy > 0), xcorr**2 / self.energy, 0.0)
         gain *= self.window
@@ -124,53 +140,61 @@ class _Problem:
         beta = np.divide(xcorr[rows, iy, ix], energy, out=np.ones(len(psfs)), where=energy > 0)
         dy = np.where(iy > ny // 2, iy - ny, iy) + fy
         dx = np.where(ix > nx // 2, ix - nx, ix) + fx
-        return np.stack([dx, dy, beta], axis=1)
+        return np.stack([dx, dy, beta], axis=1), weighted
 
     def evaluate(
-        self, params: np.ndarray, weighted_psfs: np.ndarray
+        self, params: np.ndarray, overlaps: np.ndarray, energies: np.ndarray
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Cost ‖r‖², its gradient Jᵀr and its exact Hessian at ``params`` (b, 3), for
-        references already multiplied by the weights and flattened (b, npix).
+        """Cost ‖r‖², its gradient Jᵀr and its exact Hessian JᵀJ + Σ r·∇²r (half the
+        cost's: the Newton step is the same) at ``params`` (b, 3), for references given by
+        their ``overlaps`` M (b, ky, kx) and ``energies`` P = Σ w²psf² (b,). The exact
+        Hessian buys the quadratic convergence that noisy frames deny Gauss-Newton."""
+        dx, dy, beta = params.T
+        energy = self._ramp_sums(self.energy_terms, dx, dy, double=True)
+        overlap = self._ramp_sums(overlaps, dx, dy, double=False)
 
-        With r = w·(psf − β·s), the Hessian is JᵀJ + Σ r·∇²r; the second term needs the
-        second derivatives of the shifted model, three more inverse FFTs, and buys the
-        quadratic convergence that noisy frames (large residuals) deny Gauss-Newton.
-        The Jacobian's three images come from one batched inverse FFT, the sums of the
-        residual against all six (s and its derivatives) from one forward FFT.
-        """
-        count = len(params)
-        ramps = Ramps(self.shape, params[:, 0], params[:, 1], order=2)
-        spectra = np.empty((count, 3, *self.spectrum.shape), dtype=np.complex128)
-        for k, (i, j) in enumerate(((0, 0), (1, 0), (0, 1))):
-            spectra[:, k] = ramps.apply(self.spectrum, i, j)
-        # s, ∂x s, ∂y s in real space, times the weights: they make the Jacobian
-        model = np.fft.irfft2(spectra, s=self.shape).reshape(count, 3, -1)
-        model *= self.weight.reshape(1, 1, -1)
-        beta = params[:, 2]
-        residual = weighted_psfs - beta[:, None] * model[:, 0]
-        cost = np.einsum("bp,bp->b", residual, residual)
-        # Σ w·r·(each of s and its 5 derivatives), by Parseval: one forward FFT of w·r
-        # replaces the inverse FFTs of the second derivatives
-        overlap = np.fft.rfft2((residual * self.weight.reshape(1, -1)).reshape(count, *self.shape))
-        np.conjugate(overlap, out=overlap)
-        overlap *= self.parseval_spectrum
-        terms = ((0, 0), (1, 0), (0, 1), (2, 0), (1, 1), (0, 2))
-        sums = np.stack([ramps.inner(overlap, i, j).real for i, j in terms], axis=1)
-        gram = np.matmul(model[:, :3], model[:, :3].transpose(0, 2, 1))  # over s, ∂x s, ∂y s
-        # J = [−β·w∂x s, −β·w∂y s, −w·s]: reorder the Gram matrix to (x, y, β)
-        order = [1, 2, 0]
-        scale = np.stack([beta, beta, np.ones_like(beta)], axis=1)
-        hessian = gram[:, order][:, :, order] * scale[:, :, None] * scale[:, None, :]
-        gradient = -scale * sums[:, order]
-        hessian[:, 0, 0] -= beta * sums[:, 3]
-        hessian[:, 0, 1] -= beta * sums[:, 4]
-        hessian[:, 1, 1] -= beta * sums[:, 5]
-        hessian[:, 0, 2] -= sums[:, 1]
-        hessian[:, 1, 2] -= sums[:, 2]
-        hessian[:, 1, 0] = hessian[:, 0, 1]
-        hessian[:, 2, 0] = hessian[:, 0, 2]
-        hessian[:, 2, 1] = hessian[:, 1, 2]
+        def mixed(i: int, j: int) -> np.ndarray:  # ½ ∂ⁱ_y ∂ʲ_x of the cost, for i + j > 0
+            return -beta * overlap[i, j] + 0.5 * beta**2 * energy[i, j]
+
+        cost = energies - 2 * beta * overlap[0, 0] + beta**2 * energy[0, 0]
+        by_beta = [-overlap[0, 1] + beta * energy[0, 1], -overlap[1, 0] + beta * energy[1, 0]]
+        gradient = np.stack([mixed(0, 1), mixed(1, 0), -overlap[0, 0] + beta * energy[0, 0]], 1)
+        hessian = np.empty((len(params), 3, 3))
+        hessian[:, 0, 0], hessian[:, 1, 1] = mixed(0, 2), mixed(2, 0)
+        hessian[:, 0, 1] = hessian[:, 1, 0] = mixed(1, 1)
+        hessian[:, 0, 2] = hessian[:, 2, 0] = by_beta[0]
+        hessian[:, 1, 2] = hessian[:, 2, 1] = by_beta[1]
+        hessian[:, 2, 2] = energy[0, 0]
         return cost, gradient, hessian
+
+    def _ramp_sums(self, terms: np.ndarray, dx: np.ndarray, dy: np.ndarray, double: bool) -> dict:
+        """Σ_q terms(q)·∂ⁱ_y ∂ʲ_x exp(−2πi(q_y·dy/ny + q_x·dx/nx)) for i + j ≤ 2, real,
+        keyed (i, j): of E (``terms`` H, one for all, on the doubled frequencies) or of X
+        (``terms`` M, one per reference). A reference at a time, in products of the same
+        shapes whatever the batch: its sums do not depend on the blocks."""
+        ny, nx = self.shape
+        y, x = self.axes
+        qy, qx = (y.double, x.double) if double else (y.k, x.k)
+        qx = qx[qx >= 0]  # the terms are folded onto q_x ≥ 0 (real sums)
+        cy, cx = -2j * np.pi * qy / ny, -2j * np.pi * qx / nx
+        pairs = ((0, 0), (0, 1), (0, 2), (1, 0), (2, 0), (1, 1))
+        sums = {pair: np.empty(len(dx)) for pair in pairs}
+        for n in range(len(dx)):
+            row = np.exp(dy[n] * cy)
+            column = np.exp(dx[n] * cx)
+            columns = np.stack([column, column * cx, column * cx * cx], axis=1)  # (qx, 3)
+            inner = (terms if double else terms[n]) @ columns  # (qy, 3)
+            for i, j in pairs:
+                sums[i, j][n] = np.dot(row * cy**i if i else row, inner[:, j]).real
+        return sums
+
+    def overlaps(self, spectra: np.ndarray) -> np.ndarray:
+        """M (b, ky, kx ≥ 0), folded as E's terms, from the rfft2s of references times w²."""
+        ny, nx = self.shape
+        y, x = self.axes
+        half = x.k >= 0
+        reflected = spectra[..., (y.k % ny)[:, None], x.k[half][None, :]]  # FFT at k
+        return self.tilde[:, half] * np.conj(reflected) * (_fold(x.k) / (ny * nx))
 
     def solve(self, psfs: np.ndarray) -> np.ndarray:
         """Damped Newton from the cross-correlation start; each reference stops on its own.
@@ -178,9 +202,13 @@ class _Problem:
         A Newton step shorter than ``XTOL`` is taken without evaluating where it lands:
         convergence is quadratic there, so it leaves an error of order XTOL² (1e-8 pixel).
         """
-        params = self.start(psfs)
-        weighted_psfs = psfs.reshape(len(psfs), -1) * self.weight.reshape(1, -1)
-        cost, gradient, hessian = self.evaluate(params, weighted_psfs)
+        params, weighted = self.start(psfs)
+        overlaps = self.overlaps(weighted)
+        del weighted
+        weighted_psfs = (psfs * self.weight).reshape(len(psfs), -1)
+        energies = np.einsum("bp,bp->b", weighted_psfs, weighted_psfs)
+        del weighted_psfs
+        cost, gradient, hessian = self.evaluate(params, overlaps, energies)
         damping = np.full(len(psfs), 1e-6)
         active = np.ones(len(psfs), dtype=bool)
         for _ in range(MAX_ITER):
@@ -204,7 +232,7 @@ class _Problem:
             if idx.size == 0:
                 continue
             trial = params[idx] + step
-            t_cost, t_gradient, t_hessian = self.evaluate(trial, weighted_psfs[idx])
+            t_cost, t_gradient, t_hessian = self.evaluate(trial, overlaps[idx], energies[idx])
             better = t_cost <= cost[idx]
             good = idx[better]
             small_gain = (cost[idx] - t_cost) <= FTOL * cost[idx]
@@ -214,3 +242,38 @@ class _Problem:
             done = (better & small_gain) | (damping[idx] > 1e12)
             active[idx[done]] = False
         return params
+
+
+class _SplitAxis:
+    """The frequencies of one axis of n pixels as a shift sees them: k = −n//2…n//2, and
+    which of them the FFT's own (−n//2…(n−1)//2) and its mirror ((1−n)//2…n//2) hold
+    (they differ at the Nyquist frequency of an even n); the sums of two: ``double``."""
+
+    def __init__(self, n: int) -> None:
+        half = n // 2
+        self.n = n
+        self.k = np.arange(-half, half + 1)
+        self.size = len(self.k)
+        self.double = np.arange(-2 * half, 2 * half + 1)
+        self.own = self.k <= (n - 1) // 2
+        self.mirror = self.k >= -((n - 1) // 2)
+
+
+def _split_spectrum(half: np.ndarray, y: _SplitAxis, x: _SplitAxis) -> np.ndarray:
+    """The full spectrum (ky, kx) of a real image from its rfft2 ``half``, weighed as the
+    real part of a shifted complex FFT weighs it: a bin in the FFT's grid and in its
+    mirror counts once, a bin in one of them (±n/2, n even) half."""
+    negative = x.k < 0
+    rows = np.where(negative[None, :], (-y.k[:, None]) % y.n, y.k[:, None] % y.n)
+    columns = np.broadcast_to(np.abs(x.k)[None, :], rows.shape)
+    full = half[rows, columns]
+    full[:, negative] = np.conj(full[:, negative])
+    own = y.own[:, None] & x.own[None, :]
+    mirror = y.mirror[:, None] & x.mirror[None, :]
+    return full * (0.5 * own + 0.5 * mirror)
+
+
+def _fold(q: np.ndarray) -> np.ndarray:
+    """Weights that fold a sum over q_x (symmetric, conjugate terms at ±q_x) onto q_x ≥ 0."""
+    kept = q[q >= 0]
+    return np.where(kept == 0, 1.0, 2.0)
