@@ -170,22 +170,22 @@ class _Problem:
     def _ramp_sums(self, terms: np.ndarray, dx: np.ndarray, dy: np.ndarray, double: bool) -> dict:
         """Σ_q terms(q)·∂ⁱ_y ∂ʲ_x exp(−2πi(q_y·dy/ny + q_x·dx/nx)) for i + j ≤ 2, real,
         keyed (i, j): of E (``terms`` H, one for all, on the doubled frequencies) or of X
-        (``terms`` M, one per reference). A reference at a time, in products of the same
-        shapes whatever the batch: its sums do not depend on the blocks."""
+        (``terms`` M, one per reference). The matrix products are one per reference, of
+        the same shape whatever the batch (one product of all the references' columns is
+        not bit for bit the same for every batch): the fit does not depend on the blocks."""
         ny, nx = self.shape
         y, x = self.axes
         qy, qx = (y.double, x.double) if double else (y.k, x.k)
         qx = qx[qx >= 0]  # the terms are folded onto q_x ≥ 0 (real sums)
         cy, cx = -2j * np.pi * qy / ny, -2j * np.pi * qx / nx
-        pairs = ((0, 0), (0, 1), (0, 2), (1, 0), (2, 0), (1, 1))
-        sums = {pair: np.empty(len(dx)) for pair in pairs}
-        for n in range(len(dx)):
-            row = np.exp(dy[n] * cy)
-            column = np.exp(dx[n] * cx)
-            columns = np.stack([column, column * cx, column * cx * cx], axis=1)  # (qx, 3)
-            inner = (terms if double else terms[n]) @ columns  # (qy, 3)
-            for i, j in pairs:
-                sums[i, j][n] = np.dot(row * cy**i if i else row, inner[:, j]).real
+        rows = np.exp(np.outer(dy, cy))  # (b, qy)
+        columns = np.exp(np.outer(dx, cx))
+        columns = np.stack([columns, columns * cx, columns * cx * cx], axis=-1)  # (b, qx, 3)
+        inner = np.matmul(terms[None] if double else terms, columns)  # (b, qy, 3)
+        sums = {}
+        for i, j in ((0, 0), (0, 1), (0, 2), (1, 0), (2, 0), (1, 1)):
+            factor = rows * cy**i if i else rows
+            sums[i, j] = np.einsum("by,by->b", factor, inner[:, :, j]).real
         return sums
 
     def overlaps(self, spectra: np.ndarray) -> np.ndarray:
