@@ -102,31 +102,47 @@ class _Problem:
         terms = conv * reflected / float(ny * nx) ** 2
         # a term at −q is the conjugate of that at q: the columns q_x ≥ 0 suffice, twice
         self.energy_terms = terms[:, x.double >= 0] * _fold(x.double)
-        # integer shifts the start may take: within START_RADIUS pixels of none (circularly)
-        rows = np.abs(np.fft.fftfreq(ny, 1 / ny))[:, None] <= START_RADIUS
-        cols = np.abs(np.fft.fftfreq(nx, 1 / nx))[None, :] <= START_RADIUS
-        self.window = rows & cols
         # Σ w²(x) sci²(x − d) for every integer d: the model's energy at an integer shift.
-        self.energy = fft.irfft2(
+        energy = fft.irfft2(
             fft.rfft2(self.weight2) * np.conj(fft.rfft2(science * science)), s=self.shape
         )
+        # the start looks at integer shifts within START_RADIUS pixels of none (circularly)
+        # and their neighbours: their positions (index order), and the sums that give the
+        # cross-correlation there from an rfft2 product (an inverse rfft2 at those points)
+        near = [_near(n) for n in self.shape]
+        self.near = [positions for positions, _ in near]
+        self.near_index = [index for _, index in near]
+        self.near_energy = energy[np.ix_(*self.near)]
+        within = [np.isin(np.arange(len(p)), index[0]) for p, index in near]
+        self.near_window = within[0][:, None] & within[1][None, :]
+        ky, kx = np.fft.fftfreq(ny, 1 / ny), np.arange(nx // 2 + 1)
+        self.near_rows = np.exp(2j * np.pi * np.outer(self.near[0], ky) / ny) / (ny * nx)
+        twice = np.where((kx == 0) | (2 * kx == nx), 1.0, 2.0)  # the columns rfft2 leaves out
+        self.near_columns = twice[:, None] * np.exp(2j * np.pi * np.outer(kx, self.near[1]) / nx)
 
     def start(self, psfs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(dx, dy, β) at the best integer shift, refined by a parabola through its neighbours.
 
         At an integer shift d the best β is cc(d)/E(d), with cc the weighted cross-correlation
         and E the model's weighted energy, and the cost falls by cc(d)²/E(d): its peak, not
-        that of cc alone (which a masked core biases), marks the start.
+        that of cc alone (which a masked core biases), marks the start. cc is summed from
+        the spectra at the few shifts the start looks at (``self.near``), not transformed
+        back whole; it is returned with the references' weighted spectra (X's too).
         """
         ny, nx = self.shape
-        weighted = fft.rfft2(psfs * self.weight2)  # also X's: kept for the Newton steps
-        xcorr = fft.irfft2(weighted * np.conj(self.spectrum), s=self.shape)
+        weighted = fft.rfft2(psfs * self.weight2)
+        # cc at the shifts near none, a matrix product per reference (the same for any batch)
+        product = weighted * np.conj(self.spectrum)
+        xcorr = np.matmul(np.matmul(self.near_rows[None], product), self.near_columns[None]).real
         with np.errstate(divide="ignore", invalid="ignore"):
-            gain = np.where((xcorr > 0) & (self.energy > 0), xcorr**2 / self.energy, 0.0)
-        gain *= self.window
-        iy, ix = np.unravel_index(np.argmax(gain.reshape(len(psfs), -1), axis=1), self.shape)
+            gain = np.where((xcorr > 0) & (self.near_energy > 0), xcorr**2 / self.near_energy, 0.0)
+        gain *= self.near_window  # 0 beyond START_RADIUS, for the parabola too
+        (ys, y_minus, y_plus), (xs, x_minus, x_plus) = self.near_index
+        inside = gain[:, ys][:, :, xs]  # the shifts within START_RADIUS, in index order
+        flat = np.argmax(inside.reshape(len(psfs), -1), axis=1)
+        jy, jx = ys[flat // len(xs)], xs[flat % len(xs)]  # positions in the near shifts
         rows = np.arange(len(psfs))
-        peak = gain[rows, iy, ix]
+        peak = gain[rows, jy, jx]
 
         def vertex(minus: np.ndarray, plus: np.ndarray) -> np.ndarray:
             curvature = minus - 2 * peak + plus
@@ -134,10 +150,11 @@ class _Problem:
                 offset = 0.5 * (minus - plus) / curvature
             return np.where((curvature < 0) & (np.abs(offset) < 1), offset, 0.0)
 
-        fy = vertex(gain[rows, (iy - 1) % ny, ix], gain[rows, (iy + 1) % ny, ix])
-        fx = vertex(gain[rows, iy, (ix - 1) % nx], gain[rows, iy, (ix + 1) % nx])
-        energy = self.energy[iy, ix]
-        beta = np.divide(xcorr[rows, iy, ix], energy, out=np.ones(len(psfs)), where=energy > 0)
+        fy = vertex(gain[rows, y_minus[jy], jx], gain[rows, y_plus[jy], jx])
+        fx = vertex(gain[rows, jy, x_minus[jx]], gain[rows, jy, x_plus[jx]])
+        energy = self.near_energy[jy, jx]
+        beta = np.divide(xcorr[rows, jy, jx], energy, out=np.ones(len(psfs)), where=energy > 0)
+        iy, ix = self.near[0][jy], self.near[1][jx]
         dy = np.where(iy > ny // 2, iy - ny, iy) + fy
         dx = np.where(ix > nx // 2, ix - nx, ix) + fx
         return np.stack([dx, dy, beta], axis=1), weighted
@@ -277,3 +294,17 @@ def _fold(q: np.ndarray) -> np.ndarray:
     """Weights that fold a sum over q_x (symmetric, conjugate terms at ±q_x) onto q_x ≥ 0."""
     kept = q[q >= 0]
     return np.where(kept == 0, 1.0, 2.0)
+
+
+def _near(n: int) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """The positions (0…n−1, ascending) of the integer shifts within START_RADIUS of none
+    along an axis of n pixels, circularly, with their neighbours; and, as indices into
+    them, the shifts within the radius and each position's neighbours below and above."""
+    wrapped = np.where(np.arange(n) > n // 2, np.arange(n) - n, np.arange(n))
+    inside = np.flatnonzero(np.abs(wrapped) <= START_RADIUS)
+    positions = np.unique(np.concatenate([inside, (inside - 1) % n, (inside + 1) % n]))
+    index = {p: i for i, p in enumerate(positions)}
+    ys = np.array([index[p] for p in inside])
+    minus = np.array([index.get((p - 1) % n, 0) for p in positions])
+    plus = np.array([index.get((p + 1) % n, 0) for p in positions])
+    return positions, (ys, minus, plus)
