@@ -284,8 +284,8 @@ def small_blocks(scenario: Scenario, asn: Path, root: Path) -> tuple[Path, float
 def stage_floors(scenario: Scenario, machine: dict, klip_flop: float, written: int) -> dict:
     """Each stage's floor in task seconds at this machine's single-thread rates (the
     roofline is their sum over the cores): per aligned frame, the fit's one FFT (the
-    cross-correlation that starts it; a reference's spectrum serves every integration)
-    and the shift's two (SCI and ERR); KLIP's flops at the matrix-product rate; the bytes
+    reference's weighted spectrum, from which its start and Newton steps are summed) and
+    the shift's two (SCI and ERR); KLIP's flops at the matrix-product rate; the bytes
     written at the disk's rate. The fill, outlier_detection and reads have none here."""
     fft_ms = machine["fft_ms_160"] if scenario.size == 160 else machine["fft_ms_320"]
     fft_s = fft_ms / 1e3 * scenario.pixels / (160**2 if scenario.size == 160 else 320**2)
