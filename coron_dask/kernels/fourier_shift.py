@@ -13,67 +13,34 @@ def frequencies(shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
     return np.fft.fftfreq(ny)[:, None], np.fft.rfftfreq(nx)[None, :]
 
 
-class Ramps:
-    """The phase ramp exp(-2πi(kx·dx + ky·dy)) of an rfft2 grid and its derivatives, kept
-    as separable factors: ``term(i, j)`` is ∂ⁱ/∂dxⁱ ∂ʲ/∂dyʲ of the ramp, ``cols[i]`` (n, 1, nxr)
-    times ``rows[j]`` (n, ny, 1) everywhere but at the Nyquist corner, where it is
-    ``corner[i + j]``. Sums against a ramp can then run over one axis at a time.
+def _apply_ramp(
+    spectra: np.ndarray,
+    shape: tuple[int, int],
+    dx: np.ndarray,
+    dy: np.ndarray,
+    out: np.ndarray | None = None,
+) -> np.ndarray:
+    """``spectra`` (rfft2s) times the phase ramp exp(-2πi(kx·dx + ky·dy)), as a row factor
+    then a column factor, without building the full ramp (into ``out`` if given).
 
     On the Nyquist row of an even number of rows, the complex transform that jwst takes the
-    real part of pairs each bin with its own row, which turns the ramp there into
-    cos(π·dy), and cos(π·(dx+dy)) at the Nyquist corner; the real transform needs that said.
+    real part of pairs each bin with its own row, which turns the ramp there into cos(π·dy),
+    and cos(π·(dx+dy)) at the Nyquist corner; the real transform needs that said.
     """
-
-    def __init__(self, shape: tuple[int, int], dx: np.ndarray, dy: np.ndarray, order: int) -> None:
-        ny, nx = self.shape = shape
-        ky, kx = frequencies(shape)
-        dx = np.asarray(dx, dtype=np.float64)[..., None, None]
-        dy = np.asarray(dy, dtype=np.float64)[..., None, None]
-        self.cols = [np.exp(-2j * np.pi * kx * dx)]
-        self.rows = [np.exp(-2j * np.pi * ky * dy)]
-        for _ in range(order):
-            self.cols.append(-2j * np.pi * kx * self.cols[-1])
-            self.rows.append(-2j * np.pi * ky * self.rows[-1])
-        self.nyquist_row = ny // 2 if ny % 2 == 0 else None
-        self.corner = None
-        if self.nyquist_row is not None:
-            angle = np.pi * dy[..., 0, :]
-            values = [np.cos(angle), -np.pi * np.sin(angle), -(np.pi**2) * np.cos(angle)]
-            for k in range(order + 1):
-                self.rows[k] = np.broadcast_to(self.rows[k], (*dy.shape[:-2], ny, 1)).copy()
-                self.rows[k][..., self.nyquist_row, :] = values[k]
-            if nx % 2 == 0:
-                angle = np.pi * (dx[..., 0, 0] + dy[..., 0, 0])
-                self.corner = [np.cos(angle), -np.pi * np.sin(angle), -(np.pi**2) * np.cos(angle)]
-
-    def term(self, i: int, j: int) -> np.ndarray:
-        """∂ⁱ/∂dxⁱ ∂ʲ/∂dyʲ of the ramp, full size."""
-        ramp = self.cols[i] * self.rows[j]
-        if self.corner is not None:
-            ramp[..., self.nyquist_row, -1] = self.corner[i + j]
-        return ramp
-
-    def apply(
-        self, spectrum: np.ndarray, i: int, j: int, out: np.ndarray | None = None
-    ) -> np.ndarray:
-        """``spectrum`` times ``term(i, j)``, without building the full ramp first (into
-        ``out`` if given)."""
-        out = np.multiply(spectrum, self.rows[j], out=out)
-        out *= self.cols[i]
-        if self.corner is not None:
-            out[..., self.nyquist_row, -1] = (
-                spectrum[..., self.nyquist_row, -1] * self.corner[i + j]
-            )
-        return out
-
-    def inner(self, spectrum: np.ndarray, i: int, j: int) -> np.ndarray:
-        """Σ over the grid of ``spectrum`` (n, ny, nxr) times ``term(i, j)``: (n,) complex."""
-        total = np.einsum("byx,bx,by->b", spectrum, self.cols[i][:, 0], self.rows[j][..., 0])
-        if self.corner is not None:
-            edge = spectrum[..., self.nyquist_row, -1]
-            separable = self.cols[i][:, 0, -1] * self.rows[j][:, self.nyquist_row, 0]
-            total += edge * (self.corner[i + j] - separable)
-        return total
+    ny, nx = shape
+    ky, kx = frequencies(shape)
+    dx = np.asarray(dx, dtype=np.float64)[..., None, None]
+    dy = np.asarray(dy, dtype=np.float64)[..., None, None]
+    rows = np.exp(-2j * np.pi * ky * dy)
+    if ny % 2 == 0:
+        rows = np.broadcast_to(rows, (*dy.shape[:-2], ny, 1)).copy()
+        rows[..., ny // 2, :] = np.cos(np.pi * dy[..., 0, :])
+    out = np.multiply(spectra, rows, out=out)
+    out *= np.exp(-2j * np.pi * kx * dx)
+    if ny % 2 == 0 and nx % 2 == 0:
+        corner = np.cos(np.pi * (dx + dy))[..., 0, 0]
+        out[..., ny // 2, -1] = spectra[..., ny // 2, -1] * corner
+    return out
 
 
 def shift_spectra(
@@ -89,8 +56,7 @@ def shift_spectra(
     ``spectra``) and ``out`` (float64) are buffers to reuse: with them nothing frame-sized
     is allocated (irfft2 would make two spectra), so a loop over batches does not grow the
     heap with fragments."""
-    ramps = Ramps(shape, shift[..., 0], shift[..., 1], order=0)
-    moved = ramps.apply(spectra, 0, 0, out=work)
+    moved = _apply_ramp(spectra, shape, shift[..., 0], shift[..., 1], out=work)
     np.fft.ifft(moved, axis=-2, out=moved)  # irfft2 as its two passes, the first in place
     return np.fft.irfft(moved, n=shape[1], axis=-1, out=out)
 

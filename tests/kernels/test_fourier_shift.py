@@ -5,7 +5,6 @@ import pytest
 from jwst.coron.imageregistration import fourier_imshift
 
 from coron_dask.kernels import fourier_shift
-from coron_dask.kernels.fourier_shift import Ramps
 
 
 @pytest.mark.parametrize("shape", [(5, 5), (6, 8), (7, 6), (6, 7), (64, 64), (33, 48)])
@@ -45,36 +44,6 @@ def test_batched_shifts_match_one_by_one():
     batched = fourier_shift(images, shifts)
     for image, shift, result in zip(images, shifts, batched, strict=True):
         np.testing.assert_allclose(result, fourier_imshift(image, shift), atol=1e-12)
-
-
-@pytest.mark.parametrize("shape", [(6, 8), (6, 7), (7, 8), (7, 7)])
-def test_ramp_derivatives_match_finite_differences(shape):
-    dx, dy, eps = np.array([0.3]), np.array([-0.7]), 1e-6
-    ramps = Ramps(shape, dx, dy, order=2)
-    step_x = Ramps(shape, dx + eps, dy, order=1)
-    step_y = Ramps(shape, dx, dy + eps, order=1)
-    for (i, j), stepped, (di, dj) in [
-        ((0, 0), step_x, (1, 0)),
-        ((0, 0), step_y, (0, 1)),
-        ((1, 0), step_x, (2, 0)),
-        ((1, 0), step_y, (1, 1)),
-        ((0, 1), step_y, (0, 2)),
-    ]:
-        numeric = (stepped.term(i, j) - ramps.term(i, j)) / eps
-        np.testing.assert_allclose(numeric, ramps.term(di, dj), atol=1e-4)
-
-
-@pytest.mark.parametrize("shape", [(6, 8), (6, 7), (7, 8)])
-def test_separable_products_equal_full_ramps(shape):
-    rng = np.random.default_rng(5)
-    ramps = Ramps(shape, rng.normal(size=3), rng.normal(size=3), order=2)
-    spectrum = rng.normal(size=(3, shape[0], shape[1] // 2 + 1)) * (1 + 1j)
-    for i, j in [(0, 0), (1, 0), (0, 1), (2, 0), (1, 1), (0, 2)]:
-        full = ramps.term(i, j)
-        np.testing.assert_allclose(ramps.apply(spectrum, i, j), spectrum * full, atol=1e-12)
-        np.testing.assert_allclose(
-            ramps.inner(spectrum, i, j), (spectrum * full).sum(axis=(1, 2)), atol=1e-10
-        )
 
 
 def test_shape_mismatch_is_refused():
