@@ -15,10 +15,10 @@ import tempfile
 import time
 from pathlib import Path
 
-RESULTS = Path(__file__).parent / "results"
-DATA = ["--size", "160", "--sci-exps", "2", "--sci-ints", "20", "--psf-exps", "8"]
-DATA += ["--psf-ints", "6"]
-PAIRS = 2 * 20 * 48
+from benchmarks.run import RESULTS, SCENARIOS, simulate
+
+#: the like-for-like dataset (160², 2 × 20 integrations × 48 references)
+DATA = SCENARIOS["like-for-like"]
 #: (name, threads the run computes on, options, threads per LocalCluster worker)
 SETUPS = [
     ("in process, 1 thread", 1, ["--scheduler", "synchronous"], 1),
@@ -34,8 +34,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as folder:
         work = Path(folder)
         cli = [sys.executable, "-m", "coron_dask.cli"]
-        subprocess.run([*cli, "simulate", work / "in", *DATA], check=True, capture_output=True)
-        asn = next((work / "in").glob("*_asn.json"))
+        asn = simulate(DATA, work / "in")
         for number, (name, threads, options, per_worker) in enumerate(SETUPS):
             out, stats = work / f"out{number}", work / f"stats{number}.json"
             command = [*cli, "run", asn, "-o", out, "--psfmask", work / "in" / "psfmask.fits"]
@@ -50,7 +49,7 @@ def main() -> None:
                 {
                     "setup": name,
                     "seconds": seconds,
-                    "frames_per_s": PAIRS / seconds,
+                    "frames_per_s": DATA.pairs / seconds,
                     "task_seconds": busy,
                     "idle_share": max(0.0, 1 - busy / (seconds * threads)),
                 }

@@ -18,10 +18,10 @@ import tempfile
 import time
 from pathlib import Path
 
-RESULTS = Path(__file__).parent / "results"
+from benchmarks.run import RESULTS, Scenario, simulate
+
 LIBRARIES = "import numpy, scipy.fft, dask.array, distributed, xarray, astropy.io.fits"
-TINY = ["--size", "48", "--sci-exps", "2", "--sci-ints", "2", "--psf-exps", "2"]
-TINY += ["--psf-ints", "2"]
+TINY = Scenario("tiny", 48, 2, 2, 2, 2)
 
 
 def seconds(command: list[str]) -> float:
@@ -38,8 +38,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as folder:
         work = Path(folder)
         cli = [sys.executable, "-m", "coron_dask.cli"]
-        subprocess.run([*cli, "simulate", work / "in", *TINY], check=True, capture_output=True)
-        asn = next((work / "in").glob("*_asn.json"))
+        asn = simulate(TINY, work / "in")
         run = [*cli, "run", asn, "--psfmask", work / "in" / "psfmask.fits", "--no-progress"]
         imports, runs = [], []
         for i in range(args.repeats):

@@ -265,16 +265,16 @@ def _fits_headers(product: Product) -> list[bytes]:
     what they are made of changed (a product's layout is asked for by every write task's
     target, and by the check that keywords added later did not move its data)."""
     # what the headers are made of, cheap to compare (astropy's cards are not)
-    extensions = repr(
+    made_of = repr(
         (
             product.primary,
             [(e.name, e.keywords, e.data.shape, e.data.dtype) for e in product.extensions],
         )
     )
-    if product._headers is None or product._headers[0] != extensions:
+    if product._headers is None or product._headers[0] != made_of:
         headers = [_primary_header(product.primary)]
         headers += [_extension_header(extension) for extension in product.extensions]
-        product._headers = (extensions, [h.tostring().encode("ascii") for h in headers])
+        product._headers = (made_of, [h.tostring().encode("ascii") for h in headers])
     return product._headers[1]
 
 
