@@ -82,17 +82,18 @@ def fill(frames: int, frame: Frame, box: int = 3) -> int:
 
 def fit(frames: int, psfs: int, frame: Frame) -> int:
     """Shift fit of ``psfs`` references to ``frames`` science frames: both in (float32), the
-    PSFMASK, the science frame's terms (its spectrum split as a shift weighs it, and at
-    their peak the linear autoconvolution's doubled transforms and E's terms: about 200
-    bytes a pixel, ``registration._Problem``), and a batch of references in flight
-    (float64 frames, their weighted spectra, cross-correlation and overlaps M: 40 bytes a
-    pixel each)."""
+    PSFMASK and what the fit keeps of it (FFT(w²) on the doubled frequencies: 64 bytes a
+    pixel), every reference's part of the overlaps (8 bytes a pixel, shared by the science
+    frames), and the larger of: a batch of references being transformed (float64 frames,
+    its weighted spectrum, FFT buffers: 32 bytes a pixel each), and a science frame's terms (its
+    spectrum, the autoconvolution on a doubled grid and E's terms: about 120 bytes a pixel,
+    ``registration._Problem``) with a batch's overlaps M in flight (16 bytes a pixel each)."""
     batch = min(psfs, fit_batch(frame.pixels))
-    per_batch = batch * 40 * frame.pixels
-    problem = 200 * frame.pixels
     inputs = 4 * (frames + psfs) * frame.pixels + 8 * frame.pixels
+    kept = (64 + 8 * psfs) * frame.pixels
+    peak = max(32 * batch, 120 + 16 * batch) * frame.pixels
     # the overhead every task has: without it a fit of 64x64 frames measured 1.3 MiB above
-    return inputs + problem + per_batch + TASK_OVERHEAD
+    return inputs + kept + peak + TASK_OVERHEAD
 
 
 def shift(frames: int, psfs: int, frame: Frame, zarr: bool = False) -> int:

@@ -108,7 +108,7 @@ def fit_block(
     with ``source``, ``psfs`` are indices of references read from it, once the task
     ``after`` stands for wrote them."""
     psfs = _references(psfs, source)
-    return np.stack([fit_shifts(frame, psfs, mask) for frame in science])
+    return fit_shifts(science, psfs, mask)
 
 
 def shift_block(

@@ -46,30 +46,93 @@ def fit_shifts(
     *,
     batch: int | None = None,
 ) -> np.ndarray:
-    """Fit (dx, dy, β) of each reference in ``psfs`` (n, ny, nx) to ``science`` (ny, nx).
+    """Fit (dx, dy, β) of each reference in ``psfs`` (n, ny, nx) to each science frame of
+    ``science`` ((m,) ny, nx): ((m,) n, 3) float64.
 
-    Returns an (n, 3) float64 array with the parameters of jwst's ``align_fourier_lsq``:
-    shifting the science frame by (dx, dy) and scaling it by β best matches the reference.
+    The parameters are those of jwst's ``align_fourier_lsq``: shifting the science frame
+    by (dx, dy) and scaling it by β best matches the reference. What depends only on the
+    mask, or only on a reference, is computed once for all the science frames.
     """
     science = np.asarray(science, dtype=np.float64)
     psfs = np.asarray(psfs)
     if psfs.ndim == 2:
-        return fit_shifts(science, psfs[None], mask, batch=batch)[0]
-    weight = np.ones(science.shape) if mask is None else np.asarray(mask, dtype=np.float64)
+        return fit_shifts(science, psfs[None], mask, batch=batch)[..., 0, :]
+    if science.ndim == 2:
+        return fit_shifts(science[None], psfs, mask, batch=batch)[0]
+    shape = science.shape[1:]
+    weights = _Weights(np.ones(shape) if mask is None else np.asarray(mask, dtype=np.float64))
     if batch is None:
-        batch = fit_batch(science.size)
-    problem = _Problem(science, weight)
-    out = np.empty((psfs.shape[0], 3))
-    for start in range(0, psfs.shape[0], batch):
-        # float64 a batch at a time: the block's references stay in their own type
-        out[start : start + batch] = problem.solve(
-            np.asarray(psfs[start : start + batch], dtype=np.float64)
-        )
+        batch = fit_batch(weights.weight.size)
+    references, energies = weights.references(psfs, batch)
+    out = np.empty((len(science), len(psfs), 3))
+    for frame, fitted in zip(science, out, strict=True):
+        problem = _Problem(weights, frame)
+        for start in range(0, len(psfs), batch):
+            part = slice(start, start + batch)
+            fitted[part] = problem.solve(references[part], energies[part])
+        del problem  # before the next frame's is made
     return out
 
 
+class _Weights:
+    """What the fit needs of the weights w (the PSFMASK) alone: the same for every science
+    frame and reference. See ``_Problem`` for the sums; ``references`` gives each
+    reference's part of them."""
+
+    def __init__(self, weight: np.ndarray) -> None:
+        self.shape = ny, nx = weight.shape
+        self.weight = weight
+        self.weight2 = weight * weight
+        self.axes = y, x = [_SplitAxis(n) for n in self.shape]
+        # FFT(w²)(−q) on the doubled frequencies with q_x ≥ 0, folded and scaled as E's terms
+        qy, qx = y.double, x.double[x.double >= 0]
+        # the grid on which a science frame's s² is sampled to give Ã∗Ã (``_Problem``), whose
+        # rfft2 the terms are scaled for
+        self.grid = [fft.next_fast_len(len(axis.double), real=True) for axis in (y, x)]
+        self.reflected = fft.fft2(self.weight2)[np.ix_(-qy % ny, -qx % nx)]
+        self.reflected *= _fold(x.double) * (self.grid[0] * self.grid[1] / float(ny * nx) ** 2)
+        # the start looks at integer shifts within START_RADIUS pixels of none (circularly)
+        # and at their neighbours: their positions (index order), and the ramps that sum X
+        # and E there (a shift by n pixels is none: the positions serve as shifts)
+        near = [_near(n) for n in self.shape]
+        self.near = [positions for positions, _ in near]
+        self.near_index = [index for _, index in near]
+        within = [np.isin(np.arange(len(p)), index[0]) for p, index in near]
+        self.near_window = within[0][:, None] & within[1][None, :]
+
+        def ramps(q: np.ndarray, n: int, positions: np.ndarray) -> np.ndarray:
+            return np.exp(-2j * np.pi * np.outer(positions, q) / n)
+
+        self.near_rows = [ramps(q, ny, self.near[0]) for q in (y.k, y.double)]
+        self.near_columns = [ramps(q[q >= 0], nx, self.near[1]).T for q in (x.k, x.double)]
+
+    def references(self, psfs: np.ndarray, batch: int) -> tuple[np.ndarray, np.ndarray]:
+        """Each reference's part of the overlap M (conj FFT(w²psf)(k) on the split
+        frequencies with k_x ≥ 0, folded and scaled) and its weighted energy Σ w²psf²;
+        computed ``batch`` references at a time (float64 a batch at a time: the block's
+        references stay in their own type)."""
+        ny, nx = self.shape
+        y, x = self.axes
+        rows, columns = np.ix_(y.k % ny, x.k[x.k >= 0])
+        scale = _fold(x.k) / (ny * nx)
+        terms = np.empty((len(psfs), y.size, len(scale)), dtype=np.complex128)
+        energies = np.empty(len(psfs))
+        for start in range(0, len(psfs), batch):
+            part = slice(start, start + batch)
+            frames = np.asarray(psfs[part], dtype=np.float64)
+            weighted = frames * self.weight
+            energies[part] = np.einsum("bp,bp->b", *[weighted.reshape(len(frames), -1)] * 2)
+            weighted *= self.weight
+            del frames
+            spectra = fft.rfft2(weighted, overwrite_x=True)
+            del weighted
+            np.conjugate(spectra[:, rows, columns], out=terms[part])
+            terms[part] *= scale
+        return terms, energies
+
+
 class _Problem:
-    """The fit of many references to one science frame: spectra computed once, reused.
+    """The fit of many references to one science frame: its terms computed once, reused.
 
     The cost ‖w·(psf − β·s)‖², with s the science frame shifted by d = (dx, dy), is
     P − 2β·X(d) + β²·E(d): P = Σ w²psf², X(d) = Σ w²·psf·s and E(d) = Σ w²·s². Both X and
@@ -81,67 +144,54 @@ class _Problem:
       frame's spectrum with the bins that jwst's real part of a complex shift splits
       (Nyquist rows and columns, N even) shared half-and-half between ±N/2;
     - E(d) = Σ_q H(q)·ramp(q) over −2·(N//2)…2·(N//2), H = (Ã∗Ã)(q)·FFT(w²)(−q) / N²
-      (a linear autoconvolution, once per science frame);
-    - X(d) = Σ_k M(k)·ramp(k), M = Ã(k)·FFT(w²psf)(−k) / N (once per reference).
+      (Ã∗Ã, a linear autoconvolution, is the spectrum of s², once per science frame);
+    - X(d) = Σ_k M(k)·ramp(k), M = Ã(k)·FFT(w²psf)(−k) / N (one per pair).
+
+    Terms at −q are the conjugates of those at q: only q_x ≥ 0 is kept, counted twice.
     """
 
-    def __init__(self, science: np.ndarray, weight: np.ndarray) -> None:
-        self.shape = ny, nx = science.shape
-        self.weight = weight
-        self.weight2 = weight * weight
-        self.spectrum = fft.rfft2(science)
-        self.axes = [_SplitAxis(n) for n in self.shape]
-        y, x = self.axes
-        self.tilde = _split_spectrum(self.spectrum, y, x)
-        # linear autoconvolution of Ã by FFTs long enough not to wrap around
-        square = fft.fft2(self.tilde, s=(2 * y.size, 2 * x.size))
+    def __init__(self, weights: _Weights, science: np.ndarray) -> None:
+        self.weights = weights
+        self.shape = weights.shape
+        y, x = weights.axes
+        self.tilde = _split_spectrum(fft.rfft2(science), y, x)  # (ky, kx ≥ 0)
+        # Ã∗Ã as the spectrum of s², s sampled on a grid fine enough that s² does not alias
+        grid = weights.grid
+        padded = np.zeros((grid[0], grid[1] // 2 + 1), dtype=np.complex128)
+        padded[y.k % grid[0], : self.tilde.shape[1]] = self.tilde
+        square = fft.irfft2(padded, s=grid, overwrite_x=True)
+        del padded
         square *= square
-        conv = fft.ifft2(square)[: 2 * y.size - 1, : 2 * x.size - 1]
+        terms = fft.rfft2(square)[y.double % grid[0], : weights.reflected.shape[1]]
         del square
-        reflected = fft.fft2(self.weight2)[np.ix_(-y.double % ny, -x.double % nx)]
-        terms = conv * reflected / float(ny * nx) ** 2
-        # a term at −q is the conjugate of that at q: the columns q_x ≥ 0 suffice, twice
-        self.energy_terms = terms[:, x.double >= 0] * _fold(x.double)
-        # Σ w²(x) sci²(x − d) for every integer d: the model's energy at an integer shift.
-        energy = fft.irfft2(
-            fft.rfft2(self.weight2) * np.conj(fft.rfft2(science * science)), s=self.shape
-        )
-        # the start looks at integer shifts within START_RADIUS pixels of none (circularly)
-        # and their neighbours: their positions (index order), and the sums that give the
-        # cross-correlation there from an rfft2 product (an inverse rfft2 at those points)
-        near = [_near(n) for n in self.shape]
-        self.near = [positions for positions, _ in near]
-        self.near_index = [index for _, index in near]
-        self.near_energy = energy[np.ix_(*self.near)]
-        within = [np.isin(np.arange(len(p)), index[0]) for p, index in near]
-        self.near_window = within[0][:, None] & within[1][None, :]
-        ky, kx = np.fft.fftfreq(ny, 1 / ny), np.arange(nx // 2 + 1)
-        self.near_rows = np.exp(2j * np.pi * np.outer(self.near[0], ky) / ny) / (ny * nx)
-        twice = np.where((kx == 0) | (2 * kx == nx), 1.0, 2.0)  # the columns rfft2 leaves out
-        self.near_columns = twice[:, None] * np.exp(2j * np.pi * np.outer(kx, self.near[1]) / nx)
+        terms *= weights.reflected
+        self.energy_terms = terms
+        # E at the start's shifts
+        rows, columns = weights.near_rows[1], weights.near_columns[1]
+        self.near_energy = (rows @ self.energy_terms @ columns).real
 
-    def start(self, psfs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def start(self, overlaps: np.ndarray) -> np.ndarray:
         """(dx, dy, β) at the best integer shift, refined by a parabola through its neighbours.
 
-        At an integer shift d the best β is cc(d)/E(d), with cc the weighted cross-correlation
-        and E the model's weighted energy, and the cost falls by cc(d)²/E(d): its peak, not
-        that of cc alone (which a masked core biases), marks the start. cc is summed from
-        the spectra at the few shifts the start looks at (``self.near``), not transformed
-        back whole; it is returned with the references' weighted spectra (X's too).
+        At an integer shift d the best β is X(d)/E(d), X the weighted cross-correlation
+        and E the model's weighted energy, and the cost falls by X(d)²/E(d): its peak, not
+        that of X alone (which a masked core biases), marks the start. X and E are summed
+        at the few shifts the start looks at (``_Weights.near``), X a matrix product per
+        reference (the same for any batch).
         """
         ny, nx = self.shape
-        weighted = fft.rfft2(psfs * self.weight2)
-        # cc at the shifts near none, a matrix product per reference (the same for any batch)
-        product = weighted * np.conj(self.spectrum)
-        xcorr = np.matmul(np.matmul(self.near_rows[None], product), self.near_columns[None]).real
+        w = self.weights
+        rows, columns = w.near_rows[0], w.near_columns[0]
+        xcorr = np.matmul(np.matmul(rows[None], overlaps), columns[None]).real
         with np.errstate(divide="ignore", invalid="ignore"):
             gain = np.where((xcorr > 0) & (self.near_energy > 0), xcorr**2 / self.near_energy, 0.0)
-        gain *= self.near_window  # 0 beyond START_RADIUS, for the parabola too
-        (ys, y_minus, y_plus), (xs, x_minus, x_plus) = self.near_index
+        gain *= w.near_window  # 0 beyond START_RADIUS, for the parabola too
+        (ys, y_minus, y_plus), (xs, x_minus, x_plus) = w.near_index
+        n = len(overlaps)
         inside = gain[:, ys][:, :, xs]  # the shifts within START_RADIUS, in index order
-        flat = np.argmax(inside.reshape(len(psfs), -1), axis=1)
+        flat = np.argmax(inside.reshape(n, -1), axis=1)
         jy, jx = ys[flat // len(xs)], xs[flat % len(xs)]  # positions in the near shifts
-        rows = np.arange(len(psfs))
+        rows = np.arange(n)
         peak = gain[rows, jy, jx]
 
         def vertex(minus: np.ndarray, plus: np.ndarray) -> np.ndarray:
@@ -153,11 +203,11 @@ class _Problem:
         fy = vertex(gain[rows, y_minus[jy], jx], gain[rows, y_plus[jy], jx])
         fx = vertex(gain[rows, jy, x_minus[jx]], gain[rows, jy, x_plus[jx]])
         energy = self.near_energy[jy, jx]
-        beta = np.divide(xcorr[rows, jy, jx], energy, out=np.ones(len(psfs)), where=energy > 0)
-        iy, ix = self.near[0][jy], self.near[1][jx]
+        beta = np.divide(xcorr[rows, jy, jx], energy, out=np.ones(n), where=energy > 0)
+        iy, ix = w.near[0][jy], w.near[1][jx]
         dy = np.where(iy > ny // 2, iy - ny, iy) + fy
         dx = np.where(ix > nx // 2, ix - nx, ix) + fx
-        return np.stack([dx, dy, beta], axis=1), weighted
+        return np.stack([dx, dy, beta], axis=1)
 
     def evaluate(
         self, params: np.ndarray, overlaps: np.ndarray, energies: np.ndarray
@@ -191,7 +241,7 @@ class _Problem:
         the same shape whatever the batch (one product of all the references' columns is
         not bit for bit the same for every batch): the fit does not depend on the blocks."""
         ny, nx = self.shape
-        y, x = self.axes
+        y, x = self.weights.axes
         qy, qx = (y.double, x.double) if double else (y.k, x.k)
         qx = qx[qx >= 0]  # the terms are folded onto q_x ≥ 0 (real sums)
         cy, cx = -2j * np.pi * qy / ny, -2j * np.pi * qx / nx
@@ -205,29 +255,18 @@ class _Problem:
             sums[i, j] = np.einsum("by,by->b", factor, inner[:, :, j]).real
         return sums
 
-    def overlaps(self, spectra: np.ndarray) -> np.ndarray:
-        """M (b, ky, kx ≥ 0), folded as E's terms, from the rfft2s of references times w²."""
-        ny, nx = self.shape
-        y, x = self.axes
-        half = x.k >= 0
-        reflected = spectra[..., (y.k % ny)[:, None], x.k[half][None, :]]  # FFT at k
-        return self.tilde[:, half] * np.conj(reflected) * (_fold(x.k) / (ny * nx))
-
-    def solve(self, psfs: np.ndarray) -> np.ndarray:
-        """Damped Newton from the cross-correlation start; each reference stops on its own.
+    def solve(self, references: np.ndarray, energies: np.ndarray) -> np.ndarray:
+        """Damped Newton from the cross-correlation start, for references given by their
+        part of M and energies P (``_Weights.references``); each stops on its own.
 
         A Newton step shorter than ``XTOL`` is taken without evaluating where it lands:
         convergence is quadratic there, so it leaves an error of order XTOL² (1e-8 pixel).
         """
-        params, weighted = self.start(psfs)
-        overlaps = self.overlaps(weighted)
-        del weighted
-        weighted_psfs = (psfs * self.weight).reshape(len(psfs), -1)
-        energies = np.einsum("bp,bp->b", weighted_psfs, weighted_psfs)
-        del weighted_psfs
+        overlaps = self.tilde * references  # M
+        params = self.start(overlaps)
         cost, gradient, hessian = self.evaluate(params, overlaps, energies)
-        damping = np.full(len(psfs), 1e-6)
-        active = np.ones(len(psfs), dtype=bool)
+        damping = np.full(len(params), 1e-6)
+        active = np.ones(len(params), dtype=bool)
         for _ in range(MAX_ITER):
             idx = np.flatnonzero(active)
             if idx.size == 0:
@@ -277,17 +316,13 @@ class _SplitAxis:
 
 
 def _split_spectrum(half: np.ndarray, y: _SplitAxis, x: _SplitAxis) -> np.ndarray:
-    """The full spectrum (ky, kx) of a real image from its rfft2 ``half``, weighed as the
+    """The spectrum (ky, kx ≥ 0) of a real image from its rfft2 ``half``, weighed as the
     real part of a shifted complex FFT weighs it: a bin in the FFT's grid and in its
     mirror counts once, a bin in one of them (±n/2, n even) half."""
-    negative = x.k < 0
-    rows = np.where(negative[None, :], (-y.k[:, None]) % y.n, y.k[:, None] % y.n)
-    columns = np.broadcast_to(np.abs(x.k)[None, :], rows.shape)
-    full = half[rows, columns]
-    full[:, negative] = np.conj(full[:, negative])
-    own = y.own[:, None] & x.own[None, :]
-    mirror = y.mirror[:, None] & x.mirror[None, :]
-    return full * (0.5 * own + 0.5 * mirror)
+    kx = x.k >= 0
+    own = y.own[:, None] & x.own[None, kx]
+    mirror = y.mirror[:, None] & x.mirror[None, kx]
+    return half[np.ix_(y.k % y.n, x.k[kx])] * (0.5 * own + 0.5 * mirror)
 
 
 def _fold(q: np.ndarray) -> np.ndarray:

@@ -85,6 +85,11 @@ def test_batches_do_not_change_results():
     np.testing.assert_array_equal(
         fit_shifts(science, psfs, batch=3)[4:], fit_shifts(science, psfs[4:])
     )
+    # nor on which science frames are fitted together (the references' terms are shared)
+    other = gaussian(shape, 15.0, 17.0) + rng.normal(0, 0.01, shape)
+    np.testing.assert_array_equal(
+        fit_shifts(np.stack([other, science]), psfs, batch=3)[1], fit_shifts(science, psfs)
+    )
 
 
 @pytest.mark.parametrize("shape", [(48, 56), (47, 56), (48, 45), (3, 5)])
@@ -92,15 +97,16 @@ def test_cost_and_derivatives_match_jwst_shifted_residual(shape):
     """The Fourier-domain cost of a Newton step (no FFT per evaluation) is jwst's residual
     ‖shift_subtract‖², with its gradient and Hessian those of finite differences, for even
     sizes (the Nyquist bins jwst's real part splits) and odd ones."""
-    from coron_dask.kernels.registration import _Problem
+    from coron_dask.kernels.registration import _Problem, _Weights
 
     rng = np.random.default_rng(sum(shape))
     science = gaussian(shape, shape[1] / 2 + 0.3, shape[0] / 2 - 0.2) + rng.normal(0, 0.05, shape)
     psf = 1.3 * gaussian(shape, shape[1] / 2 + 0.9, shape[0] / 2 + 0.4) + rng.normal(0, 0.05, shape)
     mask = rng.uniform(0.2, 1.0, shape)
-    problem = _Problem(science, mask)
-    overlaps = problem.overlaps(np.fft.rfft2(psf * mask * mask)[None])
-    energies = np.array([np.sum((psf * mask) ** 2)])
+    weights = _Weights(mask)
+    problem = _Problem(weights, science)
+    references, energies = weights.references(psf[None], batch=1)
+    overlaps = problem.tilde * references
 
     def evaluate(params):
         return problem.evaluate(np.array([params]), overlaps, energies)
