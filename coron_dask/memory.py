@@ -128,9 +128,9 @@ def klip_images(
 ) -> int:
     """``count`` KL images and an ERR per cutoff (``planes``) of ``frames`` targets, made a
     tile of ``rows`` rows at a time: a tile, the weights, the output (whole frames), and
-    for one target at a time the float64 centred tile (the ERR works in it), its KL images,
-    its ERR on the tile, and for a slice of PROJECTION_COLUMNS pixels the projection and
-    the standard deviation's copy."""
+    for one target at a time the float64 centred tile (the ERR works in it), its KL images
+    (the ERR's projection is made from them), its ERR on the tile, and for a slice of
+    PROJECTION_COLUMNS pixels the projection and the standard deviation's copy."""
     tile = rows * frame.nx
     columns = min(tile, PROJECTION_COLUMNS)
     return (
@@ -138,7 +138,7 @@ def klip_images(
         + 16 * frames * npsf * count
         + 8 * npsf * tile
         + 8 * (count + planes) * tile
-        + 8 * (2 * npsf + count) * columns
+        + 16 * npsf * columns
         + 8 * frames * (count + planes) * frame.pixels
         + TASK_OVERHEAD
     )

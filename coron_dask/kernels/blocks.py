@@ -252,9 +252,11 @@ def images_block(
         part = slice(start, start + height)
         for i in range(m):
             centred = _centred_tile(pieces, means, i)
-            out[i, :count, part] = (weights[i, 0].T @ centred).reshape(count, height, nx)
-            errors = klip.residual_stds(centred, weights[i], cutoffs)
+            images = weights[i, 0].T @ centred
+            out[i, :count, part] = images.reshape(count, height, nx)
+            errors = klip.residual_stds(centred, images, weights[i, 1], cutoffs)
             out[i, count:, part] = errors.reshape(len(cutoffs), height, nx)
+            del images
             del centred  # before the next target's is made
         start += height
         del pieces  # before the next tile is read

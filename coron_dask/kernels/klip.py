@@ -14,7 +14,7 @@ every reference at once (dask runs each pass as tasks over the tiles):
 3. ``kl_weights``: from the summed Gram matrix, the weights W (nrefs × K) that make the KL
    images out of the references, Z = Wᵀ·(R − μ), and the references' own coefficients on
    them, C = G·W, which KLIP's ERR needs;
-4. ``kl_images`` and ``residual_std``: per tile, the KL images and the ERR;
+4. ``kl_images`` and ``residual_stds``: per tile, the KL images and, from them, the ERR;
 5. ``klip_subtract``: science frames minus their projection on the KL images.
 """
 
@@ -68,24 +68,21 @@ def kl_images(tile: np.ndarray, means: np.ndarray, weights: np.ndarray) -> np.nd
 PROJECTION_COLUMNS = 1024
 
 
-def residual_std(tile: np.ndarray, means: np.ndarray, weights: np.ndarray) -> np.ndarray:
-    """KLIP's ERR on a tile (npix_tile,): per pixel, the standard deviation over the
-    references of their own residuals after projection on the KL basis (jwst's ERR)."""
-    return residual_stds(_centred(tile, means), weights, (weights.shape[-1],))[0]
-
-
-def residual_stds(centred: np.ndarray, weights: np.ndarray, cutoffs: tuple[int, ...]) -> np.ndarray:
-    """``residual_std`` (len(cutoffs), npix_tile) of a tile already centred and in float64
-    after projection on the first k KL images, for each k of ``cutoffs`` (ascending, each
-    at most the number of weights): each cutoff's projection adds the modes the previous
-    one left out. The tile is overwritten."""
+def residual_stds(
+    centred: np.ndarray, images: np.ndarray, coefficients: np.ndarray, cutoffs: tuple[int, ...]
+) -> np.ndarray:
+    """KLIP's ERR (len(cutoffs), npix_tile) on a tile of references already centred and in
+    float64, from their KL images on the tile (K, npix_tile) and their ``coefficients`` on
+    them (C, nrefs × K): per pixel, the standard deviation over the references of their own
+    residuals after projection on the first k KL images (jwst's ERR), for each k of
+    ``cutoffs`` (ascending, each at most K); each cutoff's projection takes away the modes
+    the previous one left. The tile is overwritten."""
     out = np.empty((len(cutoffs), centred.shape[1]))
     for start in range(0, centred.shape[1], PROJECTION_COLUMNS):
         columns = slice(start, start + PROJECTION_COLUMNS)
         part, done = centred[:, columns], 0
         for c, k in enumerate(cutoffs):
-            modes = slice(done, k)
-            part -= weights[1][:, modes] @ (weights[0][:, modes].T @ part)
+            part -= coefficients[:, done:k] @ images[done:k, columns]
             out[c, columns] = part.std(axis=0)
             done = k
     return out
@@ -129,8 +126,17 @@ class KLBasis:
 
     def error(self) -> np.ndarray:
         """KLIP's ERR (npix,) of the references the basis was built from."""
+        count = (self.weights.shape[-1],)
         return np.concatenate(
-            [residual_std(self.refs[:, tile], self.means, self.weights) for tile in self.tiles()]
+            [
+                residual_stds(
+                    _centred(self.refs[:, tile], self.means),
+                    self.images[:, tile],
+                    self.weights[1],
+                    count,
+                )[0]
+                for tile in self.tiles()
+            ]
         )
 
 
