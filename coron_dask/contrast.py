@@ -425,20 +425,18 @@ def contrast_curve(
         execute_on_cluster,
         find_psfmask,
         observation_bytes,
-        open_association,
         reduce_observation,
     )
     from coron_dask.plots import contrast_figure
 
     psfmask = find_psfmask(asn, psfmask)
-    parameters = check_inputs(asn, output_dir, psfmask=psfmask, **parameters)
+    parameters, observation = check_inputs(asn, output_dir, psfmask=psfmask, **parameters)
     if "resample" in parameters["skip"]:
         raise CoronInputError("skip", "the contrast curve is measured on the i2d: keep resample")
     if not inject_contrast > 0:
         raise CoronInputError("inject_contrast", f"must be > 0, got {inject_contrast}")
     parameters["save_psfalign"] = False  # the aligned references go to a scratch file
     psf = read_offaxis_psf(offaxis_psf, star_flux)
-    observation = open_association(asn)
     first = observation.science[0]
     star = star_position(first.attrs, first.encoding.get("source", "science"))
     scale = pixel_scale_arcsec(sky_wcs(first))
@@ -475,7 +473,7 @@ def contrast_curve(
         scratch = [product for product in reduction.products if product.scratch]
         return [*scratch, built["injections"].product]
 
-    data = observation_bytes(asn, parameters["align_to"])
+    data = observation_bytes(observation, parameters["align_to"])
     paths = execute_on_cluster(build, data_bytes=data, **(execution or {}))
     injections = built["injections"]
     with fits.open(injections.product.path) as hdul:

@@ -458,16 +458,17 @@ def check_inputs(
     *,
     psfmask: str | Path | None = None,
     **parameters: object,
-) -> dict:
-    """Check a run's input before any cluster starts: parameters (returned resolved), every
-    member's header and frame size, the PSFMASK, the output folder."""
+) -> tuple[dict, Observation]:
+    """Check a run's input before any cluster starts: parameters, every member's header and
+    frame size, the PSFMASK, the output folder. Returns the parameters resolved and the
+    observation opened (whole exposures)."""
     resolved = resolve_parameters(**parameters)
     observation = open_association(asn)
     if psfmask is not None and str(psfmask).lower() not in PSFMASK_CHOICES:
         frame = observation.psfstack
         read_psfmask(psfmask, (frame.sizes["y"], frame.sizes["x"]))
     check_output_dir(output_dir)
-    return resolved
+    return resolved, observation
 
 
 def execute_on_cluster(
@@ -508,10 +509,9 @@ def execute_on_cluster(
         )
 
 
-def observation_bytes(asn: str | Path, align_to: str) -> int:
-    """What a run of ``asn`` reads and aligns: its exposures' SCI, ERR and DQ, and the
-    aligned references' SCI and ERR (psfalign, kept or as a scratch file), in bytes."""
-    observation = open_association(asn)
+def observation_bytes(observation: Observation, align_to: str) -> int:
+    """What a run of ``observation`` reads and aligns: its exposures' SCI, ERR and DQ, and
+    the aligned references' SCI and ERR (psfalign, kept or as a scratch file), in bytes."""
     inputs = sum(
         dataset[name].nbytes
         for dataset in (*observation.science, *observation.psf)
@@ -565,7 +565,7 @@ def run_coron3(
     from coron_dask.detection import detection_products
 
     psfmask = find_psfmask(asn, psfmask)  # before any cluster starts, as the input checks
-    parameters = check_inputs(asn, output_dir, psfmask=psfmask, **parameters)
+    parameters, observation = check_inputs(asn, output_dir, psfmask=psfmask, **parameters)
     paths = execute_on_cluster(
         lambda workers: build_products(
             asn, output_dir, psfmask=psfmask, workers=workers, **parameters
@@ -584,6 +584,6 @@ def run_coron3(
         stats=stats,
         cluster=cluster,
         client=client,
-        data_bytes=observation_bytes(asn, parameters["align_to"]),
+        data_bytes=observation_bytes(observation, parameters["align_to"]),
     )
     return [*paths, *detection_products(paths)]
