@@ -149,15 +149,14 @@ def klip_subtract(
 ) -> int:
     """Subtraction for ``frames`` targets on ``count`` KL images (shared by all, or one set
     per target), one image per cutoff (``planes``): the targets, the images, float64 copies
-    of one target (all of them with a shared basis): centred, its projection, each
-    cutoff's image and one more (a temporary of the projection's sum, which a clean clone
-    measured 0.49 MiB above the model with MIRI frames); and the output (float32)."""
+    of the target being subtracted (one at a time): centred, its projection, each cutoff's
+    image and one more (a temporary of the projection's sum, which a clean clone measured
+    0.49 MiB above the model with MIRI frames); and the output (float32)."""
     images = count if shared else frames * count
-    copies = frames if shared else 1
     return (
         4 * frames * frame.pixels
         + 8 * images * frame.pixels
-        + 8 * (4 + planes) * copies * frame.pixels
+        + 8 * (4 + planes) * frame.pixels
         + 4 * planes * frames * frame.pixels
         + TASK_OVERHEAD
     )

@@ -270,12 +270,11 @@ def subtract_block(targets: np.ndarray, images: np.ndarray, cutoffs: tuple[int, 
     m = len(targets)
     flat = targets.reshape(m, -1)
     out = np.empty((len(cutoffs), *targets.shape), dtype=np.float32)
-    if images.ndim == 3:
-        basis = images.reshape(images.shape[0], -1)
-        out[:] = klip.klip_subtract(flat, basis, cutoffs).reshape(out.shape)
-        return out
+    # a target at a time, even on a shared basis: a matrix product's rows are not bit for
+    # bit the same for every number of rows, and the targets of a block follow the blocks
     for i in range(m):
-        basis = images[i].reshape(images.shape[1], -1)
+        basis = images if images.ndim == 3 else images[i]
+        basis = basis.reshape(len(basis), -1)
         subtracted = klip.klip_subtract(flat[i : i + 1], basis, cutoffs)
         out[:, i] = subtracted.reshape(len(cutoffs), *targets.shape[1:])
     return out
