@@ -76,12 +76,17 @@ def residual_stds(
     them (C, nrefs × K): per pixel, the standard deviation over the references of their own
     residuals after projection on the first k KL images (jwst's ERR), for each k of
     ``cutoffs`` (ascending, each at most K); each cutoff's projection takes away the modes
-    the previous one left. The tile is overwritten."""
-    out = np.empty((len(cutoffs), centred.shape[1]))
+    the previous one left. The tile is overwritten.
+
+    A cutoff that keeps every reference's mode (k ≥ nrefs) has ERR 0: the references lie
+    in the span of their KL images (the modes of zero norm hold none of them), so their
+    residuals are 0 but for rounding, which is what jwst's ERR is then made of."""
+    out = np.zeros((len(cutoffs), centred.shape[1]))
+    projected = [k for k in cutoffs if k < len(centred)]
     for start in range(0, centred.shape[1], PROJECTION_COLUMNS):
         columns = slice(start, start + PROJECTION_COLUMNS)
         part, done = centred[:, columns], 0
-        for c, k in enumerate(cutoffs):
+        for c, k in enumerate(projected):
             part -= coefficients[:, done:k] @ images[done:k, columns]
             out[c, columns] = part.std(axis=0)
             done = k

@@ -83,3 +83,20 @@ def test_subtracts_what_the_references_span():
     assert np.abs(residual).max() < 1e-10
     assert kl_basis(refs, 4).shape == (4, 300)
     assert kl_basis(refs, 0).shape == (0, 300)
+
+
+def test_error_is_zero_once_every_mode_is_kept():
+    """With as many KL modes as references, the references are their own projection: ERR
+    is 0 (jwst's is rounding noise); with one mode fewer it is the spread of the residuals
+    of a least-squares projection on that many KL images."""
+    rng = np.random.default_rng(5)
+    refs = rng.normal(size=(8, 400)) + np.linspace(0, 3, 400)
+    refs[7] = refs[6]  # a mode of zero norm: the span has 7 dimensions, not 8
+    assert np.all(klip_error(refs, 8) == 0)
+    assert np.all(klip_error(refs, 50) == 0)
+    centred = refs - refs.mean(axis=1, keepdims=True)
+    for truncate in (3, 6):
+        basis = kl_basis(refs, truncate)
+        fitted = np.linalg.lstsq(basis.T, centred.T, rcond=None)[0]
+        expected = (centred - fitted.T @ basis).std(axis=0)
+        np.testing.assert_allclose(klip_error(refs, truncate), expected, rtol=1e-9, atol=1e-12)
