@@ -230,9 +230,9 @@ def _check_execution(args: argparse.Namespace) -> None:
     apply where the run goes (a LocalCluster, a running scheduler, batch jobs, dask's local
     schedulers): an option is honoured or refused, never ignored."""
     from dask.utils import parse_bytes
-    from distributed.system import MEMORY_LIMIT
 
     from coron_dask.cluster import LOCAL_SCHEDULERS, check_jobqueue, local_worker_count
+    from coron_dask.memory import system_memory
 
     running = args.scheduler or args.scheduler_file
     local = args.scheduler in LOCAL_SCHEDULERS
@@ -279,11 +279,11 @@ def _check_execution(args: argparse.Namespace) -> None:
         if limit <= 0:
             refuse("--memory-limit", f"must be more than 0, got {args.memory_limit!r}")
         count = local_worker_count(args.n_workers)
-        if count * limit > MEMORY_LIMIT:
+        if count * limit > system_memory():
             refuse(
                 "--memory-limit",
                 f"{count} worker(s) × {args.memory_limit} is more than this machine's "
-                f"{MEMORY_LIMIT / 2**30:.1f} GiB: the system would kill workers before dask "
+                f"{system_memory() / 2**30:.1f} GiB: the system would kill workers before dask "
                 "could pause them (fewer workers, or a smaller limit)",
             )
     for option, path in (("--report", args.report), ("--stats", args.stats)):

@@ -17,11 +17,13 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import dask
+import dask.local
+import dask.threaded
 
 from coron_dask import dashboard
 from coron_dask.chunking import Workers
 from coron_dask.errors import ClusterError, CoronInputError, Interrupted
-from coron_dask.memory import MALLOC
+from coron_dask.memory import MALLOC, process_memory, system_memory
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +95,10 @@ class Cluster:
         self._local = None
         self._config = contextlib.ExitStack()
         if scheduler in LOCAL_SCHEDULERS:
-            self._config.enter_context(dask.config.set(scheduler=scheduler))
+            # rechunks by tasks, as they must here: dask would import distributed (0.4 s)
+            # only to find that no client is there to rechunk peer to peer
+            local = {"scheduler": scheduler, "array.rechunk.method": "tasks"}
+            self._config.enter_context(dask.config.set(local))
         elif not (scheduler or scheduler_file):
             from coron_dask import config
 
@@ -491,15 +496,14 @@ def measure_workers(client: object | None) -> Workers:
     largest baseline measured on them. With dask's local schedulers (``client`` None):
     this process, with this machine's memory and cores. Workers without a memory limit
     get this machine's."""
-    from distributed.comm import CommClosedError
-    from distributed.system import MEMORY_LIMIT
-
-    from coron_dask.workers import TrimAfterTasks, configure_memory, process_memory
-
-    if client is None:
+    if client is None:  # no distributed to import
         threaded = dask.config.get("scheduler", None) in ("threads", "threading")
         threads = (os.cpu_count() or 1) if threaded else 1
-        return Workers(1, threads, MEMORY_LIMIT, process_memory())
+        return Workers(1, threads, system_memory(), process_memory())
+    from distributed.comm import CommClosedError
+
+    from coron_dask.workers import TrimAfterTasks, configure_memory
+
     try:
         info = client.scheduler_info(n_workers=-1)["workers"]
         # what the memory model counts on, however the workers were started
@@ -509,7 +513,7 @@ def measure_workers(client: object | None) -> Workers:
     except (OSError, CommClosedError, KeyError):  # the scheduler went away while we asked
         raise ClusterError("lost the connection to the scheduler") from None
     threads = min(w["nthreads"] for w in info.values())
-    limit = min(w["memory_limit"] or MEMORY_LIMIT for w in info.values())
+    limit = min(w["memory_limit"] or system_memory() for w in info.values())
     return Workers(len(info), threads, limit, max(baselines.values()))
 
 
@@ -629,13 +633,13 @@ class _LocalWatch:
 
 
 def _one_blas_thread_per_task() -> contextlib.AbstractContextManager:
-    """Under dask's threaded scheduler, BLAS (KLIP's matrix products) on one thread per
-    task, as distributed's worker processes have it: its own threads on top of dask's
-    oversubscribe the cores (KLIP took 1.6 times as long)."""
+    """Under dask's local schedulers, BLAS (the fit's and KLIP's matrix products) on one
+    thread per task, as distributed's worker processes have it: a product's last bits
+    can change with the number of BLAS threads (rows split differently), and the products
+    are the same wherever they are computed; and BLAS's own threads on top of the
+    threaded scheduler's oversubscribe the cores (KLIP took 1.6 times as long)."""
     from threadpoolctl import threadpool_limits
 
-    if dask.config.get("scheduler", None) not in ("threads", "threading"):
-        return contextlib.nullcontext()
     return threadpool_limits(limits=1, user_api="blas")
 
 
@@ -661,8 +665,12 @@ def execute(
     summary: dict = {}
     if client is None:
         watch = _LocalWatch(lines)
+        # the scheduler's function, not its name: for a name dask imports distributed
+        # (0.4 s) to look for a client first
+        threaded = dask.config.get("scheduler", None) in ("threads", "threading")
+        get = dask.threaded.get if threaded else dask.local.get_sync
         with watch.callback, _one_blas_thread_per_task():
-            dask.compute(run, optimize_graph=False)
+            dask.compute(run, optimize_graph=False, scheduler=get)
         summary["stages"] = summarize_task_stream(watch.records)
     else:
         from distributed import get_task_stream, performance_report

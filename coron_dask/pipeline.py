@@ -34,7 +34,6 @@ from coron_dask.provenance import provenance
 from coron_dask.steps import align_models, median_replace_img, outlier_detection, stack_refs
 from coron_dask.steps.align_refs import alignment_table
 from coron_dask.steps.klip import KLBasis, kl_basis, kl_cutoffs, subtract
-from coron_dask.steps.resample import resample
 
 
 @dataclass
@@ -400,6 +399,8 @@ def reduce_observation(
     if "resample" in p["skip"]:
         log.info("resample skipped")
     else:
+        from coron_dask.steps.resample import resample  # astropy.wcs: only for an i2d
+
         i2d, grid = resample(psfsubs, science, orientation=p["orientation"])
         product(
             f"{association.product_name}_i2d",
@@ -562,8 +563,6 @@ def run_coron3(
     dask's performance report (HTML), ``stats`` a JSON summary of where the time went. With
     an i2d, the run ends with its detection map and candidates (``detection.detect``).
     """
-    from coron_dask.detection import detection_products
-
     psfmask = find_psfmask(asn, psfmask)  # before any cluster starts, as the input checks
     parameters, observation = check_inputs(asn, output_dir, psfmask=psfmask, **parameters)
     paths = execute_on_cluster(
@@ -586,4 +585,8 @@ def run_coron3(
         client=client,
         data_bytes=observation_bytes(observation, parameters["align_to"]),
     )
+    if "resample" in parameters["skip"]:
+        return paths
+    from coron_dask.detection import detection_products  # astropy.table: only with an i2d
+
     return [*paths, *detection_products(paths)]

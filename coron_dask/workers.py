@@ -1,7 +1,7 @@
 """What coron-dask sets up on the dask workers it runs on, however they were started
 (LocalCluster, ``dask worker`` in a batch script, jobqueue jobs): glibc malloc as the
 memory model counts on, no transparent huge pages, and freed memory given back after each
-task; and how a worker's baseline memory is measured."""
+task."""
 
 from distributed.diagnostics.plugin import WorkerPlugin
 
@@ -59,14 +59,3 @@ class TrimAfterTasks(WorkerPlugin):
     def transition(self, key: object, start: str, finish: str, **kwargs: object) -> None:
         if start == "executing" and self.trim is not None:
             self.trim(0)
-
-
-def process_memory() -> int:
-    """Resident memory of this process (bytes), once the modules tasks import are loaded:
-    a worker's baseline."""
-    import psutil
-
-    import coron_dask.io.fitsfile
-    import coron_dask.kernels.blocks  # noqa: F401
-
-    return psutil.Process().memory_info().rss

@@ -485,3 +485,18 @@ def test_model_bounds_measured_peak(case, client, files):
     assert predicted <= LOOSENESS * measured, (
         f"the model is loose by {predicted / measured:.2f}× (> {LOOSENESS}×): {shown}"
     )
+
+
+def test_system_memory_is_the_machines_or_a_control_groups(tmp_path, monkeypatch):
+    """The machine's memory as distributed reads it, unless a control group of this process
+    (a batch job's: v2 memory.max or memory.high, v1 memory.limit_in_bytes) sets less."""
+    from distributed.system import memory_limit
+
+    assert memory.system_memory() <= memory_limit()
+    job = tmp_path / "job"
+    job.mkdir()
+    (job / "memory.max").write_text("max\n")  # v2: no hard limit...
+    (job / "memory.high").write_text(f"{3 * 2**30}\n")  # ...but throttled above 3 GiB
+    (tmp_path / "memory.limit_in_bytes").write_text(f"{2**62}\n")  # v1: none
+    monkeypatch.setattr(memory, "_memory_cgroups", lambda: [job, tmp_path])
+    assert memory.system_memory() == min(3 * 2**30, memory_limit())
