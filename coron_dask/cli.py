@@ -278,12 +278,12 @@ def _check_execution(args: argparse.Namespace) -> None:
             refuse("--memory-limit", f"cannot read {args.memory_limit!r} as a size: e.g. 4GiB")
         if limit <= 0:
             refuse("--memory-limit", f"must be more than 0, got {args.memory_limit!r}")
-        count = local_worker_count(args.n_workers)
-        if count * limit > system_memory():
+        count, available = local_worker_count(args.n_workers), system_memory()
+        if count * limit > available:
             refuse(
                 "--memory-limit",
                 f"{count} worker(s) × {args.memory_limit} is more than this machine's "
-                f"{system_memory() / 2**30:.1f} GiB: the system would kill workers before dask "
+                f"{available / 2**30:.1f} GiB: the system would kill workers before dask "
                 "could pause them (fewer workers, or a smaller limit)",
             )
     for option, path in (("--report", args.report), ("--stats", args.stats)):

@@ -497,8 +497,7 @@ def measure_workers(client: object | None) -> Workers:
     this process, with this machine's memory and cores. Workers without a memory limit
     get this machine's."""
     if client is None:  # no distributed to import
-        threaded = dask.config.get("scheduler", None) in ("threads", "threading")
-        threads = (os.cpu_count() or 1) if threaded else 1
+        threads = (os.cpu_count() or 1) if _threaded() else 1
         return Workers(1, threads, system_memory(), process_memory())
     from distributed.comm import CommClosedError
 
@@ -632,6 +631,11 @@ class _LocalWatch:
             self.lines.show(dashboard.summary(self.remaining, self.everything), finished)
 
 
+def _threaded() -> bool:
+    """Whether the local scheduler configured is dask's threaded one (else synchronous)."""
+    return dask.config.get("scheduler", None) in ("threads", "threading")
+
+
 def _one_blas_thread_per_task() -> contextlib.AbstractContextManager:
     """Under dask's local schedulers, BLAS (the fit's and KLIP's matrix products) on one
     thread per task, as distributed's worker processes have it: a product's last bits
@@ -667,8 +671,7 @@ def execute(
         watch = _LocalWatch(lines)
         # the scheduler's function, not its name: for a name dask imports distributed
         # (0.4 s) to look for a client first
-        threaded = dask.config.get("scheduler", None) in ("threads", "threading")
-        get = dask.threaded.get if threaded else dask.local.get_sync
+        get = dask.threaded.get if _threaded() else dask.local.get_sync
         with watch.callback, _one_blas_thread_per_task():
             dask.compute(run, optimize_graph=False, scheduler=get)
         summary["stages"] = summarize_task_stream(watch.records)
