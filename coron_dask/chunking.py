@@ -105,10 +105,9 @@ def waiting(obs: Observation, integrations: int, psfs: int, threads: int) -> int
     """Bytes waiting between tasks on a worker, for each block under way (one per thread
     and the next): a flagged block of an exposure (SCI, ERR, DQ) waiting for its fill and
     its writes; and of a target block, its filled science frames (and each injected set's,
-    for a contrast curve), its Gram matrices, KL weights and KL images (with ERR). No
-    reference waits: the references, filled and
-    aligned, are written by the tasks that make them and read back by the tasks that use
-    them (``io.products.write_blocks``)."""
+    for a contrast curve), its Gram matrices, KL weights, ERR and overlaps. No reference
+    waits: the references, filled and aligned, are written by the tasks that make them and
+    read back by the tasks that use them (``io.products.write_blocks``)."""
     frame = Frame(*obs.frame)
     targets = integrations if obs.align_to == "each" else 1
     npsf, count = obs.npsf, obs.count
@@ -117,7 +116,8 @@ def waiting(obs: Observation, integrations: int, psfs: int, threads: int) -> int
         4 * (1 + obs.injections) * integrations * frame.pixels  # filled, and each injected
         + 8 * targets * npsf**2
         + 16 * targets * npsf * count
-        + 8 * targets * (count + obs.planes) * frame.pixels
+        + 8 * targets * obs.planes * frame.pixels
+        + 8 * integrations * npsf
     )
     return (threads + 1) * (flagged + per_target)
 
@@ -127,6 +127,7 @@ def task_peaks(obs: Observation, integrations: int, psfs: int, outlier_rows: int
     frame = Frame(*obs.frame)
     k, p, npsf, count, planes = integrations, psfs, obs.npsf, obs.count, obs.planes
     targets = k if obs.align_to == "each" else 1
+    shared = obs.align_to == "first"
     longest = max(obs.science_nints + obs.psf_nints)
     zarr = obs.save_psfalign and obs.format == "zarr"
     return {
@@ -138,10 +139,9 @@ def task_peaks(obs: Observation, integrations: int, psfs: int, outlier_rows: int
         "shift": memory.shift(targets, p, frame, zarr),
         "klip gram": memory.klip_gram(targets, npsf, klip_rows, frame),
         "klip weights": memory.klip_weights(targets, npsf, count),
-        "klip images": memory.klip_images(targets, npsf, klip_rows, frame, count, planes),
-        "klip subtract": memory.klip_subtract(
-            k, frame, count, npsf, shared=obs.align_to == "first", planes=planes
-        ),
+        "klip err": memory.klip_errors(targets, npsf, klip_rows, frame, count, planes),
+        "klip overlaps": memory.klip_overlaps(k, npsf, klip_rows, frame, shared),
+        "klip subtract": memory.klip_project(k, npsf, klip_rows, frame, count, shared, planes),
         "resample": memory.resample(k, frame, 4 * frame.pixels, planes),
         # companions added to a block of integrations (a contrast curve), PSF as big as a frame
         **({"inject": memory.inject(k, frame, frame.pixels)} if obs.injections else {}),

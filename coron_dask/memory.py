@@ -166,14 +166,14 @@ def klip_weights(frames: int, npsf: int, count: int) -> int:
     return 8 * frames * npsf**2 + 6 * 8 * npsf**2 + 16 * frames * npsf * count + TASK_OVERHEAD
 
 
-def klip_images(
+def klip_errors(
     frames: int, npsf: int, rows: int, frame: Frame, count: int, planes: int = 1
 ) -> int:
-    """``count`` KL images and an ERR per cutoff (``planes``) of ``frames`` targets, made a
-    tile of ``rows`` rows at a time: a tile, the weights, the output (whole frames), and
-    for one target at a time the float64 centred tile (the ERR works in it), its KL images
-    (the ERR's projection is made from them), its ERR on the tile, and for a slice of
-    PROJECTION_COLUMNS pixels the projection and the standard deviation's copy."""
+    """KLIP's ERR for each cutoff (``planes``) of ``frames`` targets from ``count`` KL
+    images (the largest cutoff below ``npsf``), made a tile of ``rows`` rows at a time: a
+    tile, the weights, the output (whole frames), and for one target at a time the float64
+    centred tile (the ERR works in it), its KL images, its ERR on the tile, and for a slice
+    of PROJECTION_COLUMNS pixels the projection and the standard deviation's copy."""
     tile = rows * frame.nx
     columns = min(tile, PROJECTION_COLUMNS)
     return (
@@ -182,25 +182,36 @@ def klip_images(
         + 8 * npsf * tile
         + 8 * (count + planes) * tile
         + 16 * npsf * columns
-        + 8 * frames * (count + planes) * frame.pixels
+        + 8 * frames * planes * frame.pixels
         + TASK_OVERHEAD
     )
 
 
-def klip_subtract(
-    frames: int, frame: Frame, count: int, npsf: int, shared: bool, planes: int = 1
+def klip_overlaps(frames: int, npsf: int, rows: int, frame: Frame, shared: bool) -> int:
+    """Overlaps of ``frames`` targets with their references, a tile of ``rows`` rows at a
+    time: the targets (float32) and their centred float64 copy, a tile of references (one
+    set for all targets if ``shared``) and one target's float64 centred copy of it."""
+    tile = rows * frame.nx
+    sets = 1 if shared else frames
+    return 12 * frames * frame.pixels + 4 * sets * npsf * tile + 8 * npsf * tile + TASK_OVERHEAD
+
+
+def klip_project(
+    frames: int, npsf: int, rows: int, frame: Frame, count: int, shared: bool, planes: int = 1
 ) -> int:
-    """Subtraction for ``frames`` targets on ``count`` KL images (shared by all, or one set
-    per target), one image per cutoff (``planes``): the targets, the images, float64 copies
-    of the target being subtracted (one at a time): centred, its projection, each cutoff's
-    image and one more (a temporary of the projection's sum, which a clean clone measured
-    0.49 MiB above the model with MIRI frames); and the output (float32)."""
-    images = count if shared else frames * count
+    """Subtraction for ``frames`` targets, one image per cutoff (``planes``), a tile of
+    ``rows`` rows at a time: the targets and their centred float64 copy, the KL weights
+    (one set if ``shared``), the output (float32), a tile of references, one target's
+    float64 centred copy of it and its projections on the tile."""
+    tile = rows * frame.nx
+    sets = 1 if shared else frames
     return (
-        4 * frames * frame.pixels
-        + 8 * images * frame.pixels
-        + 8 * (4 + planes) * frame.pixels
+        12 * frames * frame.pixels
+        + 16 * sets * npsf * count
         + 4 * planes * frames * frame.pixels
+        + 4 * sets * npsf * tile
+        + 8 * npsf * tile
+        + 8 * planes * tile
         + TASK_OVERHEAD
     )
 

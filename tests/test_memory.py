@@ -84,13 +84,21 @@ CASES = [
     Case("klip_gram", dict(frames=4, npsf=220, rows=66, ny=224, nx=288)),
     Case("klip_weights", dict(frames=8, npsf=300)),
     Case("klip_weights", dict(frames=2, npsf=800)),
-    Case("klip_images", dict(frames=2, npsf=100, rows=160, ny=160, nx=160)),
-    Case("klip_images", dict(frames=4, npsf=220, rows=66, ny=224, nx=288)),
-    Case("klip_images", dict(frames=4, npsf=220, rows=66, ny=224, nx=288, cutoffs=(5, 10, 20, 50))),
-    Case("klip_subtract", dict(frames=10, ny=160, nx=160, npsf=100, shared=True)),
-    Case("klip_subtract", dict(frames=4, ny=224, nx=288, npsf=200, shared=False)),
-    Case("klip_subtract", dict(frames=10, ny=160, nx=160, npsf=100, shared=True, cutoffs=KL_CUBE)),
-    Case("klip_subtract", dict(frames=4, ny=224, nx=288, npsf=200, shared=False, cutoffs=KL_CUBE)),
+    Case("klip_errors", dict(frames=2, npsf=100, rows=160, ny=160, nx=160)),
+    Case("klip_errors", dict(frames=4, npsf=220, rows=66, ny=224, nx=288)),
+    Case("klip_errors", dict(frames=4, npsf=220, rows=66, ny=224, nx=288, cutoffs=KL_CUBE)),
+    Case("klip_overlaps", dict(frames=10, npsf=100, rows=160, ny=160, nx=160, shared=True)),
+    Case("klip_overlaps", dict(frames=4, npsf=200, rows=66, ny=224, nx=288, shared=False)),
+    Case("klip_subtract", dict(frames=10, npsf=100, rows=160, ny=160, nx=160, shared=True)),
+    Case("klip_subtract", dict(frames=4, npsf=200, rows=66, ny=224, nx=288, shared=False)),
+    Case(
+        "klip_subtract",
+        dict(frames=10, npsf=100, rows=160, ny=160, nx=160, shared=True, cutoffs=KL_CUBE),
+    ),
+    Case(
+        "klip_subtract",
+        dict(frames=4, npsf=200, rows=66, ny=224, nx=288, shared=False, cutoffs=KL_CUBE),
+    ),
     Case("inject", dict(frames=60, ny=160, nx=160, box=65)),
     Case("inject", dict(frames=30, ny=224, nx=288, box=161)),
     Case("resample", dict(frames=30, ny=160, nx=160)),
@@ -269,14 +277,18 @@ def build_shift(rng, path, frames, psfs, ny, nx):
     return task, [shifts]
 
 
-def _aligned_on_disk(rng, folder, frames, npsf, ny, nx):
+def _aligned_on_disk(rng, folder, frames, npsf, ny, nx, shared=False):
     """Aligned references (frames + 1, npsf, ny, nx) on disk, as the pipeline writes them,
-    the means of those of the task's ``frames`` targets, and the targets' indices."""
+    or with ``shared`` one set (npsf, ny, nx) for all targets (``align_to="first"``); the
+    means of those of the task's ``frames`` targets, and the targets' indices."""
     refs = _frames(rng, npsf, ny, nx, jitter=0.05)
+    means = refs.mean(axis=(1, 2), dtype=np.float64)
+    if shared:
+        means = np.broadcast_to(means, (frames, npsf))  # as kl_basis hands them over
+        return _on_disk(folder, "aligned", refs), [means], np.arange(frames)
     aligned = np.ascontiguousarray(np.broadcast_to(refs, (frames + 1, npsf, ny, nx)))
-    source = _on_disk(folder, "aligned", aligned)
-    means = [aligned[1:].mean(axis=(2, 3), dtype=np.float64)]
-    return source, means, np.arange(1, frames + 1)
+    means = np.ascontiguousarray(np.broadcast_to(means, (frames, npsf)))
+    return _on_disk(folder, "aligned", aligned), [means], np.arange(1, frames + 1)
 
 
 def build_klip_gram(rng, path, frames, npsf, rows, ny, nx):
@@ -293,25 +305,44 @@ def build_klip_weights(rng, path, frames, npsf):
     return (lambda: kernels.weights_block(grams, 160 * 160, TRUNCATE)), [grams]
 
 
-def build_klip_images(rng, path, frames, npsf, rows, ny, nx, cutoffs=(TRUNCATE,)):
+def _weights(rng, frames, npsf, count, ny, nx, shared):
+    """KL weights (frames, 2, npsf, count), one set broadcast to every target if ``shared``."""
+    weights = rng.normal(size=(1 if shared else frames, 2, npsf, count)) / np.sqrt(ny * nx)
+    return np.broadcast_to(weights, (frames, *weights.shape[1:])) if shared else weights
+
+
+def build_klip_errors(rng, path, frames, npsf, rows, ny, nx, cutoffs=(TRUNCATE,)):
     """As the pipeline runs it: every tile read from disk by the task, in turn."""
     source, means, targets = _aligned_on_disk(rng, path[0], frames, npsf, ny, nx)
-    weights = rng.normal(size=(frames, 2, npsf, min(cutoffs[-1], npsf))) / np.sqrt(ny * nx)
+    weights = _weights(rng, frames, npsf, min(cutoffs[-1], npsf), ny, nx, False)
     kept = tuple(min(k, npsf) for k in cutoffs)
 
     def task():
-        return kernels.images_block(targets, means, [[[weights]]], rows, kept, source)
+        return kernels.errors_block(targets, means, [[[weights]]], rows, kept, source)
 
     return task, [*means, weights]
 
 
-def build_klip_subtract(rng, path, frames, ny, nx, npsf, shared, cutoffs=(TRUNCATE,)):
+def build_klip_overlaps(rng, path, frames, npsf, rows, ny, nx, shared):
+    source, means, indices = _aligned_on_disk(rng, path[0], frames, npsf, ny, nx, shared)
     targets = _frames(rng, frames, ny, nx, jitter=0.3)
-    count = min(cutoffs[-1], npsf)
-    images = rng.normal(size=(count, ny, nx) if shared else (frames, count, ny, nx))
-    images /= np.sqrt(ny * nx)
+    task = lambda: kernels.overlaps_block([[targets]], indices, means, rows, source)  # noqa: E731
+    return task, [targets, *means]
+
+
+def build_klip_subtract(rng, path, frames, npsf, rows, ny, nx, shared, cutoffs=(TRUNCATE,)):
+    source, means, indices = _aligned_on_disk(rng, path[0], frames, npsf, ny, nx, shared)
+    targets = _frames(rng, frames, ny, nx, jitter=0.3)
+    weights = _weights(rng, frames, npsf, min(cutoffs[-1], npsf), ny, nx, shared)
+    overlaps = rng.normal(size=(frames, npsf))
     kept = tuple(min(k, npsf) for k in cutoffs)
-    return (lambda: kernels.subtract_block(targets, images, kept)), [targets, images]
+
+    def task():
+        return kernels.project_block(
+            targets, indices, means, [[[weights]]], [overlaps], rows, kept, source
+        )
+
+    return task, [targets, *means, weights[: 1 if shared else frames], overlaps]
 
 
 def build_inject(rng, path, frames, ny, nx, box):
@@ -359,7 +390,8 @@ def build_write(rng, path, block, file, dtype):
     return (lambda: region.__setitem__(key, data)), [data]
 
 
-ON_DISK = ("fit", "shift", "klip_gram", "klip_images")  # tasks that read from disk
+# tasks that read from disk
+ON_DISK = ("fit", "shift", "klip_gram", "klip_errors", "klip_overlaps", "klip_subtract")
 BUILD = {
     "read": build_read,
     "outlier_median": build_outlier_median,
@@ -369,7 +401,8 @@ BUILD = {
     "shift": build_shift,
     "klip_gram": build_klip_gram,
     "klip_weights": build_klip_weights,
-    "klip_images": build_klip_images,
+    "klip_errors": build_klip_errors,
+    "klip_overlaps": build_klip_overlaps,
     "klip_subtract": build_klip_subtract,
     "inject": build_inject,
     "resample": build_resample,
@@ -402,12 +435,16 @@ def predict(case: Case) -> int:
             return memory.klip_gram(b["frames"], b["npsf"], b["rows"], frame)
         case "klip_weights":
             return memory.klip_weights(b["frames"], b["npsf"], min(TRUNCATE, b["npsf"]))
-        case "klip_images" | "klip_subtract":
+        case "klip_errors" | "klip_subtract":
             cutoffs = b.get("cutoffs", (TRUNCATE,))
             count, planes = min(cutoffs[-1], b["npsf"]), len(cutoffs)
-            if case.kind == "klip_images":
-                return memory.klip_images(b["frames"], b["npsf"], b["rows"], frame, count, planes)
-            return memory.klip_subtract(b["frames"], frame, count, b["npsf"], b["shared"], planes)
+            if case.kind == "klip_errors":
+                below = max((k for k in cutoffs if k < b["npsf"]), default=0)
+                return memory.klip_errors(b["frames"], b["npsf"], b["rows"], frame, below, planes)
+            args = (b["frames"], b["npsf"], b["rows"], frame, count, b["shared"], planes)
+            return memory.klip_project(*args)
+        case "klip_overlaps":
+            return memory.klip_overlaps(b["frames"], b["npsf"], b["rows"], frame, b["shared"])
         case "inject":
             return memory.inject(b["frames"], frame, b["box"] ** 2)
         case "resample":

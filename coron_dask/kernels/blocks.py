@@ -197,15 +197,13 @@ def gram_block(
     targets, summed over tiles of ``rows`` frame rows in order (``_tiles``: from the
     blocks, or read from ``source`` once the tasks ``after`` stands for wrote them)."""
     out = None
-    for pieces in _tiles(aligned, rows, source):
+    for tile in _centred_tiles(aligned, means, rows, source):
         if out is None:
-            npsf = sum(piece.shape[1] for piece in pieces)
-            out = np.zeros((pieces[0].shape[0], npsf, npsf))
+            out = np.zeros((len(tile.pieces[0]), tile.npsf, tile.npsf))
         for i in range(len(out)):
-            centred = _centred_tile(pieces, means, i)
+            centred = tile(i)
             out[i] += centred @ centred.T
             del centred  # before the next target's is made
-        del pieces  # before the next tile is read
     return out
 
 
@@ -228,7 +226,57 @@ def weights_block(grams: np.ndarray, npix: int, truncate: int) -> np.ndarray:
     return np.stack([klip.kl_weights(g, npix, truncate) for g in grams])
 
 
-def images_block(
+def _whole(blocks: list | np.ndarray) -> np.ndarray:
+    """A block dask hands over in pieces along contracted axes (nested lists), joined (no
+    copy when it is one piece)."""
+    pieces = _pieces(blocks)
+    return pieces[0] if len(pieces) == 1 else np.block(blocks)
+
+
+class _CentredTiles:
+    """The references on one tile (pieces as ``_tiles`` yields them) minus their means, for
+    target after target: made once when every target has the same references (a leading
+    axis of one, or broadcast: ``align_to="first"``), else one target's at a time."""
+
+    def __init__(self, pieces: list, means: list, rows: slice) -> None:
+        self.pieces, self.means, self.rows = pieces, means, rows
+        first = pieces[0]
+        self.npsf = sum(piece.shape[1] for piece in pieces)
+        self.height, self.nx = first.shape[2:]
+        self.pixels = slice(rows.start * self.nx, rows.stop * self.nx)  # in a flat frame
+        self.shared = first.shape[0] == 1 or first.strides[0] == 0
+        self.made = None
+
+    def __call__(self, i: int) -> np.ndarray:
+        if not self.shared:
+            return _centred_tile(self.pieces, self.means, i)
+        if self.made is None:
+            self.made = _centred_tile(self.pieces, self.means, 0)
+        return self.made
+
+
+def _centred_tiles(
+    aligned: list | np.ndarray, means: list, rows: int, source: object | None
+) -> Iterator[_CentredTiles]:
+    """The tiles of ``_tiles``, in order, each as ``_CentredTiles``, let go of before the
+    next is read."""
+    start = 0
+    for pieces in _tiles(aligned, rows, source):
+        tile = _CentredTiles(pieces, means, slice(start, start + pieces[0].shape[2]))
+        del pieces
+        yield tile
+        start = tile.rows.stop
+        tile.pieces = tile.made = None
+
+
+def _centred_targets(targets: np.ndarray) -> np.ndarray:
+    """Science frames (m, y, x) as float64 (m, y·x), each minus its mean (KLIP's target)."""
+    flat = np.asarray(targets, dtype=np.float64).reshape(len(targets), -1)
+    flat -= flat.mean(axis=1, keepdims=True)
+    return flat
+
+
+def errors_block(
     aligned: list | np.ndarray,
     means: list,
     weights: list,
@@ -237,47 +285,78 @@ def images_block(
     source: object | None = None,
     after: object = None,
 ) -> np.ndarray:
-    """KL images and ERR of each of m targets from the references aligned to it, a tile of
-    ``rows`` rows at a time (as ``gram_block``), with their weights (m, 2, p, K):
-    (m, K + len(cutoffs), y, x) float64, the K images first, then KLIP's ERR for each
-    cutoff (ascending, at most K)."""
+    """KLIP's ERR (m, len(cutoffs), y, x) float64 of each of m targets, from the references
+    aligned to it, a tile of ``rows`` rows at a time (as ``gram_block``), and their KL
+    weights (m, 2, p, K): the references' own residuals after projection on the first k KL
+    images, for each cutoff k (ascending, at most K). Only the KL images the ERR needs are
+    made (up to the largest cutoff below p: at p and beyond the ERR is 0)."""
     weights = _pieces(weights)[0]
-    count = weights.shape[-1]
-    out, start = None, 0
-    for pieces in _tiles(aligned, rows, source):
-        m, _, height, nx = pieces[0].shape
+    m, out = len(weights), None
+    for tile in _centred_tiles(aligned, means, rows, source):
         if out is None:
             ny = source.shape[-2] if source is not None else _pieces(aligned)[0].shape[2]
-            out = np.empty((m, count + len(cutoffs), ny, nx))
-        part = slice(start, start + height)
+            out = np.zeros((m, len(cutoffs), ny, tile.nx))
+        needed = max((k for k in cutoffs if k < tile.npsf), default=0)
         for i in range(m):
-            centred = _centred_tile(pieces, means, i)
-            images = weights[i, 0].T @ centred
-            out[i, :count, part] = images.reshape(count, height, nx)
+            centred = tile(i)
+            centred = centred.copy() if tile.shared and m > 1 else centred  # ERR writes in it
+            images = weights[i, 0, :, :needed].T @ centred
             errors = klip.residual_stds(centred, images, weights[i, 1], cutoffs)
-            out[i, count:, part] = errors.reshape(len(cutoffs), height, nx)
-            del images
-            del centred  # before the next target's is made
-        start += height
-        del pieces  # before the next tile is read
+            out[i, :, tile.rows] = errors.reshape(len(cutoffs), tile.height, tile.nx)
+            del images, centred  # before the next target's are made
     return out
 
 
-def subtract_block(targets: np.ndarray, images: np.ndarray, cutoffs: tuple[int, ...]) -> np.ndarray:
-    """psfsub SCI (len(cutoffs), m, y, x) float32 of targets (m, y, x), one image per KL
-    cutoff (ascending, at most K), on KL images (K, y, x) shared by all targets, or
-    (m, K, y, x), one basis per target."""
-    m = len(targets)
-    flat = targets.reshape(m, -1)
-    out = np.empty((len(cutoffs), *targets.shape), dtype=np.float32)
-    # a target at a time, even on a shared basis: a matrix product's rows are not bit for
-    # bit the same for every number of rows, and the targets of a block follow the blocks
-    for i in range(m):
-        basis = images if images.ndim == 3 else images[i]
-        basis = basis.reshape(len(basis), -1)
-        subtracted = klip.klip_subtract(flat[i : i + 1], basis, cutoffs)
-        out[:, i] = subtracted.reshape(len(cutoffs), *targets.shape[1:])
+def overlaps_block(
+    targets: list | np.ndarray,
+    aligned: list | np.ndarray,
+    means: list,
+    rows: int,
+    source: object | None = None,
+    after: object = None,
+) -> np.ndarray:
+    """(m, p): each of m targets (science frames, minus their mean) against each of the
+    references aligned to it (minus theirs), summed over tiles of ``rows`` rows in order,
+    read as ``gram_block`` reads them. With the KL weights W they give the target's
+    coefficients on the KL images, Wᵀ·(R − μ)·t, without the images being made."""
+    centred_targets = _centred_targets(_whole(targets))
+    out = None
+    for tile in _centred_tiles(aligned, means, rows, source):
+        if out is None:
+            out = np.zeros((len(centred_targets), tile.npsf))
+        for i, target in enumerate(centred_targets):
+            out[i] += tile(i) @ target[tile.pixels]
     return out
+
+
+def project_block(
+    targets: np.ndarray,
+    aligned: list | np.ndarray,
+    means: list,
+    weights: list,
+    overlaps: list,
+    rows: int,
+    cutoffs: tuple[int, ...],
+    source: object | None = None,
+    after: object = None,
+) -> np.ndarray:
+    """psfsub SCI (len(cutoffs), m, y, x) float32 of targets (m, y, x): each minus its mean
+    and its projection on its first k KL images for each cutoff k (ascending, at most K),
+    made from the references a tile at a time, never from the KL images
+    (``klip.reference_mixes``)."""
+    weights = _pieces(weights)[0]
+    overlaps = _whole(overlaps)
+    centred_targets = _centred_targets(targets)
+    m, (ny, nx) = len(targets), targets.shape[1:]
+    mixes = [klip.reference_mixes(weights[i, 0], overlaps[i], cutoffs) for i in range(m)]
+    out = np.empty((len(cutoffs), m, ny * nx), dtype=np.float32)
+    for tile in _centred_tiles(aligned, means, rows, source):
+        for i in range(m):
+            projection = mixes[i] @ tile(i)
+            np.subtract(centred_targets[i, tile.pixels], projection, out=projection)
+            out[:, i, tile.pixels] = projection
+            del projection
+    return out.reshape(len(cutoffs), m, ny, nx)
 
 
 def drizzle_block(

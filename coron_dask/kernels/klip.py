@@ -16,6 +16,12 @@ every reference at once (dask runs each pass as tasks over the tiles):
    them, C = G·W, which KLIP's ERR needs;
 4. ``kl_images`` and ``residual_stds``: per tile, the KL images and, from them, the ERR;
 5. ``klip_subtract``: science frames minus their projection on the KL images.
+
+The pipeline's tasks never make the KL images Z = Wᵀ·(R − μ) but where the ERR needs
+them: a target t's coefficients on them are Wᵀ·a with a = (R − μ)·t (summed over tiles,
+like the Gram matrix), and its projection on the first k of them is
+(W_k·c_k)ᵀ·(R − μ), tile by tile (``reference_mixes``): 4·p flops a pixel per target
+instead of 2·K·p per pixel for the images on top.
 """
 
 from collections.abc import Iterator
@@ -111,6 +117,14 @@ def klip_subtract(
         out[c] = centred
         done = k
     return out
+
+
+def reference_mixes(weights: np.ndarray, overlaps: np.ndarray, cutoffs: tuple[int, ...]):
+    """(len(cutoffs), p): the mix of the centred references that is a target's projection
+    on its first k KL images, for each cutoff k, from the KL weights W (p, K) and the
+    target's ``overlaps`` a = (R − μ)·t (p,): W_k·(W_kᵀ·a)."""
+    coefficients = weights.T @ overlaps
+    return np.stack([weights[:, :k] @ coefficients[:k] for k in cutoffs])
 
 
 class KLBasis:

@@ -8,12 +8,16 @@ is the same for every integration and is computed once per exposure. Several cut
 (a KL-mode cube) come from one basis: each projects on its first k KL images.
 
 No task needs every pixel of every reference at once: one task per target block sums the
-references' Gram matrix over tiles of frame rows holding all references (``tile_rows``),
-another makes the KL images and ERR tile by tile. In the pipeline the aligned references
-are on disk and these tasks read one tile at a time; nothing but the Gram matrices, the
-KL weights and the KL images waits between them. The tiles follow from the frame and the
-number of references alone, never from the blocks the references arrive in, and the Gram
-matrix is summed over them in order, so the products do not depend on the blocks.
+references' Gram matrix over tiles of frame rows holding all references (``tile_rows``);
+the KL weights follow from it. The subtraction then takes two more passes over the tiles,
+one for the targets' overlaps with the references, one for their projections, which are
+mixes of the references (the KL images themselves are made only where the ERR needs them,
+for cutoffs below the number of references). In the pipeline the aligned references are
+on disk and these tasks read one tile at a time; nothing but the Gram matrices, the KL
+weights, the overlaps and the ERR waits between them. The tiles follow from the frame and
+the number of references alone, never from the blocks the references arrive in, and every
+sum over them is taken in order, target by target, so the products do not depend on the
+blocks.
 """
 
 from collections.abc import Sequence
@@ -28,10 +32,11 @@ from coron_dask.chunking import tile_rows
 from coron_dask.errors import CoronInputError
 from coron_dask.io.products import OnDisk
 from coron_dask.kernels.blocks import (
+    errors_block,
     gram_block,
-    images_block,
     means_block,
-    subtract_block,
+    overlaps_block,
+    project_block,
     weights_block,
 )
 
@@ -44,30 +49,71 @@ def kl_cutoffs(truncate: int | Sequence[int]) -> tuple[int, ...]:
     return tuple(sorted({int(k) for k in values}))
 
 
-def _basis(
-    aligned: da.Array, cutoffs: tuple[int, ...], rows: int, on_disk: OnDisk | None = None
-) -> tuple[da.Array, da.Array]:
-    """KL images (m, K, y, x) float64 and KLIP's ERR (m, c, y, x) float64 for each of the
-    ``cutoffs`` c of references ``aligned`` (m, p, y, x), one basis per leading index, K
-    the largest cutoff (at most p); with ``on_disk``, the same references written to disk,
-    which each task reads a tile at a time."""
-    name = tokenize(aligned, cutoffs, rows, on_disk)
-    npix = aligned.shape[-2] * aligned.shape[-1]
-    npsf = aligned.shape[1]
-    count = min(cutoffs[-1], npsf)
-    kept = tuple(min(k, npsf) for k in cutoffs)
+@dataclass(frozen=True)
+class KLBasis:
+    """The KL basis of one science exposure (lazy), per target block of integrations: the
+    references aligned to each target (``references``: blockwise arguments, the blocks
+    themselves or the targets' indices into psfalign on disk, which ``reading`` names), their
+    means (m, p) and KL weights W and C (m, 2, p, K), the same for every target with a 3-D
+    psfalign (``align_to="first"``); and KLIP's ERR (kl, integration, y, x) for each cutoff.
+    The KL images themselves are never made: a target's projection on them is (W·c)ᵀ·(R − μ)
+    with c = Wᵀ·(R − μ)·t, two passes over the references (``subtract``)."""
+
+    references: tuple
+    reading: tuple
+    means: da.Array
+    weights: da.Array
+    rows: int
+    err: da.Array
+    cutoffs: tuple[int, ...]
+    cube: bool  # a KL-mode cube (truncate given as cutoffs), or jwst's layout (one int)
+
+
+def _references(
+    aligned: da.Array, on_disk: OnDisk | None, after: str
+) -> tuple[tuple, da.Array, tuple]:
+    """Blockwise arguments for tasks over the target blocks of ``aligned`` (m, p, y, x):
+    the references (the blocks, or with ``on_disk`` the targets' indices: the tasks read
+    them), their means (m, p), and what the tasks read from (``after``: the index of the
+    writes they wait for)."""
     if on_disk is None:  # the aligned blocks of a target block, handed to its tasks
         means = da.map_blocks(
-            means_block, aligned, drop_axis=(2, 3), dtype=np.float64, name=f"klip-means-{name}"
+            means_block,
+            aligned,
+            drop_axis=(2, 3),
+            dtype=np.float64,
+            name=f"klip-means-{tokenize(aligned)}",
         )
-        references = (aligned, "mpyx")
-        reading: tuple = ()
-    else:  # the targets' indices: the tasks read their references from disk
-        written = on_disk.written if on_disk.written.ndim == 2 else on_disk.written[None]
-        written = written.rechunk({0: aligned.chunks[0]})
-        means = written.rechunk({1: -1})
-        references = (da.arange(aligned.shape[0], chunks=aligned.chunks[:1]), "m")
-        reading = (on_disk.source, None, written, "mq")
+        return (aligned, "mpyx"), means, ()
+    written = on_disk.written if on_disk.written.ndim == 2 else on_disk.written[None]
+    written = written.rechunk({0: aligned.chunks[0]})
+    indices = (da.arange(aligned.shape[0], chunks=aligned.chunks[:1]), "m")
+    return indices, written.rechunk({1: -1}), (on_disk.source, None, written, after)
+
+
+def kl_basis(
+    science: xr.Dataset,
+    psfalign: xr.Dataset,
+    truncate: int | Sequence[int] = 50,
+    *,
+    rows: int | None = None,
+    on_disk: OnDisk | None = None,
+) -> KLBasis:
+    """The KL basis of the references ``psfalign`` aligned to ``science`` (the filled cube
+    from align_refs), in the science exposure's blocks of integrations (see ``klip``): one
+    per integration with a 4-D psfalign, one for the exposure with a 3-D one."""
+    cutoffs = kl_cutoffs(truncate)
+    target = science["sci"].data
+    aligned = psfalign["sci"].data
+    npsf = psfalign.sizes["psf"]
+    rows = rows or tile_rows(npsf, (target.shape[1], target.shape[2]), 2**23)
+    shared = aligned.ndim == 3  # one basis for the whole exposure
+    bases = aligned[None] if shared else aligned.rechunk({0: target.chunks[0]})
+    name = tokenize(bases, cutoffs, rows, on_disk)
+    npix = target.shape[1] * target.shape[2]
+    count = min(cutoffs[-1], npsf)
+    kept = tuple(min(k, npsf) for k in cutoffs)
+    references, means, reading = _references(bases, on_disk, "mr")
     gram = da.blockwise(
         gram_block,
         "mab",
@@ -92,90 +138,102 @@ def _basis(
         dtype=np.float64,
         name=f"klip-weights-{name}",
     )
-    frame = {} if on_disk is None else {"y": aligned.shape[2], "x": aligned.shape[3]}
-    packed = da.blockwise(
-        images_block,
-        "mjyx",
-        *references,
-        means,
-        "mp",
-        weights,
-        "mwak",
-        rows,
-        None,
-        kept,
-        None,
-        *reading,
-        new_axes={"j": count + len(kept), **frame},
-        concatenate=False,
-        dtype=np.float64,
-        name=f"klip-images-{name}",
-    )
-    return packed[:, :count], packed[:, count:]
-
-
-@dataclass(frozen=True)
-class KLBasis:
-    """The KL basis of one science exposure (lazy): ``images`` (m, K, y, x) per target
-    block of integrations, or (K, y, x) shared by all (``align_to="first"``), and KLIP's
-    ERR (kl, integration, y, x) for each cutoff."""
-
-    images: da.Array
-    err: da.Array
-    cutoffs: tuple[int, ...]
-    cube: bool  # a KL-mode cube (truncate given as cutoffs), or jwst's layout (one int)
-
-
-def kl_basis(
-    science: xr.Dataset,
-    psfalign: xr.Dataset,
-    truncate: int | Sequence[int] = 50,
-    *,
-    rows: int | None = None,
-    on_disk: OnDisk | None = None,
-) -> KLBasis:
-    """The KL basis of the references ``psfalign`` aligned to ``science`` (the filled cube
-    from align_refs), in the science exposure's blocks of integrations (see ``klip``)."""
-    cutoffs = kl_cutoffs(truncate)
-    target = science["sci"].data
-    aligned = psfalign["sci"].data
-    npsf = psfalign.sizes["psf"]
-    rows = rows or tile_rows(npsf, (target.shape[1], target.shape[2]), 2**23)
-    if aligned.ndim == 4:
-        images, err = _basis(aligned.rechunk({0: target.chunks[0]}), cutoffs, rows, on_disk)
-        err = err.transpose(1, 0, 2, 3)
-    else:  # one basis for the whole exposure
-        images, error = _basis(aligned[None], cutoffs, rows, on_disk)
-        images = images[0]
-        err = da.broadcast_to(
-            error[0][:, None], (len(cutoffs), *target.shape), chunks=(-1, *target.chunks)
+    err_shape = (bases.shape[0], len(kept), *target.shape[1:])
+    if all(k >= npsf for k in kept):  # the references lie in their KL images' span
+        err = da.zeros(err_shape, chunks=(bases.chunks[0], -1, -1, -1), dtype=np.float64)
+    else:
+        frame = {} if on_disk is None else {"y": target.shape[1], "x": target.shape[2]}
+        err = da.blockwise(
+            errors_block,
+            "mcyx",
+            *references,
+            means,
+            "mp",
+            weights,
+            "mwak",
+            rows,
+            None,
+            kept,
+            None,
+            *reading,
+            new_axes={"c": len(kept), **frame},
+            concatenate=False,
+            dtype=np.float64,
+            name=f"klip-err-{name}",
         )
+    if shared:  # every target block sees the one basis (broadcast: no copies)
+        m, chunks = target.shape[0], target.chunks[0]
+        weights = da.broadcast_to(
+            weights, (m, *weights.shape[1:]), chunks=(chunks, *weights.chunks[1:])
+        )
+        means = da.broadcast_to(means, (m, npsf), chunks=(chunks, means.chunks[1]))
+        if on_disk is None:
+            references = (
+                da.broadcast_to(bases, (m, *aligned.shape), chunks=(chunks, *aligned.chunks)),
+                "mpyx",
+            )
+        else:  # the 3-D psfalign is read whatever the targets; every write is waited for
+            references = (da.arange(m, chunks=chunks), "m")
+            reading = (*reading[:3], "nr")
+        err = da.broadcast_to(
+            err[0][:, None], (len(cutoffs), *target.shape), chunks=(-1, *target.chunks)
+        )
+    else:
+        err = err.transpose(1, 0, 2, 3)
     cube = not isinstance(truncate, int | np.integer)
-    return KLBasis(images, err.astype(np.float32), cutoffs, cube)
+    return KLBasis(references, reading, means, weights, rows, err.astype(np.float32), cutoffs, cube)
 
 
 def subtract(science: xr.Dataset, basis: KLBasis) -> xr.Dataset:
     """psfsub of ``science`` (a filled cube, in the blocks ``basis`` was made in) on
     ``basis``: ``sci``, ``err`` (the basis's), ``dq`` (see ``klip``). KLIP is linear in the
     science frames: any cube subtracted on one basis (the science, or the science with
-    companions injected) is reduced exactly as the science is."""
+    companions injected) is reduced exactly as the science is.
+
+    Two passes over the references, a tile at a time: the targets' overlaps with them
+    (summed over the tiles), then each target minus its projection, for each cutoff."""
     target = science["sci"].data
     cutoffs = basis.cutoffs
-    kept = tuple(min(k, basis.images.shape[-3]) for k in cutoffs)
-    images_index = "mkyx" if basis.images.ndim == 4 else "kyx"
+    npsf = basis.weights.shape[2]
+    kept = tuple(min(k, npsf) for k in cutoffs)
+    name = tokenize(target, basis.weights, kept)
+    overlaps = da.blockwise(
+        overlaps_block,
+        "mq",
+        target,
+        "myx",
+        *basis.references,
+        basis.means,
+        "mp",
+        basis.rows,
+        None,
+        *basis.reading,
+        new_axes={"q": npsf},
+        concatenate=False,
+        dtype=np.float64,
+        name=f"klip-overlaps-{name}",
+    )
     sci = da.blockwise(
-        subtract_block,
+        project_block,
         "cmyx",
         target,
         "myx",
-        basis.images,
-        images_index,
+        *basis.references,
+        basis.means,
+        "mp",
+        basis.weights,
+        "mwak",
+        overlaps,
+        "mq",
+        basis.rows,
+        None,
         kept,
         None,
+        *basis.reading,
         new_axes={"c": len(cutoffs)},
-        concatenate=True,
+        concatenate=False,
         dtype=np.float32,
-        name="klip-subtract-" + tokenize(target, basis.images, kept),
+        name=f"klip-subtract-{name}",
     )
     err = basis.err
     dims = ("kl", "integration", "y", "x")
