@@ -10,10 +10,12 @@ its Gaussian-equivalent significance, one plane per KL cutoff, with the i2d's WC
 import logging
 from pathlib import Path
 
+import dask
 import dask.array as da
 import numpy as np
 from astropy.table import Table, vstack
 from astropy.wcs import WCS
+from dask.local import get_sync
 
 from coron_dask.contrast import lambda_over_d, pixel_positions, pixel_scale_arcsec, star_position
 from coron_dask.errors import CoronInputError
@@ -36,7 +38,8 @@ def detect(
     i2d = Path(i2d)
     product = open_product(i2d)
     primary, header = product.attrs, product["SCI"].attrs
-    image = product["SCI"].values.astype(np.float64)
+    # one small image, read and its maps written in this thread (no scheduler looked for)
+    image = product["SCI"].data.compute(scheduler=get_sync).astype(np.float64)
     grid = WCS({k: v for k, v in header.items() if not isinstance(v, list)}, naxis=2)
     star = tuple(float(v) for v in pixel_positions(grid, star_position(primary, i2d))[0])
     if resolution is None:
@@ -76,7 +79,8 @@ def detect(
         extensions.append(Extension(name, da.from_array(data, chunks=-1), sci_keywords, dims))
     # the i2d's record of how it was made: the map is made from it
     (snr_path,) = write_products(
-        [Product(snr_path, {**primary, "FILENAME": snr_path.name}, extensions)]
+        [Product(snr_path, {**primary, "FILENAME": snr_path.name}, extensions)],
+        compute=lambda *writes: dask.compute(*writes, scheduler=get_sync),
     )
     table_path = i2d.with_name(f"{stem}_candidates.ecsv")
     partial = table_path.with_name(table_path.name + ".partial")

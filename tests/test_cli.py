@@ -200,3 +200,25 @@ def test_impossible_plan_is_refused_before_any_task(tmp_path):
     assert "the workers have 0.20 GiB" in last
     assert not out.exists() or not any(out.iterdir())
     assert not (tmp_path / "stats.json").exists()  # nothing was computed
+
+
+def test_run_in_process_never_imports_distributed(asn, observation_dir, tmp_path):
+    """A run small enough to compute in its own process, every step and the detection map
+    included, leaves distributed unimported (0.3-0.4 s of start-up a small run need not
+    pay); with --n-workers it starts a LocalCluster, so distributed is there."""
+    script = (
+        "import sys\nfrom coron_dask.cli import main\ncode = main(sys.argv[1:])\n"
+        "print('distributed' in sys.modules)\nsys.exit(code)"
+    )
+    mask = ["--psfmask", str(observation_dir / "psfmask.fits"), "--no-progress"]
+    for extra, imported in (([], "False"), (["--n-workers", "1"], "True")):
+        out = str(tmp_path / str(len(extra)))
+        result = subprocess.run(
+            [sys.executable, "-c", script, "run", str(asn), "-o", out, *mask, *extra],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert result.returncode == 0, result.stderr
+        assert "_i2d" in result.stdout and "_candidates" in result.stdout
+        assert result.stdout.split()[-1] == imported
