@@ -13,6 +13,7 @@ mode. Results go to benchmarks/results/ (JSON, Markdown, PNG).
 
 import argparse
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -281,18 +282,46 @@ def small_blocks(scenario: Scenario, asn: Path, root: Path) -> tuple[Path, float
     return folder, float(done.read_text())
 
 
-def stage_floors(scenario: Scenario, machine: dict, klip_flop: float, written: int) -> dict:
-    """Each stage's floor in task seconds at this machine's single-thread rates (the
-    roofline is their sum over the cores): per aligned frame, the fit's one FFT (the
-    reference's weighted spectrum, from which its start and Newton steps are summed) and
-    the shift's two (SCI and ERR); KLIP's flops at the matrix-product rate; the bytes
-    written at the disk's rate. The fill, outlier_detection and reads have none here."""
-    fft_ms = machine["fft_ms_160"] if scenario.size == 160 else machine["fft_ms_320"]
-    fft_s = fft_ms / 1e3 * scenario.pixels / (160**2 if scenario.size == 160 else 320**2)
+def stage_floors(scenario: Scenario, machine: dict, plan: tuple[int, int], written: int) -> dict:
+    """Each stage's floor in task seconds at this machine's single-thread rates: the FFTs
+    and matrix products coron-dask's algorithms cannot do without, none of their overheads
+    (the roofline is the floors' sum over the cores). ``plan``: the alignment blocks'
+    integrations and references.
+
+    - fit: per alignment task, one real FFT of each reference; per science frame, one of
+      the frame and two on its doubled grid (four times the pixels each); per pair, the
+      matrix products of the start and of two Newton evaluations (the fewest that end a
+      fit: one at the start, one after its step), complex flops at the matmul rate;
+    - shift: per pair, an inverse real FFT of SCI and one of ERR; per task, each
+      reference's two forward ones;
+    - klip: per basis, the Gram matrix (p²·npix, symmetric) and, when a cutoff is below p,
+      the ERR's KL images and projections (4·K·p·npix); per target, its overlaps with the
+      references and its projection (2·p·npix each per cutoff), at the matmul rate;
+    - write products: the bytes written at the disk's rate.
+    The fill, outlier_detection and reads have none here."""
+    ny, nx = (224, 288) if scenario.instrument == "miri" else (scenario.size,) * 2
+    fft_ms = machine["fft_ms_160"] if ny * nx <= 160**2 else machine["fft_ms_320"]
+    unit = fft_ms / 1e3 * ny * nx / (160**2 if ny * nx <= 160**2 else 320**2)  # one FFT
+    matmul = machine["matmul_gflops_1_thread"] * 1e9
+    integrations, psfs = plan
+    targets = integrations if scenario.align_to == "each" else 1  # per alignment task
+    ky, kx = ny + 1, nx // 2 + 1  # the fit's split frequencies (k_x >= 0)
+    qy, qx = 2 * ny + 1, nx + 1  # and doubled, for the energy
+    start = 8 * ky * kx * 7 + 6 * ky * kx
+    evaluation = 8 * 3 * (qy * qx + ky * kx)
+    fit_pair = (start + 2 * evaluation) / matmul + unit * (9 / psfs + 1 / targets)
+    nrefs = scenario.psf_exps * scenario.psf_ints
+    options = dict(zip(scenario.extra[::2], scenario.extra[1::2], strict=False))
+    truncate = int(options.get("--truncate", 50))
+    bases = scenario.sci_exps * (scenario.sci_ints if scenario.align_to == "each" else 1)
+    below = truncate if truncate < nrefs else 0
+    per_basis = (nrefs**2 + 4 * below * nrefs) * ny * nx
+    per_target = 4 * nrefs * ny * nx
+    klip_flop = bases * per_basis + scenario.sci_exps * scenario.sci_ints * per_target
     return {
-        "align_refs: shift fit": scenario.pairs * fft_s,
-        "align_refs: shift": scenario.pairs * 2 * fft_s,
-        "klip": klip_flop / 1e9 / machine["matmul_gflops_1_thread"],
+        "align_refs: shift fit": scenario.pairs * fit_pair,
+        "align_refs: shift": scenario.pairs * unit * (2 + 2 / targets),
+        "klip": klip_flop / matmul,
         "write products": written / 1e6 / machine["disk_write_mbps"],
     }
 
@@ -333,12 +362,13 @@ def run_scenario(scenario: Scenario, root: Path, machine: dict, verify_chunks: b
     fit = stats["stages"].get("align_refs: shift fit", {"seconds": 0})
     row["frames_aligned_per_s"] = scenario.pairs / ours.seconds
     row["fit_ms_per_frame_task"] = 1e3 * fit["seconds"] / scenario.pairs
-    nrefs = scenario.psf_exps * scenario.psf_ints
-    nklip = scenario.sci_exps * (scenario.sci_ints if scenario.align_to == "each" else 1)
-    klip_flop = nklip * (nrefs**2 + 4 * min(50, nrefs) * nrefs) * scenario.pixels
+    plan = re.search(r"(\d+) integration\(s\) × (\d+) reference", stats["events"]["plan"])
+    row["plan"] = [int(plan[1]), int(plan[2])]
+    row["floors"] = stage_floors(scenario, machine, row["plan"], ours.write_bytes)
     klip = stats["stages"].get("klip", {"seconds": 0})
-    row["klip_gflops"] = klip_flop / 1e9 / klip["seconds"] if klip["seconds"] else None
-    row["floors"] = stage_floors(scenario, machine, klip_flop, ours.write_bytes)
+    klip_floor = row["floors"]["klip"]
+    rate = machine["matmul_gflops_1_thread"] * klip_floor  # the flops, in GFLOP
+    row["klip_gflops"] = rate / klip["seconds"] if klip["seconds"] else None
     row["roofline_s"] = sum(row["floors"].values()) / machine["cores"]
     row["over_roofline"] = ours.seconds / row["roofline_s"]
     if scenario.jwst:
