@@ -65,6 +65,13 @@ class Observation:
             self.truncate if isinstance(self.truncate, int) else max(self.truncate), self.npsf
         )
 
+    @property
+    def err_count(self) -> int:
+        """KL images the ERR is made from: the largest cutoff below the number of references
+        (0: the ERR is 0, no task makes it)."""
+        cutoffs = (self.truncate,) if isinstance(self.truncate, int) else self.truncate
+        return max((k for k in cutoffs if k < self.npsf), default=0)
+
 
 @dataclass(frozen=True)
 class BlockPlan:
@@ -139,7 +146,11 @@ def task_peaks(obs: Observation, integrations: int, psfs: int, outlier_rows: int
         "shift": memory.shift(targets, p, frame, zarr),
         "klip gram": memory.klip_gram(targets, npsf, klip_rows, frame),
         "klip weights": memory.klip_weights(targets, npsf, count),
-        "klip err": memory.klip_errors(targets, npsf, klip_rows, frame, count, planes),
+        **(
+            {"klip err": memory.klip_errors(targets, npsf, klip_rows, frame, below, planes)}
+            if (below := obs.err_count)
+            else {}
+        ),
         "klip overlaps": memory.klip_overlaps(k, npsf, klip_rows, frame, shared),
         "klip subtract": memory.klip_project(k, npsf, klip_rows, frame, count, shared, planes),
         "resample": memory.resample(k, frame, 4 * frame.pixels, planes),
