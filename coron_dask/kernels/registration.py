@@ -173,7 +173,8 @@ class _Problem:
         self.near_energy = (rows @ self.energy_terms @ columns).real
 
     def start(self, overlaps: np.ndarray) -> np.ndarray:
-        """(dx, dy, β) at the best integer shift, refined by a parabola through its neighbours.
+        """(dx, dy, β) at the best integer shift, refined to the peak of a quadratic in the
+        logarithm of the gain through it and its eight neighbours.
 
         At an integer shift d the best β is X(d)/E(d), X the weighted cross-correlation
         and E the model's weighted energy, and the cost falls by X(d)²/E(d): its peak, not
@@ -194,16 +195,35 @@ class _Problem:
         flat = np.argmax(inside.reshape(n, -1), axis=1)
         jy, jx = ys[flat // len(xs)], xs[flat % len(xs)]  # positions in the near shifts
         rows = np.arange(n)
-        peak = gain[rows, jy, jx]
+        # log(gain) at the peak and its 8 neighbours: a quadratic through them (a Gaussian
+        # through the gain) puts the peak within a few hundredths of a pixel
+        ym, yp, xm, xp = y_minus[jy], y_plus[jy], x_minus[jx], x_plus[jx]
+        around = np.stack(
+            [gain[rows, a, b] for a in (ym, jy, yp) for b in (xm, jx, xp)], axis=1
+        ).reshape(n, 3, 3)
+        with np.errstate(divide="ignore", invalid="ignore"):  # where a gain is 0: not good
+            logs = np.log(around)
+            gy = 0.5 * (logs[:, 2, 1] - logs[:, 0, 1])
+            gx = 0.5 * (logs[:, 1, 2] - logs[:, 1, 0])
+            hyy = logs[:, 2, 1] - 2 * logs[:, 1, 1] + logs[:, 0, 1]
+            hxx = logs[:, 1, 2] - 2 * logs[:, 1, 1] + logs[:, 1, 0]
+            hxy = 0.25 * (logs[:, 2, 2] - logs[:, 2, 0] - logs[:, 0, 2] + logs[:, 0, 0])
+            det = hxx * hyy - hxy**2
+            fy = -(hxx * gy - hxy * gx) / det
+            fx = -(hyy * gx - hxy * gy) / det
+        good = np.all(around > 0, axis=(1, 2)) & (hxx < 0) & (det > 0)
+        good &= (np.abs(fx) < 1) & (np.abs(fy) < 1)
 
-        def vertex(minus: np.ndarray, plus: np.ndarray) -> np.ndarray:
-            curvature = minus - 2 * peak + plus
+        def vertex(minus: np.ndarray, centre: np.ndarray, plus: np.ndarray) -> np.ndarray:
+            """Elsewhere (a gain of 0 around: the window's edge, a noisy frame), a parabola
+            through the gain itself along each axis."""
+            curvature = minus - 2 * centre + plus
             with np.errstate(divide="ignore", invalid="ignore"):
                 offset = 0.5 * (minus - plus) / curvature
             return np.where((curvature < 0) & (np.abs(offset) < 1), offset, 0.0)
 
-        fy = vertex(gain[rows, y_minus[jy], jx], gain[rows, y_plus[jy], jx])
-        fx = vertex(gain[rows, jy, x_minus[jx]], gain[rows, jy, x_plus[jx]])
+        fy = np.where(good, fy, vertex(*around[:, :, 1].T))
+        fx = np.where(good, fx, vertex(*around[:, 1, :].T))
         energy = self.near_energy[jy, jx]
         beta = np.divide(xcorr[rows, jy, jx], energy, out=np.ones(n), where=energy > 0)
         iy, ix = w.near[0][jy], w.near[1][jx]
