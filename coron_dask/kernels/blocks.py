@@ -91,6 +91,14 @@ def fill_block(
     return out
 
 
+def _aligned(array: np.ndarray) -> np.ndarray:
+    """``array``, or a copy of it if its data are not aligned for its dtype. distributed
+    hands a task the arrays it received as views into the bytes read, at any offset, and
+    numpy multiplies a misaligned matrix by a vector without BLAS, adding up in another
+    order: KLIP's result would otherwise depend on which worker made its KL weights."""
+    return array if array.flags.aligned else array.copy()
+
+
 def _references(psfs: np.ndarray, source: object | None) -> np.ndarray:
     """The references of a task: ``psfs`` itself or, with a ``source`` (references kept on
     disk), those ``psfs`` indexes read from it."""
@@ -223,7 +231,7 @@ def add_blocks(blocks: list, axis: tuple[int, ...], keepdims: bool) -> np.ndarra
 
 def weights_block(grams: np.ndarray, npix: int, truncate: int) -> np.ndarray:
     """KL weights W and C (m, 2, p, K) of each of m targets from its Gram matrix (m, p, p)."""
-    return np.stack([klip.kl_weights(g, npix, truncate) for g in grams])
+    return np.stack([klip.kl_weights(g, npix, truncate) for g in _aligned(grams)])
 
 
 def _whole(blocks: list | np.ndarray) -> np.ndarray:
@@ -270,8 +278,9 @@ def _centred_tiles(
 
 
 def _centred_targets(targets: np.ndarray) -> np.ndarray:
-    """Science frames (m, y, x) as float64 (m, y·x), each minus its mean (KLIP's target)."""
-    flat = np.asarray(targets, dtype=np.float64).reshape(len(targets), -1)
+    """Science frames (m, y, x) as float64 (m, y·x), each minus its mean (KLIP's target):
+    a new array, whatever the frames' type."""
+    flat = np.array(targets, dtype=np.float64).reshape(len(targets), -1)
     flat -= flat.mean(axis=1, keepdims=True)
     return flat
 
@@ -290,7 +299,7 @@ def errors_block(
     weights (m, 2, p, K): the references' own residuals after projection on the first k KL
     images, for each cutoff k (ascending, at most K). Only the KL images the ERR needs are
     made (up to the largest cutoff below p: at p and beyond the ERR is 0)."""
-    weights = _pieces(weights)[0]
+    weights = _aligned(_pieces(weights)[0])
     m, out = len(weights), None
     for tile in _centred_tiles(aligned, means, rows, source):
         if out is None:
@@ -344,8 +353,8 @@ def project_block(
     and its projection on its first k KL images for each cutoff k (ascending, at most K),
     made from the references a tile at a time, never from the KL images
     (``klip.reference_mixes``)."""
-    weights = _pieces(weights)[0]
-    overlaps = _whole(overlaps)
+    weights = _aligned(_pieces(weights)[0])
+    overlaps = _aligned(_whole(overlaps))
     centred_targets = _centred_targets(targets)
     m, (ny, nx) = len(targets), targets.shape[1:]
     mixes = [klip.reference_mixes(weights[i, 0], overlaps[i], cutoffs) for i in range(m)]
