@@ -467,6 +467,7 @@ def contrast_curve(
             psfmask=psfmask,
             workers=workers,
             injections=len(companions),
+            opened=observation,
             **parameters,
         )
         built["injections"] = build_injections(reduction, psf, companions, output_dir, name)

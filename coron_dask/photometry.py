@@ -47,7 +47,7 @@ against apertures of the same size on its ring (the same t statistic over apertu
 from dataclasses import dataclass
 
 import numpy as np
-from scipy import ndimage, special  # not scipy.stats: its import costs a run 0.9 s
+from scipy import special  # not scipy.stats: its import costs a run 0.9 s
 
 
 def aperture_sum(image: np.ndarray, x: float, y: float, radius: float) -> float:
@@ -312,6 +312,23 @@ def _refine(image: np.ndarray, iy: int, ix: int) -> tuple[float, float]:
     return place[0], place[1]
 
 
+def footprint_reduce(
+    ufunc: np.ufunc, image: np.ndarray, footprint: np.ndarray, outside: object
+) -> np.ndarray:
+    """``ufunc`` (np.maximum, np.logical_and) over the pixels of ``image`` within the
+    ``footprint`` (odd-sided, centred, symmetric) of each pixel, those beyond the image's
+    edges taken as ``outside``: scipy.ndimage's maximum_filter and binary_erosion, exact,
+    without the 0.03 s scipy.ndimage adds to every run's start."""
+    ry, rx = footprint.shape[0] // 2, footprint.shape[1] // 2
+    ny, nx = image.shape
+    padded = np.pad(image, ((ry, ry), (rx, rx)), constant_values=outside)
+    out = None
+    for dy, dx in zip(*np.nonzero(footprint), strict=True):
+        window = padded[dy : dy + ny, dx : dx + nx]
+        out = window.copy() if out is None else ufunc(out, window, out=out)
+    return out
+
+
 def find_candidates(
     significance: np.ndarray,
     snr: np.ndarray,
@@ -339,10 +356,10 @@ def find_candidates(
     reach = int(np.floor(resolution))
     oy, ox = np.mgrid[-reach : reach + 1, -reach : reach + 1]
     footprint = ox * ox + oy * oy <= resolution * resolution
-    highest = ndimage.maximum_filter(sig, footprint=footprint, mode="constant", cval=-np.inf)
+    highest = footprint_reduce(np.maximum, sig, footprint, -np.inf)
     # within w of the data's edge a pixel is partly covered (drizzle's edges, a mask):
     # its noise is not its annulus', so no candidate is taken there
-    interior = ndimage.binary_erosion(np.isfinite(significance), footprint, border_value=0)
+    interior = footprint_reduce(np.logical_and, np.isfinite(significance), footprint, False)
     iy, ix = np.nonzero((sig == highest) & (sig > threshold) & interior)
     # ties (a flat top) give several maxima: keep the first of each group within w
     rank = np.lexsort((ix, iy, -sig[iy, ix]))

@@ -234,6 +234,7 @@ def build_products(
     *,
     psfmask: str | Path | None = None,
     workers: Workers | None = None,
+    opened: Observation | None = None,
     **parameters: object,
 ) -> list[Product]:
     """Build the lazy products of an association, in jwst's order: crfints (outlier_detection,
@@ -247,10 +248,11 @@ def build_products(
     write psfalign; without it only a scratch file of its SCI, which KLIP reads),
     integrations, psfs and outlier_rows (block sizes; planned for ``workers``, by default
     this process on this machine). Every product's primary keywords record how it was made
-    (``provenance``: version, date, parameters, block plan, member exposures).
+    (``provenance``: version, date, parameters, block plan, member exposures). ``opened``:
+    the association as ``check_inputs`` opened it, planned with instead of opening it again.
     """
     return reduce_observation(
-        asn, output_dir, psfmask=psfmask, workers=workers, **parameters
+        asn, output_dir, psfmask=psfmask, workers=workers, opened=opened, **parameters
     ).products
 
 
@@ -261,16 +263,18 @@ def reduce_observation(
     psfmask: str | Path | None = None,
     workers: Workers | None = None,
     injections: int = 0,
+    opened: Observation | None = None,
     **parameters: object,
 ) -> Reduction:
     """``build_products``, with what was built on the way (``Reduction``); ``injections``:
     sets of companions that will be subtracted on the same bases, which the block plan
     makes room for (``contrast``)."""
     p = resolve_parameters(**parameters)
-    observation = open_association(asn)
     psfmask = find_psfmask(asn, psfmask)
     psfmask = None if psfmask == "none" else psfmask
-    plan = plan_observation(observation, workers or measure_workers(None), p, injections)
+    plan = plan_observation(
+        opened or open_association(asn), workers or measure_workers(None), p, injections
+    )
     log.info("block plan: %s", plan.describe())
     integrations, psfs = plan.integrations, plan.psfs
     observation = open_association(asn, integrations, psfs)
@@ -567,7 +571,7 @@ def run_coron3(
     parameters, observation = check_inputs(asn, output_dir, psfmask=psfmask, **parameters)
     paths = execute_on_cluster(
         lambda workers: build_products(
-            asn, output_dir, psfmask=psfmask, workers=workers, **parameters
+            asn, output_dir, psfmask=psfmask, workers=workers, opened=observation, **parameters
         ),
         scheduler=scheduler,
         scheduler_file=scheduler_file,

@@ -11,7 +11,13 @@ from astropy.coordinates import SkyCoord
 from astropy.wcs import WCS
 from scipy import ndimage, stats
 
-from coron_dask.photometry import find_candidates, gaussian_significance, noise_profile, snr_map
+from coron_dask.photometry import (
+    find_candidates,
+    footprint_reduce,
+    gaussian_significance,
+    noise_profile,
+    snr_map,
+)
 
 FPF5 = stats.norm.sf(5)
 
@@ -337,3 +343,25 @@ def test_find_candidates_places_to_sub_pixel():
         pixel_errors.append(np.hypot(np.round(best["x"]) - x0, np.round(best["y"]) - y0))
     assert max(errors) < 0.35 and np.median(errors) < 0.2, errors
     assert np.mean(errors) < 0.5 * np.mean(pixel_errors)
+
+
+@pytest.mark.parametrize("resolution", [1.0, 2.06, 3.5, 6.2])
+def test_footprint_reduce_is_scipy_ndimage(resolution):
+    """The peaks and the interior find_candidates takes are those scipy.ndimage gives (its
+    maximum_filter and binary_erosion), on an image with holes and different sides."""
+    rng = np.random.default_rng(int(resolution * 10))
+    image = rng.normal(size=(37, 52))
+    image[rng.random(image.shape) < 0.05] = np.nan
+    image[:3] = np.nan
+    reach = int(np.floor(resolution))
+    oy, ox = np.mgrid[-reach : reach + 1, -reach : reach + 1]
+    footprint = ox * ox + oy * oy <= resolution * resolution
+    sig = np.where(np.isfinite(image), image, -np.inf)
+    expected = ndimage.maximum_filter(sig, footprint=footprint, mode="constant", cval=-np.inf)
+    np.testing.assert_array_equal(footprint_reduce(np.maximum, sig, footprint, -np.inf), expected)
+    finite = np.isfinite(image)
+    eroded = ndimage.binary_erosion(finite, footprint, border_value=0)
+    np.testing.assert_array_equal(
+        footprint_reduce(np.logical_and, finite, footprint, False), eroded
+    )
+    assert 0 < eroded.sum() < finite.sum()
