@@ -14,15 +14,26 @@ class FitsExtension:
     """Array-like view of one uncompressed, unscaled image extension (unsigned integers
     through BZERO) that reads only the requested slab, straight into the array it returns:
     one contiguous read per run of whole trailing axes, byte order and offset fixed in
-    place, so a read needs no memory beyond its result."""
+    place, so a read needs no memory beyond its result. With ``native=False`` floats come
+    back in the file's byte order (``dtype`` big-endian): for readers that convert what
+    they read anyway, which then swaps the bytes in the same pass."""
 
-    def __init__(self, path: Path, offset: int, shape: tuple[int, ...], dtype: np.dtype) -> None:
+    def __init__(
+        self,
+        path: Path,
+        offset: int,
+        shape: tuple[int, ...],
+        dtype: np.dtype,
+        *,
+        native: bool = True,
+    ) -> None:
         self.path = str(path)
         self.offset = offset
         self.shape = shape
-        self.dtype = np.dtype(dtype)
-        self.ndim = len(shape)
         self.file_dtype, self.bzero = file_dtype(dtype)
+        self.native = native or self.bzero is not None
+        self.dtype = np.dtype(dtype) if self.native else self.file_dtype
+        self.ndim = len(shape)
 
     def __getitem__(self, key: tuple) -> np.ndarray:
         key = key if isinstance(key, tuple) else (key,)
@@ -44,7 +55,7 @@ class FitsExtension:
                     run = memoryview(out[index]).cast("B")
                     if handle.readinto(run) != run.nbytes:
                         raise OSError(f"{self.path}: file ends inside its {self.shape} data")
-        if not out.dtype.isnative:
+        if self.native and not out.dtype.isnative:
             out = out.byteswap(inplace=True).view(out.dtype.newbyteorder())
         if self.bzero is not None:  # stored value + 2**(bits-1): flip the sign bit
             out = out.view(self.dtype)

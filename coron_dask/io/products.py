@@ -412,11 +412,13 @@ def target(product: Product, name: str) -> "FitsRegion | ZarrArray | ZarrTable":
 
 def reader(product: Product, name: str) -> FitsExtension:
     """What reads back any part of extension ``name`` of FITS ``product`` while it is being
-    written (from its partial file), once the tasks that wrote that part have run."""
+    written (from its partial file), once the tasks that wrote that part have run. Its
+    readers (the fit, the shift, KLIP) take what they read to float64: it is read in the
+    file's byte order, swapped in that conversion rather than in a pass of its own."""
     region = target(product, name)
     if not isinstance(region, FitsRegion):
         raise ValueError(f"{product.path.name}: only a FITS file is read back")
-    return FitsExtension(region.path, region.offset, region.shape, region.dtype)
+    return FitsExtension(region.path, region.offset, region.shape, region.dtype, native=False)
 
 
 def written_by(product: Product, name: str, array: da.Array) -> None:

@@ -78,3 +78,23 @@ def test_bad_calints_are_named(tmp_path, damage, message):
     with pytest.raises(CoronInputError, match=message) as error:
         open_exposure(path)
     assert error.value.source == str(path)
+
+
+def test_extension_read_in_the_files_byte_order(observation_dir):
+    """The reader the fit, the shift and KLIP read back blocks with gives the values of
+    the file in its own (big-endian) order; integers stay native (BZERO is applied)."""
+    from coron_dask.io.fitsfile import FitsExtension
+
+    path = calints(observation_dir)
+    with fits.open(path) as hdul:
+        for name in ("SCI", "DQ"):
+            hdu = hdul[name]
+            data = hdu.data
+            offset = hdu.fileinfo()["datLoc"]
+            dtype = data.dtype.newbyteorder("=")
+            native = FitsExtension(path, offset, data.shape, dtype)[1:3, :, 5:9]
+            raw = FitsExtension(path, offset, data.shape, dtype, native=False)[1:3, :, 5:9]
+            np.testing.assert_array_equal(raw, data[1:3, :, 5:9])
+            np.testing.assert_array_equal(native, data[1:3, :, 5:9])
+            assert native.dtype.isnative
+            assert raw.dtype.isnative == (dtype.kind != "f")
