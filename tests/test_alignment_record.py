@@ -284,3 +284,36 @@ def test_failed_table_leaves_no_product(tmp_path):
     with pytest.raises(RuntimeError, match="fit lost"):
         write_products([good, bad])
     assert list(tmp_path.iterdir()) == []
+
+
+def test_record_costs_a_few_tasks_whatever_the_integrations():
+    """The table's columns of reference names and numbers are tiled in a task each, not in
+    one per integration: its tasks beyond the fit's do not grow with the integrations, and
+    its rows are the references' names and numbers on every integration."""
+    from coron_dask.steps.align_refs import alignment_table
+
+    npsf = 6
+    names = np.array([f"ref{k // 3}.fits" for k in range(npsf)])
+
+    def record(nints: int) -> tuple[int, np.ndarray]:
+        shift = da.random.default_rng(0).normal(size=(nints, npsf, 3), chunks=(1, 2, 3))
+        psfalign = xr.Dataset(
+            {"shift": (("integration", "psf", "param"), shift)},
+            coords={
+                "integration": np.arange(1, nints + 1),
+                "psf": np.arange(npsf),
+                "param": ["dx", "dy", "beta"],
+                "psf_exposure": ("psf", da.from_array(names, chunks=2)),
+                "psf_integration": ("psf", da.from_array(np.arange(npsf) % 3 + 1, chunks=2)),
+            },
+        )
+        table = alignment_table(psfalign).data
+        tasks = len(dict(table.__dask_graph__())) - len(dict(shift.__dask_graph__()))
+        return tasks, table.compute()
+
+    few, _ = record(2)
+    many, rows = record(40)
+    assert many == few
+    np.testing.assert_array_equal(rows["PSF_FILE"], np.char.encode(np.tile(names, 40), "ascii"))
+    np.testing.assert_array_equal(rows["PSF_INT"], np.tile(np.arange(npsf) % 3 + 1, 40))
+    np.testing.assert_array_equal(rows["INTEGRATION"], np.repeat(np.arange(1, 41), npsf))

@@ -197,8 +197,12 @@ def alignment_table(psfalign: xr.Dataset) -> Extension:
     integrations = psfalign["integration"].values if each else np.array([1])
     fitted = shift.transpose(..., "param").data.rechunk(-1).reshape(-1, 3)
 
-    def per_row(values: object) -> da.Array:  # a value per reference, on every row
-        return da.tile(da.asarray(values), len(integrations))  # the stack's coords: lazy
+    def per_row(values: object) -> da.Array:
+        """A value per reference, on every row: the stack's coords (lazy, one block) tiled
+        in one task, not one per integration."""
+        column = da.asarray(values).rechunk(-1)
+        rows = ((len(integrations) * npsf,),)
+        return column.map_blocks(np.tile, len(integrations), chunks=rows, dtype=column.dtype)
 
     columns = [
         Column(
