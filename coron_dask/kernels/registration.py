@@ -167,10 +167,11 @@ class _Problem:
         terms = fft.rfft2(square)[y.double % grid[0], : weights.reflected.shape[1]]
         del square
         terms *= weights.reflected
-        self.energy_terms = terms
+        self.energy_terms = _stacked(terms)
+        del terms
         # E at the start's shifts
         rows, columns = weights.near_rows[1], weights.near_columns[1]
-        self.near_energy = (rows @ self.energy_terms @ columns).real
+        self.near_energy = _real_product(rows, self.energy_terms, columns)
 
     def start(self, overlaps: np.ndarray) -> np.ndarray:
         """(dx, dy, β) at the best integer shift, refined to the peak of a quadratic in the
@@ -185,7 +186,7 @@ class _Problem:
         ny, nx = self.shape
         w = self.weights
         rows, columns = w.near_rows[0], w.near_columns[0]
-        xcorr = np.matmul(rows[None], np.matmul(overlaps, columns[None])).real
+        xcorr = _real_product(rows[None], overlaps, columns[None])
         with np.errstate(divide="ignore", invalid="ignore"):
             gain = np.where((xcorr > 0) & (self.near_energy > 0), xcorr**2 / self.near_energy, 0.0)
         gain *= w.near_window  # 0 beyond START_RADIUS, for the parabola too
@@ -236,8 +237,9 @@ class _Problem:
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Cost ‖r‖², its gradient Jᵀr and its exact Hessian JᵀJ + Σ r·∇²r (half the
         cost's: the Newton step is the same) at ``params`` (b, 3), for references given by
-        their ``overlaps`` M (b, ky, kx) and ``energies`` P = Σ w²psf² (b,). The exact
-        Hessian buys the quadratic convergence that noisy frames deny Gauss-Newton."""
+        their ``overlaps`` M (b, ky, 2·kx: ``_stacked``) and ``energies`` P = Σ w²psf²
+        (b,). The exact Hessian buys the quadratic convergence that noisy frames deny
+        Gauss-Newton."""
         dx, dy, beta = params.T
         energy = self._ramp_sums(self.energy_terms, dx, dy, double=True)
         overlap = self._ramp_sums(overlaps, dx, dy, double=False)
@@ -259,9 +261,10 @@ class _Problem:
     def _ramp_sums(self, terms: np.ndarray, dx: np.ndarray, dy: np.ndarray, double: bool) -> dict:
         """Σ_q terms(q)·∂ⁱ_y ∂ʲ_x exp(−2πi(q_y·dy/ny + q_x·dx/nx)) for i + j ≤ 2, real,
         keyed (i, j): of E (``terms`` H, one for all, on the doubled frequencies) or of X
-        (``terms`` M, one per reference). The matrix products are one per reference, of
-        the same shape whatever the batch (one product of all the references' columns is
-        not bit for bit the same for every batch): the fit does not depend on the blocks."""
+        (``terms`` M, one per reference), both ``_stacked``. The matrix products are one per
+        reference, of the same shape whatever the batch (one product of all the references'
+        columns is not bit for bit the same for every batch): the fit does not depend on
+        the blocks."""
         ny, nx = self.shape
         y, x = self.weights.axes
         qy, qx = (y.double, x.double) if double else (y.k, x.k)
@@ -271,9 +274,18 @@ class _Problem:
         rows = np.stack([rows, rows * cy, rows * cy * cy], axis=1)  # (b, 3, qy)
         columns = np.exp(np.outer(dx, cx))
         columns = np.stack([columns, columns * cx, columns * cx * cx], axis=-1)  # (b, qx, 3)
-        inner = np.matmul(terms[None] if double else terms, columns)  # (b, qy, 3)
-        sums = np.matmul(rows, inner).real  # (b, 3, 3): [i, j] the ∂ⁱ_y ∂ʲ_x sum
+        sums = _real_product(rows, terms[None] if double else terms, columns)  # (b, 3, 3)
         return {(i, j): sums[:, i, j] for i in range(3) for j in range(3) if i + j <= 2}
+
+    def overlaps(self, references: np.ndarray) -> np.ndarray:
+        """M (b, ky, 2·kx, ``_stacked``) of references given by their part of it
+        (``_Weights.references``), one reference's complex product at a time."""
+        kx = self.tilde.shape[1]
+        overlaps = np.empty((*references.shape[:2], 2 * kx))
+        for reference, stacked in zip(references, overlaps, strict=True):
+            product = self.tilde * reference
+            stacked[:, :kx], stacked[:, kx:] = product.real, product.imag
+        return overlaps
 
     def solve(self, references: np.ndarray, energies: np.ndarray) -> np.ndarray:
         """Damped Newton from the cross-correlation start, for references given by their
@@ -282,7 +294,7 @@ class _Problem:
         A Newton step shorter than ``XTOL`` is taken without evaluating where it lands:
         convergence is quadratic there, so it leaves an error of order XTOL² (1e-6 pixel).
         """
-        overlaps = self.tilde * references  # M
+        overlaps = self.overlaps(references)
         params = self.start(overlaps)
         cost, gradient, hessian = self.evaluate(params, overlaps, energies)
         damping = np.full(len(params), 1e-6)
@@ -318,6 +330,26 @@ class _Problem:
             done = (better & small_gain) | (damping[idx] > 1e12)
             active[idx[done]] = False
         return params
+
+
+def _stacked(terms: np.ndarray) -> np.ndarray:
+    """Complex ``terms`` (..., n) as real numbers: [Re | Im] (..., 2n)."""
+    return np.concatenate([terms.real, terms.imag], axis=-1)
+
+
+def _real_product(rows: np.ndarray, terms: np.ndarray, columns: np.ndarray) -> np.ndarray:
+    """Re(rows · T · columns) for complex ``rows`` (..., a, q), T (..., q, n) held as
+    ``_stacked`` ``terms`` (..., q, 2n) and ``columns`` (..., n, c), by real matrix
+    products: T·columns is [Re T | Im T] times the columns' parts stacked as
+    [[Re, Im], [−Im, Re]], which takes half the time of a complex product of few columns."""
+    n, c = columns.shape[-2:]
+    mixed = np.empty((*columns.shape[:-2], 2 * n, 2 * c))
+    mixed[..., :n, :c] = columns.real
+    mixed[..., n:, :c] = -columns.imag
+    mixed[..., :n, c:] = columns.imag
+    mixed[..., n:, c:] = columns.real
+    inner = np.matmul(terms, mixed)  # (..., q, 2c): Re and Im of T·columns
+    return np.matmul(rows.real, inner[..., :c]) - np.matmul(rows.imag, inner[..., c:])
 
 
 class _SplitAxis:

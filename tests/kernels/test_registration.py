@@ -106,7 +106,7 @@ def test_cost_and_derivatives_match_jwst_shifted_residual(shape):
     weights = _Weights(mask)
     problem = _Problem(weights, science)
     references, energies = weights.references(psf[None], batch=1)
-    overlaps = problem.tilde * references
+    overlaps = problem.overlaps(references)
 
     def evaluate(params):
         return problem.evaluate(np.array([params]), overlaps, energies)
