@@ -128,13 +128,15 @@ def fit(frames: int, psfs: int, frame: Frame) -> int:
     science frames), and the larger of: a batch of references being transformed (float64
     frames, weighted, their spectra: 26 bytes a pixel each), and a science frame's terms
     (its spectrum, the autoconvolution on a doubled grid with its FFTs' buffers, E's
-    terms: about 150 bytes a pixel, ``registration._Problem``) with a batch's overlaps M in
+    terms: about 200 bytes a pixel, ``registration._Problem``) with a batch's overlaps M in
     flight (16 bytes a pixel each). Measured (tests/test_memory.py): the batch's peak is
-    the larger one on 64² frames, the science frame's on 160²."""
+    the larger one on 64² frames, the science frame's on 160², where a worker measured
+    16.0 to 18.0 MiB for 2 frames × 20 references (numpy's own arrays: 13.7 MiB; the rest
+    is the FFTs' buffers and the heap's fragments)."""
     batch = min(psfs, fit_batch(frame.pixels))
     inputs = 4 * (frames + psfs) * frame.pixels + 8 * frame.pixels
     kept = (48 + 8 * psfs) * frame.pixels
-    peak = max(26 * batch, 150 + 16 * batch) * frame.pixels
+    peak = max(26 * batch, 200 + 16 * batch) * frame.pixels
     # the overhead every task has: without it a fit of 64x64 frames measured 1.3 MiB above
     return inputs + kept + peak + TASK_OVERHEAD
 
