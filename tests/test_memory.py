@@ -33,7 +33,10 @@ from coron_dask.kernels import blocks as kernels
 from coron_dask.kernels import inject as kernels_inject
 from coron_dask.memory import MIB, Frame
 
-#: The model may overestimate a measured peak by at most this factor.
+#: The model's arrays (its peak less the fixed allowance every task has, TASK_OVERHEAD,
+#: which covers what a worker's heap adds: 0.3 to 1.3 MiB) may overestimate a measured
+#: peak by at most this factor. The allowance is not looseness: a 4 MiB task measured
+#: 3.7 to 4.3 MiB on different runs.
 LOOSENESS = 1.5
 DO_NOT_USE = PIXEL["DO_NOT_USE"]
 OUTLIER_BITS = PIXEL["DO_NOT_USE"] | PIXEL["OUTLIER"]
@@ -520,8 +523,9 @@ def test_model_bounds_measured_peak(case, client, files):
     predicted = predict(case)
     shown = f"{case}: predicted {predicted / MIB:.2f} MiB, measured {measured / MIB:.2f} MiB"
     assert predicted >= measured, f"the model is below the measured peak: {shown}"
-    assert predicted <= LOOSENESS * measured, (
-        f"the model is loose by {predicted / measured:.2f}× (> {LOOSENESS}×): {shown}"
+    arrays = predicted - memory.TASK_OVERHEAD
+    assert arrays <= LOOSENESS * measured, (
+        f"the model's arrays are loose by {arrays / measured:.2f}× (> {LOOSENESS}×): {shown}"
     )
 
 
