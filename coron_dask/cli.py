@@ -11,7 +11,7 @@ import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from coron_dask import __version__
+from coron_dask import __version__, errors
 from coron_dask.errors import ClusterError, CoronInputError, Interrupted
 
 #: Exit codes: each way a run can end has its own (a signal's is 128 + its number, as the
@@ -62,27 +62,33 @@ def _log_to_stderr(debug: bool = False) -> Callable[[], None]:
 def _signals_end_the_run() -> Iterator[None]:
     """SIGTERM (scancel, a walltime limit) and SIGINT (Ctrl-C) end a run as an error does:
     the first raises Interrupted wherever the run is, so that tasks are cancelled, partial
-    products removed and the cluster closed on the way out; later ones only say that this
-    is under way (cleaning up is what makes the end clean)."""
+    products removed and the cluster closed on the way out (and is recorded, in case it
+    was raised where Python ignores exceptions: ``errors.raise_if_stopped``); later ones
+    only say that this is under way (cleaning up is what makes the end clean)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    stopping = []
 
     def handler(signum: int, _frame: object) -> None:
-        if stopping:
+        if errors.stopping():
             os.write(2, f"coron-dask: {signal.Signals(signum).name}: still cleaning up\n".encode())
             return
-        stopping.append(signum)
-        raise Interrupted(signum)
+        errors.stop(signum)
+
+    def unraisable(report: object) -> None:  # an Interrupted that Python would only print
+        if not isinstance(report.exc_value, Interrupted):
+            hook(report)
 
     signals = (signal.SIGTERM, signal.SIGINT)
     previous = {number: signal.signal(number, handler) for number in signals}
+    hook, sys.unraisablehook = sys.unraisablehook, unraisable
     try:
         yield
     finally:
         for number, action in previous.items():
             signal.signal(number, action)
+        sys.unraisablehook = hook
+        errors.forget_stops()
 
 
 class _Parser(argparse.ArgumentParser):

@@ -25,3 +25,33 @@ class Interrupted(BaseException):
     def __init__(self, signum: int) -> None:
         self.signum = signum
         super().__init__(f"stopped by {signal.Signals(signum).name}")
+
+
+#: The signals this run received. Each is raised as Interrupted where the run is, and
+#: recorded: Python only prints an exception raised inside a garbage-collection callback or
+#: a ``__del__`` and goes on, so the run also asks ``raise_if_stopped`` before it places
+#: its products.
+_received: list[int] = []
+
+
+def stop(signum: int) -> None:
+    """Record ``signum`` and raise Interrupted."""
+    _received.append(signum)
+    raise Interrupted(signum)
+
+
+def stopping() -> bool:
+    """Whether a signal already asked this run to stop."""
+    return bool(_received)
+
+
+def raise_if_stopped() -> None:
+    """Raise Interrupted if a signal asked the run to stop and the run went on (the
+    exception was lost where it was raised)."""
+    if _received:
+        raise Interrupted(_received[0])
+
+
+def forget_stops() -> None:
+    """The run is over: signals it received concern it no more."""
+    _received.clear()

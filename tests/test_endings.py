@@ -251,6 +251,33 @@ def test_signals_end_the_run_cleanly(signals, code, busy_observation, busy_basel
     assert_same_products(out, busy_baseline)
 
 
+def test_a_signal_lost_where_python_ignores_exceptions_still_ends_the_run(asn, tmp_path, capsys):
+    """A signal that arrives while Python runs a garbage-collection callback (distributed
+    has one) raises Interrupted there, where Python only prints it and goes on: the run
+    still ends as a signal ends it, exit 130 and no product, and prints nothing of it."""
+    import gc
+
+    out = tmp_path / "out"
+    sent = []
+
+    def callback(phase: str, _info: dict) -> None:
+        ours = getattr(signal.getsignal(signal.SIGINT), "__module__", None) == "coron_dask.cli"
+        if phase == "start" and ours and not sent:  # once the run's handler is in place
+            sent.append(True)
+            signal.raise_signal(signal.SIGINT)  # its handler runs here, in the callback
+
+    gc.callbacks.append(callback)
+    try:
+        code, _, err = run_main(["run", asn, "-o", out, "--scheduler", "synchronous"], capsys)
+    finally:
+        gc.callbacks.remove(callback)
+    assert sent
+    assert code == 130, err
+    assert error_line(err) == "coron-dask: error: stopped by SIGINT; no product was written"
+    assert "Exception ignored" not in err
+    assert not out.exists() or list(out.iterdir()) == []
+
+
 def test_median_of_a_pixel_flagged_in_every_integration_is_quiet():
     """No 'All-NaN slice' RuntimeWarning from the outlier median (it showed under the
     threaded scheduler): the pixel's median is NaN, the others numpy's nanmedian."""

@@ -40,7 +40,7 @@ from astropy.io import fits
 from dask.base import tokenize
 from dask.layers import ArraySliceDep
 
-from coron_dask.errors import CoronInputError
+from coron_dask.errors import CoronInputError, raise_if_stopped
 from coron_dask.io.fitsfile import FitsExtension, FitsRegion, file_dtype
 from coron_dask.kernels.klip import frame_means
 
@@ -603,6 +603,7 @@ def staged_products(products: list[Product]) -> Iterator[list[da.Array]]:
         # references: psfalign and psfsub) is computed once
         _check_passed(passed, sources)
         yield writes
+        raise_if_stopped()  # a signal whose Interrupted was lost where it was raised
     except BaseException:
         for partial in partials:
             _remove(partial)
