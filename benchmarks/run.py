@@ -343,9 +343,9 @@ def run_scenario(
     scenario: Scenario, root: Path, machine: dict, verify_chunks: bool, repeats: int = 1
 ) -> dict:
     """One scenario's row. coron-dask runs ``repeats`` times, the first before jwst and the
-    others after it, and the run of median wall time is reported (with its stages): this
-    shared machine's rates drift by tens of percent over minutes, a single short run
-    samples one moment of that drift."""
+    others after it, and the run of median wall time (the lower middle one of an even
+    count) is reported, with its stages: this shared machine's rates drift by tens of
+    percent over minutes, a single short run samples one moment of that drift."""
     work = root / scenario.name
     shutil.rmtree(work, ignore_errors=True)
     asn = simulate(scenario, work / "inputs")
@@ -360,7 +360,7 @@ def run_scenario(
     for _ in range(repeats - 1):
         shutil.rmtree(work / "out")
         runs.append(coron_dask(scenario, asn, work / "out"))
-    ours, stats = sorted(runs, key=lambda run: run[0].seconds)[len(runs) // 2]
+    ours, stats = sorted(runs, key=lambda run: run[0].seconds)[(len(runs) - 1) // 2]
     row = {
         "scenario": asdict(scenario),
         "commit": commit(),

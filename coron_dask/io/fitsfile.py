@@ -14,9 +14,10 @@ class FitsExtension:
     """Array-like view of one uncompressed, unscaled image extension (unsigned integers
     through BZERO) that reads only the requested slab, straight into the array it returns:
     one contiguous read per run of whole trailing axes, byte order and offset fixed in
-    place, so a read needs no memory beyond its result. With ``native=False`` floats come
-    back in the file's byte order (``dtype`` big-endian): for readers that convert what
-    they read anyway, which then swaps the bytes in the same pass."""
+    place, so a read needs no memory beyond its result. With ``native=False`` values come
+    back in the file's byte order (``dtype`` big-endian; unsigned integers, stored offset
+    by BZERO, are still made native): for readers that convert what they read anyway,
+    which then swaps the bytes in the same pass."""
 
     def __init__(
         self,

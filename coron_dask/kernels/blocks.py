@@ -95,7 +95,8 @@ def _aligned(array: np.ndarray) -> np.ndarray:
     """``array``, or a copy of it if its data are not aligned for its dtype. distributed
     hands a task the arrays it received as views into the bytes read, at any offset, and
     numpy multiplies a misaligned matrix by a vector without BLAS, adding up in another
-    order: KLIP's result would otherwise depend on which worker made its KL weights."""
+    order: KLIP's result would otherwise depend on which worker made its KL weights. One
+    target's matrices at a time: a broadcast block (``align_to="first"``) stays a view."""
     return array if array.flags.aligned else array.copy()
 
 
@@ -231,7 +232,7 @@ def add_blocks(blocks: list, axis: tuple[int, ...], keepdims: bool) -> np.ndarra
 
 def weights_block(grams: np.ndarray, npix: int, truncate: int) -> np.ndarray:
     """KL weights W and C (m, 2, p, K) of each of m targets from its Gram matrix (m, p, p)."""
-    return np.stack([klip.kl_weights(g, npix, truncate) for g in _aligned(grams)])
+    return np.stack([klip.kl_weights(_aligned(g), npix, truncate) for g in grams])
 
 
 def _whole(blocks: list | np.ndarray) -> np.ndarray:
@@ -299,7 +300,7 @@ def errors_block(
     weights (m, 2, p, K): the references' own residuals after projection on the first k KL
     images, for each cutoff k (ascending, at most K). Only the KL images the ERR needs are
     made (up to the largest cutoff below p: at p and beyond the ERR is 0)."""
-    weights = _aligned(_pieces(weights)[0])
+    weights = _pieces(weights)[0]
     m, out = len(weights), None
     for tile in _centred_tiles(aligned, means, rows, source):
         if out is None:
@@ -309,7 +310,7 @@ def errors_block(
         for i in range(m):
             centred = tile(i)
             centred = centred.copy() if tile.shared and m > 1 else centred  # ERR writes in it
-            images = weights[i, 0, :, :needed].T @ centred
+            images = _aligned(weights[i, 0, :, :needed]).T @ centred
             errors = klip.residual_stds(centred, images, weights[i, 1], cutoffs)
             out[i, :, tile.rows] = errors.reshape(len(cutoffs), tile.height, tile.nx)
             del images, centred  # before the next target's are made
@@ -353,11 +354,14 @@ def project_block(
     and its projection on its first k KL images for each cutoff k (ascending, at most K),
     made from the references a tile at a time, never from the KL images
     (``klip.reference_mixes``)."""
-    weights = _aligned(_pieces(weights)[0])
-    overlaps = _aligned(_whole(overlaps))
+    weights = _pieces(weights)[0]
+    overlaps = _whole(overlaps)
     centred_targets = _centred_targets(targets)
     m, (ny, nx) = len(targets), targets.shape[1:]
-    mixes = [klip.reference_mixes(weights[i, 0], overlaps[i], cutoffs) for i in range(m)]
+    mixes = [
+        klip.reference_mixes(_aligned(weights[i, 0]), _aligned(overlaps[i]), cutoffs)
+        for i in range(m)
+    ]
     out = np.empty((len(cutoffs), m, ny * nx), dtype=np.float32)
     for tile in _centred_tiles(aligned, means, rows, source):
         for i in range(m):

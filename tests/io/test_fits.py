@@ -82,7 +82,8 @@ def test_bad_calints_are_named(tmp_path, damage, message):
 
 def test_extension_read_in_the_files_byte_order(observation_dir):
     """The reader the fit, the shift and KLIP read back blocks with gives the values of
-    the file in its own (big-endian) order; integers stay native (BZERO is applied)."""
+    the file in its own (big-endian) order; unsigned integers (DQ) stay native (BZERO is
+    applied)."""
     from coron_dask.io.fitsfile import FitsExtension
 
     path = calints(observation_dir)

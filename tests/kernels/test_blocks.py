@@ -59,3 +59,17 @@ def test_klip_kernels_do_not_depend_on_input_alignment(klip_inputs):
     received = run(*(misaligned(a) for a in (grams, weights, overlaps, means, targets)))
     for ours, theirs in zip(received, expected, strict=True):
         np.testing.assert_array_equal(ours, theirs)
+
+
+def test_shared_basis_stays_a_view_when_misaligned(klip_inputs):
+    """With one basis for every target (``align_to="first"``) the weights come broadcast
+    (stride 0 along the targets); misaligned, they give the same bits, a target's matrices
+    aligned at a time rather than the broadcast made whole."""
+    refs, targets, means, _, weights, overlaps = klip_inputs
+    shared = np.broadcast_to(weights[:1], weights.shape)
+    received = np.broadcast_to(misaligned(weights[:1]), weights.shape)
+    assert received.strides[0] == 0 and not received.flags.aligned
+    args = (targets, [[refs]], [means])
+    expected = blocks.project_block(*args, [[[shared]]], [overlaps], 10, (3, 8))
+    ours = blocks.project_block(*args, [[[received]]], [overlaps], 10, (3, 8))
+    np.testing.assert_array_equal(ours, expected)
