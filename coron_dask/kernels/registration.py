@@ -280,11 +280,9 @@ class _Problem:
     def overlaps(self, references: np.ndarray) -> np.ndarray:
         """M (b, ky, 2·kx, ``_stacked``) of references given by their part of it
         (``_Weights.references``), one reference's complex product at a time."""
-        kx = self.tilde.shape[1]
-        overlaps = np.empty((*references.shape[:2], 2 * kx))
+        overlaps = np.empty((*references.shape[:2], 2 * self.tilde.shape[1]))
         for reference, stacked in zip(references, overlaps, strict=True):
-            product = self.tilde * reference
-            stacked[:, :kx], stacked[:, kx:] = product.real, product.imag
+            stacked[...] = _stacked(self.tilde * reference)
         return overlaps
 
     def solve(self, references: np.ndarray, energies: np.ndarray) -> np.ndarray:
