@@ -1,6 +1,10 @@
 """Block-by-block FITS writing: exact bytes for any chunking, readable by stdatamodels,
 and no product at all when a block fails."""
 
+import ctypes
+import resource
+import signal
+
 import dask
 import dask.array as da
 import numpy as np
@@ -10,7 +14,7 @@ from stdatamodels.jwst import datamodels
 
 from coron_dask.errors import CoronInputError
 from coron_dask.io import Extension, Product, write_products
-from coron_dask.io.products import staged_products, write_blocks
+from coron_dask.io.products import preallocate, staged_products, write_blocks
 
 
 @pytest.mark.parametrize("chunks", [(1, 1, -1, -1), (2, 3, -1, -1), (-1, 2, -1, -1), -1])
@@ -183,3 +187,53 @@ def test_products_larger_than_the_free_disk_are_refused_before_anything_is_writt
         with staged_products([scratch]):
             pass
     assert list(tmp_path.iterdir()) == []
+
+
+def _partials(folder):
+    return [path for path in folder.iterdir() if path.name.endswith(".partial")]
+
+
+@pytest.fixture
+def allocating(tmp_path):
+    """Skip where the filesystem of ``tmp_path`` does not allocate ahead (Linux fallocate,
+    called here without coron-dask)."""
+    try:
+        fallocate = ctypes.CDLL(None, use_errno=True).fallocate
+    except (OSError, AttributeError):
+        pytest.skip("no fallocate here")
+    fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    with open(tmp_path / "probe", "wb") as handle:
+        if fallocate(handle.fileno(), 0, 0, 2**16) != 0:
+            pytest.skip("this filesystem does not allocate ahead (fallocate)")
+    (tmp_path / "probe").unlink()
+
+
+def test_products_own_their_disk_blocks_before_any_is_written(tmp_path, allocating):
+    """The tasks write into allocated blocks (faster than into a sparse file's holes), and a
+    disk or quota too small fails before anything is computed."""
+    cube = np.zeros((4, 6, 32, 32), np.float32)
+    with staged_products([_quad(tmp_path / "x_psfalign.fits", cube)]):
+        (partial,) = _partials(tmp_path)
+        assert partial.stat().st_size >= 2 * cube.nbytes
+        assert partial.stat().st_blocks * 512 >= partial.stat().st_size
+
+
+def test_a_product_the_disk_cannot_hold_is_refused_naming_it(tmp_path, allocating):
+    """The file size limit stands in for a full disk or quota (the kernel refuses the
+    allocation alike), without filling the disk."""
+    path = tmp_path / "x_psfalign.fits"
+    probe = tmp_path / "probe"
+    with open(probe, "wb") as handle:
+        preallocate(handle, 2880, path)
+        assert probe.stat().st_blocks > 0
+        limits = resource.getrlimit(resource.RLIMIT_FSIZE)
+        ignored = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG, not the signal
+        resource.setrlimit(resource.RLIMIT_FSIZE, (2**20, limits[1]))
+        try:
+            with pytest.raises(OSError, match="could not be reserved") as caught:
+                preallocate(handle, 2**21, path)
+        finally:
+            resource.setrlimit(resource.RLIMIT_FSIZE, limits)
+            signal.signal(signal.SIGXFSZ, ignored)
+    assert caught.value.filename == str(path)
+    assert probe.stat().st_blocks == 0  # let go
