@@ -1,5 +1,8 @@
 """This machine's own limits, measured the way the pipeline uses it (one thread per task):
-float64 matrix-multiply rate, real-FFT throughput and disk write speed."""
+float64 matrix-multiply rate, real-FFT throughput, disk write speed and the rate at which
+a file just written reads back (from the page cache). Rates are of the operation alone:
+warm, into memory allocated beforehand (a fresh array of a few MB can cost more in page
+faults than the FFT that fills it)."""
 
 import os
 import subprocess
@@ -30,11 +33,16 @@ def matmul_gflops(n: int = 1024) -> float:
     """float64 GFLOP/s of an n×n matrix product, in a process limited to one BLAS thread."""
     code = (
         "import numpy as np, time\n"
-        f"a = np.random.default_rng(0).normal(size=({n}, {n})); a @ a\n"
-        "t = min((lambda s: (a @ a, time.perf_counter() - s)[1])(time.perf_counter())"
-        " for _ in range(5))\n"
+        f"a = np.random.default_rng(0).normal(size=({n}, {n})); c = a @ a\n"
+        "t = min((lambda s: (np.matmul(a, a, out=c), time.perf_counter() - s)[1])"
+        "(time.perf_counter()) for _ in range(5))\n"
         f"print(2 * {n}**3 / t / 1e9)\n"
     )
+    return _single_thread(code)
+
+
+def _single_thread(code: str) -> float:
+    """The number ``code`` prints, run in a process limited to one BLAS thread."""
     result = subprocess.run(
         [sys.executable, "-c", code], env=_SINGLE_THREAD, check=True, capture_output=True, text=True
     )
@@ -42,12 +50,23 @@ def matmul_gflops(n: int = 1024) -> float:
 
 
 def fft_seconds(size: int, batch: int = 16) -> float:
-    """Seconds per float64 real 2-D FFT (forward or inverse) of a size×size frame."""
-    frames = np.random.default_rng(0).normal(size=(batch, size, size))
-    spectra = np.fft.rfft2(frames)
-    forward = _best(lambda: np.fft.rfft2(frames)) / batch
-    inverse = _best(lambda: np.fft.irfft2(spectra, s=(size, size))) / batch
-    return (forward + inverse) / 2
+    """Seconds per float64 real 2-D FFT (the mean of forward and inverse) of a size×size
+    frame, warm, into arrays allocated beforehand, in a process of its own."""
+    code = (
+        "import numpy as np, time\n"
+        f"frames = np.random.default_rng(0).normal(size=({batch}, {size}, {size}))\n"
+        "spectra = np.fft.rfft2(frames)\n"
+        "def best(f):\n"
+        "    for _ in range(5): f()\n"
+        "    t = []\n"
+        "    for _ in range(15):\n"
+        "        s = time.perf_counter(); f(); t.append(time.perf_counter() - s)\n"
+        "    return min(t)\n"
+        "forward = best(lambda: np.fft.rfft2(frames, out=spectra))\n"
+        f"inverse = best(lambda: np.fft.irfft2(spectra, s=({size}, {size}), out=frames))\n"
+        f"print((forward + inverse) / 2 / {batch})\n"
+    )
+    return _single_thread(code)
 
 
 def disk_write_mbps(folder: str, megabytes: int = 1024) -> float:
@@ -62,6 +81,26 @@ def disk_write_mbps(folder: str, megabytes: int = 1024) -> float:
         return megabytes * 2**20 / 1e6 / (time.perf_counter() - start)
 
 
+def read_back_gbps(folder: str, megabytes: int = 512, chunk: int = 64) -> float:
+    """GB/s at which a file just written reads back (from the page cache, as KLIP reads the
+    aligned references), ``chunk`` MB at a time into one buffer larger than the caches:
+    the best of five reads."""
+    block = np.random.default_rng(0).bytes(chunk * 2**20)
+    buffer = bytearray(len(block))
+    with tempfile.NamedTemporaryFile(dir=folder) as handle:
+        for _ in range(megabytes // chunk):
+            handle.write(block)
+        handle.flush()
+        with open(handle.name, "rb", buffering=0) as reader:
+
+            def read_all() -> None:
+                reader.seek(0)
+                while reader.readinto(buffer):
+                    pass
+
+            return megabytes * 2**20 / 1e9 / _best(read_all)
+
+
 def limits(folder: str) -> dict:
     """All of the above, for the results file."""
     return {
@@ -70,4 +109,5 @@ def limits(folder: str) -> dict:
         "fft_ms_160": round(fft_seconds(160) * 1e3, 4),
         "fft_ms_320": round(fft_seconds(320) * 1e3, 4),
         "disk_write_mbps": round(disk_write_mbps(folder), 1),
+        "read_back_gbps": round(read_back_gbps(folder), 2),
     }

@@ -283,6 +283,23 @@ def small_blocks(scenario: Scenario, asn: Path, root: Path) -> tuple[Path, float
     return folder, float(done.read_text())
 
 
+def _bases(scenario: Scenario) -> int:
+    """KL bases of a scenario: one per science integration, or per exposure (``first``)."""
+    return scenario.sci_exps * (scenario.sci_ints if scenario.align_to == "each" else 1)
+
+
+def klip_flops(scenario: Scenario) -> int:
+    """KLIP's floating-point operations (see ``stage_floors``)."""
+    ny, nx = (224, 288) if scenario.instrument == "miri" else (scenario.size,) * 2
+    nrefs = scenario.psf_exps * scenario.psf_ints
+    options = dict(zip(scenario.extra[::2], scenario.extra[1::2], strict=False))
+    truncate = int(options.get("--truncate", 50))
+    below = truncate if truncate < nrefs else 0
+    per_basis = (nrefs**2 + 4 * below * nrefs) * ny * nx
+    per_target = 4 * nrefs * ny * nx
+    return _bases(scenario) * per_basis + scenario.sci_exps * scenario.sci_ints * per_target
+
+
 def stage_floors(scenario: Scenario, machine: dict, plan: tuple[int, int], written: int) -> dict:
     """Each stage's floor in task seconds at this machine's single-thread rates: the FFTs
     and matrix products coron-dask's algorithms cannot do without, none of their overheads
@@ -297,7 +314,8 @@ def stage_floors(scenario: Scenario, machine: dict, plan: tuple[int, int], writt
       reference's two forward ones;
     - klip: per basis, the Gram matrix (p²·npix, symmetric) and, when a cutoff is below p,
       the ERR's KL images and projections (4·K·p·npix); per target, its overlaps with the
-      references and its projection (2·p·npix each per cutoff), at the matmul rate;
+      references and its projection (2·p·npix each per cutoff), at the matmul rate; and
+      the aligned references read back once (4 bytes a pixel) at the page cache's rate;
     - write products: the bytes written at the disk's rate.
     The fill, outlier_detection and reads have none here."""
     ny, nx = (224, 288) if scenario.instrument == "miri" else (scenario.size,) * 2
@@ -312,17 +330,11 @@ def stage_floors(scenario: Scenario, machine: dict, plan: tuple[int, int], writt
     evaluation = 8 * 3 * (qy * qx + ky * kx)
     fit_pair = (start + 2 * evaluation) / matmul + unit * (9 / psfs + 1 / targets)
     nrefs = scenario.psf_exps * scenario.psf_ints
-    options = dict(zip(scenario.extra[::2], scenario.extra[1::2], strict=False))
-    truncate = int(options.get("--truncate", 50))
-    bases = scenario.sci_exps * (scenario.sci_ints if scenario.align_to == "each" else 1)
-    below = truncate if truncate < nrefs else 0
-    per_basis = (nrefs**2 + 4 * below * nrefs) * ny * nx
-    per_target = 4 * nrefs * ny * nx
-    klip_flop = bases * per_basis + scenario.sci_exps * scenario.sci_ints * per_target
+    klip_read = _bases(scenario) * nrefs * ny * nx * 4 / (machine["read_back_gbps"] * 1e9)
     return {
         "align_refs: shift fit": scenario.pairs * fit_pair,
         "align_refs: shift": scenario.pairs * unit * (2 + 2 / targets),
-        "klip": klip_flop / matmul,
+        "klip": klip_flops(scenario) / matmul + klip_read,
         "write products": written / 1e6 / machine["disk_write_mbps"],
     }
 
@@ -380,9 +392,8 @@ def run_scenario(
     row["plan"] = [int(plan[1]), int(plan[2])]
     row["floors"] = stage_floors(scenario, machine, row["plan"], ours.write_bytes)
     klip = stats["stages"].get("klip", {"seconds": 0})
-    klip_floor = row["floors"]["klip"]
-    rate = machine["matmul_gflops_1_thread"] * klip_floor  # the flops, in GFLOP
-    row["klip_gflops"] = rate / klip["seconds"] if klip["seconds"] else None
+    klip_gflop = klip_flops(scenario) / 1e9
+    row["klip_gflops"] = klip_gflop / klip["seconds"] if klip["seconds"] else None
     row["roofline_s"] = sum(row["floors"].values()) / machine["cores"]
     row["over_roofline"] = ours.seconds / row["roofline_s"]
     if theirs is not None:
@@ -403,7 +414,8 @@ def markdown(rows: list[dict], machine: dict) -> str:
     lines = [
         f"Machine: {machine['cores']} cores, float64 matmul {machine['matmul_gflops_1_thread']} "
         f"GFLOP/s per thread, real FFT {machine['fft_ms_160']} ms (160²) / "
-        f"{machine['fft_ms_320']} ms (320²), disk {machine['disk_write_mbps']} MB/s.",
+        f"{machine['fft_ms_320']} ms (320²), disk {machine['disk_write_mbps']} MB/s, read back "
+        f"{machine['read_back_gbps']} GB/s.",
         "",
         "| scenario | frames | psfalign | coron-dask | jwst | speed-up | peak memory | "
         "limit | largest worker | frames/s | KLIP GFLOP/s | × roofline |",
