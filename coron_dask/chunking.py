@@ -121,7 +121,7 @@ def waiting(obs: Observation, integrations: int, psfs: int, threads: int) -> int
     flagged = 12 * max(integrations, psfs) * frame.pixels
     per_target = (
         4 * (1 + obs.injections) * integrations * frame.pixels  # filled, and each injected
-        + 8 * targets * npsf**2
+        + 8 * targets * npsf * (npsf + 1)
         + 16 * targets * npsf * count
         + 8 * targets * obs.planes * frame.pixels
         + 8 * integrations * npsf
@@ -144,7 +144,7 @@ def task_peaks(obs: Observation, integrations: int, psfs: int, outlier_rows: int
         "fill": memory.fill(max(k, p), frame),
         "fit": memory.fit(targets, p, frame),
         "shift": memory.shift(targets, p, frame, zarr),
-        "klip gram": memory.klip_gram(targets, npsf, klip_rows, frame),
+        "klip gram": memory.klip_gram(targets, npsf, klip_rows, frame, own=not shared),
         "klip weights": memory.klip_weights(targets, npsf, count),
         **(
             {"klip err": memory.klip_errors(targets, npsf, klip_rows, frame, below, planes)}

@@ -155,11 +155,15 @@ def shift(frames: int, psfs: int, frame: Frame, zarr: bool = False) -> int:
     return 4 * psfs * frame.pixels + output + max(per_batch, copy) + TASK_OVERHEAD
 
 
-def klip_gram(frames: int, npsf: int, rows: int, frame: Frame) -> int:
+def klip_gram(frames: int, npsf: int, rows: int, frame: Frame, own: bool = False) -> int:
     """Gram matrices of ``frames`` targets' references, summed over tiles of ``rows`` rows:
-    a tile, one target's float64 centred copy of it, the matrices and a product."""
+    a tile, one target's float64 centred copy of it, the matrices and a product; with
+    ``own`` (a basis per integration) bordered by the overlaps of the integrations, which
+    the task holds (float32) with their centred float64 copy."""
     tile = rows * frame.nx
-    return 4 * frames * npsf * tile + 8 * npsf * tile + 8 * (frames + 1) * npsf**2 + TASK_OVERHEAD
+    targets = 12 * frames * frame.pixels if own else 0
+    matrices = 8 * (frames + 1) * npsf * (npsf + own)
+    return 4 * frames * npsf * tile + 8 * npsf * tile + matrices + targets + TASK_OVERHEAD
 
 
 def klip_weights(frames: int, npsf: int, count: int) -> int:

@@ -85,6 +85,8 @@ CASES = [
     Case("shift", dict(frames=3, psfs=10, ny=224, nx=288)),
     Case("klip_gram", dict(frames=1, npsf=100, rows=160, ny=160, nx=160)),
     Case("klip_gram", dict(frames=4, npsf=220, rows=66, ny=224, nx=288)),
+    Case("klip_gram", dict(frames=10, npsf=48, rows=160, ny=160, nx=160, own=True)),
+    Case("klip_gram", dict(frames=4, npsf=220, rows=66, ny=224, nx=288, own=True)),
     Case("klip_weights", dict(frames=8, npsf=300)),
     Case("klip_weights", dict(frames=2, npsf=800)),
     Case("klip_errors", dict(frames=2, npsf=100, rows=160, ny=160, nx=160)),
@@ -295,10 +297,13 @@ def _aligned_on_disk(rng, folder, frames, npsf, ny, nx, shared=False):
     return _on_disk(folder, "aligned", aligned), [means], np.arange(1, frames + 1)
 
 
-def build_klip_gram(rng, path, frames, npsf, rows, ny, nx):
-    """As the pipeline runs it: every tile read from disk by the task, in turn."""
-    source, means, targets = _aligned_on_disk(rng, path[0], frames, npsf, ny, nx)
-    return (lambda: kernels.gram_block(targets, means, rows, source)), means
+def build_klip_gram(rng, path, frames, npsf, rows, ny, nx, own=False):
+    """As the pipeline runs it: every tile read from disk by the task, in turn; with
+    ``own``, bordered by the overlaps of the integrations (a basis per integration)."""
+    source, means, indices = _aligned_on_disk(rng, path[0], frames, npsf, ny, nx)
+    targets = [_frames(rng, frames, ny, nx, jitter=0.3)] if own else []
+    task = lambda: kernels.gram_block(indices, means, [targets] if own else None, rows, source)  # noqa: E731
+    return task, [*means, *targets]
 
 
 def build_klip_weights(rng, path, frames, npsf):
@@ -436,7 +441,7 @@ def predict(case: Case) -> int:
         case "shift":  # its block written into a FITS file by the task
             return memory.shift(b["frames"], b["psfs"], frame)
         case "klip_gram":
-            return memory.klip_gram(b["frames"], b["npsf"], b["rows"], frame)
+            return memory.klip_gram(b["frames"], b["npsf"], b["rows"], frame, b.get("own", False))
         case "klip_weights":
             return memory.klip_weights(b["frames"], b["npsf"], min(TRUNCATE, b["npsf"]))
         case "klip_errors" | "klip_subtract":

@@ -198,20 +198,28 @@ def _tiles(aligned: list | np.ndarray, rows: int, source: object | None) -> Iter
 def gram_block(
     aligned: list | np.ndarray,
     means: list,
+    targets: list | np.ndarray | None,
     rows: int,
     source: object | None = None,
     after: object = None,
 ) -> np.ndarray:
     """Gram matrices (m, p, p) of the mean-subtracted references aligned to each of m
-    targets, summed over tiles of ``rows`` frame rows in order (``_tiles``: from the
-    blocks, or read from ``source`` once the tasks ``after`` stands for wrote them)."""
+    targets, summed over tiles of ``rows`` rows in order (``_tiles``: from the blocks, or
+    read from ``source`` once the tasks ``after`` stands for wrote them). With ``targets``
+    (m, y, x), each Gram matrix is bordered by its target's overlaps with the references,
+    (m, p, p + 1), summed as ``overlaps_block`` sums them: the pass over the references that
+    makes the Gram matrix makes the overlaps too, rather than a pass of their own."""
+    centred_targets = None if targets is None else _centred_targets(_whole(targets))
     out = None
     for tile in _centred_tiles(aligned, means, rows, source):
         if out is None:
-            out = np.zeros((len(tile.pieces[0]), tile.npsf, tile.npsf))
+            bordered = 0 if centred_targets is None else 1
+            out = np.zeros((len(tile.pieces[0]), tile.npsf, tile.npsf + bordered))
         for i in range(len(out)):
             centred = tile(i)
-            out[i] += centred @ centred.T
+            out[i, :, : tile.npsf] += centred @ centred.T
+            if centred_targets is not None:
+                out[i, :, tile.npsf] += centred @ centred_targets[i, tile.pixels]
             del centred  # before the next target's is made
     return out
 
@@ -231,8 +239,11 @@ def add_blocks(blocks: list, axis: tuple[int, ...], keepdims: bool) -> np.ndarra
 
 
 def weights_block(grams: np.ndarray, npix: int, truncate: int) -> np.ndarray:
-    """KL weights W and C (m, 2, p, K) of each of m targets from its Gram matrix (m, p, p)."""
-    return np.stack([klip.kl_weights(_aligned(g), npix, truncate) for g in grams])
+    """KL weights W and C (m, 2, p, K) of each of m targets from its Gram matrix (m, p, p),
+    or (m, p, p + 1) bordered by the overlaps (``gram_block``): the matrix is taken out
+    whole (contiguous, aligned), so that the weights are those of an unbordered one."""
+    gram = [_aligned(np.ascontiguousarray(g[:, : len(g)])) for g in grams]
+    return np.stack([klip.kl_weights(g, npix, truncate) for g in gram])
 
 
 def _whole(blocks: list | np.ndarray) -> np.ndarray:

@@ -9,15 +9,16 @@ is the same for every integration and is computed once per exposure. Several cut
 
 No task needs every pixel of every reference at once: one task per target block sums the
 references' Gram matrix over tiles of frame rows holding all references (``tile_rows``);
-the KL weights follow from it. The subtraction then takes two more passes over the tiles,
-one for the targets' overlaps with the references, one for their projections, which are
-mixes of the references (the KL images themselves are made only where the ERR needs them,
-for cutoffs below the number of references). In the pipeline the aligned references are
-on disk and these tasks read one tile at a time; nothing but the Gram matrices, the KL
-weights, the overlaps and the ERR waits between them. The tiles follow from the frame and
-the number of references alone, never from the blocks the references arrive in, and every
-sum over them is taken in order, target by target, so the products do not depend on the
-blocks.
+the KL weights follow from it. The subtraction then takes two more passes over the
+tiles, one for the targets' overlaps with the references (with a basis per integration,
+the Gram matrix's pass makes the science's), one for their projections, which are mixes
+of the references (the KL images themselves are made only where the ERR needs them, for
+cutoffs below the number of references). In the pipeline the aligned references are on
+disk and these tasks read one tile at a time; nothing but the Gram matrices, the KL
+weights, the overlaps and the ERR waits between them. The tiles follow from the frame
+and the number of references alone, never from the blocks the references arrive in, and
+every sum over them is taken in order, target by target, so the products do not depend
+on the blocks.
 """
 
 from collections.abc import Sequence
@@ -57,7 +58,10 @@ class KLBasis:
     means (m, p) and KL weights W and C (m, 2, p, K), the same for every target with a 3-D
     psfalign (``align_to="first"``); and KLIP's ERR (kl, integration, y, x) for each cutoff.
     The KL images themselves are never made: a target's projection on them is (W·c)ᵀ·(R − μ)
-    with c = Wᵀ·(R − μ)·t, two passes over the references (``subtract``)."""
+    with c = Wᵀ·(R − μ)·t, two passes over the references (``subtract``). With a basis per
+    integration the pass that sums its Gram matrix also sums the overlaps (R − μ)·t of the
+    ``science`` it was made for (``overlaps``), and subtracting that science takes one pass.
+    """
 
     references: tuple
     reading: tuple
@@ -67,6 +71,8 @@ class KLBasis:
     err: da.Array
     cutoffs: tuple[int, ...]
     cube: bool  # a KL-mode cube (truncate given as cutoffs), or jwst's layout (one int)
+    science: da.Array  # the science SCI the basis was made for
+    overlaps: da.Array | None  # its overlaps with the references, made with a basis each
 
 
 def _references(
@@ -109,7 +115,9 @@ def kl_basis(
     rows = rows or tile_rows(npsf, (target.shape[1], target.shape[2]), 2**23)
     shared = aligned.ndim == 3  # one basis for the whole exposure
     bases = aligned[None] if shared else aligned.rechunk({0: target.chunks[0]})
-    name = tokenize(bases, cutoffs, rows, on_disk)
+    # a basis per integration: its Gram pass makes the integration's overlaps too
+    own = (None, None) if shared else (target, "myx")
+    name = tokenize(bases, cutoffs, rows, on_disk, own[0])
     npix = target.shape[1] * target.shape[2]
     count = min(cutoffs[-1], npsf)
     kept = tuple(min(k, npsf) for k in cutoffs)
@@ -120,14 +128,16 @@ def kl_basis(
         *references,
         means,
         "mp",
+        *own,
         rows,
         None,
         *reading,
-        new_axes={"a": npsf, "b": npsf},
+        new_axes={"a": npsf, "b": npsf + (not shared)},
         concatenate=False,
         dtype=np.float64,
         name=f"klip-gram-{name}",
     )
+    overlaps = None if shared else gram[:, :, npsf]
     weights = da.map_blocks(
         weights_block,
         gram,
@@ -181,7 +191,8 @@ def kl_basis(
     else:
         err = err.transpose(1, 0, 2, 3)
     cube = not isinstance(truncate, int | np.integer)
-    return KLBasis(references, reading, means, weights, rows, err.astype(np.float32), cutoffs, cube)
+    err = err.astype(np.float32)
+    return KLBasis(references, reading, means, weights, rows, err, cutoffs, cube, target, overlaps)
 
 
 def subtract(science: xr.Dataset, basis: KLBasis) -> xr.Dataset:
@@ -191,28 +202,32 @@ def subtract(science: xr.Dataset, basis: KLBasis) -> xr.Dataset:
     companions injected) is reduced exactly as the science is.
 
     Two passes over the references, a tile at a time: the targets' overlaps with them
-    (summed over the tiles), then each target minus its projection, for each cutoff."""
+    (summed over the tiles), then each target minus its projection, for each cutoff. The
+    first is the Gram matrix's pass when ``science`` is the one the basis was made for
+    and there is a basis per integration (``KLBasis.overlaps``)."""
     target = science["sci"].data
     cutoffs = basis.cutoffs
     npsf = basis.weights.shape[2]
     kept = tuple(min(k, npsf) for k in cutoffs)
     name = tokenize(target, basis.weights, kept)
-    overlaps = da.blockwise(
-        overlaps_block,
-        "mq",
-        target,
-        "myx",
-        *basis.references,
-        basis.means,
-        "mp",
-        basis.rows,
-        None,
-        *basis.reading,
-        new_axes={"q": npsf},
-        concatenate=False,
-        dtype=np.float64,
-        name=f"klip-overlaps-{name}",
-    )
+    overlaps = basis.overlaps
+    if overlaps is None or target.name != basis.science.name:  # a pass of their own
+        overlaps = da.blockwise(
+            overlaps_block,
+            "mq",
+            target,
+            "myx",
+            *basis.references,
+            basis.means,
+            "mp",
+            basis.rows,
+            None,
+            *basis.reading,
+            new_axes={"q": npsf},
+            concatenate=False,
+            dtype=np.float64,
+            name=f"klip-overlaps-{name}",
+        )
     sci = da.blockwise(
         project_block,
         "cmyx",

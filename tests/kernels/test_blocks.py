@@ -35,10 +35,28 @@ def klip_inputs():
     ).astype(np.float32)
     targets = (psf * 1.05 + NOISE * rng.normal(size=(2, ny, nx))).astype(np.float32)
     means = blocks.means_block(refs)
-    grams = blocks.gram_block([[refs]], [means], 10)
+    grams = blocks.gram_block([[refs]], [means], None, 10)
     weights = blocks.weights_block(grams, ny * nx, 8)
     overlaps = blocks.overlaps_block([[targets]], [[refs]], [means], 10)
     return refs, targets, means, grams, weights, overlaps
+
+
+@pytest.mark.parametrize("rows", [24, 10, 1])
+def test_gram_bordered_by_overlaps_is_the_two_passes_bit_for_bit(klip_inputs, rows):
+    """With a basis per integration the Gram pass sums the science's overlaps too: the
+    Gram matrix, the KL weights and the overlaps are those of the separate passes."""
+    refs, targets, means, *_ = klip_inputs
+    bordered = blocks.gram_block([[refs]], [means], [[targets]], rows)
+    grams = blocks.gram_block([[refs]], [means], None, rows)
+    overlaps = blocks.overlaps_block([[targets]], [[refs]], [means], rows)
+    npsf = refs.shape[1]
+    assert bordered.shape == (len(targets), npsf, npsf + 1)
+    np.testing.assert_array_equal(bordered[:, :, :npsf], grams)
+    np.testing.assert_array_equal(bordered[:, :, npsf], overlaps)
+    np.testing.assert_array_equal(
+        blocks.weights_block(bordered, refs[0, 0].size, 8),
+        blocks.weights_block(grams, refs[0, 0].size, 8),
+    )
 
 
 def test_klip_kernels_do_not_depend_on_input_alignment(klip_inputs):

@@ -7,6 +7,7 @@ import xarray as xr
 from coron_dask import open_association
 from coron_dask.dqflags import PIXEL
 from coron_dask.steps import align_refs, klip, median_replace_img
+from coron_dask.steps.klip import kl_basis, subtract
 from tests.conftest import count_computes
 
 
@@ -44,6 +45,22 @@ def test_first_mode_builds_one_basis_per_exposure(asn):
     weights_tasks = [k for k in graph if str(k).startswith("('klip-weights-")]
     assert len(weights_tasks) == 1
     assert filled["sci"].data.numblocks[0] == 3
+
+
+def test_each_mode_sums_the_sciences_overlaps_in_the_gram_pass(asn):
+    """A basis per integration: the science's overlaps come from the pass that sums the
+    Gram matrix (no pass of their own), and its psfsub is bit for bit that of the same
+    cube subtracted as another cube is (an injected one: a pass of its own)."""
+    observation = open_association(asn, integrations=2)
+    psfalign, filled = align_refs(observation.science[0], observation.psfstack)
+    basis = kl_basis(filled, psfalign, truncate=4)
+    psfsub = subtract(filled, basis)
+    graph = psfsub["sci"].data.__dask_graph__()
+    assert not [k for k in graph if str(k).startswith("('klip-overlaps-")]
+    other = filled.assign(sci=filled["sci"].copy(data=filled["sci"].data + np.float32(0)))
+    separate = subtract(other, basis)
+    assert any(str(k).startswith("('klip-overlaps-") for k in separate["sci"].data.dask)
+    np.testing.assert_array_equal(psfsub["sci"].values, separate["sci"].values)
 
 
 def test_miri_non_science_pixels_become_zero(asn):
