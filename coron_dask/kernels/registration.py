@@ -241,8 +241,11 @@ class _Problem:
         (b,). The exact Hessian buys the quadratic convergence that noisy frames deny
         Gauss-Newton."""
         dx, dy, beta = params.T
-        energy = self._ramp_sums(self.energy_terms, dx, dy, double=True)
-        overlap = self._ramp_sums(overlaps, dx, dy, double=False)
+        rows, columns = self._ramps(dx, dy)
+        energy = self._ramp_sums(self.energy_terms[None], rows, columns)
+        single = self.tilde.shape  # X's frequencies: the middle rows, the first columns
+        middle = slice((rows.shape[-1] - single[0]) // 2, (rows.shape[-1] + single[0]) // 2)
+        overlap = self._ramp_sums(overlaps, rows[..., middle], columns[:, : single[1]])
 
         def mixed(i: int, j: int) -> np.ndarray:  # ½ ∂ⁱ_y ∂ʲ_x of the cost, for i + j > 0
             return -beta * overlap[i, j] + 0.5 * beta**2 * energy[i, j]
@@ -258,23 +261,30 @@ class _Problem:
         hessian[:, 2, 2] = energy[0, 0]
         return cost, gradient, hessian
 
-    def _ramp_sums(self, terms: np.ndarray, dx: np.ndarray, dy: np.ndarray, double: bool) -> dict:
-        """Σ_q terms(q)·∂ⁱ_y ∂ʲ_x exp(−2πi(q_y·dy/ny + q_x·dx/nx)) for i + j ≤ 2, real,
-        keyed (i, j): of E (``terms`` H, one for all, on the doubled frequencies) or of X
-        (``terms`` M, one per reference), both ``_stacked``. The matrix products are one per
+    def _ramps(self, dx: np.ndarray, dy: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The phase ramps exp(−2πi(q_y·dy/ny + q_x·dx/nx)) of shifts (dx, dy) (b,) and their
+        first and second derivatives, separated: rows (b, 3, q_y) and columns (b, q_x, 3)
+        over the doubled frequencies (q_x ≥ 0: the terms are folded onto them). X's are
+        among them (the middle rows, the first columns): the same numbers, made once."""
+        ny, nx = self.shape
+        y, x = self.weights.axes
+        qx = x.double[x.double >= 0]
+        cy, cx = -2j * np.pi * y.double / ny, -2j * np.pi * qx / nx
+        rows = _phase_ramps(dy, y.double, ny)  # (b, qy)
+        rows = np.stack([rows, rows * cy, rows * cy * cy], axis=1)  # (b, 3, qy)
+        columns = _phase_ramps(dx, qx, nx)
+        columns = np.stack([columns, columns * cx, columns * cx * cx], axis=-1)  # (b, qx, 3)
+        return rows, columns
+
+    @staticmethod
+    def _ramp_sums(terms: np.ndarray, rows: np.ndarray, columns: np.ndarray) -> dict:
+        """Σ_q terms(q)·∂ⁱ_y ∂ʲ_x ramp(q) for i + j ≤ 2, real, keyed (i, j): of E (``terms``
+        H, one for all) or of X (``terms`` M, one per reference), both ``_stacked``, with
+        the ramps of ``_ramps`` on their frequencies. The matrix products are one per
         reference, of the same shape whatever the batch (one product of all the references'
         columns is not bit for bit the same for every batch): the fit does not depend on
         the blocks."""
-        ny, nx = self.shape
-        y, x = self.weights.axes
-        qy, qx = (y.double, x.double) if double else (y.k, x.k)
-        qx = qx[qx >= 0]  # the terms are folded onto q_x ≥ 0 (real sums)
-        cy, cx = -2j * np.pi * qy / ny, -2j * np.pi * qx / nx
-        rows = np.exp(np.outer(dy, cy))  # (b, qy)
-        rows = np.stack([rows, rows * cy, rows * cy * cy], axis=1)  # (b, 3, qy)
-        columns = np.exp(np.outer(dx, cx))
-        columns = np.stack([columns, columns * cx, columns * cx * cx], axis=-1)  # (b, qx, 3)
-        sums = _real_product(rows, terms[None] if double else terms, columns)  # (b, 3, 3)
+        sums = _real_product(rows, terms, columns)  # (b, 3, 3)
         return {(i, j): sums[:, i, j] for i in range(3) for j in range(3) if i + j <= 2}
 
     def overlaps(self, references: np.ndarray) -> np.ndarray:
@@ -328,6 +338,23 @@ class _Problem:
             done = (better & small_gain) | (damping[idx] > 1e12)
             active[idx[done]] = False
         return params
+
+
+def _phase_ramps(shifts: np.ndarray, q: np.ndarray, n: int) -> np.ndarray:
+    """exp(−2πi·q·d/n) (b, len(q)) for shifts d (b,) and consecutive integer frequencies
+    q, as products of two short tables of exponentials (q = L·m + l: a coarse one over m,
+    a fine one over l): the complex exponential is the costliest part of making a ramp,
+    and this takes about 2·√len(q) of them rather than len(q), for a rounding error of a
+    few ulp. The product broadcasts, one loop over l for each shift and m: each shift's
+    ramp is made alike whatever the others (a loop over all of them would round those in
+    its vectorised part and its tail differently)."""
+    step = int(np.ceil(np.sqrt(len(q))))
+    first, last = q[0] // step, q[-1] // step
+    unit = -2j * np.pi / n
+    coarse = np.exp(np.outer(shifts, unit * step * np.arange(first, last + 1)))
+    fine = np.exp(np.outer(shifts, unit * np.arange(step)))
+    ramps = (coarse[:, :, None] * fine[:, None, :]).reshape(len(shifts), -1)
+    return ramps[:, q[0] - step * first :][:, : len(q)]
 
 
 def _stacked(terms: np.ndarray) -> np.ndarray:
