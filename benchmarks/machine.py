@@ -1,8 +1,8 @@
 """This machine's own limits, measured the way the pipeline uses it (one thread per task):
-float64 matrix-multiply rate, real-FFT throughput, disk write speed and the rate at which
-a file just written reads back (from the page cache). Rates are of the operation alone:
-warm, into memory allocated beforehand (a fresh array of a few MB can cost more in page
-faults than the FFT that fills it)."""
+float64 matrix-multiply rate, real-FFT throughput, disk write speed, and the rates at
+which a new file is written into the page cache and a file just written reads back.
+Rates are of the operation alone: warm, into memory allocated beforehand (a fresh array
+of a few MB can cost more in page faults than the FFT that fills it)."""
 
 import os
 import subprocess
@@ -87,6 +87,23 @@ def disk_write_mbps(folder: str, megabytes: int = 1024) -> float:
         return megabytes * 2**20 / 1e6 / (time.perf_counter() - start)
 
 
+def cache_write_gbps(folder: str, megabytes: int = 512, chunk: int = 64) -> float:
+    """GB/s at which a new file is written into the page cache (not synced), ``chunk`` MB
+    at a time from one buffer, as the shift tasks write the aligned blocks: the best of
+    three files. On a virtual machine this includes the host's cost of memory the guest
+    had not touched."""
+    block = np.random.default_rng(0).bytes(chunk * 2**20)
+    times = []
+    for _ in range(3):
+        with tempfile.NamedTemporaryFile(dir=folder) as handle:
+            start = time.perf_counter()
+            for _ in range(megabytes // chunk):
+                handle.write(block)
+            handle.flush()
+            times.append(time.perf_counter() - start)
+    return megabytes * 2**20 / 1e9 / min(times)
+
+
 def read_back_gbps(folder: str, megabytes: int = 512, chunk: int = 64) -> float:
     """GB/s at which a file just written reads back (from the page cache, as KLIP reads the
     aligned references), ``chunk`` MB at a time into one buffer larger than the caches:
@@ -116,4 +133,5 @@ def limits(folder: str) -> dict:
         "fft_ms_320": round(fft_seconds(320) * 1e3, 4),
         "disk_write_mbps": round(disk_write_mbps(folder), 1),
         "read_back_gbps": round(read_back_gbps(folder), 2),
+        "cache_write_gbps": round(cache_write_gbps(folder), 2),
     }

@@ -311,12 +311,13 @@ def stage_floors(scenario: Scenario, machine: dict, plan: tuple[int, int], writt
       matrix products of the start and of two Newton evaluations (the fewest that end a
       fit: one at the start, one after its step), complex flops at the matmul rate;
     - shift: per pair, an inverse real FFT of SCI and one of ERR; per task, each
-      reference's two forward ones;
+      reference's two forward ones; and the aligned blocks written (SCI, and ERR with a
+      psfalign) at the page cache's rate, as the shift tasks write them;
     - klip: per basis, the Gram matrix (p²·npix, symmetric) and, when a cutoff is below p,
       the ERR's KL images and projections (4·K·p·npix); per target, its overlaps with the
       references and its projection (2·p·npix each per cutoff), at the matmul rate; and
       the aligned references read back once (4 bytes a pixel) at the page cache's rate;
-    - write products: the bytes written at the disk's rate.
+    - write products: the other bytes written, at the disk's rate.
     The fill, outlier_detection and reads have none here."""
     ny, nx = (224, 288) if scenario.instrument == "miri" else (scenario.size,) * 2
     fft_ms = machine["fft_ms_160"] if ny * nx <= 160**2 else machine["fft_ms_320"]
@@ -329,13 +330,15 @@ def stage_floors(scenario: Scenario, machine: dict, plan: tuple[int, int], writt
     start = 8 * ky * kx * 7 + 6 * ky * kx
     evaluation = 8 * 3 * (qy * qx + ky * kx)
     fit_pair = (start + 2 * evaluation) / matmul + unit * (9 / psfs + 1 / targets)
+    aligned = scenario.psfalign_bytes or 4 * scenario.pairs * ny * nx  # or the scratch SCI
     nrefs = scenario.psf_exps * scenario.psf_ints
     klip_read = _bases(scenario) * nrefs * ny * nx * 4 / (machine["read_back_gbps"] * 1e9)
     return {
         "align_refs: shift fit": scenario.pairs * fit_pair,
-        "align_refs: shift": scenario.pairs * unit * (2 + 2 / targets),
+        "align_refs: shift": scenario.pairs * unit * (2 + 2 / targets)
+        + aligned / (machine["cache_write_gbps"] * 1e9),
         "klip": klip_flops(scenario) / matmul + klip_read,
-        "write products": written / 1e6 / machine["disk_write_mbps"],
+        "write products": max(written - aligned, 0) / 1e6 / machine["disk_write_mbps"],
     }
 
 
@@ -415,7 +418,8 @@ def markdown(rows: list[dict], machine: dict) -> str:
         f"Machine: {machine['cores']} cores, float64 matmul {machine['matmul_gflops_1_thread']} "
         f"GFLOP/s per thread, real FFT {machine['fft_ms_160']} ms (160²) / "
         f"{machine['fft_ms_320']} ms (320²), disk {machine['disk_write_mbps']} MB/s, read back "
-        f"{machine['read_back_gbps']} GB/s.",
+        f"{machine['read_back_gbps']} GB/s, page cache writes {machine.get('cache_write_gbps')} "
+        "GB/s.",
         "",
         "| scenario | frames | psfalign | coron-dask | jwst | speed-up | peak memory | "
         "limit | largest worker | frames/s | KLIP GFLOP/s | × roofline |",
