@@ -422,8 +422,8 @@ def markdown(rows: list[dict], machine: dict) -> str:
         "GB/s.",
         "",
         "| scenario | frames | psfalign | coron-dask | jwst | speed-up | peak memory | "
-        "limit | largest worker | frames/s | KLIP GFLOP/s | × roofline |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "limit | largest worker | frames/s | KLIP GFLOP/s | × roofline | commit |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         s = row["scenario"]
@@ -434,13 +434,15 @@ def markdown(rows: list[dict], machine: dict) -> str:
         speedup = f"{row['speedup']:.1f}×" if "speedup" in row else "–"
         limit = f"{row['memory_limit_total'] / GIB:.1f} GiB" if s["workers"] else "in process"
         klip = f"{row['klip_gflops']:.1f}" if row.get("klip_gflops") else "–"
+        # rows measured before the per-stage floors priced their roofline otherwise
+        roofline = f"{row['over_roofline']:.1f}" if row.get("floors") else "–"
         lines.append(
             f"| {s['name']} ({Scenario(**s).frame}, {s['sci_exps']}×{s['sci_ints']} sci, "
             f"{s['psf_exps']}×{s['psf_ints']} ref, {s['align_to']}) | {row['pairs']} | "
             f"{row['psfalign_gb']:.2f} GB | {row['coron_dask']['seconds']:.1f} s | {jwst_s} | "
             f"{speedup} | {row['coron_dask']['peak_memory'] / GIB:.2f} GiB | {limit} | "
             f"{worker_share(row)} | "
-            f"{row['frames_aligned_per_s']:.0f} | {klip} | {row['over_roofline']:.1f} |"
+            f"{row['frames_aligned_per_s']:.0f} | {klip} | {roofline} | {row.get('commit', '–')} |"
         )
     return "\n".join(lines) + "\n"
 
