@@ -1,6 +1,7 @@
 """This machine's own limits, measured the way the pipeline uses it (one thread per task):
 float64 matrix-multiply rate, real-FFT throughput, disk write speed, and the rates at
-which a new file is written into the page cache and a file just written reads back.
+which a new file is written into the page cache (into pages freed lately, and into memory
+not used for a while) and a file just written reads back.
 Rates are of the operation alone: warm, into memory allocated beforehand (a fresh array
 of a few MB can cost more in page faults than the FFT that fills it)."""
 
@@ -104,6 +105,25 @@ def cache_write_gbps(folder: str, megabytes: int = 512, chunk: int = 64) -> floa
     return megabytes * 2**20 / 1e9 / min(times)
 
 
+def fresh_write_gbps(folder: str, megabytes: int = 4096, part: int = 256, chunk: int = 64) -> float:
+    """GB/s of the slowest ``part`` MB of a new file of ``megabytes`` written into the page
+    cache: once the pages freed lately run out (``cache_write_gbps`` writes into those),
+    the kernel hands out memory it has not used for a while, and a virtual machine's host
+    backs each such page as the guest first touches it. What a run's large psfalign meets
+    after its first few hundred MB, here. Measured before the other rates, whose files
+    free pages of their own."""
+    block = np.random.default_rng(1).bytes(chunk * 2**20)
+    rates = []
+    with tempfile.NamedTemporaryFile(dir=folder) as handle:
+        for _ in range(megabytes // part):
+            start = time.perf_counter()
+            for _ in range(part // chunk):
+                handle.write(block)
+            handle.flush()
+            rates.append(part * 2**20 / 1e9 / (time.perf_counter() - start))
+    return min(rates)
+
+
 def read_back_gbps(folder: str, megabytes: int = 512, chunk: int = 64) -> float:
     """GB/s at which a file just written reads back (from the page cache, as KLIP reads the
     aligned references), ``chunk`` MB at a time into one buffer larger than the caches:
@@ -126,6 +146,7 @@ def read_back_gbps(folder: str, megabytes: int = 512, chunk: int = 64) -> float:
 
 def limits(folder: str) -> dict:
     """All of the above, for the results file."""
+    fresh = fresh_write_gbps(folder)
     return {
         "cores": os.cpu_count(),
         "matmul_gflops_1_thread": round(matmul_gflops(), 2),
@@ -134,4 +155,5 @@ def limits(folder: str) -> dict:
         "disk_write_mbps": round(disk_write_mbps(folder), 1),
         "read_back_gbps": round(read_back_gbps(folder), 2),
         "cache_write_gbps": round(cache_write_gbps(folder), 2),
+        "fresh_write_gbps": round(fresh, 2),
     }
