@@ -62,15 +62,17 @@ def _log_to_stderr(debug: bool = False) -> Callable[[], None]:
 def _signals_end_the_run() -> Iterator[None]:
     """SIGTERM (scancel, a walltime limit) and SIGINT (Ctrl-C) end a run as an error does:
     the first raises Interrupted wherever the run is, so that tasks are cancelled, partial
-    products removed and the cluster closed on the way out (and is recorded, in case it
-    was raised where Python ignores exceptions: ``errors.raise_if_stopped``); later ones
-    only say that this is under way (cleaning up is what makes the end clean)."""
+    products removed and the cluster closed on the way out; later ones only say that this
+    is under way (cleaning up is what makes the end clean). Where Python ignores the
+    Interrupted (a garbage-collection callback: distributed has one), its signal is sent
+    again (``errors.redeliver``), and the run checks before it places its products
+    (``errors.raise_if_stopped``)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
 
     def handler(signum: int, _frame: object) -> None:
-        if errors.stopping():
+        if errors.stopping() and not errors.was_lost():
             os.write(2, f"coron-dask: {signal.Signals(signum).name}: still cleaning up\n".encode())
             return
         errors.stop(signum)
@@ -78,6 +80,11 @@ def _signals_end_the_run() -> Iterator[None]:
     def unraisable(report: object) -> None:  # an Interrupted that Python would only print
         if not isinstance(report.exc_value, Interrupted):
             hook(report)
+            return
+        try:
+            errors.redeliver(report.exc_value.signum)
+        except Interrupted as again:  # its handler ran here after all: lost too
+            errors.redeliver(again.signum)
 
     signals = (signal.SIGTERM, signal.SIGINT)
     previous = {number: signal.signal(number, handler) for number in signals}
@@ -85,10 +92,10 @@ def _signals_end_the_run() -> Iterator[None]:
     try:
         yield
     finally:
+        errors.forget_stops()  # first: no signal is sent again once the handlers are gone
         for number, action in previous.items():
             signal.signal(number, action)
         sys.unraisablehook = hook
-        errors.forget_stops()
 
 
 class _Parser(argparse.ArgumentParser):

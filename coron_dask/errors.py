@@ -1,7 +1,9 @@
 """The errors a run can end with, each one line for the user: bad input names the file (or
 parameter) and the problem; the cluster says what it could not do; a signal says which."""
 
+import os
 import signal
+import threading
 
 
 class CoronInputError(ValueError):
@@ -32,6 +34,11 @@ class Interrupted(BaseException):
 #: a ``__del__`` and goes on, so the run also asks ``raise_if_stopped`` before it places
 #: its products.
 _received: list[int] = []
+#: Signals whose Interrupted was lost, delivered again (``redeliver``) after this many
+#: seconds, unless the run has ended.
+_lost: list[int] = []
+REDELIVERY_DELAY = 0.01
+_lock = threading.Lock()
 
 
 def stop(signum: int) -> None:
@@ -52,6 +59,36 @@ def raise_if_stopped() -> None:
         raise Interrupted(_received[0])
 
 
+def redeliver(signum: int) -> None:
+    """An Interrupted was lost where Python ignores exceptions (a garbage-collection
+    callback, a ``__del__``): send its signal again, so that the run stops where it is, as
+    soon as it is back in its own code, rather than at the end of its computation. Sent a
+    moment later from another thread: sent at once, its handler would run where this is
+    called, and be lost again."""
+    with _lock:
+        _lost.append(signum)
+    timer = threading.Timer(REDELIVERY_DELAY, _send_again, (signum,))
+    timer.daemon = True
+    timer.start()
+
+
+def _send_again(signum: int) -> None:
+    with _lock:
+        if _lost:  # the run has not ended meanwhile (``forget_stops``)
+            os.kill(os.getpid(), signum)
+
+
+def was_lost() -> bool:
+    """Whether a signal's Interrupted was lost and not raised again since (once each)."""
+    with _lock:
+        if _lost:
+            _lost.pop()
+            return True
+    return False
+
+
 def forget_stops() -> None:
-    """The run is over: signals it received concern it no more."""
-    _received.clear()
+    """The run is over: signals it received concern it no more, and none is sent again."""
+    with _lock:
+        _received.clear()
+        _lost.clear()

@@ -251,12 +251,25 @@ def test_signals_end_the_run_cleanly(signals, code, busy_observation, busy_basel
     assert_same_products(out, busy_baseline)
 
 
-def test_a_signal_lost_where_python_ignores_exceptions_still_ends_the_run(asn, tmp_path, capsys):
+def test_a_signal_lost_where_python_ignores_exceptions_still_ends_the_run(
+    asn, tmp_path, capsys, monkeypatch
+):
     """A signal that arrives while Python runs a garbage-collection callback (distributed
     has one) raises Interrupted there, where Python only prints it and goes on: the run
-    still ends as a signal ends it, exit 130 and no product, and prints nothing of it."""
+    still ends as a signal ends it, exit 130 and no product, and prints nothing of it. It
+    ends there and then (the signal is sent again), not after computing everything, when
+    it checks before placing its products: a batch system's SIGKILL follows its SIGTERM
+    within seconds."""
     import gc
 
+    from coron_dask import errors
+    from coron_dask.io import products
+
+    checks = []  # whether a signal had stopped the run, each time it came to place products
+    check = products.raise_if_stopped
+    monkeypatch.setattr(
+        products, "raise_if_stopped", lambda: (checks.append(errors.stopping()), check())[1]
+    )
     out = tmp_path / "out"
     sent = []
 
@@ -274,8 +287,9 @@ def test_a_signal_lost_where_python_ignores_exceptions_still_ends_the_run(asn, t
     assert sent
     assert code == 130, err
     assert error_line(err) == "coron-dask: error: stopped by SIGINT; no product was written"
-    assert "Exception ignored" not in err
+    assert "Exception ignored" not in err and "still cleaning up" not in err
     assert not out.exists() or list(out.iterdir()) == []
+    assert True not in checks  # stopped before it came to place its products
 
 
 def test_median_of_a_pixel_flagged_in_every_integration_is_quiet():
