@@ -38,7 +38,7 @@ _received: list[int] = []
 #: seconds, unless the run has ended.
 _lost: list[int] = []
 REDELIVERY_DELAY = 0.01
-_lock = threading.Lock()
+_lock = threading.RLock()  # reentrant: a signal handler may run while this thread holds it
 
 
 def stop(signum: int) -> None:

@@ -292,6 +292,30 @@ def test_a_signal_lost_where_python_ignores_exceptions_still_ends_the_run(
     assert True not in checks  # stopped before it came to place its products
 
 
+def test_a_signal_while_the_stop_record_is_locked_is_handled():
+    """A signal's handler runs in the main thread wherever it is, even where that thread
+    holds the lock of the signals' record (``forget_stops``, ``redeliver``): the handler
+    takes it too, and must not wait for itself. In a process of its own, as a hang would
+    be its failure."""
+    code = (
+        "import signal\n"
+        "from coron_dask import cli, errors\n"
+        "with cli._signals_end_the_run():\n"
+        "    try:\n"
+        "        errors.stop(signal.SIGINT)\n"
+        "    except errors.Interrupted:\n"
+        "        pass\n"
+        "    with errors._lock:\n"
+        "        signal.raise_signal(signal.SIGINT)\n"
+        "print('handled')\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert result.stdout.strip() == "handled", result.stderr
+    assert "coron-dask: SIGINT: still cleaning up" in result.stderr
+
+
 def test_median_of_a_pixel_flagged_in_every_integration_is_quiet():
     """No 'All-NaN slice' RuntimeWarning from the outlier median (it showed under the
     threaded scheduler): the pixel's median is NaN, the others numpy's nanmedian."""
