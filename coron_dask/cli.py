@@ -71,7 +71,11 @@ def _signals_end_the_run() -> Iterator[None]:
         yield
         return
 
+    closing = False  # the run is over: a signal now has nothing to stop
+
     def handler(signum: int, _frame: object) -> None:
+        if closing:
+            return
         if errors.stopping() and not errors.was_lost():
             os.write(2, f"coron-dask: {signal.Signals(signum).name}: still cleaning up\n".encode())
             return
@@ -92,10 +96,13 @@ def _signals_end_the_run() -> Iterator[None]:
     try:
         yield
     finally:
-        errors.forget_stops()  # first: no signal is sent again once the handlers are gone
-        for number, action in previous.items():
-            signal.signal(number, action)
-        sys.unraisablehook = hook
+        closing = True
+        try:
+            errors.forget_stops()  # first: no signal is sent again once the handlers are gone
+        finally:
+            for number, action in previous.items():
+                signal.signal(number, action)
+            sys.unraisablehook = hook
 
 
 class _Parser(argparse.ArgumentParser):

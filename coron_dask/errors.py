@@ -43,7 +43,9 @@ _lock = threading.RLock()  # reentrant: a signal handler may run while this thre
 
 def stop(signum: int) -> None:
     """Record ``signum`` and raise Interrupted."""
-    _received.append(signum)
+    with _lock:
+        _received.append(signum)
+        _lost.clear()  # this one stops the run: a signal sent again would interrupt its cleanup
     raise Interrupted(signum)
 
 
@@ -55,8 +57,11 @@ def stopping() -> bool:
 def raise_if_stopped() -> None:
     """Raise Interrupted if a signal asked the run to stop and the run went on (the
     exception was lost where it was raised)."""
-    if _received:
-        raise Interrupted(_received[0])
+    with _lock:
+        if not _received:
+            return
+        _lost.clear()  # as ``stop``
+    raise Interrupted(_received[0])
 
 
 def redeliver(signum: int) -> None:

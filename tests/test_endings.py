@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import textwrap
 import time
 import warnings
 from pathlib import Path
@@ -292,28 +293,88 @@ def test_a_signal_lost_where_python_ignores_exceptions_still_ends_the_run(
     assert True not in checks  # stopped before it came to place its products
 
 
+def in_a_process(code: str) -> subprocess.CompletedProcess:
+    """Python ``code`` run in a process of its own (signals sent to it stay there; a hang
+    fails on the timeout)."""
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
 def test_a_signal_while_the_stop_record_is_locked_is_handled():
     """A signal's handler runs in the main thread wherever it is, even where that thread
     holds the lock of the signals' record (``forget_stops``, ``redeliver``): the handler
-    takes it too, and must not wait for itself. In a process of its own, as a hang would
-    be its failure."""
-    code = (
-        "import signal\n"
-        "from coron_dask import cli, errors\n"
-        "with cli._signals_end_the_run():\n"
-        "    try:\n"
-        "        errors.stop(signal.SIGINT)\n"
-        "    except errors.Interrupted:\n"
-        "        pass\n"
-        "    with errors._lock:\n"
-        "        signal.raise_signal(signal.SIGINT)\n"
-        "print('handled')\n"
-    )
-    result = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False
-    )
+    takes it too, and must not wait for itself."""
+    result = in_a_process("""
+        import signal
+        from coron_dask import cli, errors
+        with cli._signals_end_the_run():
+            try:
+                errors.stop(signal.SIGINT)
+            except errors.Interrupted:
+                pass
+            with errors._lock:
+                signal.raise_signal(signal.SIGINT)
+        print("handled")
+    """)
     assert result.stdout.strip() == "handled", result.stderr
     assert "coron-dask: SIGINT: still cleaning up" in result.stderr
+
+
+def test_a_lost_signal_sent_again_does_not_interrupt_the_cleanup():
+    """A signal lost (in a ``__del__`` here), then the run's own check stops it before the
+    signal is sent again: that check calls the sending off, so the cleanup (partial
+    products removed, cluster closed) runs to its end."""
+    result = in_a_process("""
+        import os, signal, time
+        from coron_dask import cli, errors
+        class Lost:
+            def __del__(self):
+                os.kill(os.getpid(), signal.SIGTERM)  # handled here, where it is only printed
+        try:
+            with cli._signals_end_the_run():
+                lost = Lost()
+                del lost
+                assert errors.stopping()
+                try:
+                    errors.raise_if_stopped()
+                except errors.Interrupted:
+                    time.sleep(20 * errors.REDELIVERY_DELAY)  # the cleanup
+                    print("cleaned up")
+                    raise
+        except errors.Interrupted as stopped:
+            print(stopped)
+    """)
+    assert result.stdout.split("\n")[:2] == ["cleaned up", "stopped by SIGTERM"], result.stderr
+
+
+def test_a_signal_as_the_run_ends_leaves_the_handlers_restored():
+    """A signal handled while the run takes its handlers down (here the one sent again,
+    landing as the record is cleared) has nothing to stop: the previous handlers and hook
+    are back, and the record is empty, for whatever the process runs next."""
+    result = in_a_process("""
+        import signal, sys
+        from coron_dask import cli, errors
+        previous, hook = signal.getsignal(signal.SIGINT), sys.unraisablehook
+        clear = errors.forget_stops
+        def forget_stops():  # the sending thread got there first
+            errors._send_again(signal.SIGINT)
+            clear()
+        errors.forget_stops = forget_stops
+        with cli._signals_end_the_run():
+            try:
+                errors.stop(signal.SIGINT)
+            except errors.Interrupted:
+                pass
+            errors._lost.append(signal.SIGINT)  # as redeliver records one lost
+        print(signal.getsignal(signal.SIGINT) is previous, sys.unraisablehook is hook)
+        print(errors.stopping())
+    """)
+    assert result.stdout.split() == ["True", "True", "False"], result.stderr
 
 
 def test_median_of_a_pixel_flagged_in_every_integration_is_quiet():

@@ -306,8 +306,10 @@ def preallocate(handle: BinaryIO, size: int, name: Path) -> None:
     NFS), the file stays sparse: glibc's posix_fallocate would write a byte into every
     block."""
     try:
-        fallocate = ctypes.CDLL(None, use_errno=True).fallocate
-    except (OSError, AttributeError):
+        libc = ctypes.CDLL(None, use_errno=True)
+        # the 64-bit offsets' entry point, as argtypes declare them (on 32-bit glibc too)
+        fallocate = getattr(libc, "fallocate64", None) or libc.fallocate
+    except (OSError, AttributeError, TypeError):  # no libc to ask (TypeError: Windows)
         return
     fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
     if fallocate(handle.fileno(), 0, 0, size) != 0:
