@@ -88,21 +88,27 @@ def disk_write_mbps(folder: str, megabytes: int = 1024) -> float:
         return megabytes * 2**20 / 1e6 / (time.perf_counter() - start)
 
 
+def _written_gbps(handle: object, block: bytes, megabytes: int) -> float:
+    """GB/s of writing ``megabytes`` into the page cache through ``handle``, ``block`` at a
+    time (not synced)."""
+    start = time.perf_counter()
+    for _ in range(megabytes * 2**20 // len(block)):
+        handle.write(block)
+    handle.flush()
+    return megabytes * 2**20 / 1e9 / (time.perf_counter() - start)
+
+
 def cache_write_gbps(folder: str, megabytes: int = 512, chunk: int = 64) -> float:
-    """GB/s at which a new file is written into the page cache (not synced), ``chunk`` MB
-    at a time from one buffer, as the shift tasks write the aligned blocks: the best of
-    three files. On a virtual machine this includes the host's cost of memory the guest
-    had not touched."""
+    """GB/s at which a new file is written into the page cache, ``chunk`` MB at a time from
+    one buffer, as the shift tasks write the aligned blocks: the best of three files, the
+    later ones landing on the pages the earlier ones freed (``fresh_write_gbps`` for memory
+    not used lately)."""
     block = np.random.default_rng(0).bytes(chunk * 2**20)
-    times = []
+    rates = []
     for _ in range(3):
         with tempfile.NamedTemporaryFile(dir=folder) as handle:
-            start = time.perf_counter()
-            for _ in range(megabytes // chunk):
-                handle.write(block)
-            handle.flush()
-            times.append(time.perf_counter() - start)
-    return megabytes * 2**20 / 1e9 / min(times)
+            rates.append(_written_gbps(handle, block, megabytes))
+    return max(rates)
 
 
 def fresh_write_gbps(folder: str, megabytes: int = 4096, part: int = 256, chunk: int = 64) -> float:
@@ -113,15 +119,8 @@ def fresh_write_gbps(folder: str, megabytes: int = 4096, part: int = 256, chunk:
     after its first few hundred MB, here. Measured before the other rates, whose files
     free pages of their own."""
     block = np.random.default_rng(1).bytes(chunk * 2**20)
-    rates = []
     with tempfile.NamedTemporaryFile(dir=folder) as handle:
-        for _ in range(megabytes // part):
-            start = time.perf_counter()
-            for _ in range(part // chunk):
-                handle.write(block)
-            handle.flush()
-            rates.append(part * 2**20 / 1e9 / (time.perf_counter() - start))
-    return min(rates)
+        return min(_written_gbps(handle, block, part) for _ in range(megabytes // part))
 
 
 def read_back_gbps(folder: str, megabytes: int = 512, chunk: int = 64) -> float:
