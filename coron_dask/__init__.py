@@ -4,7 +4,7 @@ Names are imported on first use: dask workers import ``coron_dask.kernels`` and
 ``coron_dask.io.fitsfile`` without pulling in the pipeline's dependencies.
 """
 
-from coron_dask.lazy import lazy_exports
+from coron_dask.core.lazy import lazy_exports
 
 
 def _version() -> str:
@@ -30,12 +30,12 @@ def _version() -> str:
 
 __version__ = _version()
 _EXPORTS = {
-    "build_products": "pipeline",
-    "open_association": "pipeline",
-    "run_coron3": "pipeline",
+    "build_products": "pipeline.build",
+    "open_association": "pipeline.build",
+    "run_coron3": "pipeline.build",
     "open_exposure": "io",
     "open_product": "io",
-    "contrast_curve": "contrast",
+    "contrast_curve": "science.contrast",
 }
 __all__ = sorted(_EXPORTS)
 __getattr__ = lazy_exports(__name__, _EXPORTS)

@@ -18,7 +18,7 @@ import pytest
 dask.config.refresh()
 
 from coron_dask import run_coron3  # noqa: E402
-from coron_dask.simulate import simulate  # noqa: E402
+from coron_dask.science.simulate import simulate  # noqa: E402
 
 SMALL = {"size": 64, "sci_exps": 2, "sci_ints": 3, "psf_exps": 3, "psf_ints": 2, "seed": 4}
 
@@ -120,7 +120,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def run_main(args: list, capsys) -> tuple[int, str, str]:
     """``coron-dask`` with ``args`` in this process: exit code, stdout, stderr."""
-    from coron_dask.cli import main
+    from coron_dask.cli.main import main
 
     try:
         code = main([str(a) for a in args])

@@ -12,9 +12,10 @@ import pytest
 import xarray as xr
 from astropy.io import fits
 
-from coron_dask import build_products, pipeline
+from coron_dask import build_products
 from coron_dask.io import Column, Extension, Product, table, write_products
-from coron_dask.simulate import REFERENCE_BRIGHTNESS, simulate
+from coron_dask.pipeline import build as pipeline
+from coron_dask.science.simulate import REFERENCE_BRIGHTNESS, simulate
 from tests.conftest import SMALL
 
 COLUMNS = ("INTEGRATION", "PSF", "PSF_FILE", "PSF_INT", "DX", "DY", "BETA")

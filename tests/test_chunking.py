@@ -3,8 +3,8 @@ the workers, KLIP tiles that do not depend on the workers, impossible plans refu
 
 import pytest
 
-from coron_dask.chunking import Observation, Workers, plan_blocks
-from coron_dask.errors import CoronInputError
+from coron_dask.core.errors import CoronInputError
+from coron_dask.planning.block_plan import Observation, Workers, plan_blocks
 
 GIB = 2**30
 MIB = 2**20

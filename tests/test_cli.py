@@ -181,7 +181,7 @@ def test_entry_point_exit_code(tmp_path):
 def test_impossible_plan_is_refused_before_any_task(tmp_path):
     """Workers too small for the frames and references: one line saying the minimum, exit 2,
     before the cluster computes anything, and no product."""
-    from coron_dask.simulate import simulate
+    from coron_dask.science.simulate import simulate
 
     asn = simulate(tmp_path / "in", size=256, sci_exps=1, sci_ints=2, psf_exps=2, psf_ints=30)
     out = tmp_path / "out"
@@ -207,7 +207,7 @@ def test_run_in_process_never_imports_distributed(asn, observation_dir, tmp_path
     included, leaves distributed unimported (0.3-0.4 s of start-up a small run need not
     pay); with --n-workers it starts a LocalCluster, so distributed is there."""
     script = (
-        "import sys\nfrom coron_dask.cli import main\ncode = main(sys.argv[1:])\n"
+        "import sys\nfrom coron_dask.cli.main import main\ncode = main(sys.argv[1:])\n"
         "print('distributed' in sys.modules)\nsys.exit(code)"
     )
     mask = ["--psfmask", str(observation_dir / "psfmask.fits"), "--no-progress"]

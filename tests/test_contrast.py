@@ -12,17 +12,17 @@ from astropy.table import Table
 from astropy.wcs import WCS
 
 from coron_dask import run_coron3
-from coron_dask.contrast import (
+from coron_dask.io import Extension, Product, write_products
+from coron_dask.pipeline.build import reduce_observation
+from coron_dask.science.contrast import (
     Companion,
     contrast_curve,
     injected_psfsubs,
     read_offaxis_psf,
     star_position,
 )
-from coron_dask.io import Extension, Product, write_products
-from coron_dask.photometry import snr_map
-from coron_dask.pipeline import reduce_observation
-from coron_dask.simulate import simulate
+from coron_dask.science.photometry import snr_map
+from coron_dask.science.simulate import simulate
 from tests.conftest import BLANK
 from tests.test_cli import run_main
 

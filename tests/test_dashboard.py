@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 from dask.utils import key_split
 
-from coron_dask.chunking import Workers
-from coron_dask.dashboard import by_step, link, step_of, summary, written_kind
 from coron_dask.io.products import staged_products
-from coron_dask.pipeline import build_products
+from coron_dask.pipeline.build import build_products
+from coron_dask.planning.block_plan import Workers
+from coron_dask.runtime.progress import by_step, link, step_of, summary, written_kind
 
 #: every task group a run may show: the steps, the writes and the products
 STEP_GROUPS = {
@@ -155,7 +155,7 @@ def test_dashboard_shows_the_steps_in_a_browser(asn, tmp_path):
     from distributed import Client, LocalCluster
     from playwright.sync_api import sync_playwright
 
-    from coron_dask.cluster import execute
+    from coron_dask.runtime.cluster import execute
 
     built = build_products(asn, tmp_path / "out", workers=SMALL_PLAN, integrations=1, psfs=2)
     with (

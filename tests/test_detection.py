@@ -9,7 +9,7 @@ from astropy.io import fits
 from astropy.table import Table
 
 from coron_dask import run_coron3
-from coron_dask.simulate import simulate
+from coron_dask.science.simulate import simulate
 from tests.conftest import BLANK
 
 SYNCHRONOUS = {"scheduler": "synchronous", "progress": False}

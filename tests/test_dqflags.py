@@ -3,8 +3,8 @@
 import pytest
 from astropy.nddata.bitmask import interpret_bit_flags
 
-from coron_dask.dqflags import PIXEL, bit_value
-from coron_dask.errors import CoronInputError
+from coron_dask.core.dqflags import PIXEL, bit_value
+from coron_dask.core.errors import CoronInputError
 
 EXPRESSIONS = [
     "18",

@@ -18,7 +18,8 @@ import numpy as np
 import psutil
 import pytest
 
-from coron_dask import __version__, cluster
+from coron_dask import __version__
+from coron_dask.runtime import cluster
 
 # dask-jobqueue adds its defaults to dask's configuration when imported: imported here, so
 # that the tests' dask.config.set of jobqueue keys restores them, and does not drop them all
@@ -140,7 +141,7 @@ def test_scheduler_file_that_never_appears(asn, tmp_path, capsys):
 
 
 def test_unexpected_error_is_one_line_and_debug_shows_where(asn, tmp_path, capsys, monkeypatch):
-    from coron_dask import pipeline
+    from coron_dask.pipeline import build as pipeline
 
     def broken(*args, **kwargs):
         raise RuntimeError("a bug")
@@ -263,7 +264,7 @@ def test_a_signal_lost_where_python_ignores_exceptions_still_ends_the_run(
     within seconds."""
     import gc
 
-    from coron_dask import errors
+    from coron_dask.core import errors
     from coron_dask.io import products
 
     checks = []  # whether a signal had stopped the run, each time it came to place products
@@ -275,7 +276,7 @@ def test_a_signal_lost_where_python_ignores_exceptions_still_ends_the_run(
     sent = []
 
     def callback(phase: str, _info: dict) -> None:
-        ours = getattr(signal.getsignal(signal.SIGINT), "__module__", None) == "coron_dask.cli"
+        ours = getattr(signal.getsignal(signal.SIGINT), "__module__", None) == "coron_dask.cli.main"
         if phase == "start" and ours and not sent:  # once the run's handler is in place
             sent.append(True)
             signal.raise_signal(signal.SIGINT)  # its handler runs here, in the callback
@@ -311,7 +312,8 @@ def test_a_signal_while_the_stop_record_is_locked_is_handled():
     takes it too, and must not wait for itself."""
     result = in_a_process("""
         import signal
-        from coron_dask import cli, errors
+        from coron_dask.cli import main as cli
+        from coron_dask.core import errors
         with cli._signals_end_the_run():
             try:
                 errors.stop(signal.SIGINT)
@@ -331,7 +333,8 @@ def test_a_lost_signal_sent_again_does_not_interrupt_the_cleanup():
     products removed, cluster closed) runs to its end."""
     result = in_a_process("""
         import os, signal, time
-        from coron_dask import cli, errors
+        from coron_dask.cli import main as cli
+        from coron_dask.core import errors
         class Lost:
             def __del__(self):
                 os.kill(os.getpid(), signal.SIGTERM)  # handled here, where it is only printed
@@ -358,7 +361,8 @@ def test_a_signal_as_the_run_ends_leaves_the_handlers_restored():
     are back, and the record is empty, for whatever the process runs next."""
     result = in_a_process("""
         import signal, sys
-        from coron_dask import cli, errors
+        from coron_dask.cli import main as cli
+        from coron_dask.core import errors
         previous, hook = signal.getsignal(signal.SIGINT), sys.unraisablehook
         clear = errors.forget_stops
         def forget_stops():  # the sending thread got there first

@@ -25,13 +25,13 @@ import numpy as np
 import pytest
 from astropy.io import fits
 
-from coron_dask import memory
-from coron_dask.dqflags import PIXEL
+from coron_dask.core.dqflags import PIXEL
 from coron_dask.io.fitsfile import FitsExtension, FitsRegion
 from coron_dask.io.products import write_block
 from coron_dask.kernels import blocks as kernels
 from coron_dask.kernels import inject as kernels_inject
-from coron_dask.memory import MIB, Frame
+from coron_dask.planning import memory
+from coron_dask.planning.memory import MIB, Frame
 
 #: The model's arrays (its peak less the fixed allowance every task has, TASK_OVERHEAD,
 #: which covers what a worker's heap adds: 0.3 to 1.3 MiB) may overestimate a measured
@@ -509,7 +509,7 @@ def files(tmp_path_factory) -> dict[str, tuple[str, int]]:
 @pytest.fixture(scope="module")
 def client():
     """One worker process with one thread, started and set up as the pipeline's workers."""
-    from coron_dask.cluster import Cluster, measure_workers
+    from coron_dask.runtime.cluster import Cluster, measure_workers
 
     with Cluster(
         n_workers=1,

@@ -1,4 +1,4 @@
-"""Detection statistics (coron_dask.photometry) against independent references: pyKLIP's
+"""Detection statistics (coron_dask.science.photometry) against independent references: pyKLIP's
 contrast curve, a direct per-pixel S/N map, the exact t distribution of white noise, and
 astropy's sky geometry."""
 
@@ -11,7 +11,7 @@ from astropy.coordinates import SkyCoord
 from astropy.wcs import WCS
 from scipy import ndimage, stats
 
-from coron_dask.photometry import (
+from coron_dask.science.photometry import (
     find_candidates,
     footprint_reduce,
     gaussian_significance,

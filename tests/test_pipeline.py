@@ -10,9 +10,10 @@ from astropy.io import fits
 from distributed.diagnostics.plugin import SchedulerPlugin
 from stdatamodels.jwst import datamodels
 
-from coron_dask import build_products, dashboard, run_coron3
-from coron_dask.dqflags import PIXEL
-from coron_dask.photometry import companion_figures
+from coron_dask import build_products, run_coron3
+from coron_dask.core.dqflags import PIXEL
+from coron_dask.runtime import progress as dashboard
+from coron_dask.science.photometry import companion_figures
 from tests import jwst_reference
 from tests.conftest import assert_same_products, count_computes
 
@@ -403,7 +404,7 @@ def test_miri_4qpm_matches_jwst_functions(tmp_path):
     before aligning): parity with jwst's functions, with several KLIP tiles."""
     import dask
 
-    from coron_dask.simulate import simulate
+    from coron_dask.science.simulate import simulate
 
     asn = simulate(
         tmp_path / "in", instrument="miri", sci_exps=1, sci_ints=2, psf_exps=2, psf_ints=3
@@ -443,8 +444,8 @@ def test_no_task_hands_on_a_block_of_references(asn, tmp_path, mode, psfalign):
     over the prediction)."""
     from distributed import Client, LocalCluster
 
-    from coron_dask.cluster import execute
     from coron_dask.io.products import staged_products
+    from coron_dask.runtime.cluster import execute
 
     built = build_products(
         asn, tmp_path, integrations=1, psfs=3, align_to=mode, save_psfalign=psfalign

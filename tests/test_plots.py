@@ -11,7 +11,8 @@ from astropy.table import Table
 from astropy.wcs import WCS
 from matplotlib.image import imread
 
-from coron_dask import plots, run_coron3
+from coron_dask import run_coron3
+from coron_dask.quicklook import plots
 from tests.conftest import run_main
 
 SYNCHRONOUS = {"scheduler": "synchronous", "progress": False}

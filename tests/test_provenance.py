@@ -16,7 +16,7 @@ from astropy.io import fits
 
 import coron_dask
 from coron_dask import run_coron3
-from coron_dask.provenance import read_provenance
+from coron_dask.pipeline.provenance import read_provenance
 
 #: KLIP tiles of 5 rows of the 64-row frames with all 6 references (not the default: 64).
 KLIP_TILE = 6 * 64 * 4 * 5

@@ -4,7 +4,7 @@ Names are imported on first use, so that a worker unpickling ``io.fitsfile`` obj
 not import dask.array and xarray.
 """
 
-from coron_dask.lazy import lazy_exports
+from coron_dask.core.lazy import lazy_exports
 
 _EXPORTS = {
     "Association": "asn",

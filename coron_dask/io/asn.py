@@ -4,7 +4,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from coron_dask.errors import CoronInputError
+from coron_dask.core.errors import CoronInputError
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ from astropy.wcs import WCS
 from xarray.backends import BackendArray, BackendEntrypoint
 from xarray.core import indexing
 
-from coron_dask.errors import CoronInputError
+from coron_dask.core.errors import CoronInputError
 from coron_dask.io.fits import STRUCTURAL, _data_offset, _image_dtype
 from coron_dask.io.fitsfile import FitsExtension
 

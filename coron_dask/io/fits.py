@@ -13,7 +13,7 @@ import xarray as xr
 from astropy.io import fits
 from dask.base import tokenize
 
-from coron_dask.errors import CoronInputError
+from coron_dask.core.errors import CoronInputError
 from coron_dask.io.fitsfile import FitsExtension
 
 #: Keywords that describe a FITS HDU's layout rather than the data: never carried over.

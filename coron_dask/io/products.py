@@ -44,7 +44,7 @@ from astropy.io import fits
 from dask.base import tokenize
 from dask.layers import ArraySliceDep
 
-from coron_dask.errors import CoronInputError, raise_if_stopped
+from coron_dask.core.errors import CoronInputError, raise_if_stopped
 from coron_dask.io.fitsfile import FitsExtension, FitsRegion, file_dtype
 from coron_dask.kernels.klip import frame_means
 

@@ -14,7 +14,7 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
-from coron_dask.errors import CoronInputError
+from coron_dask.core.errors import CoronInputError
 
 log = logging.getLogger(__name__)
 

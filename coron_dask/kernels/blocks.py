@@ -3,7 +3,7 @@
 They live apart from the steps that map them over dask arrays so that a worker unpickling
 a task imports numpy and these kernels only, not dask.array, xarray or astropy. Each keeps
 its temporaries to a frame or a batch of frames, so that a task's peak memory is its
-inputs and output plus a bounded working set (``coron_dask.memory`` predicts it).
+inputs and output plus a bounded working set (``coron_dask.planning.memory`` predicts it).
 """
 
 from collections.abc import Iterator

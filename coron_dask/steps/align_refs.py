@@ -13,8 +13,8 @@ import numpy as np
 import xarray as xr
 from dask.base import tokenize
 
-from coron_dask.dqflags import PIXEL, bit_value
-from coron_dask.errors import CoronInputError
+from coron_dask.core.dqflags import PIXEL, bit_value
+from coron_dask.core.errors import CoronInputError
 from coron_dask.io.products import Column, Extension, OnDisk, table
 from coron_dask.kernels.blocks import fill_block, fit_block, shift_block
 

@@ -29,8 +29,7 @@ import numpy as np
 import xarray as xr
 from dask.base import tokenize
 
-from coron_dask.chunking import tile_rows
-from coron_dask.errors import CoronInputError
+from coron_dask.core.errors import CoronInputError
 from coron_dask.io.products import OnDisk
 from coron_dask.kernels.blocks import (
     errors_block,
@@ -40,6 +39,7 @@ from coron_dask.kernels.blocks import (
     project_block,
     weights_block,
 )
+from coron_dask.planning.block_plan import tile_rows
 
 
 def kl_cutoffs(truncate: int | Sequence[int]) -> tuple[int, ...]:

@@ -16,8 +16,8 @@ import numpy as np
 import xarray as xr
 from dask.base import tokenize
 
-from coron_dask.dqflags import PIXEL, bit_value
-from coron_dask.errors import CoronInputError
+from coron_dask.core.dqflags import PIXEL, bit_value
+from coron_dask.core.errors import CoronInputError
 from coron_dask.kernels.blocks import flag_block, median_block
 
 

@@ -4,7 +4,7 @@ import dask.array as da
 import numpy as np
 
 from coron_dask.kernels.blocks import add_blocks, keep_block
-from coron_dask.memory import SPLIT_EVERY
+from coron_dask.planning.memory import SPLIT_EVERY
 
 
 def tree_sum(terms: da.Array, axis: int, name: str) -> da.Array:

@@ -20,8 +20,8 @@ import xarray as xr
 from astropy.wcs import WCS
 from dask.base import tokenize
 
-from coron_dask.dqflags import PIXEL
-from coron_dask.errors import CoronInputError
+from coron_dask.core.dqflags import PIXEL
+from coron_dask.core.errors import CoronInputError
 from coron_dask.kernels.blocks import drizzle_block
 from coron_dask.steps.reductions import tree_sum
 

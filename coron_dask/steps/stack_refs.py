@@ -5,7 +5,7 @@ from pathlib import Path
 import numpy as np
 import xarray as xr
 
-from coron_dask.errors import CoronInputError
+from coron_dask.core.errors import CoronInputError
 
 
 def stack_refs(psf_exposures: list[xr.Dataset]) -> xr.Dataset:

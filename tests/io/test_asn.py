@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from coron_dask.errors import CoronInputError
+from coron_dask.core.errors import CoronInputError
 from coron_dask.io import read_association
 
 

@@ -12,7 +12,7 @@ import pytest
 from astropy.io import fits
 from stdatamodels.jwst import datamodels
 
-from coron_dask.errors import CoronInputError
+from coron_dask.core.errors import CoronInputError
 from coron_dask.io import Extension, Product, write_products
 from coron_dask.io.products import preallocate, staged_products, write_blocks
 

@@ -6,7 +6,7 @@ from jwst.outlier_detection.coron import detect_outliers
 from stdatamodels.jwst.datamodels import CubeModel
 
 from coron_dask import open_exposure
-from coron_dask.dqflags import PIXEL
+from coron_dask.core.dqflags import PIXEL
 from coron_dask.steps import outlier_detection
 
 
@@ -51,7 +51,7 @@ def test_flags_and_nans_match_jwst(exposure, rows):
 
 
 def test_snr_must_be_positive(exposure):
-    from coron_dask.errors import CoronInputError
+    from coron_dask.core.errors import CoronInputError
 
     with pytest.raises(CoronInputError, match="snr"):
         outlier_detection(exposure, snr=0)

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import xarray as xr
 
-from coron_dask.dqflags import PIXEL
-from coron_dask.simulate import wcs_keywords
+from coron_dask.core.dqflags import PIXEL
+from coron_dask.science.simulate import wcs_keywords
 from coron_dask.steps.resample import resample
 
 SHAPE = (3, 12, 10)

@@ -12,9 +12,9 @@ the smallest blocks do not fit, it refuses, saying what would.
 
 from dataclasses import dataclass
 
-from coron_dask import memory
-from coron_dask.errors import CoronInputError
-from coron_dask.memory import Frame
+from coron_dask.core.errors import CoronInputError
+from coron_dask.planning import memory
+from coron_dask.planning.memory import Frame
 
 GIB = 2**30
 

@@ -3,7 +3,7 @@ the bit-mask expressions jwst's steps take ("~DO_NOT_USE", "OUTLIER, SATURATED",
 
 import re
 
-from coron_dask.errors import CoronInputError
+from coron_dask.core.errors import CoronInputError
 
 PIXEL = {
     "GOOD": 0,

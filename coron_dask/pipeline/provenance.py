@@ -18,7 +18,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from coron_dask import __version__
-from coron_dask.chunking import BlockPlan
+from coron_dask.planning.block_plan import BlockPlan
 
 SOFTWARE = "coron-dask"
 #: Each step and the keyword of its status (jwst's cal_step keywords), in the pipeline's order.

@@ -23,7 +23,7 @@ import numpy as np
 from astropy.io import fits
 from astropy.table import Table
 
-from coron_dask.errors import CoronInputError
+from coron_dask.core.errors import CoronInputError
 
 log = logging.getLogger(__name__)
 
@@ -365,7 +365,7 @@ def i2d_figure(path: str | Path, candidates: Table | None, png: str | Path) -> P
     from matplotlib.lines import Line2D
     from mpl_toolkits.axes_grid1.anchored_artists import AnchoredSizeBar
 
-    from coron_dask.contrast import pixel_scale_arcsec
+    from coron_dask.science.contrast import pixel_scale_arcsec
 
     path = Path(path)
     image = _read_image(path, "SCI")

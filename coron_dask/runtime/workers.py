@@ -5,7 +5,7 @@ task."""
 
 from distributed.diagnostics.plugin import WorkerPlugin
 
-from coron_dask.memory import MALLOC
+from coron_dask.planning.memory import MALLOC
 
 #: mallopt(3) parameters of glibc for ``memory.MALLOC``'s settings.
 MALLOPT = {"TRIM_THRESHOLD": -1, "MMAP_THRESHOLD": -3, "ARENA_MAX": -8}

@@ -17,10 +17,15 @@ from astropy.table import Table, vstack
 from astropy.wcs import WCS
 from dask.local import get_sync
 
-from coron_dask.contrast import lambda_over_d, pixel_positions, pixel_scale_arcsec, star_position
-from coron_dask.errors import CoronInputError
+from coron_dask.core.errors import CoronInputError
 from coron_dask.io import Extension, Product, open_product, write_products
-from coron_dask.photometry import find_candidates, snr_map
+from coron_dask.science.contrast import (
+    lambda_over_d,
+    pixel_positions,
+    pixel_scale_arcsec,
+    star_position,
+)
+from coron_dask.science.photometry import find_candidates, snr_map
 
 log = logging.getLogger(__name__)
 

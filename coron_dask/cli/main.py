@@ -11,8 +11,9 @@ import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from coron_dask import __version__, errors
-from coron_dask.errors import ClusterError, CoronInputError, Interrupted
+from coron_dask import __version__
+from coron_dask.core import errors
+from coron_dask.core.errors import ClusterError, CoronInputError, Interrupted
 
 #: Exit codes: each way a run can end has its own (a signal's is 128 + its number, as the
 #: shell reports a process it ended).
@@ -121,7 +122,7 @@ def _non_negative(text: str) -> int:
 
 def _cutoffs(text: str) -> int | tuple[int, ...]:
     """--truncate: one number of KL modes, or several separated by commas."""
-    from coron_dask.pipeline import truncation
+    from coron_dask.pipeline.build import truncation
 
     try:
         return truncation(text)
@@ -251,8 +252,8 @@ def _check_execution(args: argparse.Namespace) -> None:
     schedulers): an option is honoured or refused, never ignored."""
     from dask.utils import parse_bytes
 
-    from coron_dask.cluster import LOCAL_SCHEDULERS, check_jobqueue, local_worker_count
-    from coron_dask.memory import system_memory
+    from coron_dask.planning.memory import system_memory
+    from coron_dask.runtime.cluster import LOCAL_SCHEDULERS, check_jobqueue, local_worker_count
 
     running = args.scheduler or args.scheduler_file
     local = args.scheduler in LOCAL_SCHEDULERS
@@ -348,7 +349,7 @@ def _execution(args: argparse.Namespace) -> dict:
 
 def _run(args: argparse.Namespace, asn: Path, output_dir: Path) -> list[Path]:
     """run_coron3 with the command line's options (``_check_execution`` has checked them)."""
-    from coron_dask.pipeline import run_coron3
+    from coron_dask.pipeline.build import run_coron3
 
     return run_coron3(
         asn, output_dir, psfmask=args.psfmask, **_execution(args), **_parameters(args)
@@ -357,7 +358,7 @@ def _run(args: argparse.Namespace, asn: Path, output_dir: Path) -> list[Path]:
 
 def _contrast(args: argparse.Namespace) -> list[Path]:
     """contrast_curve with the command line's options."""
-    from coron_dask.contrast import contrast_curve
+    from coron_dask.science.contrast import contrast_curve
 
     parameters = _parameters(args)
     del parameters["save_psfalign"]  # a contrast run writes no psfalign
@@ -387,7 +388,7 @@ def _numbers(text: str) -> list[float]:
 
 
 def _simulate(args: argparse.Namespace, outdir: Path) -> Path:
-    from coron_dask.simulate import simulate
+    from coron_dask.science.simulate import simulate
 
     return simulate(
         outdir,
@@ -403,7 +404,7 @@ def _simulate(args: argparse.Namespace, outdir: Path) -> Path:
 
 def companion_report(products: list[Path], truth_file: Path) -> str:
     """The simulated companion's signal-to-noise per roll and on the sky (i2d)."""
-    from coron_dask.photometry import companion_figures
+    from coron_dask.science.photometry import companion_figures
 
     figures = companion_figures(products, json.loads(truth_file.read_text()))
     rolls = ", ".join(f"{snr:.1f}" for snr in figures["rolls"])
@@ -532,7 +533,7 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
         print(f"coron-dask: error: {line}", file=sys.stderr, flush=True)
         if not args.debug:  # the line above ends the log, whatever closes after it
-            from coron_dask.cluster import quiet_distributed
+            from coron_dask.runtime.cluster import quiet_distributed
 
             quiet_distributed()
         return code
@@ -551,12 +552,12 @@ def _command(args: argparse.Namespace) -> None:
         for path in _contrast(args):
             print(path)
     elif args.command == "cluster":
-        from coron_dask.cluster import jobqueue_cluster
+        from coron_dask.runtime.cluster import jobqueue_cluster
 
         with jobqueue_cluster(args.kind) as cluster:
             print(cluster.job_script())
     elif args.command == "plot":
-        from coron_dask.plots import quicklook
+        from coron_dask.quicklook.plots import quicklook
 
         for path in quicklook(args.outdir, args.folder):
             print(path)
@@ -565,7 +566,7 @@ def _command(args: argparse.Namespace) -> None:
     else:
         inputs = args.outdir / "inputs"
         _check_execution(args)
-        from coron_dask.pipeline import check_output_dir
+        from coron_dask.pipeline.build import check_output_dir
 
         check_output_dir(args.outdir)
         asn = _simulate(args, inputs)
@@ -576,7 +577,7 @@ def _command(args: argparse.Namespace) -> None:
         for path in products:
             print(f"  {path}")
         print(companion_report(products, inputs / "truth.json"))
-        from coron_dask.plots import quicklook
+        from coron_dask.quicklook.plots import quicklook
 
         pngs = quicklook(args.outdir / "products")
         print(f"quicklook: {len(pngs)} PNG(s) in {args.outdir / 'products'}:")

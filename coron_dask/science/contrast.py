@@ -38,11 +38,11 @@ from astropy.table import Table
 from astropy.wcs import WCS
 from dask.base import tokenize
 
-from coron_dask.errors import CoronInputError
+from coron_dask.core.errors import CoronInputError
 from coron_dask.io import Extension, Product
 from coron_dask.kernels.fourier_shift import fourier_shift
 from coron_dask.kernels.inject import inject_block
-from coron_dask.photometry import find_candidates, noise_profile, snr_map
+from coron_dask.science.photometry import find_candidates, noise_profile, snr_map
 from coron_dask.steps import median_replace_img
 from coron_dask.steps.klip import kl_cutoffs, subtract
 from coron_dask.steps.resample import pixel_scale, resample, sky_wcs
@@ -420,14 +420,14 @@ def contrast_curve(
     wavelength). ``parameters``: those of ``build_products`` (the science reduction's);
     ``execution``: those of ``pipeline.execute_on_cluster``.
     """
-    from coron_dask.pipeline import (
+    from coron_dask.pipeline.build import (
         check_inputs,
         execute_on_cluster,
         find_psfmask,
         observation_bytes,
         reduce_observation,
     )
-    from coron_dask.plots import contrast_figure
+    from coron_dask.quicklook.plots import contrast_figure
 
     psfmask = find_psfmask(asn, psfmask)
     parameters, observation = check_inputs(asn, output_dir, psfmask=psfmask, **parameters)

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from astropy.io import fits
 
-from coron_dask.dqflags import PIXEL
+from coron_dask.core.dqflags import PIXEL
 
 WAVELENGTH_NM = 3350.0  # the wavelength the aberration screens (nm rms) are phases at
 #: Science-target photo-electrons per integration (a bright star), reference 1.6× brighter.

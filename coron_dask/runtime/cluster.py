@@ -20,10 +20,10 @@ import dask
 import dask.local
 import dask.threaded
 
-from coron_dask import dashboard
-from coron_dask.chunking import Workers
-from coron_dask.errors import ClusterError, CoronInputError, Interrupted
-from coron_dask.memory import MALLOC, process_memory, system_memory
+from coron_dask.core.errors import ClusterError, CoronInputError, Interrupted
+from coron_dask.planning.block_plan import Workers
+from coron_dask.planning.memory import MALLOC, process_memory, system_memory
+from coron_dask.runtime import progress as dashboard
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +100,7 @@ class Cluster:
             local = {"scheduler": scheduler, "array.rechunk.method": "tasks"}
             self._config.enter_context(dask.config.set(local))
         elif not (scheduler or scheduler_file):
-            from coron_dask import config
+            from coron_dask.core import config
 
             threads_per_worker = threads_per_worker or config.get("cluster.threads-per-worker")
             memory_limit = memory_limit or config.get("cluster.memory-limit")
@@ -194,10 +194,10 @@ class Cluster:
 
 
 def _seconds(setting: str, given: float | str | None = None) -> float:
-    """``given``, else the setting ``coron_dask.cluster.<setting>``, in seconds."""
+    """``given``, else the setting ``coron_dask.runtime.cluster.<setting>``, in seconds."""
     from dask.utils import parse_timedelta
 
-    from coron_dask import config
+    from coron_dask.core import config
 
     return parse_timedelta(given or config.get(f"cluster.{setting}"), "s")
 
@@ -221,7 +221,7 @@ def in_process(
     processes take seconds to start, longer than such a run computes."""
     from dask.utils import format_bytes, parse_bytes
 
-    from coron_dask import config
+    from coron_dask.core import config
 
     below = config.get("cluster.in-process-below")
     asked = scheduler or scheduler_file or n_workers or config.get("cluster.n-workers")
@@ -243,7 +243,7 @@ def in_process(
 def local_worker_count(n_workers: int | None = None, threads_per_worker: int | None = None) -> int:
     """The worker processes of the LocalCluster a run starts: ``n_workers``, else the
     setting ``coron_dask.cluster.n-workers``, else as many as the cores give threads."""
-    from coron_dask import config
+    from coron_dask.core import config
 
     threads = threads_per_worker or config.get("cluster.threads-per-worker")
     return n_workers or config.get("cluster.n-workers") or max(1, (os.cpu_count() or 1) // threads)
@@ -270,7 +270,7 @@ def _workers_to_await(
     if wanted is not None:
         return wanted
     if kind == "local":
-        from coron_dask import config
+        from coron_dask.core import config
 
         return int(config.get("cluster.wait-for-workers"))
     from distributed.deploy.utils import nprocesses_nthreads
@@ -436,7 +436,7 @@ def jobqueue_cluster(kind: str, dashboard_address: str | None = None) -> object:
     check_jobqueue(kind)
     import dask_jobqueue
 
-    from coron_dask import config
+    from coron_dask.core import config
 
     _quiet_port_warning()
     options = dict(dask.config.get(f"jobqueue.{kind}.scheduler-options", None) or {})
@@ -481,7 +481,7 @@ def _local_cluster(options: dict) -> object:
 
     _quiet_port_warning()
     environ = {**dask.config.get("distributed.nanny.pre-spawn-environ"), **WORKER_ENVIRON}
-    preload = [*dask.config.get("distributed.worker.preload"), "coron_dask.workers"]
+    preload = [*dask.config.get("distributed.worker.preload"), "coron_dask.runtime.workers"]
     settings = {
         "distributed.nanny.pre-spawn-environ": environ,
         "distributed.worker.preload": preload,
@@ -501,7 +501,7 @@ def measure_workers(client: object | None) -> Workers:
         return Workers(1, threads, system_memory(), process_memory())
     from distributed.comm import CommClosedError
 
-    from coron_dask.workers import TrimAfterTasks, configure_memory
+    from coron_dask.runtime.workers import TrimAfterTasks, configure_memory
 
     try:
         info = client.scheduler_info(n_workers=-1)["workers"]

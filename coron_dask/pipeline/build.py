@@ -15,11 +15,9 @@ from pathlib import Path
 import xarray as xr
 from dask.utils import parse_bytes
 
-from coron_dask import chunking, config
-from coron_dask.chunking import BlockPlan, Workers
-from coron_dask.cluster import Cluster, execute, in_process, measure_workers
-from coron_dask.dqflags import bit_value
-from coron_dask.errors import CoronInputError
+from coron_dask.core import config
+from coron_dask.core.dqflags import bit_value
+from coron_dask.core.errors import CoronInputError
 from coron_dask.io import (
     Association,
     Extension,
@@ -30,7 +28,10 @@ from coron_dask.io import (
     write_blocks,
     write_products,
 )
-from coron_dask.provenance import provenance
+from coron_dask.pipeline.provenance import provenance
+from coron_dask.planning import block_plan as chunking
+from coron_dask.planning.block_plan import BlockPlan, Workers
+from coron_dask.runtime.cluster import Cluster, execute, in_process, measure_workers
 from coron_dask.steps import align_models, median_replace_img, outlier_detection, stack_refs
 from coron_dask.steps.align_refs import alignment_table
 from coron_dask.steps.klip import KLBasis, kl_basis, kl_cutoffs, subtract
@@ -591,6 +592,6 @@ def run_coron3(
     )
     if "resample" in parameters["skip"]:
         return paths
-    from coron_dask.detection import detection_products  # astropy.table: only with an i2d
+    from coron_dask.science.detection import detection_products  # astropy.table: only with an i2d
 
     return [*paths, *detection_products(paths)]

@@ -1,0 +1,5 @@
+"""The ``coron-dask`` command."""
+
+from coron_dask.cli.main import main
+
+__all__ = ["main"]

@@ -1,0 +1,2 @@
+"""The ground floor: errors, configuration and its parameter spec, DQ flags. Imports numpy and
+dask.config only."""

@@ -1,0 +1,2 @@
+"""What astronomers measure on the reduction: sky geometry, photometry and S/N, detection,
+contrast curves, and simulated observations of known truth."""
