@@ -7,7 +7,11 @@ from collections.abc import Callable
 
 from coron_dask.core import config
 from coron_dask.core.errors import CoronInputError
-from coron_dask.core.parameters import SPEC, Parameter, shown
+from coron_dask.core.parameters import SPEC, Parameter, dq_bits, shown, text
+
+#: Readers of a text's content: the command line hands the text on as it is, and the run
+#: checks it (as it checks the configured value), naming the parameter.
+TEXTS = (dq_bits, text)
 
 
 def _argument_type(parameter: Parameter) -> Callable[[str], object]:
@@ -63,7 +67,7 @@ def add_options(parser: argparse.ArgumentParser, command: str) -> None:
                 options["action"] = parameter.action
             if parameter.choices:
                 options["choices"] = parameter.choices
-            elif parameter.read is not None:
+            elif parameter.read is not None and parameter.read not in TEXTS:
                 options["type"] = _argument_type(parameter)
             if not parameter.choices:
                 options["metavar"] = parameter.metavar or parameter.flag[2:].upper().replace(
