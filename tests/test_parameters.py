@@ -23,7 +23,7 @@ pytest.importorskip("dask_jobqueue")  # its defaults in dask's configuration, as
 
 def test_shipped_yaml_is_made_from_the_spec():
     shipped = Path(parameters.__file__).with_name("coron_dask.yaml")
-    assert shipped.read_text() == parameters.yaml_text()  # python -m coron_dask.core.parameters
+    assert shipped.read_text() == config.yaml_text()  # python -m coron_dask.core.config
     assert yaml.safe_load(shipped.read_text()) == {"coron_dask": parameters.defaults()}
 
 

@@ -6,16 +6,14 @@ curve's injections, and the settings that live only in dask's configuration. Eac
 name in Python, its key under ``coron_dask`` in dask's configuration and its default there,
 how a value is read and checked (one CoronInputError naming it), its help, its command-line
 option and, for a step parameter, the primary-header keyword that records it. From it are
-made: dask's defaults (``core.config``; ``coron_dask.yaml`` is ``yaml_text()``, written by
-``python -m coron_dask.core.parameters > coron_dask/core/coron_dask.yaml``), the checks of
+made: dask's defaults (``core.config``; ``coron_dask.yaml`` is ``config.yaml_text()``, written
+by ``python -m coron_dask.core.config > coron_dask/core/coron_dask.yaml``), the checks of
 the Python API (``core.config.resolve_parameters``), the options of ``coron-dask run``,
 ``contrast`` and ``demo`` (``cli.options``) and the provenance keywords
 (``pipeline.provenance``).
 """
 
-import json
 import numbers
-import textwrap
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -362,48 +360,7 @@ def defaults() -> dict:
     return tree
 
 
-def _yaml_value(value: object) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, str | list):
-        return json.dumps(value)
-    return repr(value)
-
-
-def yaml_text() -> str:
-    """``coron_dask.yaml``: the defaults as a YAML file to read or copy, each with its help."""
-    lines = [
-        "# coron-dask's defaults, loaded into dask's configuration under \"coron_dask\" (made",
-        "# from coron_dask/core/parameters.py: python -m coron_dask.core.parameters).",
-        "# Override them the dask way: a YAML file in ~/.config/dask/ (or $DASK_CONFIG), or",
-        "# environment variables such as DASK_CORON_DASK__KLIP__TRUNCATE=20.",
-        "coron_dask:",
-    ]
-    written: set[str] = set()
-    for parameter in SPEC:
-        if parameter.key is None:
-            continue
-        *sections, leaf = parameter.key.split(".")
-        for depth in range(len(sections)):
-            section = ".".join(sections[: depth + 1])
-            if section not in written:
-                written.add(section)
-                lines.append(f"{'  ' * (depth + 1)}{sections[depth]}:")
-        entry = f"{'  ' * (len(sections) + 1)}{leaf}: {_yaml_value(defaults_of(parameter))}"
-        comment = parameter.help + (f" (null: {parameter.none})" if parameter.none else "")
-        wrapped = textwrap.wrap(comment, 96 - 36) or [""]
-        lines.append(f"{entry:<34} # {wrapped[0]}")
-        lines.extend(f"{'':<34} # {more}" for more in wrapped[1:])
-    return "\n".join(lines) + "\n"
-
-
 def defaults_of(parameter: Parameter) -> object:
     """``parameter``'s default as dask's configuration holds it (a list for a tuple)."""
     default = parameter.default
     return list(default) if isinstance(default, tuple) else default
-
-
-if __name__ == "__main__":
-    print(yaml_text(), end="")
