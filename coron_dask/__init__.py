@@ -31,8 +31,8 @@ def _version() -> str:
 __version__ = _version()
 _EXPORTS = {
     "build_products": "pipeline.build",
-    "open_association": "pipeline.build",
-    "run_coron3": "pipeline.build",
+    "open_association": "pipeline.observation",
+    "run_coron3": "pipeline.run",
     "open_exposure": "io",
     "open_product": "io",
     "contrast_curve": "science.contrast",

@@ -8,8 +8,8 @@ import dask
 import pytest
 
 from coron_dask.core import config
+from coron_dask.core.config import resolve_parameters
 from coron_dask.core.errors import CoronInputError
-from coron_dask.pipeline.build import resolve_parameters
 
 
 def test_shipped_defaults_are_jwsts():
@@ -28,7 +28,7 @@ def test_dask_config_overrides_and_arguments_win():
 
 
 def test_environment_variable_overrides():
-    code = "from coron_dask.pipeline.build import resolve_parameters as r; print(r()['truncate'])"
+    code = "from coron_dask.core.config import resolve_parameters as r; print(r()['truncate'])"
     env = {**os.environ, "DASK_CORON_DASK__KLIP__TRUNCATE": "20"}
     out = subprocess.run(
         [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True

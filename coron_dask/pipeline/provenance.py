@@ -18,6 +18,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from coron_dask import __version__
+from coron_dask.core.parameters import STEPS
 from coron_dask.planning.block_plan import BlockPlan
 
 SOFTWARE = "coron-dask"
@@ -30,19 +31,8 @@ STEP_STATUS = {
     "resample": "S_RESAMP",
 }
 #: Each step parameter recorded: its keyword (the parameter's name where it fits in 8
-#: characters) and the keyword's comment.
-PARAMETERS = {
-    "skip": ("SKIP", "steps skipped"),
-    "snr": ("OUTL_SNR", "outlier_detection snr"),
-    "maskpt": ("MASKPT", "outlier_detection maskpt"),
-    "good_bits": ("GOODBITS", "outlier_detection good_bits"),
-    "align_to": ("ALIGN_TO", "align_refs: to each or the first integration"),
-    "median_box_length": ("MEDBOXLN", "align_refs median_box_length"),
-    "bad_bits": ("BAD_BITS", "align_refs bad_bits"),
-    "truncate": ("TRUNCATE", "klip truncate: KL modes kept"),
-    "orientation": ("ORIENT", "resample: i2d grid orientation"),
-    "save_psfalign": ("PSFALIGN", "psfalign products written"),
-}
+#: characters) and the keyword's comment, from the parameter spec.
+PARAMETERS = {parameter.name: parameter.keyword for parameter in STEPS if parameter.keyword}
 #: Each number of the block plan: its keyword and comment.
 PLAN = {
     "integrations": ("BLKINTS", "science integrations per block"),
@@ -87,7 +77,7 @@ def provenance(
 ) -> dict:
     """The keywords that record how a product was made, for its primary header.
 
-    ``parameters`` are the resolved ones (``pipeline.resolve_parameters``), ``plan`` the
+    ``parameters`` are the resolved ones (``core.config.resolve_parameters``), ``plan`` the
     block plan used, ``science`` and ``psf`` the member exposures that went into the product
     (ASN order), ``steps`` those that made it (each COMPLETE, or SKIPPED when in the
     parameters' skip), ``date`` when it was made (default: now). Values are plain or

@@ -420,13 +420,8 @@ def contrast_curve(
     wavelength). ``parameters``: those of ``build_products`` (the science reduction's);
     ``execution``: those of ``pipeline.execute_on_cluster``.
     """
-    from coron_dask.pipeline.build import (
-        check_inputs,
-        execute_on_cluster,
-        find_psfmask,
-        observation_bytes,
-        reduce_observation,
-    )
+    from coron_dask.pipeline.build import find_psfmask, reduce_observation
+    from coron_dask.pipeline.run import check_inputs, execute_on_cluster, observation_bytes
     from coron_dask.quicklook.plots import contrast_figure
 
     psfmask = find_psfmask(asn, psfmask)

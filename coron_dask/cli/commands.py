@@ -1,0 +1,115 @@
+"""What each ``coron-dask`` command does: run, contrast, cluster, plot, simulate, demo."""
+
+import argparse
+import json
+from pathlib import Path
+
+from coron_dask.cli.options import given
+from coron_dask.pipeline.run import check_execution, check_output_dir, run_coron3
+from coron_dask.runtime.cluster import jobqueue_cluster
+from coron_dask.science.photometry import companion_figures
+from coron_dask.science.simulate import simulate as simulated
+
+
+def _run(args: argparse.Namespace, asn: Path, output_dir: Path) -> list[Path]:
+    """run_coron3 with the command line's options, checked as the command line names them."""
+    execution = given(args, args.command, "execution")
+    check_execution(cli=True, **execution)
+    parameters = given(args, args.command, "step")
+    return run_coron3(asn, output_dir, psfmask=args.psfmask, **execution, **parameters)
+
+
+def run(args: argparse.Namespace) -> None:
+    for path in _run(args, args.asn, args.output_dir):
+        print(path)
+
+
+def contrast(args: argparse.Namespace) -> None:
+    """contrast_curve with the command line's options."""
+    from coron_dask.science.contrast import contrast_curve  # astropy.wcs (and .coordinates)
+
+    execution = given(args, "contrast", "execution")
+    check_execution(cli=True, **execution)
+    paths = contrast_curve(
+        args.asn,
+        args.output_dir,
+        psfmask=args.psfmask,
+        execution=execution,
+        **given(args, "contrast", "injection"),
+        **given(args, "contrast", "step"),
+    )
+    for path in paths:
+        print(path)
+
+
+def cluster(args: argparse.Namespace) -> None:
+    with jobqueue_cluster(args.kind) as jobqueue:
+        print(jobqueue.job_script())
+
+
+def plot(args: argparse.Namespace) -> None:
+    from coron_dask.quicklook.plots import quicklook  # matplotlib
+
+    for path in quicklook(args.outdir, args.folder):
+        print(path)
+
+
+def _simulate(args: argparse.Namespace, outdir: Path) -> Path:
+    return simulated(
+        outdir,
+        size=args.size,
+        sci_exps=args.sci_exps,
+        sci_ints=args.sci_ints,
+        psf_exps=args.psf_exps,
+        psf_ints=args.psf_ints,
+        seed=args.seed,
+        instrument=args.instrument,
+    )
+
+
+def simulate(args: argparse.Namespace) -> None:
+    print(_simulate(args, args.outdir))
+
+
+def companion_report(products: list[Path], truth_file: Path) -> str:
+    """The simulated companion's signal-to-noise per roll and on the sky (i2d)."""
+    figures = companion_figures(products, json.loads(truth_file.read_text()))
+    rolls = ", ".join(f"{snr:.1f}" for snr in figures["rolls"])
+    text = f"companion: S/N {rolls} in the mean psfsub of each roll"
+    if "i2d_snr" in figures:
+        text += (
+            f"; {figures['i2d_snr']:.1f} in the i2d, found {figures['i2d_offset']:.2f} px from "
+            "its sky position"
+        )
+    return text
+
+
+def demo(args: argparse.Namespace) -> None:
+    """Simulate an observation, run it, report the companion and draw the quicklook."""
+    inputs = args.outdir / "inputs"
+    check_execution(cli=True, **given(args, "demo", "execution"))
+    check_output_dir(args.outdir)
+    asn = _simulate(args, inputs)
+    if args.psfmask is None:
+        args.psfmask = inputs / "psfmask.fits"
+    products = _run(args, asn, args.outdir / "products")
+    print("products:")
+    for path in products:
+        print(f"  {path}")
+    print(companion_report(products, inputs / "truth.json"))
+    from coron_dask.quicklook.plots import quicklook  # matplotlib
+
+    pngs = quicklook(args.outdir / "products")
+    print(f"quicklook: {len(pngs)} PNG(s) in {args.outdir / 'products'}:")
+    for path in pngs:
+        print(f"  {path.name}")
+
+
+COMMANDS = {
+    "run": run,
+    "contrast": contrast,
+    "cluster": cluster,
+    "plot": plot,
+    "simulate": simulate,
+    "demo": demo,
+}

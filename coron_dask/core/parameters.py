@@ -1,0 +1,366 @@
+"""coron-dask's parameters, each declared once, as jwst's steps declare theirs in ``spec``.
+
+``SPEC`` lists every parameter of a run: jwst's step parameters and coron-dask's own (block
+sizes, output format), the PSFMASK, where and how a run computes (execution), the contrast
+curve's injections, and the settings that live only in dask's configuration. Each says its
+name in Python, its key under ``coron_dask`` in dask's configuration and its default there,
+how a value is read and checked (one CoronInputError naming it), its help, its command-line
+option and, for a step parameter, the primary-header keyword that records it. From it are
+made: dask's defaults (``core.config``; ``coron_dask.yaml`` is ``config.yaml_text()``, written
+by ``python -m coron_dask.core.config > coron_dask/core/coron_dask.yaml``), the checks of
+the Python API (``core.config.resolve_parameters``), the options of ``coron-dask run``,
+``contrast`` and ``demo`` (``cli.options``) and the provenance keywords
+(``pipeline.provenance``).
+"""
+
+import numbers
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from coron_dask.core.dqflags import bit_value
+from coron_dask.core.errors import CoronInputError
+
+#: A reader: ``read(value, name)`` is the value as used (text from the command line or the
+#: environment read as the parameter's type), or CoronInputError naming ``name``.
+Reader = Callable[[object, str], object]
+
+
+def _either(options: Iterable[str]) -> str:
+    words = [repr(option) for option in options]
+    return " or ".join(words) if len(words) < 3 else f"one of {', '.join(words)}"
+
+
+@dataclass(frozen=True)
+class Number:
+    """A number (text read as one): whole or not, within the bounds given (``above``: a
+    bound it must exceed)."""
+
+    whole: bool = True
+    low: float | None = None
+    high: float | None = None
+    above: float | None = None
+
+    def __call__(self, value: object, name: str) -> object:
+        kind = "a whole number" if self.whole else "a number"
+        if isinstance(value, str):
+            try:
+                value = int(value) if self.whole else float(value)
+            except ValueError:
+                raise CoronInputError(name, f"must be {kind}, got {value!r}") from None
+        if isinstance(value, bool) or not isinstance(
+            value, numbers.Integral if self.whole else numbers.Real
+        ):
+            raise CoronInputError(name, f"must be {kind}, got {value!r}")
+        if self.low is not None and value < self.low:
+            raise CoronInputError(name, f"must be >= {self.low}, got {value}")
+        if self.high is not None and value > self.high:
+            raise CoronInputError(name, f"must be <= {self.high}, got {value}")
+        if self.above is not None and not value > self.above:
+            raise CoronInputError(name, f"must be > {self.above}, got {value}")
+        return value
+
+
+@dataclass(frozen=True)
+class OneOf:
+    """One of ``options`` (words)."""
+
+    options: tuple[str, ...]
+
+    def __call__(self, value: object, name: str) -> object:
+        if value not in self.options:
+            raise CoronInputError(name, f"must be {_either(self.options)}, got {value!r}")
+        return value
+
+
+@dataclass(frozen=True)
+class Steps:
+    """Steps to skip, from ``options``: one name, or several (a tuple)."""
+
+    options: tuple[str, ...]
+
+    def __call__(self, value: object, name: str) -> tuple[str, ...]:
+        value = value or ()
+        steps = (value,) if isinstance(value, str) else tuple(value)
+        unknown = set(steps) - set(self.options)
+        if unknown:
+            raise CoronInputError(name, f"steps {sorted(unknown)} cannot be skipped")
+        return steps
+
+
+def cutoffs(value: object, name: str = "truncate") -> int | tuple[int, ...]:
+    """klip's truncate (an int, a sequence or a text such as "5,10,20,50"): one cutoff as an
+    int (jwst's psfsub), several as a KL-mode cube's ascending cutoffs."""
+    if isinstance(value, str):
+        try:
+            value = [int(part) for part in value.split(",") if part.strip()]
+        except ValueError:
+            raise CoronInputError(
+                name, f"must be whole numbers separated by commas, got {value!r}"
+            ) from None
+    values = (value,) if isinstance(value, numbers.Integral) else tuple(value)
+    if not values or any(int(k) < 0 for k in values):
+        raise CoronInputError(name, f"must be one or more values >= 0, got {value}")
+    found = tuple(sorted({int(k) for k in values}))
+    return found[0] if len(found) == 1 else found
+
+
+def dq_bits(value: object, name: str) -> object:
+    """DQ flags as jwst reads them (names or an integer), checked and kept as given."""
+    bit_value(value, name)
+    return value
+
+
+def flag(value: object, name: str) -> bool:
+    """True or False."""
+    if not isinstance(value, bool):
+        raise CoronInputError(name, f"must be True or False, got {value!r}")
+    return value
+
+
+def path(value: object, name: str) -> Path:
+    """A file's path."""
+    if not isinstance(value, str | Path):
+        raise CoronInputError(name, f"must be a file's path, got {value!r}")
+    return Path(value)
+
+
+def text(value: object, name: str) -> str:
+    """A text (an address, a size)."""
+    if not isinstance(value, str | Path):
+        raise CoronInputError(name, f"must be a text, got {value!r}")
+    return str(value)
+
+
+def job_range(value: object, name: str) -> tuple[int, int]:
+    """MIN:MAX batch jobs (text) or a pair, 1 <= MIN <= MAX: blocks are planned from the
+    first worker's memory."""
+    try:
+        low, high = (int(part) for part in (value.split(":") if isinstance(value, str) else value))
+    except (ValueError, TypeError):
+        raise CoronInputError(name, f"expected MIN:MAX, got {value!r}") from None
+    if not 1 <= low <= high:
+        raise CoronInputError(name, f"expected 1 <= MIN <= MAX, got {value!r}")
+    return low, high
+
+
+def numbers_list(value: object, name: str) -> list[float]:
+    """Numbers: a sequence, or text separated by commas."""
+    try:
+        if isinstance(value, str):
+            return [float(part) for part in value.split(",") if part.strip()]
+        return [float(part) for part in value]
+    except (ValueError, TypeError):
+        raise CoronInputError(name, f"must be numbers separated by commas, got {value!r}") from None
+
+
+RUNS = ("run", "contrast", "demo")
+
+
+@dataclass(frozen=True)
+class Parameter:
+    """One parameter: see the module's docstring. ``role``: "step" (``build_products``'
+    parameters), "input" (the PSFMASK), "execution" (``run_coron3``'s where and how),
+    "injection" (``contrast_curve``'s) or "setting" (dask's configuration only). ``none``:
+    what None means, where None is a value. ``option``: the command-line option ("" makes it
+    from the name, None: there is none), given to ``commands``, in the help's ``group``;
+    ``action``, ``metavar``, ``exclusive`` (options of one mutually exclusive set) and
+    ``required`` as argparse takes them; ``option_help`` for an option that says no.
+    ``keyword``: the (keyword, comment) of the primary header that records it."""
+
+    name: str
+    help: str
+    default: object = None
+    key: str | None = None
+    read: Reader | None = None
+    none: str | None = None
+    role: str = "step"
+    option: str | None = ""
+    commands: tuple[str, ...] = RUNS
+    group: str = "steps (jwst's parameters; defaults from the coron_dask section of dask's config)"
+    action: str | None = None
+    metavar: str | None = None
+    exclusive: str | None = None
+    required: bool = False
+    option_help: str | None = None
+    keyword: tuple[str, str] | None = None
+    choices: tuple[str, ...] = field(init=False)
+
+    def __post_init__(self) -> None:
+        options = self.read.options if isinstance(self.read, OneOf | Steps) else ()
+        object.__setattr__(self, "choices", options)
+
+    @property
+    def flag(self) -> str:
+        """The command-line option: ``--name-with-dashes`` unless another is given."""
+        return self.option or f"--{self.name.replace('_', '-')}"
+
+
+EXECUTION_GROUP = "execution"
+SKIPPABLE = ("outlier_detection", "resample")
+PSFMASK_CHOICES = ("crds", "none")  # --psfmask's words; anything else names a file
+FROM_MEMORY = "planned from the workers' memory"
+
+#: Parameter(name, help, default, key, read, none, role, ...): see ``Parameter``.
+SPEC: tuple[Parameter, ...] = (
+    # jwst's step parameters and coron-dask's, in the order provenance records them
+    Parameter("skip", "skip a step, as jwst's --steps.<step>.skip (repeatable)", (), "skip",
+              Steps(SKIPPABLE), action="append", keyword=("SKIP", "steps skipped")),
+    Parameter("snr", "outlier_detection's snr (jwst's first value for coronagraphic data)",
+              5.0, "outlier_detection.snr", Number(whole=False, above=0), option=None,
+              keyword=("OUTL_SNR", "outlier_detection snr")),
+    Parameter("maskpt", "outlier_detection's maskpt", 0.7, "outlier_detection.maskpt",
+              Number(whole=False, low=0, high=1), option=None,
+              keyword=("MASKPT", "outlier_detection maskpt")),
+    Parameter("good_bits", "DQ bits that leave a pixel usable for outlier_detection's median",
+              "~DO_NOT_USE", "outlier_detection.good-bits", dq_bits, option=None,
+              keyword=("GOODBITS", "outlier_detection good_bits")),
+    Parameter("align_to", "align references to each science integration (4-D psfalign) or to "
+              "the first one of each exposure (jwst >= 1.16)", "each", "align_refs.align-to",
+              OneOf(("each", "first")),
+              keyword=("ALIGN_TO", "align_refs: to each or the first integration")),
+    Parameter("median_box_length", "box of the bad-pixel median fill (jwst's default)", 3,
+              "align_refs.median-box-length", Number(low=0),
+              keyword=("MEDBOXLN", "align_refs median_box_length")),
+    Parameter("bad_bits", "DQ flags of bad pixels, names or integer ('' for none)",
+              "DO_NOT_USE", "align_refs.bad-bits", dq_bits,
+              keyword=("BAD_BITS", "align_refs bad_bits")),
+    Parameter("psfmask", "PSFMASK FITS file (weights, 0 = ignore); 'crds': the one CRDS gives "
+              "for the science header, as jwst; 'none': every pixel weighs 1", "crds",
+              "align_refs.psfmask", role="input"),
+    Parameter("truncate", "KL modes kept by klip (jwst's default); several, e.g. 5,10,20,50: a "
+              "KL-mode cube, one psfsub and i2d image per cutoff from one basis", 50,
+              "klip.truncate", cutoffs, keyword=("TRUNCATE", "klip truncate: KL modes kept")),
+    Parameter("orientation", "i2d grid: the first exposure's detector orientation (as jwst) or "
+              "north up", "detector", "resample.orientation", OneOf(("detector", "north")),
+              keyword=("ORIENT", "resample: i2d grid orientation")),
+    Parameter("format", "products as FITS files or Zarr stores", "fits", "output.format",
+              OneOf(("fits", "zarr")), group=EXECUTION_GROUP),
+    Parameter("save_psfalign", "write psfalign (false: only a scratch file of its SCI, which "
+              "KLIP reads, removed at the end)", True, "output.psfalign", flag,
+              option="--no-psfalign", action="store_false",
+              option_help="do not write psfalign: the aligned SCI goes to a scratch file KLIP "
+              "reads, removed at the end (half the size of psfalign)",
+              commands=("run", "demo"), group=EXECUTION_GROUP,
+              keyword=("PSFALIGN", "psfalign products written")),
+    Parameter("integrations", "science integrations per block", None, "chunks.integrations",
+              Number(low=1), FROM_MEMORY, option="--integrations-per-chunk",
+              group=EXECUTION_GROUP),
+    Parameter("psfs", "references per alignment block", None, "chunks.psfs", Number(low=1),
+              FROM_MEMORY, option="--psfs-per-chunk", group=EXECUTION_GROUP),
+    Parameter("outlier_rows", "rows per outlier_detection median slab", None,
+              "chunks.outlier-rows", Number(low=1), FROM_MEMORY, option=None),
+    # dask's configuration only
+    Parameter("klip_tile", "references' share of a KLIP tile (sets its rows; part of the "
+              "numerics)", "8 MiB", "chunks.klip-tile", role="setting"),
+    Parameter("memory_fraction", "share of a worker's memory limit the block plan fills (dask "
+              "spills at 0.7)", 0.65, "chunks.memory-fraction", role="setting"),
+    # where and how a run computes (run_coron3's; the checks: pipeline.run.check_execution)
+    Parameter("scheduler", "address of a running dask scheduler, or 'synchronous' / 'threads' "
+              "for dask's local schedulers", read=text, role="execution", group=EXECUTION_GROUP),
+    Parameter("scheduler_file", "scheduler file of a running dask cluster", read=text,
+              role="execution", group=EXECUTION_GROUP),
+    Parameter("n_workers", "LocalCluster worker processes", None, "cluster.n-workers",
+              Number(low=1), "one per core", "execution", group=EXECUTION_GROUP),
+    Parameter("in_process_below", "a run with less data (inputs and aligned frames) and no "
+              "cluster asked for computes in its own process on threads (null: always a "
+              "LocalCluster)", "1 GiB", "cluster.in-process-below", role="setting"),
+    Parameter("threads_per_worker", "threads of each LocalCluster worker", 1,
+              "cluster.threads-per-worker", role="setting"),
+    Parameter("memory_limit", "memory limit per LocalCluster worker, e.g. '4GiB'", "auto",
+              "cluster.memory-limit", role="execution", group=EXECUTION_GROUP),
+    Parameter("dashboard_address", "where the dashboard listens (loopback: reach it with ssh "
+              "-L from a laptop)", "127.0.0.1:8787", "cluster.dashboard-address", role="setting"),
+    Parameter("kind", "start a LocalCluster or submit workers through dask-jobqueue, "
+              "configured in a jobqueue.yaml (see cluster/)", "local",
+              read=OneOf(("local", "slurm", "pbs")), role="execution", option="--cluster",
+              group=EXECUTION_GROUP),
+    Parameter("jobs", "batch jobs of workers (slurm, pbs)", read=Number(low=1),
+              role="execution", group=EXECUTION_GROUP, exclusive="jobs"),
+    Parameter("adapt", "adapt between MIN and MAX batch jobs (slurm, pbs)", read=job_range,
+              role="execution", group=EXECUTION_GROUP, metavar="MIN:MAX", exclusive="jobs"),
+    Parameter("wait_for_workers", "with --scheduler/--scheduler-file/--cluster slurm|pbs: plan "
+              "blocks only once N workers have joined (slurm, pbs: by default the workers of "
+              "the jobs asked for; 0 in the configuration: no wait)", 1,
+              "cluster.wait-for-workers", Number(low=1), role="execution", metavar="N",
+              group=EXECUTION_GROUP),
+    Parameter("worker_timeout", "seconds to wait for them before the run stops with an error",
+              600, "cluster.worker-timeout", role="setting"),
+    Parameter("scheduler_timeout", "seconds to wait for a scheduler file to appear and the "
+              "scheduler to answer", 60, "cluster.scheduler-timeout", role="setting"),
+    Parameter("status_interval", "seconds between the lines a wait or a run logs about where "
+              "it is", 30, "cluster.status-interval", role="setting"),
+    Parameter("cancel_timeout", "seconds a stopped run waits for its running tasks before it "
+              "cleans up", 20, "cluster.cancel-timeout", role="setting"),
+    Parameter("progress", "a progress bar on the terminal", True, read=flag, role="execution",
+              option="--no-progress", action="store_false", option_help="no progress bar",
+              group=EXECUTION_GROUP),
+    Parameter("quiet", "say nothing while waiting for the cluster", False, read=flag,
+              role="execution", option=None),
+    Parameter("report", "save dask's performance report (HTML; distributed clusters)",
+              read=path, role="execution", group=EXECUTION_GROUP),
+    Parameter("stats", "save where the time went (JSON)", read=path, role="execution",
+              group=EXECUTION_GROUP),
+    # the contrast curve's injection-recovery (contrast_curve's)
+    Parameter("offaxis_psf", "the star unocculted: a FITS image in the calints' units (SCI or "
+              "primary)", read=path, role="injection", commands=("contrast",),
+              group="injection-recovery", required=True),
+    Parameter("star_flux", "rescale the off-axis PSF to this total flux",
+              read=Number(whole=False), role="injection", commands=("contrast",),
+              group="injection-recovery", none="as the file has it"),
+    Parameter("separations", "companions' separations, arcsec, e.g. 0.5,1,1.5",
+              read=numbers_list, none="10 from 3 λ/D to the field's edge", role="injection",
+              commands=("contrast",), group="injection-recovery"),
+    Parameter("position_angles", "one set of companions per angle, degrees east of north",
+              (0.0, 120.0, 240.0), read=numbers_list, role="injection", commands=("contrast",),
+              group="injection-recovery"),
+    Parameter("inject_contrast", "contrast of the injected companions (KLIP is linear: any "
+              "will do)", 1e-4, read=Number(whole=False), role="injection",
+              commands=("contrast",), group="injection-recovery"),
+    Parameter("resolution", "λ/D in pixels", read=Number(whole=False),
+              none="from FILTER's pivot wavelength", role="injection", commands=("contrast",),
+              group="injection-recovery"),
+)  # fmt: skip
+BY_NAME = {parameter.name: parameter for parameter in SPEC}
+#: ``build_products``' parameters, in the order provenance records them.
+STEPS = tuple(parameter for parameter in SPEC if parameter.role == "step")
+EXECUTION = tuple(parameter for parameter in SPEC if parameter.role == "execution")
+
+
+def said(name: str, value: object = None, *, cli: bool = False) -> str:
+    """How a message names parameter ``name`` (set to ``value``, if given): its option on
+    the command line (``--cluster slurm``), else its name in Python (``kind='slurm'``)."""
+    parameter = BY_NAME[name]
+    if cli:
+        return parameter.flag if value is None else f"{parameter.flag} {value}"
+    return name if value is None else f"{name}={value!r}"
+
+
+def shown(value: object, none: str | None = None) -> str:
+    """A default as the help and the YAML's comments show it."""
+    if value is None:
+        return none or "none"
+    if isinstance(value, tuple | list):
+        return ",".join(shown(item) for item in value) or "none"
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
+
+
+def defaults() -> dict:
+    """The settings under ``coron_dask`` in dask's configuration, with their defaults."""
+    tree: dict = {}
+    for parameter in SPEC:
+        if parameter.key is not None:
+            *sections, leaf = parameter.key.split(".")
+            node = tree
+            for section in sections:
+                node = node.setdefault(section, {})
+            node[leaf] = defaults_of(parameter)
+    return tree
+
+
+def defaults_of(parameter: Parameter) -> object:
+    """``parameter``'s default as dask's configuration holds it (a list for a tuple)."""
+    default = parameter.default
+    return list(default) if isinstance(default, tuple) else default

@@ -1,0 +1,284 @@
+"""A run of calwebb_coron3: its input and options checked before anything starts, a cluster
+connected to (or started), the products built for its workers and written in one
+computation, and the detection products of the i2d."""
+
+import contextlib
+import logging
+import os
+from pathlib import Path
+
+from dask.utils import parse_bytes
+
+from coron_dask.core.config import read_execution, resolve_parameters
+from coron_dask.core.errors import CoronInputError
+from coron_dask.core.parameters import PSFMASK_CHOICES, said
+from coron_dask.io import read_psfmask, write_products
+from coron_dask.pipeline import build  # build.build_products looked up at each run
+from coron_dask.pipeline.observation import Observation, find_psfmask, open_association
+from coron_dask.planning.memory import system_memory
+from coron_dask.runtime.cluster import (
+    LOCAL_SCHEDULERS,
+    Cluster,
+    check_jobqueue,
+    execute,
+    in_process,
+    local_worker_count,
+    measure_workers,
+)
+
+log = logging.getLogger(__name__)
+#: Options that say where a run goes, which a cluster or client under way already says.
+UNDER_WAY = (
+    "scheduler",
+    "scheduler_file",
+    "n_workers",
+    "memory_limit",
+    "jobs",
+    "adapt",
+    "wait_for_workers",
+)
+
+
+def check_output_dir(output_dir: str | Path) -> None:
+    """Raise CoronInputError unless products can be written in ``output_dir``: a folder, or
+    one that can be made, that this process may write in."""
+    path = Path(output_dir).absolute()
+    existing = next(folder for folder in (path, *path.parents) if folder.exists())
+    if not existing.is_dir():
+        raise CoronInputError(existing, "is a file: products go in a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise CoronInputError(existing, "is not writable")
+
+
+def check_inputs(
+    asn: str | Path,
+    output_dir: str | Path = ".",
+    *,
+    psfmask: str | Path | None = None,
+    **parameters: object,
+) -> tuple[dict, Observation]:
+    """Check a run's input before any cluster starts: parameters, every member's header and
+    frame size, the PSFMASK, the output folder. Returns the parameters resolved and the
+    observation opened (whole exposures)."""
+    resolved = resolve_parameters(**parameters)
+    observation = open_association(asn)
+    if psfmask is not None and str(psfmask).lower() not in PSFMASK_CHOICES:
+        frame = observation.psfstack
+        read_psfmask(psfmask, (frame.sizes["y"], frame.sizes["x"]))
+    check_output_dir(output_dir)
+    return resolved, observation
+
+
+def check_execution(
+    *, cli: bool = False, cluster: object = None, client: object = None, **given: object
+) -> dict:
+    """Refuse, before anything starts, execution options (``run_coron3``'s) that cannot be
+    read or cannot apply where the run goes (a LocalCluster, a running scheduler, batch jobs,
+    dask's local schedulers, a ``cluster`` or ``client`` under way): an option is honoured
+    or refused, never ignored. One CoronInputError names the option, as Python does, or as
+    the command line does with ``cli``. Returns the options given, read (None: not given)."""
+    options = read_execution(**given)
+    scheduler, scheduler_file = options.get("scheduler"), options.get("scheduler_file")
+    kind = options.get("kind") or "local"
+    running, local = scheduler or scheduler_file, scheduler in LOCAL_SCHEDULERS
+
+    def name(option: str, value: object = None) -> str:
+        return said(option, value, cli=cli)
+
+    def refuse(option: str, problem: str) -> None:
+        raise CoronInputError(option, problem)
+
+    where = (
+        name("scheduler", scheduler)
+        if scheduler
+        else name("scheduler_file")
+        if scheduler_file
+        else name("kind", kind)
+    )
+    if cluster is not None or client is not None:
+        under_way = "cluster" if client is None else "client"
+        for option in UNDER_WAY:
+            if options.get(option) is not None:
+                refuse(name(option), f"cannot go with a {under_way} under way: it is used as it is")
+        if kind != "local":
+            refuse(name("kind", kind), f"cannot go with a {under_way} under way")
+    if scheduler and scheduler_file:
+        refuse(
+            name("scheduler_file"),
+            f"give either {name('scheduler')} or {name('scheduler_file')}, not both",
+        )
+    if running and kind != "local":
+        refuse(name("kind", kind), f"starts its own scheduler: it cannot go with {where}")
+    for option in ("n_workers", "memory_limit"):
+        if options.get(option) is not None and (running or kind != "local"):
+            refuse(
+                name(option),
+                f"sizes the LocalCluster coron-dask starts; with {where} the "
+                "workers are sized where they are started",
+            )
+    for option in ("jobs", "adapt"):
+        if options.get(option) is not None and (running or kind == "local"):
+            refuse(name(option), f"sizes batch jobs of {name('kind', 'slurm')} or pbs, not {where}")
+    wait = options.get("wait_for_workers")
+    if wait is not None and not running and kind == "local":
+        refuse(name("wait_for_workers"), "a LocalCluster has its workers when it starts")
+    if local and wait is not None:
+        refuse(name("wait_for_workers"), f"{where} has no workers to wait for")
+    if local and options.get("report") is not None:
+        refuse(
+            name("report"), f"dask's performance report needs a distributed cluster, not {where}"
+        )
+    if scheduler_file and not Path(scheduler_file).parent.is_dir():
+        refuse(scheduler_file, "its folder does not exist: no scheduler can write there")
+    if kind != "local" and not running and cluster is None and client is None:
+        check_jobqueue(kind)
+    memory_limit = options.get("memory_limit")
+    if memory_limit is not None and memory_limit != "auto":
+        try:
+            limit = parse_bytes(memory_limit)
+        except (ValueError, TypeError):
+            refuse(name("memory_limit"), f"cannot read {memory_limit!r} as a size: e.g. 4GiB")
+        if limit <= 0:
+            refuse(name("memory_limit"), f"must be more than 0, got {memory_limit!r}")
+        count, available = local_worker_count(options.get("n_workers")), system_memory()
+        if count * limit > available:
+            refuse(
+                name("memory_limit"),
+                f"{count} worker(s) × {memory_limit} is more than this machine's "
+                f"{available / 2**30:.1f} GiB: the system would kill workers before dask "
+                "could pause them (fewer workers, or a smaller limit)",
+            )
+    for option in ("report", "stats"):
+        path = options.get(option)
+        if path is not None and path.is_dir():
+            refuse(path, f"{name(option)} names a file to write, and this is a folder")
+        if path is not None and not os.access(path.absolute().parent, os.W_OK | os.X_OK):
+            refuse(path, f"{name(option)}: its folder does not exist or is not writable")
+    return options
+
+
+def execute_on_cluster(
+    build,
+    *,
+    cluster: Cluster | None = None,
+    client: object | None = None,
+    data_bytes: int | None = None,
+    **where: object,
+) -> list[Path]:
+    """Connect to (or start) the cluster ``where`` describes (``run_coron3``'s execution
+    options, checked by ``check_execution``: scheduler, scheduler_file, n_workers,
+    memory_limit, kind, jobs, adapt, wait_for_workers, quiet, progress, report, stats; or a
+    ``cluster`` under way, or a distributed ``client`` you have, which is used and left
+    open), build the products with ``build(workers)`` for its workers and write them in one
+    computation: their paths. A run of ``data_bytes`` (``observation_bytes``) that asks for
+    no cluster may compute in this process (``cluster.in_process``)."""
+    where = check_execution(cluster=cluster, client=client, **where)
+    progress = where.pop("progress", None) is not False
+    report, stats = where.pop("report", None), where.pop("stats", None)
+    where = {name: value for name, value in where.items() if value is not None}
+    with contextlib.ExitStack() as resources:
+        if client is None:
+            if cluster is None:
+                if in_process(data_bytes, report=report, **where):
+                    where = {**where, "scheduler": "threads"}
+                cluster = resources.enter_context(Cluster(**where))
+            client = cluster.client
+        if report and client is None:
+            raise CoronInputError(
+                "report", "needs a distributed cluster, not dask's local schedulers"
+            )
+        workers = measure_workers(client)
+        log.info("workers: %s", workers.describe())
+        products = build(workers)
+        return write_products(
+            products,
+            lambda *writes: execute(writes, client, progress=progress, report=report, stats=stats),
+        )
+
+
+def observation_bytes(observation: Observation, align_to: str) -> int:
+    """What a run of ``observation`` reads and aligns: its exposures' SCI, ERR and DQ, and
+    the aligned references' SCI and ERR (psfalign, kept or as a scratch file), in bytes."""
+    inputs = sum(
+        dataset[name].nbytes
+        for dataset in (*observation.science, *observation.psf)
+        for name in ("sci", "err", "dq")
+        if name in dataset
+    )
+    targets = sum(
+        dataset.sizes["integration"] if align_to == "each" else 1 for dataset in observation.science
+    )
+    frame = observation.psfstack.sizes["y"] * observation.psfstack.sizes["x"]
+    return int(inputs + 2 * 4 * targets * observation.psfstack.sizes["psf"] * frame)
+
+
+def run_coron3(
+    asn: str | Path,
+    output_dir: str | Path = ".",
+    *,
+    psfmask: str | Path | None = None,
+    scheduler: str | None = None,
+    scheduler_file: str | None = None,
+    n_workers: int | None = None,
+    memory_limit: str | float | None = None,
+    kind: str = "local",
+    jobs: int | None = None,
+    adapt: tuple[int, int] | None = None,
+    wait_for_workers: int | None = None,
+    progress: bool = True,
+    quiet: bool = False,
+    report: str | Path | None = None,
+    stats: str | Path | None = None,
+    cluster: Cluster | None = None,
+    client: object | None = None,
+    **parameters: object,
+) -> list[Path]:
+    """Run calwebb_coron3 on an association and return the paths of the products written.
+
+    ``parameters`` are those of ``build_products`` (skip, snr, maskpt, good_bits, align_to,
+    median_box_length, bad_bits, truncate, orientation, format, save_psfalign, integrations,
+    psfs, outlier_rows), the configured defaults where not given. ``scheduler``: None starts
+    a LocalCluster of ``n_workers`` processes for the run (or, with ``kind`` "slurm" or
+    "pbs", ``jobs`` batch jobs of workers, or between the ``adapt`` minimum and maximum); an
+    address or ``scheduler_file`` uses a running cluster, once ``wait_for_workers`` workers
+    joined; ``"synchronous"`` or ``"threads"`` use dask's local schedulers; a ``cluster``
+    already under way (``cluster.Cluster``) is used as it is, and so is a distributed
+    ``client`` you already have (a notebook's), which the run leaves open. Options that
+    cannot apply where the run goes are refused (``check_execution``), and the input is
+    checked, before the cluster computes anything, so bad input fails fast and leaves no
+    product. ``report`` saves dask's performance report (HTML), ``stats`` a JSON summary of
+    where the time went. With an i2d, the run ends with its detection map and candidates
+    (``detection.detect``).
+    """
+    execution = check_execution(
+        scheduler=scheduler,
+        scheduler_file=scheduler_file,
+        n_workers=n_workers,
+        memory_limit=memory_limit,
+        kind=kind,
+        jobs=jobs,
+        adapt=adapt,
+        wait_for_workers=wait_for_workers,
+        progress=progress,
+        quiet=quiet,
+        report=report,
+        stats=stats,
+        cluster=cluster,
+        client=client,
+    )
+    psfmask = find_psfmask(asn, psfmask)  # before any cluster starts, as the input checks
+    parameters, observation = check_inputs(asn, output_dir, psfmask=psfmask, **parameters)
+    paths = execute_on_cluster(
+        lambda workers: build.build_products(
+            asn, output_dir, psfmask=psfmask, workers=workers, opened=observation, **parameters
+        ),
+        cluster=cluster,
+        client=client,
+        data_bytes=observation_bytes(observation, parameters["align_to"]),
+        **execution,
+    )
+    if "resample" in parameters["skip"]:
+        return paths
+    from coron_dask.science.detection import detection_products  # astropy.table: only with an i2d
+
+    return [*paths, *detection_products(paths)]
