@@ -358,7 +358,7 @@ def _run(args: argparse.Namespace, asn: Path, output_dir: Path) -> list[Path]:
 
 def _contrast(args: argparse.Namespace) -> list[Path]:
     """contrast_curve with the command line's options."""
-    from coron_dask.science.contrast import contrast_curve
+    from coron_dask.pipeline.contrast import contrast_curve
 
     parameters = _parameters(args)
     del parameters["save_psfalign"]  # a contrast run writes no psfalign
