@@ -27,9 +27,10 @@ from astropy.io import fits
 
 from coron_dask.core.dqflags import PIXEL
 from coron_dask.io.fitsfile import FitsExtension, FitsRegion
-from coron_dask.io.products import write_block
+from coron_dask.io.staging import write_block
 from coron_dask.kernels import blocks as kernels
 from coron_dask.kernels import inject as kernels_inject
+from coron_dask.kernels.klip import frame_means
 from coron_dask.planning import memory
 from coron_dask.planning.memory import MIB, Frame
 
@@ -278,7 +279,9 @@ def build_shift(rng, path, frames, psfs, ny, nx):
     where += (slice(None), slice(None))
 
     def task():
-        return write_block(kernels.shift_block(indices, shifts, source), where, (region,))
+        return write_block(
+            kernels.shift_block(indices, shifts, source), where, (region,), frame_means
+        )
 
     return task, [shifts]
 

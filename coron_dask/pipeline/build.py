@@ -28,6 +28,7 @@ from coron_dask.io import (
     write_blocks,
     write_products,
 )
+from coron_dask.kernels.klip import frame_means
 from coron_dask.pipeline.provenance import provenance
 from coron_dask.planning import block_plan as chunking
 from coron_dask.planning.block_plan import BlockPlan, Workers
@@ -359,7 +360,7 @@ def reduce_observation(
     refs = median_replace_img(stack, p["median_box_length"], p["bad_bits"])
     names = ("SCI", "ERR") if p["save_psfalign"] else ("SCI",)
     kept = scratch(f"{association.product_name}_refs", refs, names)
-    on_disk = {name.lower(): write_blocks(name, kept) for name in names}
+    on_disk = {name.lower(): write_blocks(name, kept, summary=frame_means) for name in names}
     psfsubs, bases = [], []
     for exposure in science:
         filled = median_replace_img(exposure, p["median_box_length"], p["bad_bits"])
@@ -385,7 +386,7 @@ def reduce_observation(
         if not p["save_psfalign"] or suffix == "zarr":  # KLIP reads a FITS file
             aligned_in.insert(0, scratch(f"{root}_aligned", psfalign, ("SCI",)))
         # each block written by the task that shifts it; KLIP reads it back a tile at a time
-        aligned = write_blocks("SCI", *aligned_in)
+        aligned = write_blocks("SCI", *aligned_in, summary=frame_means)
         basis = kl_basis(filled, psfalign, p["truncate"], rows=plan.klip_rows, on_disk=aligned)
         psfsub = subtract(filled, basis)
         psfsubs.append(psfsub)
