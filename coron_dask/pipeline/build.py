@@ -33,9 +33,10 @@ from coron_dask.pipeline.provenance import provenance
 from coron_dask.planning import block_plan as chunking
 from coron_dask.planning.block_plan import BlockPlan, Workers
 from coron_dask.runtime.cluster import Cluster, execute, in_process, measure_workers
-from coron_dask.steps import align_models, median_replace_img, outlier_detection, stack_refs
-from coron_dask.steps.align_refs import alignment_table
+from coron_dask.steps.align_refs import align_models, alignment_table, median_replace_img
 from coron_dask.steps.klip import KLBasis, kl_basis, kl_cutoffs, subtract
+from coron_dask.steps.outlier_detection import outlier_detection
+from coron_dask.steps.stack_refs import stack_refs
 
 
 @dataclass

@@ -33,7 +33,7 @@ from coron_dask.science.geometry import (
     sky_wcs,
     star_position,
 )
-from coron_dask.steps import median_replace_img
+from coron_dask.steps.align_refs import median_replace_img
 from coron_dask.steps.klip import subtract
 from coron_dask.steps.resample import resample
 

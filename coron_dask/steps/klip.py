@@ -31,7 +31,8 @@ from dask.base import tokenize
 
 from coron_dask.core.errors import CoronInputError
 from coron_dask.io.products import OnDisk
-from coron_dask.kernels.blocks import (
+from coron_dask.planning.block_plan import tile_rows
+from coron_dask.steps.blocks import (
     errors_block,
     gram_block,
     means_block,
@@ -39,7 +40,6 @@ from coron_dask.kernels.blocks import (
     project_block,
     weights_block,
 )
-from coron_dask.planning.block_plan import tile_rows
 
 
 def kl_cutoffs(truncate: int | Sequence[int]) -> tuple[int, ...]:
