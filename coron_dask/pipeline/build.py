@@ -33,6 +33,7 @@ from coron_dask.pipeline.provenance import provenance
 from coron_dask.planning import block_plan as chunking
 from coron_dask.planning.block_plan import BlockPlan, Workers
 from coron_dask.runtime.cluster import Cluster, execute, in_process, measure_workers
+from coron_dask.science.detection import detection_products
 from coron_dask.steps.align_refs import align_models, alignment_table, median_replace_img
 from coron_dask.steps.klip import KLBasis, kl_basis, kl_cutoffs, subtract
 from coron_dask.steps.outlier_detection import outlier_detection
@@ -594,6 +595,4 @@ def run_coron3(
     )
     if "resample" in parameters["skip"]:
         return paths
-    from coron_dask.science.detection import detection_products  # astropy.table: only with an i2d
-
     return [*paths, *detection_products(paths)]
