@@ -248,7 +248,7 @@ def build_fill(rng, path, frames, ny, nx, image, bad, box, field=None):
 def _on_disk(folder: str, name: str, data: np.ndarray) -> FitsExtension:
     """``data`` written to a file in ``folder`` as the pipeline keeps arrays on disk (a
     big-endian FITS data area, here at offset 0): what reads it back, as
-    ``products.reader`` does (in the file's byte order)."""
+    ``staging.reader`` does (in the file's byte order)."""
     path = Path(folder) / f"{name}.raw"
     data.astype(data.dtype.newbyteorder(">")).tofile(path)
     return FitsExtension(path, 0, data.shape, data.dtype, native=False)

@@ -65,7 +65,7 @@ def contrast_curve(
     field's edge) × ``position_angles`` (degrees east of north, one set each) companions of
     ``inject_contrast``. ``resolution``: λ/D in pixels (default: from FILTER's pivot
     wavelength). ``parameters``: those of ``build_products`` (the science reduction's);
-    ``execution``: those of ``pipeline.execute_on_cluster``.
+    ``execution``: those of ``execute_on_cluster`` (the pipeline's run).
     """
     psfmask = find_psfmask(asn, psfmask)
     parameters, observation = check_inputs(asn, output_dir, psfmask=psfmask, **parameters)

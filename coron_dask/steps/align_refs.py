@@ -90,7 +90,7 @@ def align_models(
     ``refs``).
 
     With ``on_disk`` ({"sci": ..., "err": ...}: the filled references written to disk,
-    ``io.products.write_blocks``), each task that fits or shifts references reads its
+    ``io.staging.write_blocks``), each task that fits or shifts references reads its
     block from disk: no worker holds every reference for the whole alignment.
     """
     frame = (science.sizes["y"], science.sizes["x"])

@@ -279,7 +279,7 @@ def klip(
     references; the ``kl`` coordinate keeps the cutoffs asked for).
     ``rows`` of frame per KLIP tile (the block plan's; default: ``chunking.tile_rows`` of
     8 MiB, the default of the setting coron_dask.chunks.klip-tile). ``on_disk``: psfalign's
-    SCI as written to disk (``io.products.write_blocks``), which the KLIP tasks then read a
+    SCI as written to disk (``io.staging.write_blocks``), which the KLIP tasks then read a
     tile at a time: no worker holds a target's aligned references between tasks.
     """
     basis = kl_basis(science, psfalign, truncate, rows=rows, on_disk=on_disk)
