@@ -16,7 +16,6 @@ from coron_dask.pipeline.build import (
     observation_bytes,
     reduce_observation,
 )
-from coron_dask.quicklook.figures import contrast_figure
 from coron_dask.science.contrast import measure, summary
 from coron_dask.science.geometry import (
     lambda_over_d,
@@ -134,6 +133,8 @@ def contrast_curve(
     partial = ecsv.with_name(ecsv.name + ".partial")
     table.write(partial, format="ascii.ecsv", overwrite=True)
     partial.replace(ecsv)
+    from coron_dask.quicklook.figures import contrast_figure  # matplotlib: once measured
+
     png = contrast_figure(table, output_dir / f"{name}_contrast.png")
     for line in summary(table):
         log.info("contrast: %s", line)
