@@ -132,7 +132,7 @@ def separation_grid(height: int, fwhm: float, count: int = COUNT) -> tuple[float
 
 def observation_info(asn: Path) -> dict:
     """Frame size, filter, pixel scale (arcsec), λ/D (pixels) of the first science exposure."""
-    from coron_dask.science.contrast import lambda_over_d, pixel_scale_arcsec
+    from coron_dask.science.geometry import lambda_over_d, pixel_scale_arcsec
 
     members = json.loads(asn.read_text())["products"][0]["members"]
     first = next(m["expname"] for m in members if m["exptype"] == "science")

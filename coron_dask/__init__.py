@@ -35,7 +35,7 @@ _EXPORTS = {
     "run_coron3": "pipeline.run",
     "open_exposure": "io",
     "open_product": "io",
-    "contrast_curve": "science.contrast",
+    "contrast_curve": "pipeline.contrast",
 }
 __all__ = sorted(_EXPORTS)
 __getattr__ = lazy_exports(__name__, _EXPORTS)

@@ -14,13 +14,9 @@ from astropy.wcs import WCS
 from coron_dask import run_coron3
 from coron_dask.io import Extension, Product, write_products
 from coron_dask.pipeline.build import reduce_observation
-from coron_dask.science.contrast import (
-    Companion,
-    contrast_curve,
-    injected_psfsubs,
-    read_offaxis_psf,
-    star_position,
-)
+from coron_dask.pipeline.contrast import contrast_curve
+from coron_dask.science.geometry import star_position
+from coron_dask.science.injection import Companion, injected_psfsubs, read_offaxis_psf
 from coron_dask.science.photometry import snr_map
 from coron_dask.science.simulate import simulate
 from tests.conftest import BLANK

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from dask.utils import key_split
 
-from coron_dask.io.products import staged_products
+from coron_dask.io.staging import staged_products
 from coron_dask.pipeline.build import build_products
 from coron_dask.planning.block_plan import Workers
 from coron_dask.runtime.progress import by_step, link, step_of, summary, written_kind

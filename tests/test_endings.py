@@ -265,7 +265,7 @@ def test_a_signal_lost_where_python_ignores_exceptions_still_ends_the_run(
     import gc
 
     from coron_dask.core import errors
-    from coron_dask.io import products
+    from coron_dask.io import staging as products
 
     checks = []  # whether a signal had stopped the run, each time it came to place products
     check = products.raise_if_stopped

@@ -27,11 +27,14 @@ from astropy.io import fits
 
 from coron_dask.core.dqflags import PIXEL
 from coron_dask.io.fitsfile import FitsExtension, FitsRegion
-from coron_dask.io.products import write_block
+from coron_dask.io.staging import write_block
 from coron_dask.kernels import blocks as kernels
 from coron_dask.kernels import inject as kernels_inject
+from coron_dask.kernels.drizzle import drizzle_block
+from coron_dask.kernels.klip import frame_means
 from coron_dask.planning import memory
 from coron_dask.planning.memory import MIB, Frame
+from coron_dask.steps import blocks as tasks
 
 #: The model's arrays (its peak less the fixed allowance every task has, TASK_OVERHEAD,
 #: which covers what a worker's heap adds: 0.3 to 1.3 MiB) may overestimate a measured
@@ -245,7 +248,7 @@ def build_fill(rng, path, frames, ny, nx, image, bad, box, field=None):
 def _on_disk(folder: str, name: str, data: np.ndarray) -> FitsExtension:
     """``data`` written to a file in ``folder`` as the pipeline keeps arrays on disk (a
     big-endian FITS data area, here at offset 0): what reads it back, as
-    ``products.reader`` does (in the file's byte order)."""
+    ``staging.reader`` does (in the file's byte order)."""
     path = Path(folder) / f"{name}.raw"
     data.astype(data.dtype.newbyteorder(">")).tofile(path)
     return FitsExtension(path, 0, data.shape, data.dtype, native=False)
@@ -258,7 +261,7 @@ def build_fit(rng, path, frames, psfs, ny, nx):
     indices = np.arange(psfs // 2, psfs // 2 + psfs)
     radius = np.hypot(*(np.indices((ny, nx)) - np.array([ny / 2, nx / 2])[:, None, None]))
     mask = np.where(radius > 3, 1.0, 0.0)  # a PSFMASK without the core, float64 as align_refs
-    return (lambda: kernels.fit_block(science, indices, mask, source)), [science, mask]
+    return (lambda: tasks.fit_block(science, indices, mask, source)), [science, mask]
 
 
 def build_shift(rng, path, frames, psfs, ny, nx):
@@ -278,7 +281,9 @@ def build_shift(rng, path, frames, psfs, ny, nx):
     where += (slice(None), slice(None))
 
     def task():
-        return write_block(kernels.shift_block(indices, shifts, source), where, (region,))
+        return write_block(
+            tasks.shift_block(indices, shifts, source), where, (region,), frame_means
+        )
 
     return task, [shifts]
 
@@ -302,7 +307,7 @@ def build_klip_gram(rng, path, frames, npsf, rows, ny, nx, own=False):
     ``own``, bordered by the overlaps of the integrations (a basis per integration)."""
     source, means, indices = _aligned_on_disk(rng, path[0], frames, npsf, ny, nx)
     targets = [_frames(rng, frames, ny, nx, jitter=0.3)] if own else []
-    task = lambda: kernels.gram_block(indices, means, [targets] if own else None, rows, source)  # noqa: E731
+    task = lambda: tasks.gram_block(indices, means, [targets] if own else None, rows, source)  # noqa: E731
     return task, [*means, *targets]
 
 
@@ -311,7 +316,7 @@ def build_klip_weights(rng, path, frames, npsf):
     for gram in grams:
         basis = rng.normal(size=(npsf, 2 * npsf))
         np.matmul(basis, basis.T, out=gram)
-    return (lambda: kernels.weights_block(grams, 160 * 160, TRUNCATE)), [grams]
+    return (lambda: tasks.weights_block(grams, 160 * 160, TRUNCATE)), [grams]
 
 
 def _weights(rng, frames, npsf, count, ny, nx, shared):
@@ -327,7 +332,7 @@ def build_klip_errors(rng, path, frames, npsf, rows, ny, nx, cutoffs=(TRUNCATE,)
     kept = tuple(min(k, npsf) for k in cutoffs)
 
     def task():
-        return kernels.errors_block(targets, means, [[[weights]]], rows, kept, source)
+        return tasks.errors_block(targets, means, [[[weights]]], rows, kept, source)
 
     return task, [*means, weights]
 
@@ -335,7 +340,7 @@ def build_klip_errors(rng, path, frames, npsf, rows, ny, nx, cutoffs=(TRUNCATE,)
 def build_klip_overlaps(rng, path, frames, npsf, rows, ny, nx, shared):
     source, means, indices = _aligned_on_disk(rng, path[0], frames, npsf, ny, nx, shared)
     targets = _frames(rng, frames, ny, nx, jitter=0.3)
-    task = lambda: kernels.overlaps_block([[targets]], indices, means, rows, source)  # noqa: E731
+    task = lambda: tasks.overlaps_block([[targets]], indices, means, rows, source)  # noqa: E731
     return task, [targets, *means]
 
 
@@ -347,7 +352,7 @@ def build_klip_subtract(rng, path, frames, npsf, rows, ny, nx, shared, cutoffs=(
     kept = tuple(min(k, npsf) for k in cutoffs)
 
     def task():
-        return kernels.project_block(
+        return tasks.project_block(
             targets, indices, means, [[[weights]]], [overlaps], rows, kept, source
         )
 
@@ -383,7 +388,7 @@ def build_resample(rng, path, frames, ny, nx, planes=1):
     variance = err**2 / 2
 
     def task():
-        return kernels.drizzle_block(images, err, variance, dq, pixmap, shape, DO_NOT_USE)
+        return drizzle_block(images, err, variance, dq, pixmap, shape, DO_NOT_USE)
 
     return task, [images, err, variance, dq, pixmap]
 

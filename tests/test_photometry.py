@@ -13,7 +13,6 @@ from scipy import ndimage, stats
 
 from coron_dask.science.photometry import (
     find_candidates,
-    footprint_reduce,
     gaussian_significance,
     noise_profile,
     snr_map,
@@ -346,22 +345,32 @@ def test_find_candidates_places_to_sub_pixel():
 
 
 @pytest.mark.parametrize("resolution", [1.0, 2.06, 3.5, 6.2])
-def test_footprint_reduce_is_scipy_ndimage(resolution):
-    """The peaks and the interior find_candidates takes are those scipy.ndimage gives (its
-    maximum_filter and binary_erosion), on an image with holes and different sides."""
+def test_candidates_are_the_peaks_a_pixel_by_pixel_search_finds(resolution):
+    """The candidates are the pixels above the threshold that are the highest within w
+    and whose every pixel within w has data (away from edges and holes): those a plain
+    loop over pixels and their neighbours finds, on an image with holes and different
+    sides."""
     rng = np.random.default_rng(int(resolution * 10))
     image = rng.normal(size=(37, 52))
-    image[rng.random(image.shape) < 0.05] = np.nan
+    image[rng.random(image.shape) < 0.005] = np.nan
     image[:3] = np.nan
+    ny, nx = image.shape
     reach = int(np.floor(resolution))
-    oy, ox = np.mgrid[-reach : reach + 1, -reach : reach + 1]
-    footprint = ox * ox + oy * oy <= resolution * resolution
-    sig = np.where(np.isfinite(image), image, -np.inf)
-    expected = ndimage.maximum_filter(sig, footprint=footprint, mode="constant", cval=-np.inf)
-    np.testing.assert_array_equal(footprint_reduce(np.maximum, sig, footprint, -np.inf), expected)
-    finite = np.isfinite(image)
-    eroded = ndimage.binary_erosion(finite, footprint, border_value=0)
-    np.testing.assert_array_equal(
-        footprint_reduce(np.logical_and, finite, footprint, False), eroded
-    )
-    assert 0 < eroded.sum() < finite.sum()
+    expected = set()
+    for y in range(ny):
+        for x in range(nx):
+            if not image[y, x] > 1.0:
+                continue
+            near = [
+                (y + dy, x + dx)
+                for dy in range(-reach, reach + 1)
+                for dx in range(-reach, reach + 1)
+                if dx * dx + dy * dy <= resolution * resolution
+            ]
+            inside = all(0 <= v < ny and 0 <= u < nx and np.isfinite(image[v, u]) for v, u in near)
+            if inside and all(image[v, u] <= image[y, x] for v, u in near):
+                expected.add((x, y))
+    flat = np.zeros_like(image)  # no sub-pixel refinement: the peak pixels themselves
+    found = find_candidates(image, flat, 1.0, resolution=resolution, star=(26.0, 18.0))
+    assert {(int(x), int(y)) for x, y in zip(found["x"], found["y"], strict=True)} == expected
+    assert 0 < len(expected)

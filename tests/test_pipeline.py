@@ -444,7 +444,7 @@ def test_no_task_hands_on_a_block_of_references(asn, tmp_path, mode, psfalign):
     over the prediction)."""
     from distributed import Client, LocalCluster
 
-    from coron_dask.io.products import staged_products
+    from coron_dask.io.staging import staged_products
     from coron_dask.runtime.cluster import execute
 
     built = build_products(

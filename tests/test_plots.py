@@ -12,7 +12,8 @@ from astropy.wcs import WCS
 from matplotlib.image import imread
 
 from coron_dask import run_coron3
-from coron_dask.quicklook import plots
+from coron_dask.quicklook import drawing, reading
+from coron_dask.science import geometry
 from tests.conftest import run_main
 
 SYNCHRONOUS = {"scheduler": "synchronous", "progress": False}
@@ -252,9 +253,9 @@ def test_mean_over_integrations_leaves_missing_pixels_out(tmp_path):
     hdu.header["KLMODE0"], hdu.header["KLMODE1"] = 5, 10
     path = tmp_path / "x_psfsub.fits"
     fits.HDUList([fits.PrimaryHDU(), hdu]).writeto(path)
-    image = plots._read_image(path, "SCI")
+    image = reading.read_image(path, "SCI")
     assert image.cutoffs == [5, 10]
-    means = plots.mean_over_integrations(image)
+    means = reading.mean_over_integrations(image)
     expected = sci.astype(np.float64).mean(axis=1)
     expected[:, 0, 0] = sci[:, [0, 2], 0, 0].astype(np.float64).mean(axis=1)
     expected[:, 2, 3] = np.nan
@@ -281,7 +282,7 @@ def test_the_compass_points_north_and_east(angle, east_left):
     """At the reference pixel, north is where the CD matrix sends (ξ, η) = (0, 1), east
     where it sends (1, 0): inverted, those give the pixel directions."""
     grid = sky_grid(angle, east_left)
-    north, east = plots.compass(grid, 49.0, 49.0)  # 0-based: CRPIX 50
+    north, east = geometry.compass(grid, 49.0, 49.0)  # 0-based: CRPIX 50
     a = np.radians(angle)
     assert north == pytest.approx([np.sin(a), np.cos(a)], abs=1e-6)  # clockwise by angle
     inverse = np.linalg.inv(grid.wcs.get_pc() * grid.wcs.cdelt[:, None])
@@ -293,7 +294,7 @@ def test_the_compass_points_north_and_east(angle, east_left):
 
 
 def test_scale_bar_and_colour_limits():
-    assert [plots.nice_length(v) for v in (0.47, 1.0, 1.19, 4.99, 5.0, 12.0, 0.0031)] == [
+    assert [drawing.nice_length(v) for v in (0.47, 1.0, 1.19, 4.99, 5.0, 12.0, 0.0031)] == [
         0.2,
         1.0,
         1.0,
@@ -302,11 +303,11 @@ def test_scale_bar_and_colour_limits():
         10.0,
         0.002,
     ]
-    assert plots.asinh_ticks(1.5e-3, 3e-6) == pytest.approx(
+    assert drawing.asinh_ticks(1.5e-3, 3e-6) == pytest.approx(
         [-1e-3, -1e-4, -1e-5, 0.0, 1e-5, 1e-4, 1e-3]
     )
-    assert plots.asinh_ticks(1.5e-3, 1e-4) == pytest.approx([-1e-3, 0.0, 1e-3])
+    assert drawing.asinh_ticks(1.5e-3, 1e-4) == pytest.approx([-1e-3, 0.0, 1e-3])
     values = np.concatenate([np.linspace(-1, 1, 1995), [50, -80, 90, np.nan, 70, 60]])
-    assert plots.symmetric_limit(values) == pytest.approx(1.0, abs=0.02)  # outliers clipped
-    assert plots.symmetric_limit(np.zeros(10)) == 1.0
-    assert plots.symmetric_limit(np.full(3, np.nan)) == 1.0
+    assert drawing.symmetric_limit(values) == pytest.approx(1.0, abs=0.02)  # outliers clipped
+    assert drawing.symmetric_limit(np.zeros(10)) == 1.0
+    assert drawing.symmetric_limit(np.full(3, np.nan)) == 1.0

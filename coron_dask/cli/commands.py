@@ -26,7 +26,7 @@ def run(args: argparse.Namespace) -> None:
 
 def contrast(args: argparse.Namespace) -> None:
     """contrast_curve with the command line's options."""
-    from coron_dask.science.contrast import contrast_curve  # astropy.wcs (and .coordinates)
+    from coron_dask.pipeline.contrast import contrast_curve  # astropy.wcs (and .coordinates)
 
     execution = given(args, "contrast", "execution")
     check_execution(cli=True, **execution)

@@ -17,8 +17,9 @@ _EXPORTS = {
     "Product": "products",
     "OnDisk": "products",
     "table": "products",
-    "write_blocks": "products",
-    "write_products": "products",
+    "staged_products": "staging",
+    "write_blocks": "staging",
+    "write_products": "staging",
 }
 __all__ = sorted(_EXPORTS)
 __getattr__ = lazy_exports(__name__, _EXPORTS)

@@ -111,14 +111,15 @@ def _sky(header: fits.Header, shape: tuple[int, int]) -> dict:
     return {"ra": (("y", "x"), ra, attrs), "dec": (("y", "x"), dec, attrs)}
 
 
-def _alignment(table: np.ndarray, dims: dict) -> xr.DataArray:
-    """The ALIGN table as ``shift`` (integration, psf, param) or (psf, param)."""
+def _alignment(table: object, dims: dict, attrs: dict) -> xr.DataArray:
+    """The ALIGN table (its columns by name) as ``shift`` (integration, psf, param) or
+    (psf, param), with the table's keywords (ALIGN_TO) as attributes."""
     npsf = len(np.unique(table["PSF"]))
     values = np.stack([table["DX"], table["DY"], table["BETA"]], axis=-1).astype(np.float64)
-    if dims.get("integration") and len(table) == npsf * dims["integration"]:
+    if dims.get("integration") and len(values) == npsf * dims["integration"]:
         values = values.reshape(dims["integration"], npsf, 3)
-        return xr.DataArray(values, dims=("integration", "psf", "param"))
-    return xr.DataArray(values.reshape(-1, npsf, 3)[0], dims=("psf", "param"))
+        return xr.DataArray(values, dims=("integration", "psf", "param"), attrs=attrs)
+    return xr.DataArray(values.reshape(-1, npsf, 3)[0], dims=("psf", "param"), attrs=attrs)
 
 
 def _open_fits(path: Path, drop_variables: set) -> xr.Dataset:
@@ -126,6 +127,7 @@ def _open_fits(path: Path, drop_variables: set) -> xr.Dataset:
     variables: dict = {}
     sizes: dict = {}
     align = cutoffs = None
+    align_keywords: dict = {}
     with fits.open(path, memmap=False) as hdul:
         attrs = _keywords(hdul[0].header)
         sky: dict = {}
@@ -133,6 +135,7 @@ def _open_fits(path: Path, drop_variables: set) -> xr.Dataset:
             if isinstance(hdu, fits.BinTableHDU):
                 if hdu.name == "ALIGN":
                     align = np.array(hdu.data)
+                    align_keywords = {"ALIGN_TO": hdu.header.get("ALIGN_TO", "")}
                 continue
             if hdu.name in drop_variables or (hdu.data is None and hdu.header["NAXIS"] == 0):
                 continue
@@ -160,7 +163,7 @@ def _open_fits(path: Path, drop_variables: set) -> xr.Dataset:
         coords["kl"] = cutoffs
     dataset = xr.Dataset(variables, coords=coords, attrs=attrs)
     if align is not None and "shift" not in drop_variables:
-        dataset["shift"] = _alignment(align, sizes)
+        dataset["shift"] = _alignment(align, sizes, align_keywords)
         dataset = dataset.assign_coords(param=PARAMS)
     return dataset
 
@@ -197,5 +200,10 @@ def open_product(path: str | Path, chunks: dict | None = None) -> xr.Dataset:
         if "SCI" in dataset and "kl" in dataset["SCI"].dims:
             cutoffs = [dataset["SCI"].attrs[f"KLMODE{i}"] for i in range(dataset.sizes["kl"])]
             dataset = dataset.assign_coords(kl=cutoffs)
+        if (path / "ALIGN").is_dir():  # the alignment record: a group of one array per column
+            table = xr.open_zarr(path, group="ALIGN", chunks=None)
+            keywords = {"ALIGN_TO": table.attrs.get("ALIGN_TO", "")}
+            dataset["shift"] = _alignment(table, dict(dataset.sizes), keywords)
+            dataset = dataset.assign_coords(param=PARAMS)
         return dataset
     return xr.open_dataset(path, engine="coron_dask", chunks=chunks if chunks is not None else {})

@@ -102,7 +102,7 @@ def _pieces(run: np.ndarray, limit: int) -> Iterator[np.ndarray]:
 
 
 class FitsRegion:
-    """A write target (``products.stored``): the data area of one extension inside a FITS
+    """A write target (``staging.stored``): the data area of one extension inside a FITS
     file on disk."""
 
     def __init__(self, path: Path, offset: int, shape: tuple[int, ...], dtype: np.dtype) -> None:

@@ -85,8 +85,7 @@ def best_psfmask(science: str | Path, header: dict) -> Path:
         f"every pixel 1 in the alignment fit); CRDS looked in {where()}"
     )
     try:
-        from crds.core import log as _  # noqa: F401  crds' logger, whose records we keep
-        from crds.core.exceptions import CrdsError
+        from crds.core import exceptions, log  # noqa: F401  log: crds' logger, whose records we keep
     except ImportError:
         raise CoronInputError(
             science, f"no PSFMASK: the crds client is not installed; {how}"
@@ -100,7 +99,7 @@ def best_psfmask(science: str | Path, header: dict) -> Path:
             found = crds.getreferences(
                 crds_parameters(header), reftypes=["psfmask"], observatory="jwst"
             )["psfmask"]
-    except (CrdsError, OSError, KeyError, ValueError, SystemExit) as error:  # crds exits
+    except (exceptions.CrdsError, OSError, KeyError, ValueError, SystemExit) as error:  # crds exits
         errors = [r.getMessage() for r in said if r.levelno >= logging.ERROR] or [str(error)]
         reason = " ".join(errors[-1].split())
         if "connection and cache load FAILED" in reason:  # crds' words for it

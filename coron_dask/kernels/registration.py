@@ -14,6 +14,15 @@ the science frame's spectrum for every reference and fitting a batch of referenc
 import numpy as np
 from scipy import fft  # numpy's FFTs hold the GIL for part of their time, scipy's do not
 
+from coron_dask.kernels.spectra import (
+    SplitAxis,
+    fold,
+    phase_ramps,
+    real_product,
+    split_spectrum,
+    stacked,
+)
+
 #: A Newton step that moves the shift by less than this (pixels), and β relatively by
 #: less, is the last: with quadratic convergence what remains is of order XTOL² (1e-6 px;
 #: fits run on to 1e-14 px differ from these by at most 1e-6 px); 1e-4 would cost one
@@ -85,14 +94,14 @@ class _Weights:
         self.shape = ny, nx = weight.shape
         self.weight = weight
         self.weight2 = weight * weight
-        self.axes = y, x = [_SplitAxis(n) for n in self.shape]
+        self.axes = y, x = [SplitAxis(n) for n in self.shape]
         # FFT(w²)(−q) on the doubled frequencies with q_x ≥ 0, folded and scaled as E's terms
         qy, qx = y.double, x.double[x.double >= 0]
         # the grid on which a science frame's s² is sampled to give Ã∗Ã (``_Problem``), whose
         # rfft2 the terms are scaled for
         self.grid = [fft.next_fast_len(len(axis.double), real=True) for axis in (y, x)]
         self.reflected = fft.fft2(self.weight2)[np.ix_(-qy % ny, -qx % nx)]
-        self.reflected *= _fold(x.double) * (self.grid[0] * self.grid[1] / float(ny * nx) ** 2)
+        self.reflected *= fold(x.double) * (self.grid[0] * self.grid[1] / float(ny * nx) ** 2)
         # the start looks at integer shifts within START_RADIUS pixels of none (circularly)
         # and at their neighbours: their positions (index order), and the ramps that sum X
         # and E there (a shift by n pixels is none: the positions serve as shifts)
@@ -116,7 +125,7 @@ class _Weights:
         ny, nx = self.shape
         y, x = self.axes
         rows, columns = np.ix_(y.k % ny, x.k[x.k >= 0])
-        scale = _fold(x.k) / (ny * nx)
+        scale = fold(x.k) / (ny * nx)
         terms = np.empty((len(psfs), y.size, len(scale)), dtype=np.complex128)
         energies = np.empty(len(psfs))
         for start in range(0, len(psfs), batch):
@@ -156,7 +165,7 @@ class _Problem:
         self.weights = weights
         self.shape = weights.shape
         y, x = weights.axes
-        self.tilde = _split_spectrum(fft.rfft2(science), y, x)  # (ky, kx ≥ 0)
+        self.tilde = split_spectrum(fft.rfft2(science), y, x)  # (ky, kx ≥ 0)
         # Ã∗Ã as the spectrum of s², s sampled on a grid fine enough that s² does not alias
         grid = weights.grid
         padded = np.zeros((grid[0], grid[1] // 2 + 1), dtype=np.complex128)
@@ -167,11 +176,11 @@ class _Problem:
         terms = fft.rfft2(square)[y.double % grid[0], : weights.reflected.shape[1]]
         del square
         terms *= weights.reflected
-        self.energy_terms = _stacked(terms)
+        self.energy_terms = stacked(terms)
         del terms
         # E at the start's shifts
         rows, columns = weights.near_rows[1], weights.near_columns[1]
-        self.near_energy = _real_product(rows, self.energy_terms, columns)
+        self.near_energy = real_product(rows, self.energy_terms, columns)
 
     def start(self, overlaps: np.ndarray) -> np.ndarray:
         """(dx, dy, β) at the best integer shift, refined to the peak of a quadratic in the
@@ -186,7 +195,7 @@ class _Problem:
         ny, nx = self.shape
         w = self.weights
         rows, columns = w.near_rows[0], w.near_columns[0]
-        xcorr = _real_product(rows[None], overlaps, columns[None])
+        xcorr = real_product(rows[None], overlaps, columns[None])
         with np.errstate(divide="ignore", invalid="ignore"):
             gain = np.where((xcorr > 0) & (self.near_energy > 0), xcorr**2 / self.near_energy, 0.0)
         gain *= w.near_window  # 0 beyond START_RADIUS, for the parabola too
@@ -237,7 +246,7 @@ class _Problem:
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Cost ‖r‖², its gradient Jᵀr and its exact Hessian JᵀJ + Σ r·∇²r (half the
         cost's: the Newton step is the same) at ``params`` (b, 3), for references given by
-        their ``overlaps`` M (b, ky, 2·kx: ``_stacked``) and ``energies`` P = Σ w²psf²
+        their ``overlaps`` M (b, ky, 2·kx: ``stacked``) and ``energies`` P = Σ w²psf²
         (b,). The exact Hessian buys the quadratic convergence that noisy frames deny
         Gauss-Newton."""
         dx, dy, beta = params.T
@@ -270,29 +279,29 @@ class _Problem:
         y, x = self.weights.axes
         qx = x.double[x.double >= 0]
         cy, cx = -2j * np.pi * y.double / ny, -2j * np.pi * qx / nx
-        rows = _phase_ramps(dy, y.double, ny)  # (b, qy)
+        rows = phase_ramps(dy, y.double, ny)  # (b, qy)
         rows = np.stack([rows, rows * cy, rows * cy * cy], axis=1)  # (b, 3, qy)
-        columns = _phase_ramps(dx, qx, nx)
+        columns = phase_ramps(dx, qx, nx)
         columns = np.stack([columns, columns * cx, columns * cx * cx], axis=-1)  # (b, qx, 3)
         return rows, columns
 
     @staticmethod
     def _ramp_sums(terms: np.ndarray, rows: np.ndarray, columns: np.ndarray) -> dict:
         """Σ_q terms(q)·∂ⁱ_y ∂ʲ_x ramp(q) for i + j ≤ 2, real, keyed (i, j): of E (``terms``
-        H, one for all) or of X (``terms`` M, one per reference), both ``_stacked``, with
+        H, one for all) or of X (``terms`` M, one per reference), both ``stacked``, with
         the ramps of ``_ramps`` on their frequencies. The matrix products are one per
         reference, of the same shape whatever the batch (one product of all the references'
         columns is not bit for bit the same for every batch): the fit does not depend on
         the blocks."""
-        sums = _real_product(rows, terms, columns)  # (b, 3, 3)
+        sums = real_product(rows, terms, columns)  # (b, 3, 3)
         return {(i, j): sums[:, i, j] for i in range(3) for j in range(3) if i + j <= 2}
 
     def overlaps(self, references: np.ndarray) -> np.ndarray:
-        """M (b, ky, 2·kx, ``_stacked``) of references given by their part of it
+        """M (b, ky, 2·kx, ``stacked``) of references given by their part of it
         (``_Weights.references``), one reference's complex product at a time."""
         overlaps = np.empty((*references.shape[:2], 2 * self.tilde.shape[1]))
-        for reference, stacked in zip(references, overlaps, strict=True):
-            stacked[...] = _stacked(self.tilde * reference)
+        for reference, row in zip(references, overlaps, strict=True):
+            row[...] = stacked(self.tilde * reference)
         return overlaps
 
     def solve(self, references: np.ndarray, energies: np.ndarray) -> np.ndarray:
@@ -338,74 +347,6 @@ class _Problem:
             done = (better & small_gain) | (damping[idx] > 1e12)
             active[idx[done]] = False
         return params
-
-
-def _phase_ramps(shifts: np.ndarray, q: np.ndarray, n: int) -> np.ndarray:
-    """exp(−2πi·q·d/n) (b, len(q)) for shifts d (b,) and consecutive integer frequencies
-    q, as products of two short tables of exponentials (q = L·m + l: a coarse one over m,
-    a fine one over l): the complex exponential is the costliest part of making a ramp,
-    and this takes about 2·√len(q) of them rather than len(q), for a rounding error of a
-    few ulp. The product broadcasts, one loop over l for each shift and m: each shift's
-    ramp is made alike whatever the others (a loop over all of them would round those in
-    its vectorised part and its tail differently)."""
-    step = int(np.ceil(np.sqrt(len(q))))
-    first, last = q[0] // step, q[-1] // step
-    unit = -2j * np.pi / n
-    coarse = np.exp(np.outer(shifts, unit * step * np.arange(first, last + 1)))
-    fine = np.exp(np.outer(shifts, unit * np.arange(step)))
-    ramps = (coarse[:, :, None] * fine[:, None, :]).reshape(len(shifts), -1)
-    return ramps[:, q[0] - step * first :][:, : len(q)]
-
-
-def _stacked(terms: np.ndarray) -> np.ndarray:
-    """Complex ``terms`` (..., n) as real numbers: [Re | Im] (..., 2n)."""
-    return np.concatenate([terms.real, terms.imag], axis=-1)
-
-
-def _real_product(rows: np.ndarray, terms: np.ndarray, columns: np.ndarray) -> np.ndarray:
-    """Re(rows · T · columns) for complex ``rows`` (..., a, q), T (..., q, n) held as
-    ``_stacked`` ``terms`` (..., q, 2n) and ``columns`` (..., n, c), by real matrix
-    products: T·columns is [Re T | Im T] times the columns' parts stacked as
-    [[Re, Im], [−Im, Re]], which takes half the time of a complex product of few columns."""
-    n, c = columns.shape[-2:]
-    mixed = np.empty((*columns.shape[:-2], 2 * n, 2 * c))
-    mixed[..., :n, :c] = columns.real
-    mixed[..., n:, :c] = -columns.imag
-    mixed[..., :n, c:] = columns.imag
-    mixed[..., n:, c:] = columns.real
-    inner = np.matmul(terms, mixed)  # (..., q, 2c): Re and Im of T·columns
-    return np.matmul(rows.real, inner[..., :c]) - np.matmul(rows.imag, inner[..., c:])
-
-
-class _SplitAxis:
-    """The frequencies of one axis of n pixels as a shift sees them: k = −n//2…n//2, and
-    which of them the FFT's own (−n//2…(n−1)//2) and its mirror ((1−n)//2…n//2) hold
-    (they differ at the Nyquist frequency of an even n); the sums of two: ``double``."""
-
-    def __init__(self, n: int) -> None:
-        half = n // 2
-        self.n = n
-        self.k = np.arange(-half, half + 1)
-        self.size = len(self.k)
-        self.double = np.arange(-2 * half, 2 * half + 1)
-        self.own = self.k <= (n - 1) // 2
-        self.mirror = self.k >= -((n - 1) // 2)
-
-
-def _split_spectrum(half: np.ndarray, y: _SplitAxis, x: _SplitAxis) -> np.ndarray:
-    """The spectrum (ky, kx ≥ 0) of a real image from its rfft2 ``half``, weighed as the
-    real part of a shifted complex FFT weighs it: a bin in the FFT's grid and in its
-    mirror counts once, a bin in one of them (±n/2, n even) half."""
-    kx = x.k >= 0
-    own = y.own[:, None] & x.own[None, kx]
-    mirror = y.mirror[:, None] & x.mirror[None, kx]
-    return half[np.ix_(y.k % y.n, x.k[kx])] * (0.5 * own + 0.5 * mirror)
-
-
-def _fold(q: np.ndarray) -> np.ndarray:
-    """Weights that fold a sum over q_x (symmetric, conjugate terms at ±q_x) onto q_x ≥ 0."""
-    kept = q[q >= 0]
-    return np.where(kept == 0, 1.0, 2.0)
 
 
 def _near(n: int) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray, np.ndarray]]:

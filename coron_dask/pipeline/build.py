@@ -17,6 +17,7 @@ import xarray as xr
 
 from coron_dask.core.config import resolve_parameters
 from coron_dask.io import Association, Extension, Product, open_exposure, read_psfmask, write_blocks
+from coron_dask.kernels.klip import frame_means
 from coron_dask.pipeline.observation import (
     Observation,
     exposure_root,
@@ -27,9 +28,10 @@ from coron_dask.pipeline.observation import (
 from coron_dask.pipeline.provenance import provenance
 from coron_dask.planning.block_plan import BlockPlan, Workers
 from coron_dask.runtime.cluster import measure_workers
-from coron_dask.steps import align_models, median_replace_img, outlier_detection, stack_refs
-from coron_dask.steps.align_refs import alignment_table
+from coron_dask.steps.align_refs import align_models, alignment_table, median_replace_img
 from coron_dask.steps.klip import KLBasis, kl_basis, subtract
+from coron_dask.steps.outlier_detection import outlier_detection
+from coron_dask.steps.stack_refs import stack_refs
 
 log = logging.getLogger(__name__)
 
@@ -194,7 +196,7 @@ def _filled_references(stack: xr.Dataset, made: _Products) -> tuple[xr.Dataset, 
     refs = median_replace_img(stack, p["median_box_length"], p["bad_bits"])
     names = ("SCI", "ERR") if p["save_psfalign"] else ("SCI",)
     kept = made.scratch(f"{made.association.product_name}_refs", refs, names)
-    return refs, {name.lower(): write_blocks(name, kept) for name in names}
+    return refs, {name.lower(): write_blocks(name, kept, summary=frame_means) for name in names}
 
 
 def _psfsub(
@@ -230,7 +232,7 @@ def _psfsub(
     if not p["save_psfalign"] or p["format"] == "zarr":  # KLIP reads a FITS file
         aligned_in.insert(0, made.scratch(f"{root}_aligned", psfalign, ("SCI",)))
     # each block written by the task that shifts it; KLIP reads it back a tile at a time
-    aligned = write_blocks("SCI", *aligned_in)
+    aligned = write_blocks("SCI", *aligned_in, summary=frame_means)
     basis = kl_basis(filled, psfalign, p["truncate"], rows=plan.klip_rows, on_disk=aligned)
     psfsub = subtract(filled, basis)
     made.add(

@@ -16,7 +16,7 @@ from coron_dask.io import Association, open_exposure, read_association
 from coron_dask.io.reference_files import best_psfmask
 from coron_dask.planning import block_plan as chunking
 from coron_dask.planning.block_plan import BlockPlan, Workers
-from coron_dask.steps import stack_refs
+from coron_dask.steps.stack_refs import stack_refs
 
 log = logging.getLogger(__name__)
 

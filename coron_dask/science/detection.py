@@ -19,7 +19,7 @@ from dask.local import get_sync
 
 from coron_dask.core.errors import CoronInputError
 from coron_dask.io import Extension, Product, open_product, write_products
-from coron_dask.science.contrast import (
+from coron_dask.science.geometry import (
     lambda_over_d,
     pixel_positions,
     pixel_scale_arcsec,

@@ -1,15 +1,7 @@
-"""One module per calwebb_coron3 step, with jwst's names and parameters, on lazy xarray data."""
+"""One module per calwebb_coron3 step, with jwst's names and parameters, on lazy xarray data
+(``from coron_dask.steps.align_refs import align_refs``), and ``steps.blocks``, the
+functions their tasks run.
 
-from coron_dask.steps.align_refs import align_models, align_refs, median_replace_img
-from coron_dask.steps.klip import klip
-from coron_dask.steps.outlier_detection import outlier_detection
-from coron_dask.steps.stack_refs import stack_refs
-
-__all__ = [
-    "align_models",
-    "align_refs",
-    "klip",
-    "median_replace_img",
-    "outlier_detection",
-    "stack_refs",
-]
+Nothing is imported here, so that a worker unpickling a task of ``steps.blocks`` imports
+numpy and the kernels only, not dask.array or xarray.
+"""

@@ -16,7 +16,8 @@ from dask.base import tokenize
 from coron_dask.core.dqflags import PIXEL, bit_value
 from coron_dask.core.errors import CoronInputError
 from coron_dask.io.products import Column, Extension, OnDisk, table
-from coron_dask.kernels.blocks import fill_block, fit_block, shift_block
+from coron_dask.kernels.blocks import fill_block
+from coron_dask.steps.blocks import fit_block, shift_block
 
 AlignTo = Literal["each", "first"]
 SHIFT_PARAMS = ["dx", "dy", "beta"]
@@ -89,7 +90,7 @@ def align_models(
     ``refs``).
 
     With ``on_disk`` ({"sci": ..., "err": ...}: the filled references written to disk,
-    ``io.products.write_blocks``), each task that fits or shifts references reads its
+    ``io.staging.write_blocks``), each task that fits or shifts references reads its
     block from disk: no worker holds every reference for the whole alignment.
     """
     frame = (science.sizes["y"], science.sizes["x"])

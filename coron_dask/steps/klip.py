@@ -31,7 +31,8 @@ from dask.base import tokenize
 
 from coron_dask.core.errors import CoronInputError
 from coron_dask.io.products import OnDisk
-from coron_dask.kernels.blocks import (
+from coron_dask.planning.block_plan import tile_rows
+from coron_dask.steps.blocks import (
     errors_block,
     gram_block,
     means_block,
@@ -39,7 +40,6 @@ from coron_dask.kernels.blocks import (
     project_block,
     weights_block,
 )
-from coron_dask.planning.block_plan import tile_rows
 
 
 def kl_cutoffs(truncate: int | Sequence[int]) -> tuple[int, ...]:
@@ -279,7 +279,7 @@ def klip(
     references; the ``kl`` coordinate keeps the cutoffs asked for).
     ``rows`` of frame per KLIP tile (the block plan's; default: ``chunking.tile_rows`` of
     8 MiB, the default of the setting coron_dask.chunks.klip-tile). ``on_disk``: psfalign's
-    SCI as written to disk (``io.products.write_blocks``), which the KLIP tasks then read a
+    SCI as written to disk (``io.staging.write_blocks``), which the KLIP tasks then read a
     tile at a time: no worker holds a target's aligned references between tasks.
     """
     basis = kl_basis(science, psfalign, truncate, rows=rows, on_disk=on_disk)

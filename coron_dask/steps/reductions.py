@@ -3,8 +3,8 @@
 import dask.array as da
 import numpy as np
 
-from coron_dask.kernels.blocks import add_blocks, keep_block
 from coron_dask.planning.memory import SPLIT_EVERY
+from coron_dask.steps.blocks import add_blocks, keep_block
 
 
 def tree_sum(terms: da.Array, axis: int, name: str) -> da.Array:

@@ -22,7 +22,7 @@ from dask.base import tokenize
 
 from coron_dask.core.dqflags import PIXEL
 from coron_dask.core.errors import CoronInputError
-from coron_dask.kernels.blocks import drizzle_block
+from coron_dask.kernels.drizzle import drizzle_block
 from coron_dask.steps.reductions import tree_sum
 
 log = logging.getLogger(__name__)

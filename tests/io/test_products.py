@@ -14,7 +14,8 @@ from stdatamodels.jwst import datamodels
 
 from coron_dask.core.errors import CoronInputError
 from coron_dask.io import Extension, Product, write_products
-from coron_dask.io.products import preallocate, staged_products, write_blocks
+from coron_dask.io.fits_layout import preallocate
+from coron_dask.io.staging import staged_products, write_blocks
 
 
 @pytest.mark.parametrize("chunks", [(1, 1, -1, -1), (2, 3, -1, -1), (-1, 2, -1, -1), -1])
@@ -41,6 +42,11 @@ def test_quad_written_block_by_block_reads_back_exactly(tmp_path, chunks):
     with datamodels.open(path) as model:
         assert isinstance(model, datamodels.QuadModel)
         np.testing.assert_array_equal(model.data, cube)
+
+
+def frame_means(block: np.ndarray) -> np.ndarray:
+    """The frame means write_blocks gives back here (an independent numpy mean)."""
+    return block.mean(axis=(-2, -1), dtype=np.float64)
 
 
 def test_unsigned_dq_round_trips(tmp_path):
@@ -130,7 +136,7 @@ def test_written_blocks_are_read_back_exactly(tmp_path, suffix):
     scratch.scratch = True
     zarr = [_quad(tmp_path / "x_psfalign.zarr", cube)] if suffix == ".zarr" else []
     products = [scratch, *zarr]
-    stored = write_blocks("SCI", *products)
+    stored = write_blocks("SCI", *products, summary=frame_means)
     later = Product(
         tmp_path / "x_psfsub.fits",
         {},
@@ -151,7 +157,7 @@ def test_written_blocks_are_read_back_exactly(tmp_path, suffix):
 def test_written_blocks_read_by_nothing_are_refused(tmp_path):
     """Its blocks would never be written: refused before anything is computed."""
     product = _quad(tmp_path / "x_psfalign.fits", np.ones((5, 6, 4, 7), np.float32))
-    write_blocks("SCI", product)
+    write_blocks("SCI", product, summary=frame_means)
     with pytest.raises(ValueError, match="no product reads"):
         with staged_products([product]):
             pass
@@ -161,7 +167,7 @@ def test_written_blocks_read_by_nothing_are_refused(tmp_path):
 def test_written_blocks_then_changed_header_is_refused(tmp_path):
     """Keywords added after write_blocks move the data: refused, not written astray."""
     product = _quad(tmp_path / "x_psfalign.fits", np.ones((5, 6, 4, 7), np.float32))
-    stored = write_blocks("SCI", product)
+    stored = write_blocks("SCI", product, summary=frame_means)
     product.primary.update({f"KEY{i}": i for i in range(40)})  # one more header block
     later = Product(tmp_path / "x_psfsub.fits", {}, [Extension("SCI", stored.written)])
     with pytest.raises(ValueError, match="layout changed"):
@@ -176,7 +182,7 @@ def test_uneven_blocks_cannot_be_written_to_zarr_by_their_tasks(tmp_path):
     scratch = _quad(tmp_path / "x_aligned.fits", cube, chunks=((1, 4), 6, 4, 7))
     product = _quad(tmp_path / "x_psfalign.zarr", cube, chunks=((1, 4), 6, 4, 7))
     with pytest.raises(ValueError, match="uneven"):
-        write_blocks("SCI", scratch, product)
+        write_blocks("SCI", scratch, product, summary=frame_means)
 
 
 def test_products_larger_than_the_free_disk_are_refused_before_anything_is_written(tmp_path):

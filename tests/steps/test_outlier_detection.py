@@ -7,7 +7,7 @@ from stdatamodels.jwst.datamodels import CubeModel
 
 from coron_dask import open_exposure
 from coron_dask.core.dqflags import PIXEL
-from coron_dask.steps import outlier_detection
+from coron_dask.steps.outlier_detection import outlier_detection
 
 
 @pytest.fixture

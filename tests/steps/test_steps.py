@@ -6,8 +6,8 @@ import xarray as xr
 
 from coron_dask import open_association
 from coron_dask.core.dqflags import PIXEL
-from coron_dask.steps import align_refs, klip, median_replace_img
-from coron_dask.steps.klip import kl_basis, subtract
+from coron_dask.steps.align_refs import align_refs, median_replace_img
+from coron_dask.steps.klip import kl_basis, klip, subtract
 from tests.conftest import count_computes
 
 

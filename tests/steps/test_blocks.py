@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from coron_dask.kernels import blocks
+from coron_dask.steps import blocks
 
 NOISE = 1e-4  # nearly alike references: small modes, sensitive to rounding
 

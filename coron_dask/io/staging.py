@@ -1,0 +1,267 @@
+"""Writing products block by block, whole or not at all.
+
+Each product's headers are written first into a hidden temporary file whose data areas
+are reserved (its blocks allocated on disk: ``fits_layout.preallocate``); dask tasks then
+write their blocks straight into place (each into a picklable target that opens the file
+itself, ``stored``). An extension a later step reads (psfalign's SCI, which KLIP reads)
+is written by the tasks that make its blocks and read back by the tasks that use it
+(``write_blocks``): handed on in memory, each block waited on a worker until dask got
+round to its readers and its write. Only when every block of every product is written
+are the temporary files renamed to their JWST names; on any failure they are removed.
+Scratch files (what a run keeps on disk rather than in workers' memory) are written the
+same way and removed at the end. A product whose path ends in ``.zarr`` is written as a
+Zarr store (``io.zarr_store``), a table extension as a FITS BINTABLE or a Zarr group, by
+the same computation as the images, before the file is placed.
+"""
+
+import contextlib
+import logging
+import os
+import shutil
+import socket
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import dask
+import dask.array as da
+import numpy as np
+from dask.base import tokenize
+from dask.layers import ArraySliceDep
+
+from coron_dask.core.errors import CoronInputError, raise_if_stopped
+from coron_dask.io.fits_layout import fits_layout, reserve_fits
+from coron_dask.io.fitsfile import FitsExtension, FitsRegion
+from coron_dask.io.products import OnDisk, Product, Written
+from coron_dask.io.zarr_store import ZarrArray, ZarrTable, reserve_zarr, zarr_chunks, zarr_target
+
+log = logging.getLogger(__name__)
+
+
+def target(product: Product, name: str) -> "FitsRegion | ZarrArray | ZarrTable":
+    """Where extension ``name`` of ``product`` is written, known before the file exists (a
+    target the write tasks write blocks into)."""
+    partial = _partial(product.path)
+    index = next(i for i, item in enumerate(product.extensions) if item.name == name)
+    if product.path.suffix == ".zarr":
+        return zarr_target(partial, product.extensions[index])
+    layout, _ = fits_layout(product, partial)
+    return layout[1 + index][1]
+
+
+def reader(product: Product, name: str) -> FitsExtension:
+    """What reads back any part of extension ``name`` of FITS ``product`` while it is being
+    written (from its partial file), once the tasks that wrote that part have run. Its
+    readers (the fit, the shift, KLIP) take what they read to float64: it is read in the
+    file's byte order, swapped in that conversion rather than in a pass of its own."""
+    region = target(product, name)
+    if not isinstance(region, FitsRegion):
+        raise ValueError(f"{product.path.name}: only a FITS file is read back")
+    return FitsExtension(region.path, region.offset, region.shape, region.dtype, native=False)
+
+
+def written_by(product: Product, name: str, array: da.Array) -> None:
+    """Record that the tasks of ``array`` write extension ``name`` of ``product`` (into
+    ``target``): it gets no store task, and the stores must depend on ``array``."""
+    extension = next(item for item in product.extensions if item.name == name)
+    extension.written = Written(array, target(product, name))
+
+
+def write_block(
+    block: np.ndarray, where: tuple[slice, ...], to: tuple, summary: Callable
+) -> np.ndarray:
+    """Write ``block`` at ``where`` in each of ``to``; give back ``summary`` of it (float64,
+    one value per frame: what a later step reading the block back needs first, such as
+    KLIP's frame means), as frames of one pixel."""
+    for item in to:
+        item[where] = block
+    return summary(block)[..., None, None]
+
+
+def store_block(block: np.ndarray, where: tuple[slice, ...], to: object) -> np.ndarray:
+    """Write ``block`` at ``where`` in ``to``; give back one byte (what is written is done
+    with)."""
+    to[where] = block
+    return np.zeros((1,) * block.ndim, np.uint8)
+
+
+def stored(data: da.Array, product: Product, name: str, to: object) -> da.Array:
+    """The tasks that write each block of ``data`` (extension ``name`` of ``product``)
+    into ``to``, named after the product (``write-psfsub-sci``: what the dashboard shows)."""
+    return da.map_blocks(
+        store_block,
+        data,
+        ArraySliceDep(data.chunks),
+        to,
+        chunks=tuple((1,) * len(chunks) for chunks in data.chunks),
+        dtype=np.uint8,
+        meta=np.empty((0,) * data.ndim, np.uint8),
+        name=f"write-{product.kind}-{name.lower()}-" + tokenize(data, to),
+    )
+
+
+def write_blocks(name: str, *products: Product, summary: Callable) -> OnDisk:
+    """Extension ``name`` (the same data in each of ``products``) written by tasks that
+    keep nothing: each writes its block and gives back only ``summary`` of the block, one
+    float64 per frame (its last two axes are frames): what the step reading it back needs
+    first (``kernels.klip.frame_means`` for KLIP), computed while the block is in memory.
+
+    Tasks that read blocks back (from the first FITS product) depend on these instead of
+    the data, so no block waits in a worker's memory for them and none is sent between
+    workers; dask fuses the write into the task that makes the block when nothing else
+    reads the data.
+    """
+    data = da.asarray(next(e for e in products[0].extensions if e.name == name).data)
+    to = tuple(target(item, name) for item in products)
+    if any(len(chunks) > 1 for chunks in data.chunks[-2:]):
+        raise ValueError(f"{products[0].path.name} {name}: blocks must hold whole frames")
+    for item in products:  # each block in one Zarr chunk: of one size, the last no larger
+        even = all(set(c[:-1]) <= {c[0]} and c[-1] <= c[0] for c in data.chunks)
+        if item.path.suffix == ".zarr" and not even:
+            raise ValueError(f"{item.path.name} {name}: blocks {data.chunks} are uneven")
+    written = da.map_blocks(
+        write_block,
+        data,
+        ArraySliceDep(data.chunks),  # each block's place in the file
+        to,
+        summary,
+        chunks=(*data.chunks[:-2], (1,), (1,)),
+        dtype=np.float64,
+        name=f"write-{products[0].kind}-{name.lower()}-" + tokenize(data, to),
+    )[..., 0, 0]
+    for item in products:
+        written_by(item, name, written)
+    fits_file = next(item for item in products if item.path.suffix != ".zarr")
+    return OnDisk(written, reader(fits_file, name))
+
+
+def _check_passed(passed: list[tuple[Product, Written, object]], sources: list[da.Array]):
+    """Raise ValueError unless the stores depend on every extension written by the tasks
+    that make it (or its blocks would never be written), and it writes where its file was
+    reserved."""
+    layers = set()
+    for source in sources:
+        layers.update(source.__dask_graph__().layers)
+    for product, written, target in passed:
+        if written.array.name not in layers:
+            raise ValueError(f"{product.path.name}: written by tasks no product reads")
+        if written.target != target:
+            raise ValueError(f"{product.path.name}: its layout changed after write_blocks")
+
+
+def _remove(partial: Path) -> None:
+    if partial.is_dir():
+        shutil.rmtree(partial, ignore_errors=True)
+    else:
+        partial.unlink(missing_ok=True)
+
+
+def _place(partial: Path, final: Path) -> None:
+    if final.is_dir():  # a store from an earlier run: directories cannot be replaced in one go
+        shutil.rmtree(final)
+    os.replace(partial, final)
+
+
+def _partial(path: Path) -> Path:
+    """The hidden file (or store) ``path`` is written in until it is whole, named after the
+    host and process writing it: another run can tell whether its writer is still alive."""
+    return path.with_name(f".{path.name}.{socket.gethostname()}.{os.getpid()}.partial")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def clear_stale_partials(path: Path) -> None:
+    """Remove what a killed run left of product ``path`` (SIGKILL, a node lost): partial
+    files of this host whose process is gone. Those of other hosts may belong to a run
+    still going there: they are reported, not touched."""
+    host = socket.gethostname()
+    for stale in path.parent.glob(f".{path.name}.*.partial"):
+        writer = stale.name.removeprefix(f".{path.name}.").removesuffix(".partial")
+        where, _, pid = writer.rpartition(".")
+        if where == host and pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            _remove(stale)
+            log.warning("removed %s, left by an earlier run that was killed", stale)
+        elif where != host:
+            log.warning("%s is being written, or was left, by a run on %s", stale, where or "?")
+
+
+def _check_space(products: list[Product]) -> None:
+    """Raise CoronInputError, before anything is written, unless the folders of the FITS
+    products and scratch files have room for all of them (a Zarr store's compressed size
+    is not known beforehand: not counted)."""
+    needed: dict[Path, int] = {}
+    for item in products:
+        if item.path.suffix != ".zarr":
+            folder = item.path.parent
+            needed[folder] = needed.get(folder, 0) + fits_layout(item, item.path)[1]
+    for folder, size in needed.items():
+        free = shutil.disk_usage(folder).free
+        if size > free:
+            raise CoronInputError(
+                folder,
+                f"the products and scratch files need {size / 1e9:.1f} GB, "
+                f"the disk has {free / 1e9:.1f} GB free",
+            )
+
+
+@contextlib.contextmanager
+def staged_products(products: list[Product]) -> Iterator[list[da.Array]]:
+    """Yield the lazy writes of ``products``; on a clean exit rename them into place.
+
+    The caller computes the yielded writes (all together, so shared inputs load once).
+    Extensions written by the tasks that make them (``write_blocks``) get no store task:
+    the other products' stores must depend on them, which is checked, as is the room on
+    disk. Any exception (or signal: ``errors.Interrupted``) removes every temporary file
+    and leaves no product behind; those an earlier, killed run left are removed first.
+    """
+    partials = []
+    try:
+        for item in products:
+            item.path.parent.mkdir(parents=True, exist_ok=True)
+            clear_stale_partials(item.path)
+        _check_space(products)
+        sources, writes, passed = [], [], []
+        for item in products:
+            partial = _partial(item.path)
+            partials.append(partial)
+            zarr = item.path.suffix == ".zarr"
+            reserved = (reserve_zarr if zarr else reserve_fits)(item, partial)
+            for extension, target in zip(item.extensions, reserved, strict=True):
+                if extension.written is not None:  # by the tasks that make its blocks
+                    passed.append((item, extension.written, target))
+                    continue
+                data = da.asarray(extension.data)
+                data = data.rechunk(zarr_chunks(data)) if zarr else data
+                sources.append(data)
+                writes.append(stored(data, item, extension.name, target))
+        # computed together: one graph, so a block several products need (the aligned
+        # references: psfalign and psfsub) is computed once
+        _check_passed(passed, sources)
+        yield writes
+        raise_if_stopped()  # a signal whose Interrupted was lost where it was raised
+    except BaseException:
+        for partial in partials:
+            _remove(partial)
+        raise
+    try:
+        for item, partial in zip(products, partials, strict=True):
+            if not item.scratch:
+                _place(partial, item.path)
+    finally:
+        for partial in partials:  # scratch files, and any product not placed
+            _remove(partial)
+
+
+def write_products(products: list[Product], compute=None) -> list[Path]:
+    """Write ``products`` with ``compute`` (default ``dask.compute``) and return their paths
+    (scratch files are not products)."""
+    with staged_products(products) as writes:
+        (compute or dask.compute)(*writes)
+    return [item.path for item in products if not item.scratch]
