@@ -25,7 +25,12 @@ from coron_dask.planning.block_plan import (
 GIB = 2**30
 MIB = 2**20
 #: few examples each: the planner is pure arithmetic, the whole module runs in seconds
-PROPERTY = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+PROPERTY = settings(
+    max_examples=150,
+    deadline=None,
+    database=None,  # no .hypothesis folder left behind: the examples are drawn afresh
+    suppress_health_check=[HealthCheck.too_slow],
+)
 #: "need workers of at least 1.23 GiB (0.45 GiB per worker thread, ...": the stated minima
 STATED = re.compile(r"at least (\d+\.\d\d) GiB \((\d+\.\d\d) GiB per worker thread")
 ROUNDING = 0.006  # GiB: the message rounds to 0.01 GiB
