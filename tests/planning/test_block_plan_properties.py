@@ -26,7 +26,7 @@ GIB = 2**30
 MIB = 2**20
 #: few examples each: the planner is pure arithmetic, the whole module runs in seconds
 PROPERTY = settings(
-    max_examples=150,
+    max_examples=80,
     deadline=None,
     database=None,  # no .hypothesis folder left behind: the examples are drawn afresh
     suppress_health_check=[HealthCheck.too_slow],
