@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: install install-test demo test lint format bench clean
+.PHONY: install install-test demo test test-fast lint format bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -31,8 +31,15 @@ $(VENV)/.installed-bench: pyproject.toml | $(BIN)/python
 demo: install
 	$(BIN)/coron-dask demo demo_output
 
+# the whole suite, notebooks included (CI); the lanes and their markers: tests/README.md
 test: install-test lint
 	$(BIN)/python -m pytest
+
+# day to day, under 2 minutes on 2 cores: every layer's numbers, without the slow, cluster,
+# SLURM, browser, memory and notebook tests
+FAST := not slow and not cluster and not slurm and not browser and not memory and not notebook
+test-fast: install-test
+	$(BIN)/python -m pytest -m "$(FAST)"
 
 # not part of `make test`: about half an hour, results in benchmarks/results/
 bench: $(VENV)/.installed-bench

@@ -1,11 +1,13 @@
 """Shared fixtures: a small simulated observation, a busier one with its products, and a guard
-that counts dask computes."""
+that counts dask computes; the lanes' markers (tests/README.md); a temporary folder of the
+session's own for everything the tests, their subprocesses, workers and notebooks write."""
 
 import contextlib
 import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 # Runs without --psfmask weigh every pixel 1 instead of asking CRDS (this process and the
@@ -19,6 +21,100 @@ dask.config.refresh()
 
 from coron_dask import run_coron3  # noqa: E402
 from coron_dask.science.simulate import simulate  # noqa: E402
+
+#: The session's temporary folder: TMPDIR for this process and all it starts (pytest's own
+#: tmp_path folders, LocalCluster workers' spill space, the notebooks' kernels, hypothesis's
+#: cache), removed at the end, kept (and named) when a test failed.
+_TMP: dict[str, object] = {}
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    root = Path(tempfile.mkdtemp(prefix="coron-dask-tests-"))
+    # traversable by other users (the SLURM sandbox's munge socket lies below), not listable
+    root.chmod(0o711)
+    _TMP.update(root=root, tmpdir=os.environ.get("TMPDIR"), tempdir=tempfile.tempdir)
+    os.environ["TMPDIR"] = str(root)
+    tempfile.tempdir = str(root)
+    os.environ["HYPOTHESIS_STORAGE_DIRECTORY"] = str(root / "hypothesis")
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    root = _TMP.get("root")
+    if root is None:
+        return
+    tempfile.tempdir = _TMP["tempdir"]
+    if _TMP["tmpdir"] is None:
+        os.environ.pop("TMPDIR", None)
+    else:
+        os.environ["TMPDIR"] = _TMP["tmpdir"]
+    if not _TMP.get("failed"):
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    _TMP["failed"] = exitstatus not in (pytest.ExitCode.OK, pytest.ExitCode.NO_TESTS_COLLECTED)
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus: int) -> None:
+    if _TMP.get("failed") and _TMP.get("root"):
+        terminalreporter.write_line(f"the tests' temporary files are kept in {_TMP['root']}")
+
+
+#: The lanes (tests/README.md): the markers of a module's tests, of a test (whatever its
+#: parameters) and of the tests that use a fixture, from what each test starts (a
+#: LocalCluster, a scheduler or workers, in process or in a command it runs) and from
+#: durations measured with --durations=0 (slow: about 3 s or more on 2 idle cores). The
+#: notebooks (nbmake) are "notebook".
+LANES = {
+    "tests/test_slurm.py": "slurm cluster slow",
+    "tests/test_cluster.py": "cluster slow",
+    "tests/test_memory.py::test_model_bounds_measured_peak": "memory cluster slow",
+    "tests/test_dashboard.py::test_dashboard_shows_the_steps_in_a_browser": "browser cluster slow",
+    "tests/test_batch_scripts.py::test_batch_script_plans_only_after_its_workers_joined": (
+        "cluster slow"
+    ),
+    "tests/test_batch_scripts.py::test_workers_that_never_join_are_one_clear_error": "cluster",
+    "tests/test_batch_scripts.py::test_cli_wait_for_workers_fails_in_one_line": "cluster",
+    "tests/test_batch_scripts.py::test_a_wait_for_batch_jobs_says_what_the_queue_says": "cluster",
+    "tests/test_cli.py::test_run_in_process_never_imports_distributed": "cluster slow",
+    "tests/test_cli.py::test_impossible_plan_is_refused_before_any_task": "cluster slow",
+    "tests/test_cli.py::test_entry_point_exit_code": "slow",
+    "tests/test_endings.py::test_signals_end_the_run_cleanly": "slow",
+    "tests/test_endings.py::"
+    "test_a_signal_lost_where_python_ignores_exceptions_still_ends_the_run": "slow",
+    "tests/test_endings.py::test_scheduler_that_does_not_answer": "cluster",
+    "tests/test_endings.py::test_scheduler_file_that_never_appears": "cluster",
+    "tests/test_pipeline.py::test_same_products_for_any_chunks_and_scheduler": "cluster slow",
+    "tests/test_pipeline.py::test_first_mode_aligns_each_block_once": "cluster",
+    "tests/test_pipeline.py::test_no_task_hands_on_a_block_of_references": "cluster",
+    "tests/test_reference_files.py::test_psfmask_from_a_crds_cache": "cluster",
+    "tests/test_reference_files.py::test_no_crds_is_one_line": "cluster",
+    "tests/test_pipeline.py::test_miri_4qpm_matches_jwst_functions": "slow",
+    "tests/test_pipeline.py::test_truncated_klip_error_matches_jwst": "slow",
+    "tests/test_pipeline.py::test_each_plane_of_the_kl_mode_cube_is_a_single_truncation_run": (
+        "slow"
+    ),
+    "tests/test_plots.py::test_zarr_products_plot_as_fits_do": "slow",
+    "tests/test_config.py::test_environment_variable_overrides": "slow",
+    "tests/test_photometry.py::test_snr_map_large_image_spot_checks": "slow",
+    "tests/test_detection.py::test_the_companion_is_the_one_candidate_at_its_place": "slow",
+}
+#: Fixtures that make a test slow: several runs (``swept``: eight; a contrast curve; the
+#: runs the alignment record and the quicklook plots are read from) or a busy one.
+SLOW_FIXTURES = {"swept", "busy_baseline", "curve", "runs"}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        nodeid = item.nodeid.split("[")[0]
+        names = set(LANES.get(nodeid.split("::")[0], "").split() + LANES.get(nodeid, "").split())
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            names.add("slow")
+        if item.nodeid.split("::")[0].endswith(".ipynb"):
+            names |= {"notebook", "slow"}
+        for name in sorted(names):
+            item.add_marker(name)
+
 
 SMALL = {"size": 64, "sci_exps": 2, "sci_ints": 3, "psf_exps": 3, "psf_ints": 2, "seed": 4}
 

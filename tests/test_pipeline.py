@@ -20,6 +20,15 @@ from tests.conftest import assert_same_products, count_computes
 MODES = ("each", "first")
 
 
+#: Relative L2 to jwst's functions fed float64 that parity asserts (README: psfalign ~1e-7,
+#: psfsub ~1e-5). Measured on the 64² simulated data: psfalign SCI 2.2e-8 to 8.6e-8 (the
+#: float32 products' own rounding is 3e-8), ERR 1.7e-8 to 5.3e-8; psfsub SCI 1.3e-7 to
+#: 4.4e-7, ERR 6.6e-7 to 9.6e-7 (truncated). Each is at least twice that, and a 100x worse
+#: result fails.
+PSFALIGN_L2 = 2e-7
+PSFSUB_L2 = 1e-5
+
+
 def relative_l2(ours, theirs):
     return float(np.linalg.norm(ours - theirs) / np.linalg.norm(theirs))
 
@@ -105,9 +114,9 @@ def test_parity_with_jwst_functions(mode, products, reference, asn):
         sub = folder / f"{root}_c1000_psfsub.fits"
         ref = expected[root]
         assert read(align, "SCI").shape == ref["psfalign_sci"].shape
-        assert relative_l2(read(align, "SCI"), ref["psfalign_sci"]) < 1e-4
-        assert relative_l2(read(align, "ERR"), ref["psfalign_err"]) < 1e-4
-        assert relative_l2(read(sub, "SCI"), ref["psfsub_sci"]) < 1e-3
+        assert relative_l2(read(align, "SCI"), ref["psfalign_sci"]) < PSFALIGN_L2
+        assert relative_l2(read(align, "ERR"), ref["psfalign_err"]) < PSFALIGN_L2
+        assert relative_l2(read(sub, "SCI"), ref["psfsub_sci"]) < PSFSUB_L2
         # nrefs (6) <= truncate: the references are reproduced and ERR is rounding noise
         assert np.abs(read(sub, "ERR")).max() < 1e-6
         assert np.abs(ref["psfsub_err"]).max() < 1e-6
@@ -129,8 +138,8 @@ def test_truncated_klip_error_matches_jwst(mode, asn, observation_dir, tmp_path,
     expected = jwst_reference.coron3(asn, observation_dir / "psfmask.fits", mode, truncate=3)
     for root in science_roots(asn):
         sub = next(p for p in paths if p.name == f"{root}_c1000_psfsub.fits")
-        assert relative_l2(read(sub, "SCI"), expected[root]["psfsub_sci"]) < 1e-3
-        assert relative_l2(read(sub, "ERR"), expected[root]["psfsub_err"]) < 1e-3
+        assert relative_l2(read(sub, "SCI"), expected[root]["psfsub_sci"]) < PSFSUB_L2
+        assert relative_l2(read(sub, "ERR"), expected[root]["psfsub_err"]) < PSFSUB_L2
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -358,8 +367,8 @@ def test_tiled_klip_matches_jwst(mode, swept, reference, asn):
         expected = reference[mode][root]
         sub = folder / f"{root}_c1000_psfsub.fits"
         align = folder / f"{root}_c1000_psfalign.fits"
-        assert relative_l2(read(align, "SCI"), expected["psfalign_sci"]) < 1e-4
-        assert relative_l2(read(sub, "SCI"), expected["psfsub_sci"]) < 1e-3
+        assert relative_l2(read(align, "SCI"), expected["psfalign_sci"]) < PSFALIGN_L2
+        assert relative_l2(read(sub, "SCI"), expected["psfsub_sci"]) < PSFSUB_L2
 
 
 def test_psfalign_left_unwritten_changes_nothing_else(asn, observation_dir, products, tmp_path):
@@ -419,8 +428,10 @@ def test_miri_4qpm_matches_jwst_functions(tmp_path):
     align = next(p for p in paths if p.name == f"{root}_c1000_psfalign.fits")
     sub = next(p for p in paths if p.name == f"{root}_c1000_psfsub.fits")
     assert read(align, "SCI").shape == (2, 6, 224, 288)
-    assert relative_l2(read(align, "SCI"), expected[root]["psfalign_sci"]) < 1e-4
-    assert relative_l2(read(sub, "SCI"), expected[root]["psfsub_sci"]) < 1e-3
+    # measured 3.2e-6 and 1.0e-5: MIRI's frames, a third of them set to 0, agree less well
+    # than NIRCam's (above); three times that, and a 100x worse result fails
+    assert relative_l2(read(align, "SCI"), expected[root]["psfalign_sci"]) < 1e-5
+    assert relative_l2(read(sub, "SCI"), expected[root]["psfsub_sci"]) < 3e-5
 
 
 class _Outputs(SchedulerPlugin):

@@ -213,7 +213,7 @@ def plan_blocks(
 
     best = None
     for k in candidates:
-        rows = outlier_rows or largest(frame.ny, lambda r: fits(k, 1, r)[0])  # noqa: B023
+        rows = outlier_rows or largest(frame.ny, lambda r: fits(k, psfs or 1, r)[0])  # noqa: B023
         if rows is None:
             continue
         targets = len(obs.science_nints) if obs.align_to == "first" else None
@@ -225,22 +225,28 @@ def plan_blocks(
             continue
         p = psfs or -(-obs.npsf // -(-obs.npsf // p))  # as many blocks, of even sizes
         ok, need, peaks = fits(k, p, rows)
-        if ok or (integrations and psfs and outlier_rows):
+        if ok:
             tasks = targets * -(-obs.npsf // p)
             if best is None or tasks < best[0]:
                 best = tasks, BlockPlan(k, p, rows, klip_rows, own + need, peaks)
     if best is not None:
         return best[1]
-    smallest = max(task_peaks(obs, 1, 1, 1, klip_rows).values())
+    # the memory of the smallest blocks, or of the blocks given with the others at 1
+    given = {"integrations": integrations, "psfs": psfs, "outlier_rows": outlier_rows}
+    k, p, rows = (value or 1 for value in given.values())
+    smallest = max(task_peaks(obs, k, p, rows, klip_rows).values())
 
     def minimum(threads: int) -> float:
-        """The memory limit a worker of ``threads`` threads needs for the smallest blocks."""
-        return (own + waiting(obs, 1, 1, threads) + threads * smallest) / fraction / GIB
+        """The memory limit a worker of ``threads`` threads needs for those blocks."""
+        return (own + waiting(obs, k, p, threads) + threads * smallest) / fraction / GIB
 
+    blocks = ", ".join(f"{name} {value}" for name, value in given.items() if value)
     raise CoronInputError(
         "memory",
-        f"{obs.frame[0]}x{obs.frame[1]} frames with {obs.npsf} references need workers of "
+        f"{obs.frame[0]}x{obs.frame[1]} frames with {obs.npsf} references"
+        f"{f' in the blocks given ({blocks})' if blocks else ''} need workers of "
         f"at least {minimum(workers.threads):.2f} GiB ({minimum(1):.2f} GiB per worker "
         f"thread, {workers.threads} thread(s) each); the workers have "
-        f"{workers.memory_limit / GIB:.2f} GiB (--memory-limit, or fewer threads per worker)",
+        f"{workers.memory_limit / GIB:.2f} GiB (--memory-limit, or fewer threads per worker"
+        f"{', or smaller blocks' if blocks else ''})",
     )
