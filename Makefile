@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: install install-test demo test lint format bench clean
+.PHONY: install install-test demo test lint format bench docs clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -19,20 +19,28 @@ $(VENV)/.installed-test: pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install --quiet -e ".[test]"
 	command -v chromium >/dev/null || $(APT) install -y --no-install-recommends chromium \
 		|| { $(APT) update && $(APT) install -y --no-install-recommends chromium; }
-	touch $@ $(VENV)/.installed
+	touch $@ $(VENV)/.installed-docs $(VENV)/.installed
 
 install: $(VENV)/.installed
 install-test: $(VENV)/.installed-test
 
 $(VENV)/.installed-bench: pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install --quiet -e ".[bench]"
-	touch $@ $(VENV)/.installed-test $(VENV)/.installed
+	touch $@ $(VENV)/.installed-test $(VENV)/.installed-docs $(VENV)/.installed
+
+$(VENV)/.installed-docs: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e ".[docs]"
+	touch $@ $(VENV)/.installed
 
 demo: install
 	$(BIN)/coron-dask demo demo_output
 
-test: install-test lint
+test: install-test lint docs
 	$(BIN)/python -m pytest
+
+# the site, into site/; any warning (a broken link, a docstring that does not render) fails it
+docs: $(VENV)/.installed-docs
+	DISABLE_MKDOCS_2_WARNING=true NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
 
 # not part of `make test`: about half an hour, results in benchmarks/results/
 bench: $(VENV)/.installed-bench
@@ -47,4 +55,4 @@ format: install-test
 	$(BIN)/ruff check --fix coron_dask tests benchmarks
 
 clean:
-	rm -rf $(VENV) demo_output .pytest_cache .ruff_cache *.egg-info
+	rm -rf $(VENV) demo_output site .pytest_cache .ruff_cache *.egg-info
