@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: install install-test demo test test-fast lint format bench clean
+.PHONY: install install-test demo test test-fast lint format bench docs clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -19,20 +19,25 @@ $(VENV)/.installed-test: pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install --quiet -e ".[test]"
 	command -v chromium >/dev/null || $(APT) install -y --no-install-recommends chromium \
 		|| { $(APT) update && $(APT) install -y --no-install-recommends chromium; }
-	touch $@ $(VENV)/.installed
+	touch $@ $(VENV)/.installed-docs $(VENV)/.installed
 
 install: $(VENV)/.installed
 install-test: $(VENV)/.installed-test
 
 $(VENV)/.installed-bench: pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install --quiet -e ".[bench]"
-	touch $@ $(VENV)/.installed-test $(VENV)/.installed
+	touch $@ $(VENV)/.installed-test $(VENV)/.installed-docs $(VENV)/.installed
+
+$(VENV)/.installed-docs: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e ".[docs]"
+	touch $@ $(VENV)/.installed
 
 demo: install
 	$(BIN)/coron-dask demo demo_output
 
-# the whole suite, notebooks included (CI); the lanes and their markers: tests/README.md
-test: install-test lint
+# the whole suite, notebooks included, and the documentation (CI); the lanes and their
+# markers: tests/README.md
+test: install-test lint docs
 	$(BIN)/python -m pytest
 
 # day to day, under 2 minutes on 2 cores: every layer's numbers, without the slow, cluster,
@@ -40,6 +45,10 @@ test: install-test lint
 FAST := not slow and not cluster and not slurm and not browser and not memory and not notebook
 test-fast: install-test
 	$(BIN)/python -m pytest -m "$(FAST)"
+
+# the site, into site/; any warning (a broken link, a docstring that does not render) fails it
+docs: $(VENV)/.installed-docs
+	DISABLE_MKDOCS_2_WARNING=true NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
 
 # not part of `make test`: about half an hour, results in benchmarks/results/
 bench: $(VENV)/.installed-bench
@@ -54,4 +63,4 @@ format: install-test
 	$(BIN)/ruff check --fix coron_dask tests benchmarks
 
 clean:
-	rm -rf $(VENV) demo_output .pytest_cache .ruff_cache *.egg-info
+	rm -rf $(VENV) demo_output site .pytest_cache .ruff_cache *.egg-info
