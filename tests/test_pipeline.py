@@ -445,7 +445,7 @@ def test_no_task_hands_on_a_block_of_references(asn, tmp_path, mode, psfalign):
     from distributed import Client, LocalCluster
 
     from coron_dask.io.products import staged_products
-    from coron_dask.runtime.cluster import execute
+    from coron_dask.runtime.execute import execute
 
     built = build_products(
         asn, tmp_path, integrations=1, psfs=3, align_to=mode, save_psfalign=psfalign

@@ -31,7 +31,8 @@ from coron_dask.io import (
 from coron_dask.pipeline.provenance import provenance
 from coron_dask.planning import block_plan as chunking
 from coron_dask.planning.block_plan import BlockPlan, Workers
-from coron_dask.runtime.cluster import Cluster, execute, in_process, measure_workers
+from coron_dask.runtime.deploy import Cluster, in_process, measure_workers
+from coron_dask.runtime.execute import execute
 from coron_dask.steps import align_models, median_replace_img, outlier_detection, stack_refs
 from coron_dask.steps.align_refs import alignment_table
 from coron_dask.steps.klip import KLBasis, kl_basis, kl_cutoffs, subtract
