@@ -31,6 +31,8 @@ MALLOC = {"MMAP_THRESHOLD": 2**25, "TRIM_THRESHOLD": 2**25, "ARENA_MAX": 2}
 #: What a worker's resident memory may exceed its arrays by, besides its baseline: the
 #: freed memory its heaps keep (distributed calls it unmanaged memory).
 WORKER_RETAINED = MALLOC["ARENA_MAX"] * MALLOC["TRIM_THRESHOLD"]
+
+
 @dataclass(frozen=True)
 class Frame:
     """The frame size, and the sizes of the arrays the model counts in."""

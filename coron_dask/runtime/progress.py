@@ -1,9 +1,11 @@
 """What a person watching a run sees: progress per calwebb_coron3 step and per product.
 
-The steps name their own dask layers (``align_refs-fit-<token>``, ``klip-subtract-…``,
+The steps name their own dask layers after jwst's steps (``AlignRefs-fit-<token>``, as
+jwst's AlignRefsStep, ``OutlierDetection-median-…``, ``klip-subtract-…``, ``resample-…``,
 ``write-<product kind>-<extension>-…``); dask's operations keep their names (``getitem``,
 ``rechunk-merge``), and where dask fuses tasks it joins their names (``getitem-klip-
-subtract-write-psfsub-sci``). The dashboard groups tasks by those names. For the bars,
+subtract-write-psfsub-sci``). The dashboard groups tasks by those names, up to the first
+word that is not letters only (``dask.utils.key_split``): hence no underscore in them. For the bars,
 ``labels`` gives every task of a graph its step: the one its name says (of several, the
 last other than a write), else the earliest among the tasks it feeds, else the latest
 among its inputs. Only counting happens here: the graph computed is dask's own.
@@ -26,11 +28,11 @@ log = logging.getLogger(__name__)
 #: followed by the product's kind (``Product.kind``).
 STEPS = (
     (("read",), "read-calints"),
-    (("outlier_detection", "median"), "outlier_detection-median"),
-    (("outlier_detection", "flag"), "outlier_detection-flag"),
-    (("align_refs", "fill"), "align_refs-fill"),
-    (("align_refs", "fit"), "align_refs-fit"),
-    (("align_refs", "shift"), "align_refs-shift"),
+    (("OutlierDetection", "median"), "outlier_detection-median"),
+    (("OutlierDetection", "flag"), "outlier_detection-flag"),
+    (("AlignRefs", "fill"), "align_refs-fill"),
+    (("AlignRefs", "fit"), "align_refs-fit"),
+    (("AlignRefs", "shift"), "align_refs-shift"),
     (("klip", "means"), "klip-basis"),
     (("klip", "gram"), "klip-basis"),
     (("klip", "weights"), "klip-basis"),
@@ -49,8 +51,8 @@ SCRATCH = "scratch"
 
 
 def step_of(name: str) -> str | None:
-    """The step a task's name belongs to (``align_refs-fit-<token>``, or a fused task's,
-    such as ``align_refs-shift-sci-write-psfalign-sci-getitem``): of several, the last
+    """The step a task's name belongs to (``AlignRefs-fit-<token>``, or a fused task's,
+    such as ``AlignRefs-shift-sci-write-psfalign-sci-getitem``): of several, the last
     named other than a write (a task that shifts references and writes them is the
     shift); a write alone is ``write_<product kind>``; None for dask's own operations."""
     words = name.split("-")
