@@ -13,7 +13,7 @@ import threading
 from pathlib import Path
 
 from benchmarks.run import SCENARIOS, simulate
-from coron_dask.runtime.cluster import Cluster
+from coron_dask.runtime.deploy import Cluster
 
 INTERVAL = 0.2  # seconds between polls
 

@@ -4,21 +4,20 @@ Names are imported on first use: dask workers import ``coron_dask.kernels`` and
 ``coron_dask.io.fitsfile`` without pulling in the pipeline's dependencies.
 """
 
+import tomllib
+from importlib import metadata
+from pathlib import Path
+
 from coron_dask.core.lazy import lazy_exports
 
 
 def _version() -> str:
     """coron-dask's version: the installed package's metadata; in a source tree that is not
     installed, pyproject.toml's; else "0+unknown"."""
-    from importlib import metadata
-
     try:
         return metadata.version("coron-dask")
     except metadata.PackageNotFoundError:
         pass
-    import tomllib
-    from pathlib import Path
-
     try:
         project = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
         if project["project"]["name"] == "coron-dask":

@@ -20,7 +20,7 @@ import pytest
 from coron_dask import run_coron3
 from coron_dask.cli.main import main
 from coron_dask.core.errors import ClusterError
-from coron_dask.runtime.cluster import Cluster, _workers_to_await
+from coron_dask.runtime.deploy import Cluster, _workers_to_await
 
 ROOT = Path(__file__).resolve().parents[1]
 VENV = Path(sys.executable).parents[1]  # not resolved: the virtualenv, not its base Python
@@ -458,7 +458,8 @@ def test_a_wait_for_batch_jobs_says_what_the_queue_says(empty_scheduler, tmp_pat
     every status-interval, then ends in one line."""
     from distributed import Client
 
-    from coron_dask.runtime.cluster import await_workers, queue_state
+    from coron_dask.runtime.connection import await_workers
+    from coron_dask.runtime.jobqueue import queue_state
 
     squeue = tmp_path / "squeue"
     squeue.write_text(

@@ -170,7 +170,7 @@ def test_killed_worker_changes_nothing(loopback, busy_observation, busy_baseline
     with Client(loopback.address, set_as_default=False) as client:
         pids = client.run(os.getpid)
     victim = sorted(pids)[0]
-    running_on(loopback.address, victim, "align_refs-fit")  # the run is under way: fitting
+    running_on(loopback.address, victim, "AlignRefs-fit")  # the run is under way: fitting
     assert thread.is_alive(), "the run ended before a worker could be killed"
     os.kill(pids[victim], signal.SIGKILL)
     thread.join(timeout=300)

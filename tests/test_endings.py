@@ -19,7 +19,7 @@ import psutil
 import pytest
 
 from coron_dask import __version__
-from coron_dask.runtime import cluster
+from coron_dask.runtime import deploy
 
 # dask-jobqueue adds its defaults to dask's configuration when imported: imported here, so
 # that the tests' dask.config.set of jobqueue keys restores them, and does not drop them all
@@ -43,7 +43,7 @@ def no_cluster(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("a cluster was started")
 
-    monkeypatch.setattr(cluster.Cluster, "__init__", refuse)
+    monkeypatch.setattr(deploy.Cluster, "__init__", refuse)
 
 
 @pytest.mark.parametrize(
@@ -253,30 +253,19 @@ def test_signals_end_the_run_cleanly(signals, code, busy_observation, busy_basel
     assert_same_products(out, busy_baseline)
 
 
-def test_a_signal_lost_where_python_ignores_exceptions_still_ends_the_run(
-    asn, tmp_path, capsys, monkeypatch
-):
+def test_a_signal_inside_a_gc_callback_still_ends_the_run(asn, tmp_path, capsys):
     """A signal that arrives while Python runs a garbage-collection callback (distributed
-    has one) raises Interrupted there, where Python only prints it and goes on: the run
-    still ends as a signal ends it, exit 130 and no product, and prints nothing of it. It
-    ends there and then (the signal is sent again), not after computing everything, when
-    it checks before placing its products: a batch system's SIGKILL follows its SIGTERM
-    within seconds."""
+    has one), where an exception would only be printed: its handler only records it, and
+    the run ends between its tasks as a signal ends it, exit 130 and no product."""
     import gc
 
-    from coron_dask.core import errors
-    from coron_dask.io import staging as products
+    from coron_dask.runtime import signals
 
-    checks = []  # whether a signal had stopped the run, each time it came to place products
-    check = products.raise_if_stopped
-    monkeypatch.setattr(
-        products, "raise_if_stopped", lambda: (checks.append(errors.stopping()), check())[1]
-    )
     out = tmp_path / "out"
     sent = []
 
     def callback(phase: str, _info: dict) -> None:
-        ours = getattr(signal.getsignal(signal.SIGINT), "__module__", None) == "coron_dask.cli.main"
+        ours = signal.getsignal(signal.SIGINT) is signals.record_signal
         if phase == "start" and ours and not sent:  # once the run's handler is in place
             sent.append(True)
             signal.raise_signal(signal.SIGINT)  # its handler runs here, in the callback
@@ -291,7 +280,6 @@ def test_a_signal_lost_where_python_ignores_exceptions_still_ends_the_run(
     assert error_line(err) == "coron-dask: error: stopped by SIGINT; no product was written"
     assert "Exception ignored" not in err and "still cleaning up" not in err
     assert not out.exists() or list(out.iterdir()) == []
-    assert True not in checks  # stopped before it came to place its products
 
 
 def in_a_process(code: str) -> subprocess.CompletedProcess:
@@ -301,84 +289,48 @@ def in_a_process(code: str) -> subprocess.CompletedProcess:
         [sys.executable, "-c", textwrap.dedent(code)],
         capture_output=True,
         text=True,
-        timeout=60,
+        timeout=300,
         check=False,
     )
 
 
-def test_a_signal_while_the_stop_record_is_locked_is_handled():
-    """A signal's handler runs in the main thread wherever it is, even where that thread
-    holds the lock of the signals' record (``forget_stops``, ``redeliver``): the handler
-    takes it too, and must not wait for itself."""
-    result = in_a_process("""
-        import signal
-        from coron_dask.cli import main as cli
-        from coron_dask.core import errors
-        with cli._signals_end_the_run():
-            try:
-                errors.stop(signal.SIGINT)
-            except errors.Interrupted:
-                pass
-            with errors._lock:
-                signal.raise_signal(signal.SIGINT)
-        print("handled")
+@pytest.mark.parametrize(
+    ("number", "code", "scheduler"),
+    [(signal.SIGTERM, 143, "synchronous"), (signal.SIGINT, 130, "threads")],
+    ids=["SIGTERM-synchronous", "SIGINT-threads"],
+)
+def test_a_signal_under_a_local_scheduler_ends_the_run_and_restores_the_handlers(
+    number, code, scheduler, busy_observation, tmp_path
+):
+    """``main`` called from Python in a process of its own, under dask's local schedulers,
+    gets a signal mid-run (sent from another thread once the products are begun): it
+    returns the signal's exit code with one line, leaves no product or partial, and the
+    process's handlers are its own again (what ran before main: here the defaults)."""
+    out = tmp_path / "out"
+    result = in_a_process(f"""
+        import os, signal, sys, threading, time
+        from pathlib import Path
+        from coron_dask.cli.main import main
+        out = Path({str(out)!r})
+        before = [signal.getsignal(n) for n in (signal.SIGTERM, signal.SIGINT)]
+
+        def send():
+            while not list(out.glob(".*.partial")):
+                time.sleep(0.01)
+            os.kill(os.getpid(), {int(number)})
+
+        threading.Thread(target=send, daemon=True).start()
+        code = main(["run", {str(busy_observation)!r}, "-o", str(out), "--scheduler",
+                     {scheduler!r}, "--integrations-per-chunk", "1"])
+        after = [signal.getsignal(n) for n in (signal.SIGTERM, signal.SIGINT)]
+        print(code, after == before)
     """)
-    assert result.stdout.strip() == "handled", result.stderr
-    assert "coron-dask: SIGINT: still cleaning up" in result.stderr
-
-
-def test_a_lost_signal_sent_again_does_not_interrupt_the_cleanup():
-    """A signal lost (in a ``__del__`` here), then the run's own check stops it before the
-    signal is sent again: that check calls the sending off, so the cleanup (partial
-    products removed, cluster closed) runs to its end."""
-    result = in_a_process("""
-        import os, signal, time
-        from coron_dask.cli import main as cli
-        from coron_dask.core import errors
-        class Lost:
-            def __del__(self):
-                os.kill(os.getpid(), signal.SIGTERM)  # handled here, where it is only printed
-        try:
-            with cli._signals_end_the_run():
-                lost = Lost()
-                del lost
-                assert errors.stopping()
-                try:
-                    errors.raise_if_stopped()
-                except errors.Interrupted:
-                    time.sleep(20 * errors.REDELIVERY_DELAY)  # the cleanup
-                    print("cleaned up")
-                    raise
-        except errors.Interrupted as stopped:
-            print(stopped)
-    """)
-    assert result.stdout.split("\n")[:2] == ["cleaned up", "stopped by SIGTERM"], result.stderr
-
-
-def test_a_signal_as_the_run_ends_leaves_the_handlers_restored():
-    """A signal handled while the run takes its handlers down (here the one sent again,
-    landing as the record is cleared) has nothing to stop: the previous handlers and hook
-    are back, and the record is empty, for whatever the process runs next."""
-    result = in_a_process("""
-        import signal, sys
-        from coron_dask.cli import main as cli
-        from coron_dask.core import errors
-        previous, hook = signal.getsignal(signal.SIGINT), sys.unraisablehook
-        clear = errors.forget_stops
-        def forget_stops():  # the sending thread got there first
-            errors._send_again(signal.SIGINT)
-            clear()
-        errors.forget_stops = forget_stops
-        with cli._signals_end_the_run():
-            try:
-                errors.stop(signal.SIGINT)
-            except errors.Interrupted:
-                pass
-            errors._lost.append(signal.SIGINT)  # as redeliver records one lost
-        print(signal.getsignal(signal.SIGINT) is previous, sys.unraisablehook is hook)
-        print(errors.stopping())
-    """)
-    assert result.stdout.split() == ["True", "True", "False"], result.stderr
+    assert result.stdout.split() == [str(code), "True"], result.stderr
+    name = signal.Signals(number).name
+    assert error_line(result.stderr) == (
+        f"coron-dask: error: stopped by {name}; no product was written"
+    )
+    assert list(out.iterdir()) == []
 
 
 def test_median_of_a_pixel_flagged_in_every_integration_is_quiet():

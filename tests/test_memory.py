@@ -34,6 +34,7 @@ from coron_dask.kernels.drizzle import drizzle_block
 from coron_dask.kernels.klip import frame_means
 from coron_dask.planning import memory
 from coron_dask.planning.memory import MIB, Frame
+from coron_dask.runtime import resources
 from coron_dask.steps import blocks as tasks
 
 #: The model's arrays (its peak less the fixed allowance every task has, TASK_OVERHEAD,
@@ -514,7 +515,7 @@ def files(tmp_path_factory) -> dict[str, tuple[str, int]]:
 @pytest.fixture(scope="module")
 def client():
     """One worker process with one thread, started and set up as the pipeline's workers."""
-    from coron_dask.runtime.cluster import Cluster, measure_workers
+    from coron_dask.runtime.deploy import Cluster, measure_workers
 
     with Cluster(
         n_workers=1,
@@ -544,11 +545,11 @@ def test_system_memory_is_the_machines_or_a_control_groups(tmp_path, monkeypatch
     (a batch job's: v2 memory.max or memory.high, v1 memory.limit_in_bytes) sets less."""
     from distributed.system import memory_limit
 
-    assert memory.system_memory() <= memory_limit()
+    assert resources.system_memory() <= memory_limit()
     job = tmp_path / "job"
     job.mkdir()
     (job / "memory.max").write_text("max\n")  # v2: no hard limit...
     (job / "memory.high").write_text(f"{3 * 2**30}\n")  # ...but throttled above 3 GiB
     (tmp_path / "memory.limit_in_bytes").write_text(f"{2**62}\n")  # v1: none
-    monkeypatch.setattr(memory, "_memory_cgroups", lambda: [job, tmp_path])
-    assert memory.system_memory() == min(3 * 2**30, memory_limit())
+    monkeypatch.setattr(resources, "_memory_cgroups", lambda: [job, tmp_path])
+    assert resources.system_memory() == min(3 * 2**30, memory_limit())

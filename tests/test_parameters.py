@@ -15,7 +15,7 @@ from coron_dask.core import config, parameters
 from coron_dask.core.errors import CoronInputError
 from coron_dask.pipeline import provenance
 from coron_dask.pipeline.run import check_execution
-from coron_dask.runtime import cluster
+from coron_dask.runtime import deploy as cluster
 from tests.conftest import run_main
 
 pytest.importorskip("dask_jobqueue")  # its defaults in dask's configuration, as test_endings

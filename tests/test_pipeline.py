@@ -12,7 +12,7 @@ from stdatamodels.jwst import datamodels
 
 from coron_dask import build_products, run_coron3
 from coron_dask.core.dqflags import PIXEL
-from coron_dask.runtime import progress as dashboard
+from coron_dask.runtime.progress import step_of
 from coron_dask.science.photometry import companion_figures
 from tests import jwst_reference
 from tests.conftest import assert_same_products, count_computes
@@ -456,7 +456,7 @@ def test_no_task_hands_on_a_block_of_references(asn, tmp_path, mode, psfalign):
     from distributed import Client, LocalCluster
 
     from coron_dask.io.staging import staged_products
-    from coron_dask.runtime.cluster import execute
+    from coron_dask.runtime.execute import execute
 
     built = build_products(
         asn, tmp_path, integrations=1, psfs=3, align_to=mode, save_psfalign=psfalign
@@ -473,12 +473,9 @@ def test_no_task_hands_on_a_block_of_references(asn, tmp_path, mode, psfalign):
         execute(writes, client, progress=False)
     prefix = ("align_refs-", "write_", "klip-")
     names = {key: key[0] if isinstance(key, tuple) else key for key in plugin.nbytes}
-    references = {
-        k: n
-        for k, n in plugin.nbytes.items()
-        if names[k].startswith(prefix) and dashboard.operation(k) is None  # the steps' own
-    }
-    aligned = [k for k in references if names[k].startswith("align_refs-shift")]
+    steps = {key: step_of(name) or "" for key, name in names.items()}  # the steps' own
+    references = {k: n for k, n in plugin.nbytes.items() if steps[k].startswith(prefix)}
+    aligned = [k for k in references if steps[k] == "align_refs-shift"]
     assert aligned and all(references[k] <= 8 * 3 for k in aligned)  # 3 means of 8 bytes
     block = 3 * 64 * 64 * 4  # 3 references aligned to one integration
     largest = max(n for k, n in references.items() if "shift" in names[k] or "write" in names[k])

@@ -101,7 +101,7 @@ def test_slurm_jobs_run_the_pipeline(slurm, busy_observation, busy_baseline, tmp
     """Workers submitted as SLURM jobs by dask-jobqueue, all traffic on loopback."""
     import dask
 
-    from coron_dask.runtime.cluster import Cluster
+    from coron_dask.runtime.deploy import Cluster
 
     site = {
         "jobqueue": {

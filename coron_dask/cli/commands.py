@@ -6,7 +6,7 @@ from pathlib import Path
 
 from coron_dask.cli.options import given
 from coron_dask.pipeline.run import check_execution, check_output_dir, run_coron3
-from coron_dask.runtime.cluster import jobqueue_cluster
+from coron_dask.runtime.jobqueue import jobqueue_cluster
 from coron_dask.science.photometry import companion_figures
 from coron_dask.science.simulate import simulate as simulated
 
@@ -47,10 +47,15 @@ def cluster(args: argparse.Namespace) -> None:
         print(jobqueue.job_script())
 
 
-def plot(args: argparse.Namespace) -> None:
-    from coron_dask.quicklook.plots import quicklook  # matplotlib
+def _quicklook(outdir: Path, folder: Path | None = None) -> list[Path]:
+    """The quicklook PNGs of a run's products (matplotlib: imported only to draw them)."""
+    from coron_dask.quicklook.plots import quicklook
 
-    for path in quicklook(args.outdir, args.folder):
+    return quicklook(outdir, folder)
+
+
+def plot(args: argparse.Namespace) -> None:
+    for path in _quicklook(args.outdir, args.folder):
         print(path)
 
 
@@ -97,9 +102,7 @@ def demo(args: argparse.Namespace) -> None:
     for path in products:
         print(f"  {path}")
     print(companion_report(products, inputs / "truth.json"))
-    from coron_dask.quicklook.plots import quicklook  # matplotlib
-
-    pngs = quicklook(args.outdir / "products")
+    pngs = _quicklook(args.outdir / "products")
     print(f"quicklook: {len(pngs)} PNG(s) in {args.outdir / 'products'}:")
     for path in pngs:
         print(f"  {path.name}")

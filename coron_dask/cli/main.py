@@ -3,20 +3,18 @@ and an exit code. What each command does is ``cli.commands``'; the options of a 
 from the parameter spec (``cli.options``)."""
 
 import argparse
-import contextlib
 import logging
-import os
 import signal
 import sys
-import threading
-from collections.abc import Callable, Iterator
+import traceback
+from collections.abc import Callable
 from pathlib import Path
 
 from coron_dask import __version__
-from coron_dask.cli.commands import COMMANDS
 from coron_dask.cli.options import add_options
-from coron_dask.core import errors
 from coron_dask.core.errors import ClusterError, CoronInputError, Interrupted
+from coron_dask.runtime.deploy import quiet_distributed
+from coron_dask.runtime.signals import signals_end_the_run
 
 #: Exit codes: each way a run can end has its own (a signal's is 128 + its number, as the
 #: shell reports a process it ended).
@@ -60,53 +58,6 @@ def _log_to_stderr(debug: bool = False) -> Callable[[], None]:
         logger.propagate = propagate
 
     return restore
-
-
-@contextlib.contextmanager
-def _signals_end_the_run() -> Iterator[None]:
-    """SIGTERM (scancel, a walltime limit) and SIGINT (Ctrl-C) end a run as an error does:
-    the first raises Interrupted wherever the run is, so that tasks are cancelled, partial
-    products removed and the cluster closed on the way out; later ones only say that this
-    is under way (cleaning up is what makes the end clean). Where Python ignores the
-    Interrupted (a garbage-collection callback: distributed has one), its signal is sent
-    again (``errors.redeliver``), and the run checks before it places its products
-    (``errors.raise_if_stopped``)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    closing = False  # the run is over: a signal now has nothing to stop
-
-    def handler(signum: int, _frame: object) -> None:
-        if closing:
-            return
-        if errors.stopping() and not errors.was_lost():
-            os.write(2, f"coron-dask: {signal.Signals(signum).name}: still cleaning up\n".encode())
-            return
-        errors.stop(signum)
-
-    def unraisable(report: object) -> None:  # an Interrupted that Python would only print
-        if not isinstance(report.exc_value, Interrupted):
-            hook(report)
-            return
-        try:
-            errors.redeliver(report.exc_value.signum)
-        except Interrupted as again:  # its handler ran here after all: lost too
-            errors.redeliver(again.signum)
-
-    signals = (signal.SIGTERM, signal.SIGINT)
-    previous = {number: signal.signal(number, handler) for number in signals}
-    hook, sys.unraisablehook = sys.unraisablehook, unraisable
-    try:
-        yield
-    finally:
-        closing = True
-        try:
-            errors.forget_stops()  # first: no signal is sent again once the handlers are gone
-        finally:
-            for number, action in previous.items():
-                signal.signal(number, action)
-            sys.unraisablehook = hook
 
 
 class _Parser(argparse.ArgumentParser):
@@ -201,18 +152,14 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     restore_logging = _log_to_stderr(args.debug)
     try:
-        with _signals_end_the_run():
+        with signals_end_the_run():
             _command(args)
     except (Exception, Interrupted, KeyboardInterrupt) as error:
         code, line = _ending(error, args.command in ("run", "demo", "contrast"))
         if args.debug:
-            import traceback
-
             traceback.print_exc()
         print(f"coron-dask: error: {line}", file=sys.stderr, flush=True)
         if not args.debug:  # the line above ends the log, whatever closes after it
-            from coron_dask.runtime.cluster import quiet_distributed
-
             quiet_distributed()
         return code
     finally:
@@ -221,6 +168,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _command(args: argparse.Namespace) -> None:
+    # the commands import the pipeline (numpy, dask.array, xarray, astropy: seconds), which
+    # --help, --version and a usage error do without
+    from coron_dask.cli.commands import COMMANDS
+
     COMMANDS[args.command](args)
 
 

@@ -1,9 +1,7 @@
 """The errors a run can end with, each one line for the user: bad input names the file (or
 parameter) and the problem; the cluster says what it could not do; a signal says which."""
 
-import os
 import signal
-import threading
 
 
 class CoronInputError(ValueError):
@@ -29,71 +27,29 @@ class Interrupted(BaseException):
         super().__init__(f"stopped by {signal.Signals(signum).name}")
 
 
-#: The signals this run received. Each is raised as Interrupted where the run is, and
-#: recorded: Python only prints an exception raised inside a garbage-collection callback or
-#: a ``__del__`` and goes on, so the run also asks ``raise_if_stopped`` before it places
-#: its products.
+#: The signals that asked this run to stop, as their handler records them: nothing is
+#: raised from a handler (it may run anywhere, even where Python ignores exceptions); the
+#: run's waiting loops and the check before its products are placed act on the record.
 _received: list[int] = []
-#: Signals whose Interrupted was lost, delivered again (``redeliver``) after this many
-#: seconds, unless the run has ended.
-_lost: list[int] = []
-REDELIVERY_DELAY = 0.01
-_lock = threading.RLock()  # reentrant: a signal handler may run while this thread holds it
 
 
-def stop(signum: int) -> None:
-    """Record ``signum`` and raise Interrupted."""
-    with _lock:
-        _received.append(signum)
-        _lost.clear()  # this one stops the run: a signal sent again would interrupt its cleanup
-    raise Interrupted(signum)
+def record_stop(signum: int) -> None:
+    """Record that ``signum`` asked the run to stop (a signal handler's whole work)."""
+    _received.append(signum)
 
 
 def stopping() -> bool:
-    """Whether a signal already asked this run to stop."""
+    """Whether a signal asked this run to stop."""
     return bool(_received)
 
 
 def raise_if_stopped() -> None:
-    """Raise Interrupted if a signal asked the run to stop and the run went on (the
-    exception was lost where it was raised)."""
-    with _lock:
-        if not _received:
-            return
-        _lost.clear()  # as ``stop``
-    raise Interrupted(_received[0])
-
-
-def redeliver(signum: int) -> None:
-    """An Interrupted was lost where Python ignores exceptions (a garbage-collection
-    callback, a ``__del__``): send its signal again, so that the run stops where it is, as
-    soon as it is back in its own code, rather than at the end of its computation. Sent a
-    moment later from another thread: sent at once, its handler would run where this is
-    called, and be lost again."""
-    with _lock:
-        _lost.append(signum)
-    timer = threading.Timer(REDELIVERY_DELAY, _send_again, (signum,))
-    timer.daemon = True
-    timer.start()
-
-
-def _send_again(signum: int) -> None:
-    with _lock:
-        if _lost:  # the run has not ended meanwhile (``forget_stops``)
-            os.kill(os.getpid(), signum)
-
-
-def was_lost() -> bool:
-    """Whether a signal's Interrupted was lost and not raised again since (once each)."""
-    with _lock:
-        if _lost:
-            _lost.pop()
-            return True
-    return False
+    """Raise Interrupted if a signal asked the run to stop: its waiting loops ask between
+    tasks, and the products ask before they are placed."""
+    if _received:
+        raise Interrupted(_received[0])
 
 
 def forget_stops() -> None:
-    """The run is over: signals it received concern it no more, and none is sent again."""
-    with _lock:
-        _received.clear()
-        _lost.clear()
+    """The run is over: the signals it received concern it no more."""
+    _received.clear()

@@ -245,7 +245,7 @@ def staged_products(products: list[Product]) -> Iterator[list[da.Array]]:
         # references: psfalign and psfsub) is computed once
         _check_passed(passed, sources)
         yield writes
-        raise_if_stopped()  # a signal whose Interrupted was lost where it was raised
+        raise_if_stopped()  # a signal recorded while they were computed: none is placed
     except BaseException:
         for partial in partials:
             _remove(partial)

@@ -27,7 +27,7 @@ from coron_dask.pipeline.observation import (
 )
 from coron_dask.pipeline.provenance import provenance
 from coron_dask.planning.block_plan import BlockPlan, Workers
-from coron_dask.runtime.cluster import measure_workers
+from coron_dask.runtime.deploy import measure_workers
 from coron_dask.steps.align_refs import align_models, alignment_table, median_replace_img
 from coron_dask.steps.klip import KLBasis, kl_basis, subtract
 from coron_dask.steps.outlier_detection import outlier_detection

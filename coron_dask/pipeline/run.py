@@ -15,16 +15,16 @@ from coron_dask.core.parameters import PSFMASK_CHOICES, said
 from coron_dask.io import read_psfmask, write_products
 from coron_dask.pipeline import build  # build.build_products looked up at each run
 from coron_dask.pipeline.observation import Observation, find_psfmask, open_association
-from coron_dask.planning.memory import system_memory
-from coron_dask.runtime.cluster import (
+from coron_dask.runtime.deploy import (
     LOCAL_SCHEDULERS,
     Cluster,
-    check_jobqueue,
-    execute,
     in_process,
     local_worker_count,
     measure_workers,
 )
+from coron_dask.runtime.execute import execute
+from coron_dask.runtime.jobqueue import check_jobqueue
+from coron_dask.runtime.resources import system_memory
 
 log = logging.getLogger(__name__)
 #: Options that say where a run goes, which a cluster or client under way already says.

@@ -8,10 +8,7 @@ and its working set, in bytes. The working sets follow the block functions in
 also holds what waits between tasks (``held``, ``waiting``) on top of its own baseline.
 """
 
-import os
-import resource
 from dataclasses import dataclass
-from pathlib import Path
 
 from coron_dask.io.fitsfile import WRITE_BUFFER
 from coron_dask.kernels.klip import PROJECTION_COLUMNS
@@ -34,44 +31,6 @@ MALLOC = {"MMAP_THRESHOLD": 2**25, "TRIM_THRESHOLD": 2**25, "ARENA_MAX": 2}
 #: What a worker's resident memory may exceed its arrays by, besides its baseline: the
 #: freed memory its heaps keep (distributed calls it unmanaged memory).
 WORKER_RETAINED = MALLOC["ARENA_MAX"] * MALLOC["TRIM_THRESHOLD"]
-#: The control groups' limits a process's memory must stay under: hard (v1, v2) and the
-#: v2 limit above which the kernel throttles and reclaims (a batch job's are in its own
-#: group or an ancestor, not in the root's).
-CGROUP_LIMITS = ("memory.limit_in_bytes", "memory.max", "memory.high")
-
-
-def system_memory() -> int:
-    """The memory this process may use (bytes): the machine's, or less where a control
-    group (a batch job's, a container's) or the RSS resource limit sets less."""
-    limit = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    for folder in _memory_cgroups():
-        for name in CGROUP_LIMITS:
-            try:
-                value = (folder / name).read_text().strip()
-            except OSError:
-                continue
-            if value.isdigit() and int(value) > 0:
-                limit = min(limit, int(value))
-    rss = resource.getrlimit(resource.RLIMIT_RSS)[1]
-    return min(limit, rss) if rss > 0 else limit
-
-
-def _memory_cgroups() -> list[Path]:
-    """The folders of this process's memory control groups and of their ancestors, from
-    /proc/self/cgroup ("id:controllers:path" a line; v2's controllers are empty)."""
-    try:
-        lines = Path("/proc/self/cgroup").read_text().splitlines()
-    except OSError:
-        return []
-    folders = []
-    for line in lines:
-        _, controllers, path = line.split(":", 2)
-        if controllers and "memory" not in controllers.split(","):
-            continue
-        root = Path("/sys/fs/cgroup/memory" if controllers else "/sys/fs/cgroup")
-        group = root / path.lstrip("/")
-        folders += [group, *[p for p in group.parents if p.is_relative_to(root)]]
-    return folders
 
 
 @dataclass(frozen=True)
@@ -251,14 +210,3 @@ def write(nbytes: int, run: int | None = None, buffered: bool = True) -> int:
     chunk (its encoder copies the whole chunk)."""
     copy = min(run or nbytes, WRITE_BUFFER) if buffered else nbytes
     return nbytes + copy + TASK_OVERHEAD
-
-
-def process_memory() -> int:
-    """Resident memory of this process (bytes), once the modules tasks import are loaded:
-    a worker's baseline."""
-    import psutil
-
-    import coron_dask.io.fitsfile
-    import coron_dask.kernels.blocks  # noqa: F401
-
-    return psutil.Process().memory_info().rss

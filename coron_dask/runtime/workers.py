@@ -3,6 +3,9 @@
 memory model counts on, no transparent huge pages, and freed memory given back after each
 task."""
 
+import ctypes
+import signal
+
 from distributed.diagnostics.plugin import WorkerPlugin
 
 from coron_dask.planning.memory import MALLOC
@@ -17,8 +20,6 @@ def dask_setup(worker: object) -> None:
     """Preload of the LocalCluster's worker processes (dask runs it as each starts): they
     ignore SIGINT. Ctrl-C reaches every process of the terminal's group; the run that
     started them catches it, and closes them as it ends."""
-    import signal
-
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
@@ -29,8 +30,6 @@ def configure_memory() -> bool:
     asks for them on large arrays; each then rounds up to 2 MiB, and how much depends on
     the kernel's THP setting, not on the task: measured on 320² FFT kernels, no slower).
     False where the C library is not glibc or the kernel refused."""
-    import ctypes
-
     try:
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
         mallopt, prctl = libc.mallopt, libc.prctl
@@ -49,8 +48,6 @@ class TrimAfterTasks(WorkerPlugin):
     name = "coron-dask-trim"
 
     def setup(self, worker: object) -> None:
-        import ctypes
-
         try:
             self.trim = ctypes.CDLL("libc.so.6").malloc_trim
         except (OSError, AttributeError):

@@ -48,7 +48,7 @@ def median_replace_img(
                 dq,
                 *arguments,
                 dtype=exposure[name].dtype,
-                name=f"fill-{name}-" + tokenize(exposure[name].data, sci, dq, *arguments),
+                name=f"AlignRefs-fill-{name}-" + tokenize(exposure[name].data, sci, dq, *arguments),
             )
         )
         for name in ("sci", "err")
@@ -130,7 +130,7 @@ def align_models(
         new_axes={"k": 3},
         concatenate=True,
         dtype=np.float64,
-        name="align-fit-" + tokenize(target, references["sci"], reading["sci"], mask),
+        name="AlignRefs-fit-" + tokenize(target, references["sci"], reading["sci"], mask),
     )
     if align_to == "first":
         shifts = shifts[0]
@@ -153,7 +153,7 @@ def align_models(
             new_axes={"y": frame[0], "x": frame[1]} if reading[name] else None,
             concatenate=True,
             dtype=np.float32,
-            name=f"align-shift-{name}-" + tokenize(references[name], reading[name], shifts),
+            name=f"AlignRefs-shift-{name}-" + tokenize(references[name], reading[name], shifts),
         )
         for name in references
     }

@@ -52,7 +52,8 @@ def outlier_detection(
         maskpt,
         drop_axis=0,
         dtype=np.float32,
-        name="outlier-median-" + tokenize(slabs["sci"].data, slabs["dq"].data, bad_bits, maskpt),
+        name="OutlierDetection-median-"
+        + tokenize(slabs["sci"].data, slabs["dq"].data, bad_bits, maskpt),
     ).rechunk({0: -1, 1: -1})  # a frame: small, and the flagging keeps whole frames
     sci, err, dq = (exposure[name].data for name in ("sci", "err", "dq"))
     outlier_bits = PIXEL["DO_NOT_USE"] | PIXEL["OUTLIER"]
@@ -78,7 +79,7 @@ def outlier_detection(
             PIXEL["DO_NOT_USE"],
             None,
             dtype=exposure[which].dtype,
-            name=f"outlier-flag-{which}-" + tokenize(sci, err, dq, median, snr),
+            name=f"OutlierDetection-flag-{which}-" + tokenize(sci, err, dq, median, snr),
         )
         return exposure[which].copy(data=data)
 
