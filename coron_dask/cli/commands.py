@@ -7,7 +7,6 @@ from pathlib import Path
 from coron_dask.cli.options import given
 from coron_dask.pipeline.run import check_execution, check_output_dir, run_coron3
 from coron_dask.runtime.jobqueue import jobqueue_cluster
-from coron_dask.science.photometry import companion_figures
 from coron_dask.science.simulate import simulate as simulated
 
 
@@ -78,6 +77,9 @@ def simulate(args: argparse.Namespace) -> None:
 
 def companion_report(products: list[Path], truth_file: Path) -> str:
     """The simulated companion's signal-to-noise per roll and on the sky (i2d)."""
+    # astropy.table and astropy.wcs (0.5 s), which a plain run does without
+    from coron_dask.science.photometry import companion_figures
+
     figures = companion_figures(products, json.loads(truth_file.read_text()))
     rolls = ", ".join(f"{snr:.1f}" for snr in figures["rolls"])
     text = f"companion: S/N {rolls} in the mean psfsub of each roll"
