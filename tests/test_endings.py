@@ -140,6 +140,35 @@ def test_scheduler_file_that_never_appears(asn, tmp_path, capsys):
     )
 
 
+def test_a_signal_ends_the_wait_for_a_scheduler(asn, tmp_path):
+    """SIGTERM while the run waits (up to a minute) for a scheduler file that a batch
+    script's scheduler has not written yet: the wait ends at once, as any run ends on a
+    signal, not when its timeout runs out."""
+    out, path = tmp_path / "out", tmp_path / "scheduler.json"
+    command = [sys.executable, "-m", "coron_dask.cli", "run", asn, "-o", out]
+    environ = {**os.environ, "DASK_CORON_DASK__CLUSTER__SCHEDULER_TIMEOUT": "60"}
+    process = subprocess.Popen(
+        [*command, "--scheduler-file", path], stderr=subprocess.PIPE, text=True, env=environ
+    )
+    err = ""
+    try:
+        while "waiting up to" not in err:  # a line at a time, as the run logs them
+            line = process.stderr.readline()
+            assert line, f"the run ended before it waited: {err}"
+            err += line
+        start = time.monotonic()
+        process.send_signal(signal.SIGTERM)
+        code = process.wait(timeout=30)
+        waited = time.monotonic() - start
+    finally:
+        process.kill()
+    err += process.stderr.read()
+    assert code == 143, err
+    assert waited < 5, waited
+    assert error_line(err) == "coron-dask: error: stopped by SIGTERM; no product was written"
+    assert not out.exists()
+
+
 def test_unexpected_error_is_one_line_and_debug_shows_where(asn, tmp_path, capsys, monkeypatch):
     from coron_dask.pipeline import build as pipeline
 

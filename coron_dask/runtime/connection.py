@@ -66,6 +66,7 @@ def _scheduler_address(scheduler_file: str, timeout: float) -> str:
                 f"{path}: no scheduler wrote its address there within {timeout:g} s "
                 "(--scheduler-file, coron_dask.cluster.scheduler-timeout)"
             )
+        raise_if_stopped()
         time.sleep(0.2)
 
 
@@ -106,6 +107,10 @@ def _workers(count: int) -> str:
     return f"{count} worker" if count == 1 else f"{count} workers"
 
 
+#: Seconds the waits for a scheduler or workers last between two looks at the signals.
+SPELL = 0.5
+
+
 def await_workers(
     client: object,
     count: int,
@@ -131,19 +136,25 @@ def await_workers(
 
     if _joined(client) < count:
         log.info("waiting up to %g s for %s at %s: %s", timeout, _workers(count), address, state())
+        said = time.monotonic()
         while True:
             left = deadline - time.monotonic()
-            try:
-                client.wait_for_workers(count, timeout=max(0.1, min(interval, left)))
+            try:  # in short spells: a signal recorded meanwhile ends the wait
+                client.wait_for_workers(count, timeout=max(0.1, min(SPELL, left)))
                 break
             except TimeoutError:
+                raise_if_stopped()
                 left = deadline - time.monotonic()
                 if left <= 0:
                     raise ClusterError(
                         f"{_joined(client)} of {_workers(count)} joined {address} within "
                         f"{timeout:g} s (--wait-for-workers, coron_dask.cluster.worker-timeout)"
                     ) from None
-                log.info("still waiting for %s (%.0f s left): %s", _workers(count), left, state())
+                if time.monotonic() - said >= interval:
+                    said = time.monotonic()
+                    log.info(
+                        "still waiting for %s (%.0f s left): %s", _workers(count), left, state()
+                    )
     log.info(
         "%s joined %s (waited %.1f s for %d)",
         _workers(_joined(client)),
