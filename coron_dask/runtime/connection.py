@@ -8,7 +8,6 @@ import json
 import logging
 import threading
 import time
-from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
@@ -201,29 +200,26 @@ class StepCounts(SchedulerPlugin):
     name = "coron-dask-steps"
 
     def __init__(self) -> None:
-        self.steps: dict = {}
-        self.totals: Counter = Counter()
-        self.done: Counter = Counter()
+        self.tally = steps.Tally()
 
     def update_graph(self, scheduler: object, *, tasks: Sequence = (), **_: object) -> None:
         known = scheduler.tasks
-        graph = {key: {d.key for d in known[key].dependencies} for key in tasks if key in known}
-        new = steps.labels(graph)
-        self.steps.update(new)
-        self.totals.update(new.values())
+        self.tally.add(
+            {key: {d.key for d in known[key].dependencies} for key in tasks if key in known}
+        )
 
     def transition(self, key: object, start: str, finish: str, *args: object, **_: object) -> None:
-        if finish == "memory" and start == "processing" and key in self.steps:
-            self.done[self.steps[key]] += 1
+        if finish == "memory" and start == "processing":
+            self.tally.finished(key)
 
 
 def _counts(dask_scheduler: object, name: str = StepCounts.name) -> tuple[dict, dict]:
-    plugin = dask_scheduler.plugins[name]
-    return dict(plugin.done), dict(plugin.totals)
+    tally = dask_scheduler.plugins[name].tally
+    return dict(tally.done), dict(tally.totals)
 
 
 def _labels(dask_scheduler: object, name: str = StepCounts.name) -> dict:
-    return dict(dask_scheduler.plugins[name].steps)
+    return dict(dask_scheduler.plugins[name].tally.steps)
 
 
 def cancel(client: Client, futures: list) -> None:
@@ -250,25 +246,32 @@ def _shown(client: Client, lines: "steps.Lines | None", finished: bool = False) 
     return True
 
 
-def follow(client: Client, writes: Sequence[object], lines: "steps.Lines | None") -> dict:
+def follow(
+    client: Client, writes: Sequence[object], lines: "steps.Lines | None", labels: bool = False
+) -> dict:
     """Compute ``writes`` on ``client``, waiting in short spells: between them, a signal
     the run received (``errors.raise_if_stopped``) ends it, and ``lines`` (if given) show
     the progress per step; in Jupyter, distributed's widget does. A task that kills its
     workers raises ClusterError, in one line; any other failure (a task's own error, a
     signal, the scheduler lost: ``Cluster`` says so) is raised as it is, after the other
-    tasks are cancelled and awaited. Returns the step of every task."""
-    counting = True
-    try:
-        client.register_plugin(StepCounts(), name=StepCounts.name)
-    except Exception:  # a scheduler without coron_dask: the run goes on without bars
-        log.debug("no progress per step from this scheduler", exc_info=True)
-        counting = False
+    tasks are cancelled and awaited. Returns the step of every task if ``labels`` (what
+    ``--stats`` needs), else nothing. The scheduler counts the steps only when the bars or
+    the labels are wanted."""
+    widget = lines is not None and steps.in_jupyter()
+    if widget:
+        lines = None
+    counting = lines is not None or labels
+    if counting:
+        try:
+            client.register_plugin(StepCounts(), name=StepCounts.name)
+        except Exception:  # a scheduler without coron_dask: the run goes on without bars
+            log.debug("no progress per step from this scheduler", exc_info=True)
+            counting = False
     futures = []
     try:
         futures = client.compute(list(writes))
-        if lines is not None and steps.in_jupyter():
+        if widget:
             display_widget(futures)
-            lines = None
         showing = counting and lines is not None
         while True:
             try:
@@ -284,7 +287,7 @@ def follow(client: Client, writes: Sequence[object], lines: "steps.Lines | None"
         client.gather(futures)
         if showing:
             _shown(client, lines, finished=True)
-        return client.run_on_scheduler(_labels) if counting else {}
+        return client.run_on_scheduler(_labels) if counting and labels else {}
     except BaseException as error:
         if client.status == "running" and futures:
             cancel(client, futures)

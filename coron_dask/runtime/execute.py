@@ -6,7 +6,6 @@ import contextlib
 import json
 import os
 import time
-from collections import Counter
 from collections.abc import Mapping, Sequence
 
 import dask
@@ -18,6 +17,7 @@ from threadpoolctl import threadpool_limits
 
 from coron_dask.runtime import progress
 from coron_dask.runtime.deploy import THREADED, on_cluster
+from coron_dask.runtime.progress import Lines
 from coron_dask.runtime.settings import seconds
 from coron_dask.runtime.signals import stop_between_tasks
 
@@ -67,19 +67,16 @@ class LocalWatch(Callback):
     progress lines per step, and each task's compute period in the form of distributed's
     task stream (for ``--stats``)."""
 
-    def __init__(self, lines: progress.Lines | None) -> None:
+    def __init__(self, lines: Lines | None) -> None:
         super().__init__()
         self.lines, self.records, self.started = lines, [], {}
-        self.steps: dict = {}
-        self.totals: Counter = Counter()
-        self.done: Counter = Counter()
+        self.tally = progress.Tally()
 
     def _start_state(self, dsk: dict, state: dict) -> None:
         dependencies, _ = get_deps(dsk)
         # data (an array read lazily) is never run as a task
         tasks = {key: deps for key, deps in dependencies.items() if key not in state["cache"]}
-        self.steps = progress.labels(tasks)
-        self.totals = Counter(self.steps.values())
+        self.tally.add(tasks)
 
     def _pretask(self, key: object, _dsk: dict, _state: dict) -> None:
         self.started[key] = time.time()
@@ -88,10 +85,10 @@ class LocalWatch(Callback):
         stop = time.time()
         period = {"action": "compute", "start": self.started.pop(key, stop), "stop": stop}
         self.records.append({"key": key, "startstops": [period]})
-        if self.lines is not None and key in self.steps:
-            self.done[self.steps[key]] += 1
-            finished = self.done == self.totals
-            self.lines.show(progress.summary(self.done, self.totals), finished)
+        if self.lines is not None:
+            self.tally.finished(key)
+            finished = self.tally.done == self.tally.totals
+            self.lines.show(self.tally.summary(), finished)
 
 
 def _one_blas_thread_per_task() -> contextlib.AbstractContextManager:
@@ -120,7 +117,7 @@ def execute(
     a JSON summary: wall time, task seconds per stage and, on a distributed cluster, its
     workers and how many were lost during the run.
     """
-    lines = _lines(seconds("status-interval")) if progress else None
+    lines = Lines(seconds("status-interval")) if progress else None
     start = time.perf_counter()
     summary: dict = {}
     if client is None:
@@ -134,13 +131,13 @@ def execute(
             finally:
                 if lines is not None:
                     lines.close()
-        summary["stages"] = summarize_task_stream(watch.records, watch.steps)
+        summary["stages"] = summarize_task_stream(watch.records, watch.tally.steps)
     else:
         connection = on_cluster()
         before = client.scheduler_info(n_workers=-1)["workers"]
         # current for this run only: nothing of it stays in dask's global configuration
         with client.as_current(), connection.recorded(client, report, bool(stats)) as stream:
-            steps = connection.follow(client, writes, lines)
+            steps = connection.follow(client, writes, lines, labels=bool(stats))
         after = client.scheduler_info(n_workers=-1)["workers"]
         if stream is not None:
             summary = {
@@ -154,7 +151,3 @@ def execute(
         summary["wall_seconds"] = time.perf_counter() - start
         with open(stats, "w") as handle:
             json.dump(summary, handle, indent=2)
-
-
-def _lines(interval: float) -> progress.Lines:
-    return progress.Lines(interval)

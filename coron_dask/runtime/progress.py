@@ -16,6 +16,7 @@ import logging
 import socket
 import sys
 import time
+from collections import Counter
 from collections.abc import Hashable, Mapping
 from importlib.util import find_spec
 from urllib.parse import urlsplit
@@ -107,6 +108,32 @@ def labels(dependencies: Mapping[Hashable, set]) -> dict:
             made = [steps[d] for d in inside[key] if steps[d] is not None]
             steps[key] = max(made, key=rank) if made else OTHER
     return steps
+
+
+class Tally:
+    """The tasks of each step in the graphs added, and how many of them have finished: what
+    the bars show, kept alike by the local schedulers' callback and the cluster's scheduler
+    plugin."""
+
+    def __init__(self) -> None:
+        self.steps: dict = {}
+        self.totals: Counter = Counter()
+        self.done: Counter = Counter()
+
+    def add(self, dependencies: Mapping[Hashable, set]) -> None:
+        """Count the tasks of a graph (``labels``' argument)."""
+        new = labels(dependencies)
+        self.steps.update(new)
+        self.totals.update(new.values())
+
+    def finished(self, key: Hashable) -> None:
+        """A task of the graphs added has finished (others are not counted)."""
+        if key in self.steps:
+            self.done[self.steps[key]] += 1
+
+    def summary(self) -> tuple[list, list]:
+        """``summary`` of the counts so far."""
+        return summary(self.done, self.totals)
 
 
 def _group(label: str) -> str:
