@@ -144,7 +144,7 @@ TWINS = [
         ["--memory-limit", "100TiB", "--n-workers", "4"],
         {"memory_limit": "100TiB", "n_workers": 4},
         "memory_limit",
-        "4 worker(s) × 100TiB is more than this machine's",
+        "4 worker(s) × 100TiB is more than the ",
     ),
     (["--n-workers", "0"], {"n_workers": 0}, "n_workers", "must be >= 1, got 0"),
     (
