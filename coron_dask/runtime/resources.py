@@ -46,14 +46,15 @@ class Allocation:
 
 
 def allocation(
-    proc: Path = PROC, cgroups: Path = CGROUPS, environ: Mapping[str, str] | None = None
+    proc: Path | None = None, cgroups: Path | None = None, environ: Mapping[str, str] | None = None
 ) -> Allocation:
     """The CPUs and memory this process may use: the least of what the node has, its CPU
     affinity, the CPU quota and memory limit of its control groups and their ancestors (v1
     and v2; a batch system sets them on the job's group, above the process's own), the RSS
     resource limit, and a SLURM or PBS job's variables in ``environ`` (default: this
-    process's). ``proc`` and ``cgroups`` are where /proc and /sys/fs/cgroup are read: a
-    test passes a folder tree."""
+    process's). ``proc`` and ``cgroups`` are where /proc and /sys/fs/cgroup are read
+    (default ``PROC``, ``CGROUPS``): a test passes a folder tree."""
+    proc, cgroups = proc or PROC, cgroups or CGROUPS
     environ = os.environ if environ is None else environ
     # the first of equal figures names it: a batch job's variable says most
     cpus, cpus_from = min(
