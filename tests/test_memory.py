@@ -537,4 +537,3 @@ def test_model_bounds_measured_peak(case, client, files):
     assert arrays <= LOOSENESS * measured, (
         f"the model's arrays are loose by {arrays / measured:.2f}× (> {LOOSENESS}×): {shown}"
     )
-
