@@ -38,12 +38,6 @@ class Allocation:
     cpus_from: str
     memory_from: str
 
-    def describe(self) -> str:
-        return (
-            f"{self.cpus} CPU(s) from {self.cpus_from}, "
-            f"{self.memory / 2**30:.2f} GiB from {self.memory_from}"
-        )
-
 
 def allocation(
     proc: Path | None = None, cgroups: Path | None = None, environ: Mapping[str, str] | None = None
@@ -106,7 +100,7 @@ def _rss_limit(proc: Path) -> Iterator[tuple[int, str]]:
         yield int(found[1]), "the RSS resource limit (RLIMIT_RSS)"
 
 
-def cgroup_folders(controller: str, proc: Path = PROC, cgroups: Path = CGROUPS) -> list[Path]:
+def _cgroup_folders(controller: str, proc: Path, cgroups: Path) -> list[Path]:
     """The folders of this process's control groups of ``controller`` (v1) or of the v2
     group, and of their ancestors up to the mount, from /proc/self/cgroup ("id:controllers:
     path" a line; v2's controllers are empty; v1 controllers mounted together, such as
@@ -129,7 +123,7 @@ def cgroup_folders(controller: str, proc: Path = PROC, cgroups: Path = CGROUPS) 
 def _cgroup_cpus(proc: Path, cgroups: Path) -> Iterator[tuple[int, str]]:
     """The CPU quota of each control group of this process's (v2 ``cpu.max``, v1
     ``cpu.cfs_quota_us`` over ``cpu.cfs_period_us``), in CPUs rounded up, as dask rounds."""
-    for folder in cgroup_folders("cpu", proc, cgroups):
+    for folder in _cgroup_folders("cpu", proc, cgroups):
         quota = (_read(folder / "cpu.max") or "").split()
         name = "cpu.max"
         if not quota:
@@ -143,7 +137,7 @@ def _cgroup_cpus(proc: Path, cgroups: Path) -> Iterator[tuple[int, str]]:
 
 def _cgroup_memory(proc: Path, cgroups: Path) -> Iterator[tuple[int, str]]:
     """The memory limits of each control group of this process's."""
-    for folder in cgroup_folders("memory", proc, cgroups):
+    for folder in _cgroup_folders("memory", proc, cgroups):
         for name in CGROUP_LIMITS:
             value = (_read(folder / name) or "").strip()
             if value.isdigit() and int(value) > 0:
