@@ -258,7 +258,7 @@ def local_cluster_size(
     count = local_worker_count(n_workers, threads_per_worker)
     threads = threads_per_worker or config.get("cluster.threads-per-worker")
     if n_workers or config.get("cluster.n-workers"):
-        counted = "n_workers" if n_workers else "coron_dask.cluster.n-workers"
+        counted = "--n-workers" if n_workers else "coron_dask.cluster.n-workers"
     else:
         counted = f"{found.cpus_from}, {threads} thread(s) each"
     limit = worker_memory_limit(count, memory_limit)
@@ -266,7 +266,7 @@ def local_cluster_size(
         shared = f"{found.memory_from} ({format_bytes(found.memory)} / {count})"
         limit_said = format_bytes(limit)
     else:
-        shared = "memory_limit" if memory_limit else "coron_dask.cluster.memory-limit"
+        shared = "--memory-limit" if memory_limit else "coron_dask.cluster.memory-limit"
         limit_said = str(limit)
     log.info("cluster: %d worker(s) from %s; %s each from %s", count, counted, limit_said, shared)
     return count, limit
