@@ -79,6 +79,12 @@ LANES = {
     "tests/test_cli.py::test_run_in_process_never_imports_distributed": "cluster slow",
     "tests/test_cli.py::test_impossible_plan_is_refused_before_any_task": "cluster slow",
     "tests/test_cli.py::test_entry_point_exit_code": "slow",
+    "tests/runtime/test_allocation.py::test_default_local_cluster_under_taskset_has_one_worker": (
+        "cluster slow"
+    ),
+    "tests/runtime/test_allocation.py::test_a_slurm_jobs_run_has_its_one_worker_of_3_gib": (
+        "cluster slow"
+    ),
     "tests/test_endings.py::test_signals_end_the_run_cleanly": "slow",
     "tests/test_endings.py::"
     "test_a_signal_lost_where_python_ignores_exceptions_still_ends_the_run": "slow",

@@ -54,7 +54,7 @@ def no_cluster(monkeypatch):
         (
             ["--memory-limit", "100TiB", "--n-workers", "4"],
             "--memory-limit",
-            "4 worker(s) × 100TiB is more than this machine's",
+            "4 worker(s) × 100TiB is more than the ",
         ),
         (["--bad-bits", "FOO"], "bad_bits", "no DQ flag is named 'FOO'"),
         (["--scheduler", "threads", "--report", "r.html"], "--report", "needs a distributed"),

@@ -34,7 +34,6 @@ from coron_dask.kernels.drizzle import drizzle_block
 from coron_dask.kernels.klip import frame_means
 from coron_dask.planning import memory
 from coron_dask.planning.memory import MIB, Frame
-from coron_dask.runtime import resources
 from coron_dask.steps import blocks as tasks
 
 #: The model's arrays (its peak less the fixed allowance every task has, TASK_OVERHEAD,
@@ -538,18 +537,3 @@ def test_model_bounds_measured_peak(case, client, files):
     assert arrays <= LOOSENESS * measured, (
         f"the model's arrays are loose by {arrays / measured:.2f}× (> {LOOSENESS}×): {shown}"
     )
-
-
-def test_system_memory_is_the_machines_or_a_control_groups(tmp_path, monkeypatch):
-    """The machine's memory as distributed reads it, unless a control group of this process
-    (a batch job's: v2 memory.max or memory.high, v1 memory.limit_in_bytes) sets less."""
-    from distributed.system import memory_limit
-
-    assert resources.system_memory() <= memory_limit()
-    job = tmp_path / "job"
-    job.mkdir()
-    (job / "memory.max").write_text("max\n")  # v2: no hard limit...
-    (job / "memory.high").write_text(f"{3 * 2**30}\n")  # ...but throttled above 3 GiB
-    (tmp_path / "memory.limit_in_bytes").write_text(f"{2**62}\n")  # v1: none
-    monkeypatch.setattr(resources, "_memory_cgroups", lambda: [job, tmp_path])
-    assert resources.system_memory() == min(3 * 2**30, memory_limit())

@@ -261,13 +261,14 @@ SPEC: tuple[Parameter, ...] = (
     Parameter("scheduler_file", "scheduler file of a running dask cluster", read=text,
               role="execution", group=EXECUTION_GROUP),
     Parameter("n_workers", "LocalCluster worker processes", None, "cluster.n-workers",
-              Number(low=1), "one per core", "execution", group=EXECUTION_GROUP),
+              Number(low=1), "one per CPU of the allocation", "execution", group=EXECUTION_GROUP),
     Parameter("in_process_below", "a run with less data (inputs and aligned frames) and no "
               "cluster asked for computes in its own process on threads (null: always a "
               "LocalCluster)", "1 GiB", "cluster.in-process-below", role="setting"),
     Parameter("threads_per_worker", "threads of each LocalCluster worker", 1,
               "cluster.threads-per-worker", role="setting"),
-    Parameter("memory_limit", "memory limit per LocalCluster worker, e.g. '4GiB'", "auto",
+    Parameter("memory_limit", "memory limit per LocalCluster worker, e.g. '4GiB' (auto: the "
+              "allocation's memory shared among the workers)", "auto",
               "cluster.memory-limit", role="execution", group=EXECUTION_GROUP),
     Parameter("dashboard_address", "where the dashboard listens (loopback: reach it with ssh "
               "-L from a laptop)", "127.0.0.1:8787", "cluster.dashboard-address", role="setting"),

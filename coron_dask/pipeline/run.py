@@ -24,7 +24,7 @@ from coron_dask.runtime.deploy import (
 )
 from coron_dask.runtime.execute import execute
 from coron_dask.runtime.jobqueue import check_jobqueue
-from coron_dask.runtime.resources import system_memory
+from coron_dask.runtime.resources import allocation
 
 log = logging.getLogger(__name__)
 #: Options that say where a run goes, which a cluster or client under way already says.
@@ -140,13 +140,14 @@ def check_execution(
             refuse(name("memory_limit"), f"cannot read {memory_limit!r} as a size: e.g. 4GiB")
         if limit <= 0:
             refuse(name("memory_limit"), f"must be more than 0, got {memory_limit!r}")
-        count, available = local_worker_count(options.get("n_workers")), system_memory()
-        if count * limit > available:
+        count, available = local_worker_count(options.get("n_workers")), allocation()
+        if count * limit > available.memory:
             refuse(
                 name("memory_limit"),
-                f"{count} worker(s) × {memory_limit} is more than this machine's "
-                f"{available / 2**30:.1f} GiB: the system would kill workers before dask "
-                "could pause them (fewer workers, or a smaller limit)",
+                f"{count} worker(s) × {memory_limit} is more than the "
+                f"{available.memory / 2**30:.1f} GiB this run may use "
+                f"({available.memory_from}): the system would kill workers before dask could "
+                "pause them (fewer workers, or a smaller limit)",
             )
     for option in ("report", "stats"):
         path = options.get(option)

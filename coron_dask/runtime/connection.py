@@ -29,7 +29,7 @@ from coron_dask.planning.block_plan import Workers
 from coron_dask.planning.memory import MALLOC
 from coron_dask.runtime import progress as steps
 from coron_dask.runtime.jobqueue import quiet_port_warning
-from coron_dask.runtime.resources import process_memory, system_memory
+from coron_dask.runtime.resources import allocation, process_memory
 from coron_dask.runtime.settings import seconds
 from coron_dask.runtime.workers import TrimAfterTasks, configure_memory
 
@@ -189,7 +189,7 @@ def measure_cluster(client: Client) -> Workers:
     except (OSError, CommClosedError, KeyError):  # the scheduler went away while we asked
         raise ClusterError("lost the connection to the scheduler") from None
     threads = min(w["nthreads"] for w in info.values())
-    limit = min(w["memory_limit"] or system_memory() for w in info.values())
+    limit = min(w["memory_limit"] or allocation().memory for w in info.values())
     return Workers(len(info), threads, limit, max(baselines.values()))
 
 

@@ -5,7 +5,6 @@ dask's local schedulers; the workers there as the block plan sees them."""
 import concurrent.futures
 import contextlib
 import logging
-import os
 import sys
 from types import ModuleType
 
@@ -17,7 +16,7 @@ from coron_dask.core.errors import ClusterError, CoronInputError, Interrupted
 from coron_dask.planning.block_plan import Workers
 from coron_dask.runtime import progress
 from coron_dask.runtime.jobqueue import queue_state, start_jobs, workers_per_job
-from coron_dask.runtime.resources import process_memory, system_memory
+from coron_dask.runtime.resources import allocation, process_memory
 
 log = logging.getLogger(__name__)
 
@@ -88,21 +87,23 @@ class Cluster:
             # rechunks by tasks, as they must here: dask would import distributed (0.4 s)
             # only to find that no client is there to rechunk peer to peer
             local = {"scheduler": scheduler, "array.rechunk.method": "tasks"}
+            if scheduler in THREADED:  # the allocation's CPUs, not the node's
+                local["num_workers"] = local_threads()
             self._config.enter_context(dask.config.set(local))
         elif not (scheduler or scheduler_file):
             threads_per_worker = threads_per_worker or config.get("cluster.threads-per-worker")
-            memory_limit = memory_limit or config.get("cluster.memory-limit")
             dashboard_address = dashboard_address or config.get("cluster.dashboard-address")
             if kind != "local":  # dask-jobqueue needs the main thread (it sets signal handlers)
                 self._local = concurrent.futures.Future()
                 self._local.set_result(start_jobs(kind, jobs, adapt, dashboard_address))
                 return
             self._config.callback(_main_not_rerun())
+            count, limit = local_cluster_size(n_workers, threads_per_worker, memory_limit)
             options = dict(
-                n_workers=local_worker_count(n_workers, threads_per_worker),
+                n_workers=count,
                 threads_per_worker=threads_per_worker,
                 processes=True,
-                memory_limit=memory_limit,
+                memory_limit=limit,
                 dashboard_address=dashboard_address,
                 host="127.0.0.1",
             )
@@ -207,20 +208,68 @@ def in_process(
         return False
     log.info(
         "cluster: %s of data, less than coron_dask.cluster.in-process-below (%s): computing "
-        "in this process on %d threads, no worker processes to start (--n-workers starts "
+        "in this process on %s, no worker processes to start (--n-workers starts "
         "a LocalCluster and its dashboard)",
         format_bytes(data_bytes),
         below,
-        os.cpu_count() or 1,
+        _threads_said(),
     )
     return True
 
 
+def local_threads() -> int:
+    """The threads of dask's threaded scheduler in this process: dask's ``num_workers``
+    if set, else the allocation's CPUs (``resources.allocation``)."""
+    return dask.config.get("num_workers", None) or allocation().cpus
+
+
+def _threads_said() -> str:
+    if dask.config.get("num_workers", None):
+        return f"{local_threads()} threads (dask's num_workers)"
+    found = allocation()
+    return f"{found.cpus} thread(s) from {found.cpus_from}"
+
+
 def local_worker_count(n_workers: int | None = None, threads_per_worker: int | None = None) -> int:
     """The worker processes of the LocalCluster a run starts: ``n_workers``, else the
-    setting ``coron_dask.cluster.n-workers``, else as many as the cores give threads."""
+    setting ``coron_dask.cluster.n-workers``, else as many as the allocation's CPUs
+    (``resources.allocation``: affinity, control groups, the batch job) give threads."""
     threads = threads_per_worker or config.get("cluster.threads-per-worker")
-    return n_workers or config.get("cluster.n-workers") or max(1, (os.cpu_count() or 1) // threads)
+    return n_workers or config.get("cluster.n-workers") or max(1, allocation().cpus // threads)
+
+
+def worker_memory_limit(count: int, memory_limit: str | float | None = None) -> str | float:
+    """The memory limit of each of ``count`` LocalCluster workers: ``memory_limit``, else
+    the setting ``coron_dask.cluster.memory-limit``; "auto" shares the allocation's memory
+    (``resources.allocation``) among them, where distributed's "auto" would share the
+    node's."""
+    limit = memory_limit or config.get("cluster.memory-limit")
+    return allocation().memory // count if limit == "auto" else limit
+
+
+def local_cluster_size(
+    n_workers: int | None = None,
+    threads_per_worker: int | None = None,
+    memory_limit: str | float | None = None,
+) -> tuple[int, str | float]:
+    """The LocalCluster's worker count and each worker's memory limit (``local_worker_count``,
+    ``worker_memory_limit``), logging where each came from."""
+    found = allocation()
+    count = local_worker_count(n_workers, threads_per_worker)
+    threads = threads_per_worker or config.get("cluster.threads-per-worker")
+    if n_workers or config.get("cluster.n-workers"):
+        counted = "--n-workers" if n_workers else "coron_dask.cluster.n-workers"
+    else:
+        counted = f"{found.cpus_from}, {threads} thread(s) each"
+    limit = worker_memory_limit(count, memory_limit)
+    if (memory_limit or config.get("cluster.memory-limit")) == "auto":
+        shared = f"{found.memory_from} ({format_bytes(found.memory)} / {count})"
+        limit_said = format_bytes(limit)
+    else:
+        shared = "--memory-limit" if memory_limit else "coron_dask.cluster.memory-limit"
+        limit_said = str(limit)
+    log.info("cluster: %d worker(s) from %s; %s each from %s", count, counted, limit_said, shared)
+    return count, limit
 
 
 #: The loggers of a cluster's machinery: distributed's, and the event loop's under it
@@ -271,9 +320,9 @@ def measure_workers(client: object | None) -> Workers:
     """The workers of the cluster ``client`` is connected to, as the block plan sees them:
     count, threads and memory limit of each (the smallest, for a mixed cluster) and the
     largest baseline measured on them. With dask's local schedulers (``client`` None):
-    this process, with this machine's memory and cores. Workers without a memory limit
-    get this machine's."""
+    this process, with the allocation's memory and CPUs (``resources.allocation``). Workers
+    without a memory limit get this process's allocation's memory."""
     if client is None:  # no distributed to import
-        threads = (os.cpu_count() or 1) if dask.config.get("scheduler", None) in THREADED else 1
-        return Workers(1, threads, system_memory(), process_memory())
+        threads = local_threads() if dask.config.get("scheduler", None) in THREADED else 1
+        return Workers(1, threads, allocation().memory, process_memory())
     return on_cluster().measure_cluster(client)

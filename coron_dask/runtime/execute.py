@@ -16,7 +16,7 @@ from dask.core import get_deps
 from threadpoolctl import threadpool_limits
 
 from coron_dask.runtime import progress
-from coron_dask.runtime.deploy import THREADED, on_cluster
+from coron_dask.runtime.deploy import THREADED, measure_workers, on_cluster
 from coron_dask.runtime.progress import Lines
 from coron_dask.runtime.settings import seconds
 from coron_dask.runtime.signals import stop_between_tasks
@@ -114,8 +114,9 @@ def execute(
     between tasks (Interrupted).
 
     ``report`` saves dask's HTML performance report (a distributed cluster only); ``stats``
-    a JSON summary: wall time, task seconds per stage and, on a distributed cluster, its
-    workers and how many were lost during the run.
+    a JSON summary: wall time, task seconds per stage, the workers (count, threads, memory
+    limit of each; this process on dask's local schedulers) and how many were lost during
+    the run.
     """
     lines = Lines(seconds("status-interval")) if progress else None
     start = time.perf_counter()
@@ -131,6 +132,14 @@ def execute(
             finally:
                 if lines is not None:
                     lines.close()
+        if stats:  # this process, as the block plan saw it
+            workers = measure_workers(None)
+            summary = {
+                "workers": workers.count,
+                "threads": workers.threads,
+                "memory_limit_per_worker": workers.memory_limit,
+                "workers_lost": 0,
+            }
         summary["stages"] = summarize_task_stream(watch.records, watch.tally.steps)
     else:
         connection = on_cluster()
