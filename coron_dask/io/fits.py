@@ -201,7 +201,8 @@ class HduHeader:
 
     @property
     def name(self) -> str:
-        return str(self.header.get("EXTNAME", "PRIMARY")).strip().upper()
+        """EXTNAME, as astropy names an HDU ("PRIMARY" for the first, "" for none)."""
+        return str(self.header.get("EXTNAME", "PRIMARY" if "SIMPLE" in self.header else ""))
 
 
 def _data_bytes(header: fits.Header) -> int:
