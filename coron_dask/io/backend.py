@@ -256,6 +256,7 @@ def _dataset(path: Path, contents: Contents, drop: set) -> xr.Dataset:
         variable = xr.Variable(dims, data, image.keywords)
         chunks = whole_frames(shape, np.dtype(image.source.dtype).itemsize, image.stored)
         variable.encoding["preferred_chunks"] = dict(zip(dims, chunks, strict=True))
+        log.debug("%s: %s %s in chunks of %s frames", path.name, image.name, shape, chunks[:-2])
         variables[image.name] = variable
     by_preference = sorted(
         contents.images, key=lambda i: PRINCIPAL.index(i.name) if i.name in PRINCIPAL else 9
@@ -277,7 +278,7 @@ def _dataset(path: Path, contents: Contents, drop: set) -> xr.Dataset:
         keywords = {"ALIGN_TO": contents.align_to}
         dataset["shift"] = _alignment(contents.align, sizes, keywords)
         dataset = dataset.assign_coords(param=PARAMS)
-    return dataset
+    return dataset.drop_vars(drop & set(dataset.variables))
 
 
 def read_contents(path: Path) -> Contents:

@@ -126,7 +126,11 @@ def test_fits_and_zarr_open_to_the_same_dataset(run):
             kept = set(fits_ds.attrs) - PER_RUN
             assert {k: zarr_ds.attrs[k] for k in kept} == {k: fits_ds.attrs[k] for k in kept}
             assert len(zarr_ds.attrs["HISTORY"]) == len(fits_ds.attrs["HISTORY"])
-        assert engine[1]["SCI" if "SCI" in engine[1] else "SNR"].chunks is None  # no dask
+            assert engine[1]["SCI" if "SCI" in engine[1] else "SNR"].chunks is None  # no dask
+    psfalign = next(p for p in stores if p.name.endswith("_psfalign.zarr"))
+    dropped = xr.open_dataset(psfalign, engine="coron_dask", drop_variables=["ra", "ERR", "shift"])
+    assert {"dec", "SCI"} <= set(dropped.variables)
+    assert not {"ra", "ERR", "shift"} & set(dropped.variables)
 
 
 def test_preferred_chunks_are_whole_frames_of_the_chunk_size(run):
