@@ -101,6 +101,7 @@ LANES = {
         "slow"
     ),
     "tests/test_plots.py::test_zarr_products_plot_as_fits_do": "slow",
+    "tests/io/test_open_cost.py::test_a_368_mb_psfalign_opens_in_under_50_mb": "slow",
     "tests/test_config.py::test_environment_variable_overrides": "slow",
     "tests/test_photometry.py::test_snr_map_large_image_spot_checks": "slow",
     "tests/test_detection.py::test_the_companion_is_the_one_candidate_at_its_place": "slow",

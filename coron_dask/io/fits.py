@@ -5,6 +5,8 @@ and opens the file itself: no open file handle, lock or memory map travels to a 
 """
 
 import functools
+import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import dask.array as da
@@ -15,6 +17,8 @@ from dask.base import tokenize
 
 from coron_dask.core.errors import CoronInputError
 from coron_dask.io.fitsfile import FitsExtension
+
+log = logging.getLogger(__name__)
 
 #: Keywords that describe a FITS HDU's layout rather than the data: never carried over.
 STRUCTURAL = frozenset(
@@ -71,15 +75,22 @@ def _open_checked(path: Path) -> fits.HDUList:
     return hdul
 
 
-def _data_offset(path: str, hdu: fits.ImageHDU) -> int:
-    """Where the data of an uncompressed, unscaled image extension start in its file."""
-    header = hdu.header
-    if isinstance(hdu, fits.CompImageHDU) or header.get("ZIMAGE"):
-        raise CoronInputError(path, f"{hdu.name} is tile-compressed; expected a plain image")
+def check_plain(path: object, name: str, header: fits.Header) -> None:
+    """Raise CoronInputError unless extension ``name`` is an uncompressed, unscaled image
+    (unsigned integers through BZERO): what ``FitsExtension`` reads."""
+    if header.get("ZIMAGE"):
+        raise CoronInputError(path, f"{name} is tile-compressed; expected a plain image")
     dtype = _image_dtype(header)
     bzero = header.get("BZERO", 0) if dtype.kind != "u" else 0
     if header.get("BSCALE", 1) != 1 or bzero != 0:
-        raise CoronInputError(path, f"{hdu.name} is scaled (BSCALE/BZERO); expected raw values")
+        raise CoronInputError(path, f"{name} is scaled (BSCALE/BZERO); expected raw values")
+
+
+def _data_offset(path: str, hdu: fits.ImageHDU) -> int:
+    """Where the data of an uncompressed, unscaled image extension start in its file."""
+    if isinstance(hdu, fits.CompImageHDU):
+        raise CoronInputError(path, f"{hdu.name} is tile-compressed; expected a plain image")
+    check_plain(path, hdu.name, hdu.header)
     return hdu.fileinfo()["datLoc"]
 
 
@@ -173,3 +184,95 @@ def read_psfmask(path: str | Path, shape: tuple[int, int]) -> np.ndarray:
     if not np.all(np.isfinite(mask)) or not np.any(mask != 0):
         raise CoronInputError(path, "PSFMASK has no usable weights (all zero or not finite)")
     return mask
+
+
+#: FITS's record: headers and data areas are padded to whole records.
+RECORD = 2880
+
+
+@dataclass(frozen=True)
+class HduHeader:
+    """One HDU of a FITS file as its header says: the header, where its data start and
+    how many bytes they hold (padding excluded)."""
+
+    header: fits.Header
+    offset: int
+    nbytes: int
+
+    @property
+    def name(self) -> str:
+        """EXTNAME, as astropy names an HDU ("PRIMARY" for the first, "" for none)."""
+        return str(self.header.get("EXTNAME", "PRIMARY" if "SIMPLE" in self.header else ""))
+
+
+def _data_bytes(header: fits.Header) -> int:
+    """The bytes of an HDU's data, from its header (FITS standard, 4.4.1)."""
+    naxis = header.get("NAXIS", 0)
+    axes = [header.get(f"NAXIS{i}", 0) for i in range(1, naxis + 1)]
+    if axes and axes[0] == 0 and header.get("GROUPS"):  # random groups: NAXIS1 is 0
+        axes = axes[1:]
+    elements = int(np.prod(axes, dtype=np.int64)) if axes else 0
+    count = header.get("GCOUNT", 1) * (header.get("PCOUNT", 0) + elements)
+    return abs(header["BITPIX"]) // 8 * count
+
+
+def read_headers(path: Path) -> list[HduHeader]:
+    """Every HDU's header of the FITS file at ``path``, and where its data lie, read header
+    by header, seeking past the data: a 16 GB product costs its few kB of headers (astropy
+    reads an HDU's data when asked whether it has any). CoronInputError for what is not
+    a FITS file."""
+    size = path.stat().st_size
+    hdus: list[HduHeader] = []
+    with open(path, "rb") as handle:
+        while handle.tell() < size:
+            start = handle.tell()
+            first = handle.read(8)
+            handle.seek(start)
+            if first != (b"XTENSION" if hdus else b"SIMPLE  "):
+                if not hdus:
+                    raise CoronInputError(path, "not a FITS file (no SIMPLE card first)")
+                log.warning("%s: %d bytes after the last HDU ignored", path, size - start)
+                break
+            try:
+                header = fits.Header.fromfile(handle)
+            except Exception as error:  # astropy raises many kinds for a damaged header
+                raise CoronInputError(path, f"not a readable FITS file ({error})") from None
+            hdus.append(HduHeader(header, handle.tell(), _data_bytes(header)))
+            handle.seek(hdus[-1].offset + -(-hdus[-1].nbytes // RECORD) * RECORD)
+    if not hdus:
+        raise CoronInputError(path, "not a FITS file (empty)")
+    if hdus[-1].offset + hdus[-1].nbytes > size:
+        raise CoronInputError(path, f"the file ends inside {hdus[-1].name}'s data (truncated)")
+    return hdus
+
+
+#: The numpy types of binary table columns (TFORMn's letter), big-endian as stored.
+_COLUMN_TYPES = {"B": "u1", "I": ">i2", "J": ">i4", "K": ">i8", "E": ">f4", "D": ">f8"}
+
+
+def read_table(path: Path, hdu: HduHeader) -> np.ndarray:
+    """The rows of binary table ``hdu`` (a structured array; text as bytes), read from its
+    data area alone."""
+    header = hdu.header
+    fields = []
+    for number in range(1, header["TFIELDS"] + 1):
+        name, form = header[f"TTYPE{number}"], str(header[f"TFORM{number}"]).strip()
+        repeat, code = int(form[:-1] or 1), form[-1]
+        if code == "A":
+            fields.append((name, f"S{repeat}"))
+        elif code in _COLUMN_TYPES:
+            fields.append(
+                (name, _COLUMN_TYPES[code], (repeat,))
+                if repeat > 1
+                else (name, _COLUMN_TYPES[code])
+            )
+        else:
+            raise CoronInputError(path, f"{hdu.name} column {name} has format {form}, not read")
+    record = np.dtype(fields)
+    if record.itemsize != header["NAXIS1"]:
+        raise CoronInputError(
+            path, f"{hdu.name} rows are {header['NAXIS1']} bytes, its columns {record.itemsize}"
+        )
+    with open(path, "rb") as handle:
+        handle.seek(hdu.offset)
+        return np.frombuffer(handle.read(hdu.nbytes), dtype=record, count=header["NAXIS2"])

@@ -1,8 +1,8 @@
 """A product as a Zarr store (for products too big for FITS readers): a group with the
 primary keywords as attributes and one array per extension, named and labelled as in the
 FITS file, readable with ``xarray.open_zarr``; a table is a group of that name with one
-array per column (``xarray.open_zarr(store, group=name)``). zarr is imported only when a
-store is written."""
+array per column (``xarray.open_zarr(store, group=name)``). ``read_store`` reads what a
+store holds for ``io.backend``. zarr is imported only when a store is written or read."""
 
 import warnings
 from pathlib import Path
@@ -10,6 +10,7 @@ from pathlib import Path
 import dask.array as da
 import numpy as np
 
+from coron_dask.core.errors import CoronInputError
 from coron_dask.io.products import Extension, Product
 
 
@@ -122,3 +123,47 @@ def reserve_zarr(product: Product, partial: Path) -> list["ZarrArray | ZarrTable
         warnings.filterwarnings("ignore", message="Consolidated metadata")
         zarr.consolidate_metadata(str(partial))  # metadata is final: readers open it at once
     return [zarr_target(partial, extension) for extension in product.extensions]
+
+
+class ZarrSource:
+    """Array-like view of one array of a Zarr store, for reading (``io.backend``): any
+    slab of it, the array opened on the first read (picklable: a task opens it itself)."""
+
+    def __init__(self, store: Path, name: str, shape: tuple[int, ...], dtype: np.dtype) -> None:
+        self.store = str(store)
+        self.name = name
+        self.shape = tuple(shape)
+        self.dtype = np.dtype(dtype)
+        self._opened = None
+
+    def __getstate__(self) -> dict:
+        return {**vars(self), "_opened": None}
+
+    def __getitem__(self, key: tuple) -> np.ndarray:
+        if self._opened is None:
+            self._opened = _zarr().open_array(self.store, path=self.name, mode="r")
+        return np.asarray(self._opened[key])
+
+
+def read_store(
+    path: Path,
+) -> tuple[dict, list[tuple[ZarrSource, dict, tuple[int, ...]]], dict[str, tuple[dict, dict]]]:
+    """What a store written by ``reserve_zarr`` holds, from its metadata alone: the primary
+    keywords; each array (in the store's order) as a ``ZarrSource`` with its keywords and
+    its chunks; each table (a group) as its columns, read, and its keywords.
+    CoronInputError for a folder that is not a Zarr store."""
+    if not (path / "zarr.json").is_file() and not (path / ".zgroup").is_file():
+        raise CoronInputError(path, "a folder that is not a Zarr store (no zarr.json)")
+    try:
+        group = _zarr().open_group(str(path), mode="r")
+        images = [
+            (ZarrSource(path, name, array.shape, array.dtype), dict(array.attrs), array.chunks)
+            for name, array in group.arrays()
+        ]
+        tables = {
+            name: ({column: array[...] for column, array in table.arrays()}, dict(table.attrs))
+            for name, table in group.groups()
+        }
+    except Exception as error:  # zarr raises many kinds for a damaged store
+        raise CoronInputError(path, f"not a readable Zarr store ({error})") from None
+    return dict(group.attrs), images, tables

@@ -44,6 +44,8 @@ def read_product(path: Path, what: str) -> xr.Dataset:
     saying that ``what`` of it cannot be read."""
     try:
         return open_product(path)
+    except CoronInputError as error:  # names the product already
+        raise CoronInputError(error.source, f"cannot read {what}: {error.problem}") from None
     except (OSError, ValueError, KeyError, TypeError) as error:
         raise CoronInputError(path, f"cannot read {what} ({error})") from None
 

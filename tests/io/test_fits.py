@@ -8,6 +8,7 @@ from astropy.io import fits
 
 from coron_dask.core.errors import CoronInputError
 from coron_dask.io import open_exposure, read_psfmask
+from coron_dask.io.fits import read_headers, read_table
 from tests.conftest import count_computes
 
 
@@ -99,3 +100,46 @@ def test_extension_read_in_the_files_byte_order(observation_dir):
             np.testing.assert_array_equal(native, data[1:3, :, 5:9])
             assert native.dtype.isnative
             assert raw.dtype.isnative == (dtype.kind != "f")
+
+
+def test_headers_read_alone_place_the_data_where_astropy_does(tmp_path, observation_dir):
+    """read_headers (headers only, seeking past the data) against astropy's data offsets
+    and sizes, on a calints and on a file of every kind of HDU: images of several types,
+    a table with a heap (variable-length arrays: PCOUNT), a tile-compressed image, an
+    extension without a name; its table rows as astropy reads them."""
+    rng = np.random.default_rng(1)
+    rows = fits.BinTableHDU.from_columns(
+        [
+            fits.Column("PSF", "J", array=np.arange(5)),
+            fits.Column("DX", "D", array=rng.normal(size=5)),
+            fits.Column("NAME", "7A", array=[f"ref{i}" for i in range(5)]),
+        ],
+        name="ALIGN",
+    )
+    heap = fits.BinTableHDU.from_columns(
+        [fits.Column("V", "PJ()", array=np.array([np.arange(n) for n in (3, 70, 9)], object))]
+    )
+    mixed = tmp_path / "mixed.fits"
+    fits.HDUList(
+        [
+            fits.PrimaryHDU(),
+            fits.ImageHDU(rng.normal(size=(3, 5, 7)).astype(">f4"), name="SCI"),
+            heap,
+            fits.CompImageHDU(rng.integers(0, 9, (40, 30)).astype("i2"), name="ZIMG"),
+            rows,
+            fits.ImageHDU(np.arange(12, dtype=np.uint16).reshape(3, 4), name="DQ"),
+            fits.ImageHDU(),
+        ]
+    ).writeto(mixed)
+    for path in (mixed, calints(observation_dir)):
+        with fits.open(path) as hdul:
+            expected = [(h.name, h.fileinfo()["datLoc"]) for h in hdul]
+            spans = [h.fileinfo()["datSpan"] for h in hdul]
+        hdus = read_headers(path)
+        assert [(h.name, h.offset) for h in hdus] == expected
+        assert [-(-h.nbytes // 2880) * 2880 for h in hdus] == spans
+    align = next(h for h in read_headers(mixed) if h.name == "ALIGN")
+    table = read_table(mixed, align)
+    for name in ("PSF", "DX"):
+        np.testing.assert_array_equal(table[name], rows.data[name])
+    assert list(np.char.decode(table["NAME"], "ascii")) == list(rows.data["NAME"])
