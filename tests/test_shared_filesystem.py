@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks.hashes import fingerprints
-from tests.conftest import run_cli
+from tests.conftest import run_cli, start_cli
 
 DASK = str(Path(sys.executable).parent / "dask")
 
@@ -145,6 +145,57 @@ def test_a_worker_that_sees_another_folder_is_refused(cluster, asn, observation_
     assert addresses["sees-it"] not in last
     assert "block plan" not in done.stderr  # refused before the products were built
     assert list(parent.iterdir()) == []  # no products, partials, token, nor the folder
+
+
+def test_a_worker_that_joins_during_the_run_and_sees_another_folder_fails_it(
+    cluster, busy_observation, tmp_path
+):
+    """A worker that joins once the run computes (as an adaptive jobqueue cluster's do) and
+    sees no output folder fails the run (exit 3) in one line naming it; no product is
+    written. The first worker is held (SIGSTOP) while the second joins, so that the run
+    cannot end before it."""
+    from distributed import Client
+
+    parent = tmp_path / "shared"
+    parent.mkdir()
+    out = parent / "products"
+    cluster.worker("sees-it")
+    cluster.addresses(1)
+    address = json.loads(cluster.scheduler_file.read_text())["address"]
+    run = start_cli(
+        "run",
+        busy_observation,
+        "-o",
+        out,
+        "--psfmask",
+        busy_observation.parent / "psfmask.fits",
+        "--scheduler-file",
+        cluster.scheduler_file,
+        "--integrations-per-chunk",
+        1,
+    )
+    with Client(address, timeout=60, set_as_default=False) as client:
+        deadline = time.monotonic() + 300
+        while not any(client.processing().values()):  # the run computes
+            assert run.poll() is None and time.monotonic() < deadline, run.stderr.read()
+            time.sleep(0.05)
+        (pid,) = client.run(os.getpid).values()
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        cluster.worker("joins-late", f"mount -t tmpfs tmpfs {shlex.quote(str(parent))}")
+        late = cluster.addresses(2)["joins-late"]
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    _, err = run.communicate(timeout=300)
+    assert run.returncode == 3, err
+    assert "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    assert last == (
+        f"coron-dask: error: cluster: {out}: the output folder is not seen at this path by 1 "
+        f"worker that joined during the run: {late} on {socket.gethostname()}: no such folder "
+        "(the client's token file is not there); no product was written"
+    )
+    assert list(parent.iterdir()) == []
 
 
 def test_workers_that_share_the_folder_by_bind_mounts(cluster, asn, observation_dir, tmp_path):

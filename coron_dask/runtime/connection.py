@@ -202,8 +202,7 @@ def measure_cluster(client: Client) -> Workers:
 
 
 def _not_seen(seen: dict) -> list[str]:
-    """``address on host: problem`` for each worker of ``seen`` (``shared_view``'s answers,
-    or the error of one that could not answer) that does not see the run's folders."""
+    """``address on host: problem`` of each worker of ``seen`` that does not see as we do."""
     return [
         f"{address}: the check failed ({answer!r})"
         if isinstance(answer, BaseException)
@@ -244,8 +243,9 @@ def shared_folder(
                 f"{_workers(len(seen))} (products need one filesystem all workers share): "
                 + "; ".join(refused),
             )
+        every = "the" if len(seen) == 1 else "all"
         inputs = f" and its {len(members)} input files" if members else ""
-        log.info("output folder %s%s seen by all %s", folder, inputs, _workers(len(seen)))
+        log.info("output folder %s%s seen by %s %s", folder, inputs, every, _workers(len(seen)))
         client.register_plugin(SharedFolderCheck(*view), name=SHARED_TOPIC)
         registered = True
         yield lambda: _late_workers(client, folder, token.name)
