@@ -271,3 +271,39 @@ def _primary(path: Path) -> list[str]:
 
     cards = fits.getheader(path).cards
     return [VARIES.sub("<varies>", str(card)) for card in cards if card.keyword != "DATE"]
+
+
+def test_what_a_worker_does_not_see_is_said(observation_dir, tmp_path, monkeypatch):
+    """The worker's side of the check, in this process: each way of seeing another folder
+    than the client's is named (no cluster needed to see another working folder, a folder
+    missing, a token file differing, an input file missing)."""
+    from coron_dask.runtime.workers import shared_view
+
+    out = tmp_path / "products"
+    out.mkdir()
+    (out / ".token").write_text("abc")
+    members = tuple(str(p) for p in sorted(observation_dir.glob("*_calints.fits")))
+    assert len(members) == 5
+    host = socket.gethostname()
+    assert shared_view(str(out), str(out), ".token", "abc", members) == (host, None)
+    assert os.listdir(out) == [".token"]  # its own file written and removed
+    monkeypatch.chdir(tmp_path)
+    assert shared_view(str(out), "products", ".token", "abc", members) == (host, None)
+    monkeypatch.chdir(out)
+    assert shared_view(str(out), "products", ".token", "abc", ())[1] == (
+        f"products is {out / 'products'} from its working folder {out}"
+    )
+    missing = tmp_path / "elsewhere"
+    assert shared_view(str(missing), str(missing), ".token", "abc", ())[1] == (
+        "no such folder (the client's token file is not there)"
+    )
+    assert shared_view(str(out), str(out), ".other", "abc", ())[1] == (
+        "another folder of that name (the client's token file is not there)"
+    )
+    assert shared_view(str(out), str(out), ".token", "abd", ())[1] == (
+        "another folder of that name (the client's token file differs)"
+    )
+    gone = str(tmp_path / "gone_calints.fits")
+    assert shared_view(str(out), str(out), ".token", "abc", (*members, gone))[1] == (
+        f"cannot read the input file {gone} (No such file or directory)"
+    )

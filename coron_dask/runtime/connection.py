@@ -7,6 +7,7 @@ a scheduler plugin of ours, the signals' record, cancellation)."""
 import contextlib
 import json
 import logging
+import os
 import secrets
 import threading
 import time
@@ -218,12 +219,12 @@ def shared_folder(
 ) -> Iterator[Callable[[], None]]:
     """Check, before anything is computed, that every worker sees the output folder at the
     same absolute path (reads a hidden token file of random content written there, writes
-    there) and can read the input files ``members``: workers write blocks into partial and
-    scratch files there and read references back. Raises CoronInputError, in one line
-    naming each worker that does not (address and host). Workers that join later check as
-    they start (``SharedFolderCheck``); yields what raises ClusterError if one did not. The
-    token stays for the run, then goes whatever happens, as do folders made for a failed run."""
-    given, folder = str(output_dir), Path(output_dir).absolute()
+    there) and can read the input files ``members``: workers write partial and scratch
+    files there and read references back. Raises CoronInputError, one line naming each
+    worker that does not (address, host). Workers that join later check as they start
+    (``SharedFolderCheck``): yields what raises ClusterError if one did not. The token
+    (kept for them), and folders made for a failed run, are removed whatever happens."""
+    given, folder = str(output_dir), Path(os.path.abspath(output_dir))  # as workers see it
     made = [path for path in (folder, *folder.parents) if not path.exists()]
     token = folder / f".coron-dask-shared-{secrets.token_hex(8)}"
     members = tuple(str(Path(member).resolve()) for member in members)
@@ -268,8 +269,7 @@ def _late_workers(client: Client, folder: Path, token: str) -> None:
     if late:
         raise ClusterError(
             f"{folder}: the output folder is not seen at this path by {_workers(len(late))} "
-            "that joined during the run: "
-            + "; ".join(f"{e['worker']} on {e['host']}: {e['problem']}" for e in late)
+            "that joined during the run: " + "; ".join(event["seen"] for event in late)
         )
 
 

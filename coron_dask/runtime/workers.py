@@ -108,7 +108,8 @@ class SharedFolderCheck(WorkerPlugin):
     """A dask worker plugin, registered for the duration of a run: a worker that joins
     during it (an adaptive jobqueue cluster's) checks ``shared_view`` as it starts and, if
     it does not see the output folder as the client does, logs an event of
-    ``SHARED_TOPIC`` (its address, host and what it does not see) that fails the run."""
+    ``SHARED_TOPIC`` (its address, host and what it does not see: ``seen``) that fails the
+    run."""
 
     name = SHARED_TOPIC
 
@@ -118,5 +119,5 @@ class SharedFolderCheck(WorkerPlugin):
     def setup(self, worker: object) -> None:
         host, problem = shared_view(*self.view)
         if problem is not None:
-            event = {"token": self.view[2], "worker": worker.address, "host": host}
-            worker.log_event(SHARED_TOPIC, {**event, "problem": problem})
+            seen = f"{worker.address} on {host}: {problem}"
+            worker.log_event(SHARED_TOPIC, {"token": self.view[2], "seen": seen})
