@@ -68,6 +68,14 @@ def pytest_terminal_summary(terminalreporter, exitstatus: int) -> None:
 LANES = {
     "tests/test_slurm.py": "slurm cluster slow",
     "tests/test_cluster.py": "cluster slow",
+    "tests/test_shared_filesystem.py::test_a_worker_that_sees_another_folder_is_refused": (
+        "cluster slow"
+    ),
+    "tests/test_shared_filesystem.py::"
+    "test_a_worker_that_joins_during_the_run_and_sees_another_folder_fails_it": "cluster slow",
+    "tests/test_shared_filesystem.py::test_workers_that_share_the_folder_by_bind_mounts": (
+        "cluster slow"
+    ),
     "tests/test_memory.py::test_model_bounds_measured_peak": "memory cluster slow",
     "tests/test_dashboard.py::test_dashboard_shows_the_steps_in_a_browser": "browser cluster slow",
     "tests/test_batch_scripts.py::test_batch_script_plans_only_after_its_workers_joined": (

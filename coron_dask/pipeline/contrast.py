@@ -104,7 +104,9 @@ def contrast_curve(
         return [*scratch, built["injections"].product]
 
     data = observation_bytes(observation, parameters["align_to"])
-    paths = execute_on_cluster(build, data_bytes=data, **(execution or {}))
+    members = (*observation.association.science, *observation.association.psf)
+    execution = {"output_dir": output_dir, "inputs": members, **(execution or {})}
+    paths = execute_on_cluster(build, data_bytes=data, **execution)
     injections = built["injections"]
     with fits.open(injections.product.path) as hdul:
         science, injected, model = (

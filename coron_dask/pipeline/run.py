@@ -21,6 +21,7 @@ from coron_dask.runtime.deploy import (
     in_process,
     local_worker_count,
     measure_workers,
+    on_cluster,
 )
 from coron_dask.runtime.execute import execute
 from coron_dask.runtime.jobqueue import check_jobqueue
@@ -164,6 +165,8 @@ def execute_on_cluster(
     cluster: Cluster | None = None,
     client: object | None = None,
     data_bytes: int | None = None,
+    output_dir: str | Path | None = None,
+    inputs: tuple[Path, ...] = (),
     **where: object,
 ) -> list[Path]:
     """Connect to (or start) the cluster ``where`` describes (``run_coron3``'s execution
@@ -172,7 +175,9 @@ def execute_on_cluster(
     ``cluster`` under way, or a distributed ``client`` you have, which is used and left
     open), build the products with ``build(workers)`` for its workers and write them in one
     computation: their paths. A run of ``data_bytes`` (``observation_bytes``) that asks for
-    no cluster may compute in this process (``cluster.in_process``)."""
+    no cluster may compute in this process (``cluster.in_process``). Distributed workers
+    must see ``output_dir`` and the ``inputs`` at the same paths as this process
+    (``connection.shared_folder``), or the run is refused before anything is written."""
     where = check_execution(cluster=cluster, client=client, **where)
     progress = where.pop("progress", None) is not False
     report, stats = where.pop("report", None), where.pop("stats", None)
@@ -190,11 +195,20 @@ def execute_on_cluster(
             )
         workers = measure_workers(client)
         log.info("workers: %s", workers.describe())
+        late_workers = None  # dask's local schedulers compute in this process: no check
+        if client is not None and output_dir is not None:
+            shared = on_cluster().shared_folder(client, output_dir, inputs)
+            late_workers = resources.enter_context(shared)
         products = build(workers)
-        return write_products(
-            products,
-            lambda *writes: execute(writes, client, progress=progress, report=report, stats=stats),
-        )
+
+        def compute(*writes: object) -> None:
+            try:
+                execute(writes, client, progress=progress, report=report, stats=stats)
+            finally:  # a worker that joined and sees another folder: the run's failure
+                if late_workers is not None:
+                    late_workers()
+
+        return write_products(products, compute)
 
 
 def observation_bytes(observation: Observation, align_to: str) -> int:
@@ -276,6 +290,8 @@ def run_coron3(
         cluster=cluster,
         client=client,
         data_bytes=observation_bytes(observation, parameters["align_to"]),
+        output_dir=output_dir,
+        inputs=(*observation.association.science, *observation.association.psf),
         **execution,
     )
     if "resample" in parameters["skip"]:

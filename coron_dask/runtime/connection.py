@@ -1,11 +1,14 @@
 """What needs distributed (0.4 s to import), in the one module that imports it, itself
 imported only when a run uses a distributed cluster: connecting, starting a LocalCluster,
-waiting for workers, measuring them, and following a computation (progress per step from
+waiting for workers, measuring them, checking that they see the run's folders (one
+shared filesystem), and following a computation (progress per step from
 a scheduler plugin of ours, the signals' record, cancellation)."""
 
 import contextlib
 import json
 import logging
+import os
+import secrets
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -24,14 +27,20 @@ from distributed import (
 from distributed.comm import CommClosedError
 from distributed.diagnostics.plugin import SchedulerPlugin
 
-from coron_dask.core.errors import ClusterError, raise_if_stopped
+from coron_dask.core.errors import ClusterError, CoronInputError, raise_if_stopped
 from coron_dask.planning.block_plan import Workers
 from coron_dask.planning.memory import MALLOC
 from coron_dask.runtime import progress as steps
 from coron_dask.runtime.jobqueue import quiet_port_warning
 from coron_dask.runtime.resources import allocation, process_memory
 from coron_dask.runtime.settings import seconds
-from coron_dask.runtime.workers import TrimAfterTasks, configure_memory
+from coron_dask.runtime.workers import (
+    SHARED_TOPIC,
+    SharedFolderCheck,
+    TrimAfterTasks,
+    configure_memory,
+    shared_view,
+)
 
 log = logging.getLogger(__name__)
 
@@ -191,6 +200,77 @@ def measure_cluster(client: Client) -> Workers:
     threads = min(w["nthreads"] for w in info.values())
     limit = min(w["memory_limit"] or allocation().memory for w in info.values())
     return Workers(len(info), threads, limit, max(baselines.values()))
+
+
+def _not_seen(seen: dict) -> list[str]:
+    """``address on host: problem`` of each worker of ``seen`` that does not see as we do."""
+    return [
+        f"{address}: the check failed ({answer!r})"
+        if isinstance(answer, BaseException)
+        else f"{address} on {answer[0]}: {answer[1]}"
+        for address, answer in sorted(seen.items())
+        if isinstance(answer, BaseException) or answer[1] is not None
+    ]
+
+
+@contextlib.contextmanager
+def shared_folder(
+    client: Client, output_dir: str | Path, members: Sequence[str | Path] = ()
+) -> Iterator[Callable[[], None]]:
+    """Check, before anything is computed, that every worker sees the output folder at the
+    same absolute path (reads a hidden token file of random content written there, writes
+    there) and can read the input files ``members``: workers write partial and scratch
+    files there and read references back. Raises CoronInputError, one line naming each
+    worker that does not (address, host). Workers that join later check as they start
+    (``SharedFolderCheck``): yields what raises ClusterError if one did not. The token
+    (kept for them), and folders made for a failed run, are removed whatever happens."""
+    given, folder = str(output_dir), Path(os.path.abspath(output_dir))  # as workers see it
+    made = [path for path in (folder, *folder.parents) if not path.exists()]
+    token = folder / f".coron-dask-shared-{secrets.token_hex(8)}"
+    members = tuple(str(Path(member).resolve()) for member in members)
+    view = (str(folder), given, token.name, secrets.token_hex(16), members)
+    registered = done = False
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        token.write_text(view[3])
+        try:
+            seen = client.run(shared_view, *view, on_error="return")
+        except (OSError, CommClosedError):
+            raise ClusterError("lost the connection to the scheduler") from None
+        if refused := _not_seen(seen):
+            raise CoronInputError(
+                folder,
+                f"the output folder is not seen at this path by {len(refused)} of "
+                f"{_workers(len(seen))} (products need one filesystem all workers share): "
+                + "; ".join(refused),
+            )
+        every = "the" if len(seen) == 1 else "all"
+        inputs = f" and its {len(members)} input files" if members else ""
+        log.info("output folder %s%s seen by %s %s", folder, inputs, every, _workers(len(seen)))
+        client.register_plugin(SharedFolderCheck(*view), name=SHARED_TOPIC)
+        registered = True
+        yield lambda: _late_workers(client, folder, token.name)
+        done = True
+    finally:
+        if registered and client.status == "running":
+            with contextlib.suppress(Exception):
+                client.unregister_worker_plugin(SHARED_TOPIC)
+        token.unlink(missing_ok=True)
+        for path in made if not done else ():
+            with contextlib.suppress(OSError):  # deepest first; one that holds anything stays
+                path.rmdir()
+
+
+def _late_workers(client: Client, folder: Path, token: str) -> None:
+    """Raise ClusterError if workers that joined during the run do not see ``folder``."""
+    late = []
+    with contextlib.suppress(Exception):  # the scheduler is gone: the run says so
+        late = [e for _, e in client.get_events(SHARED_TOPIC) if e.get("token") == token]
+    if late:
+        raise ClusterError(
+            f"{folder}: the output folder is not seen at this path by {_workers(len(late))} "
+            "that joined during the run: " + "; ".join(event["seen"] for event in late)
+        )
 
 
 class StepCounts(SchedulerPlugin):

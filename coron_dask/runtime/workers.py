@@ -1,10 +1,13 @@
 """What coron-dask sets up on the dask workers it runs on, however they were started
 (LocalCluster, ``dask worker`` in a batch script, jobqueue jobs): glibc malloc as the
 memory model counts on, no transparent huge pages, and freed memory given back after each
-task."""
+task; and a check that the worker sees the run's output folder and input files where the
+client does (``shared_view``)."""
 
 import ctypes
+import os
 import signal
+import socket
 
 from distributed.diagnostics.plugin import WorkerPlugin
 
@@ -56,3 +59,65 @@ class TrimAfterTasks(WorkerPlugin):
     def transition(self, key: object, start: str, finish: str, **kwargs: object) -> None:
         if start == "executing" and self.trim is not None:
             self.trim(0)
+
+
+#: The topic of the events a worker that joined during a run logs when it does not see the
+#: run's output folder where the client does (``SharedFolderCheck``).
+SHARED_TOPIC = "coron-dask-shared-folder"
+
+
+def shared_view(
+    folder: str, given: str, token: str, content: str, members: tuple[str, ...]
+) -> tuple[str, str | None]:
+    """This worker's host, and what it does not see as the client does (None: all of it):
+    the output ``folder`` (absolute; ``given`` as the run names it, relative to the worker's
+    working folder if relative) holding the client's ``token`` file of ``content``, writable;
+    and every input file of ``members``, readable. Workers write blocks into partial and
+    scratch files in that folder and read the aligned references back from them."""
+    host = socket.gethostname()
+    if os.path.abspath(given) != folder:
+        return host, f"{given} is {os.path.abspath(given)} from its working folder {os.getcwd()}"
+    path = os.path.join(folder, token)
+    try:
+        with open(path) as handle:
+            seen = handle.read()
+    except FileNotFoundError:
+        what = "another folder of that name" if os.path.isdir(folder) else "no such folder"
+        return host, f"{what} (the client's token file is not there)"
+    except OSError as error:
+        return host, f"cannot read the client's token file ({error.strerror or error})"
+    if seen != content:
+        return host, "another folder of that name (the client's token file differs)"
+    probe = f"{path}.{host}.{os.getpid()}"
+    try:
+        with open(probe, "w") as handle:
+            handle.write(content)
+        os.unlink(probe)
+    except OSError as error:
+        return host, f"cannot write there ({error.strerror or error})"
+    for member in members:
+        try:
+            with open(member, "rb"):
+                pass
+        except OSError as error:
+            return host, f"cannot read the input file {member} ({error.strerror or error})"
+    return host, None
+
+
+class SharedFolderCheck(WorkerPlugin):
+    """A dask worker plugin, registered for the duration of a run: a worker that joins
+    during it (an adaptive jobqueue cluster's) checks ``shared_view`` as it starts and, if
+    it does not see the output folder as the client does, logs an event of
+    ``SHARED_TOPIC`` (its address, host and what it does not see: ``seen``) that fails the
+    run."""
+
+    name = SHARED_TOPIC
+
+    def __init__(self, *view: object) -> None:
+        self.view = view
+
+    def setup(self, worker: object) -> None:
+        host, problem = shared_view(*self.view)
+        if problem is not None:
+            seen = f"{worker.address} on {host}: {problem}"
+            worker.log_event(SHARED_TOPIC, {"token": self.view[2], "seen": seen})
