@@ -29,6 +29,7 @@ from dask.base import tokenize
 from dask.layers import ArraySliceDep
 
 from coron_dask.core.errors import CoronInputError, raise_if_stopped
+from coron_dask.core.names import layer_word
 from coron_dask.io.fits_layout import fits_layout, reserve_fits
 from coron_dask.io.fitsfile import FitsExtension, FitsRegion
 from coron_dask.io.products import OnDisk, Product, Written
@@ -86,7 +87,8 @@ def store_block(block: np.ndarray, where: tuple[slice, ...], to: object) -> np.n
 
 def stored(data: da.Array, product: Product, name: str, to: object) -> da.Array:
     """The tasks that write each block of ``data`` (extension ``name`` of ``product``)
-    into ``to``, named after the product (``write-psfsub-sci``: what the dashboard shows)."""
+    into ``to``, named after the product (``write-psfsub-sci``, ``write-iTwod-sci``: what
+    the dashboard shows, ``core.names``)."""
     return da.map_blocks(
         store_block,
         data,
@@ -95,7 +97,7 @@ def stored(data: da.Array, product: Product, name: str, to: object) -> da.Array:
         chunks=tuple((1,) * len(chunks) for chunks in data.chunks),
         dtype=np.uint8,
         meta=np.empty((0,) * data.ndim, np.uint8),
-        name=f"write-{product.kind}-{name.lower()}-" + tokenize(data, to),
+        name=f"write-{layer_word(product.kind)}-{name.lower()}-" + tokenize(data, to),
     )
 
 
@@ -126,7 +128,7 @@ def write_blocks(name: str, *products: Product, summary: Callable) -> OnDisk:
         summary,
         chunks=(*data.chunks[:-2], (1,), (1,)),
         dtype=np.float64,
-        name=f"write-{products[0].kind}-{name.lower()}-" + tokenize(data, to),
+        name=f"write-{layer_word(products[0].kind)}-{name.lower()}-" + tokenize(data, to),
     )[..., 0, 0]
     for item in products:
         written_by(item, name, written)
