@@ -48,36 +48,41 @@ def plane_maps(block: np.ndarray, star: tuple[float, float], resolution: float) 
     return np.stack([np.stack(maps) for maps in planes])
 
 
-def candidates_text(
+def plane_candidates(
     maps: np.ndarray,
     cutoffs: list[int],
     star: tuple[float, float],
     resolution: float,
     threshold: float,
     grid: WCS,
-    keywords: dict,
+    block_info: dict | None = None,
 ) -> np.ndarray:
-    """The candidates of every plane of ``maps`` (``plane_maps``': kl, 2, y, x) as the text
-    of an ECSV table (a KL cutoff column with ``cutoffs``; ``keywords`` its metadata), in a
-    one-element object array: a text product's block."""
-    found = []
-    for k, (snr, significance) in enumerate(maps):
-        table = find_candidates(
-            significance, snr, threshold, resolution=resolution, star=star, wcs=grid
-        )
-        if cutoffs:
-            table["kl"] = np.full(len(table), cutoffs[k], dtype=int)
-        found.append(table)
-    candidates = vstack(found) if found else Table()
+    """The candidates of the plane of ``maps`` (``plane_maps``' block: 1, 2, y, x), with
+    its KL cutoff of ``cutoffs`` as a column if any, as one astropy Table in a
+    one-element object array."""
+    (snr, significance), k = maps[0], block_info[0]["chunk-location"][0]
+    table = find_candidates(
+        significance, snr, threshold, resolution=resolution, star=star, wcs=grid
+    )
+    if cutoffs:
+        table["kl"] = np.full(len(table), cutoffs[k], dtype=int)
+    return np.array([table], dtype=object)
+
+
+def candidates_text(tables: np.ndarray, keywords: dict) -> np.ndarray:
+    """The candidates of every plane (``plane_candidates``', in order) as the text of one
+    ECSV table with ``keywords`` its metadata, in a one-element object array: a text
+    product's block."""
+    candidates = vstack(list(tables)) if len(tables) else Table()
     candidates.meta.update(keywords)
     text = io.StringIO()
     candidates.write(text, format="ascii.ecsv")
     log.info(
         "detection: %d candidate(s) above %gσ in %s (λ/D %.2f px)",
         len(candidates),
-        threshold,
+        keywords["threshold_sigma"],
         keywords["i2d"],
-        resolution,
+        keywords["resolution_pixels"],
     )
     return np.array([text.getvalue()], dtype=object)
 
@@ -124,20 +129,28 @@ def detection_of(
         "resolution_pixels": resolution,
         "star_pixel": list(star),
     }
-    text = da.map_blocks(
-        candidates_text,
-        maps.rechunk({0: -1}),
+    tables = da.map_blocks(  # each plane's, as its maps are made
+        plane_candidates,
+        maps,
         cutoffs=cutoffs,
         star=star,
         resolution=resolution,
         threshold=threshold,
         grid=grid,
-        keywords=table_keywords,
         drop_axis=(1, 2, 3),
-        chunks=((1,),),
+        chunks=(maps.chunks[0],),
         dtype=object,
         meta=np.empty((0,), object),
         name=f"detection-candidates-{token}",
+    )
+    text = da.map_blocks(
+        candidates_text,
+        tables.rechunk(-1),
+        keywords=table_keywords,
+        chunks=((1,),),
+        dtype=object,
+        meta=np.empty((0,), object),
+        name=f"detection-table-{token}",
     )
     stem = i2d.name.removesuffix(i2d.suffix).removesuffix("_i2d")
     snr_path = i2d.with_name(f"{stem}_snr{i2d.suffix}")  # in the i2d's format
