@@ -400,7 +400,7 @@ def test_a_failure_in_detection_leaves_no_product(asn, tmp_path, capsys, monkeyp
     out = tmp_path / "out"
     options = ["--psfmask", asn.parent / "psfmask.fits", "--scheduler", "synchronous"]
     code, _, err = run_main(["run", asn, "-o", out, *options], capsys)
-    assert code == 1
+    assert code == 1, err
     assert error_line(err) == (
         "coron-dask: error: unexpected RuntimeError: no map; no product was written "
         "(--debug shows where)"
@@ -433,7 +433,7 @@ def test_a_failure_while_placing_takes_back_every_product(
 
     monkeypatch.setattr(os, "replace", failing)
     code, _, err = run_main(options, capsys)
-    assert code == 4 and len(renames) == 3
+    assert code == 4 and len(renames) == 3, err
     assert error_line(err) == (
         f"coron-dask: error: {out / renames[2]}: No space left on device; no product was written"
     )
@@ -462,7 +462,7 @@ def test_products_that_cannot_be_taken_back_are_named(asn, tmp_path, capsys, mon
     monkeypatch.setattr(Path, "unlink", stuck)
     options = ["--psfmask", asn.parent / "psfmask.fits", "--scheduler", "synchronous"]
     code, _, err = run_main(["run", asn, "-o", out, *options], capsys)
-    assert code == 4
+    assert code == 4, err
     assert error_line(err) == (
         f"coron-dask: error: {renames[2]}: Input/output error; {renames[0].name} was "
         f"written, in {out}"
