@@ -18,6 +18,7 @@ from coron_dask import run_coron3
 from coron_dask.core.names import layer_word, word_of
 from coron_dask.io.staging import staged_products
 from coron_dask.pipeline.build import build_products
+from coron_dask.pipeline.run import with_detection
 from coron_dask.planning.block_plan import Workers
 from coron_dask.runtime.progress import labels, link, step_of, summary, written_kind
 
@@ -32,8 +33,9 @@ STEP_GROUPS = {
     "klip-basis",
     "klip-subtract",
     "resample",
+    "detection",
 }
-KINDS = {"crfints", "psfstack", "psfalign", "psfsub", "i2d"}
+KINDS = {"crfints", "psfstack", "psfalign", "psfsub", "i2d", "snr", "candidates"}
 #: the words of dask's own operations (and "table", the rows of a product's table)
 DASK_WORDS = {
     "getitem",
@@ -146,7 +148,7 @@ def test_every_task_is_named_after_its_step(asn, tmp_path, align_to, blocks):
         integrations=blocks[0],
         psfs=blocks[1],
     )
-    with staged_products(built) as writes:
+    with staged_products(with_detection(built)) as writes:
         graph = {}
         for collection in dask.optimize(*writes):
             graph.update(dict(collection.__dask_graph__()))
@@ -253,7 +255,7 @@ def test_dashboard_shows_the_steps_in_a_browser(asn, tmp_path):
     with (
         LocalCluster(n_workers=0, processes=False, dashboard_address="127.0.0.1:0") as cluster,
         Client(cluster, set_as_default=False) as client,
-        staged_products(built) as writes,
+        staged_products(with_detection(built)) as writes,
         sync_playwright() as playwright,
     ):
         base = f"http://127.0.0.1:{cluster.scheduler.http_server.port}"
