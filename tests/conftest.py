@@ -113,6 +113,9 @@ LANES = {
     "tests/test_config.py::test_environment_variable_overrides": "slow",
     "tests/test_photometry.py::test_snr_map_large_image_spot_checks": "slow",
     "tests/test_detection.py::test_the_companion_is_the_one_candidate_at_its_place": "slow",
+    "tests/test_cli.py::test_demo_with_several_kl_cutoffs": "slow",
+    "tests/test_cli.py::test_demo_failing_after_its_run_says_its_products_are_on_disk": "slow",
+    "tests/test_endings.py::test_a_failure_while_placing_takes_back_every_product": "slow",
 }
 #: Fixtures that make a test slow: several runs (``swept``: eight; a contrast curve; the
 #: runs the alignment record and the quicklook plots are read from) or a busy one.

@@ -2,8 +2,10 @@
 and no product; good input lists the products."""
 
 import json
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -222,3 +224,55 @@ def test_run_in_process_never_imports_distributed(asn, observation_dir, tmp_path
         assert result.returncode == 0, result.stderr
         assert "_i2d" in result.stdout and "_candidates" in result.stdout
         assert result.stdout.split()[-1] == imported
+
+
+#: A small observation for the demo: 64² frames, 18 references (the KL cutoffs 5 and 10).
+DEMO = ["--size", "64", "--sci-ints", "3", "--psf-exps", "9", "--psf-ints", "2", "--seed", "4"]
+
+
+def test_demo_with_several_kl_cutoffs(tmp_path, capsys):
+    """The demo with a KL-mode cube (--truncate 5,10): exit 0, every product placed, and a
+    report line per cutoff whose figures are measured against the injected truth: the
+    companion found on the sky within 0.3 px of where it was put, stronger in the i2d
+    than in the mean psfsub of either roll."""
+    from coron_dask.science.photometry import companion_figures
+
+    code, out, err = run_main(["demo", tmp_path / "demo", "--truncate", "5,10", *DEMO], capsys)
+    assert code == 0, err
+    products = tmp_path / "demo" / "products"
+    listed = [Path(line.strip()) for line in out.splitlines() if line.startswith("  /")]
+    assert {p.suffix for p in listed} == {".fits", ".ecsv"} and all(p.exists() for p in listed)
+    assert {p.parent for p in listed} == {products} and len(listed) == 19
+    truth = json.loads((tmp_path / "demo" / "inputs" / "truth.json").read_text())
+    lines = [line for line in out.splitlines() if line.startswith("companion")]
+    assert [line.split(":")[0] for line in lines] == ["companion (KL 5)", "companion (KL 10)"]
+    for plane, line in enumerate(lines):
+        numbers = [float(n) for n in re.findall(r"\d+\.\d+", line)]
+        *rolls, i2d_snr, offset = numbers
+        assert len(rolls) == 2 and min(rolls) > 3
+        assert i2d_snr > max(rolls) and offset < 0.3
+        figures = companion_figures(listed, truth, plane)  # what the line rounds
+        assert rolls == [round(snr, 1) for snr in figures["rolls"]]
+        assert offset == round(figures["i2d_offset"], 2)
+    # the cutoffs measure different subtractions
+    assert lines[0].split(":")[1] != lines[1].split(":")[1]
+
+
+def test_demo_failing_after_its_run_says_its_products_are_on_disk(tmp_path, capsys, monkeypatch):
+    """A failure after the run placed the products (here the quicklook) ends with a line
+    that says they were written, and where, not that none was."""
+    from coron_dask.cli import commands
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no figure")
+
+    monkeypatch.setattr(commands, "_quicklook", broken)
+    code, _, err = run_main(["demo", tmp_path / "demo", *DEMO], capsys)
+    products = tmp_path / "demo" / "products"
+    assert code == 1
+    on_disk = sorted(products.iterdir())
+    assert len(on_disk) == 19 and not any(p.name.startswith(".") for p in on_disk)
+    assert err.strip().splitlines()[-1] == (
+        f"coron-dask: error: unexpected RuntimeError: no figure; its {len(on_disk)} products "
+        f"were written, in {products} (--debug shows where)"
+    )

@@ -1,6 +1,8 @@
 """What a person watching a run sees: tasks named after the steps (in the graph dask
 optimises, and on the dashboard in a real browser), progress per step, the dashboard link."""
 
+import json
+import math
 import os
 import shutil
 import threading
@@ -12,8 +14,11 @@ import pytest
 from dask.core import get_deps
 from dask.utils import key_split
 
+from coron_dask import run_coron3
+from coron_dask.core.names import layer_word, word_of
 from coron_dask.io.staging import staged_products
 from coron_dask.pipeline.build import build_products
+from coron_dask.pipeline.run import with_detection
 from coron_dask.planning.block_plan import Workers
 from coron_dask.runtime.progress import labels, link, step_of, summary, written_kind
 
@@ -28,8 +33,9 @@ STEP_GROUPS = {
     "klip-basis",
     "klip-subtract",
     "resample",
+    "detection",
 }
-KINDS = {"crfints", "psfstack", "psfalign", "psfsub", "i2d"}
+KINDS = {"crfints", "psfstack", "psfalign", "psfsub", "i2d", "snr", "candidates"}
 #: the words of dask's own operations (and "table", the rows of a product's table)
 DASK_WORDS = {
     "getitem",
@@ -82,7 +88,9 @@ SMALL_PLAN = Workers(1, 1, 2**31, 2**26)
         ("original-read-sci-read-sci", "read-calints"),
         ("klip-gram-klip-weights", "klip-basis"),
         ("concatenate-resample-drizzle-resample-sum", "resample"),
-        ("astype-getitem-write-i2d-sci", "write_i2d"),
+        ("astype-getitem-write-iTwod-sci", "write_i2d"),
+        # dask's key_split, joining the names of fused tasks, keeps the i2d's spelling
+        ("astype-getitem-write-iTwod-sci-finalize-hlgfinalizecompute", "write_i2d"),
         ("getitem-OutlierDetection-flag-dq-write-crfints-dq", "outlier_detection-flag"),
         ("rechunk-merge", None),
         ("getitem", None),
@@ -94,8 +102,37 @@ def test_step_of_names(name, step):
 
 def test_written_kind():
     assert written_kind("AlignRefs-shift-sci-write-psfalign-sci-getitem") == "psfalign"
-    assert written_kind("write-i2d-wht-4a8c") == "i2d"
+    assert written_kind("write-iTwod-wht-4a8c") == "i2d"
     assert written_kind("AlignRefs-fit-4a8c") is None
+
+
+def test_layer_words_survive_key_split():
+    """A product kind with a digit is spelled in letters only in a layer's name, so dask's
+    key_split (the dashboard's groups, the names of fused tasks) keeps it, and it reads
+    back as the kind."""
+    for kind in ("i2d", "psfsub", "snr", "candidates", "x10y"):
+        word = layer_word(kind)
+        assert key_split(f"write-{word}-sci-0123abcd") == f"write-{word}-sci"
+        assert word_of(word) == kind
+
+
+def test_stats_name_the_writes_of_every_product(asn, observation_dir, tmp_path):
+    """--stats of a run with an i2d: the blocks written of each kind of product, the i2d's
+    among them (not "finalize", what dask's key_split made of its name with a digit), as
+    many as its extensions have blocks."""
+    built = build_products(asn, tmp_path / "built", psfmask=observation_dir / "psfmask.fits")
+    run_coron3(
+        asn,
+        tmp_path / "out",
+        psfmask=observation_dir / "psfmask.fits",
+        scheduler="synchronous",
+        progress=False,
+        stats=tmp_path / "stats.json",
+    )
+    written = json.loads((tmp_path / "stats.json").read_text())["blocks_written"]
+    i2d = next(item for item in built if item.kind == "i2d")
+    assert written["i2d"] == sum(math.prod(e.data.numblocks) for e in i2d.extensions)
+    assert set(written) == {"crfints", "psfstack", "psfalign", "psfsub", "i2d", "snr", "candidates"}
 
 
 @pytest.mark.parametrize(("align_to", "blocks"), [("each", (1, 2)), ("first", (2, 4))])
@@ -111,7 +148,7 @@ def test_every_task_is_named_after_its_step(asn, tmp_path, align_to, blocks):
         integrations=blocks[0],
         psfs=blocks[1],
     )
-    with staged_products(built) as writes:
+    with staged_products(with_detection(built)) as writes:
         graph = {}
         for collection in dask.optimize(*writes):
             graph.update(dict(collection.__dask_graph__()))
@@ -218,7 +255,7 @@ def test_dashboard_shows_the_steps_in_a_browser(asn, tmp_path):
     with (
         LocalCluster(n_workers=0, processes=False, dashboard_address="127.0.0.1:0") as cluster,
         Client(cluster, set_as_default=False) as client,
-        staged_products(built) as writes,
+        staged_products(with_detection(built)) as writes,
         sync_playwright() as playwright,
     ):
         base = f"http://127.0.0.1:{cluster.scheduler.http_server.port}"

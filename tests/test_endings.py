@@ -380,3 +380,91 @@ def test_median_of_a_pixel_flagged_in_every_integration_is_quiet():
         expected = np.nanmedian(np.where(dq & 1, np.nan, sci), axis=0)
     np.testing.assert_array_equal(median, expected.astype(np.float32))
     assert np.isnan(median[2, 3]) and median[0, 0] == sci[0, 0, 0]
+
+
+def _on_disk(folder: Path) -> list[str]:
+    """Every file and folder in ``folder``, hidden ones too (partials, products set aside)."""
+    return sorted(p.name for p in folder.iterdir()) if folder.exists() else []
+
+
+def test_a_failure_in_detection_leaves_no_product(asn, tmp_path, capsys, monkeypatch):
+    """The detection map is made in the run's one computation: a failure there (after the
+    i2d is computed) leaves no product at all, not the others placed before it, and the
+    line says so."""
+    from coron_dask.science import detection
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no map")
+
+    monkeypatch.setattr(detection, "snr_map", broken)
+    out = tmp_path / "out"
+    options = ["--psfmask", asn.parent / "psfmask.fits", "--scheduler", "synchronous"]
+    code, _, err = run_main(["run", asn, "-o", out, *options], capsys)
+    assert code == 1, err
+    assert error_line(err) == (
+        "coron-dask: error: unexpected RuntimeError: no map; no product was written "
+        "(--debug shows where)"
+    )
+    assert _on_disk(out) == []
+
+
+@pytest.mark.parametrize("earlier", [False, True])
+def test_a_failure_while_placing_takes_back_every_product(
+    asn, tmp_path, capsys, monkeypatch, earlier
+):
+    """A rename that fails while the products are placed (the 3rd) takes back the two
+    placed: no product of the run is on disk and the line says so; the products of an
+    earlier run in the folder are as they were, nothing hidden left beside them."""
+    out = tmp_path / "out"
+    options = ["run", asn, "-o", out, "--psfmask", asn.parent / "psfmask.fits"]
+    options += ["--scheduler", "synchronous", "--no-psfalign"]
+    if earlier:
+        assert run_main(options, capsys)[0] == 0
+    # a file put back is the same file (its inode), not a copy
+    before = {p.name: (p.stat().st_ino, p.read_bytes()) for p in out.iterdir()} if earlier else {}
+    real, renames = os.replace, []
+
+    def failing(source, target):
+        if str(source).endswith(".partial"):
+            renames.append(Path(target).name)
+            if len(renames) == 3:
+                raise OSError(28, "No space left on device", str(target))
+        real(source, target)
+
+    monkeypatch.setattr(os, "replace", failing)
+    code, _, err = run_main(options, capsys)
+    assert code == 4 and len(renames) == 3, err
+    assert error_line(err) == (
+        f"coron-dask: error: {out / renames[2]}: No space left on device; no product was written"
+    )
+    assert {p.name: (p.stat().st_ino, p.read_bytes()) for p in out.iterdir()} == before
+
+
+def test_products_that_cannot_be_taken_back_are_named(asn, tmp_path, capsys, monkeypatch):
+    """Where a product placed cannot be removed again after a failure to place the others,
+    the line names it as on disk, and it is all that is."""
+    out = tmp_path / "out"
+    real_replace, real_unlink, renames = os.replace, Path.unlink, []
+
+    def failing(source, target):
+        if str(source).endswith(".partial"):
+            renames.append(Path(target))
+            if len(renames) == 3:
+                raise OSError(5, "Input/output error", str(target))
+        real_replace(source, target)
+
+    def stuck(path, missing_ok=False):
+        if path == renames[0]:
+            raise PermissionError(13, "Permission denied", str(path))
+        real_unlink(path, missing_ok=missing_ok)
+
+    monkeypatch.setattr(os, "replace", failing)
+    monkeypatch.setattr(Path, "unlink", stuck)
+    options = ["--psfmask", asn.parent / "psfmask.fits", "--scheduler", "synchronous"]
+    code, _, err = run_main(["run", asn, "-o", out, *options], capsys)
+    assert code == 4, err
+    assert error_line(err) == (
+        f"coron-dask: error: {renames[2]}: Input/output error; {renames[0].name} was "
+        f"written, in {out}"
+    )
+    assert _on_disk(out) == [renames[0].name]

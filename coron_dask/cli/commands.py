@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 from coron_dask.cli.options import given
+from coron_dask.core.errors import record_on_disk
 from coron_dask.pipeline.run import check_execution, check_output_dir, run_coron3
 from coron_dask.runtime.jobqueue import jobqueue_cluster
 from coron_dask.science.simulate import simulate as simulated
@@ -76,19 +77,25 @@ def simulate(args: argparse.Namespace) -> None:
 
 
 def companion_report(products: list[Path], truth_file: Path) -> str:
-    """The simulated companion's signal-to-noise per roll and on the sky (i2d)."""
+    """The simulated companion's signal-to-noise per roll and on the sky (i2d): one line,
+    or one per KL cutoff of a KL-mode cube."""
     # astropy.table and astropy.wcs (0.5 s), which a plain run does without
-    from coron_dask.science.photometry import companion_figures
+    from coron_dask.science.photometry import companion_figures, kl_planes
 
-    figures = companion_figures(products, json.loads(truth_file.read_text()))
-    rolls = ", ".join(f"{snr:.1f}" for snr in figures["rolls"])
-    text = f"companion: S/N {rolls} in the mean psfsub of each roll"
-    if "i2d_snr" in figures:
-        text += (
-            f"; {figures['i2d_snr']:.1f} in the i2d, found {figures['i2d_offset']:.2f} px from "
-            "its sky position"
-        )
-    return text
+    truth = json.loads(truth_file.read_text())
+    lines = []
+    for plane, cutoff in enumerate(kl_planes(products)):
+        figures = companion_figures(products, truth, plane)
+        rolls = ", ".join(f"{snr:.1f}" for snr in figures["rolls"])
+        which = "" if cutoff is None else f" (KL {cutoff})"
+        text = f"companion{which}: S/N {rolls} in the mean psfsub of each roll"
+        if "i2d_snr" in figures:
+            text += (
+                f"; {figures['i2d_snr']:.1f} in the i2d, found {figures['i2d_offset']:.2f} px "
+                "from its sky position"
+            )
+        lines.append(text)
+    return "\n".join(lines)
 
 
 def demo(args: argparse.Namespace) -> None:
@@ -100,14 +107,18 @@ def demo(args: argparse.Namespace) -> None:
     if args.psfmask is None:
         args.psfmask = inputs / "psfmask.fits"
     products = _run(args, asn, args.outdir / "products")
-    print("products:")
-    for path in products:
-        print(f"  {path}")
-    print(companion_report(products, inputs / "truth.json"))
-    pngs = _quicklook(args.outdir / "products")
-    print(f"quicklook: {len(pngs)} PNG(s) in {args.outdir / 'products'}:")
-    for path in pngs:
-        print(f"  {path.name}")
+    try:  # the products are placed: an error now leaves them on disk, and says so
+        print("products:")
+        for path in products:
+            print(f"  {path}")
+        print(companion_report(products, inputs / "truth.json"))
+        pngs = _quicklook(args.outdir / "products")
+        print(f"quicklook: {len(pngs)} PNG(s) in {args.outdir / 'products'}:")
+        for path in pngs:
+            print(f"  {path.name}")
+    except BaseException as error:
+        record_on_disk(error, products)
+        raise
 
 
 COMMANDS = {

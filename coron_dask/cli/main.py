@@ -12,7 +12,7 @@ from pathlib import Path
 
 from coron_dask import __version__
 from coron_dask.cli.options import add_options
-from coron_dask.core.errors import ClusterError, CoronInputError, Interrupted
+from coron_dask.core.errors import ClusterError, CoronInputError, Interrupted, on_disk
 from coron_dask.runtime.deploy import quiet_distributed
 from coron_dask.runtime.signals import signals_end_the_run
 
@@ -85,7 +85,8 @@ def _parser() -> argparse.ArgumentParser:
         description="JWST coronagraphic stage 3 (calwebb_coron3) on Dask, out-of-core.",
         epilog="exit codes: 0 done; 1 unexpected error; 2 bad input or options (nothing "
         "started); 3 the cluster could not finish; 4 products could not be written; "
-        "130 SIGINT, 143 SIGTERM. No product is left partly written.",
+        "130 SIGINT, 143 SIGTERM. No product is left partly written: a run places all its "
+        "products or none, and its error line says which are on disk.",
     )
     parser.add_argument("--version", action="version", version=f"coron-dask {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -175,15 +176,27 @@ def _command(args: argparse.Namespace) -> None:
     COMMANDS[args.command](args)
 
 
+def _on_disk(paths: list) -> str:
+    """What a command that writes products leaves on disk, as its error line ends."""
+    if not paths:
+        return "; no product was written"
+    folders = ", ".join(dict.fromkeys(str(Path(p).parent) for p in paths))
+    if len(paths) == 1:
+        return f"; {Path(paths[0]).name} was written, in {folders}"
+    return f"; its {len(paths)} products were written, in {folders}"
+
+
 def _ending(error: BaseException, products: bool) -> tuple[int, str]:
-    """The exit code and the one line of an error that ended a command."""
-    after = "; no product was written" if products else ""
+    """The exit code and the one line of an error that ended a command; a command that
+    writes products (``products``) says what it left on disk (``errors.on_disk``)."""
+    placed = on_disk(error)
+    after = _on_disk(placed) if products or placed else ""
     if isinstance(error, KeyboardInterrupt):  # SIGINT outside the run's handlers
         error = Interrupted(signal.SIGINT)
     if isinstance(error, Interrupted):
         return 128 + error.signum, f"{error}{after}"
-    if isinstance(error, CoronInputError):
-        return EXIT_INPUT, str(error)
+    if isinstance(error, CoronInputError):  # found before anything started, unless said
+        return EXIT_INPUT, f"{error}{after if placed else ''}"
     if isinstance(error, ClusterError):
         return EXIT_CLUSTER, f"cluster: {error}{after}"
     if isinstance(error, OSError):  # e.g. the disk filled up while the products were written

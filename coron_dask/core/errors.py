@@ -53,3 +53,14 @@ def raise_if_stopped() -> None:
 def forget_stops() -> None:
     """The run is over: the signals it received concern it no more."""
     _received.clear()
+
+
+def record_on_disk(error: BaseException, paths: list) -> None:
+    """Record on ``error`` that the products ``paths`` are on disk as it ends the run
+    (placed before it, or left by a failure to remove them): its one line says so."""
+    error.products_on_disk = [*on_disk(error), *(p for p in paths if p not in on_disk(error))]
+
+
+def on_disk(error: BaseException) -> list:
+    """The products on disk as ``error`` ended the run (``record_on_disk``), in order."""
+    return list(getattr(error, "products_on_disk", ()))

@@ -28,10 +28,12 @@ import numpy as np
 from dask.base import tokenize
 from dask.layers import ArraySliceDep
 
-from coron_dask.core.errors import CoronInputError, raise_if_stopped
+from coron_dask.core.errors import CoronInputError, raise_if_stopped, record_on_disk
+from coron_dask.core.names import layer_word
 from coron_dask.io.fits_layout import fits_layout, reserve_fits
 from coron_dask.io.fitsfile import FitsExtension, FitsRegion
 from coron_dask.io.products import OnDisk, Product, Written
+from coron_dask.io.text_file import is_text, reserve_text
 from coron_dask.io.zarr_store import ZarrArray, ZarrTable, reserve_zarr, zarr_chunks, zarr_target
 
 log = logging.getLogger(__name__)
@@ -86,7 +88,8 @@ def store_block(block: np.ndarray, where: tuple[slice, ...], to: object) -> np.n
 
 def stored(data: da.Array, product: Product, name: str, to: object) -> da.Array:
     """The tasks that write each block of ``data`` (extension ``name`` of ``product``)
-    into ``to``, named after the product (``write-psfsub-sci``: what the dashboard shows)."""
+    into ``to``, named after the product (``write-psfsub-sci``, ``write-iTwod-sci``: what
+    the dashboard shows, ``core.names``)."""
     return da.map_blocks(
         store_block,
         data,
@@ -95,7 +98,7 @@ def stored(data: da.Array, product: Product, name: str, to: object) -> da.Array:
         chunks=tuple((1,) * len(chunks) for chunks in data.chunks),
         dtype=np.uint8,
         meta=np.empty((0,) * data.ndim, np.uint8),
-        name=f"write-{product.kind}-{name.lower()}-" + tokenize(data, to),
+        name=f"write-{layer_word(product.kind)}-{name.lower()}-" + tokenize(data, to),
     )
 
 
@@ -126,7 +129,7 @@ def write_blocks(name: str, *products: Product, summary: Callable) -> OnDisk:
         summary,
         chunks=(*data.chunks[:-2], (1,), (1,)),
         dtype=np.float64,
-        name=f"write-{products[0].kind}-{name.lower()}-" + tokenize(data, to),
+        name=f"write-{layer_word(products[0].kind)}-{name.lower()}-" + tokenize(data, to),
     )[..., 0, 0]
     for item in products:
         written_by(item, name, written)
@@ -149,16 +152,45 @@ def _check_passed(passed: list[tuple[Product, Written, object]], sources: list[d
 
 
 def _remove(partial: Path) -> None:
-    if partial.is_dir():
+    if partial.is_dir() and not partial.is_symlink():
         shutil.rmtree(partial, ignore_errors=True)
     else:
         partial.unlink(missing_ok=True)
 
 
-def _place(partial: Path, final: Path) -> None:
-    if final.is_dir():  # a store from an earlier run: directories cannot be replaced in one go
-        shutil.rmtree(final)
-    os.replace(partial, final)
+def _place_all(products: list[Product], partials: list[Path]) -> None:
+    """Rename every product's partial to its name, all or none: a product of an earlier run
+    under that name is set aside first (a directory cannot be replaced in one go) and
+    removed once all are placed. If a rename fails, the products placed are removed again
+    and those set aside put back; any that could not be removed are recorded on the error
+    (``errors.record_on_disk``)."""
+    placed: list[tuple[Path, Path | None]] = []
+    try:
+        for item, partial in zip(products, partials, strict=True):
+            if item.scratch:
+                continue
+            earlier = None
+            if item.path.exists() or item.path.is_symlink():
+                earlier = item.path.with_name(partial.name.removesuffix(".partial") + ".earlier")
+                os.replace(item.path, earlier)
+            placed.append((item.path, earlier))
+            os.replace(partial, item.path)
+    except BaseException as error:
+        left = []
+        for final, earlier in reversed(placed):
+            try:
+                _remove(final)
+                if earlier is not None:
+                    os.replace(earlier, final)
+            except OSError:
+                log.error("could not take back %s after a failure to place the products", final)
+                left.append(final)
+        if left:
+            record_on_disk(error, left)
+        raise
+    for _, earlier in placed:
+        if earlier is not None:
+            _remove(earlier)
 
 
 def _partial(path: Path) -> Path:
@@ -194,11 +226,11 @@ def clear_stale_partials(path: Path) -> None:
 
 def _check_space(products: list[Product]) -> None:
     """Raise CoronInputError, before anything is written, unless the folders of the FITS
-    products and scratch files have room for all of them (a Zarr store's compressed size
-    is not known beforehand: not counted)."""
+    products and scratch files have room for all of them (a Zarr store's compressed size,
+    and a text file's, are not known beforehand: not counted)."""
     needed: dict[Path, int] = {}
     for item in products:
-        if item.path.suffix != ".zarr":
+        if item.path.suffix != ".zarr" and not is_text(item):
             folder = item.path.parent
             needed[folder] = needed.get(folder, 0) + fits_layout(item, item.path)[1]
     for folder, size in needed.items():
@@ -232,7 +264,8 @@ def staged_products(products: list[Product]) -> Iterator[list[da.Array]]:
             partial = _partial(item.path)
             partials.append(partial)
             zarr = item.path.suffix == ".zarr"
-            reserved = (reserve_zarr if zarr else reserve_fits)(item, partial)
+            reserve = reserve_zarr if zarr else reserve_text if is_text(item) else reserve_fits
+            reserved = reserve(item, partial)
             for extension, target in zip(item.extensions, reserved, strict=True):
                 if extension.written is not None:  # by the tasks that make its blocks
                     passed.append((item, extension.written, target))
@@ -251,9 +284,7 @@ def staged_products(products: list[Product]) -> Iterator[list[da.Array]]:
             _remove(partial)
         raise
     try:
-        for item, partial in zip(products, partials, strict=True):
-            if not item.scratch:
-                _place(partial, item.path)
+        _place_all(products, partials)
     finally:
         for partial in partials:  # scratch files, and any product not placed
             _remove(partial)

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 from astropy.io import fits
 
-from coron_dask.core.errors import CoronInputError
+from coron_dask.core.errors import CoronInputError, record_on_disk
 from coron_dask.io import Product
 from coron_dask.pipeline.build import reduce_observation
 from coron_dask.pipeline.observation import find_psfmask
@@ -107,29 +107,35 @@ def contrast_curve(
     members = (*observation.association.science, *observation.association.psf)
     execution = {"output_dir": output_dir, "inputs": members, **(execution or {})}
     paths = execute_on_cluster(build, data_bytes=data, **execution)
-    injections = built["injections"]
-    with fits.open(injections.product.path) as hdul:
-        science, injected, model = (
-            hdul[n].data.astype(np.float64) for n in ("SCI", "INJECTED", "MODEL")
+    written = list(paths)  # an error from here on leaves these on disk, and says so
+    try:
+        injections = built["injections"]
+        with fits.open(injections.product.path) as hdul:
+            science, injected, model = (
+                hdul[n].data.astype(np.float64) for n in ("SCI", "INJECTED", "MODEL")
+            )
+        cutoffs = kl_cutoffs(parameters["truncate"])
+        if len(cutoffs) == 1:  # jwst's layout: no kl axis
+            science, injected = science[None], injected[:, None]
+        table, measured = measure(
+            science, injected, model, injections.grid, star, companions, resolution, cutoffs
         )
-    cutoffs = kl_cutoffs(parameters["truncate"])
-    if len(cutoffs) == 1:  # jwst's layout: no kl axis
-        science, injected = science[None], injected[:, None]
-    table, measured = measure(
-        science, injected, model, injections.grid, star, companions, resolution, cutoffs
-    )
-    table.meta["filter"] = str(first.attrs.get("FILTER", ""))
-    table.meta["injected_contrast"] = inject_contrast
-    table.meta["injections"] = [
-        dict(zip(measured.colnames, row, strict=True)) for row in measured.iterrows()
-    ]
-    ecsv = output_dir / f"{name}_contrast.ecsv"
-    partial = ecsv.with_name(ecsv.name + ".partial")
-    table.write(partial, format="ascii.ecsv", overwrite=True)
-    partial.replace(ecsv)
-    from coron_dask.quicklook.figures import contrast_figure  # matplotlib: once measured
+        table.meta["filter"] = str(first.attrs.get("FILTER", ""))
+        table.meta["injected_contrast"] = inject_contrast
+        table.meta["injections"] = [
+            dict(zip(measured.colnames, row, strict=True)) for row in measured.iterrows()
+        ]
+        ecsv = output_dir / f"{name}_contrast.ecsv"
+        partial = ecsv.with_name(ecsv.name + ".partial")
+        table.write(partial, format="ascii.ecsv", overwrite=True)
+        partial.replace(ecsv)
+        written.append(ecsv)
+        from coron_dask.quicklook.figures import contrast_figure  # matplotlib: once measured
 
-    png = contrast_figure(table, output_dir / f"{name}_contrast.png")
-    for line in summary(table):
-        log.info("contrast: %s", line)
+        png = contrast_figure(table, output_dir / f"{name}_contrast.png")
+        for line in summary(table):
+            log.info("contrast: %s", line)
+    except BaseException as error:
+        record_on_disk(error, written)
+        raise
     return [*paths, ecsv, png]

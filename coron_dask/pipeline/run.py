@@ -1,6 +1,6 @@
 """A run of calwebb_coron3: its input and options checked before anything starts, a cluster
 connected to (or started), the products built for its workers and written in one
-computation, and the detection products of the i2d."""
+computation, the detection map and candidates of the i2d among them."""
 
 import contextlib
 import logging
@@ -12,7 +12,7 @@ from dask.utils import parse_bytes
 from coron_dask.core.config import read_execution, resolve_parameters
 from coron_dask.core.errors import CoronInputError
 from coron_dask.core.parameters import PSFMASK_CHOICES, said
-from coron_dask.io import read_psfmask, write_products
+from coron_dask.io import Product, read_psfmask, write_products
 from coron_dask.pipeline import build  # build.build_products looked up at each run
 from coron_dask.pipeline.observation import Observation, find_psfmask, open_association
 from coron_dask.runtime.deploy import (
@@ -262,8 +262,9 @@ def run_coron3(
     cannot apply where the run goes are refused (``check_execution``), and the input is
     checked, before the cluster computes anything, so bad input fails fast and leaves no
     product. ``report`` saves dask's performance report (HTML), ``stats`` a JSON summary of
-    where the time went. With an i2d, the run ends with its detection map and candidates
-    (``detection.detect``).
+    where the time went. With an i2d, its detection map and candidates are made in the
+    same computation (``with_detection``), and every product is placed at once, whole or
+    not at all.
     """
     execution = check_execution(
         scheduler=scheduler,
@@ -283,9 +284,11 @@ def run_coron3(
     )
     psfmask = find_psfmask(asn, psfmask)  # before any cluster starts, as the input checks
     parameters, observation = check_inputs(asn, output_dir, psfmask=psfmask, **parameters)
-    paths = execute_on_cluster(
-        lambda workers: build.build_products(
-            asn, output_dir, psfmask=psfmask, workers=workers, opened=observation, **parameters
+    return execute_on_cluster(
+        lambda workers: with_detection(
+            build.build_products(
+                asn, output_dir, psfmask=psfmask, workers=workers, opened=observation, **parameters
+            )
         ),
         cluster=cluster,
         client=client,
@@ -294,8 +297,13 @@ def run_coron3(
         inputs=(*observation.association.science, *observation.association.psf),
         **execution,
     )
-    if "resample" in parameters["skip"]:
-        return paths
+
+
+def with_detection(products: list[Product]) -> list[Product]:
+    """``products``, and the detection map and candidates of their i2d, built on its lazy
+    image (``detection.detection_products``): computed with the others, placed with them."""
+    if not any(item.kind == "i2d" for item in products):
+        return products
     from coron_dask.science.detection import detection_products  # astropy.table: only with an i2d
 
-    return [*paths, *detection_products(paths)]
+    return [*products, *detection_products(products)]

@@ -17,7 +17,7 @@ from threadpoolctl import threadpool_limits
 
 from coron_dask.runtime import progress
 from coron_dask.runtime.deploy import THREADED, measure_workers, on_cluster
-from coron_dask.runtime.progress import Lines
+from coron_dask.runtime.progress import Lines, blocks_written
 from coron_dask.runtime.settings import seconds
 from coron_dask.runtime.signals import stop_between_tasks
 
@@ -30,6 +30,7 @@ STAGES = (
     ("klip", "klip"),
     ("outlier_detection", "outlier_detection"),
     ("resample", "resample"),
+    ("detection", "detection"),
     ("read-", "read calints"),
     ("write_", "write products"),
 )
@@ -114,9 +115,9 @@ def execute(
     between tasks (Interrupted).
 
     ``report`` saves dask's HTML performance report (a distributed cluster only); ``stats``
-    a JSON summary: wall time, task seconds per stage, the workers (count, threads, memory
-    limit of each; this process on dask's local schedulers) and how many were lost during
-    the run.
+    a JSON summary: wall time, task seconds per stage, the blocks written of each kind of
+    product, the workers (count, threads, memory limit of each; this process on dask's
+    local schedulers) and how many were lost during the run.
     """
     lines = Lines(seconds("status-interval")) if progress else None
     start = time.perf_counter()
@@ -141,6 +142,7 @@ def execute(
                 "workers_lost": 0,
             }
         summary["stages"] = summarize_task_stream(watch.records, watch.tally.steps)
+        summary["blocks_written"] = blocks_written(watch.tally.steps)
     else:
         connection = on_cluster()
         before = client.scheduler_info(n_workers=-1)["workers"]
@@ -155,6 +157,7 @@ def execute(
                 "memory_limit_per_worker": min(w["memory_limit"] for w in after.values()),
                 "workers_lost": len(set(before) - set(after)),
                 "stages": summarize_task_stream(stream.data, steps),
+                "blocks_written": blocks_written(steps or {}),
             }
     if stats:
         summary["wall_seconds"] = time.perf_counter() - start

@@ -17,16 +17,18 @@ import socket
 import sys
 import time
 from collections import Counter
-from collections.abc import Hashable, Mapping
+from collections.abc import Hashable, Iterable, Mapping
 from importlib.util import find_spec
 from urllib.parse import urlsplit
 
 from tqdm import tqdm
 
+from coron_dask.core.names import word_of
+
 log = logging.getLogger(__name__)
 
 #: Words in a task's name and the step they belong to, in pipeline order. "write" is
-#: followed by the product's kind (``Product.kind``).
+#: followed by the product's kind (``Product.kind``, in letters only: ``core.names``).
 STEPS = (
     (("read",), "read-calints"),
     (("OutlierDetection", "median"), "outlier_detection-median"),
@@ -42,6 +44,7 @@ STEPS = (
     (("klip", "overlaps"), "klip-subtract"),
     (("klip", "subtract"), "klip-subtract"),
     (("resample",), "resample"),
+    (("detection",), "detection"),
     (("write",), "write"),
 )
 ORDER = {label: rank for rank, (_, label) in enumerate(STEPS)}
@@ -66,7 +69,7 @@ def step_of(name: str) -> str | None:
             if label != "write":
                 return label
             if write is None:  # write-<kind>-<extension>
-                write = f"write_{words[end] if end < len(words) else 'products'}"
+                write = f"write_{word_of(words[end]) if end < len(words) else 'products'}"
     return write
 
 
@@ -75,7 +78,7 @@ def written_kind(name: str) -> str | None:
     it: fused into the task that makes the block, or alone), None if it writes none."""
     words = name.split("-")
     ends = [i + 1 for i, word in enumerate(words[:-1]) if word == "write"]
-    return words[ends[-1]] if ends else None
+    return word_of(words[ends[-1]]) if ends else None
 
 
 def rank(label: str) -> int:
@@ -153,6 +156,14 @@ def summary(done: Mapping[str, int], totals: Mapping[str, int]) -> tuple[list, l
         if label.startswith("write_") and label != f"write_{SCRATCH}"
     ]
     return steps, products
+
+
+def blocks_written(keys: Iterable[Hashable]) -> dict[str, int]:
+    """The blocks written of each kind of product (scratch files apart) by the tasks of
+    ``keys``: each write task writes one block, alone or fused into the task that makes
+    it. What ``--stats`` records per product."""
+    kinds = Counter(written_kind(name_of(key)) for key in keys)
+    return {kind: kinds[kind] for kind in sorted(kinds, key=str) if kind not in (None, SCRATCH)}
 
 
 class Lines:

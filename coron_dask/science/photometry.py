@@ -106,25 +106,38 @@ def _read(path: Path, name: str) -> tuple[np.ndarray, dict]:
     return np.asarray(array.data.compute(scheduler="synchronous")), array.attrs
 
 
-def companion_figures(products: list, truth: dict) -> dict:
+def kl_planes(products: list) -> list[int | None]:
+    """The KL cutoffs of a run's psfsub and i2d planes (KLMODEn of a KL-mode cube), or
+    [None]: one cutoff, no kl axis (jwst's layout)."""
+    psfsub = next(p for p in products if "_psfsub" in p.name)
+    dataset = open_product(psfsub)
+    return [int(k) for k in dataset["kl"].values] if "kl" in dataset.dims else [None]
+
+
+def companion_figures(products: list, truth: dict, plane: int = 0) -> dict:
     """The injected companion measured in the products of a simulated observation.
 
     Per science exposure (one roll each): its S/N in the mean psfsub image at its true
     detector place. In the i2d (if any): where it is found against its true sky position
-    (pixels) and its S/N there.
+    (pixels) and its S/N there. Of a KL-mode cube, its ``plane`` (``kl_planes``' order).
     """
+
+    def image_of(path: Path) -> tuple[np.ndarray, dict]:
+        data, header = _read(path, "SCI")
+        return (data[plane] if "KLMODE0" in header else data), header
+
     figures: dict = {"rolls": []}
     for name, positions in truth["companion"].items():
         root = name.removesuffix("_calints.fits")
         psfsub = next(p for p in products if p.name.startswith(root) and "_psfsub" in p.name)
-        image = _read(psfsub, "SCI")[0].mean(axis=0)
+        image = image_of(psfsub)[0].mean(axis=0)
         place = tuple(np.mean(positions, axis=0))
         offsets = np.mean(truth["frames"][name]["star_offset"], axis=0)
         star = tuple(np.array(image.shape[::-1]) / 2 + offsets)
         figures["rolls"].append(companion_snr(image, peak_position(image, place), star))
     i2d = next((p for p in products if "_i2d" in p.name), None)
     if i2d is not None:
-        data, header = _read(i2d, "SCI")
+        data, header = image_of(i2d)
         image = np.nan_to_num(data.astype(np.float64))
         grid = WCS({k: v for k, v in header.items() if not isinstance(v, list | dict)}, naxis=2)
         place = tuple(float(v) for v in grid.world_to_pixel_values(*truth["companion_sky"]))

@@ -1,5 +1,5 @@
 """Block-by-block FITS writing: exact bytes for any chunking, readable by stdatamodels,
-and no product at all when a block fails."""
+and no product at all when a block fails; text products (ECSV) placed with the others."""
 
 import ctypes
 import resource
@@ -16,6 +16,7 @@ from coron_dask.core.errors import CoronInputError
 from coron_dask.io import Extension, Product, write_products
 from coron_dask.io.fits_layout import preallocate
 from coron_dask.io.staging import staged_products, write_blocks
+from coron_dask.io.text_file import text_extension
 
 
 @pytest.mark.parametrize("chunks", [(1, 1, -1, -1), (2, 3, -1, -1), (-1, 2, -1, -1), -1])
@@ -92,6 +93,36 @@ def test_products_appear_only_after_all_blocks(tmp_path):
         dask.compute(*writes)
         assert not path.exists()
     assert path.exists()
+
+
+def test_a_text_product_is_written_and_placed_with_the_others(tmp_path):
+    """A text product (ECSV): its one lazy text, made from the same blocks as an image
+    product, written byte for byte; placed with it, and neither when the text fails."""
+    image = da.arange(12, chunks=4, dtype=np.float32).reshape(1, 3, 4)
+
+    def text(values, fail=False):
+        if fail:
+            raise RuntimeError("no table")
+        return np.array([f"# %ECSV 1.0\nsum\n{values.sum():.1f}\n"], dtype=object)
+
+    for fail in (True, False):
+        table = da.map_blocks(
+            text, image.rechunk(-1), fail=fail, drop_axis=(1, 2), chunks=((1,),), dtype=object
+        )
+        products = [
+            Product(tmp_path / "a_i2d.fits", {}, [Extension("SCI", image)]),
+            Product(tmp_path / "a_candidates.ecsv", {}, [text_extension("ECSV", table)]),
+        ]
+        if fail:
+            with pytest.raises(RuntimeError, match="no table"):
+                write_products(products)
+            assert list(tmp_path.iterdir()) == []
+            continue
+        assert write_products(products) == [p.path for p in products]
+        assert (tmp_path / "a_candidates.ecsv").read_bytes() == b"# %ECSV 1.0\nsum\n66.0\n"
+        np.testing.assert_array_equal(fits.getdata(tmp_path / "a_i2d.fits"), image.compute())
+    with pytest.raises(ValueError, match="one text"):
+        text_extension("ECSV", da.zeros(2, dtype=object, chunks=1))
 
 
 def _quad(path, cube, chunks=(2, 3, -1, -1)):
