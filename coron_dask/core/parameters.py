@@ -90,7 +90,8 @@ class Steps:
 
 def cutoffs(value: object, name: str = "truncate") -> int | tuple[int, ...]:
     """klip's truncate (an int, a sequence or a text such as "5,10,20,50"): one cutoff as an
-    int (jwst's psfsub), several as a KL-mode cube's ascending cutoffs."""
+    int (jwst's psfsub), several as a KL-mode cube's ascending cutoffs, each at least 1
+    (jwst takes 0, which keeps no KL mode: the psfsub is the science frame itself)."""
     if isinstance(value, str):
         try:
             value = [int(part) for part in value.split(",") if part.strip()]
@@ -98,9 +99,17 @@ def cutoffs(value: object, name: str = "truncate") -> int | tuple[int, ...]:
             raise CoronInputError(
                 name, f"must be whole numbers separated by commas, got {value!r}"
             ) from None
-    values = (value,) if isinstance(value, numbers.Integral) else tuple(value)
-    if not values or any(int(k) < 0 for k in values):
-        raise CoronInputError(name, f"must be one or more values >= 0, got {value}")
+    try:
+        values = (value,) if isinstance(value, numbers.Integral) else tuple(value)
+    except TypeError:
+        raise CoronInputError(name, f"must be whole numbers, got {value!r}") from None
+    if any(isinstance(k, bool) or not isinstance(k, numbers.Integral) for k in values):
+        raise CoronInputError(name, f"must be whole numbers, got {value!r}")
+    if not values or any(k < 1 for k in values):
+        shown = ",".join(str(k) for k in values) or "none"
+        raise CoronInputError(
+            name, f"must be one or more KL mode counts >= 1 (0 keeps none), got {shown}"
+        )
     found = tuple(sorted({int(k) for k in values}))
     return found[0] if len(found) == 1 else found
 

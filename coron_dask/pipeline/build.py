@@ -29,7 +29,7 @@ from coron_dask.pipeline.provenance import provenance
 from coron_dask.planning.block_plan import BlockPlan, Workers
 from coron_dask.runtime.deploy import measure_workers
 from coron_dask.steps.align_refs import align_models, alignment_table, median_replace_img
-from coron_dask.steps.klip import KLBasis, kl_basis, subtract
+from coron_dask.steps.klip import KLBasis, kl_basis, subtract, used_cutoffs
 from coron_dask.steps.outlier_detection import outlier_detection
 from coron_dask.steps.stack_refs import stack_refs
 
@@ -283,9 +283,10 @@ def reduce_observation(
     p = resolve_parameters(**parameters)
     psfmask = find_psfmask(asn, psfmask)
     psfmask = None if psfmask == "none" else psfmask
-    plan = plan_observation(
-        opened or open_association(asn), workers or measure_workers(None), p, injections
-    )
+    opened = opened or open_association(asn)
+    # klip keeps at most as many KL modes as there are references: its products say so
+    p["truncate"] = used_cutoffs(p["truncate"], opened.psfstack.sizes["psf"])
+    plan = plan_observation(opened, workers or measure_workers(None), p, injections)
     log.info("block plan: %s", plan.describe())
     # the references in their exposures' blocks of at most `psfs` (no block merges
     # pieces of several): each alignment task reads its `psfs` references from disk

@@ -100,6 +100,7 @@ def contrast_curve(
             **parameters,
         )
         built["injections"] = build_injections(reduction, psf, companions, output_dir, name)
+        built["truncate"] = reduction.parameters["truncate"]  # as klip uses it
         scratch = [product for product in reduction.products if product.scratch]
         return [*scratch, built["injections"].product]
 
@@ -114,8 +115,8 @@ def contrast_curve(
             science, injected, model = (
                 hdul[n].data.astype(np.float64) for n in ("SCI", "INJECTED", "MODEL")
             )
-        cutoffs = kl_cutoffs(parameters["truncate"])
-        if len(cutoffs) == 1:  # jwst's layout: no kl axis
+        cutoffs = kl_cutoffs(built["truncate"])
+        if isinstance(built["truncate"], int):  # jwst's layout: no kl axis
             science, injected = science[None], injected[:, None]
         table, measured = measure(
             science, injected, model, injections.grid, star, companions, resolution, cutoffs

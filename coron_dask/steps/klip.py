@@ -21,6 +21,7 @@ every sum over them is taken in order, target by target, so the products do not 
 on the blocks.
 """
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -29,7 +30,7 @@ import numpy as np
 import xarray as xr
 from dask.base import tokenize
 
-from coron_dask.core.errors import CoronInputError
+from coron_dask.core.parameters import cutoffs as read_cutoffs
 from coron_dask.io.products import OnDisk
 from coron_dask.planning.block_plan import tile_rows
 from coron_dask.steps.blocks import (
@@ -41,13 +42,36 @@ from coron_dask.steps.blocks import (
     weights_block,
 )
 
+log = logging.getLogger(__name__)
+
 
 def kl_cutoffs(truncate: int | Sequence[int]) -> tuple[int, ...]:
-    """The KL cutoffs of ``truncate`` (one, or several: a KL-mode cube), ascending, checked."""
-    values = (truncate,) if isinstance(truncate, int | np.integer) else tuple(truncate)
-    if not values or any(int(k) < 0 for k in values):
-        raise CoronInputError("truncate", f"must be one or more values >= 0, got {truncate}")
-    return tuple(sorted({int(k) for k in values}))
+    """The KL cutoffs of ``truncate`` (one, or several: a KL-mode cube), ascending, checked
+    as the parameter is (``core.parameters.cutoffs``: each at least 1)."""
+    found = read_cutoffs(truncate)
+    return (found,) if isinstance(found, int) else found
+
+
+def used_cutoffs(truncate: int | Sequence[int], npsf: int) -> int | tuple[int, ...]:
+    """``truncate`` as klip uses it with ``npsf`` references: a cutoff above ``npsf`` keeps
+    all ``npsf`` KL modes, so it is ``npsf`` (logged, as are cutoffs that become one);
+    several cutoffs stay a KL-mode cube, of the distinct ones. jwst's klip slices the KL
+    vectors (``klvect[:truncate]``): the same modes, silently."""
+    cube = not isinstance(truncate, int | np.integer)
+    asked = kl_cutoffs(truncate)
+    kept = tuple(sorted({min(k, npsf) for k in asked}))
+    if kept != asked:
+        shown = ",".join(map(str, asked))
+        log.warning(
+            "klip: truncate %s is more than the %d references: %s KL modes kept%s",
+            shown,
+            npsf,
+            ",".join(map(str, kept)),
+            f" ({len(asked) - len(kept)} cutoff(s) the same as another, dropped)"
+            if len(kept) < len(asked)
+            else "",
+        )
+    return kept if cube else kept[0]
 
 
 @dataclass(frozen=True)
@@ -108,10 +132,10 @@ def kl_basis(
     """The KL basis of the references ``psfalign`` aligned to ``science`` (the filled cube
     from align_refs), in the science exposure's blocks of integrations (see ``klip``): one
     per integration with a 4-D psfalign, one for the exposure with a 3-D one."""
-    cutoffs = kl_cutoffs(truncate)
     target = science["sci"].data
     aligned = psfalign["sci"].data
     npsf = psfalign.sizes["psf"]
+    cutoffs = kl_cutoffs(used_cutoffs(truncate, npsf))
     rows = rows or tile_rows(npsf, (target.shape[1], target.shape[2]), 2**23)
     shared = aligned.ndim == 3  # one basis for the whole exposure
     bases = aligned[None] if shared else aligned.rechunk({0: target.chunks[0]})
@@ -119,8 +143,7 @@ def kl_basis(
     own = (None, None) if shared else (target, "myx")
     name = tokenize(bases, cutoffs, rows, on_disk, own[0])
     npix = target.shape[1] * target.shape[2]
-    count = min(cutoffs[-1], npsf)
-    kept = tuple(min(k, npsf) for k in cutoffs)
+    count = cutoffs[-1]
     references, means, reading = _references(bases, on_disk, "mr")
     gram = da.blockwise(
         gram_block,
@@ -148,8 +171,8 @@ def kl_basis(
         dtype=np.float64,
         name=f"klip-weights-{name}",
     )
-    err_shape = (bases.shape[0], len(kept), *target.shape[1:])
-    if all(k >= npsf for k in kept):  # the references lie in their KL images' span
+    err_shape = (bases.shape[0], len(cutoffs), *target.shape[1:])
+    if all(k >= npsf for k in cutoffs):  # the references lie in their KL images' span
         err = da.zeros(err_shape, chunks=(bases.chunks[0], -1, -1, -1), dtype=np.float64)
     else:
         frame = {} if on_disk is None else {"y": target.shape[1], "x": target.shape[2]}
@@ -163,10 +186,10 @@ def kl_basis(
             "mwak",
             rows,
             None,
-            kept,
+            cutoffs,
             None,
             *reading,
-            new_axes={"c": len(kept), **frame},
+            new_axes={"c": len(cutoffs), **frame},
             concatenate=False,
             dtype=np.float64,
             name=f"klip-err-{name}",
@@ -208,8 +231,7 @@ def subtract(science: xr.Dataset, basis: KLBasis) -> xr.Dataset:
     target = science["sci"].data
     cutoffs = basis.cutoffs
     npsf = basis.weights.shape[2]
-    kept = tuple(min(k, npsf) for k in cutoffs)
-    name = tokenize(target, basis.weights, kept)
+    name = tokenize(target, basis.weights, cutoffs)
     overlaps = basis.overlaps
     if overlaps is None or target.name != basis.science.name:  # a pass of their own
         overlaps = da.blockwise(
@@ -242,7 +264,7 @@ def subtract(science: xr.Dataset, basis: KLBasis) -> xr.Dataset:
         "mq",
         basis.rows,
         None,
-        kept,
+        cutoffs,
         None,
         *basis.reading,
         new_axes={"c": len(cutoffs)},
@@ -275,8 +297,9 @@ def klip(
 
     ``truncate``: the KL modes kept, or several cutoffs (a KL-mode cube): then ``sci`` and
     ``err`` have a leading ``kl`` dimension, one image per cutoff (ascending) from one
-    basis, which each cutoff projects on its first k images (k at most the number of
-    references; the ``kl`` coordinate keeps the cutoffs asked for).
+    basis, which each cutoff projects on its first k images. A cutoff above the number of
+    references is that number (``used_cutoffs``, logged): the ``kl`` coordinate says the
+    cutoffs used.
     ``rows`` of frame per KLIP tile (the block plan's; default: ``chunking.tile_rows`` of
     8 MiB, the default of the setting coron_dask.chunks.klip-tile). ``on_disk``: psfalign's
     SCI as written to disk (``io.staging.write_blocks``), which the KLIP tasks then read a
