@@ -18,7 +18,7 @@ from coron_dask.pipeline import build as pipeline
 from coron_dask.science.simulate import REFERENCE_BRIGHTNESS, simulate
 from tests.conftest import SMALL
 
-COLUMNS = ("INTEGRATION", "PSF", "PSF_FILE", "PSF_INT", "DX", "DY", "BETA")
+COLUMNS = ("INTEGRATION", "PSF", "PSF_FILE", "PSF_INT", "DX", "DY", "BETA", "CONVERGED")
 UNITS = {"DX": "pixel", "DY": "pixel"}  # the others are counts, names or a ratio
 NINTS, NPSF = SMALL["sci_ints"], SMALL["psf_exps"] * SMALL["psf_ints"]
 #: How far the fitted shifts may be from the simulated pointing (pixels). Not the fit's
@@ -185,7 +185,9 @@ def test_fits_table_layout(mode, runs):
             assert header[f"TTYPE{number}"] == name
             assert header.get(f"TUNIT{number}") == UNITS.get(name)
         forms = [header[f"TFORM{n}"] for n in range(1, len(COLUMNS) + 1)]
-        assert forms[:2] == ["J", "J"] and forms[2].endswith("A") and forms[3:] == ["J"] + ["D"] * 3
+        assert forms[:2] == ["J", "J"] and forms[2].endswith("A")
+        assert forms[3:] == ["J"] + ["D"] * 3 + ["B"]
+        assert (columns["CONVERGED"] == 1).all()  # every fit of the simulated frames
         assert header["ALIGN_TO"] == mode
         comment = " ".join(str(card) for card in header["COMMENT"])
         assert "-(DX, DY)" in comment and "position minus the science star" in comment
@@ -297,9 +299,13 @@ def test_record_costs_a_few_tasks_whatever_the_integrations():
     names = np.array([f"ref{k // 3}.fits" for k in range(npsf)])
 
     def record(nints: int) -> tuple[int, np.ndarray]:
-        shift = da.random.default_rng(0).normal(size=(nints, npsf, 3), chunks=(1, 2, 3))
+        pairs = da.random.default_rng(0).normal(size=(nints, npsf, 4), chunks=(1, 2, 4))
+        shift, converged = pairs[..., :3], pairs[..., 3] > -1  # as align_models has them
         psfalign = xr.Dataset(
-            {"shift": (("integration", "psf", "param"), shift)},
+            {
+                "shift": (("integration", "psf", "param"), shift),
+                "converged": (("integration", "psf"), converged),
+            },
             coords={
                 "integration": np.arange(1, nints + 1),
                 "psf": np.arange(npsf),
@@ -309,7 +315,8 @@ def test_record_costs_a_few_tasks_whatever_the_integrations():
             },
         )
         table = alignment_table(psfalign).data
-        tasks = len(dict(table.__dask_graph__())) - len(dict(shift.__dask_graph__()))
+        fitted = {**dict(shift.__dask_graph__()), **dict(converged.__dask_graph__())}
+        tasks = len(dict(table.__dask_graph__())) - len(fitted)
         return tasks, table.compute()
 
     few, _ = record(2)

@@ -269,7 +269,8 @@ def build_shift(rng, path, frames, psfs, ny, nx):
     into psfalign (a FITS file) and its frame means given back (``write_blocks``)."""
     source = _on_disk(path[0], "refs", _frames(rng, 2 * psfs, ny, nx, jitter=1.0))
     indices = np.arange(psfs, 2 * psfs)
-    shifts = rng.uniform(-1, 1, (frames, psfs, 3))
+    shifts = rng.uniform(-1, 1, (frames, psfs, 4))
+    shifts[..., 3] = 1  # (dx, dy, β, converged), as fit_block gives them
     if frames == 1:  # align_to="first": (p, 3)
         shifts, shape, where = shifts[0], (2 * psfs, ny, nx), (slice(psfs, 2 * psfs),)
     else:

@@ -203,7 +203,10 @@ TWINS = [
         "median_box_length",
         "must be >= 0, got -3",
     ),
-    (["--truncate", "5,-2"], {"truncate": "5,-2"}, "truncate", "must be one or more values >= 0"),
+    # jwst takes 0 (no KL mode: the psfsub is the science frame itself); coron-dask refuses it
+    (["--truncate", "5,-2"], {"truncate": "5,-2"}, "truncate", "KL mode counts >= 1"),
+    (["--truncate", "0"], {"truncate": 0}, "truncate", "KL mode counts >= 1 (0 keeps none), got 0"),
+    (["--truncate", "5,0"], {"truncate": (5, 0)}, "truncate", ">= 1 (0 keeps none), got 5,0"),
 ]
 
 

@@ -54,7 +54,19 @@ def gram(tile: np.ndarray, means: np.ndarray) -> np.ndarray:
 def kl_weights(gram_matrix: np.ndarray, npix: int, truncate: int) -> np.ndarray:
     """W and C (2, nrefs, K) of the KL basis from the references' Gram matrix over all
     ``npix`` pixels: the KL images are Wᵀ·(R − μ) (unit norm), C = G·W the references'
-    coefficients on them. K = min(truncate, nrefs); modes of zero norm get zero weight."""
+    coefficients on them. K = min(truncate, nrefs); modes of zero norm get zero weight.
+
+    References of zero norm (rows of zeros: flagged, or constant frames) are left out:
+    the basis is that of the others, their weights 0 (an eigenvector of the zero block,
+    normalised, would be a unit image made of rounding errors)."""
+    used = np.diag(gram_matrix) > 0
+    if not used.all():
+        count = min(truncate, len(gram_matrix))
+        out = np.zeros((2, len(gram_matrix), count))
+        if used.any():
+            kept = kl_weights(gram_matrix[np.ix_(used, used)], npix, truncate)
+            out[:, used, : kept.shape[-1]] = kept
+        return out
     eigval, eigvect = np.linalg.eigh(gram_matrix / (npix - 1))
     order = np.argsort(eigval)[::-1][:truncate]
     vectors = eigvect[:, order]
@@ -75,7 +87,11 @@ PROJECTION_COLUMNS = 1024
 
 
 def residual_stds(
-    centred: np.ndarray, images: np.ndarray, coefficients: np.ndarray, cutoffs: tuple[int, ...]
+    centred: np.ndarray,
+    images: np.ndarray,
+    coefficients: np.ndarray,
+    cutoffs: tuple[int, ...],
+    used: np.ndarray | None = None,
 ) -> np.ndarray:
     """KLIP's ERR (len(cutoffs), npix_tile) on a tile of references already centred and in
     float64, from their KL images on the tile (K, npix_tile) and their ``coefficients`` on
@@ -86,15 +102,19 @@ def residual_stds(
 
     A cutoff that keeps every reference's mode (k ≥ nrefs) has ERR 0: the references lie
     in the span of their KL images (the modes of zero norm hold none of them), so their
-    residuals are 0 but for rounding, which is what jwst's ERR is then made of."""
+    residuals are 0 but for rounding, which is what jwst's ERR is then made of. ``used``
+    (nrefs,) bool: the references the deviation is taken over (default: all); the others
+    were left out of the basis (``kl_weights``)."""
     out = np.zeros((len(cutoffs), centred.shape[1]))
+    if used is not None and not used.any():  # no reference left: no deviation
+        return out + np.nan
     projected = [k for k in cutoffs if k < len(centred)]
     for start in range(0, centred.shape[1], PROJECTION_COLUMNS):
         columns = slice(start, start + PROJECTION_COLUMNS)
         part, done = centred[:, columns], 0
         for c, k in enumerate(projected):
             part -= coefficients[:, done:k] @ images[done:k, columns]
-            out[c, columns] = part.std(axis=0)
+            out[c, columns] = (part if used is None else part[used]).std(axis=0)
             done = k
     return out
 

@@ -31,6 +31,9 @@ XTOL = 1e-3
 #: Stop also when an accepted step lowers the cost relatively by less than this.
 FTOL = 1e-15
 MAX_ITER = 100
+#: A fit whose Levenberg damping grows past this without a step that lowers the cost has
+#: failed: it did not converge.
+MAX_DAMPING = 1e12
 #: The fit starts from the best integer shift within this many pixels of no shift: JWST's
 #: pointing puts references well within it, and a wider search can latch onto another
 #: feature of a frame (jwst's fit, from no shift, stays in the PSF core's basin too).
@@ -56,33 +59,43 @@ def fit_shifts(
     mask: np.ndarray | None = None,
     *,
     batch: int | None = None,
-) -> np.ndarray:
+) -> tuple[np.ndarray, np.ndarray]:
     """Fit (dx, dy, β) of each reference in ``psfs`` (n, ny, nx) to each science frame of
-    ``science`` ((m,) ny, nx): ((m,) n, 3) float64.
+    ``science`` ((m,) ny, nx): ((m,) n, 3) float64, and whether each fit converged ((m,) n)
+    bool.
 
     The parameters are those of jwst's ``align_fourier_lsq``: shifting the science frame
     by (dx, dy) and scaling it by β best matches the reference. What depends only on the
     mask, or only on a reference, is computed once for all the science frames.
+
+    A fit converged when the Newton iteration stopped on its own tolerances (``XTOL``,
+    ``FTOL``; not on ``MAX_ITER`` or a damping that grew past ``MAX_DAMPING``) at finite
+    parameters. A pair that cannot be fitted (a frame with a non-finite pixel, or no
+    weighted signal: all zero where the mask weighs) is not fitted: (NaN, NaN, NaN), not
+    converged. jwst's fit reports neither, and ends such a pair at its start, (0, 0, 1).
     """
     science = np.asarray(science, dtype=np.float64)
     psfs = np.asarray(psfs)
     if psfs.ndim == 2:
-        return fit_shifts(science, psfs[None], mask, batch=batch)[..., 0, :]
+        fitted, converged = fit_shifts(science, psfs[None], mask, batch=batch)
+        return fitted[..., 0, :], converged[..., 0]
     if science.ndim == 2:
-        return fit_shifts(science[None], psfs, mask, batch=batch)[0]
+        fitted, converged = fit_shifts(science[None], psfs, mask, batch=batch)
+        return fitted[0], converged[0]
     shape = science.shape[1:]
     weights = _Weights(np.ones(shape) if mask is None else np.asarray(mask, dtype=np.float64))
     if batch is None:
         batch = fit_batch(weights.weight.size)
     references, energies = weights.references(psfs, batch)
     out = np.empty((len(science), len(psfs), 3))
-    for frame, fitted in zip(science, out, strict=True):
+    converged = np.zeros((len(science), len(psfs)), dtype=bool)
+    for frame, fitted, done in zip(science, out, converged, strict=True):
         problem = _Problem(weights, frame)
         for start in range(0, len(psfs), batch):
             part = slice(start, start + batch)
-            fitted[part] = problem.solve(references[part], energies[part])
+            fitted[part], done[part] = problem.solve(references[part], energies[part])
         del problem  # before the next frame's is made
-    return out
+    return out, converged
 
 
 class _Weights:
@@ -164,6 +177,11 @@ class _Problem:
     def __init__(self, weights: _Weights, science: np.ndarray) -> None:
         self.weights = weights
         self.shape = weights.shape
+        # a frame with a non-finite pixel, or none of its signal where the mask weighs,
+        # cannot be fitted (``fit_shifts``)
+        self.fittable = bool(np.isfinite(science).all()) and bool(
+            np.einsum("yx,yx->", weights.weight2, science * science) > 0
+        )
         y, x = weights.axes
         self.tilde = split_spectrum(fft.rfft2(science), y, x)  # (ky, kx ≥ 0)
         # Ã∗Ã as the spectrum of s², s sampled on a grid fine enough that s² does not alias
@@ -304,18 +322,34 @@ class _Problem:
             row[...] = stacked(self.tilde * reference)
         return overlaps
 
-    def solve(self, references: np.ndarray, energies: np.ndarray) -> np.ndarray:
+    def solve(self, references: np.ndarray, energies: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Damped Newton from the cross-correlation start, for references given by their
-        part of M and energies P (``_Weights.references``); each stops on its own.
+        part of M and energies P (``_Weights.references``); each stops on its own. Returns
+        (dx, dy, β) (b, 3) and whether each converged (b,) (see ``fit_shifts``).
 
         A Newton step shorter than ``XTOL`` is taken without evaluating where it lands:
         convergence is quadratic there, so it leaves an error of order XTOL² (1e-6 pixel).
         """
+        fittable = np.isfinite(energies) & (energies > 0) & self.fittable
+        params = np.full((len(energies), 3), np.nan)
+        converged = np.zeros(len(energies), dtype=bool)
+        if fittable.all():  # as is: no copy of the references' terms
+            params[:], converged[:] = self._newton(references, energies)
+        elif fittable.any():
+            chosen = np.flatnonzero(fittable)
+            params[chosen], converged[chosen] = self._newton(references[chosen], energies[chosen])
+        return params, converged & np.isfinite(params).all(axis=1)
+
+    def _newton(
+        self, references: np.ndarray, energies: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """``solve``'s iteration, for references that can be fitted."""
         overlaps = self.overlaps(references)
         params = self.start(overlaps)
         cost, gradient, hessian = self.evaluate(params, overlaps, energies)
         damping = np.full(len(params), 1e-6)
         active = np.ones(len(params), dtype=bool)
+        converged = np.zeros(len(params), dtype=bool)
         for _ in range(MAX_ITER):
             idx = np.flatnonzero(active)
             if idx.size == 0:
@@ -333,6 +367,7 @@ class _Problem:
             )
             params[idx[small]] += step[small]
             active[idx[small]] = False
+            converged[idx[small]] = True
             idx, step = idx[~small], step[~small]
             if idx.size == 0:
                 continue
@@ -344,9 +379,10 @@ class _Problem:
             params[good], cost[good] = trial[better], t_cost[better]
             gradient[good], hessian[good] = t_gradient[better], t_hessian[better]
             damping[idx] = np.where(better, damping[idx] * 0.1, damping[idx] * 10.0)
-            done = (better & small_gain) | (damping[idx] > 1e12)
-            active[idx[done]] = False
-        return params
+            settled = better & small_gain
+            converged[idx[settled]] = True
+            active[idx[settled | (damping[idx] > MAX_DAMPING)]] = False
+        return params, converged
 
 
 def _near(n: int) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray, np.ndarray]]:

@@ -68,8 +68,11 @@ def align_refs(
     """Fill bad pixels in both inputs and align the references: (psfalign, filled science).
 
     psfalign holds ``sci`` and ``err`` (the references' SCI and ERR shifted alike, as jwst)
-    and ``shift``: the fitted (dx, dy, β) of each reference. The filled science is what
-    KLIP subtracts from, as in jwst, where align_refs fills the science cube in place.
+    and ``shift``: the fitted (dx, dy, β) of each reference, and ``converged``: whether
+    its fit converged. A pair whose fit did not (``kernels.registration.fit_shifts``) is
+    flagged: its aligned SCI and ERR are NaN, and klip leaves it out. The filled science
+    is what KLIP subtracts from, as in jwst, where align_refs fills the science cube in
+    place.
     """
     science = median_replace_img(science, median_box_length, bad_bits)
     refs = median_replace_img(psfstack, median_box_length, bad_bits)
@@ -118,7 +121,8 @@ def align_models(
             indices = da.arange(refs.sizes["psf"], chunks=chunks)
             references[name] = (indices, "p")
             reading[name] = (stored.source, None, stored.written.rechunk(indices.chunks), "p")
-    shifts = da.blockwise(
+    # (dx, dy, β, converged) of each pair: the shifts, and which fits are flagged
+    fits = da.blockwise(
         fit_block,
         "mpk",
         target,
@@ -127,13 +131,13 @@ def align_models(
         mask,
         "yx",
         *reading["sci"],
-        new_axes={"k": 3},
+        new_axes={"k": 4},
         concatenate=True,
         dtype=np.float64,
         name="AlignRefs-fit-" + tokenize(target, references["sci"], reading["sci"], mask),
     )
     if align_to == "first":
-        shifts = shifts[0]
+        fits = fits[0]
         dims = ("psf", "y", "x")
         index, shift_index = "pyx", "pk"
     else:
@@ -146,14 +150,14 @@ def align_models(
             shift_block,
             index,
             *references[name],
-            shifts,
+            fits,
             shift_index,
             *reading[name],
             # read from disk, the frames come from no input
             new_axes={"y": frame[0], "x": frame[1]} if reading[name] else None,
             concatenate=True,
             dtype=np.float32,
-            name=f"AlignRefs-shift-{name}-" + tokenize(references[name], reading[name], shifts),
+            name=f"AlignRefs-shift-{name}-" + tokenize(references[name], reading[name], fits),
         )
         for name in references
     }
@@ -164,7 +168,8 @@ def align_models(
         {
             "sci": (dims, aligned["sci"]),
             "err": (dims, aligned["err"]),
-            "shift": ((*dims[:-2], "param"), shifts),
+            "shift": ((*dims[:-2], "param"), fits[..., :3]),
+            "converged": (dims[:-2], fits[..., 3] > 0),
         },
         coords={**coords, "param": SHIFT_PARAMS},
         attrs=dict(refs.attrs),
@@ -177,7 +182,9 @@ ALIGN_CONVENTION = (
     "y (rows), its star's position minus the science star's: the science frame moved by "
     "+(DX, DY) (towards higher pixel indices) and scaled by BETA best matches the "
     "reference, and align_refs moved the reference by -(DX, DY) onto the science frame. "
-    "BETA: the reference's flux over the science frame's (the references are not scaled)."
+    "BETA: the reference's flux over the science frame's (the references are not scaled). "
+    "CONVERGED 0: the fit did not converge; the pair is flagged (aligned frame NaN, left "
+    "out by klip)."
 )
 
 
@@ -189,14 +196,17 @@ def alignment_table(psfalign: xr.Dataset) -> Extension:
     Columns: INTEGRATION (1-based, of the science exposure; 1, the one aligned to, with
     align_to "first"), PSF (0-based index in the psfstack), PSF_FILE and PSF_INT (the
     reference's exposure file and 1-based integration, where the stack names them), DX and
-    DY (pixel; sign: ``ALIGN_CONVENTION``) and BETA. Lazy: computed with the products,
-    from the same fits the shifts come from.
+    DY (pixel; sign: ``ALIGN_CONVENTION``), BETA, and CONVERGED (1, or 0 where the fit did
+    not converge: the pair is flagged, its aligned frame NaN and left out by klip; DX, DY
+    and BETA are then where the fit stopped, NaN where it could not start). Lazy: computed
+    with the products, from the same fits the shifts come from.
     """
     shift = psfalign["shift"]
     npsf = shift.sizes["psf"]
     each = "integration" in shift.dims
     integrations = psfalign["integration"].values if each else np.array([1])
     fitted = shift.transpose(..., "param").data.rechunk(-1).reshape(-1, 3)
+    converged = psfalign["converged"].data.rechunk(-1).reshape(-1)
 
     def per_row(values: object) -> da.Array:
         """A value per reference, on every row: the stack's coords (lazy, one block) tiled
@@ -225,6 +235,7 @@ def alignment_table(psfalign: xr.Dataset) -> Extension:
         Column("DX", fitted[:, index["dx"]], "pixel", "reference x - science x"),
         Column("DY", fitted[:, index["dy"]], "pixel", "reference y - science y"),
         Column("BETA", fitted[:, index["beta"]], "", "reference flux / science flux"),
+        Column("CONVERGED", converged.astype(np.uint8), "", "1: fit converged; 0: flagged"),
     ]
     keywords = {
         "ALIGN_TO": ("each" if each else "first", "science integrations aligned to"),

@@ -42,11 +42,13 @@ def fit_block(
     source: object | None = None,
     after: object = None,
 ) -> np.ndarray:
-    """Shifts (m, p, 3) of references ``psfs`` (p, y, x) to each science frame (m, y, x);
-    with ``source``, ``psfs`` are indices of references read from it, once the task
-    ``after`` stands for wrote them."""
+    """Fits (m, p, 4) of references ``psfs`` (p, y, x) to each science frame (m, y, x):
+    (dx, dy, β) and 1 where the fit converged, 0 where not (``fit_shifts``); with
+    ``source``, ``psfs`` are indices of references read from it, once the task ``after``
+    stands for wrote them."""
     psfs = _references(psfs, source)
-    return fit_shifts(science, psfs, mask)
+    fitted, converged = fit_shifts(science, psfs, mask)
+    return np.concatenate([fitted, converged[..., None]], axis=-1)
 
 
 def shift_block(
@@ -55,10 +57,12 @@ def shift_block(
     source: object | None = None,
     after: object = None,
 ) -> np.ndarray:
-    """References (p, y, x) moved by −(dx, dy) of ``shifts`` ([m,] p, 3): ([m,] p, y, x)
-    float32; with ``source``, ``frames`` are indices of references read from it, as in
-    ``fit_block``. Each frame is transformed once per block, whatever the number of
-    science integrations it is aligned to; frames go through the FFTs a batch at a time."""
+    """References (p, y, x) moved by −(dx, dy) of ``shifts`` ([m,] p, 4: ``fit_block``'s):
+    ([m,] p, y, x) float32, NaN where the fit did not converge (flagged: klip leaves the
+    reference out for that target); with ``source``, ``frames`` are indices of references
+    read from it, as in ``fit_block``. Each frame is transformed once per block, whatever
+    the number of science integrations it is aligned to; frames go through the FFTs a
+    batch at a time."""
     frames = _references(frames, source)
     shape = frames.shape[-2:]
     out = np.empty((*shifts.shape[:-1], *shape), dtype=np.float32)
@@ -74,10 +78,10 @@ def shift_block(
         real[:n] = frames[part]
         np.fft.rfft2(real[:n], out=spectra[:n])
         for m, per_frame in enumerate(shifts if shifts.ndim == 3 else [shifts]):
-            images = shift_spectra(
-                spectra[:n], shape, -per_frame[part, :2], work=work[:n], out=real[:n]
-            )
+            moves = -np.nan_to_num(per_frame[part, :2])  # a pair not fitted: NaN below
+            images = shift_spectra(spectra[:n], shape, moves, work=work[:n], out=real[:n])
             out[(m, part) if shifts.ndim == 3 else part] = images
+    out[shifts[..., 3] == 0] = np.nan  # the pairs whose fit did not converge
     return out
 
 
@@ -89,14 +93,20 @@ def means_block(refs: np.ndarray) -> np.ndarray:
 def _centred_tile(pieces: list, means: list, i: int) -> np.ndarray:
     """The references aligned to target ``i`` on a tile, as one float64 (p, rows·nx) array
     minus their means, from the pieces (m, p_j, rows, nx) they are held in along the
-    reference axis: the tile itself is never copied in float32."""
+    reference axis: the tile itself is never copied in float32. A reference flagged for
+    the target (a frame with a non-finite mean: NaN, ``shift_block``) is a row of zeros,
+    which ``klip.kl_weights`` leaves out."""
     rows = [piece[i].reshape(piece.shape[1], -1) for piece in _pieces(pieces)]
     centred = np.empty((sum(r.shape[0] for r in rows), rows[0].shape[1]))
     start = 0
     for r in rows:
         centred[start : start + len(r)] = r
         start += len(r)
-    centred -= np.concatenate([m[i] for m in _pieces(means)])[:, None]
+    means = np.concatenate([m[i] for m in _pieces(means)])
+    centred -= means[:, None]
+    flagged = ~np.isfinite(means)  # NaN frames: fits that did not converge (shift_block)
+    if flagged.any():  # rows of 0: nothing in the Gram matrix, the overlaps, the projection
+        centred[flagged] = 0.0
     return centred
 
 
@@ -251,7 +261,9 @@ def errors_block(
             centred = tile(i)
             centred = centred.copy() if tile.shared and m > 1 else centred  # ERR writes in it
             images = _aligned(weights[i, 0, :, :needed]).T @ centred
-            errors = klip.residual_stds(centred, images, weights[i, 1], cutoffs)
+            used = np.concatenate([piece[i] for piece in _pieces(means)])
+            used = None if np.isfinite(used).all() else np.isfinite(used)  # the flagged: out
+            errors = klip.residual_stds(centred, images, weights[i, 1], cutoffs, used)
             out[i, :, tile.rows] = errors.reshape(len(cutoffs), tile.height, tile.nx)
             del images, centred  # before the next target's are made
     return out
