@@ -12,6 +12,10 @@ class CoronInputError(ValueError):
         self.problem = problem
         super().__init__(f"{self.source}: {problem}")
 
+    def __reduce__(self) -> tuple:
+        """Pickled as made (a task's error crosses to the client from a worker)."""
+        return type(self), (self.source, self.problem)
+
 
 class ClusterError(RuntimeError):
     """The cluster could not finish the run (scheduler lost, workers killed repeatedly)."""

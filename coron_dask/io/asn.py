@@ -25,7 +25,9 @@ def read_association(path: str | Path) -> Association:
         table = json.loads(path.read_text())
     except FileNotFoundError:
         raise CoronInputError(path, "association file not found") from None
-    except (OSError, UnicodeDecodeError) as error:
+    except OSError as error:  # a folder, no permission, an I/O error
+        raise CoronInputError(path, f"cannot read association: {error.strerror or error}") from None
+    except UnicodeDecodeError as error:
         raise CoronInputError(path, f"cannot read association: {error}") from None
     except json.JSONDecodeError as error:
         raise CoronInputError(path, f"not valid JSON: {error}") from None

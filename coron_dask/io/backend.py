@@ -6,8 +6,9 @@ Dataset: every image extension a variable on ``integration``, ``psf``, ``kl``, `
 ``y``, ``x`` as the product's kind and the extension's rank say; ``integration``, ``psf``,
 ``kl`` (the KLMODEn cutoffs) and ``set`` coordinates; ``ra``, ``dec`` (degrees, on y, x)
 from the celestial WCS of SCI (SNR in a detection map), computed for the part asked for;
-the alignment record (ALIGN) as ``shift`` (…, psf, param); the primary keywords as the
-Dataset's attributes and each extension's as its variable's.
+the alignment record (ALIGN) as ``shift`` (…, psf, param) and ``converged`` (…, psf;
+where it has CONVERGED); the primary keywords as the Dataset's attributes and each
+extension's as its variable's.
 
 Opening reads the headers (a Zarr store's metadata) and the small ALIGN table, nothing of
 the images: each read takes only the requested slab from the file. The preferred chunks
@@ -180,15 +181,23 @@ def _sky(keywords: dict, shape: tuple[int, int]) -> dict:
     return out
 
 
-def _alignment(table: dict, dims: dict, attrs: dict) -> xr.DataArray:
+def _alignment(table: dict, dims: dict, attrs: dict) -> dict[str, xr.DataArray]:
     """The ALIGN table (its columns by name) as ``shift`` (integration, psf, param) or
-    (psf, param), with the table's keywords (ALIGN_TO) as attributes."""
+    (psf, param), with the table's keywords (ALIGN_TO) as attributes, and where the table
+    has CONVERGED, ``converged`` (integration, psf) or (psf,) bool."""
     npsf = len(np.unique(table["PSF"]))
     values = np.stack([table["DX"], table["DY"], table["BETA"]], axis=-1).astype(np.float64)
+    columns = table.dtype.names if isinstance(table, np.ndarray) else list(table)
+    if "CONVERGED" in columns:  # products before it have none
+        values = np.concatenate([values, np.asarray(table["CONVERGED"])[:, None]], axis=-1)
     if dims.get("integration") and len(values) == npsf * dims["integration"]:
-        values = values.reshape(dims["integration"], npsf, 3)
-        return xr.DataArray(values, dims=("integration", "psf", "param"), attrs=attrs)
-    return xr.DataArray(values.reshape(-1, npsf, 3)[0], dims=("psf", "param"), attrs=attrs)
+        values, leading = values.reshape(dims["integration"], npsf, -1), ("integration", "psf")
+    else:
+        values, leading = values.reshape(-1, npsf, values.shape[-1])[0], ("psf",)
+    found = {"shift": xr.DataArray(values[..., :3], dims=(*leading, "param"), attrs=attrs)}
+    if values.shape[-1] == 4:
+        found["converged"] = xr.DataArray(values[..., 3] > 0, dims=leading)
+    return found
 
 
 def _keywords(header: object) -> dict:
@@ -276,7 +285,7 @@ def _dataset(path: Path, contents: Contents, drop: set) -> xr.Dataset:
     dataset = xr.Dataset(variables, coords=coords, attrs=contents.primary)
     if contents.align is not None and "shift" not in drop:
         keywords = {"ALIGN_TO": contents.align_to}
-        dataset["shift"] = _alignment(contents.align, sizes, keywords)
+        dataset = dataset.assign(_alignment(contents.align, sizes, keywords))
         dataset = dataset.assign_coords(param=PARAMS)
     return dataset.drop_vars(drop & set(dataset.variables))
 

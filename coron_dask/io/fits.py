@@ -6,6 +6,7 @@ and opens the file itself: no open file handle, lock or memory map travels to a 
 
 import functools
 import logging
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,10 +14,11 @@ import dask.array as da
 import numpy as np
 import xarray as xr
 from astropy.io import fits
+from astropy.utils.exceptions import AstropyUserWarning
 from dask.base import tokenize
 
 from coron_dask.core.errors import CoronInputError
-from coron_dask.io.fitsfile import FitsExtension
+from coron_dask.io.fitsfile import InputExtension
 
 log = logging.getLogger(__name__)
 
@@ -66,10 +68,20 @@ def _image_dtype(header: fits.Header) -> np.dtype:
 
 
 def _open_checked(path: Path) -> fits.HDUList:
+    """``path`` opened, every header read; or CoronInputError naming it: missing, a
+    folder, not readable (permissions, I/O), not FITS, or truncated (astropy only warns)."""
     if not path.exists():
         raise CoronInputError(path, "file not found")
+    if path.is_dir():
+        raise CoronInputError(path, "is a folder, not a FITS file")
     try:
-        hdul = fits.open(path, memmap=False, lazy_load_hdus=False)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("error", message=".*truncated", category=AstropyUserWarning)
+            hdul = fits.open(path, memmap=False, lazy_load_hdus=False)
+    except OSError as error:
+        raise CoronInputError(path, f"cannot be read: {error.strerror or error}") from None
+    except AstropyUserWarning as error:  # "File may have been truncated: ..."
+        raise CoronInputError(path, f"truncated FITS file ({error})") from None
     except Exception as error:  # astropy raises many kinds for a damaged file
         raise CoronInputError(path, f"not a readable FITS file ({error})") from None
     return hdul
@@ -109,6 +121,13 @@ def _headers(path: str, mtime_ns: int, size: int) -> tuple[dict, dict, dict, dic
         shapes = {name: tuple(hdul[name].shape) for name in present}
         dtypes = {name: _image_dtype(hdul[name].header) for name in present}
         offsets = {name: _data_offset(path, hdul[name]) for name in present}
+    size = Path(path).stat().st_size
+    for name in present:
+        end = offsets[name] + dtypes[name].itemsize * int(np.prod(shapes[name]))
+        if end > size:
+            raise CoronInputError(
+                path, f"truncated: its {name} data end at byte {end}, the file at {size}"
+            )
     return primary, sci_header, shapes, dtypes, offsets
 
 
@@ -151,7 +170,7 @@ def open_exposure(path: str | Path, chunks: dict[str, int] | None = None) -> xr.
     variables = {}
     for name in shapes:
         dtype = dtypes[name]
-        proxy = FitsExtension(path.resolve(), offsets[name], shape, dtype)
+        proxy = InputExtension(path.resolve(), offsets[name], shape, dtype)
         data = da.from_array(
             proxy,
             chunks=blocks,

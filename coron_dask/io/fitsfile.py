@@ -1,13 +1,15 @@
 """What a dask task needs to read or write part of a FITS image: a small, picklable
 description (path, extension or byte offset, shape, dtype) from which the task opens the
 file itself. No open file handle, lock or memory map travels to a worker, and a worker
-unpickling these imports numpy and astropy.io.fits only."""
+unpickling these imports numpy and coron_dask.core.errors only."""
 
 from collections.abc import Iterator
 from itertools import product as cartesian
 from pathlib import Path
 
 import numpy as np
+
+from coron_dask.core.errors import CoronInputError
 
 
 class FitsExtension:
@@ -62,6 +64,19 @@ class FitsExtension:
             out = out.view(self.dtype)
             out ^= self.dtype.type(self.bzero)
         return out
+
+
+class InputExtension(FitsExtension):
+    """An image extension of an input file, read by a task: a read that fails (the file
+    removed, cut short or made unreadable since it was checked) is bad input naming the
+    file (CoronInputError), not a failure to write the products."""
+
+    def __getitem__(self, key: tuple) -> np.ndarray:
+        try:
+            return super().__getitem__(key)
+        except OSError as error:
+            problem = error.strerror or str(error).removeprefix(f"{self.path}: ")
+            raise CoronInputError(self.path, f"cannot be read: {problem}") from None
 
 
 def _contiguous_from(block: tuple[int, ...], shape: tuple[int, ...]) -> int:

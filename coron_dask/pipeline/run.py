@@ -227,6 +227,26 @@ def observation_bytes(observation: Observation, align_to: str) -> int:
     return int(inputs + 2 * 4 * targets * observation.psfstack.sizes["psf"] * frame)
 
 
+def log_flagged_fits(paths: list[Path]) -> None:
+    """Log, from each psfsub's ALIGN record, the reference fits that did not converge: the
+    pairs align_refs flagged (aligned frame NaN) and klip left out. A fit's success is
+    known only once it ran: the record written is where the run says it."""
+    from coron_dask.io.backend import open_product  # astropy.wcs: only once products exist
+
+    for path in paths:
+        if not Path(path).name.endswith(("_psfsub.fits", "_psfsub.zarr")):
+            continue
+        converged = open_product(path).get("converged")
+        if converged is not None and not converged.values.all():
+            log.warning(
+                "align_refs: %d of %d reference fits to %s did not converge: flagged "
+                "(aligned frames NaN, left out by klip; ALIGN's CONVERGED says which)",
+                int((~converged.values).sum()),
+                converged.size,
+                Path(path).name,
+            )
+
+
 def run_coron3(
     asn: str | Path,
     output_dir: str | Path = ".",
@@ -284,7 +304,7 @@ def run_coron3(
     )
     psfmask = find_psfmask(asn, psfmask)  # before any cluster starts, as the input checks
     parameters, observation = check_inputs(asn, output_dir, psfmask=psfmask, **parameters)
-    return execute_on_cluster(
+    paths = execute_on_cluster(
         lambda workers: with_detection(
             build.build_products(
                 asn, output_dir, psfmask=psfmask, workers=workers, opened=observation, **parameters
@@ -297,6 +317,8 @@ def run_coron3(
         inputs=(*observation.association.science, *observation.association.psf),
         **execution,
     )
+    log_flagged_fits(paths)
+    return paths
 
 
 def with_detection(products: list[Product]) -> list[Product]:
