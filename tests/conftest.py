@@ -116,6 +116,8 @@ LANES = {
     "tests/test_cli.py::test_demo_with_several_kl_cutoffs": "slow",
     "tests/test_cli.py::test_demo_failing_after_its_run_says_its_products_are_on_disk": "slow",
     "tests/test_endings.py::test_a_failure_while_placing_takes_back_every_product": "slow",
+    "tests/test_inputs.py::test_cutoffs_above_the_references_are_their_number": "slow",
+    "tests/test_inputs.py::test_a_reference_that_cannot_be_fitted_is_flagged_and_left_out": "slow",
 }
 #: Fixtures that make a test slow: several runs (``swept``: eight; a contrast curve; the
 #: runs the alignment record and the quicklook plots are read from) or a busy one.

@@ -79,7 +79,9 @@ def _open_checked(path: Path) -> fits.HDUList:
             warnings.filterwarnings("error", message=".*truncated", category=AstropyUserWarning)
             hdul = fits.open(path, memmap=False, lazy_load_hdus=False)
     except OSError as error:
-        raise CoronInputError(path, f"cannot be read: {error.strerror or error}") from None
+        if error.errno is None:  # astropy's word for what is not FITS
+            raise CoronInputError(path, f"not a readable FITS file ({error})") from None
+        raise CoronInputError(path, f"cannot be read: {error.strerror}") from None
     except AstropyUserWarning as error:  # "File may have been truncated: ..."
         raise CoronInputError(path, f"truncated FITS file ({error})") from None
     except Exception as error:  # astropy raises many kinds for a damaged file
@@ -121,13 +123,6 @@ def _headers(path: str, mtime_ns: int, size: int) -> tuple[dict, dict, dict, dic
         shapes = {name: tuple(hdul[name].shape) for name in present}
         dtypes = {name: _image_dtype(hdul[name].header) for name in present}
         offsets = {name: _data_offset(path, hdul[name]) for name in present}
-    size = Path(path).stat().st_size
-    for name in present:
-        end = offsets[name] + dtypes[name].itemsize * int(np.prod(shapes[name]))
-        if end > size:
-            raise CoronInputError(
-                path, f"truncated: its {name} data end at byte {end}, the file at {size}"
-            )
     return primary, sci_header, shapes, dtypes, offsets
 
 

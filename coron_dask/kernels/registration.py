@@ -182,6 +182,8 @@ class _Problem:
         self.fittable = bool(np.isfinite(science).all()) and bool(
             np.einsum("yx,yx->", weights.weight2, science * science) > 0
         )
+        if not self.fittable:  # no terms: ``solve`` fits nothing to it
+            return
         y, x = weights.axes
         self.tilde = split_spectrum(fft.rfft2(science), y, x)  # (ky, kx ≥ 0)
         # Ã∗Ã as the spectrum of s², s sampled on a grid fine enough that s² does not alias

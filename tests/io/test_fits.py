@@ -55,6 +55,8 @@ def test_psfmask_shape_is_checked(observation_dir):
         ("no_err", "missing extension"),
         ("two_d", "expected 3"),
         ("err_shape", "ERR has shape"),
+        ("folder", "is a folder, not a FITS file"),
+        ("cut_short", "truncated FITS file"),
     ],
 )
 def test_bad_calints_are_named(tmp_path, damage, message):
@@ -68,6 +70,8 @@ def test_bad_calints_are_named(tmp_path, damage, message):
     ]
     if damage == "garbage":
         path.write_bytes(b"this is not FITS" * 100)
+    elif damage == "folder":
+        path.mkdir()
     elif damage != "missing":
         if damage == "no_err":
             del hdus[2]
@@ -76,6 +80,11 @@ def test_bad_calints_are_named(tmp_path, damage, message):
         elif damage == "err_shape":
             hdus[2] = fits.ImageHDU(cube[:, :4], name="ERR")
         fits.HDUList(hdus).writeto(path)
+        if damage == "cut_short":  # inside DQ's data
+            with fits.open(path) as hdul:
+                start = hdul["DQ"].fileinfo()["datLoc"]
+            with open(path, "r+b") as handle:
+                handle.truncate(start + 100)
     with pytest.raises(CoronInputError, match=message) as error:
         open_exposure(path)
     assert error.value.source == str(path)
@@ -143,3 +152,27 @@ def test_headers_read_alone_place_the_data_where_astropy_does(tmp_path, observat
     for name in ("PSF", "DX"):
         np.testing.assert_array_equal(table[name], rows.data[name])
     assert list(np.char.decode(table["NAME"], "ascii")) == list(rows.data["NAME"])
+
+
+def test_an_input_cut_short_after_its_check_is_bad_input(observation_dir, tmp_path):
+    """A read by a task of a file changed since it was opened (cut short, removed) is bad
+    input naming the file, not an OSError the command line would take for products not
+    written; the error pickles as made, as it crosses from a worker to the client."""
+    path = tmp_path / "cut_calints.fits"
+    path.write_bytes(calints(observation_dir).read_bytes())
+    dataset = open_exposure(path, {"integration": 1})
+    with open(path, "r+b") as handle:
+        handle.truncate(path.stat().st_size // 2)
+    with pytest.raises(CoronInputError) as error:
+        dataset["dq"].compute()
+    assert error.value.source == str(path.resolve())
+    assert error.value.problem.startswith("cannot be read: file ends inside its")
+    copy = pickle.loads(pickle.dumps(error.value))
+    assert (type(copy), copy.source, copy.problem) == (
+        CoronInputError,
+        error.value.source,
+        error.value.problem,
+    )
+    path.unlink()
+    with pytest.raises(CoronInputError, match="cannot be read: No such file"):
+        dataset["sci"].compute()

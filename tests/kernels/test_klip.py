@@ -100,3 +100,32 @@ def test_error_is_zero_once_every_mode_is_kept():
         fitted = np.linalg.lstsq(basis.T, centred.T, rcond=None)[0]
         expected = (centred - fitted.T @ basis).std(axis=0)
         np.testing.assert_allclose(klip_error(refs, truncate), expected, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("truncate", [2, 4, 50])
+def test_a_reference_of_zeros_is_left_out_of_the_basis(truncate):
+    """A flagged reference (a row of zeros once centred: its Gram row and column are 0)
+    adds nothing: the projection and the ERR are jwst's on the other references, where
+    the eigenvector of the zero block, normalised, would add a unit image of rounding."""
+    from coron_dask.kernels.klip import kl_weights, reference_mixes, residual_stds
+
+    rng = np.random.default_rng(truncate)
+    refs = rng.normal(size=(6, 20, 24)) + 5 * np.exp(-(np.linspace(-2, 2, 24) ** 2))
+    target = refs[:3].mean(axis=0) + rng.normal(0, 0.3, size=(20, 24))
+    # jwst's models hold float32: both take the same values
+    refs, target = (a.astype(np.float32).astype(np.float64) for a in (refs, target))
+    used = np.array([True, True, False, True, True, True])
+    model = CubeModel(data=target[None])
+    expected = jwst_klip.klip(model, CubeModel(data=refs[used]), truncate, False)
+    centred = refs.reshape(6, -1) - refs.reshape(6, -1).mean(axis=1, keepdims=True)
+    centred[~used] = 0.0  # as steps.blocks hands a flagged reference over
+    count = min(truncate, 6)
+    weights = kl_weights(centred @ centred.T, centred.shape[1], count)
+    assert not weights[:, ~used].any()
+    flat = target.reshape(-1) - target.mean()
+    mix = reference_mixes(weights[0], centred @ flat, (count,))[0]
+    subtracted = (flat - mix @ centred).reshape(20, 24)
+    np.testing.assert_allclose(subtracted, expected.data[0], atol=2e-5, rtol=1e-5)
+    images = weights[0].T @ centred
+    errors = residual_stds(centred.copy(), images, weights[1], (count,), used)[0]
+    np.testing.assert_allclose(errors.reshape(20, 24), expected.err[0], atol=2e-5, rtol=1e-5)

@@ -122,3 +122,52 @@ def test_cost_and_derivatives_match_jwst_shifted_residual(shape):
         assert gradient[0, i] == pytest.approx(slope / (4 * step), rel=1e-5, abs=1e-9)
         curvature = (evaluate(params + delta)[1] - evaluate(params - delta)[1])[0] / (2 * step)
         np.testing.assert_allclose(hessian[0, i], curvature, rtol=1e-5, atol=1e-8)
+
+
+def test_frames_that_cannot_be_fitted_are_flagged_not_aligned_by_nothing():
+    """A reference of zeros, one with a NaN pixel, one whose signal lies only where the
+    mask weighs 0, and any reference against a science frame with a NaN: not fitted,
+    (NaN, NaN, NaN) and not converged, where jwst's fit ends at its start (0, 0, 1) or at
+    β = 0, unflagged. The references beside them are fitted as they are alone."""
+    shape = (64, 64)
+    science = gaussian(shape, 32.0, 32.0)
+    mask = np.ones(shape)
+    mask[:, 40:] = 0
+    good = 0.8 * fourier_shift(science, np.array([1.5, -0.75]))
+    holed = good.copy()
+    holed[3, 7] = np.nan
+    hidden = np.zeros(shape)
+    hidden[:, 50:] = 1.0  # all its signal where the mask weighs 0
+    psfs = np.stack([good, np.zeros(shape), holed, hidden, good])
+    fitted, converged = fit_shifts(science, psfs, mask)
+    np.testing.assert_array_equal(converged, [True, False, False, False, True])
+    assert np.isnan(fitted[1:4]).all()
+    np.testing.assert_array_equal(fitted[[0, 4]], [fit_shifts(science, good, mask)[0]] * 2)
+    np.testing.assert_allclose(fitted[0], [1.5, -0.75, 0.8], atol=1e-6)
+    # jwst's: a NaN pixel ends at the start, (0, 0, 1); zeros at β = 0, both unflagged
+    np.testing.assert_array_equal(align_fourier_lsq(science, holed, mask), [0, 0, 1])
+    np.testing.assert_allclose(align_fourier_lsq(science, np.zeros(shape), mask), 0, atol=1e-9)
+    noisy = science.copy()
+    noisy[10, 10] = np.inf
+    fitted, converged = fit_shifts(noisy, psfs, mask)
+    assert not converged.any() and np.isnan(fitted).all()
+
+
+def test_a_fit_stopped_by_its_limits_has_not_converged(monkeypatch):
+    """The iteration's limits are the module's settings: a fit cut off by them (here one
+    Newton step from a noisy start; a damping that grew past its bound) has not converged,
+    and says so, whatever its parameters."""
+    from coron_dask.kernels import registration
+
+    rng = np.random.default_rng(3)
+    shape = (48, 48)
+    science = gaussian(shape, 24.0, 24.0) + rng.normal(0, 0.02, shape)
+    psf = 1.3 * gaussian(shape, 24.6, 23.7) + rng.normal(0, 0.02, shape)
+    fitted, converged = fit_shifts(science, psf)
+    assert converged
+    monkeypatch.setattr(registration, "MAX_ITER", 1)
+    cut, converged = fit_shifts(science, psf)
+    assert not converged and np.isfinite(cut).all() and not np.array_equal(cut, fitted)
+    monkeypatch.setattr(registration, "MAX_ITER", 100)
+    monkeypatch.setattr(registration, "MAX_DAMPING", 0.0)
+    assert not fit_shifts(science, psf)[1]
