@@ -342,9 +342,7 @@ class _Problem:
             params[chosen], converged[chosen] = self._newton(references[chosen], energies[chosen])
         return params, converged & np.isfinite(params).all(axis=1)
 
-    def _newton(
-        self, references: np.ndarray, energies: np.ndarray
-    ) -> tuple[np.ndarray, np.ndarray]:
+    def _newton(self, references: np.ndarray, energies: np.ndarray) -> tuple[np.ndarray, ...]:
         """``solve``'s iteration, for references that can be fitted."""
         overlaps = self.overlaps(references)
         params = self.start(overlaps)
