@@ -46,7 +46,7 @@ def test_every_product_holds_what_astropy_reads(run):
         with fits.open(path) as hdul:
             images = [h for h in hdul[1:] if isinstance(h, fits.ImageHDU)]
             assert sorted(dataset.data_vars) == sorted(
-                [h.name for h in images] + (["shift"] if "ALIGN" in hdul else [])
+                [h.name for h in images] + (["converged", "shift"] if "ALIGN" in hdul else [])
             )
             for hdu in images:
                 np.testing.assert_array_equal(dataset[hdu.name].values, hdu.data)
@@ -64,6 +64,9 @@ def test_every_product_holds_what_astropy_reads(run):
                 shift = dataset["shift"].sel(param="dx").values.ravel()
                 np.testing.assert_array_equal(shift, table["DX"])
                 assert dataset["shift"].dims == ("integration", "psf", "param")
+                converged = dataset["converged"].values.ravel()
+                np.testing.assert_array_equal(converged, table["CONVERGED"] == 1)
+                assert dataset["converged"].dims == ("integration", "psf")
 
 
 def test_nothing_is_read_until_asked_and_then_only_the_slab(run, monkeypatch):
