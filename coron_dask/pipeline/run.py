@@ -7,6 +7,7 @@ import logging
 import os
 from pathlib import Path
 
+from dask.local import get_sync
 from dask.utils import parse_bytes
 
 from coron_dask.core.config import read_execution, resolve_parameters
@@ -237,11 +238,14 @@ def log_flagged_fits(paths: list[Path]) -> None:
         if not Path(path).name.endswith(("_psfsub.fits", "_psfsub.zarr")):
             continue
         converged = open_product(path).get("converged")
-        if converged is not None and not converged.values.all():
+        if converged is None:  # no ALIGN
+            continue
+        converged = converged.compute(scheduler=get_sync).values  # a small table, read here
+        if not converged.all():
             log.warning(
                 "align_refs: %d of %d reference fits to %s did not converge: flagged "
                 "(aligned frames NaN, left out by klip; ALIGN's CONVERGED says which)",
-                int((~converged.values).sum()),
+                int((~converged).sum()),
                 converged.size,
                 Path(path).name,
             )
