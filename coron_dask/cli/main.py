@@ -85,7 +85,8 @@ def _parser() -> argparse.ArgumentParser:
         description="JWST coronagraphic stage 3 (calwebb_coron3) on Dask, out-of-core.",
         epilog="exit codes: 0 done; 1 unexpected error; 2 bad input or options (nothing "
         "started); 3 the cluster could not finish; 4 products could not be written; "
-        "130 SIGINT, 143 SIGTERM. No product is left partly written.",
+        "130 SIGINT, 143 SIGTERM (what was written is kept: the same command again takes the "
+        "run up, `coron-dask clean DIR` removes it). No product is left partly written.",
     )
     parser.add_argument("--version", action="version", version=f"coron-dask {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -122,6 +123,13 @@ def _parser() -> argparse.ArgumentParser:
         type=Path,
         help="where the PNGs go (default: OUTDIR)",
     )
+    clean = commands.add_parser(
+        "clean",
+        help="remove what a stopped run kept in an output folder for the same run again to "
+        "take up (its partial products and records)",
+        parents=[common],
+    )
+    clean.add_argument("outdir", type=Path, help="the output folder of the stopped run")
     sim = commands.add_parser(
         "simulate", help="write a simulated coronagraphic observation", parents=[common]
     )
@@ -178,6 +186,8 @@ def _command(args: argparse.Namespace) -> None:
 def _ending(error: BaseException, products: bool) -> tuple[int, str]:
     """The exit code and the one line of an error that ended a command."""
     after = "; no product was written" if products else ""
+    if getattr(error, "kept", None):  # a run stopped that can be taken up
+        after = f"; no product was written, {error.kept}"
     if isinstance(error, KeyboardInterrupt):  # SIGINT outside the run's handlers
         error = Interrupted(signal.SIGINT)
     if isinstance(error, Interrupted):

@@ -163,6 +163,7 @@ def execute_on_cluster(
     cluster: Cluster | None = None,
     client: object | None = None,
     data_bytes: int | None = None,
+    inputs: list[Path] | None = None,
     **where: object,
 ) -> list[Path]:
     """Connect to (or start) the cluster ``where`` describes (``run_coron3``'s execution
@@ -171,7 +172,9 @@ def execute_on_cluster(
     ``cluster`` under way, or a distributed ``client`` you have, which is used and left
     open), build the products with ``build(workers)`` for its workers and write them in one
     computation: their paths. A run of ``data_bytes`` (``observation_bytes``) that asks for
-    no cluster may compute in this process (``cluster.in_process``)."""
+    no cluster may compute in this process (``cluster.in_process``). With ``inputs`` (the
+    files the products are made from) a run stopped part way can be taken up by the same
+    run again (``staging.staged_products``)."""
     where = check_execution(cluster=cluster, client=client, **where)
     progress = where.pop("progress", None) is not False
     report, stats = where.pop("report", None), where.pop("stats", None)
@@ -193,6 +196,7 @@ def execute_on_cluster(
         return write_products(
             products,
             lambda *writes: execute(writes, client, progress=progress, report=report, stats=stats),
+            inputs,
         )
 
 
@@ -210,6 +214,14 @@ def observation_bytes(observation: Observation, align_to: str) -> int:
     )
     frame = observation.psfstack.sizes["y"] * observation.psfstack.sizes["x"]
     return int(inputs + 2 * 4 * targets * observation.psfstack.sizes["psf"] * frame)
+
+
+def run_inputs(observation: Observation, psfmask: str | Path | None) -> list[Path]:
+    """The files a run's products are made from: the association, its members and the
+    PSFMASK (what a run taken up must find unchanged)."""
+    association = observation.association
+    files = [association.path, *association.science, *association.psf]
+    return files + ([Path(psfmask)] if psfmask and Path(psfmask).is_file() else [])
 
 
 def run_coron3(
@@ -275,6 +287,7 @@ def run_coron3(
         cluster=cluster,
         client=client,
         data_bytes=observation_bytes(observation, parameters["align_to"]),
+        inputs=run_inputs(observation, psfmask),
         **execution,
     )
     if "resample" in parameters["skip"]:
