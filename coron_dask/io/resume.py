@@ -111,7 +111,13 @@ def _undated(value: object) -> object:
 
 
 def _keywords(keywords: dict) -> list:
-    return sorted((key, repr(_undated(value))) for key, value in keywords.items() if key != "DATE")
+    """Keywords but the date and the free text (HISTORY: the date, and the block plan's
+    predicted peak, which follows the memory measured on the workers)."""
+    return sorted(
+        (key, repr(_undated(value)))
+        for key, value in keywords.items()
+        if key not in ("DATE", "HISTORY", "COMMENT")
+    )
 
 
 def file_stamp(path: Path) -> tuple[str, int, int]:
@@ -209,9 +215,23 @@ class ResumeState:
             )
         if not resumed:
             shutil.rmtree(self.path / "blocks", ignore_errors=True)
+            shutil.rmtree(self.path / "layouts", ignore_errors=True)
         state = {"fingerprint": fingerprint, "partials": [str(item) for item in partials]}
         (self.path / "state.json").write_text(json.dumps(state, indent=1))
         return resumed
+
+    def layout(self, product_path: Path, layout: list[int] | None = None) -> list | None:
+        """The layout the partial file of ``product_path`` was reserved with (where each
+        extension's data start, and its size; None: not known); ``layout``: record it."""
+        record = self.path / "layouts" / f"{product_path.name}.json"
+        if layout is not None:
+            record.parent.mkdir(exist_ok=True)
+            record.write_text(json.dumps(layout))
+            return layout
+        try:
+            return json.loads(record.read_text())
+        except (OSError, ValueError):
+            return None
 
     def journal(self, product_path: Path, extension: str, *, fresh: bool = False) -> BlockJournal:
         """The journal of an extension, its folder made (``fresh``: emptied first)."""

@@ -121,6 +121,13 @@ def read_task(key: tuple, target: object, where: tuple[slice, ...]) -> Task:
     return Task(key, read_block, target, where)
 
 
+def kind_of(name: str) -> str:
+    """``psfalign SCI`` for ``jw…_psfalign.fits SCI``."""
+    product, extension = name.rsplit(" ", 1)
+    stem = product.rsplit(".", 1)[0]
+    return f"{stem.rsplit('_', 1)[-1]} {extension}"
+
+
 def block_count(items: list[Writing]) -> int:
     """How many blocks ``items`` write."""
     return sum(int(np.prod([len(c) for c in item.chunks])) for item in items)
@@ -163,14 +170,18 @@ def reused(writes: list[da.Array], items: list[Writing]) -> list[da.Array]:
                 written_nothing,
                 dtype=np.uint8,
                 chunks=tuple((1,) * len(c) for c in made.chunks),
-                name=f"written-{name}",
+                name=f"resume-check-{name}",
             )
         )
+    kinds: dict[str, list[int]] = {}  # by kind of product and extension: psfalign SCI
+    for name, (k, n) in counts.items():
+        kind = kinds.setdefault(kind_of(name), [0, 0])
+        kind[0], kind[1] = kind[0] + k, kind[1] + n
     kept, total = sum(c[0] for c in counts.values()), sum(c[1] for c in counts.values())
     log.info(
         "resume: reusing %d of %d blocks written before (%s)",
         kept,
         total,
-        ", ".join(f"{name} {k}/{n}" for name, (k, n) in counts.items() if k),
+        ", ".join(f"{name} {k}/{n}" for name, (k, n) in kinds.items()),
     )
     return substitute([*writes, *extras], replaced) if replaced else writes

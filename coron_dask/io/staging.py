@@ -251,19 +251,18 @@ def _begin(products: list[Product], inputs: list[Path] | None, states: dict) -> 
     return resumed
 
 
-def _reserve(item: Product, resumed: bool) -> tuple[list, bool]:
+def _reserve(item: Product, state: ResumeState | None, resumed: bool) -> tuple[list, bool]:
     """The targets of ``item``'s extensions in its partial file, which a run taken up
-    keeps when it is still of the product's layout (True)."""
+    (``resumed``) keeps when it is still of the product's layout (True)."""
     partial = _partial(item.path)
-    zarr = item.path.suffix == ".zarr"
-    if zarr:
-        keep = resumed and partial.is_dir()
-    else:
-        keep = (
-            resumed
-            and partial.is_file()
-            and partial.stat().st_size == fits_layout(item, partial)[1]
-        )
+    zarr = zarr_store(item)
+    keep = resumed and partial.is_dir() if zarr else False
+    if not zarr and state is not None:
+        layout, size = fits_layout(item, partial)
+        where = [region.offset for _, region in layout[1:]] + [size]
+        keep = resumed and state.layout(item.path) == where and partial.is_file()
+        keep = keep and partial.stat().st_size == size
+        state.layout(item.path, where)
     if not keep:
         _remove(partial)
     return (reserve_zarr if zarr else reserve_fits)(item, partial, keep=keep), keep
@@ -290,13 +289,12 @@ def staged_products(products: list[Product], inputs: list[Path] | None = None) -
         _check_space([item for item in products if not _partial(item.path).exists()])
         sources, writes, passed = [], [], []
         for item in products:
-            reserved, kept = _reserve(item, resumed)
+            state = states[item.path.parent] if keeping else None
+            reserved, kept = _reserve(item, state, resumed)
             for extension, target in zip(item.extensions, reserved, strict=True):
                 journal = None
-                if keeping:
-                    journal = states[item.path.parent].journal(
-                        item.path, extension.name, fresh=not kept
-                    )
+                if state is not None:
+                    journal = state.journal(item.path, extension.name, fresh=not kept)
                 if extension.written is not None:  # by the tasks that make its blocks
                     passed.append((item, extension.written, target))
                     made, store = extension.written.array, None
