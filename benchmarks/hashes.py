@@ -2,8 +2,9 @@
 
 ``python -m benchmarks.hashes DIR [--compare BEFORE.json]`` hashes every product under DIR:
 each FITS extension's data (image bytes, or a table's columns) and its header cards other
-than the date of the run (and the predicted worker peak the block plan's HISTORY quotes); ECSV tables without their comment lines (which hold the date);
-Zarr stores array by array. With ``--compare`` it says which differ from a saved fingerprint.
+than the date of the run (and the predicted worker peak the block plan's HISTORY quotes);
+ECSV tables without their comment lines (which hold the date); Zarr stores array by array.
+With ``--compare`` it says which differ from a saved fingerprint.
 """
 
 import argparse
