@@ -37,7 +37,10 @@ def coron_dask(*args: object) -> list[str]:
 def recorded(out: Path) -> int:
     """How many blocks the run into ``out`` has recorded as written so far."""
     blocks = out / ".coron-dask-resume" / "blocks"
-    return sum(1 for item in blocks.glob("*/*/*") if "." not in item.name)
+    try:
+        return sum(1 for item in blocks.glob("*/*/*") if "." not in item.name)
+    except OSError:  # removed while counted: the run is ending
+        return 0
 
 
 def timed(command: list[str], out: Path, stop_at: int | None = None, number: int = 0) -> dict:

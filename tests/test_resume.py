@@ -186,6 +186,8 @@ def test_a_damaged_block_is_written_again(asn, uninterrupted, tmp_path, monkeypa
 
 
 def test_other_parameters_never_reuse_and_remove_the_state(asn, tmp_path, monkeypatch, capsys):
+    """A run with another parameter into the folder of a stopped run: nothing reused, the
+    stopped run's files removed (said), the products those of that run made afresh."""
     out = tmp_path / "out"
     args = ["run", asn, "-o", out, "--scheduler", "synchronous", *OPTIONS]
     interrupted_before_placing(monkeypatch, args, capsys)
@@ -199,6 +201,7 @@ def test_other_parameters_never_reuse_and_remove_the_state(asn, tmp_path, monkey
     code, _, err = run_main(
         ["run", asn, "-o", fresh, "--scheduler", "synchronous", *OPTIONS, "--truncate", "2"], capsys
     )
+    assert code == 0, err
     assert fingerprints(out) == fingerprints(fresh)
 
 
@@ -287,3 +290,20 @@ def test_a_second_run_into_the_same_folder_is_refused(asn, tmp_path, capsys):
         "folder"
     )
     assert (out / ".x.fits.partial").exists()
+
+
+def test_zarr_stores_are_taken_up_too(asn, tmp_path, monkeypatch, capsys):
+    """Products as Zarr stores: the blocks found in a stopped run's stores are reused, and
+    the stores are those of a run never stopped."""
+    out, fresh = tmp_path / "out", tmp_path / "fresh"
+    args = ["run", asn, "--scheduler", "synchronous", "--format", "zarr", *OPTIONS]
+    interrupted_before_placing(monkeypatch, [*args, "-o", out], capsys)
+    code, _, err = run_main([*args, "-o", out], capsys)
+    assert code == 0, err
+    reused, total, kinds = reuse_counts(err)
+    assert 0 < reused < total  # a table in a store is made again
+    assert kinds["psfsub SCI"][0] == kinds["psfsub SCI"][1] > 0
+    code, _, err = run_main([*args, "-o", fresh], capsys)
+    assert code == 0, err
+    assert fingerprints(out) == fingerprints(fresh)
+    assert hidden(out) == []

@@ -7,7 +7,10 @@ itself, ``stored``). An extension a later step reads (psfalign's SCI, which KLIP
 is written by the tasks that make its blocks and read back by the tasks that use it
 (``write_blocks``): handed on in memory, each block waited on a worker until dask got
 round to its readers and its write. Only when every block of every product is written
-are the temporary files renamed to their JWST names; on any failure they are removed.
+are the temporary files renamed to their JWST names. One run writes into a folder at a
+time (a lock); a run that can be taken up records each block written (``io.resume``):
+stopped by a signal or a lost cluster it keeps them, and the same run again reuses those
+found intact (``io.reuse``); on any other failure they are removed.
 Scratch files (what a run keeps on disk rather than in workers' memory) are written the
 same way and removed at the end. A product whose path ends in ``.zarr`` is written as a
 Zarr store (``io.zarr_store``), a table extension as a FITS BINTABLE or a Zarr group, by
