@@ -98,6 +98,11 @@ LANES = {
     "tests/test_config.py::test_environment_variable_overrides": "slow",
     "tests/test_photometry.py::test_snr_map_large_image_spot_checks": "slow",
     "tests/test_detection.py::test_the_companion_is_the_one_candidate_at_its_place": "slow",
+    # each runs the pipeline two or three times (the io-level tests are fast)
+    "tests/test_resume.py": "slow",
+    "tests/test_resume.py::test_sigkill_part_way_then_the_same_command_finishes_bit_identical": (
+        "cluster"
+    ),
 }
 #: Fixtures that make a test slow: several runs (``swept``: eight; a contrast curve; the
 #: runs the alignment record and the quicklook plots are read from) or a busy one.
