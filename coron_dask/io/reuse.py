@@ -37,14 +37,15 @@ class Writing:
     target: object
     journal: BlockJournal
     made: da.Array
-    store: da.Array | None = None
+    store: da.Array | None
+    shape: tuple[int, ...]  # the extension's
 
     @property
     def chunks(self) -> tuple[tuple[int, ...], ...]:
         """The blocks written (``write_blocks``' are whole frames)."""
         if self.store is not None:
             return self.made.chunks
-        return (*self.made.chunks, (self.target.shape[-2],), (self.target.shape[-1],))
+        return (*self.made.chunks, (self.shape[-2],), (self.shape[-1],))
 
 
 def blocks(chunks: tuple[tuple[int, ...], ...]) -> Iterator[tuple[tuple, tuple[slice, ...]]]:

@@ -309,7 +309,8 @@ def staged_products(products: list[Product], inputs: list[Path] | None = None) -
                     writes.append(store)
                 if journal is not None:
                     name = (item.path.name, extension.name)
-                    written.append(reuse.Writing(*name, target, journal, made, store))
+                    shape = extension.data.shape
+                    written.append(reuse.Writing(*name, target, journal, made, store, shape))
         # computed together: one graph, so a block several products need (the aligned
         # references: psfalign and psfsub) is computed once
         _check_passed(passed, sources)
