@@ -219,7 +219,8 @@ def test_i2d_has_a_celestial_wcs_and_opens_as_image_model(products):
 )
 def test_graph_building_computes_nothing(asn, observation_dir, tmp_path, options, aligned):
     """Nothing computed, nothing written; the scratch files the run will keep: the filled
-    references, and the aligned SCI where psfalign is not a FITS file KLIP can read."""
+    references, the aligned SCI where psfalign is not a FITS file KLIP can read, and each
+    exposure's fitted shifts (which a run taken up reads back)."""
     with count_computes() as counter:
         products = build_products(
             asn, tmp_path, psfmask=observation_dir / "psfmask.fits", **options
@@ -231,9 +232,10 @@ def test_graph_building_computes_nothing(asn, observation_dir, tmp_path, options
     assert len(psfalign) == (0 if options.get("save_psfalign") is False else 2)
     scratch = [item.path.name for item in products if item.scratch]
     assert scratch[0] == "jw01386-c1000_t001_nircam_f410m-maskrnd-sub64_refs.fits"
-    assert [name.endswith("_c1000_aligned.fits") for name in scratch[1:]] == [aligned] * (
-        2 if aligned else 0
-    )
+    shifted = [name for name in scratch[1:] if name.endswith("_c1000_aligned.fits")]
+    fitted = [name for name in scratch[1:] if name.endswith("_c1000_fits.fits")]
+    assert len(shifted) == (2 if aligned else 0) and len(fitted) == 2
+    assert len(scratch) == 1 + len(shifted) + len(fitted)
     assert list(tmp_path.iterdir()) == []
 
 

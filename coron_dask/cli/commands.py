@@ -6,6 +6,7 @@ from pathlib import Path
 
 from coron_dask.cli.options import given
 from coron_dask.core.errors import record_on_disk
+from coron_dask.io import resume
 from coron_dask.pipeline.run import check_execution, check_output_dir, run_coron3
 from coron_dask.runtime.jobqueue import jobqueue_cluster
 from coron_dask.science.simulate import simulate as simulated
@@ -40,6 +41,11 @@ def contrast(args: argparse.Namespace) -> None:
     )
     for path in paths:
         print(path)
+
+
+def clean(args: argparse.Namespace) -> None:
+    """Remove what a stopped run kept in its output folder for a rerun to take up."""
+    print(resume.clean(args.outdir))
 
 
 def cluster(args: argparse.Namespace) -> None:
@@ -124,6 +130,7 @@ def demo(args: argparse.Namespace) -> None:
 COMMANDS = {
     "run": run,
     "contrast": contrast,
+    "clean": clean,
     "cluster": cluster,
     "plot": plot,
     "simulate": simulate,

@@ -85,8 +85,9 @@ def _parser() -> argparse.ArgumentParser:
         description="JWST coronagraphic stage 3 (calwebb_coron3) on Dask, out-of-core.",
         epilog="exit codes: 0 done; 1 unexpected error; 2 bad input or options (nothing "
         "started); 3 the cluster could not finish; 4 products could not be written; "
-        "130 SIGINT, 143 SIGTERM. No product is left partly written: a run places all its "
-        "products or none, and its error line says which are on disk.",
+        "130 SIGINT, 143 SIGTERM (what was written is kept: the same command again takes the "
+        "run up, `coron-dask clean DIR` removes it). No product is left partly written: a "
+        "run places all its products or none, and its error line says which are on disk.",
     )
     parser.add_argument("--version", action="version", version=f"coron-dask {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -123,6 +124,13 @@ def _parser() -> argparse.ArgumentParser:
         type=Path,
         help="where the PNGs go (default: OUTDIR)",
     )
+    clean = commands.add_parser(
+        "clean",
+        help="remove what a stopped run kept in an output folder for the same run again to "
+        "take up (its partial products and records)",
+        parents=[common],
+    )
+    clean.add_argument("outdir", type=Path, help="the output folder of the stopped run")
     sim = commands.add_parser(
         "simulate", help="write a simulated coronagraphic observation", parents=[common]
     )
@@ -191,6 +199,8 @@ def _ending(error: BaseException, products: bool) -> tuple[int, str]:
     writes products (``products``) says what it left on disk (``errors.on_disk``)."""
     placed = on_disk(error)
     after = _on_disk(placed) if products or placed else ""
+    if getattr(error, "kept", None):  # a run stopped that can be taken up
+        after = f"{after}, {error.kept}"
     if isinstance(error, KeyboardInterrupt):  # SIGINT outside the run's handlers
         error = Interrupted(signal.SIGINT)
     if isinstance(error, Interrupted):

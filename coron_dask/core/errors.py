@@ -28,6 +28,8 @@ class Interrupted(BaseException):
 
     def __init__(self, signum: int) -> None:
         self.signum = signum
+        #: what the run kept for the same run again to take up, and how (None: nothing)
+        self.kept: str | None = None
         super().__init__(f"stopped by {signal.Signals(signum).name}")
 
 

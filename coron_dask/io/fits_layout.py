@@ -122,17 +122,20 @@ def fits_headers(product: Product) -> list[bytes]:
     return product._headers[1]
 
 
-def reserve_fits(product: Product, partial: Path) -> list[FitsRegion]:
+def reserve_fits(product: Product, partial: Path, *, keep: bool = False) -> list[FitsRegion]:
     """Write the headers of ``product`` into ``partial``, sized for its data; give the
-    regions its extensions' blocks go to."""
+    regions its extensions' blocks go to. With ``keep`` (a run taken up: the file holds
+    blocks written before, and the layout is the same) only the headers are written
+    again (they carry the run's date), the data left as they are."""
     layout, size = fits_layout(product, partial)
-    with open(partial, "wb") as handle:
+    with open(partial, "r+b" if keep else "wb") as handle:
         for header, region in layout:
             if region is not None:
                 handle.seek(region.offset - len(header))
             handle.write(header)
-        handle.truncate(size)
-        preallocate(handle, size, product.path)
+        if not keep:
+            handle.truncate(size)
+            preallocate(handle, size, product.path)
     return [region for _, region in layout[1:]]
 
 

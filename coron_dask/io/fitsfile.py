@@ -147,6 +147,10 @@ class FitsRegion:
                 for piece in _pieces(block[index], WRITE_BUFFER):
                     handle.write(memoryview(self._stored(piece)).cast("B"))
 
+    def __getitem__(self, key: tuple[slice, ...]) -> np.ndarray:
+        """What was written at ``key`` (read back to verify it, or to reuse it)."""
+        return FitsExtension(self.path, self.offset, self.shape, self.dtype)[key]
+
     def _stored(self, run: np.ndarray) -> np.ndarray:
         """A piece of the block as the file stores it (big-endian, unsigned values offset)."""
         stored = run.astype(run.dtype.newbyteorder(">"), order="C")

@@ -7,7 +7,10 @@ itself, ``stored``). An extension a later step reads (psfalign's SCI, which KLIP
 is written by the tasks that make its blocks and read back by the tasks that use it
 (``write_blocks``): handed on in memory, each block waited on a worker until dask got
 round to its readers and its write. Only when every block of every product is written
-are the temporary files renamed to their JWST names; on any failure they are removed.
+are the temporary files renamed to their JWST names. One run writes into a folder at a
+time (a lock); a run that can be taken up records each block written (``io.resume``):
+stopped by a signal or a lost cluster it keeps them, and the same run again reuses those
+found intact (``io.reuse``); on any other failure they are removed.
 Scratch files (what a run keeps on disk rather than in workers' memory) are written the
 same way and removed at the end. A product whose path ends in ``.zarr`` is written as a
 Zarr store (``io.zarr_store``), a table extension as a FITS BINTABLE or a Zarr group, by
@@ -28,11 +31,20 @@ import numpy as np
 from dask.base import tokenize
 from dask.layers import ArraySliceDep
 
-from coron_dask.core.errors import CoronInputError, raise_if_stopped, record_on_disk
+from coron_dask.core.errors import (
+    ClusterError,
+    CoronInputError,
+    Interrupted,
+    raise_if_stopped,
+    record_on_disk,
+)
 from coron_dask.core.names import layer_word
+from coron_dask.io import reuse
 from coron_dask.io.fits_layout import fits_layout, reserve_fits
 from coron_dask.io.fitsfile import FitsExtension, FitsRegion
 from coron_dask.io.products import OnDisk, Product, Written
+from coron_dask.io.resume import BlockJournal, ResumeState, checksum, fingerprint, kept_line
+from coron_dask.io.resume import partial_path as _partial
 from coron_dask.io.text_file import is_text, reserve_text
 from coron_dask.io.zarr_store import ZarrArray, ZarrTable, reserve_zarr, zarr_chunks, zarr_target
 
@@ -68,25 +80,45 @@ def written_by(product: Product, name: str, array: da.Array) -> None:
     extension.written = Written(array, target(product, name))
 
 
+def _record(journals: tuple, where: tuple[slice, ...], block: np.ndarray, summary=None) -> None:
+    """Record, once the block is on disk, that it was written (a run that keeps records)."""
+    active = [journal for journal in journals if journal.active()]
+    if active:
+        crc = checksum(block)
+        for journal in active:
+            journal.record(where, crc, summary)
+
+
 def write_block(
-    block: np.ndarray, where: tuple[slice, ...], to: tuple, summary: Callable
+    block: np.ndarray,
+    where: tuple[slice, ...],
+    to: tuple,
+    summary: Callable,
+    journals: tuple[BlockJournal, ...] = (),
 ) -> np.ndarray:
-    """Write ``block`` at ``where`` in each of ``to``; give back ``summary`` of it (float64,
-    one value per frame: what a later step reading the block back needs first, such as
-    KLIP's frame means), as frames of one pixel."""
+    """Write ``block`` at ``where`` in each of ``to`` (and record it in ``journals``); give
+    back ``summary`` of it (float64, one value per frame: what a later step reading the
+    block back needs first, such as KLIP's frame means), as frames of one pixel."""
     for item in to:
         item[where] = block
-    return summary(block)[..., None, None]
+    summarized = summary(block)
+    _record(journals, where, block, summarized)
+    return summarized[..., None, None]
 
 
-def store_block(block: np.ndarray, where: tuple[slice, ...], to: object) -> np.ndarray:
-    """Write ``block`` at ``where`` in ``to``; give back one byte (what is written is done
-    with)."""
+def store_block(
+    block: np.ndarray, where: tuple[slice, ...], to: object, journal: BlockJournal | None = None
+) -> np.ndarray:
+    """Write ``block`` at ``where`` in ``to`` (and record it in ``journal``); give back one
+    byte (what is written is done with)."""
     to[where] = block
+    _record(() if journal is None else (journal,), where, block)
     return np.zeros((1,) * block.ndim, np.uint8)
 
 
-def stored(data: da.Array, product: Product, name: str, to: object) -> da.Array:
+def stored(
+    data: da.Array, product: Product, name: str, to: object, journal: BlockJournal | None = None
+) -> da.Array:
     """The tasks that write each block of ``data`` (extension ``name`` of ``product``)
     into ``to``, named after the product (``write-psfsub-sci``, ``write-iTwod-sci``: what
     the dashboard shows, ``core.names``)."""
@@ -95,6 +127,7 @@ def stored(data: da.Array, product: Product, name: str, to: object) -> da.Array:
         data,
         ArraySliceDep(data.chunks),
         to,
+        journal,
         chunks=tuple((1,) * len(chunks) for chunks in data.chunks),
         dtype=np.uint8,
         meta=np.empty((0,) * data.ndim, np.uint8),
@@ -127,6 +160,7 @@ def write_blocks(name: str, *products: Product, summary: Callable) -> OnDisk:
         ArraySliceDep(data.chunks),  # each block's place in the file
         to,
         summary,
+        tuple(BlockJournal.of(item.path, name) for item in products),
         chunks=(*data.chunks[:-2], (1,), (1,)),
         dtype=np.float64,
         name=f"write-{layer_word(products[0].kind)}-{name.lower()}-" + tokenize(data, to),
@@ -193,12 +227,6 @@ def _place_all(products: list[Product], partials: list[Path]) -> None:
             _remove(earlier)
 
 
-def _partial(path: Path) -> Path:
-    """The hidden file (or store) ``path`` is written in until it is whole, named after the
-    host and process writing it: another run can tell whether its writer is still alive."""
-    return path.with_name(f".{path.name}.{socket.gethostname()}.{os.getpid()}.partial")
-
-
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -210,9 +238,10 @@ def _alive(pid: int) -> bool:
 
 
 def clear_stale_partials(path: Path) -> None:
-    """Remove what a killed run left of product ``path`` (SIGKILL, a node lost): partial
-    files of this host whose process is gone. Those of other hosts may belong to a run
-    still going there: they are reported, not touched."""
+    """Remove what a killed run of an earlier version left of product ``path`` (partial
+    files named after their host and process): those of this host whose process is gone.
+    Those of other hosts may belong to a run still going there: they are reported, not
+    touched."""
     host = socket.gethostname()
     for stale in path.parent.glob(f".{path.name}.*.partial"):
         writer = stale.name.removeprefix(f".{path.name}.").removesuffix(".partial")
@@ -243,56 +272,129 @@ def _check_space(products: list[Product]) -> None:
             )
 
 
+def _begin(products: list[Product], inputs: list[Path] | None, states: dict) -> bool:
+    """Lock the products' folders into ``states`` (one run writes into a folder at a time)
+    and take up what an earlier run of the same fingerprint left there (True), or clear
+    what any other run left."""
+    for item in products:
+        item.path.parent.mkdir(parents=True, exist_ok=True)
+        if item.path.parent not in states:
+            state = ResumeState(item.path.parent)
+            state.lock()
+            states[item.path.parent] = state
+        clear_stale_partials(item.path)
+    # a run is taken up only in one folder, with its inputs known
+    kept = fingerprint(products, inputs) if inputs is not None and len(states) == 1 else None
+    resumed = False
+    for folder, state in states.items():
+        partials = [_partial(item.path) for item in products if item.path.parent == folder]
+        resumed = state.begin(kept, partials)
+    return resumed
+
+
+def _reserve(item: Product, state: ResumeState | None, resumed: bool) -> tuple[list, bool]:
+    """The targets of ``item``'s extensions in its partial file, which a run taken up
+    (``resumed``) keeps when it is still of the product's layout (True)."""
+    partial = _partial(item.path)
+    zarr = zarr_store(item)
+    keep = resumed and partial.is_dir() if zarr else False
+    if not zarr and not is_text(item) and state is not None:
+        layout, size = fits_layout(item, partial)
+        where = [region.offset for _, region in layout[1:]] + [size]
+        keep = resumed and state.layout(item.path) == where and partial.is_file()
+        keep = keep and partial.stat().st_size == size
+        state.layout(item.path, where)
+    if is_text(item):  # one small text, written whole: made again
+        _remove(partial)
+        return reserve_text(item, partial), False
+    if not keep:
+        _remove(partial)
+    return (reserve_zarr if zarr else reserve_fits)(item, partial, keep=keep), keep
+
+
 @contextlib.contextmanager
-def staged_products(products: list[Product]) -> Iterator[list[da.Array]]:
+def staged_products(products: list[Product], inputs: list[Path] | None = None) -> Iterator[list]:
     """Yield the lazy writes of ``products``; on a clean exit rename them into place.
 
     The caller computes the yielded writes (all together, so shared inputs load once).
     Extensions written by the tasks that make them (``write_blocks``) get no store task:
     the other products' stores must depend on them, which is checked, as is the room on
-    disk. Any exception (or signal: ``errors.Interrupted``) removes every temporary file
-    and leaves no product behind; those an earlier, killed run left are removed first.
+    disk. Any exception removes every temporary file and leaves no product behind; those
+    an earlier, killed run left are removed first. With ``inputs`` (the files the products
+    are made from) the run can be taken up: each block written is recorded
+    (``io.resume``), a signal (``errors.Interrupted``) or a lost cluster keeps what was
+    written, and the same run again reuses it (``io.reuse``).
     """
-    partials = []
+    states: dict[Path, ResumeState] = {}
+    written: list[reuse.Writing] = []
     try:
-        for item in products:
-            item.path.parent.mkdir(parents=True, exist_ok=True)
-            clear_stale_partials(item.path)
-        _check_space(products)
+        resumed = _begin(products, inputs, states)
+        keeping = any(state.recorded().get("fingerprint") for state in states.values())
+        _check_space([item for item in products if not _partial(item.path).exists()])
         sources, writes, passed = [], [], []
         for item in products:
-            partial = _partial(item.path)
-            partials.append(partial)
-            zarr = item.path.suffix == ".zarr"
-            reserve = reserve_zarr if zarr else reserve_text if is_text(item) else reserve_fits
-            reserved = reserve(item, partial)
+            state = states[item.path.parent] if keeping else None
+            reserved, kept = _reserve(item, state, resumed)
             for extension, target in zip(item.extensions, reserved, strict=True):
+                journal = None
+                if state is not None and not is_text(item):  # a text is made again
+                    journal = state.journal(item.path, extension.name, fresh=not kept)
                 if extension.written is not None:  # by the tasks that make its blocks
                     passed.append((item, extension.written, target))
-                    continue
-                data = da.asarray(extension.data)
-                data = data.rechunk(zarr_chunks(data)) if zarr else data
-                sources.append(data)
-                writes.append(stored(data, item, extension.name, target))
+                    made, store = extension.written.array, None
+                else:
+                    made = da.asarray(extension.data)
+                    made = made.rechunk(zarr_chunks(made)) if zarr_store(item) else made
+                    sources.append(made)
+                    store = stored(made, item, extension.name, target, journal)
+                    writes.append(store)
+                if journal is not None:
+                    name = (item.path.name, extension.name)
+                    shape = extension.data.shape
+                    written.append(reuse.Writing(*name, target, journal, made, store, shape))
         # computed together: one graph, so a block several products need (the aligned
         # references: psfalign and psfsub) is computed once
         _check_passed(passed, sources)
+        if resumed:
+            writes = reuse.reused(writes, written)
         yield writes
         raise_if_stopped()  # a signal recorded while they were computed: none is placed
-    except BaseException:
-        for partial in partials:
-            _remove(partial)
+    except BaseException as error:
+        kept = None
+        if isinstance(error, Interrupted | ClusterError) and written:
+            (state,) = states.values()
+            partials = [_partial(item.path) for item in products]
+            kept = kept_line(state, partials, reuse.block_count(written))
+        if kept is None:
+            for item in products:
+                if item.path.parent in states:  # not those of a run holding the lock
+                    _remove(_partial(item.path))
+            for state in states.values():
+                state.remove()
+        else:
+            error.kept = kept
+            for state in states.values():
+                state.release()
         raise
     try:
-        _place_all(products, partials)
+        _place_all(products, [_partial(item.path) for item in products])
     finally:
-        for partial in partials:  # scratch files, and any product not placed
-            _remove(partial)
+        for item in products:  # scratch files, and any product not placed
+            _remove(_partial(item.path))
+        for state in states.values():
+            state.remove()
 
 
-def write_products(products: list[Product], compute=None) -> list[Path]:
+def zarr_store(product: Product) -> bool:
+    return product.path.suffix == ".zarr"
+
+
+def write_products(
+    products: list[Product], compute=None, inputs: list[Path] | None = None
+) -> list[Path]:
     """Write ``products`` with ``compute`` (default ``dask.compute``) and return their paths
-    (scratch files are not products)."""
-    with staged_products(products) as writes:
+    (scratch files are not products); with ``inputs``, a run that can be taken up
+    (``staged_products``)."""
+    with staged_products(products, inputs) as writes:
         (compute or dask.compute)(*writes)
     return [item.path for item in products if not item.scratch]

@@ -50,6 +50,10 @@ class ZarrArray:
     def __setitem__(self, key: tuple[slice, ...], block: np.ndarray) -> None:
         _zarr().open_array(self.store, path=self.name, mode="r+")[key] = block
 
+    def __getitem__(self, key: tuple[slice, ...]) -> np.ndarray:
+        """What was written at ``key`` (read back to verify it, or to reuse it)."""
+        return _zarr().open_array(self.store, path=self.name, mode="r")[key]
+
 
 class ZarrTable:
     """A write target (``stored``): a table of a Zarr store, a group of one array per column,
@@ -99,14 +103,17 @@ def zarr_chunks(data: da.Array) -> tuple[int, ...]:
     return tuple(max(chunks) for chunks in data.chunks)
 
 
-def reserve_zarr(product: Product, partial: Path) -> list["ZarrArray | ZarrTable"]:
+def reserve_zarr(
+    product: Product, partial: Path, *, keep: bool = False
+) -> list["ZarrArray | ZarrTable"]:
     """Create the Zarr store of ``product`` in ``partial``, arrays chunked as the data (an
     extension's blocks must each fall in one chunk: ``staged_products`` rechunks the
-    data it stores, ``write_blocks`` requires it)."""
+    data it stores, ``write_blocks`` requires it). With ``keep`` (a run taken up: the
+    store holds blocks written before) only its primary attributes are written again."""
     zarr = _zarr()
-    group = zarr.open_group(str(partial), mode="w", zarr_format=3)
+    group = zarr.open_group(str(partial), mode="r+" if keep else "w", zarr_format=3)
     group.attrs.update(json_safe(product.primary))
-    for extension in product.extensions:
+    for extension in product.extensions if not keep else ():
         data = da.asarray(extension.data)
         if extension.is_table:
             _create_zarr_table(group, extension, zarr_chunks(data))

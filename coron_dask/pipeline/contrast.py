@@ -12,7 +12,12 @@ from coron_dask.core.errors import CoronInputError, record_on_disk
 from coron_dask.io import Product
 from coron_dask.pipeline.build import reduce_observation
 from coron_dask.pipeline.observation import find_psfmask
-from coron_dask.pipeline.run import check_inputs, execute_on_cluster, observation_bytes
+from coron_dask.pipeline.run import (
+    check_inputs,
+    execute_on_cluster,
+    observation_bytes,
+    run_inputs,
+)
 from coron_dask.science.contrast import measure, summary
 from coron_dask.science.geometry import (
     lambda_over_d,
@@ -105,8 +110,9 @@ def contrast_curve(
         return [*scratch, built["injections"].product]
 
     data = observation_bytes(observation, parameters["align_to"])
-    members = (*observation.association.science, *observation.association.psf)
-    execution = {"output_dir": output_dir, "inputs": members, **(execution or {})}
+    inputs = run_inputs(observation, psfmask)  # and the off-axis PSF: a run taken up reuses
+    inputs += [Path(offaxis_psf)] if isinstance(offaxis_psf, str | Path) else []
+    execution = {"output_dir": output_dir, "inputs": inputs, **(execution or {})}
     paths = execute_on_cluster(build, data_bytes=data, **execution)
     written = list(paths)  # an error from here on leaves these on disk, and says so
     try:

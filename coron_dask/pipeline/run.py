@@ -167,7 +167,7 @@ def execute_on_cluster(
     client: object | None = None,
     data_bytes: int | None = None,
     output_dir: str | Path | None = None,
-    inputs: tuple[Path, ...] = (),
+    inputs: list[Path] | None = None,
     **where: object,
 ) -> list[Path]:
     """Connect to (or start) the cluster ``where`` describes (``run_coron3``'s execution
@@ -177,8 +177,10 @@ def execute_on_cluster(
     open), build the products with ``build(workers)`` for its workers and write them in one
     computation: their paths. A run of ``data_bytes`` (``observation_bytes``) that asks for
     no cluster may compute in this process (``cluster.in_process``). Distributed workers
-    must see ``output_dir`` and the ``inputs`` at the same paths as this process
-    (``connection.shared_folder``), or the run is refused before anything is written."""
+    must see ``output_dir`` and the ``inputs`` (the files the products are made from) at
+    the same paths as this process (``connection.shared_folder``), or the run is refused
+    before anything is written; with ``inputs`` a run stopped part way can be taken up by
+    the same run again (``staging.staged_products``)."""
     where = check_execution(cluster=cluster, client=client, **where)
     progress = where.pop("progress", None) is not False
     report, stats = where.pop("report", None), where.pop("stats", None)
@@ -198,7 +200,7 @@ def execute_on_cluster(
         log.info("workers: %s", workers.describe())
         late_workers = None  # dask's local schedulers compute in this process: no check
         if client is not None and output_dir is not None:
-            shared = on_cluster().shared_folder(client, output_dir, inputs)
+            shared = on_cluster().shared_folder(client, output_dir, inputs or ())
             late_workers = resources.enter_context(shared)
         products = build(workers)
 
@@ -209,7 +211,7 @@ def execute_on_cluster(
                 if late_workers is not None:
                     late_workers()
 
-        return write_products(products, compute)
+        return write_products(products, compute, inputs)
 
 
 def observation_bytes(observation: Observation, align_to: str) -> int:
@@ -249,6 +251,14 @@ def log_flagged_fits(paths: list[Path]) -> None:
                 converged.size,
                 Path(path).name,
             )
+
+
+def run_inputs(observation: Observation, psfmask: str | Path | None) -> list[Path]:
+    """The files a run's products are made from: the association, its members and the
+    PSFMASK (what a run taken up must find unchanged)."""
+    association = observation.association
+    files = [association.path, *association.science, *association.psf]
+    return files + ([Path(psfmask)] if psfmask and Path(psfmask).is_file() else [])
 
 
 def run_coron3(
@@ -318,7 +328,7 @@ def run_coron3(
         client=client,
         data_bytes=observation_bytes(observation, parameters["align_to"]),
         output_dir=output_dir,
-        inputs=(*observation.association.science, *observation.association.psf),
+        inputs=run_inputs(observation, psfmask),
         **execution,
     )
     log_flagged_fits(paths)
