@@ -224,8 +224,11 @@ def test_dashboard_answers_during_a_run(busy_observation, tmp_path):
         "--integrations-per-chunk",
         1,
     )
-    line = process.stderr.readline()
-    assert line.startswith("Dask dashboard: http://127.0.0.1:"), line
+    lines = [process.stderr.readline()]  # the log's lines first (how the cluster is sized)
+    while not lines[-1].startswith("Dask dashboard") and lines[-1] and len(lines) < 20:
+        lines.append(process.stderr.readline())
+    line = lines[-1]
+    assert line.startswith("Dask dashboard: http://127.0.0.1:"), lines
     url = line.split(": ", 1)[1].split()[0]  # then how to reach it through an ssh tunnel
     assert "ssh -L" in line
     with urllib.request.urlopen(url, timeout=30) as response:

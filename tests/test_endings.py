@@ -466,7 +466,7 @@ def test_products_that_cannot_be_taken_back_are_named(asn, tmp_path, capsys, mon
         real_replace(source, target)
 
     def stuck(path, missing_ok=False):
-        if path == renames[0]:
+        if renames and path == renames[0]:
             raise PermissionError(13, "Permission denied", str(path))
         real_unlink(path, missing_ok=missing_ok)
 

@@ -63,7 +63,7 @@ def stop_part_way(args: list, out: Path, number: int, fits: int) -> tuple[int, s
     process = start_cli(*args)
     deadline = time.monotonic() + 300
     try:
-        while records(out, "SHIFT") < fits:
+        while records(out, "FIT") < fits:
             assert process.poll() is None, process.communicate()
             assert time.monotonic() < deadline, "no block was recorded"
             time.sleep(0.005)
@@ -107,7 +107,7 @@ def test_sigkill_part_way_then_the_same_command_finishes_bit_identical(
     assert process.returncode == 0, err
     reused, total, kinds = reuse_counts(err)
     assert reused == before and 0 < reused < total
-    assert kinds["fits SHIFT"][0] >= 4
+    assert kinds["fits FIT"][0] >= 4
     assert hidden(out) == []  # the state and the partial files are gone
     assert fingerprints(out) == fingerprints(baseline)
 
@@ -141,7 +141,7 @@ def test_sigterm_part_way_says_what_it_kept_and_the_same_command_finishes(
     assert code == 0, err
     reused, blocks, kinds = reuse_counts(err)
     assert (reused, blocks) == (int(kept), int(total))
-    fits, every = kinds["fits SHIFT"]
+    fits, every = kinds["fits FIT"]
     assert every == stats["stages"]["align_refs: shift fit"]["tasks"]  # one per fit block
     assert fits >= 4 and len(fitted) == every - fits
     assert hidden(out) == []

@@ -229,7 +229,8 @@ def test_workers_that_share_the_folder_by_bind_mounts(cluster, asn, observation_
         2,
     )
     assert shared.returncode == 0, shared.stderr
-    assert f"output folder {out} and its 5 input files seen by all 2 workers" in shared.stderr
+    seen = f"output folder {out} and its 7 input files seen by all 2 workers"  # asn, 5, PSFMASK
+    assert seen in shared.stderr
     local = run_cli(
         "run",
         asn,

@@ -18,7 +18,20 @@ class CoronInputError(ValueError):
 
 
 class ClusterError(RuntimeError):
-    """The cluster could not finish the run (scheduler lost, workers killed repeatedly)."""
+    """The cluster could not finish the run (scheduler lost, workers killed repeatedly).
+    ``resumable``: whether what the run wrote may be taken up by the same run again (not
+    when workers wrote where the others do not read)."""
+
+    def __init__(self, message: str, *, resumable: bool = True) -> None:
+        super().__init__(message)
+        self.resumable = resumable
+
+    def __reduce__(self) -> tuple:
+        return _cluster_error, (str(self), self.resumable)
+
+
+def _cluster_error(message: str, resumable: bool) -> "ClusterError":
+    return ClusterError(message, resumable=resumable)
 
 
 class Interrupted(BaseException):

@@ -292,9 +292,27 @@ def kept_line(state: ResumeState, partials: list[Path], total: int) -> str | Non
     )
 
 
+#: The start of the name of the token a run's shared-filesystem check writes in the output
+#: folder (``runtime.connection``), followed by its writer: ``HOST.PID.RANDOM``.
+SHARED_TOKEN = ".coron-dask-shared-"
 #: Hidden files of a run that only a SIGKILL leaves: partials, products of an earlier run set
-#: aside while placing (``staging``), the shared-filesystem check's token (``connection``).
-LEFT_BY_A_KILL = (".*.partial", ".*.earlier", ".coron-dask-shared-*")
+#: aside while placing (``staging``), the shared-filesystem check's token.
+LEFT_BY_A_KILL = (".*.partial", ".*.earlier", f"{SHARED_TOKEN}*")
+
+
+def writer() -> str:
+    """This process, as the names of the files it writes say: ``HOST.PID``."""
+    return f"{socket.gethostname()}.{os.getpid()}"
+
+
+def clear_stale_tokens(folder: Path) -> None:
+    """Remove the shared-filesystem check's tokens in ``folder`` that are not this
+    process's: left by a run that was killed (called with the folder locked, so no other
+    run is checking its workers there)."""
+    for token in Path(folder).glob(f"{SHARED_TOKEN}*"):
+        if not token.name.startswith(f"{SHARED_TOKEN}{writer()}."):
+            token.unlink(missing_ok=True)
+            log.info("removed %s, left by an earlier run that was killed", token)
 
 
 def clean(folder: Path) -> str:

@@ -32,7 +32,6 @@ from dask.base import tokenize
 from dask.layers import ArraySliceDep
 
 from coron_dask.core.errors import (
-    ClusterError,
     CoronInputError,
     Interrupted,
     raise_if_stopped,
@@ -43,7 +42,14 @@ from coron_dask.io import reuse
 from coron_dask.io.fits_layout import fits_layout, reserve_fits
 from coron_dask.io.fitsfile import FitsExtension, FitsRegion
 from coron_dask.io.products import OnDisk, Product, Written
-from coron_dask.io.resume import BlockJournal, ResumeState, checksum, fingerprint, kept_line
+from coron_dask.io.resume import (
+    BlockJournal,
+    ResumeState,
+    checksum,
+    clear_stale_tokens,
+    fingerprint,
+    kept_line,
+)
 from coron_dask.io.resume import partial_path as _partial
 from coron_dask.io.text_file import is_text, reserve_text
 from coron_dask.io.zarr_store import ZarrArray, ZarrTable, reserve_zarr, zarr_chunks, zarr_target
@@ -282,6 +288,7 @@ def _begin(products: list[Product], inputs: list[Path] | None, states: dict) -> 
             state = ResumeState(item.path.parent)
             state.lock()
             states[item.path.parent] = state
+            clear_stale_tokens(item.path.parent)
         clear_stale_partials(item.path)
     # a run is taken up only in one folder, with its inputs known
     kept = fingerprint(products, inputs) if inputs is not None and len(states) == 1 else None
@@ -361,7 +368,8 @@ def staged_products(products: list[Product], inputs: list[Path] | None = None) -
         raise_if_stopped()  # a signal recorded while they were computed: none is placed
     except BaseException as error:
         kept = None
-        if isinstance(error, Interrupted | ClusterError) and written:
+        resumable = isinstance(error, Interrupted) or getattr(error, "resumable", False)
+        if resumable and written:
             (state,) = states.values()
             partials = [_partial(item.path) for item in products]
             kept = kept_line(state, partials, reuse.block_count(written))

@@ -233,7 +233,7 @@ def _psfsub(
         aligned_in.insert(0, made.scratch(f"{root}_aligned", psfalign, ("SCI",)))
     # the fitted shifts, block by block: a run taken up reads back those of the blocks
     # fitted before instead of fitting them again (the ALIGN tables need every fit)
-    made.scratch(f"{root}_fits", psfalign, ("SHIFT",))
+    made.scratch(f"{root}_fits", psfalign, ("FIT",))  # shift and converged both read it
     # each block written by the task that shifts it; KLIP reads it back a tile at a time
     aligned = write_blocks("SCI", *aligned_in, summary=frame_means)
     basis = kl_basis(filled, psfalign, p["truncate"], rows=plan.klip_rows, on_disk=aligned)

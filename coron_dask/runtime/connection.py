@@ -28,6 +28,7 @@ from distributed.comm import CommClosedError
 from distributed.diagnostics.plugin import SchedulerPlugin
 
 from coron_dask.core.errors import ClusterError, CoronInputError, raise_if_stopped
+from coron_dask.io.resume import SHARED_TOKEN, writer
 from coron_dask.planning.block_plan import Workers
 from coron_dask.planning.memory import MALLOC
 from coron_dask.runtime import progress as steps
@@ -39,6 +40,7 @@ from coron_dask.runtime.workers import (
     SharedFolderCheck,
     TrimAfterTasks,
     configure_memory,
+    not_seen,
     shared_view,
 )
 
@@ -202,17 +204,6 @@ def measure_cluster(client: Client) -> Workers:
     return Workers(len(info), threads, limit, max(baselines.values()))
 
 
-def _not_seen(seen: dict) -> list[str]:
-    """``address on host: problem`` of each worker of ``seen`` that does not see as we do."""
-    return [
-        f"{address}: the check failed ({answer!r})"
-        if isinstance(answer, BaseException)
-        else f"{address} on {answer[0]}: {answer[1]}"
-        for address, answer in sorted(seen.items())
-        if isinstance(answer, BaseException) or answer[1] is not None
-    ]
-
-
 @contextlib.contextmanager
 def shared_folder(
     client: Client, output_dir: str | Path, members: Sequence[str | Path] = ()
@@ -226,7 +217,7 @@ def shared_folder(
     (kept for them), and folders made for a failed run, are removed whatever happens."""
     given, folder = str(output_dir), Path(os.path.abspath(output_dir))  # as workers see it
     made = [path for path in (folder, *folder.parents) if not path.exists()]
-    token = folder / f".coron-dask-shared-{secrets.token_hex(8)}"
+    token = folder / f"{SHARED_TOKEN}{writer()}.{secrets.token_hex(8)}"
     members = tuple(str(Path(member).resolve()) for member in members)
     view = (str(folder), given, token.name, secrets.token_hex(16), members)
     registered = done = False
@@ -237,7 +228,7 @@ def shared_folder(
             seen = client.run(shared_view, *view, on_error="return")
         except (OSError, CommClosedError):
             raise ClusterError("lost the connection to the scheduler") from None
-        if refused := _not_seen(seen):
+        if refused := not_seen(seen):
             raise CoronInputError(
                 folder,
                 f"the output folder is not seen at this path by {len(refused)} of "
@@ -267,9 +258,10 @@ def _late_workers(client: Client, folder: Path, token: str) -> None:
     with contextlib.suppress(Exception):  # the scheduler is gone: the run says so
         late = [e for _, e in client.get_events(SHARED_TOPIC) if e.get("token") == token]
     if late:
-        raise ClusterError(
+        raise ClusterError(  # what they wrote went elsewhere: nothing is kept
             f"{folder}: the output folder is not seen at this path by {_workers(len(late))} "
-            "that joined during the run: " + "; ".join(event["seen"] for event in late)
+            "that joined during the run: " + "; ".join(event["seen"] for event in late),
+            resumable=False,
         )
 
 

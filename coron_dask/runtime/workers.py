@@ -104,6 +104,18 @@ def shared_view(
     return host, None
 
 
+def not_seen(seen: dict) -> list[str]:
+    """``address on host: problem`` of each worker whose answer in ``seen`` (``shared_view``'s,
+    by address, as ``client.run`` returns them) says it does not see as the client does."""
+    return [
+        f"{address}: the check failed ({answer!r})"
+        if isinstance(answer, BaseException)
+        else f"{address} on {answer[0]}: {answer[1]}"
+        for address, answer in sorted(seen.items())
+        if isinstance(answer, BaseException) or answer[1] is not None
+    ]
+
+
 class SharedFolderCheck(WorkerPlugin):
     """A dask worker plugin, registered for the duration of a run: a worker that joins
     during it (an adaptive jobqueue cluster's) checks ``shared_view`` as it starts and, if

@@ -69,10 +69,10 @@ def align_refs(
 
     psfalign holds ``sci`` and ``err`` (the references' SCI and ERR shifted alike, as jwst)
     and ``shift``: the fitted (dx, dy, β) of each reference, and ``converged``: whether
-    its fit converged. A pair whose fit did not (``kernels.registration.fit_shifts``) is
-    flagged: its aligned SCI and ERR are NaN, and klip leaves it out. The filled science
-    is what KLIP subtracts from, as in jwst, where align_refs fills the science cube in
-    place.
+    its fit converged (``fit``: both as fitted, one array). A pair whose fit did not
+    (``kernels.registration.fit_shifts``) is flagged: its aligned SCI and ERR are NaN, and
+    klip leaves it out. The filled science is what KLIP subtracts from, as in jwst, where
+    align_refs fills the science cube in place.
     """
     science = median_replace_img(science, median_box_length, bad_bits)
     refs = median_replace_img(psfstack, median_box_length, bad_bits)
@@ -169,7 +169,9 @@ def align_models(
             "sci": (dims, aligned["sci"]),
             "err": (dims, aligned["err"]),
             "shift": ((*dims[:-2], "param"), fits[..., :3]),
-            "converged": (dims[:-2], fits[..., 3] > 0),
+            "converged": (dims[:-2], fits[..., 3].astype(bool)),  # 1 or 0
+            # the fits as fitted: what a run taken up reads back (``pipeline.build``)
+            "fit": ((*dims[:-2], "fit"), fits),
         },
         coords={**coords, "param": SHIFT_PARAMS},
         attrs=dict(refs.attrs),
