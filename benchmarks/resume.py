@@ -125,6 +125,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--at", type=float, default=0.7, help="when to stop, of the whole run")
     parser.add_argument("--work", type=Path, help="where to simulate and run (default: a temp)")
     args = parser.parse_args(argv)
+    if args.work is not None:
+        args.work.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="resume-bench-", dir=args.work))
     try:
         inputs = work / "inputs"
