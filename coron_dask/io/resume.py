@@ -305,6 +305,32 @@ def writer() -> str:
     return f"{socket.gethostname()}.{os.getpid()}"
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def clear_stale_partials(path: Path) -> None:
+    """Remove what a killed run of an earlier version left of product ``path`` (partial
+    files named after their host and process): those of this host whose process is gone.
+    Those of other hosts may belong to a run still going there: they are reported, not
+    touched."""
+    host = socket.gethostname()
+    for stale in path.parent.glob(f".{path.name}.*.partial"):
+        writer = stale.name.removeprefix(f".{path.name}.").removesuffix(".partial")
+        where, _, pid = writer.rpartition(".")
+        if where == host and pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            ResumeState.remove_partials([stale])
+            log.warning("removed %s, left by an earlier run that was killed", stale)
+        elif where != host:
+            log.warning("%s is being written, or was left, by a run on %s", stale, where or "?")
+
+
 def clear_stale_tokens(folder: Path) -> None:
     """Remove the shared-filesystem check's tokens in ``folder`` that are not this
     process's: left by a run that was killed (called with the folder locked, so no other

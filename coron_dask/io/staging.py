@@ -21,7 +21,6 @@ import contextlib
 import logging
 import os
 import shutil
-import socket
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -46,6 +45,7 @@ from coron_dask.io.resume import (
     BlockJournal,
     ResumeState,
     checksum,
+    clear_stale_partials,
     clear_stale_tokens,
     fingerprint,
     kept_line,
@@ -231,32 +231,6 @@ def _place_all(products: list[Product], partials: list[Path]) -> None:
     for _, earlier in placed:
         if earlier is not None:
             _remove(earlier)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process
-        return True
-    return True
-
-
-def clear_stale_partials(path: Path) -> None:
-    """Remove what a killed run of an earlier version left of product ``path`` (partial
-    files named after their host and process): those of this host whose process is gone.
-    Those of other hosts may belong to a run still going there: they are reported, not
-    touched."""
-    host = socket.gethostname()
-    for stale in path.parent.glob(f".{path.name}.*.partial"):
-        writer = stale.name.removeprefix(f".{path.name}.").removesuffix(".partial")
-        where, _, pid = writer.rpartition(".")
-        if where == host and pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
-            _remove(stale)
-            log.warning("removed %s, left by an earlier run that was killed", stale)
-        elif where != host:
-            log.warning("%s is being written, or was left, by a run on %s", stale, where or "?")
 
 
 def _check_space(products: list[Product]) -> None:
