@@ -75,7 +75,7 @@ class BlockJournal:
         if summary is not None:
             entry.update(shape=list(summary.shape), summary=summary.ravel().tolist())
         name = os.path.join(self.folder, block_name(where))
-        temporary = f"{name}.{socket.gethostname()}.{os.getpid()}.{threading.get_ident()}"
+        temporary = f"{name}.{writer()}.{threading.get_ident()}"
         with open(temporary, "w") as handle:
             json.dump(entry, handle)
         os.replace(temporary, name)

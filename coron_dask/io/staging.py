@@ -277,7 +277,7 @@ def _reserve(item: Product, state: ResumeState | None, resumed: bool) -> tuple[l
     """The targets of ``item``'s extensions in its partial file, which a run taken up
     (``resumed``) keeps when it is still of the product's layout (True)."""
     partial = _partial(item.path)
-    zarr = zarr_store(item)
+    zarr = item.path.suffix == ".zarr"
     keep = resumed and partial.is_dir() if zarr else False
     if not zarr and not is_text(item) and state is not None:
         layout, size = fits_layout(item, partial)
@@ -325,7 +325,7 @@ def staged_products(products: list[Product], inputs: list[Path] | None = None) -
                     made, store = extension.written.array, None
                 else:
                     made = da.asarray(extension.data)
-                    made = made.rechunk(zarr_chunks(made)) if zarr_store(item) else made
+                    made = made.rechunk(zarr_chunks(made)) if item.path.suffix == ".zarr" else made
                     sources.append(made)
                     store = stored(made, item, extension.name, target, journal)
                     writes.append(store)
@@ -365,10 +365,6 @@ def staged_products(products: list[Product], inputs: list[Path] | None = None) -
             _remove(_partial(item.path))
         for state in states.values():
             state.remove()
-
-
-def zarr_store(product: Product) -> bool:
-    return product.path.suffix == ".zarr"
 
 
 def write_products(
