@@ -36,17 +36,29 @@ def test_plans_stay_within_the_share_of_the_limit(limit, align_to, frame, scienc
     assert 1 <= plan.outlier_rows <= frame[0] and 1 <= plan.klip_rows <= frame[0]
 
 
-def test_small_data_splits_for_parallelism():
-    obs = Observation((16, 16), (5,) * 8, (160, 160))
-    plan = plan_blocks(obs, workers(2), fraction=0.6)
-    assert plan.integrations == 8  # two blocks per exposure, two per worker thread
-    assert -(-40 // plan.psfs) * 4 >= 4 * 2  # four alignment tasks per worker thread
-
-
-def test_first_mode_splits_the_references_for_the_workers():
-    obs = Observation((10, 10), (5,) * 9, (320, 320), align_to="first")
-    plan = plan_blocks(obs, workers(2), fraction=0.6)
-    assert 2 * -(-45 // plan.psfs) >= 8  # alignment tasks: 2 targets x reference blocks
+@pytest.mark.parametrize(
+    ("align_to", "least", "tasks"),
+    [
+        # 2 × 16 targets × 40 references of 160² float32: 131 MB of aligned frames
+        ("each", 32 * MIB, 4),  # 3 blocks of 32 MiB: two a thread instead
+        ("each", 8 * MIB, 16),  # 15 blocks of 8 MiB: 4 targets × 4 reference blocks
+        ("each", 1 * MIB, 32),  # sixteen a thread
+        # 2 targets × 40 references: 8 MB
+        ("first", 32 * MIB, 4),
+        ("first", 1 * MIB, 8),  # 7 blocks: 2 targets × 4 reference blocks
+        ("first", 64 * 2**10, 40),  # sixteen a thread: 2 targets × 20 blocks of 2 references
+    ],
+)
+def test_alignment_tasks_follow_the_settings(align_to, least, tasks):
+    """Sixteen alignment tasks a worker thread (a stop loses the blocks under way) unless
+    blocks would hold less than ``block_least`` of aligned frames, two a thread at least;
+    for the planner's smallest count, integrations per block as large as allowed."""
+    obs = Observation((16, 16), (5,) * 8, (160, 160), align_to=align_to)
+    plan = plan_blocks(obs, workers(2), fraction=0.6, block_least=least)
+    if align_to == "each":
+        assert plan.integrations == 8  # two blocks per exposure, two per worker thread
+    targets = 2 if align_to == "first" else 2 * -(-16 // plan.integrations)
+    assert targets * -(-40 // plan.psfs) == tasks
 
 
 def test_less_memory_gives_smaller_blocks_not_other_results():

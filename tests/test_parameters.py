@@ -47,6 +47,8 @@ def test_defaults_are_those_shipped_before_the_spec():
             "outlier-rows": None,
             "klip-tile": "8 MiB",
             "memory-fraction": 0.65,
+            "alignment-tasks-per-thread": 16,
+            "alignment-block-least": "32 MiB",
         },
         "cluster": {
             "n-workers": None,

@@ -264,6 +264,13 @@ SPEC: tuple[Parameter, ...] = (
               "numerics)", "8 MiB", "chunks.klip-tile", role="setting"),
     Parameter("memory_fraction", "share of a worker's memory limit the block plan fills (dask "
               "spills at 0.7)", 0.65, "chunks.memory-fraction", role="setting"),
+    Parameter("tasks_per_thread", "alignment blocks planned per worker thread, at least: a "
+              "stop loses the blocks under way, so a run taken up does at most 1/N of the "
+              "alignment again", 16, "chunks.alignment-tasks-per-thread",
+              role="setting"),
+    Parameter("block_least", "aligned frames an alignment block holds at least, where "
+              "alignment-tasks-per-thread would cut smaller (a small run's tasks cost more "
+              "than a stop loses)", "32 MiB", "chunks.alignment-block-least", role="setting"),
     # where and how a run computes (run_coron3's; the checks: pipeline.run.check_execution)
     Parameter("scheduler", "address of a running dask scheduler, or 'synchronous' / 'threads' "
               "for dask's local schedulers", read=text, role="execution", group=EXECUTION_GROUP),

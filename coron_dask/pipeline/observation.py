@@ -94,6 +94,8 @@ def plan_observation(
         workers,
         fraction=float(config.get("chunks.memory-fraction")),
         tile_bytes=parse_bytes(config.get("chunks.klip-tile")),
+        tasks_per_thread=int(config.get("chunks.alignment-tasks-per-thread")),
+        block_least=parse_bytes(config.get("chunks.alignment-block-least")),
         integrations=p["integrations"],
         psfs=p["psfs"],
         outlier_rows=p["outlier_rows"],

@@ -168,22 +168,35 @@ def task_peaks(obs: Observation, integrations: int, psfs: int, outlier_rows: int
     }
 
 
+def alignment_tasks(obs: Observation, threads: int, per_thread: int, least: int) -> int:
+    """How many alignment tasks a plan asks for, at least: ``per_thread`` for each worker
+    thread, since a stop loses the blocks under way and a run taken up does them again;
+    fewer where blocks would hold less than ``least`` bytes of aligned frames (a small
+    run's tasks would cost more in overhead than a stop could lose); never fewer than two
+    per thread, for dask to balance."""
+    targets = len(obs.science_nints) if obs.align_to == "first" else sum(obs.science_nints)
+    aligned = 4 * targets * obs.npsf * Frame(*obs.frame).pixels
+    return max(2 * threads, min(per_thread * threads, aligned // least))
+
+
 def plan_blocks(
     obs: Observation,
     workers: Workers,
     *,
     fraction: float = 0.6,
     tile_bytes: int = 8 * 2**20,
+    tasks_per_thread: int = 16,
+    block_least: int = 32 * 2**20,
     integrations: int | None = None,
     psfs: int | None = None,
     outlier_rows: int | None = None,
 ) -> BlockPlan:
     """The largest blocks whose predicted worker peak stays within ``fraction`` of the
     memory limit, with at least two integration blocks per worker thread (when the
-    exposures allow) and four alignment tasks per worker thread: of the integrations per
-    block that fit, the one that needs the fewest alignment tasks (the larger, on a tie).
-    Blocks given (``integrations``, ``psfs``, ``outlier_rows``) are taken
-    as they are, and checked.
+    exposures allow) and ``alignment_tasks`` (``tasks_per_thread``, ``block_least``) when
+    the pairs allow. Of the integrations per block that fit, the one that needs the fewest
+    alignment tasks (the larger, on a tie: fewer KLIP tasks). Blocks given
+    (``integrations``, ``psfs``, ``outlier_rows``) are taken as they are, and checked.
 
     Raises CoronInputError, before anything is computed, when nothing fits.
     """
@@ -192,6 +205,7 @@ def plan_blocks(
     own = workers.baseline + memory.WORKER_RETAINED + held(obs)
     capacity = fraction * workers.memory_limit - own
     klip_rows = tile_rows(obs.npsf, obs.frame, tile_bytes)
+    wanted = alignment_tasks(obs, threads, tasks_per_thread, block_least)
     shortest = min(obs.science_nints)
     by_parallelism = min(-(-shortest // 2), max(1, sum(obs.science_nints) // (2 * threads)))
     candidates = [integrations] if integrations else range(max(1, by_parallelism), 0, -1)
@@ -218,8 +232,8 @@ def plan_blocks(
             continue
         targets = len(obs.science_nints) if obs.align_to == "first" else None
         targets = targets or sum(-(-n // k) for n in obs.science_nints)
-        splits = -(-4 * threads // targets)  # reference blocks per target block
-        bound = max(1, -(-obs.npsf // splits))
+        splits = -(-wanted // targets)  # reference blocks per target block
+        bound = max(1, obs.npsf // splits)
         p = psfs or largest(bound, lambda p: fits(k, p, rows)[0])  # noqa: B023
         if p is None:
             continue

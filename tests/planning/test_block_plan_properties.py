@@ -202,3 +202,45 @@ def test_blocks_given_are_kept_when_they_fit_and_refused_when_not(data, workers,
     assert {name: chosen[name] for name, value in blocks.items() if value} == {
         name: value for name, value in blocks.items() if value
     }
+
+
+def tasks_of(obs: Observation, integrations: int, psfs: int) -> int:
+    """Alignment tasks of blocks of ``integrations`` × ``psfs``: one per target block and
+    reference block."""
+    targets = (
+        len(obs.science_nints)
+        if obs.align_to == "first"
+        else sum(-(-n // integrations) for n in obs.science_nints)
+    )
+    return targets * -(-obs.npsf // psfs)
+
+
+@PROPERTY
+@given(
+    obs=observations(),
+    workers=worker_sets(),
+    fraction=fractions,
+    per_thread=st.integers(1, 64),
+    least=st.sampled_from([2**10, 2**20, 32 * 2**20, 2**30]),
+)
+def test_a_stop_loses_one_alignment_block_in_tasks_per_thread(
+    obs, workers, fraction, per_thread, least
+):
+    """Each worker thread has ``tasks_per_thread`` alignment blocks, as far as the pairs
+    allow (one reference a block) and unless blocks would hold less than ``block_least``
+    of aligned frames: what a stop loses, the blocks under way, is at most that share of
+    the alignment; never fewer than two a thread; the plan still fits."""
+    try:
+        plan = plan_blocks(
+            obs, workers, fraction=fraction, tasks_per_thread=per_thread, block_least=least
+        )
+    except CoronInputError:
+        return
+    assert_fits(plan, obs, workers, fraction, 8 * MIB)
+    threads = workers.count * workers.threads
+    tasks = tasks_of(obs, plan.integrations, plan.psfs)
+    most = tasks_of(obs, plan.integrations, 1)
+    targets = len(obs.science_nints) if obs.align_to == "first" else sum(obs.science_nints)
+    aligned = 4 * targets * obs.npsf * obs.frame[0] * obs.frame[1]
+    assert tasks >= min(per_thread * threads, aligned // least, most)
+    assert tasks >= min(2 * threads, most)
