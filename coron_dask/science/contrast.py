@@ -116,9 +116,17 @@ def measure(
     star_peak = float(np.median(measured["star_peak"]))
     injected_at = np.unique(measured["separation"])
     at = [measured["separation"] == s for s in injected_at]
-    mean_throughput = np.array(
-        [np.nanmean(measured["throughput"][here], axis=0) for here in at]
-    )  # (separations, kl)
+    hidden = int(np.sum(np.asarray(measured["transmission"]) <= 0))
+    if hidden:
+        log.info("contrast: %d companion(s) where the transmission is 0: no throughput", hidden)
+    with np.errstate(invalid="ignore"):  # a separation all behind the mask: NaN
+        mean_throughput = np.array(
+            [
+                np.nansum(measured["throughput"][here], axis=0)
+                / np.isfinite(measured["throughput"][here]).sum(axis=0)
+                for here in at
+            ]
+        )  # (separations, kl): the mean of those with a throughput
     mean_transmission = np.array([np.mean(measured["transmission"][here]) for here in at])
     step = resolution / 2 * scale
     separations = np.arange(injected_at[0], injected_at[-1] + step / 2, step)
