@@ -228,6 +228,7 @@ def test_bad_transmission_is_one_line_and_nothing_written(blank, tmp_path, capsy
     ours = blank.parent / "psfmask.fits"
     cases = [(bad, ours, bad, words) for bad, words in _bad_maps(tmp_path, shape)]
     cases.append(("psfmask", miri, miri, "MIRI PSFMASK marks the coronagraph's geometry"))
+    cases.append((miri, ours, miri, "MIRI PSFMASK marks the coronagraph's geometry"))
     cases.append(("psfmask", "none", "transmission", "'psfmask' needs a PSFMASK"))
     for given, psfmask, named, words in cases:
         out = tmp_path / "out"

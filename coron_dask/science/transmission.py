@@ -88,9 +88,20 @@ def read_transmission_map(path: str | Path, shape: tuple[int, int]) -> np.ndarra
 
 def _instrument(psfmask: Path, science: xr.Dataset) -> str:
     """The PSFMASK's INSTRUME, or the science's where the file says none."""
-    with fits.open(psfmask) as hdul:
-        said = hdul[0].header.get("INSTRUME")
+    said = fits.getheader(psfmask, 0).get("INSTRUME")
     return str(said or science.attrs.get("INSTRUME", "")).upper()
+
+
+def _geometry(instrument: str) -> str:
+    """Why ``instrument``'s PSFMASK is no transmission."""
+    return f"{instrument or 'this'} PSFMASK marks the coronagraph's geometry, not its transmission"
+
+
+def _no_transmission(path: Path, instrument: str) -> CoronInputError:
+    return CoronInputError(
+        path,
+        f"{_geometry(instrument)}: give a transmission map (--transmission FILE) or none",
+    )
 
 
 def coronagraph_transmission(
@@ -110,6 +121,10 @@ def coronagraph_transmission(
         return Transmission(None, "none")
     if word is not None and word.lower() not in WORDS:
         found = read_transmission_map(word, shape)
+        if str(fits.getheader(word, 0).get("REFTYPE", "")).upper() == "PSFMASK":
+            instrument = _instrument(Path(word), science)  # a PSFMASK given as the map
+            if instrument not in TRANSMISSION_PSFMASKS:
+                raise _no_transmission(Path(word), instrument)
         log.info("contrast: injections dimmed by the transmission map %s", Path(word).name)
         return Transmission(found, f"map {Path(word).name}")
     asked = word is not None  # "psfmask", or None: as the instrument's PSFMASK allows
@@ -126,17 +141,12 @@ def coronagraph_transmission(
     psfmask = Path(psfmask)
     instrument = _instrument(psfmask, science)
     if instrument not in TRANSMISSION_PSFMASKS:
-        why = (
-            f"{instrument or 'this'} PSFMASK marks the coronagraph's geometry, not its transmission"
-        )
         if asked:
-            raise CoronInputError(
-                psfmask, f"{why}: give a transmission map (--transmission FILE) or none"
-            )
+            raise _no_transmission(psfmask, instrument)
         log.info(
             "contrast: no coronagraph transmission: the %s; injections keep all their "
             "light (--transmission FILE gives a map)",
-            why,
+            _geometry(instrument),
         )
         return Transmission(None, f"none ({instrument or 'its'} PSFMASK is no transmission)")
     found = read_transmission_map(psfmask, shape)
