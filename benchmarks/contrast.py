@@ -467,6 +467,7 @@ def run_dataset(dataset: Dataset, root: Path, repeats: int) -> dict:
     contrast_options = ["--offaxis-psf", str(asn.parent / "offaxis_psf.fits")]
     contrast_options += ["--separations", listed]
     contrast_options += ["--position-angles", ",".join(f"{a:g}" for a in POSITION_ANGLES)]
+    contrast_options += ["--transmission", "none"]  # VIP dims no injection: like for like
     measurements = {
         "science": lambda: coron_dask("run", asn, folder / "science"),
         "science_no_psfalign": lambda: coron_dask(

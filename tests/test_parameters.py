@@ -62,6 +62,7 @@ def test_defaults_are_those_shipped_before_the_spec():
             "status-interval": 30,
             "cancel-timeout": 20,
         },
+        "contrast": {"transmission-max": 1.5},
     }
 
 

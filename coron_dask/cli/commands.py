@@ -75,6 +75,7 @@ def _simulate(args: argparse.Namespace, outdir: Path) -> Path:
         psf_ints=args.psf_ints,
         seed=args.seed,
         instrument=args.instrument,
+        occulter=args.occulter,
     )
 
 

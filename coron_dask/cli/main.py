@@ -154,6 +154,14 @@ def _parser() -> argparse.ArgumentParser:
             default="nircam",
             help="NIRCam round mask (--size) or MIRI 4QPM (224x288, MASK1140)",
         )
+        group.add_argument(
+            "--occulter",
+            type=float,
+            metavar="IWA",
+            help="NIRCam: a round occulter transmitting half the light at IWA λ/D (MASK335R: "
+            "~6.3) dims the companion where it falls, and is written as the PSFMASK (its "
+            "transmission map); default: the companion keeps its light",
+        )
     return parser
 
 

@@ -337,6 +337,14 @@ SPEC: tuple[Parameter, ...] = (
     Parameter("resolution", "λ/D in pixels", read=Number(whole=False),
               none="from FILTER's pivot wavelength", role="injection", commands=("contrast",),
               group="injection-recovery"),
+    Parameter("transmission", "the coronagraph's transmission that dims each injected companion "
+              "at its detector place in each roll: 'psfmask' (NIRCam's PSFMASK is the "
+              "occulter's), 'none', or a FITS map in the science frames' pixels", read=text,
+              none="the PSFMASK for NIRCam, none for MIRI", role="injection",
+              commands=("contrast",), group="injection-recovery",
+              keyword=("TRANSMIS", "transmission dimming the injections")),
+    Parameter("transmission_max", "largest value a transmission map may hold (above it, it is "
+              "no transmission)", 1.5, "contrast.transmission-max", role="setting"),
 )  # fmt: skip
 BY_NAME = {parameter.name: parameter for parameter in SPEC}
 #: ``build_products``' parameters, in the order provenance records them.

@@ -3,9 +3,12 @@
 The PSF is an odd box with its centre at the middle pixel; each companion is the box moved
 by the fraction of a pixel that separates its position from a pixel centre (a Fourier
 shift, as align_refs moves references), scaled, and added where it overlaps the frame.
+A companion's flux is first scaled by the coronagraph's transmission at its place on the
+detector (``transmission_at``), as the occulter dims it.
 """
 
 import numpy as np
+from scipy.ndimage import map_coordinates
 
 from coron_dask.kernels.fourier_shift import fourier_shift
 
@@ -39,3 +42,12 @@ def inject_block(
     if alone:
         return np.broadcast_to(image, sci.shape).copy()
     return sci + image
+
+
+def transmission_at(transmission: np.ndarray, positions: np.ndarray) -> np.ndarray:
+    """The values (n,) of a transmission map (ny, nx) at ``positions`` (n, 2) = (x, y)
+    pixels (0-based): bilinear between pixel centres, the edge's value beyond the map."""
+    places = np.asarray(positions, dtype=np.float64).reshape(-1, 2)
+    return map_coordinates(
+        np.asarray(transmission, dtype=np.float64), places[:, ::-1].T, order=1, mode="nearest"
+    )

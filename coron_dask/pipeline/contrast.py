@@ -1,5 +1,6 @@
 """The contrast curve of an association: the science reduction with synthetic companions
-injected (``science.injection``), run in one computation, measured
+injected (``science.injection``), dimmed by the coronagraph's transmission
+(``science.transmission``), run in one computation, measured
 (``science.contrast.measure``) and drawn (``quicklook``)."""
 
 import logging
@@ -31,6 +32,7 @@ from coron_dask.science.injection import (
     default_separations,
     read_offaxis_psf,
 )
+from coron_dask.science.transmission import coronagraph_transmission
 from coron_dask.steps.klip import kl_cutoffs
 
 log = logging.getLogger(__name__)
@@ -47,6 +49,7 @@ def contrast_curve(
     inject_contrast: float = 1e-4,
     resolution: float | None = None,
     psfmask: str | Path | None = None,
+    transmission: str | Path | None = None,
     execution: dict | None = None,
     **parameters: object,
 ) -> list[Path]:
@@ -60,8 +63,11 @@ def contrast_curve(
     rescales it to that total). ``separations`` (arcsec; default: 10 from 3 λ/D to the
     field's edge) × ``position_angles`` (degrees east of north, one set each) companions of
     ``inject_contrast``. ``resolution``: λ/D in pixels (default: from FILTER's pivot
-    wavelength). ``parameters``: those of ``build_products`` (the science reduction's);
-    ``execution``: those of ``execute_on_cluster`` (the pipeline's run).
+    wavelength). ``transmission``: the coronagraph's transmission each injected companion is
+    dimmed by at its detector place in each roll: "psfmask", "none" or a FITS map in the
+    frames' pixels (default: the PSFMASK for NIRCam, none for MIRI). ``parameters``: those
+    of ``build_products`` (the science reduction's); ``execution``: those of
+    ``execute_on_cluster`` (the pipeline's run).
     """
     psfmask = find_psfmask(asn, psfmask)
     parameters, observation = check_inputs(asn, output_dir, psfmask=psfmask, **parameters)
@@ -72,6 +78,7 @@ def contrast_curve(
     parameters["save_psfalign"] = False  # the aligned references go to a scratch file
     psf = read_offaxis_psf(offaxis_psf, star_flux)
     first = observation.science[0]
+    dimming = coronagraph_transmission(transmission, psfmask, first)
     star = star_position(first.attrs, first.encoding.get("source", "science"))
     scale = pixel_scale_arcsec(sky_wcs(first))
     if resolution is None:
@@ -104,7 +111,9 @@ def contrast_curve(
             opened=observation,
             **parameters,
         )
-        built["injections"] = build_injections(reduction, psf, companions, output_dir, name)
+        built["injections"] = build_injections(
+            reduction, psf, companions, output_dir, name, dimming
+        )
         built["truncate"] = reduction.parameters["truncate"]  # as klip uses it
         scratch = [product for product in reduction.products if product.scratch]
         return [*scratch, built["injections"].product]
@@ -125,10 +134,20 @@ def contrast_curve(
         if isinstance(built["truncate"], int):  # jwst's layout: no kl axis
             science, injected = science[None], injected[:, None]
         table, measured = measure(
-            science, injected, model, injections.grid, star, companions, resolution, cutoffs
+            science,
+            injected,
+            model,
+            injections.grid,
+            star,
+            companions,
+            resolution,
+            cutoffs,
+            injections.transmissions,
+            injections.integrations,
         )
         table.meta["filter"] = str(first.attrs.get("FILTER", ""))
         table.meta["injected_contrast"] = inject_contrast
+        table.meta["transmission"] = dimming.source
         table.meta["injections"] = [
             dict(zip(measured.colnames, row, strict=True)) for row in measured.iterrows()
         ]

@@ -16,9 +16,14 @@ needs two numbers the same image cannot give, measured by injection:
   rounding of float32; the companions are injected in sets, each set's companions far
   enough apart not to touch, and every set is one more subtraction on bases built once.
 - the star's peak in the i2d: the same companions drizzled without KLIP (their model).
+- the coronagraph's transmission at each companion's place: the injected companions are
+  dimmed by it in each roll (``science.transmission``), their models are not; the
+  throughput is the recovered flux over the model's divided by the transmission (the mean
+  over the rolls, weighted by their integrations, as the i2d weighs them).
 
-The 5σ contrast is then threshold / (throughput × star peak), the throughput averaged over
-position angles and interpolated in separation between the injected ones (not beyond).
+The 5σ contrast is then threshold / (throughput × transmission × star peak), throughput
+and transmission averaged over position angles and interpolated in separation between the
+injected ones (not beyond).
 The injections are ``science.injection``'s; ``pipeline.contrast.contrast_curve`` runs
 them with the science reduction and writes the curve. The science products are never
 touched: a contrast run writes only its own outputs.
@@ -57,24 +62,36 @@ def measure(
     companions: list[list[Companion]],
     resolution: float,
     cutoffs: tuple[int, ...],
+    transmissions: list[np.ndarray] | None = None,
+    integrations: np.ndarray | None = None,
 ) -> tuple[Table, Table]:
     """The contrast curve (one row per separation and KL cutoff) and the measurements of
     every injected companion, from the science i2d (kl, y, x), the injected i2ds
-    (set, kl, y, x) and the companions' model i2ds (set, y, x)."""
+    (set, kl, y, x), the companions' model i2ds (set, y, x) and the transmission that
+    dimmed each companion (per set: science exposure × member; None: 1) in exposures of
+    ``integrations`` (their weights)."""
     scale = pixel_scale_arcsec(grid)
     centre = pixel_positions(grid, star)[0]
+    if transmissions is None:
+        transmissions = [np.ones((1, len(members))) for members in companions]
+    weights = np.ones(len(transmissions[0])) if integrations is None else integrations
     rows = []
-    for members, planes, alone in zip(companions, injected, model, strict=True):
-        for companion, (x, y) in zip(
-            members, pixel_positions(grid, sky_positions(star, members)), strict=True
+    for members, planes, alone, dimmed in zip(
+        companions, injected, model, transmissions, strict=True
+    ):
+        for companion, (x, y), rolls in zip(
+            members, pixel_positions(grid, sky_positions(star, members)), dimmed.T, strict=True
         ):
             inside = _aperture(alone, x, y, resolution / 2) & np.isfinite(alone)
             near = _aperture(alone, x, y, resolution) & np.isfinite(alone)
             if not inside.any():
                 continue
-            injected_flux = float(alone[inside].sum())
+            transmission = float(np.average(rolls, weights=weights))
+            injected_flux = float(alone[inside].sum()) * transmission
             recovered = [
                 float(np.nansum((planes[k] - science[k])[inside])) / injected_flux
+                if injected_flux > 0
+                else np.nan
                 for k in range(len(cutoffs))
             ]
             rows.append(
@@ -87,6 +104,8 @@ def measure(
                     "contrast": companion.contrast,
                     "star_peak": float(alone[near].max()) / companion.contrast,
                     "throughput": recovered,
+                    "transmission": transmission,
+                    "transmission_rolls": [float(t) for t in rolls],
                 }
             )
     if not rows:
@@ -96,9 +115,19 @@ def measure(
     measured["position_angle"].unit = "deg"
     star_peak = float(np.median(measured["star_peak"]))
     injected_at = np.unique(measured["separation"])
-    mean_throughput = np.array(
-        [np.mean(measured["throughput"][measured["separation"] == s], axis=0) for s in injected_at]
-    )  # (separations, kl)
+    at = [measured["separation"] == s for s in injected_at]
+    hidden = int(np.sum(np.asarray(measured["transmission"]) <= 0))
+    if hidden:
+        log.info("contrast: %d companion(s) where the transmission is 0: no throughput", hidden)
+    with np.errstate(invalid="ignore"):  # a separation all behind the mask: NaN
+        mean_throughput = np.array(
+            [
+                np.nansum(measured["throughput"][here], axis=0)
+                / np.isfinite(measured["throughput"][here]).sum(axis=0)
+                for here in at
+            ]
+        )  # (separations, kl): the mean of those with a throughput
+    mean_transmission = np.array([np.mean(measured["transmission"][here]) for here in at])
     step = resolution / 2 * scale
     separations = np.arange(injected_at[0], injected_at[-1] + step / 2, step)
     curve = []
@@ -107,7 +136,10 @@ def measure(
         image, masked[cutoff] = without_candidates(science[k], tuple(centre), resolution)
         noise = noise_profile(image, tuple(centre), resolution, separations / scale, SIGMA)
         throughput = np.interp(separations, injected_at, mean_throughput[:, k])
-        limit = noise.threshold / (np.where(throughput > 0, throughput, np.nan) * star_peak)
+        transmission = np.interp(separations, injected_at, mean_transmission)
+        limit = noise.threshold / (
+            np.where(throughput > 0, throughput, np.nan) * transmission * star_peak
+        )
         for i, separation in enumerate(separations):
             curve.append(
                 {
@@ -118,6 +150,7 @@ def measure(
                     "threshold": noise.threshold[i],
                     "n_elements": noise.n[i],
                     "throughput": throughput[i],
+                    "transmission": transmission[i],
                     "contrast": limit[i],
                 }
             )

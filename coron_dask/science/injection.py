@@ -9,6 +9,12 @@ what survives is the injected i2d minus the science i2d, to the rounding of floa
 companions are injected in sets, each set's companions far enough apart not to touch, and
 every set is one more subtraction on bases built once. The star's peak in the i2d is that
 of the same companions drizzled without KLIP (their model).
+
+Each companion is dimmed by the coronagraph's transmission at its place on the detector in
+each science exposure (``science.transmission``): the same sky place falls on another pixel
+in each roll. Its model is not dimmed: it is the star's PSF as the curve's contrast is
+measured against, so that the recovered flux over the model's is the throughput of the
+reduction times the transmission.
 """
 
 from dataclasses import dataclass
@@ -23,6 +29,7 @@ from astropy.wcs import WCS
 from dask.base import tokenize
 
 from coron_dask.core.errors import CoronInputError
+from coron_dask.core.parameters import BY_NAME
 from coron_dask.io import Extension, Product
 from coron_dask.kernels.fourier_shift import fourier_shift
 from coron_dask.kernels.inject import inject_block
@@ -33,6 +40,7 @@ from coron_dask.science.geometry import (
     sky_wcs,
     star_position,
 )
+from coron_dask.science.transmission import Transmission
 from coron_dask.steps.align_refs import median_replace_img
 from coron_dask.steps.klip import subtract
 from coron_dask.steps.resample import resample
@@ -69,6 +77,10 @@ def read_offaxis_psf(path: str | Path, star_flux: float | None = None) -> np.nda
     if star_flux is not None:
         box = box * (star_flux / box.sum())
     return box
+
+
+#: The injections' primary keyword that says which transmission dimmed them (the spec's).
+TRANSMISSION_KEYWORD = BY_NAME["transmission"].keyword
 
 
 @dataclass(frozen=True)
@@ -117,19 +129,41 @@ def _injected(
     return exposure.assign(sci=exposure["sci"].copy(data=data))
 
 
+def detector_places(
+    science: list[xr.Dataset], members: list[Companion], star: SkyCoord
+) -> list[np.ndarray]:
+    """Per science exposure: the detector pixels (n, 2) = (x, y), 0-based, of the sky places
+    of ``members`` around ``star``, through the exposure's WCS (its roll)."""
+    places = sky_positions(star, members)
+    return [pixel_positions(sky_wcs(exposure), places) for exposure in science]
+
+
+def roll_transmissions(
+    science: list[xr.Dataset], members: list[Companion], star: SkyCoord, transmission: Transmission
+) -> np.ndarray:
+    """The transmission (exposure, member) at each companion's detector place in each
+    science exposure."""
+    return np.array([transmission.at(p) for p in detector_places(science, members, star)])
+
+
 def injected_psfsubs(
-    reduction, psf: np.ndarray, members: list[Companion], star: SkyCoord
+    reduction,
+    psf: np.ndarray,
+    members: list[Companion],
+    star: SkyCoord,
+    transmission: Transmission | None = None,
 ) -> tuple[list[xr.Dataset], list[xr.Dataset]]:
     """Per science exposure of ``reduction``: the psfsub of its flagged cube with the
-    companions ``members`` of the off-axis ``psf`` added (filled and subtracted on the
-    science's own KL basis, as the science is), and the companions alone (lazy)."""
+    companions ``members`` of the off-axis ``psf`` added, each dimmed by ``transmission``
+    at its detector place (None: not dimmed), filled and subtracted on the science's own
+    KL basis as the science is; and the companions alone, not dimmed (lazy)."""
     p = reduction.parameters
-    places = sky_positions(star, members)
     fluxes = np.array([c.contrast for c in members])  # the PSF's sum is the star's flux
     subs, models = [], []
-    for exposure, basis in zip(reduction.science, reduction.bases, strict=True):
-        positions = pixel_positions(sky_wcs(exposure), places)
-        injected = _injected(exposure, positions, fluxes, psf, alone=False)
+    places = detector_places(reduction.science, members, star)
+    for exposure, basis, positions in zip(reduction.science, reduction.bases, places, strict=True):
+        dimmed = fluxes if transmission is None else fluxes * transmission.at(positions)
+        injected = _injected(exposure, positions, dimmed, psf, alone=False)
         filled = median_replace_img(injected, p["median_box_length"], p["bad_bits"])
         subs.append(subtract(filled, basis))
         models.append(_injected(exposure, positions, fluxes, psf, alone=True))
@@ -139,27 +173,38 @@ def injected_psfsubs(
 @dataclass
 class Injections:
     """The injection reduction, lazy: the science i2d, the i2d of each set injected and of
-    each set's companions alone, with the i2d's WCS, the star's place and the companions."""
+    each set's companions alone, with the i2d's WCS, the star's place, the companions, the
+    transmission that dimmed them (per set: exposure × member) and the integrations of each
+    science exposure (what each weighs in the i2d)."""
 
     product: Product
     grid: WCS
     star: SkyCoord
     companions: list[list[Companion]]
+    transmissions: list[np.ndarray]
+    integrations: np.ndarray
 
 
 def build_injections(
-    reduction, psf: np.ndarray, companions: list[list[Companion]], output_dir: Path, name: str
+    reduction,
+    psf: np.ndarray,
+    companions: list[list[Companion]],
+    output_dir: Path,
+    name: str,
+    transmission: Transmission | None = None,
 ) -> Injections:
     """The injection reduction of ``reduction`` (``pipeline.reduce_observation``) for
-    ``companions`` (``companion_sets``) of the off-axis ``psf`` (odd box, the star's flux):
-    a product ``<name>_injections.fits``: SCI the science i2d, INJECTED and MODEL one
-    plane per set (the set injected and reduced; its companions alone, drizzled)."""
+    ``companions`` (``companion_sets``) of the off-axis ``psf`` (odd box, the star's flux),
+    dimmed by the coronagraph's ``transmission`` (None: none): a product
+    ``<name>_injections.fits``: SCI the science i2d, INJECTED and MODEL one plane per set
+    (the set injected and reduced; its companions alone, not dimmed, drizzled)."""
     p = reduction.parameters
     science = reduction.science
+    transmission = transmission or Transmission(None, "none")
     star = star_position(science[0].attrs, science[0].encoding.get("source", "science"))
     injected_i2d, model_i2d = [], []
     for members in companions:
-        subs, models = injected_psfsubs(reduction, psf, members, star)
+        subs, models = injected_psfsubs(reduction, psf, members, star, transmission)
         injected_i2d.append(resample(subs, science, orientation=p["orientation"])[0]["sci"].data)
         model_i2d.append(resample(models, science, orientation=p["orientation"])[0]["sci"].data)
     i2d, grid = resample(reduction.psfsubs, science, orientation=p["orientation"])
@@ -175,9 +220,17 @@ def build_injections(
         "DATAMODL": "ImageModel",
         "INJCON": (companions[0][0].contrast, "contrast of each injected companion"),
         "NINJSETS": (len(companions), "sets of injected companions (INJECTED planes)"),
+        TRANSMISSION_KEYWORD[0]: _card(transmission.source, TRANSMISSION_KEYWORD[1]),
     }
     product = Product(output_dir / f"{name}_injections.fits", primary, extensions)
-    return Injections(product, grid, star, companions)
+    dimmed = [roll_transmissions(science, members, star, transmission) for members in companions]
+    integrations = np.array([exposure.sizes["integration"] for exposure in science])
+    return Injections(product, grid, star, companions, dimmed, integrations)
+
+
+def _card(value: str, comment: str) -> str | tuple[str, str]:
+    """A keyword's text value with its comment where both fit in one 80-character card."""
+    return (value, comment) if len(value) + len(comment) <= 64 else value[:68]
 
 
 def default_separations(exposure: xr.Dataset, star: SkyCoord, resolution: float, count: int = 10):

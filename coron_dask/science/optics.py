@@ -5,12 +5,26 @@ four-quadrant phase mask, λ/D = 3.3 pixels at F1140C, on the 224 × 288 MASK114
 whose columns beyond the coronagraph's field are NON_SCIENCE) and a Lyot stop, imaged by
 Fourier optics."""
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
 
 WAVELENGTH_NM = 3350.0  # the wavelength the aberration screens (nm rms) are phases at
 PIXEL_SCALE = 0.063 / 3600  # degrees: NIRCam long wavelength
+#: σ (λ/D) of the NIRCam-like round occulter's amplitude 1 − exp(−r²/2σ²): its intensity
+#: transmission reaches ½ at 6.3 λ/D, as MASK335R's inner working angle.
+OCCULTER_SIGMA = 4.0
+
+
+def occulter_amplitude(r2: np.ndarray, sigma: float = OCCULTER_SIGMA) -> np.ndarray:
+    """The round occulter's amplitude transmission at squared radii ``r2`` (in (λ/D)²)."""
+    return 1 - np.exp(-r2 / (2 * sigma**2))
+
+
+def occulter_sigma(iwa: float) -> float:
+    """σ (λ/D) of the round occulter whose intensity transmission is ½ at ``iwa`` λ/D."""
+    return iwa / math.sqrt(2 * math.log(1 / (1 - 2**-0.5)))
 
 
 @dataclass(frozen=True)
@@ -84,13 +98,17 @@ class Optics:
     static: np.ndarray
     drift: np.ndarray
     reference_drift: np.ndarray
+    sigma: float = OCCULTER_SIGMA  # the round occulter's (λ/D)
 
     @property
     def grid(self) -> int:
         return self.pupil.shape[0]
 
     @classmethod
-    def make(cls, instrument: Instrument, rng: np.random.Generator) -> "Optics":
+    def make(
+        cls, instrument: Instrument, rng: np.random.Generator, sigma: float = OCCULTER_SIGMA
+    ) -> "Optics":
+        """The optics of ``instrument``, a round occulter of ``sigma`` λ/D for NIRCam."""
         n = 2 * max(instrument.shape)
         radius = n / (2 * instrument.lambda_d)  # pupil radius in samples
         y, x = (np.mgrid[:n, :n] - n / 2) / radius
@@ -101,7 +119,7 @@ class Optics:
         if instrument.four_quadrant:  # phase π in two opposite quadrants
             mask = np.where((fx >= 0) == (fy >= 0), 1.0, -1.0)
         else:
-            mask = 1 - np.exp(-(fx**2 + fy**2) / (2 * 4.0**2))  # HWHM ~ 4.7 λ/D, as MASK335R
+            mask = occulter_amplitude(fx**2 + fy**2, sigma)
 
         def screen(rms_nm: float) -> np.ndarray:
             k = np.hypot(*np.meshgrid(np.fft.fftfreq(n), np.fft.fftfreq(n)))
@@ -111,7 +129,13 @@ class Optics:
             phase *= rms_nm / phase[pupil > 0].std()
             return 2 * np.pi * phase / WAVELENGTH_NM
 
-        return cls(instrument, pupil, lyot, mask, screen(60.0), screen(2.0), screen(6.0))
+        return cls(instrument, pupil, lyot, mask, screen(60.0), screen(2.0), screen(6.0), sigma)
+
+    def transmission(self, dx: np.ndarray, dy: np.ndarray) -> np.ndarray:
+        """The round occulter's intensity transmission at detector offsets (pixels) from
+        the coronagraph's centre: what it leaves of an off-axis source there."""
+        r2 = (np.asarray(dx) ** 2 + np.asarray(dy) ** 2) / self.instrument.lambda_d**2
+        return occulter_amplitude(r2, self.sigma) ** 2
 
     def image(self, offset: tuple[float, float], aberration: np.ndarray, occulted: bool = True):
         """Intensity (ny, nx) of a unit-flux point source ``offset`` pixels from the centre."""

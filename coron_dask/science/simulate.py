@@ -8,6 +8,12 @@ field are NON_SCIENCE), a Lyot stop. The star sits a little off the spot (target
 acquisition error and jitter, sub-pixel); the brighter reference star is observed on a
 small-grid dither. A companion sits at a known place. Photon and read noise are added,
 and DQ-flagged bad pixels are NaN, as in ``_calints`` files.
+
+By default the companion keeps all its light and the PSFMASK is a weight mask (a hole of 6
+pixels, zero borders). With ``occulter`` (NIRCam) the round occulter dims the companion as
+the detector sees it, by its intensity transmission at the companion's place in each
+integration (the PSF's shape kept), and the PSFMASK written is that transmission map, as
+NIRCam's PSFMASK reference files are.
 """
 
 import json
@@ -17,7 +23,14 @@ import numpy as np
 from astropy.io import fits
 
 from coron_dask.core.dqflags import PIXEL
-from coron_dask.science.optics import MIRI, PIXEL_SCALE, Optics, nircam
+from coron_dask.science.optics import (
+    MIRI,
+    OCCULTER_SIGMA,
+    PIXEL_SCALE,
+    Optics,
+    nircam,
+    occulter_sigma,
+)
 
 #: Science-target photo-electrons per integration (a bright star), reference 1.6× brighter.
 STAR_ELECTRONS = 5e9
@@ -106,6 +119,7 @@ def simulate(
     contrast: float = 4e-6,
     companion: tuple[float, float] = (14.0, 9.0),
     instrument: str = "nircam",
+    occulter: float | None = None,
 ) -> Path:
     """Write calints files, an ASN, a PSFMASK, the star's off-axis PSF (``offaxis_psf.fits``:
     the star unocculted, in the calints' units, centred in its odd box) and ``truth.json``
@@ -118,6 +132,11 @@ def simulate(
     roll, ``contrast`` its flux relative to the science star. The companion is fixed on the
     sky: science exposures alternate between two rolls 10 degrees apart and it turns with
     them on the detector.
+
+    ``occulter`` (NIRCam): the inner working angle (λ/D) of a round occulter whose intensity
+    transmission (1 − exp(−r²/2σ²))² reaches ½ there (MASK335R: about 6.3); it occults the
+    star, dims the companion at its detector place, and is written as the PSFMASK. None:
+    the companion is not dimmed (today's observation, bit for bit).
     """
     for name, value in (
         ("size", size),
@@ -132,11 +151,14 @@ def simulate(
         raise ValueError(f"size must be >= 32 pixels, got {size}")
     if instrument not in ("nircam", "miri"):
         raise ValueError(f"instrument must be 'nircam' or 'miri', got {instrument!r}")
+    if occulter is not None and (instrument != "nircam" or not occulter > 0):
+        raise ValueError(f"occulter must be > 0 λ/D, for nircam, got {occulter} for {instrument}")
     outdir = Path(outdir)
     outdir.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     kind = MIRI if instrument == "miri" else nircam(size)
-    optics = Optics.make(kind, rng)
+    sigma = OCCULTER_SIGMA if occulter is None else occulter_sigma(occulter)
+    optics = Optics.make(kind, rng, sigma)
     shape = kind.shape
     # the coronagraph's place on the detector, 0-based (x, y)
     centre = tuple(map(float, kind.centre)) if instrument == "miri" else (size / 2, size / 2)
@@ -165,6 +187,8 @@ def simulate(
     science_offset = rng.normal(0, 0.12, 2)  # target acquisition error, pixels
     reference_offset = rng.normal(0, 0.12, 2)
     truth: dict = {"companion": {}, "frames": {}, "contrast": contrast}
+    if occulter is not None:
+        truth["transmission"] = {}  # the companion's, per science exposure and integration
     # east and north offsets of the companion, in pixels
     companion_sky = pc_matrix(ROLLS[0]) @ np.array(companion, dtype=float)
     members = []
@@ -200,7 +224,12 @@ def simulate(
             electrons = flux * optics.image(tuple(jitter), aberration)
             if not is_psf:
                 place = jitter + companion_offset
-                electrons += flux * contrast * optics.image(tuple(place), aberration, False)
+                companion_flux = flux * contrast
+                if occulter is not None:  # the occulter's transmission where it falls
+                    dimmed = float(optics.transmission(*place))
+                    truth["transmission"].setdefault(name, []).append(dimmed)
+                    companion_flux *= dimmed
+                electrons += companion_flux * optics.image(tuple(place), aberration, False)
             electrons += BACKGROUND
             noisy = rng.poisson(np.clip(electrons, 0, None)) + rng.normal(
                 0, READ_NOISE, electrons.shape
@@ -242,6 +271,9 @@ def simulate(
     mask[np.hypot(x - centre[0], y - centre[1]) < 6] = 0
     mask[:4], mask[-4:], mask[:, :4], mask[:, -4:] = 0, 0, 0, 0
     mask[(bad_dq & PIXEL["NON_SCIENCE"]) > 0] = 0
+    if occulter is not None:  # the occulter's transmission, as NIRCam's PSFMASK files hold
+        mask = optics.transmission(x - kind.centre[0], y - kind.centre[1]).astype(np.float32)
+        truth["occulter"] = {"iwa_lambda_d": occulter, "sigma_lambda_d": sigma}
     psfmask = outdir / "psfmask.fits"
     fits.HDUList(
         [
