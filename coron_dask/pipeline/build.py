@@ -18,6 +18,7 @@ import xarray as xr
 from coron_dask.core.config import resolve_parameters
 from coron_dask.io import Association, Extension, Product, open_exposure, read_psfmask, write_blocks
 from coron_dask.kernels.klip import frame_means
+from coron_dask.kernels.zones import Zones
 from coron_dask.pipeline.observation import (
     Observation,
     exposure_root,
@@ -29,7 +30,9 @@ from coron_dask.pipeline.provenance import provenance
 from coron_dask.planning.block_plan import BlockPlan, Workers
 from coron_dask.runtime.deploy import measure_workers
 from coron_dask.steps.align_refs import align_models, alignment_table, median_replace_img
-from coron_dask.steps.klip import KLBasis, kl_basis, subtract, used_cutoffs
+from coron_dask.steps.klip import KLBasis, kl_basis, subtract
+from coron_dask.steps.klip_blocks import summary
+from coron_dask.steps.klip_parameters import klip_zones, used_cutoffs, whole_frame
 from coron_dask.steps.outlier_detection import outlier_detection
 from coron_dask.steps.stack_refs import stack_refs
 
@@ -234,9 +237,13 @@ def _psfsub(
     # the fitted shifts, block by block: a run taken up reads back those of the blocks
     # fitted before instead of fitting them again (the ALIGN tables need every fit)
     made.scratch(f"{root}_fits", psfalign, ("FIT",))  # shift and converged both read it
-    # each block written by the task that shifts it; KLIP reads it back a tile at a time
-    aligned = write_blocks("SCI", *aligned_in, summary=frame_means)
-    basis = kl_basis(filled, psfalign, p["truncate"], rows=plan.klip_rows, on_disk=aligned)
+    # each block written by the task that shifts it, handing on its frames' means over
+    # each of KLIP's zones; KLIP reads it back a tile at a time
+    zones = _zones(exposure, p)
+    aligned = write_blocks("SCI", *aligned_in, summary=summary(zones), values=zones and zones.count)
+    basis = kl_basis(
+        filled, psfalign, p["truncate"], rows=plan.klip_rows, on_disk=aligned, zones=zones
+    )
     psfsub = subtract(filled, basis)
     made.add(
         f"{root}_psfsub",
@@ -247,6 +254,28 @@ def _psfsub(
         **members,
     ).extensions.append(alignment_table(psfalign))
     return psfsub, basis
+
+
+def _zones(exposure: xr.Dataset, p: dict) -> Zones | None:
+    """KLIP's zones in ``exposure`` (None: one, the whole frame), about the star's pixel
+    on its detector: TARG_RA, TARG_DEC through the SCI header's celestial WCS."""
+    names = ("annuli", "subsections", "iwa", "owa")
+    if whole_frame(*(p[name] for name in names)):
+        return None
+    # astropy's WCS and coordinates: only for KLIP in zones
+    from coron_dask.science.geometry import pixel_positions, sky_wcs, star_position
+
+    source = exposure.encoding.get("source", "science")
+    x, y = pixel_positions(sky_wcs(exposure), star_position(exposure.attrs, source))[0]
+    log.info(
+        "klip: the star of %s at (x, y) = (%.2f, %.2f) px (TARG_RA, TARG_DEC through its WCS)",
+        Path(source).name,
+        x,
+        y,
+    )
+    shape = (exposure.sizes["y"], exposure.sizes["x"])
+    zoning = {name: p[name] for name in (*names, "annuli_spacing")}
+    return klip_zones(shape, (float(x), float(y)), source=Path(source).name, **zoning)
 
 
 def _i2d(psfsubs: list[xr.Dataset], science: list[xr.Dataset], made: _Products) -> None:
