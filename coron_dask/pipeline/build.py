@@ -239,7 +239,7 @@ def _psfsub(
     made.scratch(f"{root}_fits", psfalign, ("FIT",))  # shift and converged both read it
     # each block written by the task that shifts it, handing on its frames' means over
     # each of KLIP's zones; KLIP reads it back a tile at a time
-    zones = _zones(exposure, p)
+    zones = exposure_zones(exposure, p)
     aligned = write_blocks("SCI", *aligned_in, summary=summary(zones), values=zones and zones.count)
     basis = kl_basis(
         filled, psfalign, p["truncate"], rows=plan.klip_rows, on_disk=aligned, zones=zones
@@ -256,26 +256,28 @@ def _psfsub(
     return psfsub, basis
 
 
-def _zones(exposure: xr.Dataset, p: dict) -> Zones | None:
-    """KLIP's zones in ``exposure`` (None: one, the whole frame), about the star's pixel
-    on its detector: TARG_RA, TARG_DEC through the SCI header's celestial WCS."""
+def exposure_zones(exposure: xr.Dataset, p: dict, *, logged: bool = True) -> Zones | None:
+    """KLIP's zones in ``exposure`` (None: one, the whole frame) for parameters ``p``, about
+    the star's pixel on its detector: TARG_RA, TARG_DEC through the SCI header's celestial
+    WCS (``logged``). Raises CoronInputError where the parameters make none."""
     names = ("annuli", "subsections", "iwa", "owa")
     if whole_frame(*(p[name] for name in names)):
         return None
     # astropy's WCS and coordinates: only for KLIP in zones
     from coron_dask.science.geometry import pixel_positions, sky_wcs, star_position
 
-    source = exposure.encoding.get("source", "science")
+    source = Path(exposure.encoding.get("source", "science")).name
     x, y = pixel_positions(sky_wcs(exposure), star_position(exposure.attrs, source))[0]
-    log.info(
-        "klip: the star of %s at (x, y) = (%.2f, %.2f) px (TARG_RA, TARG_DEC through its WCS)",
-        Path(source).name,
-        x,
-        y,
-    )
+    if logged:
+        log.info(
+            "klip: the star of %s at (x, y) = (%.2f, %.2f) px (TARG_RA, TARG_DEC, WCS)",
+            source,
+            x,
+            y,
+        )
     shape = (exposure.sizes["y"], exposure.sizes["x"])
     zoning = {name: p[name] for name in (*names, "annuli_spacing")}
-    return klip_zones(shape, (float(x), float(y)), source=Path(source).name, **zoning)
+    return klip_zones(shape, (float(x), float(y)), source=source, logged=logged, **zoning)
 
 
 def _i2d(psfsubs: list[xr.Dataset], science: list[xr.Dataset], made: _Products) -> None:

@@ -60,10 +60,12 @@ def check_inputs(
     **parameters: object,
 ) -> tuple[dict, Observation]:
     """Check a run's input before any cluster starts: parameters, every member's header and
-    frame size, the PSFMASK, the output folder. Returns the parameters resolved and the
-    observation opened (whole exposures)."""
+    frame size, KLIP's zones in each science exposure, the PSFMASK, the output folder.
+    Returns the parameters resolved and the observation opened (whole exposures)."""
     resolved = resolve_parameters(**parameters)
     observation = open_association(asn)
+    for exposure in observation.science:
+        build.exposure_zones(exposure, resolved, logged=False)
     if psfmask is not None and str(psfmask).lower() not in PSFMASK_CHOICES:
         frame = observation.psfstack
         read_psfmask(psfmask, (frame.sizes["y"], frame.sizes["x"]))

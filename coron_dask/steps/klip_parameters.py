@@ -10,7 +10,7 @@ import numpy as np
 
 from coron_dask.core.errors import CoronInputError
 from coron_dask.core.readers import cutoffs as read_cutoffs
-from coron_dask.kernels.zones import Zones, describe, zone_map
+from coron_dask.kernels.zones import Zones, describe, polar, zone_map
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +51,7 @@ def whole_frame(annuli: int = 1, subsections: int = 1, iwa: float = 0.0, owa=Non
 
 def klip_zones(
     shape: tuple[int, int],
-    star: tuple[float, float] | None,
+    star: tuple[float, float],
     *,
     annuli: int = 1,
     subsections: int = 1,
@@ -59,19 +59,26 @@ def klip_zones(
     iwa: float = 0.0,
     owa: float | None = None,
     source: object = "science",
+    logged: bool = True,
 ) -> Zones | None:
     """KLIP's zones on frames of ``shape`` about the ``star`` (x, y), pixels, as pyKLIP
-    makes them (``kernels.zones``), logged; None for one zone over the whole frame.
+    makes them (``kernels.zones``), ``logged``; None for one zone over the whole frame.
     Raises CoronInputError naming the parameter where they cannot be made."""
     if whole_frame(annuli, subsections, iwa, owa):
         return None
     if owa is not None and owa <= iwa:
         raise CoronInputError("owa", f"must be above the iwa ({iwa:g} px), got {owa:g}")
+    farthest = float(np.sqrt(polar(shape, star)[0].max()))
+    if iwa >= farthest:
+        raise CoronInputError(
+            "iwa", f"{iwa:g} px leaves no pixel of {source}: its farthest is {farthest:.1f} px"
+        )
     try:
         zones = zone_map(shape, star, annuli, subsections, annuli_spacing, iwa, owa)
     except ValueError as error:
         raise CoronInputError("annuli", f"{error}: ask for fewer") from None
     if not (zones.labels >= 0).any():
         raise CoronInputError("iwa", f"no pixel of {source} lies between the iwa and the owa")
-    log.info("klip: %s: %s (%s spacing)", source, describe(zones), annuli_spacing)
+    if logged:
+        log.info("klip: %s: %s (%s spacing)", source, describe(zones), annuli_spacing)
     return zones
