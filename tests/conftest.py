@@ -124,9 +124,10 @@ LANES = {
         "cluster"
     ),
 }
-#: Fixtures that make a test slow: several runs (``swept``: eight; a contrast curve; the
-#: runs the alignment record and the quicklook plots are read from) or a busy one.
-SLOW_FIXTURES = {"swept", "busy_baseline", "curve", "runs"}
+#: Fixtures that make a test slow: several runs (``swept``: eight; ``zoned``: five, KLIP in
+#: zones; a contrast curve; the runs the alignment record and the quicklook plots are read
+#: from) or a busy one.
+SLOW_FIXTURES = {"swept", "zoned", "busy_baseline", "curve", "runs"}
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -13,7 +13,8 @@ run from the inner working angle (IWA) to the outer one (OWA), spaced:
   IWA + 2(OWA − IWA)/(N + 1)).
 
 Without an OWA, the annuli are spaced up to the frame's pixel farthest from the star and
-the last one reaches out to a radius of the frame's height (pyKLIP's "full image"). A
+the last one reaches out to a radius of the frame's height (pyKLIP's "full image"; for a
+star far from the frame's centre that can be nearer than its inner edge: it is empty). A
 pixel in no zone (inside the IWA, beyond the OWA, or in a zone of one pixel, which pyKLIP
 skips) has label −1. The arithmetic of r, θ and the edges is pyKLIP's, so that a pixel on
 an edge falls on the same side.
@@ -136,11 +137,12 @@ def zone_map(
         )
     if owa is None:  # the last annulus takes the rest of the frame
         edges[-1] = shape[0]
-    annulus = np.searchsorted(edges, radius, side="right") - 1
+    annulus = np.searchsorted(edges[:-1], radius, side="right") - 1  # its inner edge
+    within = radius < edges[np.clip(annulus + 1, 0, annuli)]  # and its outer edge
     step = 2 * np.pi / subsections
     bounds = np.array([step * j - np.pi for j in range(subsections)] + [np.pi])
     sector = np.searchsorted(bounds, angle, side="right") - 1
-    inside = (annulus >= 0) & (annulus < annuli) & (sector >= 0) & (sector < subsections)
+    inside = (annulus >= 0) & within & (sector >= 0) & (sector < subsections)
     labels = np.where(inside, annulus * subsections + sector, -1)
     dtype = np.int16 if annuli * subsections < 2**15 else np.int32
     counts = np.bincount(labels[inside], minlength=annuli * subsections)
