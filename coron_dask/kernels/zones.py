@@ -29,8 +29,16 @@ from dataclasses import dataclass, field
 import numpy as np
 
 SPACINGS = ("constant", "linear", "log")
-#: Frames whose zone means are summed at once (``zone_means``), as bytes of float32 frames.
-MEANS_BATCH = 4 * 2**20
+#: References whose pixels of a tile the KLIP tasks gather in zone order at once.
+GATHER = 16
+#: Frames whose zone means are summed at once (``zone_means``), as bytes of float32 frames:
+#: their pixels gathered in zone order (float32), then as float64.
+MEANS_BATCH = 2**20
+
+
+def means_batch(pixels: int) -> int:
+    """Frames of ``pixels`` pixels whose zone means ``zone_means`` sums at once."""
+    return max(1, MEANS_BATCH // (4 * pixels))
 
 
 def annuli_edges(annuli: int, iwa: float, owa: float, spacing: str = "constant") -> np.ndarray:
@@ -159,10 +167,10 @@ def zone_means(frames: np.ndarray, zones: Zones) -> np.ndarray:
     sizes = zones.pixels
     full = sizes > 0
     out = np.zeros((len(flat), zones.count))
-    batch = max(1, MEANS_BATCH // (4 * flat.shape[1]))
+    batch = means_batch(flat.shape[1])
     for start in range(0, len(flat), batch):
-        part = np.take(flat[start : start + batch], zones.order, axis=1)
-        sums = np.add.reduceat(part, zones.starts[:-1][full], axis=1, dtype=np.float64)
+        part = np.take(flat[start : start + batch], zones.order, axis=1).astype(np.float64)
+        sums = np.add.reduceat(part, zones.starts[:-1][full], axis=1)
         out[start : start + batch, full] = sums / sizes[full]
     return out.reshape(*lead, zones.count)
 

@@ -21,10 +21,7 @@ from functools import partial
 import numpy as np
 
 from coron_dask.kernels import klip
-from coron_dask.kernels.zones import Zones, zone_means
-
-#: References whose pixels of a tile are gathered in zone order at once.
-GATHER = 16
+from coron_dask.kernels.zones import GATHER, Zones, zone_means
 
 
 def _aligned(array: np.ndarray) -> np.ndarray:
@@ -214,7 +211,7 @@ def gram_block(
                 out[i, z, :, :p] += part @ part.T
                 if target is not None:
                     out[i, z, :, p] += part @ target[run]
-            del centred  # before the next target's is made
+            centred = part = None  # let go of before the next target's is made
     return out
 
 
@@ -226,23 +223,15 @@ def weights_block(
     over ``npix`` pixels (one count, or one per zone): each matrix is taken out whole
     (contiguous, aligned), so that the weights are those of an unbordered one. ``chosen``
     (m, Z, p) bool: the references each (target, zone) may use (default: all)."""
-    counts = np.broadcast_to(npix, grams.shape[1:2])
-    return np.stack(
-        [
-            np.stack(
-                [
-                    klip.kl_weights(
-                        _aligned(np.ascontiguousarray(g[:, : len(g)])),
-                        int(counts[z]),
-                        truncate,
-                        None if chosen is None else chosen[i, z],
-                    )
-                    for z, g in enumerate(zones)
-                ]
-            )
-            for i, zones in enumerate(grams)
-        ]
-    )
+    m, count, p = grams.shape[:3]
+    pixels = np.broadcast_to(npix, (count,))
+    out = np.empty((m, count, 2, p, min(truncate, p)))
+    for i in range(m):
+        for z in range(count):
+            gram = _aligned(np.ascontiguousarray(grams[i, z, :, :p]))
+            used = None if chosen is None else chosen[i, z]
+            out[i, z] = klip.kl_weights(gram, int(pixels[z]), truncate, used)
+    return out
 
 
 def errors_block(
@@ -282,7 +271,7 @@ def errors_block(
                 errors = klip.residual_stds(part, images, weights[i, z, 1], cutoffs, used)
                 out[i][:, tile.place(run)] = errors
                 del images
-            del centred  # before the next target's is made
+            centred = part = None  # let go of before the next target's is made
     return out.reshape(m, len(cutoffs), -1, tile.nx)
 
 
@@ -309,6 +298,7 @@ def overlaps_block(
             centred, values = tile(i), tile.target(target)
             for z, run in tile.runs:
                 out[i, z] += centred[:, run] @ values[run]
+            centred = None  # let go of before the next target's is made
     return out
 
 
@@ -350,4 +340,5 @@ def project_block(
                 np.subtract(values[run], projection, out=projection)
                 out[:, i][:, tile.place(run)] = projection
                 del projection
+            centred = None  # let go of before the next target's is made
     return out.reshape(len(cutoffs), m, ny, nx)
