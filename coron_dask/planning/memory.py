@@ -159,10 +159,11 @@ def klip_gram(
 
 def klip_weights(frames: int, npsf: int, count: int, zones: int | None = None) -> int:
     """Eigen-decompositions of the Gram matrices (one per zone): the matrices (bordered by
-    the overlaps), LAPACK's work, the weights of ``count`` KL modes (the largest cutoff, at
-    most ``npsf``)."""
+    the overlaps), one taken out whole and scaled, LAPACK's work, the weights of ``count``
+    KL modes (the largest cutoff, at most ``npsf``)."""
     sets = frames * (zones or 1)
-    return 8 * sets * npsf * (npsf + 1) + 6 * 8 * npsf**2 + 16 * sets * npsf * count + TASK_OVERHEAD
+    matrices = 8 * sets * npsf * (npsf + 1) + (2 + 6) * 8 * npsf**2
+    return matrices + 16 * sets * npsf * count + TASK_OVERHEAD
 
 
 def klip_errors(
