@@ -194,6 +194,7 @@ def test_zone_means_recorded_are_handed_on_again(asn, tmp_path, monkeypatch, cap
     args = ["run", asn, "--scheduler", "synchronous", *OPTIONS, *zones]
     last = interrupted_before_placing(monkeypatch, [*args, "-o", out], capsys)
     kept, total = map(int, KEPT.match(last).groups()[1:3])
+    assert kept == total  # every block written, none placed
     partial = next(out.glob(".*_psfsub.fits.partial"))
     with fits.open(partial) as hdul:
         where = hdul.fileinfo(hdul.index_of("SCI"))["datLoc"]

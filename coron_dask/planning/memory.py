@@ -134,12 +134,12 @@ def zone_means(frames: int, frame: Frame, zones: int) -> int:
 
 def _zoned(frames: int, frame: Frame, tile: int, zones: int | None, targets: bool) -> int:
     """What a KLIP task adds with zones: a tile's pixels in zone order (their labels, the
-    order and the places: 32 bytes a pixel), a few references gathered (float32); with
+    order and the places: 32 bytes a pixel), a few references gathered (float64); with
     ``targets``, their zone means and one target's zone means spread over its pixels."""
     if zones is None:
         return 0
     own = zone_means(frames, frame, zones) + 8 * frame.pixels if targets else 0
-    return ZONE_MAP * frame.pixels + 32 * tile + 4 * GATHER * tile + own
+    return ZONE_MAP * frame.pixels + 32 * tile + 8 * GATHER * tile + own
 
 
 def klip_gram(

@@ -74,11 +74,12 @@ def _centred_tile(pieces: list, means: list, i: int, tile: "_Tile") -> np.ndarra
             centred[flagged] = 0.0
         return centred
     centred = np.empty((len(means), len(tile.order)))
-    start = 0
-    for r in rows:  # gathered a few references at a time: a float32 copy of those only
+    start, buffer = 0, np.empty((GATHER, rows[0].shape[1]))
+    for r in rows:  # a few references at a time to float64, then gathered in zone order
         for first in range(0, len(r), GATHER):
-            part = r[first : first + GATHER]
-            centred[start : start + len(part)] = part[:, tile.order]
+            part = buffer[: len(r[first : first + GATHER])]
+            part[...] = r[first : first + GATHER]
+            np.take(part, tile.order, axis=1, out=centred[start : start + len(part)], mode="clip")
             start += len(part)
     for z, run in tile.runs:
         centred[:, run] -= means[:, z, None]
