@@ -84,6 +84,11 @@ class Zones:
     order: np.ndarray = field(init=False, repr=False)
     starts: np.ndarray = field(init=False, repr=False)
 
+    def __reduce__(self) -> tuple:
+        """Pickled as made: the sorted order (8 bytes a pixel) is made again where it is
+        unpickled, so a task carries the labels (2 bytes a pixel) only."""
+        return type(self), (self.labels, self.edges, self.subsections, self.star)
+
     def __post_init__(self) -> None:
         flat = self.labels.ravel()
         inside = np.flatnonzero(flat >= 0)
