@@ -92,9 +92,11 @@ def build_products(
     ``parameters`` are jwst's step parameters and a few of coron-dask's; those not given take
     the configured defaults (``core.parameters.SPEC``): skip (steps to skip: outlier_detection,
     resample), snr 5.0, maskpt 0.7, good_bits "~DO_NOT_USE", align_to "each",
-    median_box_length 3, bad_bits "DO_NOT_USE" ("" for none), truncate 50, orientation
-    "detector" (or "north"), format "fits" (or "zarr": Zarr stores), save_psfalign (True:
-    write psfalign; without it only a scratch file of its SCI, which KLIP reads),
+    median_box_length 3, bad_bits "DO_NOT_USE" ("" for none), truncate 50, KLIP's zones
+    (annuli 1, subsections 1, annuli_spacing "constant", iwa 0, owa None: one zone, the
+    frame; ``steps.klip_parameters.klip_zones``), orientation "detector" (or "north"),
+    format "fits" (or "zarr": Zarr stores), save_psfalign (True: write psfalign; without it
+    only a scratch file of its SCI, which KLIP reads),
     integrations, psfs and outlier_rows (block sizes; planned for ``workers``, by default
     this process on this machine). Every product's primary keywords record how it was made
     (``provenance``: version, date, parameters, block plan, member exposures). ``opened``:
