@@ -124,10 +124,10 @@ LANES = {
         "cluster"
     ),
 }
-#: Fixtures that make a test slow: several runs (``swept``: eight; a contrast curve, two
-#: behind an occulter; the runs the alignment record and the quicklook plots are read
-#: from) or a busy one.
-SLOW_FIXTURES = {"swept", "busy_baseline", "curve", "occulted", "runs"}
+#: Fixtures that make a test slow: several runs (``swept``: eight; ``zoned``: five, KLIP in
+#: zones; a contrast curve, two behind an occulter; the runs the alignment record and the
+#: quicklook plots are read from) or a busy one.
+SLOW_FIXTURES = {"swept", "zoned", "busy_baseline", "curve", "occulted", "runs"}
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -99,3 +99,18 @@ def test_minimum_per_thread_is_that_of_a_one_thread_worker():
     assert "4 thread(s) each" in message and per_thread < total
     plan_blocks(obs, workers(per_thread + 0.01, threads=1), fraction=0.6)
     plan_blocks(obs, workers(total + 0.01, threads=4), fraction=0.6)
+
+
+def test_zones_gram_matrices_are_planned_for():
+    """KLIP in 20 zones keeps 20 Gram matrices and sets of KL weights per target between
+    tasks: 1040 references (MIRI's out-of-core library) on 2 GiB workers take fewer
+    integrations per block than one zone, the plan still within its share; on 1 GiB
+    workers the zones need more than a worker has, and the refusal says so."""
+    obs = Observation((150, 150), (65,) * 16, (224, 288), truncate=20)
+    zoned = Observation((150, 150), (65,) * 16, (224, 288), truncate=20, zones=20)
+    one, many = (plan_blocks(o, workers(2), fraction=0.6) for o in (obs, zoned))
+    assert many.integrations < one.integrations
+    assert many.worker_peak <= 0.6 * 2 * GIB
+    plan_blocks(obs, workers(1), fraction=0.6)
+    with pytest.raises(CoronInputError, match="need workers of at least"):
+        plan_blocks(zoned, workers(1), fraction=0.6)

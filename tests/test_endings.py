@@ -58,7 +58,7 @@ def no_cluster(monkeypatch):
             "--memory-limit",
             "4 worker(s) × 100TiB is more than the ",
         ),
-        (["--bad-bits", "FOO"], "bad_bits", "no DQ flag is named 'FOO'"),
+        (["--bad-bits", "FOO"], "--bad-bits", "no DQ flag is named 'FOO'"),
         (["--scheduler", "threads", "--report", "r.html"], "--report", "needs a distributed"),
         (["--scheduler", "tcp://127.0.0.1:1", "--n-workers", "2"], "--n-workers", "sizes the"),
         (["--jobs", "2"], "--jobs", "sizes batch jobs of --cluster slurm or pbs"),

@@ -31,10 +31,11 @@ from coron_dask.io.staging import write_block
 from coron_dask.kernels import blocks as kernels
 from coron_dask.kernels import inject as kernels_inject
 from coron_dask.kernels.drizzle import drizzle_block
-from coron_dask.kernels.klip import frame_means
+from coron_dask.kernels.zones import zone_map
 from coron_dask.planning import memory
 from coron_dask.planning.memory import MIB, Frame
 from coron_dask.steps import blocks as tasks
+from coron_dask.steps import klip_blocks
 
 #: The model's arrays (its peak less the fixed allowance every task has, TASK_OVERHEAD,
 #: which covers what a worker's heap adds: 0.3 to 1.3 MiB) may overestimate a measured
@@ -48,6 +49,7 @@ KL_CUBE = (5, 10, 20, 50)  # a KL-mode cube's cutoffs
 TRUNCATE = 50
 M_TRIM_THRESHOLD = -1  # glibc's mallopt parameter
 MIRI = (8, 216, 16, 212)  # MIRI's 4QPM field (y0, y1, x0, x1): beyond it NON_SCIENCE
+ZONES = (5, 4)  # KLIP in 5 annuli × 4 subsections
 
 
 @dataclass(frozen=True)
@@ -86,17 +88,30 @@ CASES = [
     Case("shift", dict(frames=4, psfs=64, ny=64, nx=64)),
     Case("shift", dict(frames=1, psfs=20, ny=160, nx=160)),
     Case("shift", dict(frames=3, psfs=10, ny=224, nx=288)),
+    Case("shift", dict(frames=4, psfs=64, ny=64, nx=64, zones=ZONES)),
+    Case("shift", dict(frames=1, psfs=40, ny=160, nx=160, zones=ZONES)),
     Case("klip_gram", dict(frames=1, npsf=100, rows=160, ny=160, nx=160)),
     Case("klip_gram", dict(frames=4, npsf=220, rows=66, ny=224, nx=288)),
     Case("klip_gram", dict(frames=10, npsf=48, rows=160, ny=160, nx=160, own=True)),
     Case("klip_gram", dict(frames=4, npsf=220, rows=66, ny=224, nx=288, own=True)),
+    Case("klip_gram", dict(frames=1, npsf=100, rows=160, ny=160, nx=160, zones=ZONES)),
+    Case("klip_gram", dict(frames=4, npsf=220, rows=66, ny=224, nx=288, own=True, zones=ZONES)),
     Case("klip_weights", dict(frames=8, npsf=300)),
     Case("klip_weights", dict(frames=2, npsf=800)),
+    Case("klip_weights", dict(frames=4, npsf=300, zones=ZONES)),
     Case("klip_errors", dict(frames=2, npsf=100, rows=160, ny=160, nx=160)),
     Case("klip_errors", dict(frames=4, npsf=220, rows=66, ny=224, nx=288)),
     Case("klip_errors", dict(frames=4, npsf=220, rows=66, ny=224, nx=288, cutoffs=KL_CUBE)),
+    Case(
+        "klip_errors",
+        dict(frames=4, npsf=220, rows=66, ny=224, nx=288, cutoffs=KL_CUBE, zones=ZONES),
+    ),
     Case("klip_overlaps", dict(frames=10, npsf=100, rows=160, ny=160, nx=160, shared=True)),
     Case("klip_overlaps", dict(frames=4, npsf=200, rows=66, ny=224, nx=288, shared=False)),
+    Case(
+        "klip_overlaps",
+        dict(frames=10, npsf=100, rows=160, ny=160, nx=160, shared=True, zones=ZONES),
+    ),
     Case("klip_subtract", dict(frames=10, npsf=100, rows=160, ny=160, nx=160, shared=True)),
     Case("klip_subtract", dict(frames=4, npsf=200, rows=66, ny=224, nx=288, shared=False)),
     Case(
@@ -106,6 +121,19 @@ CASES = [
     Case(
         "klip_subtract",
         dict(frames=4, npsf=200, rows=66, ny=224, nx=288, shared=False, cutoffs=KL_CUBE),
+    ),
+    Case(
+        "klip_subtract",
+        dict(
+            frames=4,
+            npsf=200,
+            rows=66,
+            ny=224,
+            nx=288,
+            shared=False,
+            cutoffs=KL_CUBE,
+            zones=ZONES,
+        ),
     ),
     Case("inject", dict(frames=60, ny=160, nx=160, box=65)),
     Case("inject", dict(frames=30, ny=224, nx=288, box=161)),
@@ -264,9 +292,17 @@ def build_fit(rng, path, frames, psfs, ny, nx):
     return (lambda: tasks.fit_block(science, indices, mask, source)), [science, mask]
 
 
-def build_shift(rng, path, frames, psfs, ny, nx):
+def _zones(ny: int, nx: int, zones: tuple[int, int] | None):
+    """KLIP's zones (annuli, subsections) about the frame's centre, inside an IWA of 3."""
+    return (
+        None if zones is None else zone_map((ny, nx), (nx / 2 - 0.3, ny / 2 + 0.2), *zones, iwa=3)
+    )
+
+
+def build_shift(rng, path, frames, psfs, ny, nx, zones=None):
     """As the pipeline runs it: the references read from disk, shifted, the result written
-    into psfalign (a FITS file) and its frame means given back (``write_blocks``)."""
+    into psfalign (a FITS file) and its frame means (or zone means) given back
+    (``write_blocks``)."""
     source = _on_disk(path[0], "refs", _frames(rng, 2 * psfs, ny, nx, jitter=1.0))
     indices = np.arange(psfs, 2 * psfs)
     shifts = rng.uniform(-1, 1, (frames, psfs, 4))
@@ -281,80 +317,100 @@ def build_shift(rng, path, frames, psfs, ny, nx):
         handle.truncate(4 * prod(shape))
     where += (slice(None), slice(None))
 
+    summary = klip_blocks.summary(_zones(ny, nx, zones))
+
     def task():
-        return write_block(
-            tasks.shift_block(indices, shifts, source), where, (region,), frame_means
-        )
+        return write_block(tasks.shift_block(indices, shifts, source), where, (region,), summary)
 
     return task, [shifts]
 
 
-def _aligned_on_disk(rng, folder, frames, npsf, ny, nx, shared=False):
+def _aligned_on_disk(rng, folder, frames, npsf, ny, nx, shared=False, zones=None):
     """Aligned references (frames + 1, npsf, ny, nx) on disk, as the pipeline writes them,
     or with ``shared`` one set (npsf, ny, nx) for all targets (``align_to="first"``); the
-    means of those of the task's ``frames`` targets, and the targets' indices."""
+    means (over the frame, or each of the ``zones``) of those of the task's ``frames``
+    targets, and the targets' indices."""
     refs = _frames(rng, npsf, ny, nx, jitter=0.05)
-    means = refs.mean(axis=(1, 2), dtype=np.float64)
+    means = klip_blocks.means_block(refs, zones)
     if shared:
-        means = np.broadcast_to(means, (frames, npsf))  # as kl_basis hands them over
+        means = np.broadcast_to(means, (frames, *means.shape))  # as kl_basis hands them over
         return _on_disk(folder, "aligned", refs), [means], np.arange(frames)
     aligned = np.ascontiguousarray(np.broadcast_to(refs, (frames + 1, npsf, ny, nx)))
-    means = np.ascontiguousarray(np.broadcast_to(means, (frames, npsf)))
+    means = np.ascontiguousarray(np.broadcast_to(means, (frames, *means.shape)))
     return _on_disk(folder, "aligned", aligned), [means], np.arange(1, frames + 1)
 
 
-def build_klip_gram(rng, path, frames, npsf, rows, ny, nx, own=False):
+def build_klip_gram(rng, path, frames, npsf, rows, ny, nx, own=False, zones=None):
     """As the pipeline runs it: every tile read from disk by the task, in turn; with
     ``own``, bordered by the overlaps of the integrations (a basis per integration)."""
-    source, means, indices = _aligned_on_disk(rng, path[0], frames, npsf, ny, nx)
+    zones = _zones(ny, nx, zones)
+    source, means, indices = _aligned_on_disk(rng, path[0], frames, npsf, ny, nx, False, zones)
     targets = [_frames(rng, frames, ny, nx, jitter=0.3)] if own else []
-    task = lambda: tasks.gram_block(indices, means, [targets] if own else None, rows, source)  # noqa: E731
+
+    def task():
+        bordered = [targets] if own else None
+        return klip_blocks.gram_block(indices, means, bordered, rows, zones, source=source)
+
     return task, [*means, *targets]
 
 
-def build_klip_weights(rng, path, frames, npsf):
-    grams = np.empty((frames, npsf, npsf))
-    for gram in grams:
+def build_klip_weights(rng, path, frames, npsf, zones=None):
+    """Bordered Gram matrices (frames, Z, npsf, npsf + 1), as a basis per integration has."""
+    count = 1 if zones is None else zones[0] * zones[1]
+    grams = np.empty((frames, count, npsf, npsf + 1))
+    for gram in grams.reshape(-1, npsf, npsf + 1):
         basis = rng.normal(size=(npsf, 2 * npsf))
-        np.matmul(basis, basis.T, out=gram)
-    return (lambda: tasks.weights_block(grams, 160 * 160, TRUNCATE)), [grams]
+        np.matmul(basis, basis.T, out=gram[:, :npsf])
+    return (lambda: klip_blocks.weights_block(grams, 160 * 160, TRUNCATE)), [grams]
 
 
-def _weights(rng, frames, npsf, count, ny, nx, shared):
-    """KL weights (frames, 2, npsf, count), one set broadcast to every target if ``shared``."""
-    weights = rng.normal(size=(1 if shared else frames, 2, npsf, count)) / np.sqrt(ny * nx)
+def _weights(rng, frames, npsf, count, ny, nx, shared, zones=None):
+    """KL weights (frames, Z, 2, npsf, count), one set broadcast to every target if
+    ``shared``."""
+    sets = (1 if shared else frames, 1 if zones is None else zones.count)
+    weights = rng.normal(size=(*sets, 2, npsf, count)) / np.sqrt(ny * nx)
     return np.broadcast_to(weights, (frames, *weights.shape[1:])) if shared else weights
 
 
-def build_klip_errors(rng, path, frames, npsf, rows, ny, nx, cutoffs=(TRUNCATE,)):
+def build_klip_errors(rng, path, frames, npsf, rows, ny, nx, cutoffs=(TRUNCATE,), zones=None):
     """As the pipeline runs it: every tile read from disk by the task, in turn."""
-    source, means, targets = _aligned_on_disk(rng, path[0], frames, npsf, ny, nx)
-    weights = _weights(rng, frames, npsf, min(cutoffs[-1], npsf), ny, nx, False)
+    zones = _zones(ny, nx, zones)
+    source, means, targets = _aligned_on_disk(rng, path[0], frames, npsf, ny, nx, False, zones)
+    weights = _weights(rng, frames, npsf, min(cutoffs[-1], npsf), ny, nx, False, zones)
     kept = tuple(min(k, npsf) for k in cutoffs)
 
     def task():
-        return tasks.errors_block(targets, means, [[[weights]]], rows, kept, source)
+        return klip_blocks.errors_block(
+            targets, means, [[[weights]]], rows, kept, zones, source=source
+        )
 
     return task, [*means, weights]
 
 
-def build_klip_overlaps(rng, path, frames, npsf, rows, ny, nx, shared):
-    source, means, indices = _aligned_on_disk(rng, path[0], frames, npsf, ny, nx, shared)
+def build_klip_overlaps(rng, path, frames, npsf, rows, ny, nx, shared, zones=None):
+    zones = _zones(ny, nx, zones)
+    source, means, indices = _aligned_on_disk(rng, path[0], frames, npsf, ny, nx, shared, zones)
     targets = _frames(rng, frames, ny, nx, jitter=0.3)
-    task = lambda: tasks.overlaps_block([[targets]], indices, means, rows, source)  # noqa: E731
+
+    def task():
+        return klip_blocks.overlaps_block([[targets]], indices, means, rows, zones, source=source)
+
     return task, [targets, *means]
 
 
-def build_klip_subtract(rng, path, frames, npsf, rows, ny, nx, shared, cutoffs=(TRUNCATE,)):
-    source, means, indices = _aligned_on_disk(rng, path[0], frames, npsf, ny, nx, shared)
+def build_klip_subtract(
+    rng, path, frames, npsf, rows, ny, nx, shared, cutoffs=(TRUNCATE,), zones=None
+):
+    zones = _zones(ny, nx, zones)
+    source, means, indices = _aligned_on_disk(rng, path[0], frames, npsf, ny, nx, shared, zones)
     targets = _frames(rng, frames, ny, nx, jitter=0.3)
-    weights = _weights(rng, frames, npsf, min(cutoffs[-1], npsf), ny, nx, shared)
-    overlaps = rng.normal(size=(frames, npsf))
+    weights = _weights(rng, frames, npsf, min(cutoffs[-1], npsf), ny, nx, shared, zones)
+    overlaps = rng.normal(size=(frames, weights.shape[1], npsf))
     kept = tuple(min(k, npsf) for k in cutoffs)
 
     def task():
-        return tasks.project_block(
-            targets, indices, means, [[[weights]]], [overlaps], rows, kept, source
+        return klip_blocks.project_block(
+            targets, indices, means, [[[weights]]], [overlaps], rows, kept, zones, source=source
         )
 
     return task, [targets, *means, weights[: 1 if shared else frames], overlaps]
@@ -432,6 +488,7 @@ def predict(case: Case) -> int:
     """The model's peak for ``case``, called as the planner calls it."""
     b = case.block
     frame = Frame(b["ny"], b["nx"]) if "ny" in b else None
+    zones = b["zones"][0] * b["zones"][1] if "zones" in b else None
     match case.kind:
         case "read":
             itemsize = np.dtype(b["dtype"]).itemsize
@@ -445,21 +502,24 @@ def predict(case: Case) -> int:
         case "fit":
             return memory.fit(b["frames"], b["psfs"], frame)
         case "shift":  # its block written into a FITS file by the task
-            return memory.shift(b["frames"], b["psfs"], frame)
+            return memory.shift(b["frames"], b["psfs"], frame, False, zones)
         case "klip_gram":
-            return memory.klip_gram(b["frames"], b["npsf"], b["rows"], frame, b.get("own", False))
+            own = b.get("own", False)
+            return memory.klip_gram(b["frames"], b["npsf"], b["rows"], frame, own, zones)
         case "klip_weights":
-            return memory.klip_weights(b["frames"], b["npsf"], min(TRUNCATE, b["npsf"]))
+            return memory.klip_weights(b["frames"], b["npsf"], min(TRUNCATE, b["npsf"]), zones)
         case "klip_errors" | "klip_subtract":
             cutoffs = b.get("cutoffs", (TRUNCATE,))
             count, planes = min(cutoffs[-1], b["npsf"]), len(cutoffs)
             if case.kind == "klip_errors":
                 below = max((k for k in cutoffs if k < b["npsf"]), default=0)
-                return memory.klip_errors(b["frames"], b["npsf"], b["rows"], frame, below, planes)
-            args = (b["frames"], b["npsf"], b["rows"], frame, count, b["shared"], planes)
+                args = (b["frames"], b["npsf"], b["rows"], frame, below, planes, zones)
+                return memory.klip_errors(*args)
+            args = (b["frames"], b["npsf"], b["rows"], frame, count, b["shared"], planes, zones)
             return memory.klip_project(*args)
         case "klip_overlaps":
-            return memory.klip_overlaps(b["frames"], b["npsf"], b["rows"], frame, b["shared"])
+            args = (b["frames"], b["npsf"], b["rows"], frame, b["shared"], zones)
+            return memory.klip_overlaps(*args)
         case "inject":
             return memory.inject(b["frames"], frame, b["box"] ** 2)
         case "resample":

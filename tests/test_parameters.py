@@ -38,7 +38,14 @@ def test_defaults_are_those_shipped_before_the_spec():
             "bad-bits": "DO_NOT_USE",
             "psfmask": "crds",
         },
-        "klip": {"truncate": 50},
+        "klip": {  # one zone, the whole frame: jwst's KLIP
+            "truncate": 50,
+            "annuli": 1,
+            "subsections": 1,
+            "annuli-spacing": "constant",
+            "iwa": 0.0,
+            "owa": None,
+        },
         "resample": {"orientation": "detector"},
         "output": {"format": "fits", "psfalign": True},
         "chunks": {
@@ -77,6 +84,11 @@ def test_provenance_keywords_are_those_products_carry():
         ("median_box_length", ("MEDBOXLN", "align_refs median_box_length")),
         ("bad_bits", ("BAD_BITS", "align_refs bad_bits")),
         ("truncate", ("TRUNCATE", "klip truncate: KL modes kept")),
+        ("annuli", ("ANNULI", "klip: annuli about the star")),
+        ("subsections", ("SUBSECTS", "klip: subsections of each annulus")),
+        ("annuli_spacing", ("ANNSPACE", "klip: annuli spacing")),
+        ("iwa", ("IWA", "klip: inner working angle (pixels)")),
+        ("owa", ("OWA", "klip: outer working angle (pixels)")),
         ("orientation", ("ORIENT", "resample: i2d grid orientation")),
         ("save_psfalign", ("PSFALIGN", "psfalign products written")),
     ]
@@ -110,6 +122,9 @@ def test_contrast_offers_no_psfalign_option(asn, tmp_path, capsys):
         ({"orientation": "east"}, "must be 'detector' or 'north', got 'east'"),
         ({"skip": ["klip"]}, "steps ['klip'] cannot be skipped"),
         ({"truncate": "5,x"}, "must be whole numbers separated by commas, got '5,x'"),
+        ({"annuli_spacing": "cubic"}, "must be one of 'constant', 'linear', 'log', got 'cubic'"),
+        ({"iwa": -1.5}, "must be >= 0, got -1.5"),
+        ({"owa": 0}, "must be > 0, got 0"),
     ],
 )
 def test_each_bad_value_is_one_error_naming_it(given, problem):
@@ -210,6 +225,17 @@ TWINS = [
     (["--truncate", "5,-2"], {"truncate": "5,-2"}, "truncate", "KL mode counts >= 1"),
     (["--truncate", "0"], {"truncate": 0}, "truncate", "KL mode counts >= 1 (0 keeps none), got 0"),
     (["--truncate", "5,0"], {"truncate": (5, 0)}, "truncate", ">= 1 (0 keeps none), got 5,0"),
+    # KLIP's zones: read as the options are, then checked against the frames' geometry
+    (["--annuli", "0"], {"annuli": 0}, "annuli", "must be >= 1, got 0"),
+    (["--subsections", "-2"], {"subsections": -2}, "subsections", "must be >= 1, got -2"),
+    (
+        ["--iwa", "5", "--owa", "3"],
+        {"iwa": 5, "owa": 3},
+        "owa",
+        "must be above the iwa (5 px), got 3",
+    ),
+    (["--iwa", "100"], {"iwa": 100}, "iwa", "100 px leaves no pixel of jw01386001001_03106_00001"),
+    (["--annuli", "60"], {"annuli": 60}, "annuli", "px are narrower than a pixel: ask for fewer"),
 ]
 
 

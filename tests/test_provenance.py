@@ -31,6 +31,11 @@ FITS_RUN = {
     "median_box_length": 5,
     "bad_bits": "DO_NOT_USE, SATURATED",
     "truncate": 5,  # fewer than the 6 references: recorded as given
+    "annuli": 2,
+    "subsections": 3,
+    "annuli_spacing": "log",
+    "iwa": 3.0,
+    "owa": 28.5,
     "orientation": "north",
     "save_psfalign": True,
 }
@@ -44,6 +49,11 @@ ZARR_RUN = {
     "median_box_length": 7,
     "bad_bits": 3,
     "truncate": (2, 4),  # a KL-mode cube
+    "annuli": 3,
+    "subsections": 2,
+    "annuli_spacing": "linear",
+    "iwa": 2.0,
+    "owa": None,  # the default, recorded as "none"
     "orientation": "detector",
     "save_psfalign": False,
 }

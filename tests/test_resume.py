@@ -185,6 +185,30 @@ def test_a_damaged_block_is_written_again(asn, uninterrupted, tmp_path, monkeypa
     assert fingerprints(out) == fingerprints(baseline)
 
 
+def test_zone_means_recorded_are_handed_on_again(asn, tmp_path, monkeypatch, capsys):
+    """KLIP in zones: the aligned blocks' write hands on their zone means (a row a frame);
+    a psfsub block made again reads the psfalign blocks reused and takes their zone means
+    from the records: the products are those of a run never stopped."""
+    zones = ["--annuli", "2", "--subsections", "3", "--iwa", "2"]
+    out, fresh = tmp_path / "out", tmp_path / "fresh"
+    args = ["run", asn, "--scheduler", "synchronous", *OPTIONS, *zones]
+    last = interrupted_before_placing(monkeypatch, [*args, "-o", out], capsys)
+    kept, total = map(int, KEPT.match(last).groups()[1:3])
+    assert kept == total  # every block written, none placed
+    partial = next(out.glob(".*_psfsub.fits.partial"))
+    with fits.open(partial) as hdul:
+        where = hdul.fileinfo(hdul.index_of("SCI"))["datLoc"]
+    with open(partial, "r+b") as handle:
+        handle.seek(where + 4 * 64 * 20)  # a pixel in a zone of the first block
+        handle.write(b"\x7f\xc0\x00\x01")
+    code, _, err = run_main([*args, "-o", out], capsys)
+    assert code == 0, err
+    assert (reuse_counts(err)[:2]) == (total - 1, total)
+    code, _, err = run_main([*args, "-o", fresh], capsys)
+    assert code == 0, err
+    assert fingerprints(out) == fingerprints(fresh)
+
+
 def test_other_parameters_never_reuse_and_remove_the_state(asn, tmp_path, monkeypatch, capsys):
     """A run with another parameter into the folder of a stopped run: nothing reused, the
     stopped run's files removed (said), the products those of that run made afresh."""

@@ -13,6 +13,7 @@ from pathlib import Path
 from coron_dask import __version__
 from coron_dask.cli.options import add_options
 from coron_dask.core.errors import ClusterError, CoronInputError, Interrupted, on_disk
+from coron_dask.core.parameters import BY_NAME
 from coron_dask.runtime.deploy import quiet_distributed
 from coron_dask.runtime.signals import signals_end_the_run
 
@@ -202,6 +203,14 @@ def _on_disk(paths: list) -> str:
     return f"; its {len(paths)} products were written, in {folders}"
 
 
+def _named(error: CoronInputError) -> str:
+    """The error's line, a parameter named by its option (``owa``: ``--owa``)."""
+    parameter = BY_NAME.get(error.source)
+    if parameter is None or parameter.option is None:
+        return str(error)
+    return f"{parameter.flag}: {error.problem}"
+
+
 def _ending(error: BaseException, products: bool) -> tuple[int, str]:
     """The exit code and the one line of an error that ended a command; a command that
     writes products (``products``) says what it left on disk (``errors.on_disk``)."""
@@ -214,7 +223,7 @@ def _ending(error: BaseException, products: bool) -> tuple[int, str]:
     if isinstance(error, Interrupted):
         return 128 + error.signum, f"{error}{after}"
     if isinstance(error, CoronInputError):  # found before anything started, unless said
-        return EXIT_INPUT, f"{error}{after if placed else ''}"
+        return EXIT_INPUT, f"{_named(error)}{after if placed else ''}"
     if isinstance(error, ClusterError):
         return EXIT_CLUSTER, f"cluster: {error}{after}"
     if isinstance(error, OSError):  # e.g. the disk filled up while the products were written

@@ -7,7 +7,8 @@ from collections.abc import Callable
 
 from coron_dask.core import config
 from coron_dask.core.errors import CoronInputError
-from coron_dask.core.parameters import SPEC, Parameter, dq_bits, shown, text
+from coron_dask.core.parameters import SPEC, Parameter, shown
+from coron_dask.core.readers import dq_bits, text
 
 #: Readers of a text's content: the command line hands the text on as it is, and the run
 #: checks it (as it checks the configured value), naming the parameter.

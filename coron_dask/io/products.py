@@ -115,7 +115,8 @@ class Written:
 @dataclass(frozen=True)
 class OnDisk:
     """An array that tasks wrote to a file block by block (``write_blocks``): ``written``
-    holds each block's frame means (a task reading a block back depends on it), ``source``
+    holds each block's summary, its frame means or zone means (a task reading a block back
+    depends on it), ``source``
     reads any part of the array (``fitsfile.FitsExtension``)."""
 
     written: da.Array

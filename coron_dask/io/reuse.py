@@ -45,7 +45,13 @@ class Writing:
         """The blocks written (``write_blocks``' are whole frames)."""
         if self.store is not None:
             return self.made.chunks
-        return (*self.made.chunks, (self.shape[-2],), (self.shape[-1],))
+        frames = self.made.chunks[: len(self.shape) - 2]  # not a summary's values per frame
+        return (*frames, (self.shape[-2],), (self.shape[-1],))
+
+    def key(self, index: tuple) -> tuple:
+        """The key of the summary ``made`` gives for the block of ``index``."""
+        values = (0,) * (self.made.ndim - len(index) + 2)  # a summary's values per frame
+        return (self.made.name, *index[:-2], *values)
 
 
 def blocks(chunks: tuple[tuple[int, ...], ...]) -> Iterator[tuple[tuple, tuple[slice, ...]]]:
@@ -162,7 +168,8 @@ def reused(writes: list[da.Array], items: list[Writing]) -> list[da.Array]:
         for index in common:
             record = found[0][index]
             summary = np.asarray(record["summary"], np.float64).reshape(record["shape"])
-            replaced[(name, *index[:-2])] = value((name, *index[:-2]), summary)
+            key = group[0].key(index)
+            replaced[key] = value(key, summary)
         for item in group:
             counts[f"{item.product} {item.extension}"] = [len(common), block_count([item])]
         made = group[0].made

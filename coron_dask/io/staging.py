@@ -103,13 +103,15 @@ def write_block(
     journals: tuple[BlockJournal, ...] = (),
 ) -> np.ndarray:
     """Write ``block`` at ``where`` in each of ``to`` (and record it in ``journals``); give
-    back ``summary`` of it (float64, one value per frame: what a later step reading the
-    block back needs first, such as KLIP's frame means), as frames of one pixel."""
+    back ``summary`` of it (float64, one value per frame or a row of values per frame: what
+    a later step reading the block back needs first, such as KLIP's frame means or zone
+    means), as frames of one pixel (of one row of pixels)."""
     for item in to:
         item[where] = block
     summarized = summary(block)
     _record(journals, where, block, summarized)
-    return summarized[..., None, None]
+    per_frame = summarized.ndim == block.ndim - 2
+    return summarized[..., None, None] if per_frame else summarized[..., None, :]
 
 
 def store_block(
@@ -141,11 +143,15 @@ def stored(
     )
 
 
-def write_blocks(name: str, *products: Product, summary: Callable) -> OnDisk:
+def write_blocks(
+    name: str, *products: Product, summary: Callable, values: int | None = None
+) -> OnDisk:
     """Extension ``name`` (the same data in each of ``products``) written by tasks that
     keep nothing: each writes its block and gives back only ``summary`` of the block, one
-    float64 per frame (its last two axes are frames): what the step reading it back needs
-    first (``kernels.klip.frame_means`` for KLIP), computed while the block is in memory.
+    float64 per frame (its last two axes are frames), or with ``values`` that many per
+    frame (along a last axis): what the step reading it back needs first (KLIP's frame
+    means, ``kernels.klip.frame_means``, or zone means), computed while the block is in
+    memory.
 
     Tasks that read blocks back (from the first FITS product) depend on these instead of
     the data, so no block waits in a worker's memory for them and none is sent between
@@ -167,10 +173,10 @@ def write_blocks(name: str, *products: Product, summary: Callable) -> OnDisk:
         to,
         summary,
         tuple(BlockJournal.of(item.path, name) for item in products),
-        chunks=(*data.chunks[:-2], (1,), (1,)),
+        chunks=(*data.chunks[:-2], (1,), (values or 1,)),
         dtype=np.float64,
-        name=f"write-{layer_word(products[0].kind)}-{name.lower()}-" + tokenize(data, to),
-    )[..., 0, 0]
+        name=f"write-{layer_word(products[0].kind)}-{name.lower()}-" + tokenize(data, to, summary),
+    )[(..., 0, 0) if values is None else (..., 0, slice(None))]
     for item in products:
         written_by(item, name, written)
     fits_file = next(item for item in products if item.path.suffix != ".zarr")

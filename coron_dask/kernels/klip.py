@@ -51,15 +51,19 @@ def gram(tile: np.ndarray, means: np.ndarray) -> np.ndarray:
     return centred @ centred.T
 
 
-def kl_weights(gram_matrix: np.ndarray, npix: int, truncate: int) -> np.ndarray:
+def kl_weights(
+    gram_matrix: np.ndarray, npix: int, truncate: int, used: np.ndarray | None = None
+) -> np.ndarray:
     """W and C (2, nrefs, K) of the KL basis from the references' Gram matrix over all
     ``npix`` pixels: the KL images are Wᵀ·(R − μ) (unit norm), C = G·W the references'
     coefficients on them. K = min(truncate, nrefs); modes of zero norm get zero weight.
 
-    References of zero norm (rows of zeros: flagged, or constant frames) are left out:
-    the basis is that of the others, their weights 0 (an eigenvector of the zero block,
-    normalised, would be a unit image made of rounding errors)."""
-    used = np.diag(gram_matrix) > 0
+    References not ``used`` (nrefs,) bool (default: all; a reference choice) and those of
+    zero norm (rows of zeros: flagged, or constant frames) are left out: the basis is that
+    of the others, their weights 0 (an eigenvector of the zero block, normalised, would be
+    a unit image made of rounding errors)."""
+    norm = np.diag(gram_matrix) > 0
+    used = norm if used is None else norm & used
     if not used.all():
         count = min(truncate, len(gram_matrix))
         out = np.zeros((2, len(gram_matrix), count))

@@ -18,6 +18,7 @@ import xarray as xr
 from coron_dask.core.config import resolve_parameters
 from coron_dask.io import Association, Extension, Product, open_exposure, read_psfmask, write_blocks
 from coron_dask.kernels.klip import frame_means
+from coron_dask.kernels.zones import Zones
 from coron_dask.pipeline.observation import (
     Observation,
     exposure_root,
@@ -29,7 +30,9 @@ from coron_dask.pipeline.provenance import provenance
 from coron_dask.planning.block_plan import BlockPlan, Workers
 from coron_dask.runtime.deploy import measure_workers
 from coron_dask.steps.align_refs import align_models, alignment_table, median_replace_img
-from coron_dask.steps.klip import KLBasis, kl_basis, subtract, used_cutoffs
+from coron_dask.steps.klip import KLBasis, kl_basis, subtract
+from coron_dask.steps.klip_blocks import summary
+from coron_dask.steps.klip_parameters import klip_zones, used_cutoffs, whole_frame
 from coron_dask.steps.outlier_detection import outlier_detection
 from coron_dask.steps.stack_refs import stack_refs
 
@@ -89,9 +92,11 @@ def build_products(
     ``parameters`` are jwst's step parameters and a few of coron-dask's; those not given take
     the configured defaults (``core.parameters.SPEC``): skip (steps to skip: outlier_detection,
     resample), snr 5.0, maskpt 0.7, good_bits "~DO_NOT_USE", align_to "each",
-    median_box_length 3, bad_bits "DO_NOT_USE" ("" for none), truncate 50, orientation
-    "detector" (or "north"), format "fits" (or "zarr": Zarr stores), save_psfalign (True:
-    write psfalign; without it only a scratch file of its SCI, which KLIP reads),
+    median_box_length 3, bad_bits "DO_NOT_USE" ("" for none), truncate 50, KLIP's zones
+    (annuli 1, subsections 1, annuli_spacing "constant", iwa 0, owa None: one zone, the
+    frame; ``steps.klip_parameters.klip_zones``), orientation "detector" (or "north"),
+    format "fits" (or "zarr": Zarr stores), save_psfalign (True: write psfalign; without it
+    only a scratch file of its SCI, which KLIP reads),
     integrations, psfs and outlier_rows (block sizes; planned for ``workers``, by default
     this process on this machine). Every product's primary keywords record how it was made
     (``provenance``: version, date, parameters, block plan, member exposures). ``opened``:
@@ -234,9 +239,13 @@ def _psfsub(
     # the fitted shifts, block by block: a run taken up reads back those of the blocks
     # fitted before instead of fitting them again (the ALIGN tables need every fit)
     made.scratch(f"{root}_fits", psfalign, ("FIT",))  # shift and converged both read it
-    # each block written by the task that shifts it; KLIP reads it back a tile at a time
-    aligned = write_blocks("SCI", *aligned_in, summary=frame_means)
-    basis = kl_basis(filled, psfalign, p["truncate"], rows=plan.klip_rows, on_disk=aligned)
+    # each block written by the task that shifts it, handing on its frames' means over
+    # each of KLIP's zones; KLIP reads it back a tile at a time
+    zones = exposure_zones(exposure, p)
+    aligned = write_blocks("SCI", *aligned_in, summary=summary(zones), values=zones and zones.count)
+    basis = kl_basis(
+        filled, psfalign, p["truncate"], rows=plan.klip_rows, on_disk=aligned, zones=zones
+    )
     psfsub = subtract(filled, basis)
     made.add(
         f"{root}_psfsub",
@@ -247,6 +256,30 @@ def _psfsub(
         **members,
     ).extensions.append(alignment_table(psfalign))
     return psfsub, basis
+
+
+def exposure_zones(exposure: xr.Dataset, p: dict, *, logged: bool = True) -> Zones | None:
+    """KLIP's zones in ``exposure`` (None: one, the whole frame) for parameters ``p``, about
+    the star's pixel on its detector: TARG_RA, TARG_DEC through the SCI header's celestial
+    WCS (``logged``). Raises CoronInputError where the parameters make none."""
+    names = ("annuli", "subsections", "iwa", "owa")
+    if whole_frame(*(p[name] for name in names)):
+        return None
+    # astropy's WCS and coordinates: only for KLIP in zones
+    from coron_dask.science.geometry import pixel_positions, sky_wcs, star_position
+
+    source = Path(exposure.encoding.get("source", "science")).name
+    x, y = pixel_positions(sky_wcs(exposure), star_position(exposure.attrs, source))[0]
+    if logged:
+        log.info(
+            "klip: the star of %s at (x, y) = (%.2f, %.2f) px (TARG_RA, TARG_DEC, WCS)",
+            source,
+            x,
+            y,
+        )
+    shape = (exposure.sizes["y"], exposure.sizes["x"])
+    zoning = {name: p[name] for name in (*names, "annuli_spacing")}
+    return klip_zones(shape, (float(x), float(y)), source=source, logged=logged, **zoning)
 
 
 def _i2d(psfsubs: list[xr.Dataset], science: list[xr.Dataset], made: _Products) -> None:

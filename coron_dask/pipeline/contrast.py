@@ -33,7 +33,7 @@ from coron_dask.science.injection import (
     read_offaxis_psf,
 )
 from coron_dask.science.transmission import coronagraph_transmission
-from coron_dask.steps.klip import kl_cutoffs
+from coron_dask.steps.klip_parameters import kl_cutoffs
 
 log = logging.getLogger(__name__)
 

@@ -16,6 +16,7 @@ from coron_dask.io import Association, open_exposure, read_association
 from coron_dask.io.reference_files import best_psfmask
 from coron_dask.planning import block_plan as chunking
 from coron_dask.planning.block_plan import BlockPlan, Workers
+from coron_dask.steps.klip_parameters import whole_frame
 from coron_dask.steps.stack_refs import stack_refs
 
 log = logging.getLogger(__name__)
@@ -79,6 +80,7 @@ def plan_observation(
     resolved; blocks given there are kept; ``injections``: sets of companions subtracted on
     the same bases), with the settings under coron_dask.chunks."""
     p = parameters or resolve_parameters()
+    zoning = tuple(p[name] for name in ("annuli", "subsections", "iwa", "owa"))
     sizes = chunking.Observation(
         science_nints=tuple(e.sizes["integration"] for e in observation.science),
         psf_nints=tuple(e.sizes["integration"] for e in observation.psf),
@@ -88,6 +90,7 @@ def plan_observation(
         save_psfalign=p["save_psfalign"],
         format=p["format"],
         injections=injections,
+        zones=None if whole_frame(*zoning) else zoning[0] * zoning[1],
     )
     return chunking.plan_blocks(
         sizes,

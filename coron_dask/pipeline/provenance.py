@@ -33,6 +33,8 @@ STEP_STATUS = {
 #: Each step parameter recorded: its keyword (the parameter's name where it fits in 8
 #: characters) and the keyword's comment, from the parameter spec.
 PARAMETERS = {parameter.name: parameter.keyword for parameter in STEPS if parameter.keyword}
+#: Those that may be None (the OWA: none given), recorded as NONE.
+NULLABLE = {parameter.name for parameter in STEPS if parameter.none is not None}
 #: Each number of the block plan: its keyword and comment.
 PLAN = {
     "integrations": ("BLKINTS", "science integrations per block"),
@@ -43,7 +45,7 @@ PLAN = {
 #: Prefix of the keywords listing the inputs of each exposure type (NSCIEXP, SCIEX001, ...).
 INPUTS = {"science": "SCI", "psf": "PSF"}
 NO_FILE = "N/A"  # jwst's value for a reference file not used
-NO_STEP = "none"
+NONE = "none"  # no step skipped, no value given (no OWA)
 
 
 def _plain(value: object) -> object:
@@ -95,7 +97,8 @@ def provenance(
     for step in steps:
         keywords[STEP_STATUS[step]] = "SKIPPED" if step in skipped else "COMPLETE"
     recorded = {name: _plain(parameters[name]) for name in PARAMETERS}
-    recorded["skip"] = ",".join(skipped) or NO_STEP
+    recorded["skip"] = ",".join(skipped) or NONE
+    recorded.update({name: NONE for name in NULLABLE & set(recorded) if recorded[name] is None})
     if not isinstance(recorded["truncate"], int):  # a KL-mode cube's cutoffs
         recorded["truncate"] = ",".join(str(k) for k in recorded["truncate"])
     for name, (key, comment) in PARAMETERS.items():
@@ -123,7 +126,10 @@ def read_provenance(keywords: Mapping[str, object]) -> dict:
     (its numbers) and the science and psf exposures (file names, ASN order)."""
     parameters = {name: keywords[key] for name, (key, _) in PARAMETERS.items()}
     skip = str(parameters["skip"])
-    parameters["skip"] = () if skip == NO_STEP else tuple(skip.split(","))
+    parameters["skip"] = () if skip == NONE else tuple(skip.split(","))
+    parameters.update(
+        {name: None for name in NULLABLE & set(parameters) if parameters[name] == NONE}
+    )
     if isinstance(parameters["truncate"], str):  # a KL-mode cube's cutoffs
         parameters["truncate"] = tuple(int(k) for k in parameters["truncate"].split(","))
     psfmask = keywords["R_PSFMAS"]

@@ -60,10 +60,12 @@ def check_inputs(
     **parameters: object,
 ) -> tuple[dict, Observation]:
     """Check a run's input before any cluster starts: parameters, every member's header and
-    frame size, the PSFMASK, the output folder. Returns the parameters resolved and the
-    observation opened (whole exposures)."""
+    frame size, KLIP's zones in each science exposure, the PSFMASK, the output folder.
+    Returns the parameters resolved and the observation opened (whole exposures)."""
     resolved = resolve_parameters(**parameters)
     observation = open_association(asn)
+    for exposure in observation.science:
+        build.exposure_zones(exposure, resolved, logged=False)
     if psfmask is not None and str(psfmask).lower() not in PSFMASK_CHOICES:
         frame = observation.psfstack
         read_psfmask(psfmask, (frame.sizes["y"], frame.sizes["x"]))
@@ -285,8 +287,9 @@ def run_coron3(
     """Run calwebb_coron3 on an association and return the paths of the products written.
 
     ``parameters`` are those of ``build_products`` (skip, snr, maskpt, good_bits, align_to,
-    median_box_length, bad_bits, truncate, orientation, format, save_psfalign, integrations,
-    psfs, outlier_rows), the configured defaults where not given. ``scheduler``: None starts
+    median_box_length, bad_bits, truncate, annuli, subsections, annuli_spacing, iwa, owa,
+    orientation, format, save_psfalign, integrations, psfs, outlier_rows), the configured
+    defaults where not given. ``scheduler``: None starts
     a LocalCluster of ``n_workers`` processes for the run (or, with ``kind`` "slurm" or
     "pbs", ``jobs`` batch jobs of workers, or between the ``adapt`` minimum and maximum); an
     address or ``scheduler_file`` uses a running cluster, once ``wait_for_workers`` workers

@@ -48,6 +48,7 @@ class Observation:
     save_psfalign: bool = True
     format: str = "fits"
     injections: int = 0  # sets of companions subtracted on the same bases (contrast)
+    zones: int | None = None  # KLIP's zones (annuli × subsections); None: the whole frame
 
     @property
     def npsf(self) -> int:
@@ -112,19 +113,21 @@ def waiting(obs: Observation, integrations: int, psfs: int, threads: int) -> int
     """Bytes waiting between tasks on a worker, for each block under way (one per thread
     and the next): a flagged block of an exposure (SCI, ERR, DQ) waiting for its fill and
     its writes; and of a target block, its filled science frames (and each injected set's,
-    for a contrast curve), its Gram matrices, KL weights, ERR and overlaps. No reference
+    for a contrast curve), the references' means (over each zone), its Gram matrices and KL
+    weights (one per zone), ERR and overlaps (with each zone's references). No reference
     waits: the references, filled and aligned, are written by the tasks that make them and
     read back by the tasks that use them (``io.products.write_blocks``)."""
     frame = Frame(*obs.frame)
     targets = integrations if obs.align_to == "each" else 1
-    npsf, count = obs.npsf, obs.count
+    npsf, count, zones = obs.npsf, obs.count, obs.zones or 1
     flagged = 12 * max(integrations, psfs) * frame.pixels
     per_target = (
         4 * (1 + obs.injections) * integrations * frame.pixels  # filled, and each injected
-        + 8 * targets * npsf * (npsf + 1)
-        + 16 * targets * npsf * count
+        + 8 * targets * npsf * zones
+        + 8 * targets * zones * npsf * (npsf + 1)
+        + 16 * targets * zones * npsf * count
         + 8 * targets * obs.planes * frame.pixels
-        + 8 * integrations * npsf
+        + 8 * integrations * zones * npsf
     )
     return (threads + 1) * (flagged + per_target)
 
@@ -133,6 +136,7 @@ def task_peaks(obs: Observation, integrations: int, psfs: int, outlier_rows: int
     """Predicted peak of each task kind for these blocks (bytes)."""
     frame = Frame(*obs.frame)
     k, p, npsf, count, planes = integrations, psfs, obs.npsf, obs.count, obs.planes
+    zones = obs.zones
     targets = k if obs.align_to == "each" else 1
     shared = obs.align_to == "first"
     longest = max(obs.science_nints + obs.psf_nints)
@@ -143,16 +147,18 @@ def task_peaks(obs: Observation, integrations: int, psfs: int, outlier_rows: int
         "outlier flag": memory.outlier_flag(max(k, p), frame),
         "fill": memory.fill(max(k, p), frame),
         "fit": memory.fit(targets, p, frame),
-        "shift": memory.shift(targets, p, frame, zarr),
-        "klip gram": memory.klip_gram(targets, npsf, klip_rows, frame, own=not shared),
-        "klip weights": memory.klip_weights(targets, npsf, count),
+        "shift": memory.shift(targets, p, frame, zarr, zones),
+        "klip gram": memory.klip_gram(targets, npsf, klip_rows, frame, not shared, zones),
+        "klip weights": memory.klip_weights(targets, npsf, count, zones),
         **(
-            {"klip err": memory.klip_errors(targets, npsf, klip_rows, frame, below, planes)}
+            {"klip err": memory.klip_errors(targets, npsf, klip_rows, frame, below, planes, zones)}
             if (below := obs.err_count)
             else {}
         ),
-        "klip overlaps": memory.klip_overlaps(k, npsf, klip_rows, frame, shared),
-        "klip subtract": memory.klip_project(k, npsf, klip_rows, frame, count, shared, planes),
+        "klip overlaps": memory.klip_overlaps(k, npsf, klip_rows, frame, shared, zones),
+        "klip subtract": memory.klip_project(
+            k, npsf, klip_rows, frame, count, shared, planes, zones
+        ),
         "resample": memory.resample(k, frame, 4 * frame.pixels, planes),
         # companions added to a block of integrations (a contrast curve), PSF as big as a frame
         **({"inject": memory.inject(k, frame, frame.pixels)} if obs.injections else {}),

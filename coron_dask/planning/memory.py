@@ -14,6 +14,7 @@ from coron_dask.io.fitsfile import WRITE_BUFFER
 from coron_dask.kernels.klip import PROJECTION_COLUMNS
 from coron_dask.kernels.median_fill import FILL_BATCH
 from coron_dask.kernels.registration import fit_batch, shift_batch
+from coron_dask.kernels.zones import GATHER, means_batch
 
 MIB = 2**20
 #: What a task's resident memory exceeds its arrays by: Python and numpy objects, 4 KiB
@@ -100,39 +101,79 @@ def fit(frames: int, psfs: int, frame: Frame) -> int:
     return inputs + kept + peak + TASK_OVERHEAD
 
 
-def shift(frames: int, psfs: int, frame: Frame, zarr: bool = False) -> int:
+def shift(
+    frames: int, psfs: int, frame: Frame, zarr: bool = False, zones: int | None = None
+) -> int:
     """Fourier shift of ``psfs`` references to ``frames`` targets: references in (float32),
     the output (float32), and the block's batch buffers: float64 frames, their spectra and
     the shifted spectra (``kernels.blocks.shift_block``); then the copy the task makes to
     write its block (``io.products.write_block``) into a FITS file, a run of references at
-    a time, and with ``zarr`` into a Zarr store too, whole."""
+    a time, and with ``zarr`` into a Zarr store too, whole; with ``zones``, the means of
+    its frames over each zone (``zone_means``)."""
     # the batch is shift_block's (uncapped: 64 frames of 64x64), not the fit's
     batch = min(psfs, shift_batch(frame.pixels))
     per_batch = batch * (8 * frame.pixels + 2 * frame.spectrum)
     output = 4 * psfs * frame.pixels * frames
     copy = output if zarr else min(4 * psfs * frame.pixels, WRITE_BUFFER)
-    return 4 * psfs * frame.pixels + output + max(per_batch, copy) + TASK_OVERHEAD
+    # the zone means after the shift: its batch buffers, freed, may stay in the heap
+    means = 0 if zones is None else zone_means(frames * psfs, frame, zones)
+    return 4 * psfs * frame.pixels + output + max(per_batch, copy) + means + TASK_OVERHEAD
 
 
-def klip_gram(frames: int, npsf: int, rows: int, frame: Frame, own: bool = False) -> int:
-    """Gram matrices of ``frames`` targets' references, summed over tiles of ``rows`` rows:
-    a tile, one target's float64 centred copy of it, the matrices and a product; with
-    ``own`` (a basis per integration) bordered by the overlaps of the integrations, which
-    the task holds (float32) with their centred float64 copy."""
+#: Bytes a pixel of the zone map a task is given: its labels (int16) and the pixels in
+#: zones in zone order (int64).
+ZONE_MAP = 10
+
+
+def zone_means(frames: int, frame: Frame, zones: int) -> int:
+    """The means of ``frames`` frames over each of ``zones`` zones: a batch of frames'
+    pixels gathered (float32, then float64), the means."""
+    batch = min(frames, means_batch(frame.pixels))
+    return 12 * batch * frame.pixels + 8 * frames * zones + ZONE_MAP * frame.pixels
+
+
+def _zoned(frames: int, frame: Frame, tile: int, zones: int | None, targets: bool) -> int:
+    """What a KLIP task adds with zones: a tile's pixels in zone order (their labels, the
+    order and the places: 32 bytes a pixel), a few references gathered (float64); with
+    ``targets``, their zone means and one target's zone means spread over its pixels."""
+    if zones is None:
+        return 0
+    own = zone_means(frames, frame, zones) + 8 * frame.pixels if targets else 0
+    return ZONE_MAP * frame.pixels + 32 * tile + 8 * GATHER * tile + own
+
+
+def klip_gram(
+    frames: int, npsf: int, rows: int, frame: Frame, own: bool = False, zones: int | None = None
+) -> int:
+    """Gram matrices of ``frames`` targets' references (one per zone of ``zones``; None: the
+    whole frame), summed over tiles of ``rows`` rows: a tile, one target's float64 centred
+    copy of it, the matrices and a product; with ``own`` (a basis per integration)
+    bordered by the overlaps of the integrations, which the task holds (float32) with their
+    centred float64 copy."""
     tile = rows * frame.nx
     targets = 12 * frames * frame.pixels if own else 0
-    matrices = 8 * (frames + 1) * npsf * (npsf + own)
-    return 4 * frames * npsf * tile + 8 * npsf * tile + matrices + targets + TASK_OVERHEAD
+    matrices = 8 * (frames * (zones or 1) + 1) * npsf * (npsf + own)
+    zoned = _zoned(frames, frame, tile, zones, own)
+    return 4 * frames * npsf * tile + 8 * npsf * tile + matrices + targets + zoned + TASK_OVERHEAD
 
 
-def klip_weights(frames: int, npsf: int, count: int) -> int:
-    """Eigen-decompositions of the Gram matrices: the matrices, LAPACK's work, the weights
-    of ``count`` KL modes (the largest cutoff, at most ``npsf``)."""
-    return 8 * frames * npsf**2 + 6 * 8 * npsf**2 + 16 * frames * npsf * count + TASK_OVERHEAD
+def klip_weights(frames: int, npsf: int, count: int, zones: int | None = None) -> int:
+    """Eigen-decompositions of the Gram matrices (one per zone): the matrices (bordered by
+    the overlaps), one taken out whole and scaled, LAPACK's work, the weights of ``count``
+    KL modes (the largest cutoff, at most ``npsf``)."""
+    sets = frames * (zones or 1)
+    matrices = 8 * sets * npsf * (npsf + 1) + (2 + 6) * 8 * npsf**2
+    return matrices + 16 * sets * npsf * count + TASK_OVERHEAD
 
 
 def klip_errors(
-    frames: int, npsf: int, rows: int, frame: Frame, count: int, planes: int = 1
+    frames: int,
+    npsf: int,
+    rows: int,
+    frame: Frame,
+    count: int,
+    planes: int = 1,
+    zones: int | None = None,
 ) -> int:
     """KLIP's ERR for each cutoff (``planes``) of ``frames`` targets from ``count`` KL
     images (the largest cutoff below ``npsf``), made a tile of ``rows`` rows at a time: a
@@ -143,40 +184,57 @@ def klip_errors(
     columns = min(tile, PROJECTION_COLUMNS)
     return (
         4 * frames * npsf * tile
-        + 16 * frames * npsf * count
+        + 16 * frames * (zones or 1) * npsf * count
         + 8 * npsf * tile
         + 8 * (count + planes) * tile
         + 16 * npsf * columns
         + 8 * frames * planes * frame.pixels
+        + _zoned(frames, frame, tile, zones, False)
         + TASK_OVERHEAD
     )
 
 
-def klip_overlaps(frames: int, npsf: int, rows: int, frame: Frame, shared: bool) -> int:
-    """Overlaps of ``frames`` targets with their references, a tile of ``rows`` rows at a
-    time: the targets (float32) and their centred float64 copy, a tile of references (one
-    set for all targets if ``shared``) and one target's float64 centred copy of it."""
+def klip_overlaps(
+    frames: int, npsf: int, rows: int, frame: Frame, shared: bool, zones: int | None = None
+) -> int:
+    """Overlaps of ``frames`` targets with their references (in each zone), a tile of
+    ``rows`` rows at a time: the targets (float32) and their centred float64 copy, a tile
+    of references (one set for all targets if ``shared``) and one target's float64
+    centred copy of it."""
     tile = rows * frame.nx
     sets = 1 if shared else frames
-    return 12 * frames * frame.pixels + 4 * sets * npsf * tile + 8 * npsf * tile + TASK_OVERHEAD
+    zoned = _zoned(frames, frame, tile, zones, True) + 8 * frames * (zones or 1) * npsf
+    return (
+        12 * frames * frame.pixels + 4 * sets * npsf * tile + 8 * npsf * tile + zoned
+    ) + TASK_OVERHEAD
 
 
 def klip_project(
-    frames: int, npsf: int, rows: int, frame: Frame, count: int, shared: bool, planes: int = 1
+    frames: int,
+    npsf: int,
+    rows: int,
+    frame: Frame,
+    count: int,
+    shared: bool,
+    planes: int = 1,
+    zones: int | None = None,
 ) -> int:
     """Subtraction for ``frames`` targets, one image per cutoff (``planes``), a tile of
     ``rows`` rows at a time: the targets and their centred float64 copy, the KL weights
-    (one set if ``shared``), the output (float32), a tile of references, one target's
-    float64 centred copy of it and its projections on the tile."""
+    (one set if ``shared``; one per zone), the mixes of references, the output (float32),
+    a tile of references, one target's float64 centred copy of it and its projections on
+    the tile."""
     tile = rows * frame.nx
-    sets = 1 if shared else frames
+    sets = (1 if shared else frames) * (zones or 1)
     return (
         12 * frames * frame.pixels
         + 16 * sets * npsf * count
+        + 8 * frames * (zones or 1) * planes * npsf
         + 4 * planes * frames * frame.pixels
-        + 4 * sets * npsf * tile
+        + 4 * (1 if shared else frames) * npsf * tile
         + 8 * npsf * tile
         + 8 * planes * tile
+        + _zoned(frames, frame, tile, zones, True)
         + TASK_OVERHEAD
     )
 

@@ -7,22 +7,41 @@ residuals. DQ is the science DQ. With a 3-D psfalign (``align_to="first"``) the 
 is the same for every integration and is computed once per exposure. Several cutoffs
 (a KL-mode cube) come from one basis: each projects on its first k KL images.
 
+In zones (``klip_parameters.klip_zones``: pyKLIP's ``annuli`` × ``subsections`` about the
+star, within an inner and outer working angle) each (integration, zone) has a KL basis of
+its own, made from the zone's pixels minus each frame's mean over the zone, as pyKLIP's
+``klip_math``; pixels in no zone are NaN. One zone over the whole frame (the default) is
+jwst's KLIP.
+
 No task needs every pixel of every reference at once: one task per target block sums the
-references' Gram matrix over tiles of frame rows holding all references (``tile_rows``);
-the KL weights follow from it. The subtraction then takes two more passes over the
-tiles, one for the targets' overlaps with the references (with a basis per integration,
-the Gram matrix's pass makes the science's), one for their projections, which are mixes
-of the references (the KL images themselves are made only where the ERR needs them, for
-cutoffs below the number of references). In the pipeline the aligned references are on
-disk and these tasks read one tile at a time; nothing but the Gram matrices, the KL
-weights, the overlaps and the ERR waits between them. The tiles follow from the frame
-and the number of references alone, never from the blocks the references arrive in, and
-every sum over them is taken in order, target by target, so the products do not depend
-on the blocks.
+references' Gram matrices over tiles of frame rows holding all references (``tile_rows``),
+every zone's in the one pass; the KL weights follow from them. The subtraction then takes
+two more passes over the tiles, one for the targets' overlaps with the references (with a
+basis per integration, the Gram matrix's pass makes the science's), one for their
+projections, which are mixes of the references (the KL images themselves are made only
+where the ERR needs them, for cutoffs below the number of references). In the pipeline the
+aligned references are on disk and these tasks read one tile at a time; nothing but the
+Gram matrices, the KL weights, the overlaps and the ERR waits between them. The tiles
+follow from the frame and the number of references alone, never from the blocks the
+references arrive in, and every sum over them is taken in order, target by target, so the
+products do not depend on the blocks.
+
+The interface that subtraction strategies and reference choices build on:
+
+- ``kl_basis(..., zones=, chosen=)``: ``chosen`` (m, Z, p) bool, a dask array chunked as
+  the targets (or a function of the Gram matrices giving one, computed lazily): the
+  references each (integration, zone) may use. One not chosen gets zero KL weight there
+  and is left out of that zone's ERR, as a flagged (NaN) reference is. Default: all.
+- ``KLBasis.gram``: each zone's Gram matrix of the mean-subtracted references, bordered by
+  the integration's overlaps (m, Z, p, p + 1) with a 4-D psfalign: the correlation of
+  integration t with reference r in zone z is ``gram[t, z, r, p] / sqrt(gram[t, z, r, r]
+  · ‖t_z‖²)``, their order that of ``gram[t, z, r, p] / sqrt(gram[t, z, r, r])``. With a
+  3-D psfalign it is (1, Z, p, p), and ``chosen``, if a function, is given it broadcast to
+  the m integrations (the overlaps come from ``subtract``'s pass).
+- ``KLBasis.overlaps`` (m, Z, p), ``weights`` (m, Z, 2, p, K), ``means`` (m, p, Z).
 """
 
-import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import dask.array as da
@@ -30,10 +49,10 @@ import numpy as np
 import xarray as xr
 from dask.base import tokenize
 
-from coron_dask.core.parameters import cutoffs as read_cutoffs
 from coron_dask.io.products import OnDisk
+from coron_dask.kernels.zones import Zones
 from coron_dask.planning.block_plan import tile_rows
-from coron_dask.steps.blocks import (
+from coron_dask.steps.klip_blocks import (
     errors_block,
     gram_block,
     means_block,
@@ -41,50 +60,24 @@ from coron_dask.steps.blocks import (
     project_block,
     weights_block,
 )
-
-log = logging.getLogger(__name__)
-
-
-def kl_cutoffs(truncate: int | Sequence[int]) -> tuple[int, ...]:
-    """The KL cutoffs of ``truncate`` (one, or several: a KL-mode cube), ascending, checked
-    as the parameter is (``core.parameters.cutoffs``: each at least 1)."""
-    found = read_cutoffs(truncate)
-    return (found,) if isinstance(found, int) else found
-
-
-def used_cutoffs(truncate: int | Sequence[int], npsf: int) -> int | tuple[int, ...]:
-    """``truncate`` as klip uses it with ``npsf`` references: a cutoff above ``npsf`` keeps
-    all ``npsf`` KL modes, so it is ``npsf`` (logged, as are cutoffs that become one);
-    several cutoffs stay a KL-mode cube, of the distinct ones. jwst's klip slices the KL
-    vectors (``klvect[:truncate]``): the same modes, silently."""
-    cube = not isinstance(truncate, int | np.integer)
-    asked = kl_cutoffs(truncate)
-    kept = tuple(sorted({min(k, npsf) for k in asked}))
-    if kept != asked:
-        shown = ",".join(map(str, asked))
-        log.warning(
-            "klip: truncate %s is more than the %d references: %s KL modes kept%s",
-            shown,
-            npsf,
-            ",".join(map(str, kept)),
-            f" ({len(asked) - len(kept)} cutoff(s) the same as another, dropped)"
-            if len(kept) < len(asked)
-            else "",
-        )
-    return kept if cube else kept[0]
+from coron_dask.steps.klip_parameters import kl_cutoffs, used_cutoffs
 
 
 @dataclass(frozen=True)
 class KLBasis:
-    """The KL basis of one science exposure (lazy), per target block of integrations: the
+    """The KL bases of one science exposure (lazy), per target block of integrations: the
     references aligned to each target (``references``: blockwise arguments, the blocks
     themselves or the targets' indices into psfalign on disk, which ``reading`` names), their
-    means (m, p) and KL weights W and C (m, 2, p, K), the same for every target with a 3-D
-    psfalign (``align_to="first"``); and KLIP's ERR (kl, integration, y, x) for each cutoff.
+    means (m, p, Z: over each zone, or the frame, Z = 1), the Gram matrices of each zone
+    ``gram`` (m, Z, p, p + 1: bordered by the target's overlaps with a basis per integration;
+    (1, Z, p, p) for a 3-D psfalign), the KL weights W and C (m, Z, 2, p, K), the same for
+    every target with a 3-D psfalign (``align_to="first"``) unless references are
+    ``chosen`` per target, and KLIP's ERR (kl, integration, y, x) for each cutoff.
     The KL images themselves are never made: a target's projection on them is (W·c)ᵀ·(R − μ)
     with c = Wᵀ·(R − μ)·t, two passes over the references (``subtract``). With a basis per
     integration the pass that sums its Gram matrix also sums the overlaps (R − μ)·t of the
-    ``science`` it was made for (``overlaps``), and subtracting that science takes one pass.
+    ``science`` it was made for (``overlaps``, m, Z, p), and subtracting that science takes
+    one pass.
     """
 
     references: tuple
@@ -97,28 +90,41 @@ class KLBasis:
     cube: bool  # a KL-mode cube (truncate given as cutoffs), or jwst's layout (one int)
     science: da.Array  # the science SCI the basis was made for
     overlaps: da.Array | None  # its overlaps with the references, made with a basis each
+    gram: da.Array
+    zones: Zones | None = None
+    chosen: da.Array | None = None
 
 
 def _references(
-    aligned: da.Array, on_disk: OnDisk | None, after: str
+    aligned: da.Array, on_disk: OnDisk | None, after: str, zones: Zones | None
 ) -> tuple[tuple, da.Array, tuple]:
     """Blockwise arguments for tasks over the target blocks of ``aligned`` (m, p, y, x):
     the references (the blocks, or with ``on_disk`` the targets' indices: the tasks read
-    them), their means (m, p), and what the tasks read from (``after``: the index of the
-    writes they wait for)."""
+    them), their means (m, p, Z), and what the tasks read from (``after``: the index of the
+    writes they wait for, the zones' axis added)."""
     if on_disk is None:  # the aligned blocks of a target block, handed to its tasks
+        count = 1 if zones is None else zones.count
         means = da.map_blocks(
             means_block,
             aligned,
+            zones,
             drop_axis=(2, 3),
+            new_axis=2,
+            chunks=(*aligned.chunks[:2], (count,)),
             dtype=np.float64,
-            name=f"klip-means-{tokenize(aligned)}",
+            name=f"klip-means-{tokenize(aligned, zones)}",
         )
         return (aligned, "mpyx"), means, ()
-    written = on_disk.written if on_disk.written.ndim == 2 else on_disk.written[None]
-    written = written.rechunk({0: aligned.chunks[0]})
+    written = on_disk.written if zones is not None else on_disk.written[..., None]
+    written = written if written.ndim == 3 else written[None]
+    written = written.rechunk({0: aligned.chunks[0], 2: -1})
     indices = (da.arange(aligned.shape[0], chunks=aligned.chunks[:1]), "m")
-    return indices, written.rechunk({1: -1}), (on_disk.source, None, written, after)
+    return indices, written.rechunk({1: -1}), (on_disk.source, None, written, f"{after}s")
+
+
+def _broadcast(array: da.Array, m: int, chunks: tuple[int, ...]) -> da.Array:
+    """``array`` (1, ...) seen by every one of ``m`` targets in blocks of ``chunks``: no copy."""
+    return da.broadcast_to(array, (m, *array.shape[1:]), chunks=(chunks, *array.chunks[1:]))
 
 
 def kl_basis(
@@ -128,31 +134,38 @@ def kl_basis(
     *,
     rows: int | None = None,
     on_disk: OnDisk | None = None,
+    zones: Zones | None = None,
+    chosen: da.Array | Callable[[da.Array], da.Array] | None = None,
 ) -> KLBasis:
-    """The KL basis of the references ``psfalign`` aligned to ``science`` (the filled cube
+    """The KL bases of the references ``psfalign`` aligned to ``science`` (the filled cube
     from align_refs), in the science exposure's blocks of integrations (see ``klip``): one
-    per integration with a 4-D psfalign, one for the exposure with a 3-D one."""
+    per (integration, zone) with a 4-D psfalign, one per zone for the exposure with a 3-D
+    one (one per integration and zone there too when references are ``chosen``)."""
     target = science["sci"].data
     aligned = psfalign["sci"].data
     npsf = psfalign.sizes["psf"]
     cutoffs = kl_cutoffs(used_cutoffs(truncate, npsf))
     rows = rows or tile_rows(npsf, (target.shape[1], target.shape[2]), 2**23)
+    if zones is not None and zones.labels.shape != target.shape[1:]:
+        raise ValueError(f"zones of {zones.labels.shape} for frames of {target.shape[1:]}")
     shared = aligned.ndim == 3  # one basis for the whole exposure
     bases = aligned[None] if shared else aligned.rechunk({0: target.chunks[0]})
     # a basis per integration: its Gram pass makes the integration's overlaps too
     own = (None, None) if shared else (target, "myx")
-    name = tokenize(bases, cutoffs, rows, on_disk, own[0])
-    npix = target.shape[1] * target.shape[2]
-    count = cutoffs[-1]
-    references, means, reading = _references(bases, on_disk, "mr")
+    name = tokenize(bases, cutoffs, rows, on_disk, own[0], zones)
+    npix = target.shape[1] * target.shape[2] if zones is None else zones.pixels
+    count, m, chunks = cutoffs[-1], target.shape[0], target.chunks[0]
+    references, means, reading = _references(bases, on_disk, "mr", zones)
     gram = da.blockwise(
         gram_block,
-        "mab",
+        "mzab",
         *references,
         means,
-        "mp",
+        "mpz",
         *own,
         rows,
+        None,
+        zones,
         None,
         *reading,
         new_axes={"a": npsf, "b": npsf + (not shared)},
@@ -160,62 +173,117 @@ def kl_basis(
         dtype=np.float64,
         name=f"klip-gram-{name}",
     )
-    overlaps = None if shared else gram[:, :, npsf]
-    weights = da.map_blocks(
-        weights_block,
-        gram,
-        npix,
-        count,
-        new_axis=1,
-        chunks=(gram.chunks[0], (2,), gram.chunks[1], (count,)),
-        dtype=np.float64,
-        name=f"klip-weights-{name}",
-    )
-    err_shape = (bases.shape[0], len(cutoffs), *target.shape[1:])
-    if all(k >= npsf for k in cutoffs):  # the references lie in their KL images' span
-        err = da.zeros(err_shape, chunks=(bases.chunks[0], -1, -1, -1), dtype=np.float64)
-    else:
-        frame = {} if on_disk is None else {"y": target.shape[1], "x": target.shape[2]}
-        err = da.blockwise(
-            errors_block,
-            "mcyx",
-            *references,
-            means,
-            "mp",
-            weights,
-            "mwak",
-            rows,
-            None,
-            cutoffs,
-            None,
-            *reading,
-            new_axes={"c": len(cutoffs), **frame},
-            concatenate=False,
-            dtype=np.float64,
-            name=f"klip-err-{name}",
-        )
+    overlaps = None if shared else gram[:, :, :, npsf]
+    basis = references, means, reading  # of the one basis, with a 3-D psfalign
     if shared:  # every target block sees the one basis (broadcast: no copies)
-        m, chunks = target.shape[0], target.chunks[0]
-        weights = da.broadcast_to(
-            weights, (m, *weights.shape[1:]), chunks=(chunks, *weights.chunks[1:])
-        )
-        means = da.broadcast_to(means, (m, npsf), chunks=(chunks, means.chunks[1]))
+        means = _broadcast(means, m, chunks)
         if on_disk is None:
-            references = (
-                da.broadcast_to(bases, (m, *aligned.shape), chunks=(chunks, *aligned.chunks)),
-                "mpyx",
-            )
+            references = (_broadcast(bases, m, chunks), "mpyx")
         else:  # the 3-D psfalign is read whatever the targets; every write is waited for
             references = (da.arange(m, chunks=chunks), "m")
-            reading = (*reading[:3], "nr")
+            reading = (*reading[:3], "nrs")
+    if callable(chosen):
+        chosen = chosen(_broadcast(gram, m, chunks) if shared else gram)
+    if chosen is not None:
+        chosen = da.asarray(chosen).astype(bool).rechunk((chunks, -1, -1))
+        if chosen.shape != (m, gram.shape[1], npsf):
+            raise ValueError(f"chosen is {chosen.shape}, not (m, Z, p) = {(m, *gram.shape[1:3])}")
+    # with a 3-D psfalign, one set of weights and ERR for all, unless chosen per target
+    each = not shared or chosen is not None
+    weights = da.blockwise(
+        weights_block,
+        "mzwak",
+        _broadcast(gram, m, chunks) if shared and each else gram,
+        "mzab",
+        npix,
+        None,
+        count,
+        None,
+        *((None, None) if chosen is None else (chosen, "mza")),
+        new_axes={"w": 2, "k": count},
+        concatenate=True,
+        dtype=np.float64,
+        name=f"klip-weights-{name}-{tokenize(chosen)}",
+    )
+    err = _errors(
+        *((references, means, reading) if each else basis),
+        weights,
+        rows,
+        cutoffs,
+        zones,
+        chosen,
+        (target.shape[0] if each else 1, npsf, *target.shape[1:]),
+        chunks if each else (1,),
+    )
+    if each:
+        err = err.transpose(1, 0, 2, 3)
+    else:
+        weights = _broadcast(weights, m, chunks)
         err = da.broadcast_to(
             err[0][:, None], (len(cutoffs), *target.shape), chunks=(-1, *target.chunks)
         )
-    else:
-        err = err.transpose(1, 0, 2, 3)
     cube = not isinstance(truncate, int | np.integer)
     err = err.astype(np.float32)
-    return KLBasis(references, reading, means, weights, rows, err, cutoffs, cube, target, overlaps)
+    return KLBasis(
+        references,
+        reading,
+        means,
+        weights,
+        rows,
+        err,
+        cutoffs,
+        cube,
+        target,
+        overlaps,
+        gram,
+        zones,
+        chosen,
+    )
+
+
+def _errors(
+    references: tuple,
+    means: da.Array,
+    reading: tuple,
+    weights: da.Array,
+    rows: int,
+    cutoffs: tuple[int, ...],
+    zones: Zones | None,
+    chosen: da.Array | None,
+    shape: tuple[int, ...],
+    chunks: tuple[int, ...],
+) -> da.Array:
+    """KLIP's ERR (m, kl, y, x) of the references (``shape``: m, p, y, x) in blocks of
+    ``chunks`` targets: 0 where every cutoff keeps every reference's mode (the references
+    lie in their KL images' span), NaN in no zone."""
+    m, npsf, ny, nx = shape
+    if all(k >= npsf for k in cutoffs):
+        empty = np.zeros((ny, nx)) if zones is None else np.where(zones.labels < 0, np.nan, 0.0)
+        return da.broadcast_to(
+            da.from_array(empty), (m, len(cutoffs), ny, nx), chunks=(chunks, -1, -1, -1)
+        )
+    frame = {} if not reading else {"y": ny, "x": nx}
+    return da.blockwise(
+        errors_block,
+        "mcyx",
+        *references,
+        means,
+        "mpz",
+        weights,
+        "mzwak",
+        rows,
+        None,
+        cutoffs,
+        None,
+        zones,
+        None,
+        *((None, None) if chosen is None else (chosen, "mzp")),
+        *reading,
+        new_axes={"c": len(cutoffs), **frame},
+        concatenate=False,
+        dtype=np.float64,
+        name=f"klip-err-{tokenize(references, means, weights, rows, cutoffs, zones, chosen)}",
+    )
 
 
 def subtract(science: xr.Dataset, basis: KLBasis) -> xr.Dataset:
@@ -230,19 +298,21 @@ def subtract(science: xr.Dataset, basis: KLBasis) -> xr.Dataset:
     and there is a basis per integration (``KLBasis.overlaps``)."""
     target = science["sci"].data
     cutoffs = basis.cutoffs
-    npsf = basis.weights.shape[2]
-    name = tokenize(target, basis.weights, cutoffs)
+    npsf = basis.weights.shape[3]
+    name = tokenize(target, basis.weights, cutoffs, basis.zones)
     overlaps = basis.overlaps
     if overlaps is None or target.name != basis.science.name:  # a pass of their own
         overlaps = da.blockwise(
             overlaps_block,
-            "mq",
+            "mzq",
             target,
             "myx",
             *basis.references,
             basis.means,
-            "mp",
+            "mpz",
             basis.rows,
+            None,
+            basis.zones,
             None,
             *basis.reading,
             new_axes={"q": npsf},
@@ -257,14 +327,16 @@ def subtract(science: xr.Dataset, basis: KLBasis) -> xr.Dataset:
         "myx",
         *basis.references,
         basis.means,
-        "mp",
+        "mpz",
         basis.weights,
-        "mwak",
+        "mzwak",
         overlaps,
-        "mq",
+        "mzq",
         basis.rows,
         None,
         cutoffs,
+        None,
+        basis.zones,
         None,
         *basis.reading,
         new_axes={"c": len(cutoffs)},
@@ -292,18 +364,25 @@ def klip(
     *,
     rows: int | None = None,
     on_disk: OnDisk | None = None,
+    zones: Zones | None = None,
+    chosen: da.Array | Callable[[da.Array], da.Array] | None = None,
 ) -> xr.Dataset:
     """psfsub of ``science`` (the filled cube from align_refs): ``sci``, ``err``, ``dq``.
 
     ``truncate``: the KL modes kept, or several cutoffs (a KL-mode cube): then ``sci`` and
     ``err`` have a leading ``kl`` dimension, one image per cutoff (ascending) from one
     basis, which each cutoff projects on its first k images. A cutoff above the number of
-    references is that number (``used_cutoffs``, logged): the ``kl`` coordinate says the
-    cutoffs used.
+    references is that number (``klip_parameters.used_cutoffs``, logged): the ``kl``
+    coordinate says the cutoffs used.
     ``rows`` of frame per KLIP tile (the block plan's; default: ``chunking.tile_rows`` of
     8 MiB, the default of the setting coron_dask.chunks.klip-tile). ``on_disk``: psfalign's
     SCI as written to disk (``io.staging.write_blocks``), which the KLIP tasks then read a
     tile at a time: no worker holds a target's aligned references between tasks.
+    ``zones``: KLIP in zones (``klip_parameters.klip_zones``; None: the whole frame);
+    ``chosen``: the references each (integration, zone) may use (see the module's
+    docstring).
     """
-    basis = kl_basis(science, psfalign, truncate, rows=rows, on_disk=on_disk)
+    basis = kl_basis(
+        science, psfalign, truncate, rows=rows, on_disk=on_disk, zones=zones, chosen=chosen
+    )
     return subtract(science, basis)

@@ -39,7 +39,8 @@ ROUNDING = 0.006  # GiB: the message rounds to 0.01 GiB
 @st.composite
 def observations(draw) -> Observation:
     """Frames from a few pixels to larger than NIRCam's full array, one to four science
-    exposures, up to thirty reference exposures, one cutoff or a KL-mode cube."""
+    exposures, up to thirty reference exposures, one cutoff or a KL-mode cube, KLIP over
+    the whole frame or in up to forty zones."""
     side = st.integers(4, 2100)
     cutoffs = st.integers(1, 300)
     truncate = draw(
@@ -57,6 +58,7 @@ def observations(draw) -> Observation:
         save_psfalign=draw(st.booleans()),
         format=draw(st.sampled_from(["fits", "zarr"])),
         injections=draw(st.integers(0, 3)),
+        zones=draw(st.one_of(st.none(), st.integers(1, 40))),  # KLIP's zones, if any
     )
 
 

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from coron_dask.steps import blocks
+from coron_dask.steps import klip_blocks as blocks
 
 NOISE = 1e-4  # nearly alike references: small modes, sensitive to rounding
 
@@ -50,9 +50,9 @@ def test_gram_bordered_by_overlaps_is_the_two_passes_bit_for_bit(klip_inputs, ro
     grams = blocks.gram_block([[refs]], [means], None, rows)
     overlaps = blocks.overlaps_block([[targets]], [[refs]], [means], rows)
     npsf = refs.shape[1]
-    assert bordered.shape == (len(targets), npsf, npsf + 1)
-    np.testing.assert_array_equal(bordered[:, :, :npsf], grams)
-    np.testing.assert_array_equal(bordered[:, :, npsf], overlaps)
+    assert bordered.shape == (len(targets), 1, npsf, npsf + 1)
+    np.testing.assert_array_equal(bordered[..., :npsf], grams)
+    np.testing.assert_array_equal(bordered[..., npsf], overlaps)
     np.testing.assert_array_equal(
         blocks.weights_block(bordered, refs[0, 0].size, 8),
         blocks.weights_block(grams, refs[0, 0].size, 8),
