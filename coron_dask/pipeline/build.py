@@ -34,6 +34,15 @@ from coron_dask.steps.klip import KLBasis, kl_basis, subtract
 from coron_dask.steps.klip_blocks import summary
 from coron_dask.steps.klip_parameters import klip_zones, used_cutoffs, whole_frame
 from coron_dask.steps.outlier_detection import outlier_detection
+from coron_dask.steps.references import (
+    contiguous_blocks,
+    eligible_references,
+    fewest_references,
+    reference_pool,
+    references_of,
+    roll_angle,
+    select_references,
+)
 from coron_dask.steps.stack_refs import stack_refs
 
 log = logging.getLogger(__name__)
@@ -194,11 +203,16 @@ def _alignment_mask(psfmask: Path | None, stack: xr.Dataset) -> object:
     return None
 
 
-def _filled_references(stack: xr.Dataset, made: _Products) -> tuple[xr.Dataset, dict]:
-    """The references with bad pixels filled, and where they go to disk once (a scratch
-    file; each alignment task reads its block from it)."""
+def _filled_references(
+    stack: xr.Dataset, filled: list[xr.Dataset], made: _Products
+) -> tuple[xr.Dataset, dict]:
+    """Every frame a science integration may take as a reference (``--mode``: the
+    reference star's, the ``filled`` science exposures', or both) with bad pixels filled,
+    and where they go to disk once (a scratch file; each alignment task reads its block
+    from it)."""
     p = made.parameters
     refs = median_replace_img(stack, p["median_box_length"], p["bad_bits"])
+    refs = reference_pool(refs, filled, p["mode"])
     names = ("SCI", "ERR") if p["save_psfalign"] else ("SCI",)
     kept = made.scratch(f"{made.association.product_name}_refs", refs, names)
     return refs, {name.lower(): write_blocks(name, kept, summary=frame_means) for name in names}
@@ -206,6 +220,7 @@ def _filled_references(stack: xr.Dataset, made: _Products) -> tuple[xr.Dataset, 
 
 def _psfsub(
     exposure: xr.Dataset,
+    filled: xr.Dataset,
     stack: xr.Dataset,
     refs: xr.Dataset,
     mask: object,
@@ -213,11 +228,17 @@ def _psfsub(
     made: _Products,
 ) -> tuple[xr.Dataset, KLBasis]:
     """align_refs and klip of one science exposure: its psfalign (the references aligned to
-    it) and psfsub, and the KL basis they were subtracted on."""
+    it) and psfsub, and the KL basis they were subtracted on. ``refs``: the pool of
+    references (``steps.references.reference_pool``), of which the exposure takes those
+    of its mode (ADI: the other rolls')."""
     p, plan, association = made.parameters, made.plan, made.association
-    filled = median_replace_img(exposure, p["median_box_length"], p["bad_bits"])
+    places, roll = None, None
+    if p["mode"] != "RDI":
+        roll = roll_angle(exposure)
+        places = references_of(refs, roll)
+        refs = select_references(refs, places).chunk({"psf": contiguous_blocks(places, plan.psfs)})
     psfalign = align_models(
-        filled, refs, mask, align_to=p["align_to"], on_disk=on_disk, psfs=plan.psfs
+        filled, refs, mask, align_to=p["align_to"], on_disk=on_disk, psfs=plan.psfs, places=places
     )
     root = f"{exposure_root(exposure)}_{association.asn_id}"
     model = "QuadModel" if p["align_to"] == "each" else "CubeModel"
@@ -243,8 +264,19 @@ def _psfsub(
     # each of KLIP's zones; KLIP reads it back a tile at a time
     zones = exposure_zones(exposure, p)
     aligned = write_blocks("SCI", *aligned_in, summary=summary(zones), values=zones and zones.count)
+    chosen = None  # the reference choice: ADI's movement (the lead adds the selection)
+    if roll is not None:
+        source = Path(exposure.encoding.get("source", "science")).name
+        chunks = filled["sci"].data.chunks[0]
+        chosen = eligible_references(psfalign, roll, zones, p["movement"], chunks, source=source)
     basis = kl_basis(
-        filled, psfalign, p["truncate"], rows=plan.klip_rows, on_disk=aligned, zones=zones
+        filled,
+        psfalign,
+        p["truncate"],
+        rows=plan.klip_rows,
+        on_disk=aligned,
+        zones=zones,
+        chosen=chosen,
     )
     psfsub = subtract(filled, basis)
     made.add(
@@ -321,7 +353,8 @@ def reduce_observation(
     psfmask = None if psfmask == "none" else psfmask
     opened = opened or open_association(asn)
     # klip keeps at most as many KL modes as there are references: its products say so
-    p["truncate"] = used_cutoffs(p["truncate"], opened.psfstack.sizes["psf"])
+    npsf = fewest_references(opened.science, opened.psfstack.sizes["psf"], p["mode"])
+    p["truncate"] = used_cutoffs(p["truncate"], npsf)
     plan = plan_observation(opened, workers or measure_workers(None), p, injections)
     log.info("block plan: %s", plan.describe())
     # the references in their exposures' blocks of at most `psfs` (no block merges
@@ -343,10 +376,11 @@ def reduce_observation(
         ("outlier_detection", "stack_refs"),
         psf=made.association.psf,
     )
-    refs, on_disk = _filled_references(stack, made)
+    filled = [median_replace_img(e, p["median_box_length"], p["bad_bits"]) for e in science]
+    refs, on_disk = _filled_references(stack, filled, made)
     psfsubs, bases = [], []
-    for exposure in science:
-        psfsub, basis = _psfsub(exposure, stack, refs, mask, on_disk, made)
+    for exposure, filled_exposure in zip(science, filled, strict=True):
+        psfsub, basis = _psfsub(exposure, filled_exposure, stack, refs, mask, on_disk, made)
         psfsubs.append(psfsub)
         bases.append(basis)
     if not p["save_psfalign"]:
