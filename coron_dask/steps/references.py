@@ -70,10 +70,15 @@ def reference_pool(refs: xr.Dataset, science: list[xr.Dataset], mode: str) -> xr
     if "RDI" in mode:
         npsf = refs.sizes["psf"]
         roll = refs.attrs.get("ROLL_REF", refs.attrs.get("PA_V3"))
+        named = {  # as the psfstack names them (``stack_refs``), or by their place
+            "psf_exposure": refs.coords.get("psf_exposure", ("psf", np.full(npsf, ""))),
+            "psf_integration": refs.coords.get("psf_integration", ("psf", np.arange(npsf) + 1)),
+        }
         rdi = (
             refs[["sci", "err"]]
             .drop_vars("psf")
             .assign_coords(
+                **named,
                 psf_kind=("psf", np.full(npsf, "RDI")),
                 psf_roll=("psf", np.full(npsf, np.nan if roll is None else float(roll))),
             )
@@ -186,3 +191,24 @@ def eligible_references(
             ", ".join(str(int(k)) for k in kept),
         )
     return da.broadcast_to(da.from_array(mask)[None], (m, *mask.shape), chunks=(chunks, -1, -1))
+
+
+def unreferenced(chosen: da.Array, zones: Zones | None, shape: tuple[int, int]) -> da.Array:
+    """(m, y, x) bool: the pixels of each integration whose zone has no reference ``chosen``
+    (m, Z, p): pyKLIP leaves such a zone unreduced (NaN), e.g. ADI's inner annuli, where
+    the roll moves nothing far enough."""
+    empty = ~chosen.any(axis=-1)
+    labels = np.zeros(shape, np.int16) if zones is None else zones.labels
+    return da.map_blocks(
+        _unreferenced_block,
+        empty,
+        labels=labels,
+        drop_axis=1,
+        new_axis=(1, 2),
+        chunks=(empty.chunks[0], (shape[0],), (shape[1],)),
+        dtype=bool,
+    )
+
+
+def _unreferenced_block(empty: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    return empty[:, np.maximum(labels, 0)] & (labels >= 0)[None]
