@@ -76,7 +76,8 @@ def kl_keywords(truncate: int | tuple[int, ...]) -> dict:
 class Reduction:
     """A reduction built lazily (``reduce_observation``): its products and the pieces that
     more can be built on: per science exposure the flagged cube (crfints), KLIP's KL basis
-    and the psfsub; the parameters as resolved and the block plan."""
+    and the psfsub; the parameters as resolved and the block plan; per science exposure its
+    psfalign (ADI's injections shift companions by its fits)."""
 
     products: list[Product]
     science: list[xr.Dataset]
@@ -84,6 +85,7 @@ class Reduction:
     psfsubs: list[xr.Dataset]
     parameters: dict
     plan: BlockPlan
+    psfaligns: list[xr.Dataset] = field(default_factory=list)
 
 
 def build_products(
@@ -226,9 +228,9 @@ def _psfsub(
     mask: object,
     on_disk: dict,
     made: _Products,
-) -> tuple[xr.Dataset, KLBasis]:
+) -> tuple[xr.Dataset, KLBasis, xr.Dataset]:
     """align_refs and klip of one science exposure: its psfalign (the references aligned to
-    it) and psfsub, and the KL basis they were subtracted on. ``refs``: the pool of
+    it) and psfsub, the KL basis they were subtracted on, and psfalign. ``refs``: the pool of
     references (``steps.references.reference_pool``), of which the exposure takes those
     of its mode (ADI: the other rolls')."""
     p, plan, association = made.parameters, made.plan, made.association
@@ -287,7 +289,7 @@ def _psfsub(
         ("outlier_detection", "align_refs", "klip"),
         **members,
     ).extensions.append(alignment_table(psfalign))
-    return psfsub, basis
+    return psfsub, basis, psfalign
 
 
 def exposure_zones(exposure: xr.Dataset, p: dict, *, logged: bool = True) -> Zones | None:
@@ -378,15 +380,18 @@ def reduce_observation(
     )
     filled = [median_replace_img(e, p["median_box_length"], p["bad_bits"]) for e in science]
     refs, on_disk = _filled_references(stack, filled, made)
-    psfsubs, bases = [], []
+    psfsubs, bases, psfaligns = [], [], []
     for exposure, filled_exposure in zip(science, filled, strict=True):
-        psfsub, basis = _psfsub(exposure, filled_exposure, stack, refs, mask, on_disk, made)
+        psfsub, basis, psfalign = _psfsub(
+            exposure, filled_exposure, stack, refs, mask, on_disk, made
+        )
         psfsubs.append(psfsub)
         bases.append(basis)
+        psfaligns.append(psfalign)
     if not p["save_psfalign"]:
         log.info("psfalign not written: the aligned references go to a scratch file KLIP reads")
     if "resample" in p["skip"]:
         log.info("resample skipped")
     else:
         _i2d(psfsubs, science, made)
-    return Reduction(made.products, science, bases, psfsubs, p, plan)
+    return Reduction(made.products, science, bases, psfsubs, p, plan, psfaligns)

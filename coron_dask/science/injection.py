@@ -42,7 +42,8 @@ from coron_dask.science.geometry import (
 )
 from coron_dask.science.transmission import Transmission
 from coron_dask.steps.align_refs import median_replace_img
-from coron_dask.steps.klip import subtract
+from coron_dask.steps.blocks import shift_block
+from coron_dask.steps.klip import KLBasis, kl_basis, subtract
 from coron_dask.steps.resample import resample
 
 
@@ -156,15 +157,32 @@ def injected_psfsubs(
     """Per science exposure of ``reduction``: the psfsub of its flagged cube with the
     companions ``members`` of the off-axis ``psf`` added, each dimmed by ``transmission``
     at its detector place (None: not dimmed), filled and subtracted on the science's own
-    KL basis as the science is; and the companions alone, not dimmed (lazy)."""
+    KL basis as the science is; and the companions alone, not dimmed (lazy).
+
+    With ADI (``--mode`` ADI, ADI+RDI) the other rolls' integrations, the references, carry
+    the companions too: each set gets its own KL bases (``adi_injected_basis``)."""
     p = reduction.parameters
     fluxes = np.array([c.contrast for c in members])  # the PSF's sum is the star's flux
     subs, models = [], []
-    places = detector_places(reduction.science, members, star)
-    for exposure, basis, positions in zip(reduction.science, reduction.bases, places, strict=True):
-        dimmed = fluxes if transmission is None else fluxes * transmission.at(positions)
-        injected = _injected(exposure, positions, dimmed, psf, alone=False)
+    science = reduction.science
+    places = detector_places(science, members, star)
+    dimmed = [
+        fluxes if transmission is None else fluxes * transmission.at(positions)
+        for positions in places
+    ]
+    # what each integration gains, in its own frame: the ADI references' companions
+    gained = [
+        _injected(exposure, positions, flux, psf, alone=True)["sci"].data
+        for exposure, positions, flux in zip(science, places, dimmed, strict=True)
+    ]
+    for k, (exposure, basis, positions) in enumerate(
+        zip(science, reduction.bases, places, strict=True)
+    ):
+        injected = _injected(exposure, positions, dimmed[k], psf, alone=False)
         filled = median_replace_img(injected, p["median_box_length"], p["bad_bits"])
+        if p["mode"] != "RDI":
+            psfalign = reduction.psfaligns[k]
+            basis = adi_injected_basis(filled, psfalign, basis, science, gained, p["truncate"])
         subs.append(subtract(filled, basis))
         models.append(_injected(exposure, positions, fluxes, psf, alone=True))
     return subs, models
@@ -248,3 +266,52 @@ def default_separations(exposure: xr.Dataset, star: SkyCoord, resolution: float,
         )
     scale = pixel_scale_arcsec(wcs)
     return list(np.linspace(3 * resolution, outer, count) * scale)
+
+
+def adi_injected_basis(
+    filled: xr.Dataset,
+    psfalign: xr.Dataset,
+    basis: KLBasis,
+    science: list[xr.Dataset],
+    gained: list[da.Array],
+    truncate: int | tuple[int, ...],
+) -> KLBasis:
+    """The KL bases of one science exposure whose ADI references carry the injected
+    companions: psfalign's ADI planes plus what their integrations gained (``gained``:
+    per ``science`` exposure, the companions alone in its frame) moved by the same fitted
+    shifts (shifting is linear: the fits are reused, never made again); the reference
+    star's planes as they are. The zones and the reference choice are the science's."""
+    kinds = psfalign["psf_kind"].values
+    adi = np.flatnonzero(kinds == "ADI")
+    first = len(kinds) - len(adi)
+    if not (adi == np.arange(first, len(kinds))).all():  # ``steps.references``' order
+        raise ValueError("psfalign's ADI planes must follow the reference star's")
+    names = [Path(e.encoding.get("source", "science")).name for e in science]
+    frames = []
+    for name, number in zip(
+        psfalign["psf_exposure"].values[adi], psfalign["psf_integration"].values[adi], strict=True
+    ):
+        k = names.index(str(name))
+        frames.append(gained[k][int(np.flatnonzero(science[k]["integration"].values == number)[0])])
+    fits = psfalign["fit"].data[..., first:, :]
+    each = fits.ndim == 3
+    companions = da.stack(frames).rechunk((fits.chunks[-2], -1, -1))
+    moved = da.blockwise(
+        shift_block,
+        "mpyx" if each else "pyx",
+        companions,
+        "pyx",
+        fits,
+        "mpk" if each else "pk",
+        concatenate=True,
+        dtype=np.float32,
+        name="inject-aligned-" + tokenize(companions, fits),
+    )
+    aligned = psfalign["sci"].data
+    injected = da.concatenate(
+        [aligned[..., :first, :, :], aligned[..., first:, :, :] + moved], axis=-3
+    )
+    references = psfalign[["sci"]].assign(sci=(psfalign["sci"].dims, injected))
+    return kl_basis(
+        filled, references, truncate, rows=basis.rows, zones=basis.zones, chosen=basis.chosen
+    )

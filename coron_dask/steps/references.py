@@ -71,8 +71,11 @@ def reference_pool(refs: xr.Dataset, science: list[xr.Dataset], mode: str) -> xr
         npsf = refs.sizes["psf"]
         roll = refs.attrs.get("ROLL_REF", refs.attrs.get("PA_V3"))
         named = {  # as the psfstack names them (``stack_refs``), or by their place
-            "psf_exposure": refs.coords.get("psf_exposure", ("psf", np.full(npsf, ""))),
-            "psf_integration": refs.coords.get("psf_integration", ("psf", np.arange(npsf) + 1)),
+            name: ("psf", refs[name].values if name in refs.coords else default)
+            for name, default in (
+                ("psf_exposure", np.full(npsf, "")),
+                ("psf_integration", np.arange(npsf) + 1),
+            )
         }
         rdi = (
             refs[["sci", "err"]]
