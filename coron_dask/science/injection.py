@@ -170,20 +170,23 @@ def injected_psfsubs(
         fluxes if transmission is None else fluxes * transmission.at(positions)
         for positions in places
     ]
-    # what each integration gains, in its own frame: the ADI references' companions
-    gained = [
-        _injected(exposure, positions, flux, psf, alone=True)["sci"].data
+    fill = (p["median_box_length"], p["bad_bits"])
+    filled = [
+        median_replace_img(_injected(exposure, positions, flux, psf, alone=False), *fill)
         for exposure, positions, flux in zip(science, places, dimmed, strict=True)
     ]
-    for k, (exposure, basis, positions) in enumerate(
-        zip(science, reduction.bases, places, strict=True)
-    ):
-        injected = _injected(exposure, positions, dimmed[k], psf, alone=False)
-        filled = median_replace_img(injected, p["median_box_length"], p["bad_bits"])
+    # what each integration gains, filled as the science is (the fill is not linear at
+    # bad pixels): the ADI references' companions, in their own frames
+    gained = [
+        injected["sci"].data - median_replace_img(exposure, *fill)["sci"].data
+        for injected, exposure in zip(filled, science, strict=True)
+    ]
+    for k, (exposure, positions) in enumerate(zip(science, places, strict=True)):
+        basis = reduction.bases[k]
         if p["mode"] != "RDI":
             psfalign = reduction.psfaligns[k]
-            basis = adi_injected_basis(filled, psfalign, basis, science, gained, p["truncate"])
-        subs.append(subtract(filled, basis))
+            basis = adi_injected_basis(filled[k], psfalign, basis, science, gained, p["truncate"])
+        subs.append(subtract(filled[k], basis))
         models.append(_injected(exposure, positions, fluxes, psf, alone=True))
     return subs, models
 
