@@ -6,6 +6,7 @@ shifts. Checked against the injected frames themselves filled and moved by those
 import dask
 import dask.array as da
 import numpy as np
+import pytest
 import xarray as xr
 from astropy.io import fits
 
@@ -26,13 +27,21 @@ from coron_dask.steps.klip import klip
 TRUNCATE = (2, 4)
 
 
-def test_adi_injections_are_the_injected_frames_moved_by_the_same_fits(asn, tmp_path):
+@pytest.mark.parametrize("align_to", ["each", "first"])
+def test_adi_injections_are_the_injected_frames_moved_by_the_same_fits(asn, tmp_path, align_to):
     """ADI+RDI in 2 annuli: each injected set's psfsub is the KLIP of the injected science
     on references made of the reference star's aligned frames and the other roll's injected
     integrations, filled and moved by psfalign's fits (1e-4 of the companions' signal); a
     set of zero flux gives the science psfsub (to float32 rounding)."""
     reduction = reduce_observation(
-        asn, tmp_path, psfmask="none", truncate=TRUNCATE, mode="ADI+RDI", annuli=2, movement=1.0
+        asn,
+        tmp_path,
+        psfmask="none",
+        truncate=TRUNCATE,
+        mode="ADI+RDI",
+        annuli=2,
+        movement=1.0,
+        align_to=align_to,
     )
     p = reduction.parameters
     psf = read_offaxis_psf(asn.parent / "offaxis_psf.fits")
@@ -64,9 +73,9 @@ def test_adi_injections_are_the_injected_frames_moved_by_the_same_fits(asn, tmp_
                 aligned = hdul["SCI"].data.astype(np.float32)
                 table = hdul["ALIGN"].data
             shifts = np.stack([table[c] for c in ("DX", "DY", "BETA", "CONVERGED")], axis=-1)
-            shifts = shifts.reshape(*aligned.shape[:2], 4)[:, first:]
+            shifts = shifts.reshape(*aligned.shape[:-2], 4)[..., first:, :]
             other = np.concatenate([f["sci"].values for j, f in enumerate(filled) if j != k])
-            aligned[:, first:] = shift_block(other, shifts)
+            aligned[..., first:, :, :] = shift_block(other, shifts)
             references = xr.Dataset({"sci": (psfalign["sci"].dims, da.from_array(aligned))})
             basis = reduction.bases[k]
             chosen = basis.chosen.compute()
