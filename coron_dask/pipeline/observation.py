@@ -95,6 +95,7 @@ def plan_observation(
         save_psfalign=p["save_psfalign"],
         format=p["format"],
         injections=injections,
+        own_bases=bool(injections) and "ADI" in p["mode"],
         zones=None if whole_frame(*zoning) else zoning[0] * zoning[1],
     )
     return chunking.plan_blocks(
