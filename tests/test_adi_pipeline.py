@@ -96,3 +96,20 @@ def test_every_run_command_takes_the_mode(command, capsys):
     code, out, _ = run_main([command, "--help"], capsys)
     assert code == 0
     assert "--mode {RDI,ADI,ADI+RDI}" in out and "--movement" in out
+
+
+def test_adi_of_one_roll_is_refused_in_one_line(tmp_path, capsys):
+    """Science at one roll has no ADI reference: exit 2, one line naming --mode, nothing
+    written."""
+    from coron_dask.science.simulate import simulate
+
+    asn = simulate(tmp_path / "sim", size=64, sci_exps=1, sci_ints=2, psf_exps=2, psf_ints=2)
+    out = tmp_path / "out"
+    args = ["run", asn, "-o", out, "--mode", "ADI", "--psfmask", "none"]
+    code, _, err = run_main([*args, "--scheduler", "synchronous"], capsys)
+    assert code == 2
+    errors = [line for line in err.splitlines() if "error" in line]
+    assert errors == [
+        "coron-dask: error: --mode: ADI: the science exposures are all at one roll (110 deg)"
+    ]
+    assert not out.exists()

@@ -105,7 +105,9 @@ def build_products(
     resample), snr 5.0, maskpt 0.7, good_bits "~DO_NOT_USE", align_to "each",
     median_box_length 3, bad_bits "DO_NOT_USE" ("" for none), truncate 50, KLIP's zones
     (annuli 1, subsections 1, annuli_spacing "constant", iwa 0, owa None: one zone, the
-    frame; ``steps.klip_parameters.klip_zones``), orientation "detector" (or "north"),
+    frame; ``steps.klip_parameters.klip_zones``), KLIP's references mode "RDI" (or "ADI",
+    "ADI+RDI": the other rolls' integrations too) and movement 3.0 (pixels;
+    ``steps.references``), orientation "detector" (or "north"),
     format "fits" (or "zarr": Zarr stores), save_psfalign (True: write psfalign; without it
     only a scratch file of its SCI, which KLIP reads),
     integrations, psfs and outlier_rows (block sizes; planned for ``workers``, by default
