@@ -264,7 +264,8 @@ def inject(frames: int, frame: Frame, psf_pixels: int) -> int:
 def inject_klip(frames: int, npsf: int, rows: int, frame: Frame, zones: int | None) -> int:
     """A KLIP task of an injected set's own bases (ADI, ``science.injection``): its
     targets' aligned references whole (read back from disk, plus the moved companions, and
-    their sum: float32) and what a Gram task holds. Not measured yet (``test_memory``)."""
+    their sum: float32) and what a Gram task holds (``test_memory`` measures them as one
+    task, every reference ADI: the most)."""
     whole = 3 * 4 * frames * npsf * frame.pixels
     return whole + klip_gram(frames, npsf, rows, frame, True, zones)
 
