@@ -35,13 +35,10 @@ from coron_dask.steps.klip_blocks import summary
 from coron_dask.steps.klip_parameters import klip_zones, used_cutoffs, whole_frame
 from coron_dask.steps.outlier_detection import outlier_detection
 from coron_dask.steps.references import (
-    contiguous_blocks,
     eligible_references,
+    exposure_references,
     fewest_references,
     reference_pool,
-    references_of,
-    roll_angle,
-    select_references,
 )
 from coron_dask.steps.stack_refs import stack_refs
 
@@ -236,11 +233,7 @@ def _psfsub(
     references (``steps.references.reference_pool``), of which the exposure takes those
     of its mode (ADI: the other rolls')."""
     p, plan, association = made.parameters, made.plan, made.association
-    places, roll = None, None
-    if p["mode"] != "RDI":
-        roll = roll_angle(exposure)
-        places = references_of(refs, roll)
-        refs = select_references(refs, places).chunk({"psf": contiguous_blocks(places, plan.psfs)})
+    refs, places, roll = exposure_references(refs, exposure, p["mode"], plan.psfs)
     psfalign = align_models(
         filled, refs, mask, align_to=p["align_to"], on_disk=on_disk, psfs=plan.psfs, places=places
     )

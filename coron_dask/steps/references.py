@@ -144,6 +144,20 @@ def select_references(pool: xr.Dataset, places: np.ndarray) -> xr.Dataset:
     return chosen.assign_coords(psf=np.arange(len(places)))
 
 
+def exposure_references(
+    pool: xr.Dataset, exposure: xr.Dataset, mode: str, psfs: int | None
+) -> tuple[xr.Dataset, np.ndarray | None, float | None]:
+    """The references of a science ``exposure`` in ``mode``, taken from ``pool`` in
+    blocks of at most ``psfs`` contiguous frames, their places in it and the exposure's
+    roll (RDI: the pool as it is, None, None)."""
+    if mode == "RDI":
+        return pool, None, None
+    roll = roll_angle(exposure)
+    places = references_of(pool, roll)
+    refs = select_references(pool, places).chunk({"psf": contiguous_blocks(places, psfs)})
+    return refs, places, roll
+
+
 def zone_radii(zones: Zones | None, shape: tuple[int, int]) -> np.ndarray:
     """Each zone's radius as pyKLIP's movement takes it: the mean of its annulus's inner
     and outer edges (``(radstart + radend) / 2``); one zone, the whole frame: pyKLIP's one
