@@ -54,6 +54,7 @@ def _moved(table: Table) -> np.ndarray:
 def test_adi_rdi_is_deeper_where_the_roll_moves_a_companion_by_2_lambda_over_d(curves):
     rdi, adi = curves["RDI"], curves["ADI+RDI"]
     assert np.allclose(rdi["separation"], adi["separation"])
+    assert (rdi.meta["mode"], adi.meta["mode"], adi.meta["movement"]) == ("RDI", "ADI+RDI", 3.0)
     far = _moved(rdi) > 2 * rdi.meta["resolution_pixels"]
     assert far.sum() >= 5
     gain = np.asarray(rdi["contrast"]) / np.asarray(adi["contrast"])
