@@ -124,6 +124,15 @@ SPEC: tuple[Parameter, ...] = (
               "out (NaN in psfsub)", None, "klip.owa", Number(whole=False, above=0),
               "annuli spaced to the farthest pixel, the last reaching the frame's edge, "
               "as pyKLIP's", keyword=("OWA", "klip: outer working angle (pixels)")),
+    Parameter("mode", "KLIP's references (pyKLIP's modes): the reference star's frames (RDI, "
+              "jwst's), the other rolls' science integrations aligned to each integration "
+              "(ADI), or both (ADI+RDI)", "RDI", "klip.mode", OneOf(("RDI", "ADI", "ADI+RDI")),
+              keyword=("KLIPMODE", "klip: references RDI, ADI or ADI+RDI")),
+    Parameter("movement", "ADI: in each zone, leave out another roll's integration where the "
+              "roll moves a companion at the zone's radius by less than this many pixels "
+              "(pyKLIP's movement and default), so a companion does not subtract itself", 3.0,
+              "klip.movement", Number(whole=False, low=0),
+              keyword=("MOVEMENT", "klip: least ADI movement (pixels)")),
     Parameter("orientation", "i2d grid: the first exposure's detector orientation (as jwst) or "
               "north up", "detector", "resample.orientation", OneOf(("detector", "north")),
               keyword=("ORIENT", "resample: i2d grid orientation")),

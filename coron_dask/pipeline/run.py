@@ -288,8 +288,8 @@ def run_coron3(
 
     ``parameters`` are those of ``build_products`` (skip, snr, maskpt, good_bits, align_to,
     median_box_length, bad_bits, truncate, annuli, subsections, annuli_spacing, iwa, owa,
-    orientation, format, save_psfalign, integrations, psfs, outlier_rows), the configured
-    defaults where not given. ``scheduler``: None starts
+    mode, movement, orientation, format, save_psfalign, integrations, psfs, outlier_rows),
+    the configured defaults where not given. ``scheduler``: None starts
     a LocalCluster of ``n_workers`` processes for the run (or, with ``kind`` "slurm" or
     "pbs", ``jobs`` batch jobs of workers, or between the ``adapt`` minimum and maximum); an
     address or ``scheduler_file`` uses a running cluster, once ``wait_for_workers`` workers

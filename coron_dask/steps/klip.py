@@ -61,6 +61,7 @@ from coron_dask.steps.klip_blocks import (
     weights_block,
 )
 from coron_dask.steps.klip_parameters import kl_cutoffs, used_cutoffs
+from coron_dask.steps.references import unreferenced
 
 
 @dataclass(frozen=True)
@@ -345,6 +346,9 @@ def subtract(science: xr.Dataset, basis: KLBasis) -> xr.Dataset:
         name=f"klip-subtract-{name}",
     )
     err = basis.err
+    if basis.chosen is not None:  # a zone left with no reference: NaN, as pyKLIP leaves it
+        empty = unreferenced(basis.chosen, basis.zones, target.shape[1:])[None]
+        sci, err = (da.where(empty, np.float32(np.nan), image) for image in (sci, err))
     dims = ("kl", "integration", "y", "x")
     coords = {"integration": science["integration"], "kl": list(cutoffs)}
     if not basis.cube:  # jwst's layout: no kl dimension
