@@ -124,6 +124,12 @@ SPEC: tuple[Parameter, ...] = (
               "out (NaN in psfsub)", None, "klip.owa", Number(whole=False, above=0),
               "annuli spaced to the farthest pixel, the last reaching the frame's edge, "
               "as pyKLIP's", keyword=("OWA", "klip: outer working angle (pixels)")),
+    Parameter("maxnumbasis", "KLIP with, for each science integration and zone, only the N "
+              "references most correlated with it there (pyKLIP's maxnumbasis): a library "
+              "of many stars, fitted with the references that look like the integration; "
+              "the choice is written in psfsub (REFS, REFCORR)", None, "klip.maxnumbasis",
+              Number(low=1), "every reference, as jwst",
+              keyword=("MAXNBAS", "klip: references kept per integration and zone")),
     Parameter("orientation", "i2d grid: the first exposure's detector orientation (as jwst) or "
               "north up", "detector", "resample.orientation", OneOf(("detector", "north")),
               keyword=("ORIENT", "resample: i2d grid orientation")),

@@ -34,6 +34,7 @@ from coron_dask.steps.klip import KLBasis, kl_basis, subtract
 from coron_dask.steps.klip_blocks import summary
 from coron_dask.steps.klip_parameters import klip_zones, used_cutoffs, whole_frame
 from coron_dask.steps.outlier_detection import outlier_detection
+from coron_dask.steps.references import check_maxnumbasis, chosen_extensions, selection
 from coron_dask.steps.stack_refs import stack_refs
 
 log = logging.getLogger(__name__)
@@ -243,18 +244,29 @@ def _psfsub(
     # each of KLIP's zones; KLIP reads it back a tile at a time
     zones = exposure_zones(exposure, p)
     aligned = write_blocks("SCI", *aligned_in, summary=summary(zones), values=zones and zones.count)
+    # references chosen per integration and zone (maxnumbasis), or None: all
+    chosen = selection(filled["sci"].data, zones, p["maxnumbasis"], psfalign.sizes["psf"])
     basis = kl_basis(
-        filled, psfalign, p["truncate"], rows=plan.klip_rows, on_disk=aligned, zones=zones
+        filled,
+        psfalign,
+        p["truncate"],
+        rows=plan.klip_rows,
+        on_disk=aligned,
+        zones=zones,
+        chosen=chosen,
     )
     psfsub = subtract(filled, basis)
-    made.add(
+    product = made.add(
         f"{root}_psfsub",
         {**exposure.attrs, "DATAMODL": "CubeModel"},
         psfsub,
         {**exposure["sci"].attrs, **kl_keywords(p["truncate"])},
         ("outlier_detection", "align_refs", "klip"),
         **members,
-    ).extensions.append(alignment_table(psfalign))
+    )
+    product.extensions.append(alignment_table(psfalign))
+    if chosen is not None:
+        product.extensions.extend(chosen_extensions(*chosen.chosen()))
     return psfsub, basis
 
 
@@ -321,6 +333,7 @@ def reduce_observation(
     psfmask = None if psfmask == "none" else psfmask
     opened = opened or open_association(asn)
     # klip keeps at most as many KL modes as there are references: its products say so
+    check_maxnumbasis(p["maxnumbasis"], p["truncate"])
     p["truncate"] = used_cutoffs(p["truncate"], opened.psfstack.sizes["psf"])
     plan = plan_observation(opened, workers or measure_workers(None), p, injections)
     log.info("block plan: %s", plan.describe())

@@ -27,6 +27,7 @@ from coron_dask.runtime.deploy import (
 from coron_dask.runtime.execute import execute
 from coron_dask.runtime.jobqueue import check_jobqueue
 from coron_dask.runtime.resources import allocation
+from coron_dask.steps.references import check_maxnumbasis
 
 log = logging.getLogger(__name__)
 #: Options that say where a run goes, which a cluster or client under way already says.
@@ -63,6 +64,7 @@ def check_inputs(
     frame size, KLIP's zones in each science exposure, the PSFMASK, the output folder.
     Returns the parameters resolved and the observation opened (whole exposures)."""
     resolved = resolve_parameters(**parameters)
+    check_maxnumbasis(resolved["maxnumbasis"], resolved["truncate"])
     observation = open_association(asn)
     for exposure in observation.science:
         build.exposure_zones(exposure, resolved, logged=False)
