@@ -45,6 +45,7 @@ def test_defaults_are_those_shipped_before_the_spec():
             "annuli-spacing": "constant",
             "iwa": 0.0,
             "owa": None,
+            "maxnumbasis": None,  # every reference, as jwst
         },
         "resample": {"orientation": "detector"},
         "output": {"format": "fits", "psfalign": True},
@@ -89,6 +90,7 @@ def test_provenance_keywords_are_those_products_carry():
         ("annuli_spacing", ("ANNSPACE", "klip: annuli spacing")),
         ("iwa", ("IWA", "klip: inner working angle (pixels)")),
         ("owa", ("OWA", "klip: outer working angle (pixels)")),
+        ("maxnumbasis", ("MAXNBAS", "klip: references kept per integration and zone")),
         ("orientation", ("ORIENT", "resample: i2d grid orientation")),
         ("save_psfalign", ("PSFALIGN", "psfalign products written")),
     ]

@@ -36,6 +36,7 @@ FITS_RUN = {
     "annuli_spacing": "log",
     "iwa": 3.0,
     "owa": 28.5,
+    "maxnumbasis": None,  # the default: every reference, recorded as "none"
     "orientation": "north",
     "save_psfalign": True,
 }
@@ -54,6 +55,7 @@ ZARR_RUN = {
     "annuli_spacing": "linear",
     "iwa": 2.0,
     "owa": None,  # the default, recorded as "none"
+    "maxnumbasis": 4,  # 4 of the 6 references per integration and zone
     "orientation": "detector",
     "save_psfalign": False,
 }

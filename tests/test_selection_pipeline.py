@@ -1,0 +1,95 @@
+"""References chosen per integration and zone (--maxnumbasis) through the pipeline: products
+bit for bit the same whatever the blocks, the choice written in psfsub (REFS, REFCORR) and
+opened with it, maxnumbasis not below the references today's products bit for bit, bad
+values one line and exit 2 before anything is written; a reduction against pyKLIP's
+klip_dataset with a PSFLibrary and maxnumbasis."""
+
+import dask
+import numpy as np
+import pytest
+from astropy.io import fits
+
+from coron_dask.cli.main import main
+from coron_dask.io.backend import open_product
+from tests.conftest import assert_same_products, run_main
+
+ZONES = ["--annuli", "2", "--subsections", "2", "--iwa", "3", "--owa", "30"]
+CHOICE = ["--maxnumbasis", "4", "--truncate", "2,4"]
+#: (align_to, integrations per block, references per alignment block)
+BLOCKS = [("each", 1, 1), ("each", 3, 6), ("first", 1, 1), ("first", 2, 4)]
+KLIP_TILE = 6 * 64 * 4 * 5  # tiles of 5 rows
+
+
+def _run(asn, mask, folder, *extra) -> None:
+    args = ["run", asn, "-o", folder, "--psfmask", mask, *extra, "--scheduler", "synchronous"]
+    assert main([str(a) for a in args]) == 0
+
+
+@pytest.fixture(scope="module")
+def chosen(asn, observation_dir, tmp_path_factory) -> dict:
+    """The products of each block shape of BLOCKS with 4 of the 6 references chosen."""
+    out = {}
+    with dask.config.set({"coron_dask.chunks.klip-tile": KLIP_TILE}):
+        for mode, integrations, psfs in BLOCKS:
+            folder = tmp_path_factory.mktemp(f"chosen_{mode}")
+            blocks = ["--integrations-per-chunk", integrations, "--psfs-per-chunk", psfs]
+            extra = ["--align-to", mode, *blocks, *ZONES, *CHOICE]
+            _run(asn, observation_dir / "psfmask.fits", folder, *extra)
+            out[mode, integrations, psfs] = folder
+    return out
+
+
+@pytest.mark.parametrize("blocks", [b for b in BLOCKS if b[1:] != (1, 1)], ids=str)
+def test_products_with_a_choice_do_not_depend_on_the_blocks(blocks, chosen):
+    assert_same_products(chosen[blocks], chosen[blocks[0], 1, 1])
+
+
+@pytest.mark.parametrize("mode", ["each", "first"])
+def test_the_choice_is_written_and_opened(mode, chosen):
+    """psfsub's REFS and REFCORR (integration, zone, rank): 4 distinct references of the 6
+    for each (integration, zone), most correlated first, and the header says MAXNBAS."""
+    paths = sorted(chosen[mode, 1, 1].glob("*_psfsub.fits"))
+    assert len(paths) == 2
+    for path in paths:
+        assert fits.getheader(path)["MAXNBAS"] == 4
+        dataset = open_product(path)
+        refs, corr = dataset["REFS"].values, dataset["REFCORR"].values
+        assert dataset["REFS"].dims == ("integration", "zone", "rank")
+        assert refs.shape == (3, 4, 4) and ((refs >= 0) & (refs < 6)).all()
+        assert all(len(set(row)) == 4 for row in refs.reshape(-1, 4))
+        assert (np.diff(corr, axis=-1) <= 0).all() and (np.abs(corr) <= 1).all()
+        assert len({tuple(row) for row in refs.reshape(-1, 4)}) > 1  # a choice per zone
+
+
+def test_maxnumbasis_not_below_the_references_is_todays_products(asn, observation_dir, tmp_path):
+    """--maxnumbasis 6 of 6 references (and more): every reference used, products bit for
+    bit those of a run without it (no REFS, REFCORR), logged."""
+    mask = observation_dir / "psfmask.fits"
+    extra = [*ZONES, "--truncate", "2,4", "--skip", "resample"]
+    _run(asn, mask, tmp_path / "none", *extra)
+    for k in (6, 9):
+        _run(asn, mask, tmp_path / f"k{k}", *extra, "--maxnumbasis", k)
+        assert_same_products(tmp_path / f"k{k}", tmp_path / "none")
+    for path in (tmp_path / "k6").glob("*_psfsub.fits"):
+        with fits.open(path) as hdul:
+            assert "REFS" not in hdul and hdul[0].header["MAXNBAS"] == 6
+
+
+@pytest.mark.parametrize(
+    "value, truncate, said",
+    [("0", "2", "--maxnumbasis: must be >= 1"), ("3", "2,5", "--maxnumbasis: 3 ref")],
+)
+def test_bad_maxnumbasis_is_one_line_exit_2(value, truncate, said, asn, tmp_path, capsys):
+    out = tmp_path / "out"
+    args = ["run", asn, "-o", out, "--maxnumbasis", value, "--truncate", truncate]
+    code, _, err = run_main([*args, "--scheduler", "synchronous"], capsys)
+    assert code == 2
+    lines = [line for line in err.strip().splitlines() if "maxnumbasis" in line]
+    assert len(lines) == 1 and said in lines[0], err
+    assert not out.exists() or not any(out.iterdir())
+
+
+@pytest.mark.parametrize("command", ["run", "demo", "contrast"])
+def test_every_run_command_takes_maxnumbasis(command, capsys):
+    code, out, _ = run_main([command, "--help"], capsys)
+    assert code == 0 and "--maxnumbasis" in out
