@@ -33,8 +33,9 @@ from coron_dask.steps.align_refs import align_models, alignment_table, median_re
 from coron_dask.steps.klip import KLBasis, kl_basis, subtract
 from coron_dask.steps.klip_blocks import summary
 from coron_dask.steps.klip_parameters import klip_zones, used_cutoffs, whole_frame
+from coron_dask.steps.klip_selected import selected_basis
 from coron_dask.steps.outlier_detection import outlier_detection
-from coron_dask.steps.references import check_maxnumbasis, chosen_extensions, selection
+from coron_dask.steps.references import check_maxnumbasis, chooses, chosen_extensions
 from coron_dask.steps.stack_refs import stack_refs
 
 log = logging.getLogger(__name__)
@@ -244,17 +245,14 @@ def _psfsub(
     # each of KLIP's zones; KLIP reads it back a tile at a time
     zones = exposure_zones(exposure, p)
     aligned = write_blocks("SCI", *aligned_in, summary=summary(zones), values=zones and zones.count)
-    # references chosen per integration and zone (maxnumbasis), or None: all
-    chosen = selection(filled["sci"].data, zones, p["maxnumbasis"], psfalign.sizes["psf"])
-    basis = kl_basis(
-        filled,
-        psfalign,
-        p["truncate"],
-        rows=plan.klip_rows,
-        on_disk=aligned,
-        zones=zones,
-        chosen=chosen,
-    )
+    klipping = dict(rows=plan.klip_rows, on_disk=aligned, zones=zones)
+    chosen = None  # references chosen per integration and zone (maxnumbasis), or all
+    if chooses(p["maxnumbasis"], psfalign.sizes["psf"]):
+        basis, *chosen = selected_basis(
+            filled, psfalign, p["truncate"], p["maxnumbasis"], **klipping
+        )
+    else:
+        basis = kl_basis(filled, psfalign, p["truncate"], **klipping)
     psfsub = subtract(filled, basis)
     product = made.add(
         f"{root}_psfsub",
@@ -266,7 +264,7 @@ def _psfsub(
     )
     product.extensions.append(alignment_table(psfalign))
     if chosen is not None:
-        product.extensions.extend(chosen_extensions(*chosen.chosen()))
+        product.extensions.extend(chosen_extensions(*chosen))
     return psfsub, basis
 
 

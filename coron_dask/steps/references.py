@@ -79,18 +79,22 @@ def correlations_block(gram: np.ndarray, norms: np.ndarray) -> np.ndarray:
     bordered Gram matrices (m, Z, p, p + 1) and the integrations' ‖t̄_z‖² (m, Z): NaN for a
     reference of zero norm (flagged) or a target of zero norm."""
     p = gram.shape[2]
-    diagonal = np.diagonal(gram[..., :p], axis1=2, axis2=3)
+    return correlations(np.diagonal(gram[..., :p], axis1=2, axis2=3), gram[..., p], norms)
+
+
+def correlations(diagonal: np.ndarray, overlaps: np.ndarray, norms: np.ndarray) -> np.ndarray:
+    """Correlations (m, Z, p) from the references' squared norms G_rr (m, Z, p), their
+    overlaps with the integration (m, Z, p) and its ‖t̄_z‖² (m, Z); NaN where a norm is 0."""
     scale = np.sqrt(diagonal * norms[..., None])
-    return np.divide(gram[..., p], scale, out=np.full(diagonal.shape, np.nan), where=scale > 0)
+    return np.divide(overlaps, scale, out=np.full(scale.shape, np.nan), where=scale > 0)
 
 
-def ranked_block(
-    gram: np.ndarray, norms: np.ndarray, eligible: np.ndarray | None, maxnumbasis: int
+def ranked(
+    corr: np.ndarray, eligible: np.ndarray | None, maxnumbasis: int
 ) -> tuple[np.ndarray, np.ndarray]:
-    """The references chosen for each (integration, zone), most correlated first: indices
-    (m, Z, K) into the psf axis (−1 where fewer than K are eligible) and their correlations
-    (m, Z, K) (NaN there), K = min(maxnumbasis, p)."""
-    corr = correlations_block(gram, norms)
+    """The ``maxnumbasis`` eligible references of largest correlation ``corr`` (m, Z, p),
+    most correlated first, ties to the lower index: indices (m, Z, K) into the psf axis
+    (−1 where fewer than K are eligible) and their correlations (NaN there)."""
     usable = np.isfinite(corr) if eligible is None else np.isfinite(corr) & eligible
     kept = min(maxnumbasis, corr.shape[-1])
     order = np.argsort(np.where(usable, -corr, np.inf), axis=-1, kind="stable")[..., :kept]
@@ -98,6 +102,13 @@ def ranked_block(
     indices = np.where(found, order, -1)
     values = np.where(found, np.take_along_axis(corr, order, axis=-1), np.nan)
     return indices, values
+
+
+def ranked_block(
+    gram: np.ndarray, norms: np.ndarray, eligible: np.ndarray | None, maxnumbasis: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """``ranked`` of the correlations of the bordered Gram matrices (``correlations_block``)."""
+    return ranked(correlations_block(gram, norms), eligible, maxnumbasis)
 
 
 def chosen_block(
@@ -189,27 +200,35 @@ class Selection:
         return chosen_references(self.gram, self.norms, self.maxnumbasis, self.eligible)
 
 
-def selection(
-    science: da.Array, zones: Zones | None, maxnumbasis: int | None, npsf: int
-) -> Selection | None:
-    """The choice of ``maxnumbasis`` of the ``npsf`` references for each integration and
-    zone of ``science`` (SCI, m, y, x), or None (logged) when every reference is used:
-    no ``maxnumbasis``, or one not below ``npsf`` (KLIP then as without it, bit for bit)."""
+def chooses(maxnumbasis: int | None, npsf: int) -> bool:
+    """Whether ``maxnumbasis`` chooses among ``npsf`` references (logged): not without one,
+    nor with one not below ``npsf`` (KLIP then as without it, bit for bit)."""
     if maxnumbasis is None:
-        return None
+        return False
     if maxnumbasis >= npsf:
         log.info(
             "klip: maxnumbasis %d is not below the %d references: every reference used",
             maxnumbasis,
             npsf,
         )
-        return None
+        return False
     log.info(
         "klip: the %d of the %d references most correlated with each integration in each "
         "zone used (maxnumbasis)",
         maxnumbasis,
         npsf,
     )
+    return True
+
+
+def selection(
+    science: da.Array, zones: Zones | None, maxnumbasis: int | None, npsf: int
+) -> Selection | None:
+    """The choice of ``maxnumbasis`` of the ``npsf`` references for each integration and
+    zone of ``science`` (SCI, m, y, x) from the Gram matrices, or None when every
+    reference is used (``chooses``)."""
+    if not chooses(maxnumbasis, npsf):
+        return None
     return Selection(target_norms(science, zones), maxnumbasis)
 
 

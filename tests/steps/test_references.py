@@ -195,3 +195,35 @@ def test_a_reduction_with_maxnumbasis_is_pyklips_klip_dataset(asn, tmp_path):
     for i in range(m):
         theirs_corr = library.correlation[i, library.isgoodpsf]
         np.testing.assert_array_equal(np.argsort(-theirs_corr, kind="stable")[:kept], indices[i, 0])
+
+
+@pytest.mark.parametrize("shared", [False, True], ids=["each", "first"])
+def test_choice_first_then_the_gram_of_the_chosen_is_the_same_klip(shared, frames):
+    """``selected_basis``: the norms' pass, the choice, the Gram matrices of the K chosen
+    only: the same chosen sets as numpy's most correlated, and the psfsub and ERR pyKLIP's
+    klip_math on them (and the Gram matrices K × K)."""
+    from coron_dask.steps.klip_selected import selected_basis
+
+    targets, refs = frames
+    refs = refs[0] if shared else refs
+    zones = klip_zones(SHAPE, STAR, annuli=2, subsections=3, iwa=2.0, owa=20.0)
+    kept = 5
+    science, psfalign = datasets(targets, refs)
+    with dask.config.set(scheduler="synchronous"):
+        basis, indices, correlations = selected_basis(
+            science, psfalign, CUTOFFS, kept, rows=ROWS, zones=zones
+        )
+        assert basis.gram.shape == (NSCI, zones.count, kept, kept)
+        psfsub = subtract(science, basis).compute()
+        indices, correlations = indices.compute(), correlations.compute()
+    for i in range(NSCI):
+        for z in range(zones.count):
+            frames_i = refs if shared else refs[i]
+            expected, corr = most_correlated(targets[i], frames_i, zones.labels == z, kept)
+            np.testing.assert_array_equal(indices[i, z], expected)
+            np.testing.assert_allclose(correlations[i, z], corr, rtol=1e-9)
+
+    def refs_of(i: int, z: int) -> np.ndarray:
+        return (refs if shared else refs[i])[np.sort(indices[i, z])]
+
+    assert check_zones(psfsub, zones, targets, refs_of, CUTOFFS) < 1e-6
