@@ -140,6 +140,7 @@ def test_a_reduction_with_maxnumbasis_is_pyklips_klip_dataset(asn, tmp_path):
     from coron_dask.pipeline.observation import open_association
     from coron_dask.steps.align_refs import align_refs
     from coron_dask.steps.klip import klip
+    from coron_dask.steps.klip_selected import selected_basis
     from tests.steps.test_klip_zones import relative
 
     observation = open_association(asn, integrations=2)
@@ -153,6 +154,9 @@ def test_a_reduction_with_maxnumbasis_is_pyklips_klip_dataset(asn, tmp_path):
     with dask.config.set(scheduler="synchronous"):
         ours = klip(filled, psfalign, numbasis, zones=zones, chosen=chooser)["sci"].values
         indices = chooser.chosen()[0].compute()
+        first, chosen_first, _ = selected_basis(filled, psfalign, numbasis, kept, zones=zones)
+        ours_first = subtract(filled, first)["sci"].values  # the pipeline's: choice first
+        np.testing.assert_array_equal(chosen_first.compute(), indices)
         frames = filled["sci"].values.astype(np.float64)
         refs = psfalign["sci"].values.astype(np.float64)
     m = len(frames)
@@ -191,6 +195,7 @@ def test_a_reduction_with_maxnumbasis_is_pyklips_klip_dataset(asn, tmp_path):
     np.testing.assert_array_equal(np.isnan(ours), np.isnan(theirs))
     finite = np.isfinite(theirs)
     assert relative(ours[finite], theirs[finite]) < 1e-6  # 2.6e-8 measured; 1e-3 asked
+    assert relative(ours_first[finite], theirs[finite]) < 1e-6
     # the same references ranked by pyKLIP's own correlations
     for i in range(m):
         theirs_corr = library.correlation[i, library.isgoodpsf]
