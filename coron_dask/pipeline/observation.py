@@ -91,6 +91,7 @@ def plan_observation(
         format=p["format"],
         injections=injections,
         zones=None if whole_frame(*zoning) else zoning[0] * zoning[1],
+        maxnumbasis=p["maxnumbasis"],
     )
     return chunking.plan_blocks(
         sizes,
