@@ -241,7 +241,8 @@ def klip_chosen_gram(
 
 def klip_chosen_weights(frames: int, npsf: int, kept: int, count: int, zones=None) -> int:
     """Eigen-decompositions of the chosen references' Gram matrices (K × K, one per zone),
-    LAPACK's work, the weights spread over the ``npsf`` references."""
+    LAPACK's work, the weights spread over the ``npsf`` references (a bound: the rows of
+    references not chosen stay zero pages, never touched, when K ≪ p)."""
     sets = frames * (zones or 1)
     return (
         8 * sets * kept * (kept + 1)
