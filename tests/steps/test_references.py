@@ -232,3 +232,34 @@ def test_choice_first_then_the_gram_of_the_chosen_is_the_same_klip(shared, frame
         return (refs if shared else refs[i])[np.sort(indices[i, z])]
 
     assert check_zones(psfsub, zones, targets, refs_of, CUTOFFS) < 1e-6
+
+
+def test_choice_first_leaves_out_the_ineligible_and_the_flagged(frames):
+    """``selected_basis`` with an eligibility mask (as ADI's movement gives) and a flagged
+    reference: neither is chosen; with fewer eligible than K every eligible one is used;
+    each zone's psfsub is pyKLIP's klip_math on the chosen."""
+    from coron_dask.steps.klip_selected import selected_basis
+
+    targets, refs = frames
+    refs = refs.copy()
+    refs[0, 2] = np.nan  # flagged for integration 0
+    zones = klip_zones(SHAPE, STAR, annuli=2, subsections=2, iwa=2.0, owa=20.0)
+    eligible = np.ones((NSCI, zones.count, NREF), bool)
+    eligible[1, :, :7] = False  # three left for integration 1: fewer than K
+    eligible[2, 1, 5:] = False
+    science, psfalign = datasets(targets, refs)
+    mask = da.from_array(eligible, chunks=(2, -1, -1))
+    with dask.config.set(scheduler="synchronous"):
+        basis, indices, _ = selected_basis(
+            science, psfalign, CUTOFFS, 5, rows=ROWS, zones=zones, eligible=mask
+        )
+        psfsub = subtract(science, basis).compute()
+        indices = indices.compute()
+    assert not (indices[0] == 2).any() and not (indices[2, 1] >= 5).any()
+    np.testing.assert_array_equal(np.sort(indices[1], axis=-1)[:, 2:], [[7, 8, 9]] * 4)
+    assert (np.sort(indices[1], axis=-1)[:, :2] == -1).all()
+
+    def refs_of(i: int, z: int) -> np.ndarray:
+        return refs[i][np.sort(indices[i, z][indices[i, z] >= 0])]
+
+    assert check_zones(psfsub, zones, targets, refs_of, CUTOFFS) < 1e-6
