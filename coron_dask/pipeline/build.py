@@ -331,7 +331,7 @@ def reduce_observation(
     psfmask = None if psfmask == "none" else psfmask
     opened = opened or open_association(asn)
     # klip keeps at most as many KL modes as there are references: its products say so
-    check_maxnumbasis(p["maxnumbasis"], p["truncate"])
+    check_maxnumbasis(p["maxnumbasis"], p["truncate"], opened.psfstack.sizes["psf"])
     p["truncate"] = used_cutoffs(p["truncate"], opened.psfstack.sizes["psf"])
     plan = plan_observation(opened, workers or measure_workers(None), p, injections)
     log.info("block plan: %s", plan.describe())

@@ -64,8 +64,9 @@ def check_inputs(
     frame size, KLIP's zones in each science exposure, the PSFMASK, the output folder.
     Returns the parameters resolved and the observation opened (whole exposures)."""
     resolved = resolve_parameters(**parameters)
-    check_maxnumbasis(resolved["maxnumbasis"], resolved["truncate"])
     observation = open_association(asn)
+    npsf = observation.psfstack.sizes["psf"]
+    check_maxnumbasis(resolved["maxnumbasis"], resolved["truncate"], npsf)
     for exposure in observation.science:
         build.exposure_zones(exposure, resolved, logged=False)
     if psfmask is not None and str(psfmask).lower() not in PSFMASK_CHOICES:

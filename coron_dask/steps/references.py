@@ -28,15 +28,19 @@ from coron_dask.kernels.zones import Zones, zone_means
 log = logging.getLogger(__name__)
 
 
-def check_maxnumbasis(maxnumbasis: int | None, truncate: int | tuple[int, ...]) -> None:
+def check_maxnumbasis(
+    maxnumbasis: int | None, truncate: int | tuple[int, ...], npsf: int | None = None
+) -> None:
     """Refuse a ``maxnumbasis`` that would keep fewer references than the largest KL cutoff
-    asks modes of (pyKLIP keeps min(numbasis, K) modes silently: the KL-mode cube's planes
-    above K repeat the K-th; here the run stops before anything is written)."""
+    asks modes of, that cutoff being at most the ``npsf`` references there are (pyKLIP
+    keeps min(numbasis, K) modes silently: the KL-mode cube's planes above K repeat the
+    K-th; here the run stops before anything is written)."""
     if maxnumbasis is None:
         return
     if maxnumbasis < 1:
         raise CoronInputError("maxnumbasis", f"must be at least 1, got {maxnumbasis}")
     largest = truncate if isinstance(truncate, int | np.integer) else max(truncate)
+    largest = largest if npsf is None else min(largest, npsf)
     if maxnumbasis < largest:
         raise CoronInputError(
             "maxnumbasis",

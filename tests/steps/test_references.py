@@ -111,8 +111,16 @@ def test_eligibility_and_flags_leave_references_out_of_the_choice(frames):
 )
 def test_bad_maxnumbasis_is_refused(maxnumbasis, truncate, problem):
     with pytest.raises(CoronInputError, match=problem) as error:
-        check_maxnumbasis(maxnumbasis, truncate)
+        check_maxnumbasis(maxnumbasis, truncate, NREF)
     assert error.value.source == "maxnumbasis"
+
+
+def test_a_cutoff_above_the_references_asks_at_most_all_of_them():
+    """truncate 50 with 10 references keeps 10 modes: maxnumbasis 10 (no choice) is fine,
+    9 is refused as below the 10 modes kept."""
+    check_maxnumbasis(NREF, 50, NREF)
+    with pytest.raises(CoronInputError, match="cannot give the 10 KL modes"):
+        check_maxnumbasis(NREF - 1, 50, NREF)
 
 
 def test_no_choice_when_every_reference_is_kept(frames, caplog):
