@@ -101,10 +101,10 @@ CASES = [
     Case("klip_weights", dict(frames=4, npsf=300, zones=ZONES)),
     Case("klip_norms", dict(frames=4, npsf=400, rows=36, ny=224, nx=288, shared=False)),
     Case("klip_norms", dict(frames=4, npsf=400, rows=36, ny=224, nx=288, shared=True, zones=ZONES)),
-    Case("klip_chosen_gram", dict(frames=4, npsf=2000, kept=50, rows=13, ny=160, nx=160)),
+    Case("klip_chosen_gram", dict(frames=2, npsf=1000, kept=50, rows=13, ny=160, nx=160)),
     Case(
         "klip_chosen_gram",
-        dict(frames=4, npsf=2000, kept=200, rows=13, ny=160, nx=160, zones=ZONES),
+        dict(frames=2, npsf=1000, kept=200, rows=13, ny=160, nx=160, zones=ZONES),
     ),
     Case("klip_chosen_weights", dict(frames=4, npsf=2000, kept=300)),
     Case("klip_chosen_weights", dict(frames=2, npsf=2000, kept=400, zones=ZONES)),
