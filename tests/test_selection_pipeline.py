@@ -4,6 +4,8 @@ opened with it, maxnumbasis not below the references today's products bit for bi
 values one line and exit 2 before anything is written; a reduction against pyKLIP's
 klip_dataset with a PSFLibrary and maxnumbasis."""
 
+from pathlib import Path
+
 import dask
 import numpy as np
 import pytest
@@ -59,6 +61,34 @@ def test_the_choice_is_written_and_opened(mode, chosen):
         assert all(len(set(row)) == 4 for row in refs.reshape(-1, 4))
         assert (np.diff(corr, axis=-1) <= 0).all() and (np.abs(corr) <= 1).all()
         assert len({tuple(row) for row in refs.reshape(-1, 4)}) > 1  # a choice per zone
+
+
+def test_the_written_choice_is_numpys_most_correlated(chosen, asn):
+    """REFS and REFCORR against numpy: each integration's filled frame (the crfints' bad
+    pixels filled, as klip's input) correlated on each zone's pixels with each reference
+    of psfalign (written): the 4 largest, in order."""
+    from coron_dask.io import open_exposure
+    from coron_dask.pipeline.build import exposure_zones
+    from coron_dask.pipeline.observation import open_association
+    from coron_dask.steps.align_refs import median_replace_img
+
+    folder = chosen["each", 1, 1]
+    p = dict(annuli=2, subsections=2, annuli_spacing="constant", iwa=3.0, owa=30.0)
+    for exposure in open_association(asn).science:
+        root = Path(exposure.encoding["source"]).name.removesuffix("_calints.fits")
+        zones = exposure_zones(exposure, p, logged=False)
+        crfints = open_exposure(folder / f"{root}_c1000_crfints.fits")
+        filled = median_replace_img(crfints, 3, "DO_NOT_USE")["sci"].values
+        aligned = fits.getdata(folder / f"{root}_c1000_psfalign.fits", "SCI")
+        written = open_product(folder / f"{root}_c1000_psfsub.fits")
+        refs, corr = written["REFS"].values, written["REFCORR"].values
+        for i in range(len(filled)):
+            for z in range(zones.count):
+                inside = zones.labels == z
+                ours = [np.corrcoef(filled[i][inside], r[inside])[0, 1] for r in aligned[i]]
+                order = np.argsort(ours)[::-1][:4]
+                np.testing.assert_array_equal(refs[i, z], order)
+                np.testing.assert_allclose(corr[i, z], np.array(ours)[order], rtol=1e-6)
 
 
 def test_maxnumbasis_not_below_the_references_is_todays_products(asn, observation_dir, tmp_path):
