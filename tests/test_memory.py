@@ -145,6 +145,8 @@ CASES = [
         ),
     ),
     Case("inject", dict(frames=60, ny=160, nx=160, box=65)),
+    Case("inject_klip", dict(frames=4, npsf=60, rows=160, ny=160, nx=160)),
+    Case("inject_klip", dict(frames=2, npsf=100, rows=66, ny=224, nx=288, zones=ZONES)),
     Case("inject", dict(frames=30, ny=224, nx=288, box=161)),
     Case("resample", dict(frames=30, ny=160, nx=160)),
     Case("resample", dict(frames=20, ny=224, nx=288)),
@@ -363,6 +365,22 @@ def build_klip_gram(rng, path, frames, npsf, rows, ny, nx, own=False, zones=None
     return task, [*means, *targets]
 
 
+def build_inject_klip(rng, path, frames, npsf, rows, ny, nx, zones=None):
+    """An injected set's own bases (ADI), its tasks as one: the targets' aligned references
+    read back from disk, the moved companions added (every reference ADI: the most), and
+    the bordered Gram matrices of the sum, which the task is handed whole."""
+    zones = _zones(ny, nx, zones)
+    source, means, indices = _aligned_on_disk(rng, path[0], frames, npsf, ny, nx, False, zones)
+    moved = _frames(rng, frames * npsf, ny, nx, jitter=0.3).reshape(frames, npsf, ny, nx)
+    targets = _frames(rng, frames, ny, nx, jitter=0.3)
+
+    def task():
+        read = np.asarray(source[int(indices[0]) : int(indices[-1]) + 1], dtype=np.float32)
+        return klip_blocks.gram_block(read + moved, means, [targets], rows, zones)
+
+    return task, [*means, moved, targets]
+
+
 def build_klip_weights(rng, path, frames, npsf, zones=None):
     """Bordered Gram matrices (frames, Z, npsf, npsf + 1), as a basis per integration has."""
     count = 1 if zones is None else zones[0] * zones[1]
@@ -516,8 +534,17 @@ def build_write(rng, path, block, file, dtype):
 
 
 # tasks that read from disk
-ON_DISK = ("fit", "shift", "klip_gram", "klip_errors", "klip_overlaps", "klip_subtract")
-ON_DISK += ("klip_norms", "klip_chosen_gram")
+ON_DISK = (
+    "fit",
+    "shift",
+    "klip_gram",
+    "klip_errors",
+    "klip_overlaps",
+    "klip_subtract",
+    "inject_klip",
+    "klip_norms",
+    "klip_chosen_gram",
+)
 BUILD = {
     "read": build_read,
     "outlier_median": build_outlier_median,
@@ -534,6 +561,7 @@ BUILD = {
     "klip_overlaps": build_klip_overlaps,
     "klip_subtract": build_klip_subtract,
     "inject": build_inject,
+    "inject_klip": build_inject_klip,
     "resample": build_resample,
     "write": build_write,
 }
@@ -589,6 +617,8 @@ def predict(case: Case) -> int:
             return memory.klip_overlaps(*args)
         case "inject":
             return memory.inject(b["frames"], frame, b["box"] ** 2)
+        case "inject_klip":
+            return memory.inject_klip(b["frames"], b["npsf"], b["rows"], frame, zones)
         case "resample":
             _, shape = resample_grid(b["ny"], b["nx"])
             return memory.resample(b["frames"], frame, shape[0] * shape[1], b.get("planes", 1))

@@ -45,6 +45,8 @@ def test_defaults_are_those_shipped_before_the_spec():
             "annuli-spacing": "constant",
             "iwa": 0.0,
             "owa": None,
+            "mode": "RDI",  # jwst's references: the reference star's
+            "movement": 3.0,  # pyKLIP's default
             "maxnumbasis": None,  # every reference, as jwst
         },
         "resample": {"orientation": "detector"},
@@ -90,6 +92,8 @@ def test_provenance_keywords_are_those_products_carry():
         ("annuli_spacing", ("ANNSPACE", "klip: annuli spacing")),
         ("iwa", ("IWA", "klip: inner working angle (pixels)")),
         ("owa", ("OWA", "klip: outer working angle (pixels)")),
+        ("mode", ("KLIPMODE", "klip: references RDI, ADI or ADI+RDI")),
+        ("movement", ("MOVEMENT", "klip: least ADI movement (pixels)")),
         ("maxnumbasis", ("MAXNBAS", "klip: references kept per integration and zone")),
         ("orientation", ("ORIENT", "resample: i2d grid orientation")),
         ("save_psfalign", ("PSFALIGN", "psfalign products written")),

@@ -18,8 +18,9 @@ import coron_dask
 from coron_dask import run_coron3
 from coron_dask.pipeline.provenance import read_provenance
 
-#: KLIP tiles of 5 rows of the 64-row frames with all 6 references (not the default: 64).
-KLIP_TILE = 6 * 64 * 4 * 5
+#: KLIP tiles of 5 rows of the 64-row frames with all 9 references (ADI+RDI: the 6 of the
+#: reference star and the other roll's 3 integrations; not the default: 64).
+KLIP_TILE = 9 * 64 * 4 * 5
 #: Non-default values for every recorded parameter, different in the two runs, and blocks
 #: given explicitly.
 FITS_RUN = {
@@ -36,7 +37,9 @@ FITS_RUN = {
     "annuli_spacing": "log",
     "iwa": 3.0,
     "owa": 28.5,
-    "maxnumbasis": None,  # the default: every reference, recorded as "none"
+    "mode": "ADI+RDI",
+    "movement": 2.5,
+    "maxnumbasis": 6,  # 6 of the 9 references (ADI+RDI) per integration and zone
     "orientation": "north",
     "save_psfalign": True,
 }
@@ -49,13 +52,15 @@ ZARR_RUN = {
     "align_to": "each",
     "median_box_length": 7,
     "bad_bits": 3,
-    "truncate": (2, 4),  # a KL-mode cube
+    "truncate": (2, 3),  # a KL-mode cube (ADI: of the other roll's 3 integrations)
     "annuli": 3,
     "subsections": 2,
     "annuli_spacing": "linear",
     "iwa": 2.0,
     "owa": None,  # the default, recorded as "none"
-    "maxnumbasis": 4,  # 4 of the 6 references per integration and zone
+    "mode": "ADI",
+    "movement": 0.5,
+    "maxnumbasis": None,  # the default: every reference, recorded as "none"
     "orientation": "detector",
     "save_psfalign": False,
 }

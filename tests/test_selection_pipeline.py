@@ -123,3 +123,53 @@ def test_bad_maxnumbasis_is_one_line_exit_2(value, truncate, said, asn, tmp_path
 def test_every_run_command_takes_maxnumbasis(command, capsys):
     code, out, _ = run_main([command, "--help"], capsys)
     assert code == 0 and "--maxnumbasis" in out
+
+
+def test_adi_rdi_chooses_among_the_references_movement_keeps(asn, observation_dir, tmp_path):
+    """ADI+RDI with --maxnumbasis 7 of 9 references (6 of the reference star, the other
+    roll's 3): in each (integration, zone) REFS is numpy's 7 most correlated of the
+    references eligible there, an ADI one only where the roll moves a source at the zone's
+    radius (the middle of its annulus) by at least --movement (2 r sin(Δroll/2), from
+    psfalign's ALIGN table), so never one the movement leaves out; all of them, then −1,
+    where fewer than 7 are eligible (the inner annulus: the reference star's 6)."""
+    from coron_dask.io import open_exposure
+    from coron_dask.pipeline.build import exposure_zones
+    from coron_dask.pipeline.observation import open_association
+    from coron_dask.steps.align_refs import median_replace_img
+
+    movement, k = 2.0, 7
+    zoning = dict(annuli=3, subsections=2, annuli_spacing="constant", iwa=0.0, owa=None)
+    extra = ["--mode", "ADI+RDI", "--movement", movement, "--annuli", "3", "--subsections", "2"]
+    extra += ["--maxnumbasis", k, "--truncate", "2,4", "--skip", "resample"]
+    _run(asn, observation_dir / "psfmask.fits", tmp_path, *extra)
+    sizes = set()
+    for exposure in open_association(asn).science:
+        root = Path(exposure.encoding["source"]).name.removesuffix("_calints.fits")
+        zones = exposure_zones(exposure, zoning, logged=False)
+        middles = np.repeat((zones.edges[:-1] + zones.edges[1:]) / 2, 2)
+        crfints = open_exposure(tmp_path / f"{root}_c1000_crfints.fits")
+        filled = median_replace_img(crfints, 3, "DO_NOT_USE")["sci"].values
+        with fits.open(tmp_path / f"{root}_c1000_psfalign.fits") as hdul:
+            aligned = hdul["SCI"].data
+            align = hdul["ALIGN"].data
+        roll = exposure["sci"].attrs["ROLL_REF"]
+        refs = open_product(tmp_path / f"{root}_c1000_psfsub.fits")["REFS"].values
+        assert refs.shape == (3, 6, k)
+        for i in range(len(filled)):
+            table = align[align["INTEGRATION"] == i + 1]
+            adi = table["KIND"] == "ADI"
+            turned = np.radians(np.abs(table["ROLL"] - roll))
+            for z in range(zones.count):
+                moved = 2 * middles[z] * np.sin(turned / 2)
+                eligible = np.flatnonzero(~adi | (moved >= movement))
+                inside = zones.labels == z
+                corr = [
+                    np.corrcoef(filled[i][inside], aligned[i, r][inside])[0, 1] for r in eligible
+                ]
+                best = eligible[np.argsort(corr, kind="stable")[::-1][:k]]
+                expected = np.full(k, -1)
+                expected[: len(best)] = best
+                np.testing.assert_array_equal(refs[i, z], expected)
+                assert not set(refs[i, z]) & set(np.flatnonzero(adi & (moved < movement)))
+                sizes.add(len(eligible))
+    assert sizes == {6, 9}  # zones with ADI left out (all 6 chosen) and with it (7 of 9)

@@ -124,10 +124,20 @@ SPEC: tuple[Parameter, ...] = (
               "out (NaN in psfsub)", None, "klip.owa", Number(whole=False, above=0),
               "annuli spaced to the farthest pixel, the last reaching the frame's edge, "
               "as pyKLIP's", keyword=("OWA", "klip: outer working angle (pixels)")),
+    Parameter("mode", "KLIP's references (pyKLIP's modes): the reference star's frames (RDI, "
+              "jwst's), the other rolls' science integrations aligned to each integration "
+              "(ADI), or both (ADI+RDI)", "RDI", "klip.mode", OneOf(("RDI", "ADI", "ADI+RDI")),
+              keyword=("KLIPMODE", "klip: references RDI, ADI or ADI+RDI")),
+    Parameter("movement", "ADI: in each zone, leave out another roll's integration where the "
+              "roll moves a companion at the zone's radius by less than this many pixels "
+              "(pyKLIP's movement and default), so a companion does not subtract itself", 3.0,
+              "klip.movement", Number(whole=False, low=0),
+              keyword=("MOVEMENT", "klip: least ADI movement (pixels)")),
     Parameter("maxnumbasis", "KLIP with, for each science integration and zone, only the N "
-              "references most correlated with it there (pyKLIP's maxnumbasis): a library "
-              "of many stars, fitted with the references that look like the integration; "
-              "the choice is written in psfsub (REFS, REFCORR)", None, "klip.maxnumbasis",
+              "references most correlated with it there (pyKLIP's maxnumbasis; ADI: of those "
+              "movement keeps): a library of many stars, fitted with the references that look "
+              "like the integration; the choice is written in psfsub (REFS, REFCORR)", None,
+              "klip.maxnumbasis",
               Number(low=1), "every reference, as jwst",
               keyword=("MAXNBAS", "klip: references kept per integration and zone")),
     Parameter("orientation", "i2d grid: the first exposure's detector orientation (as jwst) or "

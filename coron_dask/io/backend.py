@@ -48,7 +48,7 @@ KINDS = {
     "injections": [("set", "kl"), ("set",), ("kl",), ()],
 }
 #: Extensions of their own dimensions: psfsub's record of the references KLIP chose for each
-#: (integration, zone), most correlated first (``steps.references``)
+#: (integration, zone), most correlated first (``steps.reference_choice``)
 OWN_DIMS = {
     "REFS": ("integration", "zone", "rank"),
     "REFCORR": ("integration", "zone", "rank"),

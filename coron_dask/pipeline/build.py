@@ -35,7 +35,13 @@ from coron_dask.steps.klip_blocks import summary
 from coron_dask.steps.klip_parameters import klip_zones, used_cutoffs, whole_frame
 from coron_dask.steps.klip_selected import selected_basis
 from coron_dask.steps.outlier_detection import outlier_detection
-from coron_dask.steps.references import check_maxnumbasis, chooses, chosen_extensions
+from coron_dask.steps.reference_choice import check_maxnumbasis, chooses, chosen_extensions
+from coron_dask.steps.references import (
+    eligible_references,
+    exposure_references,
+    fewest_references,
+    reference_pool,
+)
 from coron_dask.steps.stack_refs import stack_refs
 
 log = logging.getLogger(__name__)
@@ -69,7 +75,8 @@ def kl_keywords(truncate: int | tuple[int, ...]) -> dict:
 class Reduction:
     """A reduction built lazily (``reduce_observation``): its products and the pieces that
     more can be built on: per science exposure the flagged cube (crfints), KLIP's KL basis
-    and the psfsub; the parameters as resolved and the block plan."""
+    and the psfsub; the parameters as resolved and the block plan; per science exposure its
+    psfalign (ADI's injections shift companions by its fits)."""
 
     products: list[Product]
     science: list[xr.Dataset]
@@ -77,6 +84,7 @@ class Reduction:
     psfsubs: list[xr.Dataset]
     parameters: dict
     plan: BlockPlan
+    psfaligns: list[xr.Dataset] = field(default_factory=list)
 
 
 def build_products(
@@ -96,7 +104,11 @@ def build_products(
     resample), snr 5.0, maskpt 0.7, good_bits "~DO_NOT_USE", align_to "each",
     median_box_length 3, bad_bits "DO_NOT_USE" ("" for none), truncate 50, KLIP's zones
     (annuli 1, subsections 1, annuli_spacing "constant", iwa 0, owa None: one zone, the
-    frame; ``steps.klip_parameters.klip_zones``), orientation "detector" (or "north"),
+    frame; ``steps.klip_parameters.klip_zones``), KLIP's references mode "RDI" (or "ADI",
+    "ADI+RDI": the other rolls' integrations too) and movement 3.0 (pixels;
+    ``steps.references``), maxnumbasis None (or K: the K eligible references most
+    correlated with each integration in each zone; ``steps.reference_choice``),
+    orientation "detector" (or "north"),
     format "fits" (or "zarr": Zarr stores), save_psfalign (True: write psfalign; without it
     only a scratch file of its SCI, which KLIP reads),
     integrations, psfs and outlier_rows (block sizes; planned for ``workers``, by default
@@ -196,11 +208,16 @@ def _alignment_mask(psfmask: Path | None, stack: xr.Dataset) -> object:
     return None
 
 
-def _filled_references(stack: xr.Dataset, made: _Products) -> tuple[xr.Dataset, dict]:
-    """The references with bad pixels filled, and where they go to disk once (a scratch
-    file; each alignment task reads its block from it)."""
+def _filled_references(
+    stack: xr.Dataset, filled: list[xr.Dataset], made: _Products
+) -> tuple[xr.Dataset, dict]:
+    """Every frame a science integration may take as a reference (``--mode``: the
+    reference star's, the ``filled`` science exposures', or both) with bad pixels filled,
+    and where they go to disk once (a scratch file; each alignment task reads its block
+    from it)."""
     p = made.parameters
     refs = median_replace_img(stack, p["median_box_length"], p["bad_bits"])
+    refs = reference_pool(refs, filled, p["mode"])
     names = ("SCI", "ERR") if p["save_psfalign"] else ("SCI",)
     kept = made.scratch(f"{made.association.product_name}_refs", refs, names)
     return refs, {name.lower(): write_blocks(name, kept, summary=frame_means) for name in names}
@@ -208,18 +225,21 @@ def _filled_references(stack: xr.Dataset, made: _Products) -> tuple[xr.Dataset, 
 
 def _psfsub(
     exposure: xr.Dataset,
+    filled: xr.Dataset,
     stack: xr.Dataset,
     refs: xr.Dataset,
     mask: object,
     on_disk: dict,
     made: _Products,
-) -> tuple[xr.Dataset, KLBasis]:
+) -> tuple[xr.Dataset, KLBasis, xr.Dataset]:
     """align_refs and klip of one science exposure: its psfalign (the references aligned to
-    it) and psfsub, and the KL basis they were subtracted on."""
+    it) and psfsub, the KL basis they were subtracted on, and psfalign. ``refs``: the pool of
+    references (``steps.references.reference_pool``), of which the exposure takes those
+    of its mode (ADI: the other rolls')."""
     p, plan, association = made.parameters, made.plan, made.association
-    filled = median_replace_img(exposure, p["median_box_length"], p["bad_bits"])
+    refs, places, roll = exposure_references(refs, exposure, p["mode"], plan.psfs)
     psfalign = align_models(
-        filled, refs, mask, align_to=p["align_to"], on_disk=on_disk, psfs=plan.psfs
+        filled, refs, mask, align_to=p["align_to"], on_disk=on_disk, psfs=plan.psfs, places=places
     )
     root = f"{exposure_root(exposure)}_{association.asn_id}"
     model = "QuadModel" if p["align_to"] == "each" else "CubeModel"
@@ -245,14 +265,19 @@ def _psfsub(
     # each of KLIP's zones; KLIP reads it back a tile at a time
     zones = exposure_zones(exposure, p)
     aligned = write_blocks("SCI", *aligned_in, summary=summary(zones), values=zones and zones.count)
+    eligible = None  # where each reference may be used: ADI's movement (RDI: everywhere)
+    if roll is not None:
+        source = Path(exposure.encoding.get("source", "science")).name
+        chunks = filled["sci"].data.chunks[0]
+        eligible = eligible_references(psfalign, roll, zones, p["movement"], chunks, source=source)
     klipping = dict(rows=plan.klip_rows, on_disk=aligned, zones=zones)
-    chosen = None  # references chosen per integration and zone (maxnumbasis), or all
+    chosen = None  # of the eligible, the maxnumbasis most correlated per integration and zone
     if chooses(p["maxnumbasis"], psfalign.sizes["psf"]):
         basis, *chosen = selected_basis(
-            filled, psfalign, p["truncate"], p["maxnumbasis"], **klipping
+            filled, psfalign, p["truncate"], p["maxnumbasis"], eligible=eligible, **klipping
         )
-    else:
-        basis = kl_basis(filled, psfalign, p["truncate"], **klipping)
+    else:  # every eligible reference
+        basis = kl_basis(filled, psfalign, p["truncate"], chosen=eligible, **klipping)
     psfsub = subtract(filled, basis)
     product = made.add(
         f"{root}_psfsub",
@@ -265,7 +290,7 @@ def _psfsub(
     product.extensions.append(alignment_table(psfalign))
     if chosen is not None:
         product.extensions.extend(chosen_extensions(*chosen))
-    return psfsub, basis
+    return psfsub, basis, psfalign
 
 
 def exposure_zones(exposure: xr.Dataset, p: dict, *, logged: bool = True) -> Zones | None:
@@ -331,8 +356,9 @@ def reduce_observation(
     psfmask = None if psfmask == "none" else psfmask
     opened = opened or open_association(asn)
     # klip keeps at most as many KL modes as there are references: its products say so
-    check_maxnumbasis(p["maxnumbasis"], p["truncate"], opened.psfstack.sizes["psf"])
-    p["truncate"] = used_cutoffs(p["truncate"], opened.psfstack.sizes["psf"])
+    npsf = fewest_references(opened.science, opened.psfstack.sizes["psf"], p["mode"])
+    check_maxnumbasis(p["maxnumbasis"], p["truncate"], npsf)
+    p["truncate"] = used_cutoffs(p["truncate"], npsf)
     plan = plan_observation(opened, workers or measure_workers(None), p, injections)
     log.info("block plan: %s", plan.describe())
     # the references in their exposures' blocks of at most `psfs` (no block merges
@@ -354,16 +380,20 @@ def reduce_observation(
         ("outlier_detection", "stack_refs"),
         psf=made.association.psf,
     )
-    refs, on_disk = _filled_references(stack, made)
-    psfsubs, bases = [], []
-    for exposure in science:
-        psfsub, basis = _psfsub(exposure, stack, refs, mask, on_disk, made)
+    filled = [median_replace_img(e, p["median_box_length"], p["bad_bits"]) for e in science]
+    refs, on_disk = _filled_references(stack, filled, made)
+    psfsubs, bases, psfaligns = [], [], []
+    for exposure, filled_exposure in zip(science, filled, strict=True):
+        psfsub, basis, psfalign = _psfsub(
+            exposure, filled_exposure, stack, refs, mask, on_disk, made
+        )
         psfsubs.append(psfsub)
         bases.append(basis)
+        psfaligns.append(psfalign)
     if not p["save_psfalign"]:
         log.info("psfalign not written: the aligned references go to a scratch file KLIP reads")
     if "resample" in p["skip"]:
         log.info("resample skipped")
     else:
         _i2d(psfsubs, science, made)
-    return Reduction(made.products, science, bases, psfsubs, p, plan)
+    return Reduction(made.products, science, bases, psfsubs, p, plan, psfaligns)

@@ -148,6 +148,8 @@ def contrast_curve(
         table.meta["filter"] = str(first.attrs.get("FILTER", ""))
         table.meta["injected_contrast"] = inject_contrast
         table.meta["transmission"] = dimming.source
+        table.meta["mode"] = parameters["mode"]  # KLIP's references (ADI: own bases per set)
+        table.meta["movement"] = parameters["movement"]
         table.meta["injections"] = [
             dict(zip(measured.colnames, row, strict=True)) for row in measured.iterrows()
         ]

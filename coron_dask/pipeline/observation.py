@@ -17,6 +17,7 @@ from coron_dask.io.reference_files import best_psfmask
 from coron_dask.planning import block_plan as chunking
 from coron_dask.planning.block_plan import BlockPlan, Workers
 from coron_dask.steps.klip_parameters import whole_frame
+from coron_dask.steps.references import adi_counts
 from coron_dask.steps.stack_refs import stack_refs
 
 log = logging.getLogger(__name__)
@@ -83,13 +84,18 @@ def plan_observation(
     zoning = tuple(p[name] for name in ("annuli", "subsections", "iwa", "owa"))
     sizes = chunking.Observation(
         science_nints=tuple(e.sizes["integration"] for e in observation.science),
-        psf_nints=tuple(e.sizes["integration"] for e in observation.psf),
+        # ADI: the other rolls' science integrations are references too (the most any has)
+        psf_nints=(
+            *(e.sizes["integration"] for e in observation.psf if "RDI" in p["mode"]),
+            *((max(adi_counts(observation.science)),) if "ADI" in p["mode"] else ()),
+        ),
         frame=(observation.psfstack.sizes["y"], observation.psfstack.sizes["x"]),
         truncate=p["truncate"],
         align_to=p["align_to"],
         save_psfalign=p["save_psfalign"],
         format=p["format"],
         injections=injections,
+        own_bases=bool(injections) and "ADI" in p["mode"],
         zones=None if whole_frame(*zoning) else zoning[0] * zoning[1],
         maxnumbasis=p["maxnumbasis"],
     )

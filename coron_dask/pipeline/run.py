@@ -27,7 +27,8 @@ from coron_dask.runtime.deploy import (
 from coron_dask.runtime.execute import execute
 from coron_dask.runtime.jobqueue import check_jobqueue
 from coron_dask.runtime.resources import allocation
-from coron_dask.steps.references import check_maxnumbasis
+from coron_dask.steps.reference_choice import check_maxnumbasis
+from coron_dask.steps.references import fewest_references
 
 log = logging.getLogger(__name__)
 #: Options that say where a run goes, which a cluster or client under way already says.
@@ -65,7 +66,10 @@ def check_inputs(
     Returns the parameters resolved and the observation opened (whole exposures)."""
     resolved = resolve_parameters(**parameters)
     observation = open_association(asn)
-    npsf = observation.psfstack.sizes["psf"]
+    # the fewest references a science exposure has in its mode (ADI: the other rolls' too)
+    npsf = fewest_references(
+        observation.science, observation.psfstack.sizes["psf"], resolved["mode"]
+    )
     check_maxnumbasis(resolved["maxnumbasis"], resolved["truncate"], npsf)
     for exposure in observation.science:
         build.exposure_zones(exposure, resolved, logged=False)
@@ -291,8 +295,8 @@ def run_coron3(
 
     ``parameters`` are those of ``build_products`` (skip, snr, maskpt, good_bits, align_to,
     median_box_length, bad_bits, truncate, annuli, subsections, annuli_spacing, iwa, owa,
-    orientation, format, save_psfalign, integrations, psfs, outlier_rows), the configured
-    defaults where not given. ``scheduler``: None starts
+    mode, movement, orientation, format, save_psfalign, integrations, psfs, outlier_rows),
+    the configured defaults where not given. ``scheduler``: None starts
     a LocalCluster of ``n_workers`` processes for the run (or, with ``kind`` "slurm" or
     "pbs", ``jobs`` batch jobs of workers, or between the ``adapt`` minimum and maximum); an
     address or ``scheduler_file`` uses a running cluster, once ``wait_for_workers`` workers

@@ -50,6 +50,7 @@ class Observation:
     injections: int = 0  # sets of companions subtracted on the same bases (contrast)
     zones: int | None = None  # KLIP's zones (annuli × subsections); None: the whole frame
     maxnumbasis: int | None = None  # references chosen per integration and zone; None: all
+    own_bases: bool = False  # each injected set has KL bases of its own (ADI's references)
 
     @property
     def kept(self) -> int | None:
@@ -121,7 +122,8 @@ def waiting(obs: Observation, integrations: int, psfs: int, threads: int) -> int
     and the next): a flagged block of an exposure (SCI, ERR, DQ) waiting for its fill and
     its writes; and of a target block, its filled science frames (and each injected set's,
     for a contrast curve), the references' means (over each zone), its Gram matrices and KL
-    weights (one per zone), ERR and overlaps (with each zone's references). No reference
+    weights (one per zone), ERR and overlaps (with each zone's references), and with ADI
+    each injected set's own means, Gram matrices and KL weights. No reference
     waits: the references, filled and aligned, are written by the tasks that make them and
     read back by the tasks that use them (``io.products.write_blocks``)."""
     frame = Frame(*obs.frame)
@@ -141,6 +143,12 @@ def waiting(obs: Observation, integrations: int, psfs: int, threads: int) -> int
         + 8 * targets * obs.planes * frame.pixels
         + 8 * integrations * zones * npsf
     )
+    if obs.own_bases:  # each injected set's bases (ADI; on the science's choice: p² Gram)
+        per_target += obs.injections * (
+            8 * targets * npsf * zones
+            + 8 * targets * zones * npsf * (npsf + 1)
+            + 16 * targets * zones * npsf * count
+        )
     return (threads + 1) * (flagged + per_target)
 
 
@@ -185,6 +193,12 @@ def task_peaks(obs: Observation, integrations: int, psfs: int, outlier_rows: int
         "resample": memory.resample(k, frame, 4 * frame.pixels, planes),
         # companions added to a block of integrations (a contrast curve), PSF as big as a frame
         **({"inject": memory.inject(k, frame, frame.pixels)} if obs.injections else {}),
+        # an injected set's own bases (ADI): its targets' aligned references whole
+        **(
+            {"inject klip": memory.inject_klip(targets, npsf, klip_rows, frame, zones)}
+            if obs.injections and obs.own_bases
+            else {}
+        ),
         # the products' stores; psfalign's ERR is written by its shift task, as SCI is
         "write": max(
             memory.write(

@@ -304,6 +304,15 @@ def inject(frames: int, frame: Frame, psf_pixels: int) -> int:
     return 8 * frames * frame.pixels + 12 * frame.pixels + 80 * psf_pixels + TASK_OVERHEAD
 
 
+def inject_klip(frames: int, npsf: int, rows: int, frame: Frame, zones: int | None) -> int:
+    """A KLIP task of an injected set's own bases (ADI, ``science.injection``): its
+    targets' aligned references whole (read back from disk, plus the moved companions, and
+    their sum: float32) and what a Gram task holds (``test_memory`` measures them as one
+    task, every reference ADI: the most)."""
+    whole = 3 * 4 * frames * npsf * frame.pixels
+    return whole + klip_gram(frames, npsf, rows, frame, True, zones)
+
+
 def write(nbytes: int, run: int | None = None, buffered: bool = True) -> int:
     """Write a block of ``nbytes`` whose longest run contiguous in the file is ``run``
     bytes (default: the whole block): the block and its big-endian copy, made a run at a

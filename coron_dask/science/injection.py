@@ -42,7 +42,8 @@ from coron_dask.science.geometry import (
 )
 from coron_dask.science.transmission import Transmission
 from coron_dask.steps.align_refs import median_replace_img
-from coron_dask.steps.klip import subtract
+from coron_dask.steps.blocks import shift_block
+from coron_dask.steps.klip import KLBasis, kl_basis, subtract
 from coron_dask.steps.resample import resample
 
 
@@ -156,16 +157,36 @@ def injected_psfsubs(
     """Per science exposure of ``reduction``: the psfsub of its flagged cube with the
     companions ``members`` of the off-axis ``psf`` added, each dimmed by ``transmission``
     at its detector place (None: not dimmed), filled and subtracted on the science's own
-    KL basis as the science is; and the companions alone, not dimmed (lazy)."""
+    KL basis as the science is; and the companions alone, not dimmed (lazy).
+
+    With ADI (``--mode`` ADI, ADI+RDI) the other rolls' integrations, the references, carry
+    the companions too: each set gets its own KL bases (``adi_injected_basis``)."""
     p = reduction.parameters
     fluxes = np.array([c.contrast for c in members])  # the PSF's sum is the star's flux
     subs, models = [], []
-    places = detector_places(reduction.science, members, star)
-    for exposure, basis, positions in zip(reduction.science, reduction.bases, places, strict=True):
-        dimmed = fluxes if transmission is None else fluxes * transmission.at(positions)
-        injected = _injected(exposure, positions, dimmed, psf, alone=False)
-        filled = median_replace_img(injected, p["median_box_length"], p["bad_bits"])
-        subs.append(subtract(filled, basis))
+    science = reduction.science
+    places = detector_places(science, members, star)
+    dimmed = [
+        fluxes if transmission is None else fluxes * transmission.at(positions)
+        for positions in places
+    ]
+    fill = (p["median_box_length"], p["bad_bits"])
+    filled = [
+        median_replace_img(_injected(exposure, positions, flux, psf, alone=False), *fill)
+        for exposure, positions, flux in zip(science, places, dimmed, strict=True)
+    ]
+    # what each integration gains, filled as the science is (the fill is not linear at
+    # bad pixels): the ADI references' companions, in their own frames
+    gained = [
+        injected["sci"].data - median_replace_img(exposure, *fill)["sci"].data
+        for injected, exposure in zip(filled, science, strict=True)
+    ]
+    for k, (exposure, positions) in enumerate(zip(science, places, strict=True)):
+        basis = reduction.bases[k]
+        if p["mode"] != "RDI":
+            psfalign = reduction.psfaligns[k]
+            basis = adi_injected_basis(filled[k], psfalign, basis, science, gained, p["truncate"])
+        subs.append(subtract(filled[k], basis))
         models.append(_injected(exposure, positions, fluxes, psf, alone=True))
     return subs, models
 
@@ -248,3 +269,102 @@ def default_separations(exposure: xr.Dataset, star: SkyCoord, resolution: float,
         )
     scale = pixel_scale_arcsec(wcs)
     return list(np.linspace(3 * resolution, outer, count) * scale)
+
+
+def adi_injected_basis(
+    filled: xr.Dataset,
+    psfalign: xr.Dataset,
+    basis: KLBasis,
+    science: list[xr.Dataset],
+    gained: list[da.Array],
+    truncate: int | tuple[int, ...],
+) -> KLBasis:
+    """The KL bases of one science exposure whose ADI references carry the injected
+    companions: psfalign's ADI planes plus what their integrations gained (``gained``:
+    per ``science`` exposure, the companions alone in its frame) moved by the same fitted
+    shifts (shifting is linear: the fits are reused, never made again); the reference
+    star's planes as they are. The zones and the reference choice are the science's."""
+    kinds = psfalign["psf_kind"].values
+    adi = np.flatnonzero(kinds == "ADI")
+    first = len(kinds) - len(adi)
+    if not (adi == np.arange(first, len(kinds))).all():  # ``steps.references``' order
+        raise ValueError("psfalign's ADI planes must follow the reference star's")
+    names = [Path(e.encoding.get("source", "science")).name for e in science]
+    frames = []
+    for name, number in zip(
+        psfalign["psf_exposure"].values[adi], psfalign["psf_integration"].values[adi], strict=True
+    ):
+        k = names.index(str(name))
+        frames.append(gained[k][int(np.flatnonzero(science[k]["integration"].values == number)[0])])
+    fits = psfalign["fit"].data[..., first:, :]
+    each = fits.ndim == 3
+    companions = da.stack(frames).rechunk((fits.chunks[-2], -1, -1))
+    moved = da.blockwise(
+        shift_block,
+        "mpyx" if each else "pyx",
+        companions,
+        "pyx",
+        fits,
+        "mpk" if each else "pk",
+        concatenate=True,
+        dtype=np.float32,
+        name="inject-aligned-" + tokenize(companions, fits),
+    )
+    aligned = _aligned_on_disk(basis, psfalign)
+    injected = da.concatenate(
+        [aligned[..., :first, :, :], aligned[..., first:, :, :] + moved], axis=-3
+    )
+    references = psfalign[["sci"]].assign(sci=(psfalign["sci"].dims, injected))
+    return kl_basis(
+        filled, references, truncate, rows=basis.rows, zones=basis.zones, chosen=basis.chosen
+    )
+
+
+def _aligned_on_disk(basis: KLBasis, psfalign: xr.Dataset) -> da.Array:
+    """psfalign's SCI as KLIP reads it: from the file the alignment wrote (``basis``'s
+    reading), a block of targets a task, once the writes of that block have run, so that no
+    aligned frame waits in memory for the injections; the lazy frames where none was
+    written."""
+    if not basis.reading:
+        return psfalign["sci"].data
+    source, _, written = basis.reading[:3]
+    frame = {"y": psfalign.sizes["y"], "x": psfalign.sizes["x"]}
+    if psfalign["sci"].ndim == 3:  # one set of references, read whole by one task
+        after = written.reshape(-1).rechunk(-1)
+        return da.blockwise(
+            _read_all,
+            "pyx",
+            after,
+            "a",
+            source,
+            None,
+            new_axes={"p": psfalign.sizes["psf"], **frame},
+            concatenate=True,
+            dtype=np.float32,
+            name="inject-read-aligned-" + tokenize(source, after),
+        )
+    targets, _ = basis.references
+    return da.blockwise(
+        _read_aligned,
+        "mpyx",
+        targets,
+        "m",
+        source,
+        None,
+        written.rechunk({1: -1}),
+        "mpz",
+        new_axes=frame,
+        concatenate=True,
+        dtype=np.float32,
+        name="inject-read-aligned-" + tokenize(targets, source, written),
+    )
+
+
+def _read_aligned(targets: np.ndarray, source: object, after: object) -> np.ndarray:
+    """The aligned frames of ``targets`` (indices into a 4-D psfalign) read from ``source``."""
+    return np.asarray(source[int(targets[0]) : int(targets[-1]) + 1], dtype=np.float32)
+
+
+def _read_all(after: object, source: object) -> np.ndarray:
+    """A 3-D psfalign read whole from ``source``."""
+    return np.asarray(source[:], dtype=np.float32)

@@ -17,6 +17,7 @@ NIRCam's PSFMASK reference files are.
 """
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -47,6 +48,8 @@ OFFAXIS_HALF = 32
 #: V3 position angles: science exposures alternate between two rolls 10 degrees apart.
 ROLLS = (110.0, 120.0)
 REFERENCE_ROLL = 113.0
+#: rms (nm) of the reference star's own wavefront error (``optics.Optics.make``'s screen)
+REFERENCE_DRIFT_NM = 6.0
 
 
 def pc_matrix(roll: float) -> np.ndarray:
@@ -120,6 +123,7 @@ def simulate(
     companion: tuple[float, float] = (14.0, 9.0),
     instrument: str = "nircam",
     occulter: float | None = None,
+    reference_drift: float = REFERENCE_DRIFT_NM,
 ) -> Path:
     """Write calints files, an ASN, a PSFMASK, the star's off-axis PSF (``offaxis_psf.fits``:
     the star unocculted, in the calints' units, centred in its odd box) and ``truth.json``
@@ -137,6 +141,11 @@ def simulate(
     transmission (1 − exp(−r²/2σ²))² reaches ½ there (MASK335R: about 6.3); it occults the
     star, dims the companion at its detector place, and is written as the PSFMASK. None:
     the companion is not dimmed (today's observation, bit for bit).
+
+    ``reference_drift``: the rms (nm) of the wavefront error the reference star has and the
+    science star has not (a different star, observed at another time): larger, the
+    reference star's speckles match the science's less, and RDI subtracts them less well
+    than ADI (the default is today's observation, bit for bit).
     """
     for name, value in (
         ("size", size),
@@ -159,6 +168,11 @@ def simulate(
     kind = MIRI if instrument == "miri" else nircam(size)
     sigma = OCCULTER_SIGMA if occulter is None else occulter_sigma(occulter)
     optics = Optics.make(kind, rng, sigma)
+    if reference_drift != REFERENCE_DRIFT_NM:
+        if not reference_drift >= 0:
+            raise ValueError(f"reference_drift must be >= 0 nm, got {reference_drift}")
+        scaled = optics.reference_drift * (reference_drift / REFERENCE_DRIFT_NM)
+        optics = replace(optics, reference_drift=scaled)
     shape = kind.shape
     # the coronagraph's place on the detector, 0-based (x, y)
     centre = tuple(map(float, kind.centre)) if instrument == "miri" else (size / 2, size / 2)

@@ -87,6 +87,7 @@ def align_models(
     align_to: AlignTo = "each",
     on_disk: dict[str, OnDisk] | None = None,
     psfs: int | None = None,
+    places: np.ndarray | None = None,
 ) -> xr.Dataset:
     """psfalign of the filled references ``refs`` on the filled ``science`` (see
     ``align_refs``), ``psfs`` references per alignment task (default: the blocks of
@@ -94,7 +95,9 @@ def align_models(
 
     With ``on_disk`` ({"sci": ..., "err": ...}: the filled references written to disk,
     ``io.staging.write_blocks``), each task that fits or shifts references reads its
-    block from disk: no worker holds every reference for the whole alignment.
+    block from disk: no worker holds every reference for the whole alignment. ``places``:
+    where ``refs`` are in those files (default: all of them, in order; ADI's references
+    are some of the frames written), in blocks each one contiguous run (``refs``' blocks).
     """
     frame = (science.sizes["y"], science.sizes["x"])
     if (refs.sizes["y"], refs.sizes["x"]) != frame:
@@ -117,10 +120,15 @@ def align_models(
         chunks = (psfs,) if psfs else data.chunks[:1]
         if stored is None:
             references[name], reading[name] = (data.rechunk((*chunks, -1, -1)), "pyx"), ()
-        else:
+        elif places is None:
             indices = da.arange(refs.sizes["psf"], chunks=chunks)
             references[name] = (indices, "p")
             reading[name] = (stored.source, None, stored.written.rechunk(indices.chunks), "p")
+        else:  # blocks of contiguous places (``steps.references.contiguous_blocks``)
+            indices = da.from_array(np.asarray(places), chunks=data.chunks[:1])
+            written = stored.written[np.asarray(places)].rechunk(indices.chunks)
+            references[name] = (indices, "p")
+            reading[name] = (stored.source, None, written, "p")
     # (dx, dy, β, converged) of each pair: the shifts, and which fits are flagged
     fits = da.blockwise(
         fit_block,
@@ -196,8 +204,10 @@ def alignment_table(psfalign: xr.Dataset) -> Extension:
     per (integration, reference), integration-major.
 
     Columns: INTEGRATION (1-based, of the science exposure; 1, the one aligned to, with
-    align_to "first"), PSF (0-based index in the psfstack), PSF_FILE and PSF_INT (the
-    reference's exposure file and 1-based integration, where the stack names them), DX and
+    align_to "first"), PSF (0-based plane of psfalign: the psfstack's index in RDI),
+    PSF_FILE and PSF_INT (the reference's exposure file and 1-based integration, where the
+    stack names them), with ``--mode`` ADI or ADI+RDI KIND (RDI: the reference star's frame,
+    ADI: another roll's science integration) and ROLL (its ROLL_REF, degrees), DX and
     DY (pixel; sign: ``ALIGN_CONVENTION``), BETA, and CONVERGED (1, or 0 where the fit did
     not converge: the pair is flagged, its aligned frame NaN and left out by klip; DX, DY
     and BETA are then where the fit stopped, NaN where it could not start). Lazy: computed
@@ -232,6 +242,11 @@ def alignment_table(psfalign: xr.Dataset) -> Extension:
     if "psf_integration" in psfalign.coords:
         numbers = per_row(psfalign["psf_integration"].data).astype(np.int32)
         columns.append(Column("PSF_INT", numbers, "", "its integration (1-based)"))
+    if "psf_kind" in psfalign.coords:  # ADI: which plane is which (``steps.references``)
+        kinds = per_row(psfalign["psf_kind"].data)
+        columns.append(Column("KIND", kinds, "", "RDI: reference star; ADI: another roll"))
+        rolls = per_row(psfalign["psf_roll"].data)
+        columns.append(Column("ROLL", rolls, "deg", "reference's roll (ROLL_REF)"))
     index = {name: k for k, name in enumerate(shift["param"].values)}
     columns += [
         Column("DX", fitted[:, index["dx"]], "pixel", "reference x - science x"),

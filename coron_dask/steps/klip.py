@@ -7,9 +7,8 @@ exposure. Several cutoffs (a KL-mode cube) come from one basis.
 
 In zones (``klip_parameters.klip_zones``: pyKLIP's ``annuli`` × ``subsections`` about the
 star, within an inner and outer working angle) each (integration, zone) has a KL basis of
-its own, made from the zone's pixels minus each frame's mean over the zone, as pyKLIP's
-``klip_math``; pixels in no zone are NaN. One zone over the whole frame (the default) is
-jwst's KLIP.
+its own from the zone's pixels minus each frame's mean over the zone (pyKLIP's
+``klip_math``); pixels in no zone are NaN. One zone over the frame (default): jwst's KLIP.
 
 No task needs every pixel of every reference at once: one task per target block sums the
 Gram matrices (every zone's) over tiles of frame rows holding all references
@@ -17,21 +16,18 @@ Gram matrices (every zone's) over tiles of frame rows holding all references
 tiles: the targets' overlaps (with a basis per integration, the Gram pass makes them), then
 their projections, mixes of the references (KL images only where the ERR needs them). The
 tiles follow from the frame and the number of references alone and every sum over them is
-taken in order, target by target: the products do not depend on the blocks
-(docs/science/klip.md).
+taken in order, target by target: the products do not depend on the blocks.
 
 The interface that subtraction strategies and reference choices build on:
 
-- ``kl_basis(..., zones=, chosen=)``: ``chosen`` (m, Z, p) bool, a dask array chunked as
-  the targets (or a function of the Gram matrices giving one, computed lazily): the
-  references each (integration, zone) may use. One not chosen gets zero KL weight there
-  and is left out of that zone's ERR, as a flagged (NaN) reference is. Default: all.
-- ``KLBasis.gram``: each zone's Gram matrix of the mean-subtracted references, bordered by
-  the integration's overlaps (m, Z, p, p + 1) with a 4-D psfalign: the correlation of
-  integration t with reference r in zone z is ``gram[t, z, r, p] / sqrt(gram[t, z, r, r]
-  · ‖t_z‖²)``, their order that of ``gram[t, z, r, p] / sqrt(gram[t, z, r, r])``. With a
-  3-D psfalign it is (1, Z, p, p), and ``chosen``, if a function, is given it broadcast to
-  the m integrations (the overlaps come from ``subtract``'s pass).
+- ``kl_basis(..., zones=, chosen=)``: ``chosen`` (m, Z, p) bool chunked as the targets (or
+  a function of the bordered Gram matrices giving one): the references each (integration,
+  zone) may use; one not chosen gets zero KL weight there and is left out of that zone's
+  ERR, as a flagged reference is; a zone with none chosen is NaN. Default: all.
+- ``KLBasis.gram``: each zone's Gram matrix of the mean-subtracted references bordered by
+  the integration's overlaps (m, Z, p, p + 1); with a 3-D psfalign (1, Z, p, p), and a
+  function ``chosen`` is given it broadcast, bordered by the overlaps of a pass of their
+  own. The correlations follow from it (``steps.reference_choice``).
 - ``KLBasis.overlaps`` (m, Z, p), ``weights`` (m, Z, 2, p, K), ``means`` (m, p, Z).
 """
 
@@ -55,6 +51,7 @@ from coron_dask.steps.klip_blocks import (
     weights_block,
 )
 from coron_dask.steps.klip_parameters import kl_cutoffs, used_cutoffs
+from coron_dask.steps.references import unreferenced
 
 
 @dataclass(frozen=True)
@@ -357,6 +354,9 @@ def subtract(science: xr.Dataset, basis: KLBasis) -> xr.Dataset:
         name=f"klip-subtract-{name}",
     )
     err = basis.err
+    if basis.chosen is not None:  # a zone left with no reference: NaN, as pyKLIP leaves it
+        empty = unreferenced(basis.chosen, basis.zones, target.shape[1:])[None]
+        sci, err = (da.where(empty, np.float32(np.nan), image) for image in (sci, err))
     dims = ("kl", "integration", "y", "x")
     coords = {"integration": science["integration"], "kl": list(cutoffs)}
     if not basis.cube:  # jwst's layout: no kl dimension

@@ -4,7 +4,7 @@
 and target, p² flops a pixel) and then chooses. Here the choice comes first, from what it
 needs alone: one pass over the references (``klip-norms``) sums, per target and zone, each
 reference's squared norm and its overlap with the target (2p numbers, 4p flops a pixel);
-the K most correlated eligible references are chosen (``steps.references.ranked``:
+the K most correlated eligible references are chosen (``steps.reference_choice.ranked``:
 pyKLIP's maxnumbasis); a second pass (``klip-gram``) sums the Gram matrices of those K only
 (8K² bytes, K² flops a pixel); their KL weights are spread over the p references (0 for the
 others). The overlaps of the first pass are the subtraction's, so the whole KLIP reads the
@@ -25,7 +25,7 @@ from coron_dask.kernels.zones import Zones
 from coron_dask.planning.block_plan import tile_rows
 from coron_dask.steps.klip import KLBasis, _broadcast, _errors, _references
 from coron_dask.steps.klip_parameters import kl_cutoffs, used_cutoffs
-from coron_dask.steps.references import correlations, ranked, target_norms
+from coron_dask.steps.reference_choice import correlations, ranked, target_norms
 from coron_dask.steps.selection_blocks import (
     chosen_gram_block,
     chosen_mask_block,

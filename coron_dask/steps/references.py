@@ -1,248 +1,232 @@
-"""References chosen per science integration and zone (pyKLIP's ``PSFLibrary`` and
-``maxnumbasis``): for each (integration, zone) the K eligible references most correlated
-with the integration on the zone's pixels, from the zone's Gram matrix bordered by the
-integration's overlaps (``steps.klip.KLBasis.gram``, (m, Z, p, p + 1)).
+"""KLIP's references by subtraction strategy (pyKLIP's and spaceKLIP's ``mode``).
 
-The correlation of integration t with reference r in zone z is Pearson's over the zone's
-pixels, each frame minus its mean over the zone:
+- ``RDI`` (jwst's, the default): the reference star's frames (the psfstack).
+- ``ADI``: the science integrations of the other rolls, filled as the references are and
+  aligned to each science integration exactly as the reference star's frames are (same fit,
+  same shift): the star's PSF seen at another roll angle, on which a companion has turned
+  with the sky.
+- ``ADI+RDI``: both, the reference star's first.
 
-    corr = a_r / sqrt(G_rr · ‖t̄_z‖²),  a_r = G[t, z, r, p] (the overlap), G_rr the diagonal,
-
-the numbers the Gram pass has already made (``‖t̄_z‖²`` is the integration's own, made from
-the science frames, ``target_norms``). Eligible: a reference whose Gram diagonal is not 0
-(a flagged fit is a row of zeros) and that the ``eligible`` mask (m, Z, p) allows (default:
-all; ADI's movement criterion gives one). Ordered by correlation, largest first (signed, as
-pyKLIP), ties by the lower index in psfalign's psf axis; when no more than K are eligible,
-all of them are used (pyKLIP: only ``if maxbasis_possible > maxnumbasis``).
+``reference_pool`` gathers every frame any integration may take (written once to a scratch
+file that each alignment task reads its block from), ``references_of`` which of them a
+science exposure takes (its psfalign's planes, in that order), and ``eligible_references``
+where, zone by zone, an ADI reference may be used: not where the roll moves a companion at
+the zone's radius by less than ``movement`` pixels (pyKLIP's ``movement``), so a companion
+does not subtract itself. That eligibility is the reference-choice mask ``chosen`` of
+``steps.klip.kl_basis``, or the ``eligible`` among which ``steps.reference_choice`` takes
+the references most correlated with each integration (``maxnumbasis``).
 """
 
 import logging
+from pathlib import Path
 
 import dask.array as da
 import numpy as np
+import xarray as xr
 
 from coron_dask.core.errors import CoronInputError
-from coron_dask.io.products import Extension
-from coron_dask.kernels.zones import Zones, zone_means
+from coron_dask.kernels.zones import Zones
 
 log = logging.getLogger(__name__)
 
+MODES = ("RDI", "ADI", "ADI+RDI")
+#: Rolls closer than this (degrees) are the same roll: never ADI references of each other.
+SAME_ROLL = 1e-6
 
-def check_maxnumbasis(
-    maxnumbasis: int | None, truncate: int | tuple[int, ...], npsf: int | None = None
-) -> None:
-    """Refuse a ``maxnumbasis`` that would keep fewer references than the largest KL cutoff
-    asks modes of, that cutoff being at most the ``npsf`` references there are (pyKLIP
-    keeps min(numbasis, K) modes silently: the KL-mode cube's planes above K repeat the
-    K-th; here the run stops before anything is written)."""
-    if maxnumbasis is None:
-        return
-    if maxnumbasis < 1:
-        raise CoronInputError("maxnumbasis", f"must be at least 1, got {maxnumbasis}")
-    largest = truncate if isinstance(truncate, int | np.integer) else max(truncate)
-    largest = largest if npsf is None else min(largest, npsf)
-    if maxnumbasis < largest:
+
+def roll_angle(exposure: xr.Dataset) -> float:
+    """The exposure's roll (degrees): ROLL_REF of its SCI header (the V3 roll at the
+    reference point, as the JWST pipeline writes it), else ROLL_REF or PA_V3 of its primary
+    header. Raises CoronInputError where there is none."""
+    for keywords in (exposure["sci"].attrs, exposure.attrs):
+        for keyword in ("ROLL_REF", "PA_V3"):
+            if keywords.get(keyword) is not None:
+                return float(keywords[keyword])
+    source = exposure.encoding.get("source", "science")
+    raise CoronInputError(source, "has no ROLL_REF or PA_V3: its roll is needed for ADI")
+
+
+def _adi_frames(exposure: xr.Dataset) -> xr.Dataset:
+    """A filled science exposure as reference frames: (psf, y, x), named as the psfstack's."""
+    name = Path(exposure.encoding.get("source", "science")).name
+    nints = exposure.sizes["integration"]
+    frames = exposure[["sci", "err"]].rename(integration="psf").drop_vars("psf", errors="ignore")
+    return frames.assign_coords(
+        psf_exposure=("psf", np.full(nints, name)),
+        psf_integration=("psf", np.asarray(exposure["integration"].values)),
+        psf_kind=("psf", np.full(nints, "ADI")),
+        psf_roll=("psf", np.full(nints, roll_angle(exposure))),
+    )
+
+
+def reference_pool(refs: xr.Dataset, science: list[xr.Dataset], mode: str) -> xr.Dataset:
+    """Every frame a science integration of ``mode`` may take as a reference, in psfalign's
+    order: the reference star's filled frames ``refs`` (RDI), then each filled ``science``
+    exposure's integrations (ADI), in the association's order. RDI: ``refs`` as they are."""
+    if mode not in MODES:
+        raise CoronInputError("mode", f"must be one of {', '.join(MODES)}, got {mode!r}")
+    if mode == "RDI":
+        return refs
+    parts = [_adi_frames(exposure) for exposure in science]
+    if "RDI" in mode:
+        npsf = refs.sizes["psf"]
+        roll = refs.attrs.get("ROLL_REF", refs.attrs.get("PA_V3"))
+        named = {  # as the psfstack names them (``stack_refs``), or by their place
+            name: ("psf", refs[name].values if name in refs.coords else default)
+            for name, default in (
+                ("psf_exposure", np.full(npsf, "")),
+                ("psf_integration", np.arange(npsf) + 1),
+            )
+        }
+        rdi = (
+            refs[["sci", "err"]]
+            .drop_vars("psf")
+            .assign_coords(
+                **named,
+                psf_kind=("psf", np.full(npsf, "RDI")),
+                psf_roll=("psf", np.full(npsf, np.nan if roll is None else float(roll))),
+            )
+        )
+        parts.insert(0, rdi)
+    pool = xr.concat(parts, dim="psf", combine_attrs="override", join="override")
+    return pool.assign_coords(psf=np.arange(pool.sizes["psf"])).assign_attrs(refs.attrs)
+
+
+def references_of(pool: xr.Dataset, roll: float) -> np.ndarray:
+    """The places in ``pool`` of the references of a science exposure at ``roll``: the
+    reference star's frames, and the science integrations of other rolls (never its own
+    roll's). Every frame of an RDI pool."""
+    if "psf_kind" not in pool.coords:
+        return np.arange(pool.sizes["psf"])
+    kinds = pool["psf_kind"].values
+    other = np.abs(pool["psf_roll"].values - roll) > SAME_ROLL
+    return np.flatnonzero((kinds == "RDI") | ((kinds == "ADI") & other))
+
+
+def fewest_references(science: list[xr.Dataset], npsf: int, mode: str) -> int:
+    """The fewest references a ``science`` exposure has in ``mode``: the reference star's
+    ``npsf`` frames (RDI) and the other rolls' integrations (ADI). Raises CoronInputError
+    where an exposure would have none."""
+    if mode == "RDI":
+        return npsf
+    adi = adi_counts(science)
+    if min(adi) == 0:
+        roll = roll_angle(science[0])
         raise CoronInputError(
-            "maxnumbasis",
-            f"{maxnumbasis} references cannot give the {largest} KL modes truncate asks for: "
-            f"give at least {largest}, or a smaller truncate",
+            "mode", f"{mode}: the science exposures are all at one roll ({roll:g} deg)"
         )
+    return (npsf if "RDI" in mode else 0) + min(adi)
 
 
-def target_norms_block(targets: np.ndarray, zones: Zones | None) -> np.ndarray:
-    """‖t̄_z‖² (m, Z) of science frames (m, y, x): each frame in float64 minus its mean over
-    the frame (Z = 1) or over each zone, summed in squares over the zone's pixels."""
-    flat = np.asarray(targets, dtype=np.float64).reshape(len(targets), -1)
+def adi_counts(science: list[xr.Dataset]) -> list[int]:
+    """How many ADI references each ``science`` exposure has: the other rolls' integrations."""
+    rolls = np.array([roll_angle(exposure) for exposure in science])
+    nints = np.array([exposure.sizes["integration"] for exposure in science])
+    return [int(nints[np.abs(rolls - roll) > SAME_ROLL].sum()) for roll in rolls]
+
+
+def contiguous_blocks(places: np.ndarray, most: int | None) -> tuple[int, ...]:
+    """Blocks of ``places`` (indices into a file) that are each one contiguous run of at most
+    ``most`` frames: an alignment task reads its block in one read."""
+    breaks = np.flatnonzero(np.diff(places) != 1) + 1
+    blocks: list[int] = []
+    for run in np.split(places, breaks):
+        size = len(run)
+        step = most or size
+        blocks += [min(step, size - start) for start in range(0, size, step)]
+    return tuple(blocks)
+
+
+def select_references(pool: xr.Dataset, places: np.ndarray) -> xr.Dataset:
+    """The references at ``places`` of ``pool``: psfalign's planes, numbered from 0."""
+    if len(places) == pool.sizes["psf"] and "psf_kind" not in pool.coords:
+        return pool
+    chosen = pool.isel(psf=places)
+    return chosen.assign_coords(psf=np.arange(len(places)))
+
+
+def exposure_references(
+    pool: xr.Dataset, exposure: xr.Dataset, mode: str, psfs: int | None
+) -> tuple[xr.Dataset, np.ndarray | None, float | None]:
+    """The references of a science ``exposure`` in ``mode``, taken from ``pool`` in
+    blocks of at most ``psfs`` contiguous frames, their places in it and the exposure's
+    roll (RDI: the pool as it is, None, None)."""
+    if mode == "RDI":
+        return pool, None, None
+    roll = roll_angle(exposure)
+    places = references_of(pool, roll)
+    refs = select_references(pool, places).chunk({"psf": contiguous_blocks(places, psfs)})
+    return refs, places, roll
+
+
+def zone_radii(zones: Zones | None, shape: tuple[int, int]) -> np.ndarray:
+    """Each zone's radius as pyKLIP's movement takes it: the mean of its annulus's inner
+    and outer edges (``(radstart + radend) / 2``); one zone, the whole frame: pyKLIP's one
+    annulus from 0 to the frame's height."""
     if zones is None:
-        centred = flat - flat.mean(axis=1, keepdims=True)
-        return np.einsum("ij,ij->i", centred, centred)[:, None]
-    labels = zones.labels.ravel()
-    inside = labels >= 0
-    out = np.zeros((len(flat), zones.count))
-    for i, means in enumerate(zone_means(targets, zones)):
-        centred = flat[i, inside] - means[labels[inside]]
-        np.add.at(out[i], labels[inside], centred * centred)
-    return out
+        return np.array([shape[0] / 2.0])
+    middles = (zones.edges[:-1] + zones.edges[1:]) / 2.0
+    return np.repeat(middles, zones.subsections)
 
 
-def target_norms(science: da.Array, zones: Zones | None) -> da.Array:
-    """``target_norms_block`` of the science SCI (m, y, x), lazily, in its integration blocks."""
-    count = 1 if zones is None else zones.count
-    return da.map_blocks(
-        target_norms_block,
-        science.rechunk({1: -1, 2: -1}),
-        zones,
-        drop_axis=2,
-        chunks=(science.chunks[0], (count,)),
-        dtype=np.float64,
-    )
+def movements(radii: np.ndarray, rolls: np.ndarray, roll: float) -> np.ndarray:
+    """How far (pixels, (Z, p)) the roll from ``roll`` to each of ``rolls`` moves a source
+    at each of ``radii`` from the star: the chord 2·r·sin(Δθ/2)."""
+    half = np.radians(np.abs(np.asarray(rolls, dtype=np.float64) - roll)) / 2.0
+    return 2.0 * radii[:, None] * np.sin(half)[None, :]
 
 
-def correlations_block(gram: np.ndarray, norms: np.ndarray) -> np.ndarray:
-    """Correlations (m, Z, p) of each integration with each reference in each zone from the
-    bordered Gram matrices (m, Z, p, p + 1) and the integrations' ‖t̄_z‖² (m, Z): NaN for a
-    reference of zero norm (flagged) or a target of zero norm."""
-    p = gram.shape[2]
-    return correlations(np.diagonal(gram[..., :p], axis1=2, axis2=3), gram[..., p], norms)
-
-
-def correlations(diagonal: np.ndarray, overlaps: np.ndarray, norms: np.ndarray) -> np.ndarray:
-    """Correlations (m, Z, p) from the references' squared norms G_rr (m, Z, p), their
-    overlaps with the integration (m, Z, p) and its ‖t̄_z‖² (m, Z); NaN where a norm is 0."""
-    scale = np.sqrt(diagonal * norms[..., None])
-    return np.divide(overlaps, scale, out=np.full(scale.shape, np.nan), where=scale > 0)
-
-
-def ranked(
-    corr: np.ndarray, eligible: np.ndarray | None, maxnumbasis: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """The ``maxnumbasis`` eligible references of largest correlation ``corr`` (m, Z, p),
-    most correlated first, ties to the lower index: indices (m, Z, K) into the psf axis
-    (−1 where fewer than K are eligible) and their correlations (NaN there)."""
-    usable = np.isfinite(corr) if eligible is None else np.isfinite(corr) & eligible
-    kept = min(maxnumbasis, corr.shape[-1])
-    order = np.argsort(np.where(usable, -corr, np.inf), axis=-1, kind="stable")[..., :kept]
-    found = np.take_along_axis(usable, order, axis=-1)
-    indices = np.where(found, order, -1)
-    values = np.where(found, np.take_along_axis(corr, order, axis=-1), np.nan)
-    return indices, values
-
-
-def ranked_block(
-    gram: np.ndarray, norms: np.ndarray, eligible: np.ndarray | None, maxnumbasis: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """``ranked`` of the correlations of the bordered Gram matrices (``correlations_block``)."""
-    return ranked(correlations_block(gram, norms), eligible, maxnumbasis)
-
-
-def chosen_block(
-    gram: np.ndarray, norms: np.ndarray, eligible: np.ndarray | None, maxnumbasis: int
-) -> np.ndarray:
-    """The choice (m, Z, p) bool of ``ranked_block``: KLIP's mask ``chosen``."""
-    indices, _ = ranked_block(gram, norms, eligible, maxnumbasis)
-    out = np.zeros(gram.shape[:3], dtype=bool)
-    m, count, _ = np.nonzero(indices >= 0)
-    out[m, count, indices[indices >= 0]] = True
-    return out
-
-
-def _blocks(gram: da.Array, norms: da.Array, eligible: da.Array | None) -> tuple:
-    """The arrays of the choice in the integration blocks of ``gram``, whole on other axes."""
-    chunks = gram.chunks[0]
-    gram = gram.rechunk((chunks, -1, -1, -1))
-    norms = norms.rechunk((chunks, -1))
-    if eligible is not None:
-        eligible = da.asarray(eligible).astype(bool).rechunk((chunks, -1, -1))
-    return gram, norms, eligible
-
-
-def choose_references(
-    gram: da.Array, norms: da.Array, maxnumbasis: int, eligible: da.Array | None = None
+def eligible_references(
+    psfalign: xr.Dataset,
+    roll: float,
+    zones: Zones | None,
+    movement: float,
+    chunks: tuple[int, ...],
+    *,
+    source: str = "science",
 ) -> da.Array:
-    """KLIP's ``chosen`` (m, Z, p) bool, lazily: for each (integration, zone) the
-    ``maxnumbasis`` eligible references most correlated with the integration (see the
-    module's docstring), from the bordered Gram matrices (m, Z, p, p + 1) and ‖t̄_z‖² (m, Z)."""
-    gram, norms, eligible = _blocks(gram, norms, eligible)
-    extra = (None, None) if eligible is None else (eligible, "mzp")
-    return da.blockwise(
-        chosen_block,
-        "mzp",
-        gram,
-        "mzpb",
-        norms,
-        "mz",
-        *extra,
-        maxnumbasis,
-        None,
-        dtype=bool,
-        concatenate=True,
-    )
-
-
-def chosen_references(
-    gram: da.Array, norms: da.Array, maxnumbasis: int, eligible: da.Array | None = None
-) -> tuple[da.Array, da.Array]:
-    """What ``choose_references`` chose, for the product: indices (m, Z, K) int32 into the
-    psf axis, most correlated first (−1: no more were eligible), and their correlations
-    (m, Z, K) float64 (NaN there)."""
-    gram, norms, eligible = _blocks(gram, norms, eligible)
-    kept = min(maxnumbasis, gram.shape[2])
-    extra = (None, None) if eligible is None else (eligible, "mzp")
-    pairs = da.blockwise(
-        lambda *args: np.stack(ranked_block(*args)),
-        "wmzk",
-        gram,
-        "mzpb",
-        norms,
-        "mz",
-        *extra,
-        maxnumbasis,
-        None,
-        new_axes={"w": 2, "k": kept},
-        dtype=np.float64,
-        concatenate=True,
-    )
-    return pairs[0].astype(np.int32), pairs[1]
-
-
-class Selection:
-    """A per-integration choice of ``maxnumbasis`` references (``kl_basis``'s ``chosen``,
-    called with the bordered Gram matrices), which keeps what it chose for the product."""
-
-    def __init__(self, norms: da.Array, maxnumbasis: int, eligible: da.Array | None = None):
-        self.norms, self.maxnumbasis, self.eligible = norms, maxnumbasis, eligible
-        self.gram: da.Array | None = None
-
-    def __call__(self, gram: da.Array) -> da.Array:
-        self.gram = gram
-        return choose_references(gram, self.norms, self.maxnumbasis, self.eligible)
-
-    def chosen(self) -> tuple[da.Array, da.Array]:
-        """Indices (m, Z, K) and correlations (m, Z, K) of the references chosen."""
-        if self.gram is None:
-            raise RuntimeError("no Gram matrices yet: the selection was not given to kl_basis")
-        return chosen_references(self.gram, self.norms, self.maxnumbasis, self.eligible)
-
-
-def chooses(maxnumbasis: int | None, npsf: int) -> bool:
-    """Whether ``maxnumbasis`` chooses among ``npsf`` references (logged): not without one,
-    nor with one not below ``npsf`` (KLIP then as without it, bit for bit)."""
-    if maxnumbasis is None:
-        return False
-    if maxnumbasis >= npsf:
+    """Where each reference of ``psfalign`` may be used (m, Z, p) bool, in ``chunks`` of
+    integrations, for a science exposure at ``roll``: a reference star's frame everywhere;
+    another roll's integration in the zones where the roll moves a companion by at least
+    ``movement`` pixels (pyKLIP's ``moves >= minmove``). Logs how many ADI references each
+    zone keeps."""
+    npsf, m = psfalign.sizes["psf"], sum(chunks)
+    shape = (psfalign.sizes["y"], psfalign.sizes["x"])
+    radii = zone_radii(zones, shape)
+    if "psf_kind" not in psfalign.coords:
+        mask = np.ones((len(radii), npsf), dtype=bool)
+    else:
+        adi = psfalign["psf_kind"].values == "ADI"
+        moved = movements(radii, psfalign["psf_roll"].values, roll) >= movement
+        mask = ~adi[None, :] | moved
+        kept = mask[:, adi].sum(axis=1)
         log.info(
-            "klip: maxnumbasis %d is not below the %d references: every reference used",
-            maxnumbasis,
-            npsf,
+            "klip: %s: ADI references kept per zone (of %d; movement %g px at radii %s px): %s",
+            source,
+            int(adi.sum()),
+            movement,
+            ", ".join(f"{r:.1f}" for r in radii),
+            ", ".join(str(int(k)) for k in kept),
         )
-        return False
-    log.info(
-        "klip: the %d of the %d references most correlated with each integration in each "
-        "zone used (maxnumbasis)",
-        maxnumbasis,
-        npsf,
+    return da.broadcast_to(da.from_array(mask)[None], (m, *mask.shape), chunks=(chunks, -1, -1))
+
+
+def unreferenced(chosen: da.Array, zones: Zones | None, shape: tuple[int, int]) -> da.Array:
+    """(m, y, x) bool: the pixels of each integration whose zone has no reference ``chosen``
+    (m, Z, p): pyKLIP leaves such a zone unreduced (NaN), e.g. ADI's inner annuli, where
+    the roll moves nothing far enough."""
+    empty = ~chosen.any(axis=-1)
+    labels = np.zeros(shape, np.int16) if zones is None else zones.labels
+    return da.map_blocks(
+        _unreferenced_block,
+        empty,
+        labels=labels,
+        drop_axis=1,
+        new_axis=(1, 2),
+        chunks=(empty.chunks[0], (shape[0],), (shape[1],)),
+        dtype=bool,
     )
-    return True
 
 
-def selection(
-    science: da.Array, zones: Zones | None, maxnumbasis: int | None, npsf: int
-) -> Selection | None:
-    """The choice of ``maxnumbasis`` of the ``npsf`` references for each integration and
-    zone of ``science`` (SCI, m, y, x) from the Gram matrices, or None when every
-    reference is used (``chooses``)."""
-    if not chooses(maxnumbasis, npsf):
-        return None
-    return Selection(target_norms(science, zones), maxnumbasis)
-
-
-def chosen_extensions(indices: da.Array, correlations: da.Array) -> list[Extension]:
-    """psfsub's record of the references chosen: REFS, their indices into psfalign's psf
-    axis (integration, zone, rank; −1: no more were eligible), and REFCORR, their
-    correlations with the integration on the zone's pixels, most correlated first."""
-    dims = ("integration", "zone", "rank")
-    said = {"BUNIT": "", "MAXNBAS": (indices.shape[-1], "references kept per zone, at most")}
-    return [
-        Extension("REFS", indices, {**said, "EXTDESC": "psfalign psf index, -1: none"}, dims),
-        Extension("REFCORR", correlations, {"EXTDESC": "correlation with the integration"}, dims),
-    ]
+def _unreferenced_block(empty: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    return empty[:, np.maximum(labels, 0)] & (labels >= 0)[None]

@@ -10,7 +10,7 @@ import pytest
 from coron_dask.core.errors import CoronInputError
 from coron_dask.steps.klip import kl_basis, subtract
 from coron_dask.steps.klip_parameters import klip_zones
-from coron_dask.steps.references import check_maxnumbasis, selection
+from coron_dask.steps.reference_choice import check_maxnumbasis, selection
 from tests.steps.test_klip_zones import NREF, NSCI, ROWS, SHAPE, STAR, check_zones, datasets
 
 CUTOFFS = (1, 3, 5)
