@@ -117,6 +117,19 @@ SCENARIOS = {
     "refs-1GiB": Scenario(
         "refs-1GiB", 320, 2, 5, 16, 65, memory_limit="1GiB", extra=["--truncate", "20"]
     ),
+    # issue 26: a library of 2000 references (40 exposures × 50) chosen per integration and
+    # zone (the 50 most correlated), 2 × 2 integrations, on 1 GiB workers; without
+    # --maxnumbasis the plan refuses them (the Gram matrices of 6 zones need 1.54 GiB)
+    "library-2000": Scenario(
+        "library-2000",
+        320,
+        2,
+        2,
+        40,
+        50,
+        memory_limit="1GiB",
+        extra=["--truncate", "20", "--maxnumbasis", "50", "--annuli", "3", "--subsections", "2"],
+    ),
     # MIRI 4QPM at realistic counts, 2 GiB workers: 1040 references; without psfalign
     # 2 × 100 integrations (its psfalign would be 107 GB, more than this machine's disk),
     # with it 2 × 20 (21 GB)

@@ -35,7 +35,7 @@ from coron_dask.kernels.zones import zone_map
 from coron_dask.planning import memory
 from coron_dask.planning.memory import MIB, Frame
 from coron_dask.steps import blocks as tasks
-from coron_dask.steps import klip_blocks
+from coron_dask.steps import klip_blocks, selection_blocks
 
 #: The model's arrays (its peak less the fixed allowance every task has, TASK_OVERHEAD,
 #: which covers what a worker's heap adds: 0.3 to 1.3 MiB) may overestimate a measured
@@ -99,6 +99,15 @@ CASES = [
     Case("klip_weights", dict(frames=8, npsf=300)),
     Case("klip_weights", dict(frames=2, npsf=800)),
     Case("klip_weights", dict(frames=4, npsf=300, zones=ZONES)),
+    Case("klip_norms", dict(frames=4, npsf=400, rows=36, ny=224, nx=288, shared=False)),
+    Case("klip_norms", dict(frames=4, npsf=400, rows=36, ny=224, nx=288, shared=True, zones=ZONES)),
+    Case("klip_chosen_gram", dict(frames=2, npsf=1000, kept=50, rows=13, ny=160, nx=160)),
+    Case(
+        "klip_chosen_gram",
+        dict(frames=2, npsf=1000, kept=200, rows=13, ny=160, nx=160, zones=ZONES),
+    ),
+    Case("klip_chosen_weights", dict(frames=4, npsf=2000, kept=300)),
+    Case("klip_chosen_weights", dict(frames=2, npsf=2000, kept=400, zones=ZONES)),
     Case("klip_errors", dict(frames=2, npsf=100, rows=160, ny=160, nx=160)),
     Case("klip_errors", dict(frames=4, npsf=220, rows=66, ny=224, nx=288)),
     Case("klip_errors", dict(frames=4, npsf=220, rows=66, ny=224, nx=288, cutoffs=KL_CUBE)),
@@ -382,6 +391,51 @@ def build_klip_weights(rng, path, frames, npsf, zones=None):
     return (lambda: klip_blocks.weights_block(grams, 160 * 160, TRUNCATE)), [grams]
 
 
+def build_klip_norms(rng, path, frames, npsf, rows, ny, nx, shared, zones=None):
+    """As the pipeline runs it: each tile read from disk, the norms and overlaps summed."""
+    zones = _zones(ny, nx, zones)
+    source, means, indices = _aligned_on_disk(rng, path[0], frames, npsf, ny, nx, shared, zones)
+    targets = _frames(rng, frames, ny, nx, jitter=0.3)
+
+    def task():
+        return selection_blocks.norms_block(indices, means, [[targets]], rows, zones, source)
+
+    return task, [targets, *means]
+
+
+def _chosen(rng, frames, npsf, kept, count) -> np.ndarray:
+    """Indices (frames, Z, kept) of references chosen, ascending, as the choice gives them."""
+    picks = [np.sort(rng.choice(npsf, kept, replace=False)) for _ in range(frames * count)]
+    return np.array(picks).reshape(frames, count, kept)
+
+
+def build_klip_chosen_gram(rng, path, frames, npsf, kept, rows, ny, nx, zones=None):
+    """As the pipeline runs it: every tile read from disk, the chosen rows' products."""
+    zones = _zones(ny, nx, zones)
+    source, means, indices = _aligned_on_disk(rng, path[0], frames, npsf, ny, nx, False, zones)
+    chosen = _chosen(rng, frames, npsf, kept, 1 if zones is None else zones.count)
+
+    def task():
+        return selection_blocks.chosen_gram_block(indices, means, [chosen], rows, zones, source)
+
+    return task, [*means, chosen]
+
+
+def build_klip_chosen_weights(rng, path, frames, npsf, kept, zones=None):
+    """Gram matrices (frames, Z, kept, kept) of chosen references, spread over npsf."""
+    count = 1 if zones is None else zones[0] * zones[1]
+    grams = np.empty((frames, count, kept, kept))
+    for gram in grams.reshape(-1, kept, kept):
+        basis = rng.normal(size=(kept, 2 * kept))
+        np.matmul(basis, basis.T, out=gram)
+    chosen = _chosen(rng, frames, npsf, kept, count)
+
+    def task():
+        return selection_blocks.chosen_weights_block(grams, chosen, npsf, 160 * 160, TRUNCATE)
+
+    return task, [grams, chosen]
+
+
 def _weights(rng, frames, npsf, count, ny, nx, shared, zones=None):
     """KL weights (frames, Z, 2, npsf, count), one set broadcast to every target if
     ``shared``."""
@@ -488,6 +542,8 @@ ON_DISK = (
     "klip_overlaps",
     "klip_subtract",
     "inject_klip",
+    "klip_norms",
+    "klip_chosen_gram",
 )
 BUILD = {
     "read": build_read,
@@ -498,6 +554,9 @@ BUILD = {
     "shift": build_shift,
     "klip_gram": build_klip_gram,
     "klip_weights": build_klip_weights,
+    "klip_norms": build_klip_norms,
+    "klip_chosen_gram": build_klip_chosen_gram,
+    "klip_chosen_weights": build_klip_chosen_weights,
     "klip_errors": build_klip_errors,
     "klip_overlaps": build_klip_overlaps,
     "klip_subtract": build_klip_subtract,
@@ -535,6 +594,15 @@ def predict(case: Case) -> int:
             return memory.klip_gram(b["frames"], b["npsf"], b["rows"], frame, own, zones)
         case "klip_weights":
             return memory.klip_weights(b["frames"], b["npsf"], min(TRUNCATE, b["npsf"]), zones)
+        case "klip_norms":
+            args = (b["frames"], b["npsf"], b["rows"], frame, b["shared"], zones)
+            return memory.klip_norms(*args)
+        case "klip_chosen_gram":
+            args = (b["frames"], b["npsf"], b["kept"], b["rows"], frame, False, zones)
+            return memory.klip_chosen_gram(*args)
+        case "klip_chosen_weights":
+            count = min(TRUNCATE, b["npsf"])
+            return memory.klip_chosen_weights(b["frames"], b["npsf"], b["kept"], count, zones)
         case "klip_errors" | "klip_subtract":
             cutoffs = b.get("cutoffs", (TRUNCATE,))
             count, planes = min(cutoffs[-1], b["npsf"]), len(cutoffs)

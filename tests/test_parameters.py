@@ -47,6 +47,7 @@ def test_defaults_are_those_shipped_before_the_spec():
             "owa": None,
             "mode": "RDI",  # jwst's references: the reference star's
             "movement": 3.0,  # pyKLIP's default
+            "maxnumbasis": None,  # every reference, as jwst
         },
         "resample": {"orientation": "detector"},
         "output": {"format": "fits", "psfalign": True},
@@ -93,6 +94,7 @@ def test_provenance_keywords_are_those_products_carry():
         ("owa", ("OWA", "klip: outer working angle (pixels)")),
         ("mode", ("KLIPMODE", "klip: references RDI, ADI or ADI+RDI")),
         ("movement", ("MOVEMENT", "klip: least ADI movement (pixels)")),
+        ("maxnumbasis", ("MAXNBAS", "klip: references kept per integration and zone")),
         ("orientation", ("ORIENT", "resample: i2d grid orientation")),
         ("save_psfalign", ("PSFALIGN", "psfalign products written")),
     ]

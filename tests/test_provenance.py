@@ -39,6 +39,7 @@ FITS_RUN = {
     "owa": 28.5,
     "mode": "ADI+RDI",
     "movement": 2.5,
+    "maxnumbasis": 6,  # 6 of the 9 references (ADI+RDI) per integration and zone
     "orientation": "north",
     "save_psfalign": True,
 }
@@ -59,6 +60,7 @@ ZARR_RUN = {
     "owa": None,  # the default, recorded as "none"
     "mode": "ADI",
     "movement": 0.5,
+    "maxnumbasis": None,  # the default: every reference, recorded as "none"
     "orientation": "detector",
     "save_psfalign": False,
 }

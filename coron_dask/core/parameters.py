@@ -133,6 +133,13 @@ SPEC: tuple[Parameter, ...] = (
               "(pyKLIP's movement and default), so a companion does not subtract itself", 3.0,
               "klip.movement", Number(whole=False, low=0),
               keyword=("MOVEMENT", "klip: least ADI movement (pixels)")),
+    Parameter("maxnumbasis", "KLIP with, for each science integration and zone, only the N "
+              "references most correlated with it there (pyKLIP's maxnumbasis; ADI: of those "
+              "movement keeps): a library of many stars, fitted with the references that look "
+              "like the integration; the choice is written in psfsub (REFS, REFCORR)", None,
+              "klip.maxnumbasis",
+              Number(low=1), "every reference, as jwst",
+              keyword=("MAXNBAS", "klip: references kept per integration and zone")),
     Parameter("orientation", "i2d grid: the first exposure's detector orientation (as jwst) or "
               "north up", "detector", "resample.orientation", OneOf(("detector", "north")),
               keyword=("ORIENT", "resample: i2d grid orientation")),

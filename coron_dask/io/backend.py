@@ -47,6 +47,12 @@ KINDS = {
     "snr": [("kl",), ()],
     "injections": [("set", "kl"), ("set",), ("kl",), ()],
 }
+#: Extensions of their own dimensions: psfsub's record of the references KLIP chose for each
+#: (integration, zone), most correlated first (``steps.reference_choice``)
+OWN_DIMS = {
+    "REFS": ("integration", "zone", "rank"),
+    "REFCORR": ("integration", "zone", "rank"),
+}
 PARAMS = ["dx", "dy", "beta"]
 #: The extension whose WCS gives ``ra``, ``dec`` and whose KLMODEn the ``kl`` coordinate,
 #: in order of preference (a detection map has no SCI); else the first image.
@@ -64,6 +70,8 @@ def _dims(path: Path, kind: str, name: str, ndim: int) -> tuple[str, ...]:
     """The dimensions of extension ``name`` of rank ``ndim`` in the product ``path`` of
     ``kind``."""
     choices = KINDS[kind]
+    if name in OWN_DIMS and len(OWN_DIMS[name]) == ndim:
+        return OWN_DIMS[name]
     if kind == "injections" and name == "SCI":
         choices = [("kl",), ()]
     if kind == "injections" and name == "MODEL":

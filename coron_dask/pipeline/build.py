@@ -33,7 +33,9 @@ from coron_dask.steps.align_refs import align_models, alignment_table, median_re
 from coron_dask.steps.klip import KLBasis, kl_basis, subtract
 from coron_dask.steps.klip_blocks import summary
 from coron_dask.steps.klip_parameters import klip_zones, used_cutoffs, whole_frame
+from coron_dask.steps.klip_selected import selected_basis
 from coron_dask.steps.outlier_detection import outlier_detection
+from coron_dask.steps.reference_choice import check_maxnumbasis, chooses, chosen_extensions
 from coron_dask.steps.references import (
     eligible_references,
     exposure_references,
@@ -104,7 +106,9 @@ def build_products(
     (annuli 1, subsections 1, annuli_spacing "constant", iwa 0, owa None: one zone, the
     frame; ``steps.klip_parameters.klip_zones``), KLIP's references mode "RDI" (or "ADI",
     "ADI+RDI": the other rolls' integrations too) and movement 3.0 (pixels;
-    ``steps.references``), orientation "detector" (or "north"),
+    ``steps.references``), maxnumbasis None (or K: the K eligible references most
+    correlated with each integration in each zone; ``steps.reference_choice``),
+    orientation "detector" (or "north"),
     format "fits" (or "zarr": Zarr stores), save_psfalign (True: write psfalign; without it
     only a scratch file of its SCI, which KLIP reads),
     integrations, psfs and outlier_rows (block sizes; planned for ``workers``, by default
@@ -261,29 +265,31 @@ def _psfsub(
     # each of KLIP's zones; KLIP reads it back a tile at a time
     zones = exposure_zones(exposure, p)
     aligned = write_blocks("SCI", *aligned_in, summary=summary(zones), values=zones and zones.count)
-    chosen = None  # the reference choice: ADI's movement (the lead adds the selection)
+    eligible = None  # where each reference may be used: ADI's movement (RDI: everywhere)
     if roll is not None:
         source = Path(exposure.encoding.get("source", "science")).name
         chunks = filled["sci"].data.chunks[0]
-        chosen = eligible_references(psfalign, roll, zones, p["movement"], chunks, source=source)
-    basis = kl_basis(
-        filled,
-        psfalign,
-        p["truncate"],
-        rows=plan.klip_rows,
-        on_disk=aligned,
-        zones=zones,
-        chosen=chosen,
-    )
+        eligible = eligible_references(psfalign, roll, zones, p["movement"], chunks, source=source)
+    klipping = dict(rows=plan.klip_rows, on_disk=aligned, zones=zones)
+    chosen = None  # of the eligible, the maxnumbasis most correlated per integration and zone
+    if chooses(p["maxnumbasis"], psfalign.sizes["psf"]):
+        basis, *chosen = selected_basis(
+            filled, psfalign, p["truncate"], p["maxnumbasis"], eligible=eligible, **klipping
+        )
+    else:  # every eligible reference
+        basis = kl_basis(filled, psfalign, p["truncate"], chosen=eligible, **klipping)
     psfsub = subtract(filled, basis)
-    made.add(
+    product = made.add(
         f"{root}_psfsub",
         {**exposure.attrs, "DATAMODL": "CubeModel"},
         psfsub,
         {**exposure["sci"].attrs, **kl_keywords(p["truncate"])},
         ("outlier_detection", "align_refs", "klip"),
         **members,
-    ).extensions.append(alignment_table(psfalign))
+    )
+    product.extensions.append(alignment_table(psfalign))
+    if chosen is not None:
+        product.extensions.extend(chosen_extensions(*chosen))
     return psfsub, basis, psfalign
 
 
@@ -351,6 +357,7 @@ def reduce_observation(
     opened = opened or open_association(asn)
     # klip keeps at most as many KL modes as there are references: its products say so
     npsf = fewest_references(opened.science, opened.psfstack.sizes["psf"], p["mode"])
+    check_maxnumbasis(p["maxnumbasis"], p["truncate"], npsf)
     p["truncate"] = used_cutoffs(p["truncate"], npsf)
     plan = plan_observation(opened, workers or measure_workers(None), p, injections)
     log.info("block plan: %s", plan.describe())

@@ -97,6 +97,7 @@ def plan_observation(
         injections=injections,
         own_bases=bool(injections) and "ADI" in p["mode"],
         zones=None if whole_frame(*zoning) else zoning[0] * zoning[1],
+        maxnumbasis=p["maxnumbasis"],
     )
     return chunking.plan_blocks(
         sizes,

@@ -27,6 +27,8 @@ from coron_dask.runtime.deploy import (
 from coron_dask.runtime.execute import execute
 from coron_dask.runtime.jobqueue import check_jobqueue
 from coron_dask.runtime.resources import allocation
+from coron_dask.steps.reference_choice import check_maxnumbasis
+from coron_dask.steps.references import fewest_references
 
 log = logging.getLogger(__name__)
 #: Options that say where a run goes, which a cluster or client under way already says.
@@ -64,6 +66,11 @@ def check_inputs(
     Returns the parameters resolved and the observation opened (whole exposures)."""
     resolved = resolve_parameters(**parameters)
     observation = open_association(asn)
+    # the fewest references a science exposure has in its mode (ADI: the other rolls' too)
+    npsf = fewest_references(
+        observation.science, observation.psfstack.sizes["psf"], resolved["mode"]
+    )
+    check_maxnumbasis(resolved["maxnumbasis"], resolved["truncate"], npsf)
     for exposure in observation.science:
         build.exposure_zones(exposure, resolved, logged=False)
     if psfmask is not None and str(psfmask).lower() not in PSFMASK_CHOICES:

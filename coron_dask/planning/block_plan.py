@@ -49,7 +49,14 @@ class Observation:
     format: str = "fits"
     injections: int = 0  # sets of companions subtracted on the same bases (contrast)
     zones: int | None = None  # KLIP's zones (annuli × subsections); None: the whole frame
+    maxnumbasis: int | None = None  # references chosen per integration and zone; None: all
     own_bases: bool = False  # each injected set has KL bases of its own (ADI's references)
+
+    @property
+    def kept(self) -> int | None:
+        """References chosen per integration and zone, or None: every one (no choice)."""
+        chosen = self.maxnumbasis is not None and self.maxnumbasis < self.npsf
+        return self.maxnumbasis if chosen else None
 
     @property
     def npsf(self) -> int:
@@ -123,15 +130,20 @@ def waiting(obs: Observation, integrations: int, psfs: int, threads: int) -> int
     targets = integrations if obs.align_to == "each" else 1
     npsf, count, zones = obs.npsf, obs.count, obs.zones or 1
     flagged = 12 * max(integrations, psfs) * frame.pixels
+    if obs.kept:  # a choice per integration: its norms and overlaps, K² Gram matrices
+        targets = integrations
+        grams = 8 * targets * zones * (2 * npsf + obs.kept * obs.kept + obs.kept)
+    else:
+        grams = 8 * targets * zones * npsf * (npsf + 1)
     per_target = (
         4 * (1 + obs.injections) * integrations * frame.pixels  # filled, and each injected
         + 8 * targets * npsf * zones
-        + 8 * targets * zones * npsf * (npsf + 1)
+        + grams
         + 16 * targets * zones * npsf * count
         + 8 * targets * obs.planes * frame.pixels
         + 8 * integrations * zones * npsf
     )
-    if obs.own_bases:  # each injected set's bases (ADI)
+    if obs.own_bases:  # each injected set's bases (ADI; on the science's choice: p² Gram)
         per_target += obs.injections * (
             8 * targets * npsf * zones
             + 8 * targets * zones * npsf * (npsf + 1)
@@ -149,6 +161,20 @@ def task_peaks(obs: Observation, integrations: int, psfs: int, outlier_rows: int
     shared = obs.align_to == "first"
     longest = max(obs.science_nints + obs.psf_nints)
     zarr = obs.save_psfalign and obs.format == "zarr"
+    klip = {
+        "klip gram": memory.klip_gram(targets, npsf, klip_rows, frame, not shared, zones),
+        "klip weights": memory.klip_weights(targets, npsf, count, zones),
+    }
+    if obs.kept:  # chosen first: the norms' pass, then K² Gram matrices, a basis each
+        klip = {
+            "klip norms": memory.klip_norms(k, npsf, klip_rows, frame, shared, zones),
+            "klip gram": memory.klip_chosen_gram(
+                k, npsf, obs.kept, klip_rows, frame, shared, zones
+            ),
+            "klip weights": memory.klip_chosen_weights(k, npsf, obs.kept, count, zones),
+        }
+    # with a choice, a basis per integration: the ERR's and the subtraction's weights too
+    each, sole = (k, False) if obs.kept else (targets, shared)
     return {
         "read": memory.read(max(k, p), frame.pixels),
         "outlier median": memory.outlier_median(longest, outlier_rows, frame.nx),
@@ -156,17 +182,14 @@ def task_peaks(obs: Observation, integrations: int, psfs: int, outlier_rows: int
         "fill": memory.fill(max(k, p), frame),
         "fit": memory.fit(targets, p, frame),
         "shift": memory.shift(targets, p, frame, zarr, zones),
-        "klip gram": memory.klip_gram(targets, npsf, klip_rows, frame, not shared, zones),
-        "klip weights": memory.klip_weights(targets, npsf, count, zones),
+        **klip,
         **(
-            {"klip err": memory.klip_errors(targets, npsf, klip_rows, frame, below, planes, zones)}
+            {"klip err": memory.klip_errors(each, npsf, klip_rows, frame, below, planes, zones)}
             if (below := obs.err_count)
             else {}
         ),
         "klip overlaps": memory.klip_overlaps(k, npsf, klip_rows, frame, shared, zones),
-        "klip subtract": memory.klip_project(
-            k, npsf, klip_rows, frame, count, shared, planes, zones
-        ),
+        "klip subtract": memory.klip_project(k, npsf, klip_rows, frame, count, sole, planes, zones),
         "resample": memory.resample(k, frame, 4 * frame.pixels, planes),
         # companions added to a block of integrations (a contrast curve), PSF as big as a frame
         **({"inject": memory.inject(k, frame, frame.pixels)} if obs.injections else {}),

@@ -209,6 +209,49 @@ def klip_overlaps(
     ) + TASK_OVERHEAD
 
 
+def klip_norms(
+    frames: int, npsf: int, rows: int, frame: Frame, shared: bool, zones: int | None = None
+) -> int:
+    """The pass before a choice of references (``selection_blocks.norms_block``): the
+    overlaps' (``klip_overlaps``) and each reference's squared norm in each zone."""
+    return (
+        klip_overlaps(frames, npsf, rows, frame, shared, zones) + 8 * frames * (zones or 1) * npsf
+    )
+
+
+def klip_chosen_gram(
+    frames: int, npsf: int, kept: int, rows: int, frame: Frame, shared: bool, zones=None
+) -> int:
+    """Gram matrices of the ``kept`` references chosen for each of ``frames`` targets and
+    zone (``selection_blocks.chosen_gram_block``): a tile of all ``npsf`` references (one
+    set if ``shared``), one target's float64 centred copy of it, the chosen rows of a
+    zone's run gathered, the matrices (K² a zone) and the indices."""
+    tile = rows * frame.nx
+    sets = 1 if shared else frames
+    matrices = 8 * frames * (zones or 1) * kept * (kept + 1)
+    return (
+        4 * sets * npsf * tile
+        + 8 * npsf * tile
+        + 16 * kept * tile
+        + matrices
+        + _zoned(frames, frame, tile, zones, False)
+        + TASK_OVERHEAD
+    )
+
+
+def klip_chosen_weights(frames: int, npsf: int, kept: int, count: int, zones=None) -> int:
+    """Eigen-decompositions of the chosen references' Gram matrices (K × K, one per zone),
+    LAPACK's work, the weights spread over the ``npsf`` references (a bound: the rows of
+    references not chosen stay zero pages, never touched, when K ≪ p)."""
+    sets = frames * (zones or 1)
+    return (
+        8 * sets * kept * (kept + 1)
+        + (2 + 6) * 8 * kept**2
+        + (16 * sets * npsf * count + 16 * kept * count)
+        + TASK_OVERHEAD
+    )
+
+
 def klip_project(
     frames: int,
     npsf: int,

@@ -1,43 +1,33 @@
 """klip: PSF subtraction by Karhunen-Loève projection on the aligned references (``_psfsub``).
 
-For each science integration the references aligned to it give a KL basis; the psfsub
-image is the integration minus its mean minus its projection on the first ``truncate``
-KL images. ERR is jwst's: the per-pixel standard deviation of the references' own KLIP
-residuals. DQ is the science DQ. With a 3-D psfalign (``align_to="first"``) the basis
-is the same for every integration and is computed once per exposure. Several cutoffs
-(a KL-mode cube) come from one basis: each projects on its first k KL images.
+Each science integration minus its mean and its projection on the first ``truncate`` KL
+images of the references aligned to it; ERR jwst's (the references' own residuals'
+deviation), DQ the science's. A 3-D psfalign (``align_to="first"``): one basis per
+exposure. Several cutoffs (a KL-mode cube) come from one basis.
 
 In zones (``klip_parameters.klip_zones``: pyKLIP's ``annuli`` × ``subsections`` about the
 star, within an inner and outer working angle) each (integration, zone) has a KL basis of
-its own, made from the zone's pixels minus each frame's mean over the zone, as pyKLIP's
-``klip_math``; pixels in no zone are NaN. One zone over the whole frame (the default) is
-jwst's KLIP.
+its own from the zone's pixels minus each frame's mean over the zone (pyKLIP's
+``klip_math``); pixels in no zone are NaN. One zone over the frame (default): jwst's KLIP.
 
 No task needs every pixel of every reference at once: one task per target block sums the
-references' Gram matrices over tiles of frame rows holding all references (``tile_rows``),
-every zone's in the one pass; the KL weights follow from them. The subtraction then takes
-two more passes over the tiles, one for the targets' overlaps with the references (with a
-basis per integration, the Gram matrix's pass makes the science's), one for their
-projections, which are mixes of the references (the KL images themselves are made only
-where the ERR needs them, for cutoffs below the number of references). In the pipeline the
-aligned references are on disk and these tasks read one tile at a time; nothing but the
-Gram matrices, the KL weights, the overlaps and the ERR waits between them. The tiles
-follow from the frame and the number of references alone, never from the blocks the
-references arrive in, and every sum over them is taken in order, target by target, so the
-products do not depend on the blocks.
+Gram matrices (every zone's) over tiles of frame rows holding all references
+(``tile_rows``); the KL weights follow. The subtraction takes two more passes over the
+tiles: the targets' overlaps (with a basis per integration, the Gram pass makes them), then
+their projections, mixes of the references (KL images only where the ERR needs them). The
+tiles follow from the frame and the number of references alone and every sum over them is
+taken in order, target by target: the products do not depend on the blocks.
 
 The interface that subtraction strategies and reference choices build on:
 
-- ``kl_basis(..., zones=, chosen=)``: ``chosen`` (m, Z, p) bool, a dask array chunked as
-  the targets (or a function of the Gram matrices giving one, computed lazily): the
-  references each (integration, zone) may use. One not chosen gets zero KL weight there
-  and is left out of that zone's ERR, as a flagged (NaN) reference is. Default: all.
-- ``KLBasis.gram``: each zone's Gram matrix of the mean-subtracted references, bordered by
-  the integration's overlaps (m, Z, p, p + 1) with a 4-D psfalign: the correlation of
-  integration t with reference r in zone z is ``gram[t, z, r, p] / sqrt(gram[t, z, r, r]
-  · ‖t_z‖²)``, their order that of ``gram[t, z, r, p] / sqrt(gram[t, z, r, r])``. With a
-  3-D psfalign it is (1, Z, p, p), and ``chosen``, if a function, is given it broadcast to
-  the m integrations (the overlaps come from ``subtract``'s pass).
+- ``kl_basis(..., zones=, chosen=)``: ``chosen`` (m, Z, p) bool chunked as the targets (or
+  a function of the bordered Gram matrices giving one): the references each (integration,
+  zone) may use; one not chosen gets zero KL weight there and is left out of that zone's
+  ERR, as a flagged reference is; a zone with none chosen is NaN. Default: all.
+- ``KLBasis.gram``: each zone's Gram matrix of the mean-subtracted references bordered by
+  the integration's overlaps (m, Z, p, p + 1); with a 3-D psfalign (1, Z, p, p), and a
+  function ``chosen`` is given it broadcast, bordered by the overlaps of a pass of their
+  own. The correlations follow from it (``steps.reference_choice``).
 - ``KLBasis.overlaps`` (m, Z, p), ``weights`` (m, Z, 2, p, K), ``means`` (m, p, Z).
 """
 
@@ -183,8 +173,11 @@ def kl_basis(
         else:  # the 3-D psfalign is read whatever the targets; every write is waited for
             references = (da.arange(m, chunks=chunks), "m")
             reading = (*reading[:3], "nrs")
-    if callable(chosen):
-        chosen = chosen(_broadcast(gram, m, chunks) if shared else gram)
+    if callable(chosen) and shared:  # bordered by the overlaps of a pass (subtract's, then)
+        overlaps = _overlaps(target, references, means, rows, zones, reading, npsf)
+        chosen = chosen(da.concatenate([_broadcast(gram, m, chunks), overlaps[..., None]], 3))
+    elif callable(chosen):  # the Gram matrices bordered by the overlaps
+        chosen = chosen(gram)
     if chosen is not None:
         chosen = da.asarray(chosen).astype(bool).rechunk((chunks, -1, -1))
         if chosen.shape != (m, gram.shape[1], npsf):
@@ -287,6 +280,36 @@ def _errors(
     )
 
 
+def _overlaps(
+    target: da.Array,
+    references: tuple,
+    means: da.Array,
+    rows: int,
+    zones: Zones | None,
+    reading: tuple,
+    npsf: int,
+) -> da.Array:
+    """The targets' overlaps (m, Z, p) with their references: a pass (``overlaps_block``)."""
+    return da.blockwise(
+        overlaps_block,
+        "mzq",
+        target,
+        "myx",
+        *references,
+        means,
+        "mpz",
+        rows,
+        None,
+        zones,
+        None,
+        *reading,
+        new_axes={"q": npsf},
+        concatenate=False,
+        dtype=np.float64,
+        name=f"klip-overlaps-{tokenize(target, means, rows, zones, reading)}",
+    )
+
+
 def subtract(science: xr.Dataset, basis: KLBasis) -> xr.Dataset:
     """psfsub of ``science`` (a filled cube, in the blocks ``basis`` was made in) on
     ``basis``: ``sci``, ``err`` (the basis's), ``dq`` (see ``klip``). KLIP is linear in the
@@ -303,23 +326,8 @@ def subtract(science: xr.Dataset, basis: KLBasis) -> xr.Dataset:
     name = tokenize(target, basis.weights, cutoffs, basis.zones)
     overlaps = basis.overlaps
     if overlaps is None or target.name != basis.science.name:  # a pass of their own
-        overlaps = da.blockwise(
-            overlaps_block,
-            "mzq",
-            target,
-            "myx",
-            *basis.references,
-            basis.means,
-            "mpz",
-            basis.rows,
-            None,
-            basis.zones,
-            None,
-            *basis.reading,
-            new_axes={"q": npsf},
-            concatenate=False,
-            dtype=np.float64,
-            name=f"klip-overlaps-{name}",
+        overlaps = _overlaps(
+            target, basis.references, basis.means, basis.rows, basis.zones, basis.reading, npsf
         )
     sci = da.blockwise(
         project_block,

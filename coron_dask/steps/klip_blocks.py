@@ -265,11 +265,16 @@ def errors_block(
             centred = centred.copy() if tile.shared and m > 1 else centred  # ERR writes in it
             finite = np.isfinite(np.concatenate([piece[i] for piece in _pieces(means)]))
             for z, run in tile.runs:
-                part = centred[:, run]
-                images = _aligned(weights[i, z, 0, :, :needed]).T @ part
+                part, coefficients = centred[:, run], weights[i, z, 1]
                 used = finite[:, z] if chosen is None else finite[:, z] & chosen[i, z]
+                kept = weights[i, z, 0, :, :needed]
+                if chosen is not None:  # the chosen only: the others have no weight
+                    taken = np.flatnonzero(used)
+                    part, kept, coefficients = part[taken], kept[taken], coefficients[taken]
+                    used = used[taken]
+                images = _aligned(kept).T @ part
                 used = None if used.all() else used  # the flagged, those not chosen: out
-                errors = klip.residual_stds(part, images, weights[i, z, 1], cutoffs, used)
+                errors = klip.residual_stds(part, images, coefficients, cutoffs, used)
                 out[i][:, tile.place(run)] = errors
                 del images
             centred = part = None  # let go of before the next target's is made

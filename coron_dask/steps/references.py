@@ -13,7 +13,8 @@ science exposure takes (its psfalign's planes, in that order), and ``eligible_re
 where, zone by zone, an ADI reference may be used: not where the roll moves a companion at
 the zone's radius by less than ``movement`` pixels (pyKLIP's ``movement``), so a companion
 does not subtract itself. That eligibility is the reference-choice mask ``chosen`` of
-``steps.klip.kl_basis``.
+``steps.klip.kl_basis``, or the ``eligible`` among which ``steps.reference_choice`` takes
+the references most correlated with each integration (``maxnumbasis``).
 """
 
 import logging
