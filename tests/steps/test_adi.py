@@ -5,8 +5,6 @@ reference star's everywhere) give each zone pyKLIP's ``klip_math`` on those refe
 a reduction with annuli, subsections, movement and a KL-mode cube pyKLIP's ``klip_dataset``
 (mode ADI+RDI, a PSF library of the reference star's frames) on the same aligned frames."""
 
-import ctypes
-
 import dask
 import dask.array as da
 import numpy as np
@@ -26,7 +24,16 @@ from coron_dask.steps.references import (
     references_of,
     zone_radii,
 )
-from tests.steps.test_klip_zones import CUTOFFS, ROWS, SHAPE, STAR, _frames, check_zones, relative
+from tests.steps.test_klip_zones import (
+    CUTOFFS,
+    ROWS,
+    SHAPE,
+    STAR,
+    _frames,
+    check_zones,
+    klip_dataset_psfsub,
+    relative,
+)
 
 ROLLS = (0.0, 10.0)  # two rolls 10° apart, as JWST's
 NINT, NRDI = 4, 6  # integrations per roll; reference star's frames
@@ -163,7 +170,7 @@ def test_a_reduction_is_pyklips_klip_dataset(frames, tmp_path, mode):
     star's frames its PSF library, every eligible reference used, not derotated) gives the
     same psfsub; ADI leaves the inner annulus, where the roll moves nothing by ``movement``,
     unreduced (NaN), as pyKLIP does."""
-    from pyklip import parallelized, rdi
+    from pyklip import rdi
     from pyklip.instruments.Instrument import GenericData
 
     p = dict(annuli=3, subsections=2, annuli_spacing="constant", iwa=2.0, owa=19.0)
@@ -187,26 +194,18 @@ def test_a_reduction_is_pyklips_klip_dataset(frames, tmp_path, mode):
         correlation_matrix=np.eye(m + NRDI),  # unused: every reference is used
     )
     library.prepare_library(dataset)
-    parallelized.klip_dataset(
+    theirs = klip_dataset_psfsub(
         dataset,
+        tmp_path,
+        p,
+        numbasis,
         mode=mode,
-        outputdir=str(tmp_path),
         fileprefix="adi",
-        annuli=p["annuli"],
-        subsections=p["subsections"],
-        annuli_spacing=p["annuli_spacing"],
         movement=movement,
         aligned_center=list(STAR),  # without a library pyKLIP's default is another
-        numbasis=list(numbasis),
         maxnumbasis=m + NRDI,
-        corr_smooth=0,
         psf_library=library if "RDI" in mode else None,
-        numthreads=1,
-        skip_derot=True,
-        dtype=ctypes.c_double,
-        verbose=False,
     )
-    theirs = dataset.output[:, :, 0]  # (kl, integration, wavelength, y, x)
     np.testing.assert_array_equal(np.isnan(ours), np.isnan(theirs))
     finite = np.isfinite(theirs)
     assert finite.sum() > 0.5 * finite.size

@@ -79,6 +79,32 @@ def relative(ours: np.ndarray, theirs: np.ndarray) -> float:
     return float(np.linalg.norm(ours - theirs) / np.linalg.norm(theirs))
 
 
+def klip_dataset_psfsub(dataset, outputdir, zoning: dict, numbasis, **options) -> np.ndarray:
+    """pyKLIP's ``klip_dataset`` on ``dataset`` in the zones of ``zoning`` (annuli,
+    subsections, annuli_spacing), run the one way the tests compare with (one thread, in
+    float64, not derotated, correlations not smoothed; ``options``: mode, fileprefix,
+    maxnumbasis, psf_library, movement…): its psfsub (kl, integration, y, x)."""
+    import ctypes
+
+    from pyklip import parallelized
+
+    parallelized.klip_dataset(
+        dataset,
+        outputdir=str(outputdir),
+        annuli=zoning["annuli"],
+        subsections=zoning["subsections"],
+        annuli_spacing=zoning["annuli_spacing"],
+        numbasis=list(numbasis),
+        corr_smooth=0,
+        numthreads=1,
+        skip_derot=True,
+        dtype=ctypes.c_double,
+        verbose=False,
+        **options,
+    )
+    return dataset.output[:, :, 0]  # (kl, integration, wavelength, y, x)
+
+
 def check_zones(psfsub, zones, targets, refs_of, cutoffs=CUTOFFS, err=True) -> float:
     """Every zone of every target against pyKLIP (``refs_of(i, z)``: the references target
     i may use in zone z); pixels in no zone NaN; the worst relative difference."""
@@ -193,9 +219,8 @@ def test_a_reduction_in_zones_is_pyklips_klip_dataset(asn, tmp_path):
     RDI has it) in 3 annuli × 4 subsections between an IWA and an OWA, a KL-mode cube:
     pyKLIP's ``klip_dataset`` (mode RDI, a PSFLibrary of the same aligned references, all of
     them used: ``maxnumbasis``, not derotated) gives the same psfsub, NaN where ours is."""
-    import ctypes
 
-    from pyklip import parallelized, rdi
+    from pyklip import rdi
     from pyklip.instruments.Instrument import GenericData
 
     from coron_dask.pipeline.build import exposure_zones
@@ -223,24 +248,16 @@ def test_a_reduction_in_zones_is_pyklips_klip_dataset(asn, tmp_path):
         correlation_matrix=np.eye(m + npsf),  # unused: every reference is used
     )
     library.prepare_library(dataset)
-    parallelized.klip_dataset(
+    theirs = klip_dataset_psfsub(
         dataset,
+        tmp_path,
+        p,
+        numbasis,
         mode="RDI",
-        outputdir=str(tmp_path),
         fileprefix="zones",
-        annuli=p["annuli"],
-        subsections=p["subsections"],
-        annuli_spacing=p["annuli_spacing"],
-        numbasis=numbasis,
         maxnumbasis=npsf,
-        corr_smooth=0,
         psf_library=library,
-        numthreads=1,
-        skip_derot=True,
-        dtype=ctypes.c_double,
-        verbose=False,
     )
-    theirs = dataset.output[:, :, 0]  # (kl, integration, wavelength, y, x)
     np.testing.assert_array_equal(np.isnan(ours), np.isnan(theirs))
     finite = np.isfinite(theirs)
     assert finite.sum() > 0.5 * finite.size

@@ -139,9 +139,8 @@ def test_a_reduction_with_maxnumbasis_is_pyklips_klip_dataset(asn, tmp_path):
     that zone's pixels it is ours), 4 of the 6 references kept: pyKLIP's ``klip_dataset``
     (mode RDI, PSFLibrary correlations computed by pyKLIP on the zone, maxnumbasis 4)
     gives the same psfsub."""
-    import ctypes
 
-    from pyklip import parallelized, rdi
+    from pyklip import rdi
     from pyklip.instruments.Instrument import GenericData
 
     from coron_dask.pipeline.build import exposure_zones
@@ -149,7 +148,7 @@ def test_a_reduction_with_maxnumbasis_is_pyklips_klip_dataset(asn, tmp_path):
     from coron_dask.steps.align_refs import align_refs
     from coron_dask.steps.klip import klip
     from coron_dask.steps.klip_selected import selected_basis
-    from tests.steps.test_klip_zones import relative
+    from tests.steps.test_klip_zones import klip_dataset_psfsub, relative
 
     observation = open_association(asn, integrations=2)
     science = observation.science[0]
@@ -182,24 +181,16 @@ def test_a_reduction_with_maxnumbasis_is_pyklips_klip_dataset(asn, tmp_path):
     zone = np.where(zones.labels == 0, 0.0, np.nan)  # pyKLIP's mask: 0 where it correlates
     library._compute_correlation(force=True, mask=zone)
     library.prepare_library(dataset)
-    parallelized.klip_dataset(
+    theirs = klip_dataset_psfsub(
         dataset,
+        tmp_path,
+        p,
+        numbasis,
         mode="RDI",
-        outputdir=str(tmp_path),
         fileprefix="chosen",
-        annuli=p["annuli"],
-        subsections=p["subsections"],
-        annuli_spacing=p["annuli_spacing"],
-        numbasis=numbasis,
         maxnumbasis=kept,
-        corr_smooth=0,
         psf_library=library,
-        numthreads=1,
-        skip_derot=True,
-        dtype=ctypes.c_double,
-        verbose=False,
     )
-    theirs = dataset.output[:, :, 0]  # (kl, integration, wavelength, y, x)
     np.testing.assert_array_equal(np.isnan(ours), np.isnan(theirs))
     finite = np.isfinite(theirs)
     assert relative(ours[finite], theirs[finite]) < 1e-6  # 2.6e-8 measured; 1e-3 asked
