@@ -43,13 +43,12 @@ from coron_dask.io.products import OnDisk
 from coron_dask.kernels.zones import Zones
 from coron_dask.planning.block_plan import tile_rows
 from coron_dask.steps.klip_blocks import (
-    errors_block,
     gram_block,
-    means_block,
     overlaps_block,
     project_block,
     weights_block,
 )
+from coron_dask.steps.klip_graph import block_arguments, kl_errors, per_target
 from coron_dask.steps.klip_parameters import kl_cutoffs, used_cutoffs
 from coron_dask.steps.references import unreferenced
 
@@ -86,38 +85,6 @@ class KLBasis:
     chosen: da.Array | None = None
 
 
-def _references(
-    aligned: da.Array, on_disk: OnDisk | None, after: str, zones: Zones | None
-) -> tuple[tuple, da.Array, tuple]:
-    """Blockwise arguments for tasks over the target blocks of ``aligned`` (m, p, y, x):
-    the references (the blocks, or with ``on_disk`` the targets' indices: the tasks read
-    them), their means (m, p, Z), and what the tasks read from (``after``: the index of the
-    writes they wait for, the zones' axis added)."""
-    if on_disk is None:  # the aligned blocks of a target block, handed to its tasks
-        count = 1 if zones is None else zones.count
-        means = da.map_blocks(
-            means_block,
-            aligned,
-            zones,
-            drop_axis=(2, 3),
-            new_axis=2,
-            chunks=(*aligned.chunks[:2], (count,)),
-            dtype=np.float64,
-            name=f"klip-means-{tokenize(aligned, zones)}",
-        )
-        return (aligned, "mpyx"), means, ()
-    written = on_disk.written if zones is not None else on_disk.written[..., None]
-    written = written if written.ndim == 3 else written[None]
-    written = written.rechunk({0: aligned.chunks[0], 2: -1})
-    indices = (da.arange(aligned.shape[0], chunks=aligned.chunks[:1]), "m")
-    return indices, written.rechunk({1: -1}), (on_disk.source, None, written, f"{after}s")
-
-
-def _broadcast(array: da.Array, m: int, chunks: tuple[int, ...]) -> da.Array:
-    """``array`` (1, ...) seen by every one of ``m`` targets in blocks of ``chunks``: no copy."""
-    return da.broadcast_to(array, (m, *array.shape[1:]), chunks=(chunks, *array.chunks[1:]))
-
-
 def kl_basis(
     science: xr.Dataset,
     psfalign: xr.Dataset,
@@ -146,7 +113,7 @@ def kl_basis(
     name = tokenize(bases, cutoffs, rows, on_disk, own[0], zones)
     npix = target.shape[1] * target.shape[2] if zones is None else zones.pixels
     count, m, chunks = cutoffs[-1], target.shape[0], target.chunks[0]
-    references, means, reading = _references(bases, on_disk, "mr", zones)
+    references, means, reading = block_arguments(bases, on_disk, "mr", zones)
     gram = da.blockwise(
         gram_block,
         "mzab",
@@ -167,15 +134,15 @@ def kl_basis(
     overlaps = None if shared else gram[:, :, :, npsf]
     basis = references, means, reading  # of the one basis, with a 3-D psfalign
     if shared:  # every target block sees the one basis (broadcast: no copies)
-        means = _broadcast(means, m, chunks)
+        means = per_target(means, m, chunks)
         if on_disk is None:
-            references = (_broadcast(bases, m, chunks), "mpyx")
+            references = (per_target(bases, m, chunks), "mpyx")
         else:  # the 3-D psfalign is read whatever the targets; every write is waited for
             references = (da.arange(m, chunks=chunks), "m")
             reading = (*reading[:3], "nrs")
     if callable(chosen) and shared:  # bordered by the overlaps of a pass (subtract's, then)
         overlaps = _overlaps(target, references, means, rows, zones, reading, npsf)
-        chosen = chosen(da.concatenate([_broadcast(gram, m, chunks), overlaps[..., None]], 3))
+        chosen = chosen(da.concatenate([per_target(gram, m, chunks), overlaps[..., None]], 3))
     elif callable(chosen):  # the Gram matrices bordered by the overlaps
         chosen = chosen(gram)
     if chosen is not None:
@@ -187,7 +154,7 @@ def kl_basis(
     weights = da.blockwise(
         weights_block,
         "mzwak",
-        _broadcast(gram, m, chunks) if shared and each else gram,
+        per_target(gram, m, chunks) if shared and each else gram,
         "mzab",
         npix,
         None,
@@ -199,7 +166,7 @@ def kl_basis(
         dtype=np.float64,
         name=f"klip-weights-{name}-{tokenize(chosen)}",
     )
-    err = _errors(
+    err = kl_errors(
         *((references, means, reading) if each else basis),
         weights,
         rows,
@@ -212,7 +179,7 @@ def kl_basis(
     if each:
         err = err.transpose(1, 0, 2, 3)
     else:
-        weights = _broadcast(weights, m, chunks)
+        weights = per_target(weights, m, chunks)
         err = da.broadcast_to(
             err[0][:, None], (len(cutoffs), *target.shape), chunks=(-1, *target.chunks)
         )
@@ -232,51 +199,6 @@ def kl_basis(
         gram,
         zones,
         chosen,
-    )
-
-
-def _errors(
-    references: tuple,
-    means: da.Array,
-    reading: tuple,
-    weights: da.Array,
-    rows: int,
-    cutoffs: tuple[int, ...],
-    zones: Zones | None,
-    chosen: da.Array | None,
-    shape: tuple[int, ...],
-    chunks: tuple[int, ...],
-) -> da.Array:
-    """KLIP's ERR (m, kl, y, x) of the references (``shape``: m, p, y, x) in blocks of
-    ``chunks`` targets: 0 where every cutoff keeps every reference's mode (the references
-    lie in their KL images' span), NaN in no zone."""
-    m, npsf, ny, nx = shape
-    if all(k >= npsf for k in cutoffs):
-        empty = np.zeros((ny, nx)) if zones is None else np.where(zones.labels < 0, np.nan, 0.0)
-        return da.broadcast_to(
-            da.from_array(empty), (m, len(cutoffs), ny, nx), chunks=(chunks, -1, -1, -1)
-        )
-    frame = {} if not reading else {"y": ny, "x": nx}
-    return da.blockwise(
-        errors_block,
-        "mcyx",
-        *references,
-        means,
-        "mpz",
-        weights,
-        "mzwak",
-        rows,
-        None,
-        cutoffs,
-        None,
-        zones,
-        None,
-        *((None, None) if chosen is None else (chosen, "mzp")),
-        *reading,
-        new_axes={"c": len(cutoffs), **frame},
-        concatenate=False,
-        dtype=np.float64,
-        name=f"klip-err-{tokenize(references, means, weights, rows, cutoffs, zones, chosen)}",
     )
 
 

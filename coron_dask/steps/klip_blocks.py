@@ -144,7 +144,7 @@ class _Tile:
         return self.made
 
 
-def _centred_tiles(
+def centred_tiles(
     aligned: list | np.ndarray, means: list, rows: int, source: object | None, zones
 ) -> Iterator[_Tile]:
     """The tiles of ``_tiles``, in order, each as ``_Tile``, let go of before the next is
@@ -158,14 +158,14 @@ def _centred_tiles(
         tile.pieces = tile.made = None
 
 
-def _whole(blocks: list | np.ndarray) -> np.ndarray:
+def joined(blocks: list | np.ndarray) -> np.ndarray:
     """A block dask hands over in pieces along contracted axes (nested lists), joined (no
     copy when it is one piece)."""
     pieces = _pieces(blocks)
     return pieces[0] if len(pieces) == 1 else np.block(blocks)
 
 
-def _centred_targets(targets: np.ndarray, zones: Zones | None) -> np.ndarray:
+def centre_targets(targets: np.ndarray, zones: Zones | None) -> np.ndarray:
     """Science frames (m, y, x) as float64 (m, y·x), each minus its mean over the frame
     or, with zones, over each zone (0 in no zone): KLIP's targets; a new array, whatever
     the frames' type."""
@@ -197,9 +197,9 @@ def gram_block(
     references, (m, Z, p, p + 1), summed as ``overlaps_block`` sums them: the pass over the
     references that makes the Gram matrix makes the overlaps too."""
     count = 1 if zones is None else zones.count
-    centred_targets = None if targets is None else _centred_targets(_whole(targets), zones)
+    centred_targets = None if targets is None else centre_targets(joined(targets), zones)
     out = None
-    for tile in _centred_tiles(aligned, means, rows, source, zones):
+    for tile in centred_tiles(aligned, means, rows, source, zones):
         p = tile.npsf
         if out is None:
             bordered = 0 if centred_targets is None else 1
@@ -253,9 +253,9 @@ def errors_block(
     for each cutoff k (ascending, at most K); NaN in no zone. Only the KL images the ERR
     needs are made (up to the largest cutoff below p: at p and beyond the ERR is 0)."""
     weights = _pieces(weights)[0]
-    chosen = None if chosen is None else _whole(chosen)
+    chosen = None if chosen is None else joined(chosen)
     m, out = len(weights), None
-    for tile in _centred_tiles(aligned, means, rows, source, zones):
+    for tile in centred_tiles(aligned, means, rows, source, zones):
         if out is None:
             ny = source.shape[-2] if source is not None else _pieces(aligned)[0].shape[2]
             out = np.full((m, len(cutoffs), ny * tile.nx), 0.0 if zones is None else np.nan)
@@ -294,10 +294,10 @@ def overlaps_block(
     references aligned to it (minus theirs) in each zone, summed over tiles of ``rows``
     rows in order, read as ``gram_block`` reads them. With the KL weights W they give the
     target's coefficients on the KL images, Wᵀ·(R − μ)·t, without the images being made."""
-    centred_targets = _centred_targets(_whole(targets), zones)
+    centred_targets = centre_targets(joined(targets), zones)
     count = 1 if zones is None else zones.count
     out = None
-    for tile in _centred_tiles(aligned, means, rows, source, zones):
+    for tile in centred_tiles(aligned, means, rows, source, zones):
         if out is None:
             out = np.zeros((len(centred_targets), count, tile.npsf))
         for i, target in enumerate(centred_targets):
@@ -325,8 +325,8 @@ def project_block(
     zone by zone (NaN in no zone), made from the references a tile at a time, never from
     the KL images (``klip.reference_mixes``)."""
     weights = _pieces(weights)[0]
-    overlaps = _whole(overlaps)
-    centred_targets = _centred_targets(targets, zones)
+    overlaps = joined(overlaps)
+    centred_targets = centre_targets(targets, zones)
     m, (ny, nx) = len(targets), targets.shape[1:]
     mixes = [
         [
@@ -338,7 +338,7 @@ def project_block(
     out = np.empty((len(cutoffs), m, ny * nx), dtype=np.float32)
     if zones is not None:
         out[...] = np.nan
-    for tile in _centred_tiles(aligned, means, rows, source, zones):
+    for tile in centred_tiles(aligned, means, rows, source, zones):
         for i in range(m):
             centred, values = tile(i), tile.target(centred_targets[i])
             for z, run in tile.runs:

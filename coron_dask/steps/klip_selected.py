@@ -23,7 +23,8 @@ from dask.base import tokenize
 from coron_dask.io.products import OnDisk
 from coron_dask.kernels.zones import Zones
 from coron_dask.planning.block_plan import tile_rows
-from coron_dask.steps.klip import KLBasis, _broadcast, _errors, _references
+from coron_dask.steps.klip import KLBasis
+from coron_dask.steps.klip_graph import block_arguments, kl_errors, per_target
 from coron_dask.steps.klip_parameters import kl_cutoffs, used_cutoffs
 from coron_dask.steps.reference_choice import correlations, ranked, target_norms
 from coron_dask.steps.selection_blocks import (
@@ -64,11 +65,11 @@ def selected_basis(
     shared = aligned.ndim == 3
     bases = aligned[None] if shared else aligned.rechunk({0: target.chunks[0]})
     m, chunks = target.shape[0], target.chunks[0]
-    references, means, reading = _references(bases, on_disk, "mr", zones)
+    references, means, reading = block_arguments(bases, on_disk, "mr", zones)
     if shared:  # every target sees the one set of references
-        means = _broadcast(means, m, chunks)
+        means = per_target(means, m, chunks)
         if on_disk is None:
-            references = (_broadcast(bases, m, chunks), "mpyx")
+            references = (per_target(bases, m, chunks), "mpyx")
         else:
             references = (da.arange(m, chunks=chunks), "m")
             reading = (*reading[:3], "nrs")
@@ -152,7 +153,7 @@ def selected_basis(
     chosen = ascending.map_blocks(
         chosen_mask_block, npsf, chunks=(chunks, (count,), (npsf,)), dtype=bool
     )
-    err = _errors(
+    err = kl_errors(
         references,
         means,
         reading,

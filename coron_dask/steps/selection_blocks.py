@@ -10,7 +10,7 @@ import numpy as np
 
 from coron_dask.kernels import klip
 from coron_dask.kernels.zones import Zones
-from coron_dask.steps.klip_blocks import _centred_targets, _centred_tiles, _whole
+from coron_dask.steps.klip_blocks import centre_targets, centred_tiles, joined
 
 
 def norms_block(
@@ -25,10 +25,10 @@ def norms_block(
     """(m, Z, p, 2): for each of m targets, zone and reference, the reference's squared
     norm (minus its zone mean: the Gram matrix's diagonal) and its overlap with the target
     (minus its own), summed over tiles of ``rows`` rows in order."""
-    centred_targets = _centred_targets(_whole(targets), zones)
+    centred_targets = centre_targets(joined(targets), zones)
     count = 1 if zones is None else zones.count
     out = None
-    for tile in _centred_tiles(aligned, means, rows, source, zones):
+    for tile in centred_tiles(aligned, means, rows, source, zones):
         if out is None:
             out = np.zeros((len(centred_targets), count, tile.npsf, 2))
         for i, target in enumerate(centred_targets):
@@ -54,10 +54,10 @@ def chosen_gram_block(
     (``indices`` (m, Z, K) ascending, −1 for none: a row of zeros, which ``kl_weights``
     leaves out), summed over tiles in order: the tile is read whole, only the chosen rows
     multiplied."""
-    indices = _whole(indices)
+    indices = joined(indices)
     m, count, kept = indices.shape
     out = np.zeros((m, count, kept, kept))
-    for tile in _centred_tiles(aligned, means, rows, source, zones):
+    for tile in centred_tiles(aligned, means, rows, source, zones):
         for i in range(m):
             centred = tile(i)
             for z, run in tile.runs:
