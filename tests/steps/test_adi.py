@@ -24,6 +24,7 @@ from coron_dask.steps.references import (
     references_of,
     zone_radii,
 )
+from tests.pyklip_reference import klip_dataset_psfsub, pyklip_inputs, relative
 from tests.steps.test_klip_zones import (
     CUTOFFS,
     ROWS,
@@ -31,8 +32,6 @@ from tests.steps.test_klip_zones import (
     STAR,
     _frames,
     check_zones,
-    klip_dataset_psfsub,
-    relative,
 )
 
 ROLLS = (0.0, 10.0)  # two rolls 10° apart, as JWST's
@@ -170,9 +169,6 @@ def test_a_reduction_is_pyklips_klip_dataset(frames, tmp_path, mode):
     star's frames its PSF library, every eligible reference used, not derotated) gives the
     same psfsub; ADI leaves the inner annulus, where the roll moves nothing by ``movement``,
     unreduced (NaN), as pyKLIP does."""
-    from pyklip import rdi
-    from pyklip.instruments.Instrument import GenericData
-
     p = dict(annuli=3, subsections=2, annuli_spacing="constant", iwa=2.0, owa=19.0)
     zones = klip_zones(SHAPE, STAR, **p)
     movement = 1.5
@@ -181,19 +177,9 @@ def test_a_reduction_is_pyklips_klip_dataset(frames, tmp_path, mode):
     ours = np.concatenate([psfsub["sci"].values for psfsub in psfsubs], axis=1)
     science, library_frames = (f.astype(np.float64) for f in frames)
     m = len(science)
-    names = [f"sci{i}" for i in range(m)]
-    parangs = np.repeat(ROLLS, NINT)
-    dataset = GenericData(
-        science, np.tile(STAR, (m, 1)), parangs=parangs, IWA=p["iwa"], filenames=names
+    dataset, library = pyklip_inputs(
+        science, library_frames, STAR, p, parangs=np.repeat(ROLLS, NINT)
     )
-    dataset.OWA = p["owa"]
-    library = rdi.PSFLibrary(
-        np.concatenate([science, library_frames]),
-        STAR,
-        names + [f"ref{j}" for j in range(NRDI)],
-        correlation_matrix=np.eye(m + NRDI),  # unused: every reference is used
-    )
-    library.prepare_library(dataset)
     theirs = klip_dataset_psfsub(
         dataset,
         tmp_path,

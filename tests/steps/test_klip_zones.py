@@ -9,11 +9,11 @@ import dask.array as da
 import numpy as np
 import pytest
 import xarray as xr
-from pyklip import klip as pyklip
 
 from coron_dask.kernels.zones import SPACINGS
 from coron_dask.steps.klip import kl_basis, klip, subtract
 from coron_dask.steps.klip_parameters import klip_zones
+from tests.pyklip_reference import klip_dataset_psfsub, pyklip_inputs, pyklip_zone, relative
 
 SHAPE = (40, 44)
 STAR = (20.3, 18.7)
@@ -61,48 +61,6 @@ def datasets(targets: np.ndarray, refs: np.ndarray) -> tuple[xr.Dataset, xr.Data
         coords={"integration": np.arange(1, len(targets) + 1)},
     )
     return science, xr.Dataset({"sci": (dims, da.from_array(refs, chunks=chunks))})
-
-
-def pyklip_zone(target, refs, labels, z, cutoffs=CUTOFFS) -> tuple[np.ndarray, np.ndarray]:
-    """pyKLIP's subtraction (len(cutoffs), n) of a target on zone ``z`` and the deviation
-    of the references' own residuals (len(cutoffs), n), float64 of the float32 frames."""
-    inside = labels == z
-    sci = target[inside].astype(np.float64)
-    zone_refs = refs[:, inside].astype(np.float64)
-    numbasis = np.array(cutoffs)
-    sub = pyklip.klip_math(sci, zone_refs, numbasis).T
-    own = np.stack([pyklip.klip_math(ref, zone_refs, numbasis).T for ref in zone_refs])
-    return sub, own.std(axis=0)
-
-
-def relative(ours: np.ndarray, theirs: np.ndarray) -> float:
-    return float(np.linalg.norm(ours - theirs) / np.linalg.norm(theirs))
-
-
-def klip_dataset_psfsub(dataset, outputdir, zoning: dict, numbasis, **options) -> np.ndarray:
-    """pyKLIP's ``klip_dataset`` on ``dataset`` in the zones of ``zoning`` (annuli,
-    subsections, annuli_spacing), run the one way the tests compare with (one thread, in
-    float64, not derotated, correlations not smoothed; ``options``: mode, fileprefix,
-    maxnumbasis, psf_library, movement…): its psfsub (kl, integration, y, x)."""
-    import ctypes
-
-    from pyklip import parallelized
-
-    parallelized.klip_dataset(
-        dataset,
-        outputdir=str(outputdir),
-        annuli=zoning["annuli"],
-        subsections=zoning["subsections"],
-        annuli_spacing=zoning["annuli_spacing"],
-        numbasis=list(numbasis),
-        corr_smooth=0,
-        numthreads=1,
-        skip_derot=True,
-        dtype=ctypes.c_double,
-        verbose=False,
-        **options,
-    )
-    return dataset.output[:, :, 0]  # (kl, integration, wavelength, y, x)
 
 
 def check_zones(psfsub, zones, targets, refs_of, cutoffs=CUTOFFS, err=True) -> float:
@@ -220,9 +178,6 @@ def test_a_reduction_in_zones_is_pyklips_klip_dataset(asn, tmp_path):
     pyKLIP's ``klip_dataset`` (mode RDI, a PSFLibrary of the same aligned references, all of
     them used: ``maxnumbasis``, not derotated) gives the same psfsub, NaN where ours is."""
 
-    from pyklip import rdi
-    from pyklip.instruments.Instrument import GenericData
-
     from coron_dask.pipeline.build import exposure_zones
     from coron_dask.pipeline.observation import open_association
     from coron_dask.steps.align_refs import align_refs
@@ -237,17 +192,8 @@ def test_a_reduction_in_zones_is_pyklips_klip_dataset(asn, tmp_path):
         ours = klip(filled, psfalign, numbasis, zones=zones)["sci"].values
         frames = filled["sci"].values.astype(np.float64)
         refs = psfalign["sci"].values.astype(np.float64)
-    m, npsf = len(frames), len(refs)
-    names = [f"sci{i}" for i in range(m)]
-    dataset = GenericData(frames, np.tile(zones.star, (m, 1)), IWA=p["iwa"], filenames=names)
-    dataset.OWA = p["owa"]
-    library = rdi.PSFLibrary(
-        np.concatenate([frames, refs]),
-        zones.star,
-        names + [f"ref{j}" for j in range(npsf)],
-        correlation_matrix=np.eye(m + npsf),  # unused: every reference is used
-    )
-    library.prepare_library(dataset)
+    npsf = len(refs)
+    dataset, library = pyklip_inputs(frames, refs, zones.star, p)
     theirs = klip_dataset_psfsub(
         dataset,
         tmp_path,

@@ -140,15 +140,12 @@ def test_a_reduction_with_maxnumbasis_is_pyklips_klip_dataset(asn, tmp_path):
     (mode RDI, PSFLibrary correlations computed by pyKLIP on the zone, maxnumbasis 4)
     gives the same psfsub."""
 
-    from pyklip import rdi
-    from pyklip.instruments.Instrument import GenericData
-
     from coron_dask.pipeline.build import exposure_zones
     from coron_dask.pipeline.observation import open_association
     from coron_dask.steps.align_refs import align_refs
     from coron_dask.steps.klip import klip
     from coron_dask.steps.klip_selected import selected_basis
-    from tests.steps.test_klip_zones import klip_dataset_psfsub, relative
+    from tests.pyklip_reference import klip_dataset_psfsub, pyklip_inputs, relative
 
     observation = open_association(asn, integrations=2)
     science = observation.science[0]
@@ -168,19 +165,8 @@ def test_a_reduction_with_maxnumbasis_is_pyklips_klip_dataset(asn, tmp_path):
         refs = psfalign["sci"].values.astype(np.float64)
     m = len(frames)
     assert len({tuple(np.sort(row)) for row in indices[:, 0]}) >= 1 and (indices >= 0).all()
-    names = [f"sci{i}" for i in range(m)]
-    dataset = GenericData(frames, np.tile(zones.star, (m, 1)), IWA=p["iwa"], filenames=names)
-    dataset.OWA = p["owa"]
-    library = rdi.PSFLibrary(
-        np.concatenate([frames, refs]),
-        zones.star,
-        names + [f"ref{j}" for j in range(npsf)],
-        compute_correlation=False,
-        correlation_matrix=np.eye(m + npsf),
-    )
     zone = np.where(zones.labels == 0, 0.0, np.nan)  # pyKLIP's mask: 0 where it correlates
-    library._compute_correlation(force=True, mask=zone)
-    library.prepare_library(dataset)
+    dataset, library = pyklip_inputs(frames, refs, zones.star, p, correlation_zone=zone)
     theirs = klip_dataset_psfsub(
         dataset,
         tmp_path,
