@@ -10,7 +10,9 @@ from astropy.io import fits
 from distributed.diagnostics.plugin import SchedulerPlugin
 from stdatamodels.jwst import datamodels
 
+from benchmarks.hashes import fingerprints
 from coron_dask import build_products, run_coron3
+from coron_dask.cli.main import main
 from coron_dask.core.dqflags import PIXEL
 from coron_dask.runtime.progress import step_of
 from coron_dask.science.photometry import companion_figures
@@ -387,6 +389,28 @@ def test_psfalign_left_unwritten_changes_nothing_else(asn, observation_dir, prod
     assert len(paths) == 11  # 9 products, the detection map and the candidates
     fits_products = [p.name for p in paths if p.suffix == ".fits"]
     assert_same_products(tmp_path, products["each"]["folder"], fits_products)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_rdi_in_one_zone_given_is_the_default_run(mode, asn, observation_dir, products, tmp_path):
+    """``--mode RDI --annuli 1 --subsections 1`` given on the command line is the default
+    run (jwst's reduction, checked against jwst's functions above), every product bit for
+    bit, headers too; and the default's products record that reduction: RDI, one zone over
+    the frame, every reference, and keep jwst's layout (no KIND in ALIGN, no REFS)."""
+    args = ["run", asn, "-o", tmp_path, "--align-to", mode, "--scheduler", "synchronous"]
+    args += ["--psfmask", observation_dir / "psfmask.fits", "--no-progress"]
+    args += ["--mode", "RDI", "--annuli", "1", "--subsections", "1"]
+    assert main([str(a) for a in args]) == 0
+    default = products[mode]["folder"]
+    assert fingerprints(tmp_path) == fingerprints(default)
+    for path in sorted(default.glob("*.fits")):
+        with fits.open(path) as hdul:
+            header = hdul[0].header
+            recorded = [header[k] for k in ("KLIPMODE", "ANNULI", "SUBSECTS", "IWA", "OWA")]
+            assert recorded == ["RDI", 1, 1, 0.0, "none"], path.name
+            assert header["MAXNBAS"] == "none" and "REFS" not in hdul
+            if "ALIGN" in hdul:
+                assert "KIND" not in hdul["ALIGN"].columns.names
 
 
 def test_first_mode_aligns_each_block_once(asn, observation_dir, tmp_path):
