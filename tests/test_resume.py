@@ -229,6 +229,52 @@ def test_other_parameters_never_reuse_and_remove_the_state(asn, tmp_path, monkey
     assert fingerprints(out) == fingerprints(fresh)
 
 
+#: ADI+RDI in two annuli, the references chosen per integration and zone: the blocks of
+#: psfalign hold the other roll's integrations, psfsub's the choice (REFS, REFCORR).
+ADI = ["--mode", "ADI+RDI", "--annuli", "2", "--movement", "1", "--maxnumbasis", "6"]
+ADI += ["--truncate", "2,4"]
+
+
+def test_adi_rdi_stopped_part_way_is_taken_up_bit_identical(asn, tmp_path, capsys):
+    """ADI+RDI in zones with a choice of references, stopped by SIGTERM once some
+    alignment blocks are fitted: the same command reuses the blocks written (fits among
+    them) and gives the products of a run never stopped, bit for bit."""
+    out, fresh = tmp_path / "out", tmp_path / "fresh"
+    args = ["run", asn, "--scheduler", "synchronous", *OPTIONS, *ADI]
+    code, err = stop_part_way([*args, "-o", out], out, signal.SIGTERM, 4)
+    assert code == 143, err
+    kept, total = map(int, KEPT.match(err.strip().splitlines()[-1]).groups()[1:3])
+    assert 0 < kept < total
+    code, _, err = run_main([*args, "-o", out], capsys)
+    assert code == 0, err
+    reused, blocks, kinds = reuse_counts(err)
+    assert (reused, blocks) == (kept, total)
+    assert kinds["fits FIT"][0] >= 4
+    assert hidden(out) == []
+    code, _, err = run_main([*args, "-o", fresh], capsys)
+    assert code == 0, err
+    with fits.open(next(fresh.glob("*_psfsub.fits"))) as hdul:
+        assert hdul[0].header["KLIPMODE"] == "ADI+RDI" and "REFS" in hdul
+    assert fingerprints(out) == fingerprints(fresh)
+
+
+@pytest.mark.parametrize("changed", ["--mode ADI", "--movement 2"])
+def test_a_different_reduction_never_reuses(changed, asn, tmp_path, monkeypatch, capsys):
+    """A stopped ADI+RDI run, then one of another mode or movement into its folder: nothing
+    of it reused. Another movement keeps every product's shape and blocks (only which
+    references each zone keeps changes): only the run's fingerprint (its MOVEMENT keyword)
+    tells the two apart."""
+    out = tmp_path / "out"
+    args = ["run", asn, "-o", out, "--scheduler", "synchronous", *OPTIONS, *ADI]
+    interrupted_before_placing(monkeypatch, args, capsys)
+    assert records(out) > 0
+    code, _, err = run_main([*args, *changed.split()], capsys)
+    assert code == 0, err
+    assert "removed what an earlier run with other inputs, parameters or code left" in err
+    assert "resume: reusing" not in err
+    assert hidden(out) == []
+
+
 def test_an_input_changed_is_not_reused(observation_copy, tmp_path, monkeypatch, capsys):
     """A member exposure touched after the run stopped (its modification time): the run
     starts over."""
