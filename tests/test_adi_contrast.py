@@ -19,7 +19,9 @@ from coron_dask.science.injection import (
     detector_places,
     injected_psfsubs,
     read_offaxis_psf,
+    roll_transmissions,
 )
+from coron_dask.science.transmission import Transmission
 from coron_dask.steps.align_refs import median_replace_img
 from coron_dask.steps.blocks import shift_block
 from coron_dask.steps.klip import klip
@@ -93,3 +95,59 @@ def test_adi_injections_are_the_injected_frames_moved_by_the_same_fits(asn, tmp_
                 rtol=0,
                 atol=1e-5 * np.nanmax(np.abs(science)),
             )
+
+
+#: (integrations, references per alignment block): small blocks, and the plan's (2
+#: integrations × all 9 references); KLIP tiles of 16 rows in both, cutting the zones (the
+#: tile's rows are part of the numerics, recorded as KLIPROWS: the same in both).
+SHAPES = ((1, 2), (None, None))
+KLIP_TILE = 9 * 64 * 4 * 16
+
+
+def test_adi_injections_through_a_transmission_do_not_depend_on_the_blocks(asn, tmp_path):
+    """ADI+RDI in 2 annuli with a choice of references, the companions dimmed by a
+    transmission map (falling across the frame, so each roll dims them differently): the
+    contrast curve's injected psfsubs (what its i2d drizzles) are bit for bit the same for
+    blocks of one integration × 2 references and for the planned blocks."""
+    ramp = np.tile(np.linspace(0.2, 1.0, 64), (64, 1))
+    transmission = Transmission(ramp, "a ramp in x")
+    written = {}
+    for integrations, psfs in SHAPES:
+        folder = tmp_path / f"blocks-{integrations}-{psfs}"
+        with dask.config.set({"coron_dask.chunks.klip-tile": KLIP_TILE}):
+            reduction = reduce_observation(
+                asn,
+                folder,
+                psfmask="none",
+                truncate=TRUNCATE,
+                mode="ADI+RDI",
+                annuli=2,
+                movement=1.0,
+                maxnumbasis=6,
+                integrations=integrations,
+                psfs=psfs,
+                save_psfalign=False,  # as a contrast curve: a scratch file of psfalign's SCI
+                skip=("resample",),
+            )
+        assert reduction.plan.klip_rows == 16
+        psf = read_offaxis_psf(asn.parent / "offaxis_psf.fits")
+        star = star_position(reduction.science[0].attrs, asn)
+        members = [Companion(0, s, 60.0 + 180.0 * i, 3e-3) for i, s in enumerate((0.5, 1.0))]
+        dimmed = roll_transmissions(reduction.science, members, star, transmission)
+        assert np.ptp(dimmed) > 0.05  # each roll and place dims its own
+        subs, _ = injected_psfsubs(reduction, psf, members, star, transmission)
+        made = [
+            Product(folder / f"injected{k}.fits", {}, [Extension("SCI", sub["sci"].data)])
+            for k, sub in enumerate(subs)
+        ]
+        with dask.config.set(scheduler="synchronous"):
+            write_products([*reduction.products, *made], None)
+        chunks = reduction.psfsubs[0]["sci"].data.chunks
+        written[chunks] = [fits.getdata(product.path, "SCI") for product in made]
+        science = [fits.getdata(path, "SCI") for path in sorted(folder.glob("*_psfsub.fits"))]
+        for ours, plain in zip(written[chunks], science, strict=True):
+            assert np.nanmax(np.abs(ours - plain)) > 1e-3 * np.nanmax(np.abs(plain))
+    assert len(written) == 2  # two block shapes
+    first, second = written.values()
+    for ours, theirs in zip(first, second, strict=True):
+        np.testing.assert_array_equal(ours, theirs)
