@@ -1,7 +1,8 @@
 """The contrast curve with ADI: an injected companion is in the ADI references too (the
 other roll's integrations carry it, turned with the sky), so each injected set is reduced
 on bases of its own, made from psfalign plus the companions moved by the same fitted
-shifts. Checked against the injected frames themselves filled and moved by those fits."""
+shifts. Checked against the injected frames themselves filled and moved by those fits; and
+bit for bit the same whatever the blocks, companions dimmed by a transmission map."""
 
 import dask
 import dask.array as da
