@@ -126,8 +126,8 @@ LANES = {
 }
 #: Fixtures that make a test slow: several runs (``swept``: eight; ``zoned``: five, KLIP in
 #: zones; a contrast curve, two behind an occulter; the runs the alignment record and the
-#: quicklook plots are read from) or a busy one.
-SLOW_FIXTURES = {"swept", "zoned", "busy_baseline", "curve", "occulted", "runs"}
+#: quicklook plots are read from, ADI+RDI in zones among them) or a busy one.
+SLOW_FIXTURES = {"swept", "zoned", "busy_baseline", "curve", "occulted", "runs", "adi_run"}
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

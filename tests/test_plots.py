@@ -12,7 +12,8 @@ from astropy.wcs import WCS
 from matplotlib.image import imread
 
 from coron_dask import run_coron3
-from coron_dask.quicklook import drawing, reading
+from coron_dask.io import open_product
+from coron_dask.quicklook import drawing, figures, reading
 from coron_dask.science import geometry
 from tests.conftest import run_main
 
@@ -115,6 +116,78 @@ def test_plot_writes_the_quicklook_of_a_run(runs, capsys, tmp_path):
     for name in (f"{SCIENCE[0]}_psfsub_mean.png", f"{PRODUCT}_snr.png"):
         ratio = rgb(tmp_path / "cube" / name).shape[1] / rgb(tmp_path / "single" / name).shape[1]
         assert ratio > 1.2, name
+
+
+#: ADI+RDI in 6 zones between 3 and 25 px, the 6 most correlated of 9 references chosen.
+ADI = dict(mode="ADI+RDI", movement=1.0, annuli=3, subsections=2, iwa=3.0, owa=25.0)
+ADI.update(maxnumbasis=6, truncate=(2, 4))
+
+
+@pytest.fixture(scope="module")
+def adi_run(asn, tmp_path_factory):
+    """The products of the small observation reduced with ADI+RDI in zones, references
+    chosen (``ADI``)."""
+    folder = tmp_path_factory.mktemp("adi")
+    run_coron3(asn, folder, psfmask=asn.parent / "psfmask.fits", **ADI, **SYNCHRONOUS)
+    return folder
+
+
+def test_adi_quicklook_tells_the_references_and_zones_apart(adi_run, runs, capsys, tmp_path):
+    """ADI+RDI in zones with references chosen: the shifts figure draws the other roll's
+    integrations apart from the reference star's frames (orange, their own mean), as
+    psfalign's KIND says; the psfsub figure draws no zone's pixels as no data (grey, not
+    the white of zero) and says, in lines under its title, the mode, the zones and the
+    choice of references, as the headers, REFS, REFCORR and KIND read by astropy give
+    them."""
+    paths = plot(capsys, adi_run, tmp_path / "adi")
+    assert sorted(p.rsplit("/", 1)[-1] for p in paths) == EXPECTED
+    (tmp_path / "cube").mkdir()
+    for exposure in SCIENCE:
+        with fits.open(adi_run / f"{exposure}_psfalign.fits") as hdul:
+            table = hdul["ALIGN"].data
+            npsf = hdul["SCI"].data.shape[1]
+        kinds = np.char.strip(table["KIND"].astype(str))
+        assert list(kinds[:npsf]) == ["RDI"] * 6 + ["ADI"] * 3
+        record = reading.read_alignment(adi_run / f"{exposure}_psfalign.fits")
+        assert list(record["KIND"]) == list(kinds)
+        opened = open_product(adi_run / f"{exposure}_psfalign.fits")
+        assert list(opened["psf_kind"].values) == list(kinds[:npsf])
+        np.testing.assert_array_equal(opened["psf_roll"].values, table["ROLL"][:npsf])
+        cube = runs["cube"] / f"{exposure}_psfsub.fits"  # RDI, the whole frame
+        figures.shifts_figure(
+            reading.read_alignment(cube), exposure, tmp_path / "cube" / f"{exposure}_shifts.png"
+        )
+        figures.psfsub_figure(cube, tmp_path / "cube" / f"{exposure}_psfsub_mean.png")
+        for folder, orange in (("adi", True), ("cube", False)):
+            image = rgb(tmp_path / folder / f"{exposure}_shifts.png")
+            c1 = (image[..., 0] - image[..., 2] > 0.5) & (image[..., 1] > 0.35)
+            assert (c1.sum() > 50) == orange, (folder, c1.sum())
+        psfsub = adi_run / f"{exposure}_psfsub.fits"
+        with fits.open(psfsub) as hdul:
+            refs, correlation = hdul["REFS"].data, hdul["REFCORR"].data
+            header = hdul[0].header
+            outside = np.isnan(hdul["SCI"].data).all(axis=(0, 1))
+        assert (header["KLIPMODE"], header["MAXNBAS"]) == ("ADI+RDI", 6)
+        share = np.mean(kinds[:npsf][refs[refs >= 0]] == "RDI")
+        choice = reading.read_choice(psfsub)
+        assert figures.reduction_lines(dict(header), choice) == [
+            "KLIP: ADI+RDI (movement 1 px), 6 zones (3 annuli × 2 subsections) from 3 px to "
+            "25 px (grey: not reduced)",
+            "references: the 6 most correlated of 9 per integration and zone (REFS), "
+            f"correlation {correlation[refs >= 0].min():.3f} to "
+            f"{correlation[refs >= 0].max():.3f}; {share:.0%} of the choices the reference "
+            "star's frames",
+        ]
+        mean = rgb(tmp_path / "adi" / f"{exposure}_psfsub_mean.png")
+        grey = np.all(np.abs(mean - 0.75) < 0.02, axis=-1)
+        alone = rgb(tmp_path / "cube" / f"{exposure}_psfsub_mean.png")
+        # no zone beyond 25 px nor within 3: about 40 % of each panel's pixels
+        assert outside.mean() > 0.3 and grey.mean() > 0.1 * outside.mean() * 2
+        assert np.all(np.abs(alone - 0.75) < 0.02, axis=-1).mean() < 0.01
+        with fits.open(cube) as hdul:
+            assert figures.reduction_lines(dict(hdul[0].header), None) == [
+                "KLIP: RDI, one zone, the whole frame"
+            ]
 
 
 def test_plot_writes_beside_the_products_by_default_and_redraws_the_contrast(

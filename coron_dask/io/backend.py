@@ -7,8 +7,10 @@ Dataset: every image extension a variable on ``integration``, ``psf``, ``kl``, `
 ``kl`` (the KLMODEn cutoffs) and ``set`` coordinates; ``ra``, ``dec`` (degrees, on y, x)
 from the celestial WCS of SCI (SNR in a detection map), computed for the part asked for;
 the alignment record (ALIGN) as ``shift`` (…, psf, param) and ``converged`` (…, psf;
-where it has CONVERGED); the primary keywords as the Dataset's attributes and each
-extension's as its variable's.
+where it has CONVERGED), and what each reference is as ``psf`` coordinates, named as
+``steps.align_refs.align_models`` names them (``psf_exposure``, ``psf_integration``, and
+with ADI ``psf_kind``, ``psf_roll``: where ALIGN has PSF_FILE, PSF_INT, KIND, ROLL); the
+primary keywords as the Dataset's attributes and each extension's as its variable's.
 
 Opening reads the headers (a Zarr store's metadata) and the small ALIGN table, nothing of
 the images: each read takes only the requested slab from the file. The preferred chunks
@@ -54,6 +56,13 @@ OWN_DIMS = {
     "REFCORR": ("integration", "zone", "rank"),
 }
 PARAMS = ["dx", "dy", "beta"]
+#: ALIGN's columns that say what each reference is, and their ``psf`` coordinates.
+REFERENCE_COLUMNS = {
+    "PSF_FILE": "psf_exposure",
+    "PSF_INT": "psf_integration",
+    "KIND": "psf_kind",
+    "ROLL": "psf_roll",
+}
 #: The extension whose WCS gives ``ra``, ``dec`` and whose KLMODEn the ``kl`` coordinate,
 #: in order of preference (a detection map has no SCI); else the first image.
 PRINCIPAL = ("SCI", "SNR")
@@ -208,6 +217,26 @@ def _alignment(table: dict, dims: dict, attrs: dict) -> dict[str, xr.DataArray]:
     return found
 
 
+def _references(table: dict, npsf: int) -> dict[str, tuple]:
+    """What each reference is, from the ALIGN table's first ``npsf`` rows (its rows are
+    integration-major: those of the first integration name every reference once), as
+    ``psf`` coordinates (``REFERENCE_COLUMNS``), text as str."""
+    columns = table.dtype.names if isinstance(table, np.ndarray) else list(table)
+    coords = {}
+    for column, name in REFERENCE_COLUMNS.items():
+        if column not in columns:
+            continue
+        values = np.asarray(table[column])[:npsf]
+        if values.dtype.kind in "iuf":  # in this machine's byte order
+            values = values.astype(values.dtype.newbyteorder("="))
+        else:  # text, as a FITS table (bytes) or a Zarr store (strings) holds it
+            values = np.array(
+                [(v.decode() if isinstance(v, bytes) else str(v)).strip() for v in values]
+            )
+        coords[name] = ("psf", values)
+    return coords
+
+
 def _keywords(header: object) -> dict:
     """A FITS header as attributes: structural keywords out, HISTORY as a list of entries
     (a card indented by two spaces continues the entry before it, as ``fits_layout``
@@ -295,6 +324,7 @@ def _dataset(path: Path, contents: Contents, drop: set) -> xr.Dataset:
         keywords = {"ALIGN_TO": contents.align_to}
         dataset = dataset.assign(_alignment(contents.align, sizes, keywords))
         dataset = dataset.assign_coords(param=PARAMS)
+        dataset = dataset.assign_coords(_references(contents.align, dataset.sizes["psf"]))
     return dataset.drop_vars(drop & set(dataset.variables))
 
 

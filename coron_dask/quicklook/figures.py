@@ -26,8 +26,16 @@ from coron_dask.quicklook.drawing import (
     save,
     symmetric_limit,
 )
-from coron_dask.quicklook.reading import mean_over_integrations, read_image
+from coron_dask.quicklook.reading import Choice, mean_over_integrations, read_choice, read_image
 from coron_dask.science.geometry import compass, pixel_scale_arcsec
+
+#: The shifts figure's lines of each kind of reference (psfalign's KIND): colour of each
+#: reference's, dashes of their mean; and their legend's labels.
+SHIFT_STYLES = {"RDI": ("C0", "-"), "ADI": ("C1", "--")}
+SHIFT_LABELS = {
+    "RDI": lambda n: (f"reference star's frames ({n})", "their mean"),
+    "ADI": lambda n: (f"other rolls' integrations ({n})", "their mean"),
+}
 
 
 def _scalars(keywords: dict) -> dict:
@@ -55,10 +63,50 @@ def contrast_figure(table, path: str | Path) -> Path:
     return save(figure, Path(path))
 
 
+def _zones(primary: dict) -> str:
+    """Where KLIP reduced, as the psfsub's keywords record it (ANNULI, SUBSECTS, IWA,
+    OWA)."""
+    annuli, subsections = int(primary.get("ANNULI", 1)), int(primary.get("SUBSECTS", 1))
+    iwa, owa = float(primary.get("IWA", 0.0)), primary.get("OWA", "none")
+    if annuli * subsections == 1 and iwa == 0 and owa == "none":
+        return "one zone, the whole frame"
+    outer = "the frame's edge" if owa == "none" else f"{float(owa):g} px"
+    return (
+        f"{annuli * subsections} zones ({annuli} annuli × {subsections} subsections) from "
+        f"{iwa:g} px to {outer} (grey: not reduced)"
+    )
+
+
+def reduction_lines(primary: dict, choice: Choice | None) -> list[str]:
+    """What a psfsub's KLIP was, in a line or two of text: its references (KLIPMODE, ADI's
+    MOVEMENT), its zones and, where it chose references per integration and zone (REFS),
+    how many, how correlated and, with ADI, what share of the choices were the reference
+    star's frames. Nothing for a product that records none of it (before KLIPMODE)."""
+    mode = primary.get("KLIPMODE")
+    if mode is None:
+        return []
+    moved = f" (movement {float(primary.get('MOVEMENT', 0)):g} px)" if "ADI" in mode else ""
+    lines = [f"KLIP: {mode}{moved}, {_zones(primary)}"]
+    if choice is not None:
+        chosen = choice.indices[choice.indices >= 0]
+        correlations = choice.correlations[choice.indices >= 0]
+        kept = choice.indices.shape[-1]
+        line = (
+            f"references: the {kept} most correlated of {choice.references} per integration "
+            f"and zone (REFS), correlation {correlations.min():.3f} to {correlations.max():.3f}"
+        )
+        if len(choice.kinds) and chosen.size:
+            share = float(np.mean(choice.kinds[chosen] == "RDI"))
+            line += f"; {share:.0%} of the choices the reference star's frames"
+        lines.append(line)
+    return lines
+
+
 def psfsub_figure(path: str | Path, png: str | Path) -> Path:
     """The mean over integrations of a psfsub, one panel per KL cutoff (titled "KL n"),
     zero-centred colour map with robust limits: where KLIP left residuals, and where a
-    companion stands out of them."""
+    companion stands out of them; below the title, how it was reduced
+    (``reduction_lines``: grey is where no zone reached)."""
     path = Path(path)
     image = read_image(path, "SCI")
     try:
@@ -82,9 +130,9 @@ def psfsub_figure(path: str | Path, png: str | Path) -> Path:
         )
         pixel_axes(axes, title)
         figure.colorbar(shown, ax=axes, shrink=0.9, label=unit or "value")
-    figure.suptitle(
-        f"{path.name}: mean of {integrations} integration(s) after KLIP", fontsize="medium"
-    )
+    title = [f"{path.name}: mean of {integrations} integration(s) after KLIP"]
+    title += reduction_lines(image.primary, read_choice(path))
+    figure.suptitle("\n".join(title), fontsize="medium")
     return save(figure, Path(png))
 
 
@@ -214,11 +262,18 @@ def snr_figure(path: str | Path, candidates: Table | None, png: str | Path) -> P
 def shifts_figure(alignment: dict, exposure: str, png: str | Path) -> Path:
     """The alignment fits against science integration: DX and DY (pixels; the reference's
     offset from the science frame), one thin line per reference and their mean thick, and
-    BETA (reference flux / science flux) below. Drifts, jumps and odd references show."""
+    BETA (reference flux / science flux) below. Drifts, jumps and odd references show.
+    With ADI (the record's KIND) the other rolls' integrations are drawn apart (orange,
+    their mean dashed) from the reference star's frames."""
     integration = np.asarray(alignment["INTEGRATION"], dtype=int)
     psf = np.asarray(alignment["PSF"], dtype=int)
     steps, rows = np.unique(integration, return_inverse=True)
     references, columns = np.unique(psf, return_inverse=True)
+    kind = np.full(len(references), "RDI", dtype=object)  # of each reference
+    kind[columns] = np.asarray(alignment.get("KIND", kind[columns]), dtype=str)
+    # the reference star's frames and the other rolls' integrations apart: their offsets
+    # and flux ratios are of other stars and pointings, a mean over both is neither's
+    groups = [(name, kind == name) for name in ("RDI", "ADI") if (kind == name).any()]
     figure, panels = figure_and_axes(figsize=(7.0, 7.2), nrows=3, sharex=True, layout="constrained")
     marker = "o" if len(steps) < 12 else None
     for axes, name, label in zip(
@@ -229,22 +284,28 @@ def shifts_figure(alignment: dict, exposure: str, png: str | Path) -> Path:
     ):
         values = np.full((len(steps), len(references)), np.nan)
         values[rows, columns] = np.asarray(alignment[name], dtype=np.float64)
-        axes.plot(steps, values, color="C0", lw=0.7, alpha=0.45, marker=marker, markersize=2.5)
-        axes.plot(steps, np.nanmean(values, axis=1), color="k", lw=2.4, marker=marker)
+        for group, chosen in groups:
+            colour, dashes = SHIFT_STYLES[group]
+            part = values[:, chosen]
+            axes.plot(steps, part, color=colour, lw=0.7, alpha=0.45, marker=marker, markersize=2.5)
+            axes.plot(steps, np.nanmean(part, axis=1), color="k", lw=2.4, ls=dashes, marker=marker)
         axes.set_ylabel(label)
         axes.grid(True, alpha=0.3)
     panels[-1].set_xlabel("science integration")
     panels[-1].xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
     panels[-1].set_xlim(steps[0] - 0.5, steps[-1] + 0.5)
-    figure.legend(
-        handles=[
-            Line2D([], [], color="C0", lw=0.7, label=f"each reference ({len(references)})"),
-            Line2D([], [], color="k", lw=2.4, label="mean"),
-        ],
-        fontsize="small",
-        loc="outside lower center",
-        ncols=2,
-    )
+    handles = []
+    for group, chosen in groups:
+        colour, dashes = SHIFT_STYLES[group]
+        count = int(chosen.sum())
+        what, mean = (
+            (f"each reference ({count})", "mean")
+            if len(groups) == 1
+            else SHIFT_LABELS[group](count)
+        )
+        handles.append(Line2D([], [], color=colour, lw=0.7, label=what))
+        handles.append(Line2D([], [], color="k", lw=2.4, ls=dashes, label=mean))
+    figure.legend(handles=handles, fontsize="small", loc="outside lower center", ncols=2)
     aligned = {"first": "its first integration"}.get(
         alignment.get("ALIGN_TO"), "each science integration"
     )

@@ -3,12 +3,14 @@
 ``quicklook(outdir)`` draws, from the products in ``outdir`` (FITS, or Zarr stores, read
 through ``io.open_product``):
 
-- ``<psfsub stem>_mean.png``: each psfsub's mean over integrations, one panel per KL cutoff;
+- ``<psfsub stem>_mean.png``: each psfsub's mean over integrations, one panel per KL cutoff,
+  and how KLIP reduced it (mode, zones, references chosen);
 - ``<product>_i2d.png``: the i2d (its largest KL cutoff), with a north/east compass, a scale
   bar, the star and the candidates;
 - ``<product>_snr.png``: the detection map's significance, candidates circled;
 - ``<product>_contrast.png``: the contrast curve, redrawn from its ECSV;
-- ``<exposure>_shifts.png``: the alignment fits (DX, DY, BETA) against science integration.
+- ``<exposure>_shifts.png``: the alignment fits (DX, DY, BETA) against science integration
+  (with ADI, the other rolls' integrations apart from the reference star's frames).
 
 The figures are ``quicklook.figures``'s; this module finds the products of a folder.
 """

@@ -1,7 +1,7 @@
 """What the quicklook figures read of a run's products, through ``io.open_product`` (FITS
 or Zarr alike): an image extension with its keywords, a psfsub's mean over integrations
-read an integration at a time, the alignment record, the candidates and the contrast
-curve's table."""
+read an integration at a time, the alignment record (with ADI, which reference is which),
+the references KLIP chose, the candidates and the contrast curve's table."""
 
 from dataclasses import dataclass
 from pathlib import Path
@@ -79,7 +79,43 @@ def read_alignment(path: Path) -> dict[str, np.ndarray] | None:
     }
     for k, name in enumerate(("DX", "DY", "BETA")):
         record[name] = values[..., k].ravel()
+    if "psf_kind" in shift.coords:  # ADI: RDI (the reference star's) or ADI, per row
+        record["KIND"] = np.tile(_values(shift["psf_kind"]), len(integrations))
     return record
+
+
+def _values(array: xr.DataArray) -> np.ndarray:
+    """A small DataArray's values, read in this thread (no scheduler looked for)."""
+    return np.asarray(array.compute(scheduler="synchronous").values)
+
+
+@dataclass
+class Choice:
+    """psfsub's record of the references KLIP chose (``--maxnumbasis``): for each
+    (integration, zone), the indices into psfalign's psf axis (−1: none), most correlated
+    first, their correlations, and the kind of each reference (RDI, ADI; empty: not
+    recorded) of how many (``references``)."""
+
+    indices: np.ndarray
+    correlations: np.ndarray
+    kinds: np.ndarray
+    references: int
+
+
+def read_choice(path: Path) -> Choice | None:
+    """The references chosen that the psfsub at ``path`` records (REFS, REFCORR), or None
+    where every reference was used (no REFS)."""
+    product = read_product(path, "its REFS")
+    if "REFS" not in product:
+        return None
+    try:
+        indices = _values(product["REFS"]).astype(int)
+        correlations = _values(product["REFCORR"]).astype(np.float64)
+        kinds = _values(product["psf_kind"]) if "psf_kind" in product.coords else np.array([])
+        references = product.sizes.get("psf", int(indices.max()) + 1)
+    except (OSError, ValueError, KeyError) as error:
+        raise CoronInputError(path, f"cannot read its REFS ({error})") from None
+    return Choice(indices, correlations, kinds, references)
 
 
 def read_candidates(path: Path) -> Table | None:
