@@ -76,17 +76,21 @@ def test_cutoffs_above_the_references_are_their_number(asn, tmp_path, caplog):
         "6": NPSF,
         "2,50,1000": (2, 50, 1000),
         "2,6": (2, NPSF),
+        "50": 50,  # the default (jwst's): told, not warned
     }
-    with caplog.at_level(logging.WARNING, logger="coron_dask"):
+    with caplog.at_level(logging.INFO, logger="coron_dask"):
         for name, truncate in runs.items():
             run_coron3(asn, tmp_path / name, psfmask="none", truncate=truncate, **QUICK)
-    warned = [r.getMessage() for r in caplog.records if "KL modes kept" in r.getMessage()]
+    said = [r for r in caplog.records if "KL modes kept" in r.getMessage()]
+    warned = [r.getMessage() for r in said if r.levelno == logging.WARNING]
+    told = [r.getMessage() for r in said if r.levelno == logging.INFO]
+    assert told == [f"klip: truncate 50 is more than the {NPSF} references: {NPSF} KL modes kept"]
     assert warned == [
         f"klip: truncate 1000 is more than the {NPSF} references: {NPSF} KL modes kept",
         f"klip: truncate 2,50,1000 is more than the {NPSF} references: 2,{NPSF} KL modes "
         "kept (1 cutoff(s) the same as another, dropped)",
     ]
-    for asked, used in (("1000", "6"), ("2,50,1000", "2,6")):
+    for asked, used in (("1000", "6"), ("50", "6"), ("2,50,1000", "2,6")):
         ours, theirs = images(tmp_path / asked), images(tmp_path / used)
         assert ours.keys() == theirs.keys() and len(ours) > 0
         for key, data in ours.items():

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from coron_dask.core.errors import CoronInputError
+from coron_dask.core.parameters import BY_NAME
 from coron_dask.core.readers import cutoffs as read_cutoffs
 from coron_dask.kernels.zones import Zones, describe, polar, zone_map
 
@@ -24,15 +25,18 @@ def kl_cutoffs(truncate: int | Sequence[int]) -> tuple[int, ...]:
 
 def used_cutoffs(truncate: int | Sequence[int], npsf: int) -> int | tuple[int, ...]:
     """``truncate`` as klip uses it with ``npsf`` references: a cutoff above ``npsf`` keeps
-    all ``npsf`` KL modes, so it is ``npsf`` (logged, as are cutoffs that become one);
-    several cutoffs stay a KL-mode cube, of the distinct ones. jwst's klip slices the KL
-    vectors (``klvect[:truncate]``): the same modes, silently."""
+    all ``npsf`` KL modes, so it is ``npsf``; several cutoffs stay a KL-mode cube, of the
+    distinct ones. jwst's klip slices the KL vectors (``klvect[:truncate]``): the same
+    modes, silently. Logged: a warning for cutoffs the user asked for, information for the
+    default (jwst's 50, more than most observations have references)."""
     cube = not isinstance(truncate, int | np.integer)
     asked = kl_cutoffs(truncate)
     kept = tuple(sorted({min(k, npsf) for k in asked}))
     if kept != asked:
         shown = ",".join(map(str, asked))
-        log.warning(
+        default = asked == kl_cutoffs(BY_NAME["truncate"].default)
+        log.log(
+            logging.INFO if default else logging.WARNING,
             "klip: truncate %s is more than the %d references: %s KL modes kept%s",
             shown,
             npsf,
