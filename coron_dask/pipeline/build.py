@@ -277,7 +277,8 @@ def _psfsub(
             filled, psfalign, p["truncate"], p["maxnumbasis"], eligible=eligible, **klipping
         )
     else:  # every eligible reference
-        basis = kl_basis(filled, psfalign, p["truncate"], chosen=eligible, **klipping)
+        alike = None if eligible is None else eligible[:1]  # the same for every integration
+        basis = kl_basis(filled, psfalign, p["truncate"], chosen=alike, **klipping)
     psfsub = subtract(filled, basis)
     product = made.add(
         f"{root}_psfsub",

@@ -23,7 +23,9 @@ The interface that subtraction strategies and reference choices build on:
 - ``kl_basis(..., zones=, chosen=)``: ``chosen`` (m, Z, p) bool chunked as the targets (or
   a function of the bordered Gram matrices giving one): the references each (integration,
   zone) may use; one not chosen gets zero KL weight there and is left out of that zone's
-  ERR, as a flagged reference is; a zone with none chosen is NaN. Default: all.
+  ERR, as a flagged reference is; a zone with none chosen is NaN. Default: all. Given
+  (1, Z, p), one choice for every integration (ADI's movement: it depends on the zone
+  alone), a 3-D psfalign keeps one basis per zone for the exposure.
 - ``KLBasis.gram``: each zone's Gram matrix of the mean-subtracted references bordered by
   the integration's overlaps (m, Z, p, p + 1); with a 3-D psfalign (1, Z, p, p), and a
   function ``chosen`` is given it broadcast, bordered by the overlaps of a pass of their
@@ -145,12 +147,18 @@ def kl_basis(
         chosen = chosen(da.concatenate([per_target(gram, m, chunks), overlaps[..., None]], 3))
     elif callable(chosen):  # the Gram matrices bordered by the overlaps
         chosen = chosen(gram)
+    # one choice for every target (1, Z, p): with a 3-D psfalign still one basis
+    alike = chosen is not None and not callable(chosen) and da.asarray(chosen).shape[0] == 1
     if chosen is not None:
-        chosen = da.asarray(chosen).astype(bool).rechunk((chunks, -1, -1))
+        chosen = da.asarray(chosen).astype(bool)
+        if chosen.shape[0] == 1:
+            chosen = da.broadcast_to(chosen, (m, *chosen.shape[1:]))
+        chosen = chosen.rechunk((chunks, -1, -1))
         if chosen.shape != (m, gram.shape[1], npsf):
             raise ValueError(f"chosen is {chosen.shape}, not (m, Z, p) = {(m, *gram.shape[1:3])}")
     # with a 3-D psfalign, one set of weights and ERR for all, unless chosen per target
-    each = not shared or chosen is not None
+    each = not shared or (chosen is not None and not alike)
+    one = None if chosen is None else (chosen if each else chosen[:1].rechunk((1, -1, -1)))
     weights = da.blockwise(
         weights_block,
         "mzwak",
@@ -160,7 +168,7 @@ def kl_basis(
         None,
         count,
         None,
-        *((None, None) if chosen is None else (chosen, "mza")),
+        *((None, None) if one is None else (one, "mza")),
         new_axes={"w": 2, "k": count},
         concatenate=True,
         dtype=np.float64,
@@ -172,7 +180,7 @@ def kl_basis(
         rows,
         cutoffs,
         zones,
-        chosen,
+        one,
         (target.shape[0] if each else 1, npsf, *target.shape[1:]),
         chunks if each else (1,),
     )
