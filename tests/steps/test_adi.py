@@ -10,10 +10,11 @@ import dask.array as da
 import numpy as np
 import pytest
 import xarray as xr
+from dask.utils import key_split
 from pyklip import klip as pyklip
 
 from coron_dask.core.errors import CoronInputError
-from coron_dask.steps.klip import klip
+from coron_dask.steps.klip import kl_basis, klip, subtract
 from coron_dask.steps.klip_parameters import klip_zones
 from coron_dask.steps.references import (
     contiguous_blocks,
@@ -198,3 +199,31 @@ def test_a_reduction_is_pyklips_klip_dataset(frames, tmp_path, mode):
     inner = zones.labels[None, None] < 2  # the first annulus's two subsections
     assert np.isnan(theirs[np.broadcast_to(inner, theirs.shape)]).all() == (mode == "ADI")
     assert relative(ours[finite], theirs[finite]) < 1e-6  # 1e-3 asked
+
+
+def test_one_choice_for_every_integration_keeps_one_basis_with_a_3d_psfalign(frames):
+    """ADI's movement choice depends on the zone alone: given once (1, Z, p) to a 3-D
+    psfalign (``--align-to first``) it makes one basis per zone for the exposure, not one
+    per integration, and the same psfsub and ERR bit for bit as the choice given to every
+    integration."""
+    exposures, pool = _pool(frames, "ADI+RDI")
+    exposure, roll = exposures[0], ROLLS[0]
+    places = references_of(pool, roll)
+    coords = {k: ("psf", pool[k].values[places]) for k in ("psf_kind", "psf_roll")}
+    refs = da.from_array(pool["sci"].values[places], chunks=(5, -1, -1))
+    psfalign = xr.Dataset({"sci": (("psf", "y", "x"), refs)}, coords=coords)
+    zones = klip_zones(SHAPE, STAR, annuli=3, subsections=2, iwa=2.0, owa=19.0)
+    chosen = eligible_references(psfalign, roll, zones, 1.5, (2, 2))
+    assert not chosen.compute().all()  # the inner annulus leaves the other roll out
+    bases, psfsubs = {}, {}
+    for name, given in (("every", chosen), ("once", chosen[:1])):
+        bases[name] = kl_basis(exposure, psfalign, CUTOFFS, rows=ROWS, zones=zones, chosen=given)
+        psfsubs[name] = subtract(exposure, bases[name]).compute(scheduler="synchronous")
+
+    def weight_tasks(basis) -> int:
+        return sum(key_split(key) == "klip-weights" for key in basis.weights.__dask_graph__())
+
+    assert weight_tasks(bases["once"]) == 1
+    assert weight_tasks(bases["every"]) == len(chosen.chunks[0])
+    for variable in ("sci", "err"):
+        np.testing.assert_array_equal(psfsubs["once"][variable], psfsubs["every"][variable])
