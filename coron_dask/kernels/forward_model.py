@@ -15,7 +15,8 @@ crosses a zone's edge is split by zone, as KLIP splits it; pixels in no zone are
 ``forward_model`` is that formula per integration; ``mean_operator`` the linear map from
 the companion's window to its integration-mean psfsub on a stamp (what the fit compares
 with the data, made once per window: each model is then one matrix product);
-``fill_columns`` adds align_refs' fill of bad pixels to such a map, linearised; and
+``linear_fill`` and ``fill_columns`` add align_refs' fill of bad pixels, linearised, to a
+companion image or to such a map; and
 ``placed_psfs`` makes the companion images on the window, the off-axis PSF moved to
 sub-pixel places as ``kernels.inject.companion_image`` moves it.
 """
@@ -90,22 +91,39 @@ def mean_operator(
     return out
 
 
-def fill_columns(operator: np.ndarray, bad: np.ndarray, box: int) -> np.ndarray:
-    """``operator`` (.., wy·wx) acting on the companion as align_refs' fill leaves it: each
-    pixel of ``bad`` (wy, wx) takes the mean of the good pixels in its ``box`` × ``box``
-    window (0 where none), a linear stand-in for the median the fill takes of the frame
-    (the companion's share of a median of speckles and companion is not linear)."""
-    out = np.array(operator, dtype=np.float64)
+def _fill_neighbours(bad: np.ndarray, box: int):
+    """Each pixel of ``bad`` (wy, wx) (flat index) and the good pixels of its ``box`` ×
+    ``box`` window (flat indices) whose mean stands for it."""
     wy, wx = bad.shape
     half = int(box / 2)
     for y, x in zip(*np.nonzero(bad), strict=True):
-        column = out[..., y * wx + x].copy()
-        out[..., y * wx + x] = 0.0
         ys = slice(max(y - half, 0), min(y + half + 1, wy))
         xs = slice(max(x - half, 0), min(x + half + 1, wx))
         good = np.argwhere(~bad[ys, xs]) + np.array([ys.start, xs.start])
-        for gy, gx in good:
-            out[..., gy * wx + gx] += column / len(good)
+        yield y * wx + x, good[:, 0] * wx + good[:, 1]
+
+
+def linear_fill(image: np.ndarray, bad: np.ndarray, box: int) -> np.ndarray:
+    """``image`` (..., wy, wx) with each pixel of ``bad`` the mean of the good pixels in
+    its ``box`` × ``box`` window (0 where none): a linear stand-in, for a companion, of
+    align_refs' median fill (the companion's share of a median of speckles and companion
+    is not linear)."""
+    flat = np.array(image, dtype=np.float64).reshape(*image.shape[:-2], -1)
+    source = flat.copy()
+    for pixel, good in _fill_neighbours(bad, box):
+        flat[..., pixel] = source[..., good].mean(axis=-1) if len(good) else 0.0
+    return flat.reshape(image.shape)
+
+
+def fill_columns(operator: np.ndarray, bad: np.ndarray, box: int) -> np.ndarray:
+    """``operator`` (..., wy·wx) acting on the companion as ``linear_fill`` leaves it:
+    ``operator`` · fill, so that a model is one matrix product still."""
+    out = np.array(operator, dtype=np.float64)
+    for pixel, good in _fill_neighbours(bad, box):
+        column = out[..., pixel].copy()
+        out[..., pixel] = 0.0
+        for neighbour in good:
+            out[..., neighbour] += column / len(good)
     return out
 
 
@@ -122,6 +140,17 @@ def placed_psfs(
     moved = shift_spectra(spectrum, box, places - nearest)
     out = np.zeros((len(places), *shape))
     half_y, half_x = box[0] // 2, box[1] // 2
+    y0, x0 = nearest[:, 1] - half_y, nearest[:, 0] - half_x
+    if (
+        (y0 >= 0).all()
+        and (x0 >= 0).all()
+        and (y0 + box[0] <= shape[0]).all()
+        and (x0 + box[1] <= shape[1]).all()
+    ):  # every box whole on the window: placed at once
+        rows = y0[:, None, None] + np.arange(box[0])[None, :, None]
+        columns = x0[:, None, None] + np.arange(box[1])[None, None, :]
+        out[np.arange(len(places))[:, None, None], rows, columns] = moved
+        return out
     for j, (ix, iy) in enumerate(nearest):
         y0, x0 = iy - half_y, ix - half_x
         ys = slice(max(y0, 0), min(y0 + box[0], shape[0]))
