@@ -14,9 +14,7 @@ crosses a zone's edge is split by zone, as KLIP splits it; pixels in no zone are
 
 ``forward_model`` is that formula per integration; ``mean_operator`` the linear map from
 the companion's window to its integration-mean psfsub on a stamp (what the fit compares
-with the data, made once per window: each model is then one matrix product);
-``linear_fill`` and ``fill_columns`` add align_refs' fill of bad pixels, linearised, to a
-companion image or to such a map; and
+with the data, made once per window: each model is then one matrix product); and
 ``placed_psfs`` makes the companion images on the window, the off-axis PSF moved to
 sub-pixel places as ``kernels.inject.companion_image`` moves it.
 """
@@ -88,42 +86,6 @@ def mean_operator(
         pixels = np.flatnonzero(zone_of == z)
         gram = np.einsum("iks,ikp->sp", basis[:, :, stamp[rows]], basis[:, :, pixels]) / m
         out[np.ix_(rows, pixels)] -= gram + 1.0 / sizes[z]
-    return out
-
-
-def _fill_neighbours(bad: np.ndarray, box: int):
-    """Each pixel of ``bad`` (wy, wx) (flat index) and the good pixels of its ``box`` ×
-    ``box`` window (flat indices) whose mean stands for it."""
-    wy, wx = bad.shape
-    half = int(box / 2)
-    for y, x in zip(*np.nonzero(bad), strict=True):
-        ys = slice(max(y - half, 0), min(y + half + 1, wy))
-        xs = slice(max(x - half, 0), min(x + half + 1, wx))
-        good = np.argwhere(~bad[ys, xs]) + np.array([ys.start, xs.start])
-        yield y * wx + x, good[:, 0] * wx + good[:, 1]
-
-
-def linear_fill(image: np.ndarray, bad: np.ndarray, box: int) -> np.ndarray:
-    """``image`` (..., wy, wx) with each pixel of ``bad`` the mean of the good pixels in
-    its ``box`` × ``box`` window (0 where none): a linear stand-in, for a companion, of
-    align_refs' median fill (the companion's share of a median of speckles and companion
-    is not linear)."""
-    flat = np.array(image, dtype=np.float64).reshape(*image.shape[:-2], -1)
-    source = flat.copy()
-    for pixel, good in _fill_neighbours(bad, box):
-        flat[..., pixel] = source[..., good].mean(axis=-1) if len(good) else 0.0
-    return flat.reshape(image.shape)
-
-
-def fill_columns(operator: np.ndarray, bad: np.ndarray, box: int) -> np.ndarray:
-    """``operator`` (..., wy·wx) acting on the companion as ``linear_fill`` leaves it:
-    ``operator`` · fill, so that a model is one matrix product still."""
-    out = np.array(operator, dtype=np.float64)
-    for pixel, good in _fill_neighbours(bad, box):
-        column = out[..., pixel].copy()
-        out[..., pixel] = 0.0
-        for neighbour in good:
-            out[..., neighbour] += column / len(good)
     return out
 
 

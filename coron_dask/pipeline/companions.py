@@ -9,8 +9,8 @@ psfsub (kl, y, x), ``KLWIN<k>`` the KL images on each companion's window (compan
 integration, K, wy, wx), ``LABELS<k>`` the windows' zones (−1: none), ``BAD<k>`` the
 pixels align_refs filled in any integration, ``ZONES<k>`` the zones' pixel counts; each
 extension with the exposure's WCS keywords and the windows' corners (``Y0_<j>``,
-``X0_<j>``); the primary header the star (TARG_RA, TARG_DEC), λ/D (``RESOLUTN``), the fill
-box, the KL cutoffs (``KLMODE<i>``) and each companion's start (``SEP_<j>``, ``PA_<j>``).
+``X0_<j>``); the primary header the star (TARG_RA, TARG_DEC), λ/D (``RESOLUTN``), the KL
+cutoffs (``KLMODE<i>``) and each companion's start (``SEP_<j>``, ``PA_<j>``).
 """
 
 import logging
@@ -104,7 +104,6 @@ def windows_product(
         **first.attrs,
         "DATAMODL": "FMWindows",
         "RESOLUTN": (resolution, "lambda/D, pixels"),
-        "MEDBOXLN": (p["median_box_length"], "align_refs fill box"),
         "NCOMP": (len(guesses), "companions"),
         **kl_keywords(tuple(cutoffs)),
     }
@@ -193,7 +192,7 @@ def fit_companions(
             (primary[f"SEP_{j}"], primary[f"PA_{j}"], primary[f"NAME_{j}"])
             for j in range(len(rolls_of))
         ]
-        resolution, box = float(primary["RESOLUTN"]), int(primary["MEDBOXLN"])
+        resolution = float(primary["RESOLUTN"])
     return [
         fit_companion(
             rolls,
@@ -204,7 +203,6 @@ def fit_companions(
             cutoff=cutoff,
             transmission=transmission,
             settings=settings,
-            box=box,
             name=name,
         )
         for rolls, (separation, angle, name) in zip(rolls_of, starts, strict=True)

@@ -255,20 +255,19 @@ def fit_companion(
     cutoff: int,
     transmission: Transmission | None = None,
     settings: FitSettings | None = None,
-    box: int = 3,
     name: str = "companion",
 ) -> CompanionFit:
     """Fit a companion near ``start`` (separation arcsec, position angle degrees E of N)
     in ``rolls`` (one per science exposure, RDI) with the off-axis ``psf`` (the star's
-    flux), at KL ``cutoff``; λ/D is ``resolution`` pixels; ``box`` align_refs' fill box.
+    flux), at KL ``cutoff``; λ/D is ``resolution`` pixels.
     See the module's docstring."""
     settings = settings or FitSettings.configured()
     # many small matrix products: BLAS's threads cost more than they bring
     with threadpool_limits(1, user_api="blas"):
-        return _fit(rolls, psf, star, start, resolution, cutoff, transmission, settings, box, name)
+        return _fit(rolls, psf, star, start, resolution, cutoff, transmission, settings, name)
 
 
-def _fit(rolls, psf, star, start, resolution, cutoff, transmission, settings, box, name):
+def _fit(rolls, psf, star, start, resolution, cutoff, transmission, settings, name):
     """``fit_companion``'s work, on one BLAS thread."""
     began = time.perf_counter()
     model = CompanionModel(
@@ -278,7 +277,6 @@ def _fit(rolls, psf, star, start, resolution, cutoff, transmission, settings, bo
         start,
         cutoff=cutoff,
         transmission=transmission,
-        box=box,
         **settings.in_pixels(resolution),
     )
     scale = pixel_scale_arcsec(rolls[0].wcs)

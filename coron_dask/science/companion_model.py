@@ -5,10 +5,14 @@ A companion has a separation (arcsec), a position angle (degrees east of north) 
 contrast to the star. In each science exposure (a roll) it falls on a detector place
 through the exposure's WCS, dimmed by the coronagraph's transmission there
 (``science.transmission``); its image is the off-axis PSF (whose sum is the star's flux)
-times the contrast, moved to that place (``kernels.forward_model.placed_psfs``), filled
-at the exposure's bad pixels as align_refs fills them (linearised), and reduced by KLIP
-exactly (``kernels.forward_model``): its integration-mean psfsub on a stamp of pixels
-about the start is A·c, A made once per roll from the KL images on the window.
+times the contrast, moved to that place (``kernels.forward_model.placed_psfs``), and
+reduced by KLIP exactly (``kernels.forward_model``): its integration-mean psfsub on a stamp
+of pixels about the start is A·c, A made once per roll from the KL images on the window.
+The one step of the reduction that is not linear, align_refs' median fill of bad pixels,
+is left out of the model: a filled pixel's value is the median of its neighbours', which
+the speckles choose; the pixels filled in any integration are left out of the stamp,
+and through KLIP's projection the fill moves the rest by at most ~1e-3 of the
+companion's peak (``tests/test_companions.py``).
 
 The data are each roll's integration-mean psfsub at the cutoff fitted (the i2d's
 combination of an exposure's integrations, whose weights do not change from one
@@ -26,13 +30,7 @@ from astropy.coordinates import SkyCoord
 from astropy.wcs import WCS
 from scipy.linalg import cho_solve, solve_triangular
 
-from coron_dask.kernels.forward_model import (
-    fill_columns,
-    forward_model,
-    linear_fill,
-    mean_operator,
-    placed_psfs,
-)
+from coron_dask.kernels.forward_model import forward_model, mean_operator, placed_psfs
 from coron_dask.science.companion_noise import annulus_noise
 from coron_dask.science.geometry import pixel_positions
 from coron_dask.science.transmission import Transmission
@@ -92,7 +90,7 @@ class CompanionModel:
     stamps are centred; ``resolution`` λ/D in pixels; ``margin`` (pixels) how far a place
     may move from the start's in any roll; ``stamp`` the radius (pixels) of the pixels
     fitted; ``noise`` the annulus settings (``annulus_noise``'s width, masked, max_lag,
-    kernel, in pixels); ``box`` align_refs' fill box."""
+    kernel, in pixels)."""
 
     def __init__(
         self,
@@ -107,14 +105,13 @@ class CompanionModel:
         stamp: float,
         noise: dict,
         transmission: Transmission | None = None,
-        box: int = 3,
     ) -> None:
         self.rolls, self.star, self.start, self.cutoff = rolls, star, start, cutoff
         self.star_flux = float(psf.sum())
         if half is not None and 2 * half + 1 < min(psf.shape):
             cy, cx = psf.shape[0] // 2, psf.shape[1] // 2
             psf = psf[cy - half : cy + half + 1, cx - half : cx + half + 1]
-        self.psf, self.box = psf, box
+        self.psf = psf
         self.spectrum = np.fft.rfft2(psf)
         self.margin = margin
         self.transmission = transmission or Transmission(None, "none")
@@ -168,7 +165,7 @@ class CompanionModel:
         self.data.append(values.ravel()[stamp])
         self.noise.append(model)
         self.factors.append(model.factor(places))
-        self.operators.append(fill_columns(operator, roll.bad, self.box))
+        self.operators.append(operator)
 
     def places(self, theta: np.ndarray) -> list[np.ndarray]:
         """Per roll, the detector places (n, 2) = (x, y) of θ (n, 3), linearised."""
@@ -255,6 +252,5 @@ class CompanionModel:
         local = self.places(theta)[k] - roll.corner[::-1]
         image = placed_psfs(self.spectrum, self.psf.shape, roll.labels.shape, local)[0]
         image *= theta[0, 2] * self.transmissions(theta)[k, 0]
-        filled = linear_fill(image, roll.bad, self.box)
-        reduced = forward_model(filled, roll.images, roll.labels, roll.sizes, self.cutoff)
+        reduced = forward_model(image, roll.images, roll.labels, roll.sizes, self.cutoff)
         return reduced.mean(axis=0)
