@@ -126,8 +126,9 @@ LANES = {
 }
 #: Fixtures that make a test slow: several runs (``swept``: eight; ``zoned``: five, KLIP in
 #: zones; a contrast curve, two behind an occulter; the runs the alignment record and the
-#: quicklook plots are read from) or a busy one.
-SLOW_FIXTURES = {"swept", "zoned", "busy_baseline", "curve", "occulted", "runs"}
+#: quicklook plots are read from; four companions simulated, reduced and fitted) or a busy
+#: one.
+SLOW_FIXTURES = {"swept", "zoned", "busy_baseline", "curve", "occulted", "runs", "recovered"}
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
