@@ -645,7 +645,7 @@ def predict(case: Case) -> int:
         case "companion_windows":
             window = (b["window"], b["window"])
             args = (b["frames"], b["npsf"], TRUNCATE, window, frame, b.get("windows", 1))
-            return memory.companion_windows(*args, b.get("shared", False), zones)
+            return memory.companion_windows(*args, zones)
         case "inject_klip":
             return memory.inject_klip(b["frames"], b["npsf"], b["rows"], frame, zones)
         case "resample":

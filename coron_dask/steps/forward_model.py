@@ -65,7 +65,8 @@ def windows_block(
 ) -> np.ndarray:
     """The KL images (n, m, K, wy, wx) float64 of m targets on n windows (``corners``,
     ``shape``): the references aligned to each (the block (m, p, y, x), or with ``source``
-    the targets' indices into psfalign on disk, read a window's rows at a time), minus
+    the targets' indices into psfalign on disk, a target's window rows read at a time),
+    minus
     their means over each zone (m, p, Z), weighted by the zone's W (m, Z, 2, p, K). A
     reference flagged for a target (non-finite mean) counts as 0, as in KLIP's tasks;
     NaN in no zone and beyond the frame."""
@@ -78,21 +79,23 @@ def windows_block(
     for j, (ys, xs, inner) in enumerate(_cuts(corners, shape, frame)):
         if ys.start >= ys.stop or xs.start >= xs.stop:
             continue
-        if source is None:
-            rows = block[:, :, ys, xs]
-        elif len(source.shape) == 3:  # one set of references for every target
-            rows = source[:, ys][None][..., xs]
-        else:
-            rows = source[int(targets[0]) : int(targets[-1]) + 1, :, ys][..., xs]
-        window = labels[j][inner]
+        window, shared = labels[j][inner], None
         for i in range(m):
-            refs = rows[min(i, len(rows) - 1)]
+            if source is None:
+                refs = block[i, :, ys, xs]
+            elif len(source.shape) == 3:  # one set of references for every target
+                shared = source[:, ys][..., xs] if shared is None else shared
+                refs = shared
+            else:  # the target's references on the window's rows, read alone
+                target = int(targets[i])
+                refs = source[target : target + 1, :, ys][0][..., xs]
             for z in np.unique(window[window >= 0]):
                 inside = window == z
                 centred = refs[:, inside].astype(np.float64) - means[i, :, z, None]
                 centred[~np.isfinite(means[i, :, z])] = 0.0
                 images = weights[i, z, 0].T @ centred
                 out[j, i][(slice(None), *inner)][:, inside] = images
+            refs = centred = images = None  # let go of before the next is read
     return out
 
 
