@@ -19,7 +19,7 @@ from coron_dask.kernels.blocks import fill_block
 from coron_dask.kernels.forward_model import forward_model
 from coron_dask.kernels.inject import companion_image
 from coron_dask.pipeline.build import reduce_observation
-from coron_dask.pipeline.companions import Guess, measure_companions
+from coron_dask.pipeline.companions import Guess, candidate_guesses, measure_companions
 from coron_dask.science.companion_fit import FitSettings
 from coron_dask.science.companion_model import window_for
 from coron_dask.science.geometry import pixel_positions, star_position
@@ -177,6 +177,19 @@ def test_adi_is_refused_in_one_line(asn, observation_dir, tmp_path):
             mode="ADI",
         )
     assert not any(tmp_path.iterdir())
+
+
+def test_candidates_are_starts_and_one_without_a_sky_place_is_refused():
+    from astropy.table import Table
+
+    found = Table({"separation_arcsec": [1.05, 0.7], "pa": [52.7, 300.0]})
+    assert candidate_guesses(found) == [
+        Guess(1.05, 52.7, "candidate 1"),
+        Guess(0.7, 300.0, "candidate 2"),
+    ]
+    found["pa"][1] = np.nan  # a candidate found without a WCS
+    with pytest.raises(CoronInputError, match="candidate 2 has no sky position"):
+        candidate_guesses(found)
 
 
 def test_a_bad_setting_is_named():

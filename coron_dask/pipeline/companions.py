@@ -52,6 +52,18 @@ class Guess:
     name: str = ""
 
 
+def candidate_guesses(candidates) -> list[Guess]:
+    """The starts of the candidates of a run (``<product>_candidates.ecsv``, an astropy
+    Table with ``separation_arcsec`` and ``pa``: ``photometry.find_candidates``)."""
+    guesses = []
+    for number, row in enumerate(candidates, 1):
+        separation, angle = float(row["separation_arcsec"]), float(row["pa"])
+        if not (np.isfinite(separation) and np.isfinite(angle)):
+            raise CoronInputError("candidates", f"candidate {number} has no sky position (no WCS)")
+        guesses.append(Guess(separation, angle, f"candidate {number}"))
+    return guesses
+
+
 def check_mode(mode: str) -> None:
     """The forward model is exact for RDI only: ADI and ADI+RDI are refused, in one line."""
     if mode != "RDI":

@@ -31,7 +31,7 @@ from threadpoolctl import threadpool_limits
 
 from coron_dask.core import config
 from coron_dask.core.errors import CoronInputError
-from coron_dask.science.companion_model import CompanionModel, Roll, offsets
+from coron_dask.science.companion_model import CompanionModel, Roll, offsets, sky_place
 from coron_dask.science.companion_noise import KERNELS, NoiseModel
 from coron_dask.science.geometry import pixel_scale_arcsec
 from coron_dask.science.transmission import Transmission
@@ -157,6 +157,24 @@ class CompanionFit:
     linearisation_error: float
     seconds: float
     model: CompanionModel = field(repr=False, compare=False)
+
+    @property
+    def sky_place(self) -> SkyCoord:
+        """The companion's place on the sky at the posterior medians."""
+        return sky_place(self.model.star, self.separation.median, self.position_angle.median)
+
+    @property
+    def method(self) -> str:
+        """The model and noise used, in words (for a product's row)."""
+        box = self.model.psf.shape
+        kernels = ", ".join(
+            f"{n.kernel} ℓ {n.length:.2f} px share {n.share:.2f}" for n in self.noise
+        )
+        return (
+            f"exact RDI forward model, {self.cutoff} KL modes, off-axis PSF {box[0]}x{box[1]} "
+            f"px, {len(self.noise)} roll(s) of {', '.join(str(len(s)) for s in self.model.stamps)} "
+            f"px; annulus noise {kernels}; emcee {self.samples.shape[0]} samples"
+        )
 
     @property
     def median(self) -> np.ndarray:
@@ -374,10 +392,3 @@ def _result(model, samples, name, best, tau, sampler, burn, thin, converged, cut
         seconds=0.0,
         model=model,
     )
-
-
-def start_from_pixel(roll: Roll, star: SkyCoord, place: tuple[float, float]) -> tuple[float, float]:
-    """(separation arcsec, position angle degrees E of N) of a detector ``place`` (x, y) of
-    ``roll`` (a candidate's)."""
-    there = roll.wcs.celestial.pixel_to_world(*place)
-    return float(star.separation(there).arcsec), float(star.position_angle(there).deg % 360)
