@@ -18,9 +18,6 @@ from coron_dask.kernels.zones import Zones
 from coron_dask.steps.klip import KLBasis
 from coron_dask.steps.klip_blocks import joined
 
-#: Index letters of the arrays along contracted axes (the references' pieces, the zones).
-_CONTRACTED = "uvt"
-
 
 def window_labels(
     zones: Zones | None, frame: tuple[int, int], corners: np.ndarray, shape: tuple[int, int]
@@ -113,7 +110,7 @@ def kl_windows(basis: KLBasis, corners: np.ndarray, shape: tuple[int, int]) -> d
         references = (references, "m")
     else:  # the blocks themselves, joined whole along the references
         reading = ()
-        references = (references, "mpab")
+        references = (references, "mpqr")  # p first: its pieces are joined along it
     name = tokenize(basis.weights, basis.means, references, reading, corners, shape)
     return da.blockwise(
         windows_block,
@@ -122,7 +119,7 @@ def kl_windows(basis: KLBasis, corners: np.ndarray, shape: tuple[int, int]) -> d
         basis.means,
         "mpz",
         basis.weights,
-        "mzwpk",
+        "mzwak",  # its own letter for the references: one block along them
         corners,
         None,
         tuple(shape),
