@@ -301,3 +301,31 @@ def test_the_residual_has_no_significant_source(recovered):
             after = np.nanmax(np.abs(snr_map(residual, centre, 2.0)[0][near]))
             assert after < 3, (befores[-1], after)
     assert min(befores) > 3 and max(befores) > 10, befores
+
+
+def test_a_companion_behind_the_occulter_is_fitted_through_its_transmission(tmp_path):
+    """NIRCam's round occulter (IWA 6.3 λ/D) dims a companion at 6.5 λ/D to 0.55 in both
+    rolls: the fit through the PSFMASK's transmission places it where the simulation's
+    occulter dimmed it (1 %) and recovers its contrast within 3σ (without it: 16σ low)."""
+    asn = simulate(
+        tmp_path / "sim", contrast=6e-6, companion=(12.0, 5.0), occulter=6.3, **{**BLANK, "seed": 5}
+    )
+    truth = json.loads((tmp_path / "sim" / "truth.json").read_text())
+    star = SkyCoord(*truth["star_sky"], unit="deg")
+    place = SkyCoord(*truth["companion_sky"], unit="deg")
+    fits_found, _ = measure_companions(
+        asn,
+        tmp_path / "out",
+        offaxis_psf=tmp_path / "sim" / "offaxis_psf.fits",
+        guesses=[Guess(star.separation(place).arcsec, star.position_angle(place).deg)],
+        psfmask=tmp_path / "sim" / "psfmask.fits",
+        transmission="psfmask",
+        truncate=10,
+        annuli=5,
+        iwa=4.0,
+        execution={"scheduler": "synchronous", "progress": False},
+    )
+    fit = fits_found[0]
+    dimmed = [np.mean(truth["transmission"][name]) for name in sorted(truth["transmission"])]
+    np.testing.assert_allclose(fit.transmissions, dimmed, rtol=0.01)
+    assert abs(fit.contrast.median - 6e-6) < 3 * fit.contrast.sigma, fit.describe()
