@@ -150,6 +150,7 @@ class CompanionFit:
     burn: int
     thin: int
     converged: bool
+    at_edge: bool  # the likelihood's maximum at the window's edge: the prior cuts the interval
     noise: list[NoiseModel]
     places: np.ndarray
     transmissions: np.ndarray
@@ -232,8 +233,17 @@ def _aperture_contrast(model: CompanionModel) -> float:
     return max(contrast, noise)  # a positive start, at least the noise's level
 
 
-def _hessian(function, point: np.ndarray, steps: np.ndarray) -> np.ndarray:
-    """The Hessian of ``function`` at ``point`` by central differences of ``steps``."""
+#: −ln L where θ is outside the prior, for the optimiser (a number, where −∞ would stop it).
+OUTSIDE = 1e300
+#: The least standard deviation of the walkers' ball, in the start's units (pixels along
+#: and across, the start's contrast): the ball of a likelihood too sharp or too flat to
+#: measure is still a ball.
+LEAST_SPREAD = 1e-3
+
+
+def _hessian(function, point: np.ndarray, steps: np.ndarray) -> np.ndarray | None:
+    """The Hessian of ``function`` at ``point`` by central differences of ``steps``; None
+    where a step leaves the prior."""
     n = len(point)
     out = np.empty((n, n))
     for i in range(n):
@@ -243,24 +253,28 @@ def _hessian(function, point: np.ndarray, steps: np.ndarray) -> np.ndarray:
                 moved = point.copy()
                 moved[i] += si * steps[i]
                 moved[j] += sj * steps[j]
-                total += sign * function(moved)
+                value = function(moved)
+                if value >= OUTSIDE:
+                    return None
+                total += sign * value
             out[i, j] = out[j, i] = total / (4 * steps[i] * steps[j])
     return out
 
 
-def _start_walkers(model, best, covariance, settings, rng) -> np.ndarray:
-    """The walkers' start: ``best`` plus ``walker_spread`` times draws of ``covariance``,
-    redrawn where outside the prior."""
-    walkers = np.empty((settings.walkers, 3))
-    for w in range(settings.walkers):
-        for _ in range(100):
-            draw = best + settings.walker_spread * rng.multivariate_normal(np.zeros(3), covariance)
-            if model.in_range(draw[None])[0]:
-                break
-        else:  # no room about the best point: a tiny ball
-            draw = best * (1 + 1e-6 * rng.standard_normal(3))
-        walkers[w] = draw
-    return walkers
+def _start_walkers(count, best, covariance, spread, in_range, rng) -> np.ndarray:
+    """``count`` walkers about ``best`` (in the start's units), ``spread`` times draws of
+    ``covariance`` (its variances at least LEAST_SPREAD²), the ball shrunk until enough of
+    them lie inside the prior (``in_range``)."""
+    values, vectors = np.linalg.eigh(0.5 * (covariance + covariance.T))
+    root = vectors * np.sqrt(np.clip(values, LEAST_SPREAD**2, None))
+    walkers = np.empty((0, len(best)))
+    for _ in range(60):
+        draws = best + spread * rng.standard_normal((count, len(best))) @ root.T
+        walkers = np.concatenate([walkers, draws[in_range(draws)]])[:count]
+        if len(walkers) == count:
+            return walkers
+        spread *= 0.7
+    raise RuntimeError("no room for the walkers about the maximum likelihood")
 
 
 def fit_companion(
@@ -305,7 +319,7 @@ def _fit(rolls, psf, star, start, resolution, cutoff, transmission, settings, na
 
     def negative(u: np.ndarray) -> float:
         value = model.log_probability(origin + u * units)[0]
-        return -value if np.isfinite(value) else 1e300
+        return -value if np.isfinite(value) else OUTSIDE
 
     guess = np.array([0.0, 0.0, 1.0])
     for _ in range(2):  # Nelder-Mead, restarted once from where it stopped
@@ -316,15 +330,22 @@ def _fit(rolls, psf, star, start, resolution, cutoff, transmission, settings, na
     best = origin + guess * units
     steps = np.array([0.02, 0.02, 0.02 * max(abs(guess[2]), 0.05)])
     hessian = _hessian(negative, guess, steps)
-    try:
-        covariance_u = np.linalg.inv(hessian)
-        np.linalg.cholesky(covariance_u)
-    except np.linalg.LinAlgError:
-        log.warning("companions: %s: the likelihood is not peaked at its maximum", name)
-        covariance_u = np.diag(steps**2)
-    covariance = covariance_u * np.outer(units, units)
+    if hessian is not None and np.all(np.linalg.eigvalsh(hessian) > 0):
+        covariance = np.linalg.inv(hessian)
+    else:
+        log.warning(
+            "companions: %s: the likelihood's maximum is not a peak inside the window (%s): "
+            "the walkers start in a small ball; a start nearer the companion, or a wider "
+            "coron_dask.companions.window-margin, may be needed",
+            name,
+            "at its edge" if hessian is None else "flat or a saddle",
+        )
+        covariance = np.diag(steps**2)
     rng = np.random.default_rng(settings.seed)
-    walkers = _start_walkers(model, best, covariance, settings, rng)
+    inside = lambda u: model.in_range(origin + u * units)  # noqa: E731
+    walkers = origin + units * _start_walkers(
+        settings.walkers, guess, covariance, settings.walker_spread, inside, rng
+    )
     sampler = emcee.EnsembleSampler(settings.walkers, 3, model.log_probability, vectorize=True)
     state = emcee.State(walkers, random_state=np.random.RandomState(settings.seed).get_state())
     previous, converged, tau = np.full(3, np.inf), False, np.full(3, np.nan)
@@ -341,6 +362,7 @@ def _fit(rolls, psf, star, start, resolution, cutoff, transmission, settings, na
     thin = max(1, int(0.5 * tau.min()))
     samples = sampler.get_chain(discard=burn, thin=thin, flat=True)
     fit = _result(model, samples, name, best, tau, sampler, burn, thin, converged, cutoff)
+    fit.at_edge = hessian is None
     fit.seconds = time.perf_counter() - began
     log.info("companions: %s", fit.describe())
     log.info(
@@ -384,6 +406,7 @@ def _result(model, samples, name, best, tau, sampler, burn, thin, converged, cut
         burn=burn,
         thin=thin,
         converged=converged,
+        at_edge=False,
         noise=list(model.noise),
         places=places,
         transmissions=model.transmissions(median)[:, 0],
