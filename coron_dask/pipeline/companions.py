@@ -28,8 +28,9 @@ from coron_dask.io import Extension, Product
 from coron_dask.pipeline.build import Reduction, kl_keywords, reduce_observation
 from coron_dask.pipeline.observation import find_psfmask
 from coron_dask.pipeline.run import check_inputs, execute_on_cluster, observation_bytes, run_inputs
-from coron_dask.science.companion_fit import CompanionFit, FitSettings, fit_companion
+from coron_dask.science.companion_fit import FitSettings, fit_companion
 from coron_dask.science.companion_model import Roll, detector_place, window_for
+from coron_dask.science.companion_result import CompanionFit
 from coron_dask.science.geometry import (
     lambda_over_d,
     pixel_scale_arcsec,
