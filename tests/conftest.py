@@ -118,6 +118,8 @@ LANES = {
     "tests/test_endings.py::test_a_failure_while_placing_takes_back_every_product": "slow",
     "tests/test_inputs.py::test_cutoffs_above_the_references_are_their_number": "slow",
     "tests/test_inputs.py::test_a_reference_that_cannot_be_fitted_is_flagged_and_left_out": "slow",
+    "tests/test_companions.py::"
+    "test_a_companion_behind_the_occulter_is_fitted_through_its_transmission": "slow",
     # each runs the pipeline two or three times (the io-level tests are fast)
     "tests/test_resume.py": "slow",
     "tests/test_resume.py::test_sigkill_part_way_then_the_same_command_finishes_bit_identical": (
@@ -126,8 +128,11 @@ LANES = {
 }
 #: Fixtures that make a test slow: several runs (``swept``: eight; ``zoned``: five, KLIP in
 #: zones; a contrast curve, two behind an occulter; the runs the alignment record and the
-#: quicklook plots are read from, ADI+RDI in zones among them) or a busy one.
-SLOW_FIXTURES = {"swept", "zoned", "busy_baseline", "curve", "occulted", "runs", "adi_run"}
+#: quicklook plots are read from, ADI+RDI in zones among them; four companions simulated,
+#: reduced and fitted) or a busy one.
+SLOW_FIXTURES = {
+    *("swept", "zoned", "busy_baseline", "curve", "occulted", "runs", "adi_run", "recovered"),
+}
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

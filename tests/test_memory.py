@@ -36,6 +36,7 @@ from coron_dask.planning import memory
 from coron_dask.planning.memory import MIB, Frame
 from coron_dask.steps import blocks as tasks
 from coron_dask.steps import klip_blocks, selection_blocks
+from coron_dask.steps.forward_model import windows_block
 
 #: The model's arrays (its peak less the fixed allowance every task has, TASK_OVERHEAD,
 #: which covers what a worker's heap adds: 0.3 to 1.3 MiB) may overestimate a measured
@@ -145,6 +146,12 @@ CASES = [
         ),
     ),
     Case("inject", dict(frames=60, ny=160, nx=160, box=65)),
+    Case("companion_windows", dict(frames=10, npsf=100, ny=160, nx=160, window=61, shared=True)),
+    Case("companion_windows", dict(frames=4, npsf=200, ny=224, nx=288, window=45, windows=3)),
+    Case(
+        "companion_windows",
+        dict(frames=4, npsf=200, ny=224, nx=288, window=45, windows=2, zones=ZONES),
+    ),
     Case("inject_klip", dict(frames=4, npsf=60, rows=160, ny=160, nx=160)),
     Case("inject_klip", dict(frames=2, npsf=100, rows=66, ny=224, nx=288, zones=ZONES)),
     Case("inject", dict(frames=30, ny=224, nx=288, box=161)),
@@ -488,6 +495,22 @@ def build_klip_subtract(
     return task, [targets, *means, weights[: 1 if shared else frames], overlaps]
 
 
+def build_companion_windows(
+    rng, path, frames, npsf, ny, nx, window, windows=1, shared=False, zones=None
+):
+    """As the pipeline runs it: each window's rows read from disk by the task."""
+    zones = _zones(ny, nx, zones)
+    source, means, indices = _aligned_on_disk(rng, path[0], frames, npsf, ny, nx, shared, zones)
+    weights = _weights(rng, frames, npsf, TRUNCATE, ny, nx, shared, zones)
+    corners = rng.integers(0, min(ny, nx) - window, (windows, 2))
+    frame, shape = (ny, nx), (window, window)
+
+    def task():
+        return windows_block(indices, means, [[weights]], corners, shape, frame, zones, source)
+
+    return task, [*means, weights[: 1 if shared else frames]]
+
+
 def build_inject(rng, path, frames, ny, nx, box):
     """Ten companions of a ``box``-sided PSF added to every integration."""
     sci = _frames(rng, frames, ny, nx)
@@ -544,6 +567,7 @@ ON_DISK = (
     "inject_klip",
     "klip_norms",
     "klip_chosen_gram",
+    "companion_windows",
 )
 BUILD = {
     "read": build_read,
@@ -561,6 +585,7 @@ BUILD = {
     "klip_overlaps": build_klip_overlaps,
     "klip_subtract": build_klip_subtract,
     "inject": build_inject,
+    "companion_windows": build_companion_windows,
     "inject_klip": build_inject_klip,
     "resample": build_resample,
     "write": build_write,
@@ -617,6 +642,10 @@ def predict(case: Case) -> int:
             return memory.klip_overlaps(*args)
         case "inject":
             return memory.inject(b["frames"], frame, b["box"] ** 2)
+        case "companion_windows":
+            window = (b["window"], b["window"])
+            args = (b["frames"], b["npsf"], TRUNCATE, window, frame, b.get("windows", 1))
+            return memory.companion_windows(*args, zones)
         case "inject_klip":
             return memory.inject_klip(b["frames"], b["npsf"], b["rows"], frame, zones)
         case "resample":

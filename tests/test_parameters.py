@@ -73,6 +73,23 @@ def test_defaults_are_those_shipped_before_the_spec():
             "cancel-timeout": 20,
         },
         "contrast": {"transmission-max": 1.5},
+        "companions": {  # the fit's model, noise and sampler (lengths in λ/D)
+            "psf-half-width": 8.0,
+            "window-margin": 1.0,
+            "stamp-radius": 2.0,
+            "annulus-width": 2.0,
+            "noise-mask": 2.0,
+            "correlation-lag": 3.0,
+            "kernel": "matern32",
+            "walkers": 32,
+            "check-steps": 500,
+            "max-steps": 20000,
+            "tau-factor": 50,
+            "tau-change": 0.05,
+            "burn-factor": 5,
+            "walker-spread": 0.5,
+            "seed": 1,
+        },
     }
 
 

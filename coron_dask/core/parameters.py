@@ -245,6 +245,39 @@ SPEC: tuple[Parameter, ...] = (
               keyword=("TRANSMIS", "transmission dimming the injections")),
     Parameter("transmission_max", "largest value a transmission map may hold (above it, it is "
               "no transmission)", 1.5, "contrast.transmission-max", role="setting"),
+    # a companion's fit (science.companion_fit): its model, noise and sampler
+    Parameter("psf_half_width", "half side of the off-axis PSF box a companion's forward model "
+              "keeps, λ/D (null: the whole box)", 8.0, "companions.psf-half-width",
+              role="setting"),
+    Parameter("window_margin", "how far the sampler may move a companion from its start in "
+              "each roll, λ/D: the KL images are made on the PSF box and this margin",
+              1.0, "companions.window-margin", role="setting"),
+    Parameter("stamp_radius", "radius of the pixels about the start fitted, λ/D", 2.0,
+              "companions.stamp-radius", role="setting"),
+    Parameter("annulus_width", "width of the annulus about the star the noise is measured "
+              "on, λ/D", 2.0, "companions.annulus-width", role="setting"),
+    Parameter("noise_mask", "the companion's pixels left out of the noise annulus: within "
+              "this many λ/D of it", 2.0, "companions.noise-mask", role="setting"),
+    Parameter("correlation_lag", "largest lag the noise's correlation is fitted to, λ/D",
+              3.0, "companions.correlation-lag", role="setting"),
+    Parameter("kernel", "the noise's correlation kernel: matern32, sqexp or diagonal (no "
+              "correlation)", "matern32", "companions.kernel", role="setting"),
+    Parameter("walkers", "emcee's walkers", 32, "companions.walkers", role="setting"),
+    Parameter("check_steps", "steps between two estimates of the autocorrelation time", 500,
+              "companions.check-steps", role="setting"),
+    Parameter("max_steps", "most steps a chain takes, converged or not", 20000,
+              "companions.max-steps", role="setting"),
+    Parameter("tau_factor", "a chain is long enough at this many autocorrelation times (τ), "
+              "its estimate steady", 50, "companions.tau-factor", role="setting"),
+    Parameter("tau_change", "steady: τ changed by less than this fraction between two "
+              "estimates", 0.05, "companions.tau-change", role="setting"),
+    Parameter("burn_factor", "burn-in, in autocorrelation times", 5,
+              "companions.burn-factor", role="setting"),
+    Parameter("walker_spread", "the walkers' starting ball, in the maximum-likelihood "
+              "point's (Laplace) standard deviations", 0.5, "companions.walker-spread",
+              role="setting"),
+    Parameter("seed", "seed of the sampler's random numbers", 1, "companions.seed",
+              role="setting"),
 )  # fmt: skip
 BY_NAME = {parameter.name: parameter for parameter in SPEC}
 #: ``build_products``' parameters, in the order provenance records them.

@@ -282,6 +282,31 @@ def klip_project(
     )
 
 
+def companion_windows(
+    frames: int,
+    npsf: int,
+    count: int,
+    window: tuple[int, int],
+    frame: Frame,
+    windows: int = 1,
+    zones: int | None = None,
+) -> int:
+    """The KL images of ``frames`` targets on ``windows`` windows of ``window`` (wy, wx)
+    pixels (``steps.forward_model.windows_block``): the references' means and ``count``
+    KL weights (one per zone), the output (float64), the whole rows a window spans read for
+    one target's ``npsf`` references (float32; the one set of all targets if ``shared``),
+    for one zone its references on the zone's pixels (gathered float32, float64, centred)
+    and their images; the zone map."""
+    wy, wx = window
+    sets = zones or 1
+    inputs = 8 * frames * npsf * sets + 16 * frames * sets * npsf * count
+    output = 8 * windows * frames * count * wy * wx
+    rows = 4 * npsf * wy * frame.nx
+    work = 20 * npsf * wy * wx + 8 * count * wy * wx
+    labels = (4 + ZONE_MAP) * frame.pixels + 4 * windows * wy * wx
+    return inputs + output + rows + work + labels + TASK_OVERHEAD
+
+
 def resample(frames: int, frame: Frame, grid_pixels: int, planes: int = 1) -> int:
     """Drizzle of ``frames`` integrations, each with an image per KL cutoff (``planes``):
     SCI, ERR, variance, DQ and the pixel map in, every frame's weights (float32) and

@@ -1,0 +1,283 @@
+"""Companions measured on an association: the science reduction (RDI) and, in the same
+computation, what each companion's exact forward model needs (``steps.forward_model``),
+written as one product, ``<product>_fmwindows.fits``; then each companion fitted
+(``science.companion_fit``) from that product alone, so a fit can be redone with other
+settings without reducing again (``fit_companions``).
+
+The product holds, per science exposure k (a roll): ``MEAN<k>`` the integration-mean
+psfsub (kl, y, x), ``KLWIN<k>`` the KL images on each companion's window (companion,
+integration, K, wy, wx), ``LABELS<k>`` the windows' zones (−1: none), ``BAD<k>`` the
+pixels align_refs filled in any integration, ``ZONES<k>`` the zones' pixel counts; each
+extension with the exposure's WCS keywords and the windows' corners (``Y0_<j>``,
+``X0_<j>``); the primary header the star (TARG_RA, TARG_DEC), λ/D (``RESOLUTN``), the KL
+cutoffs (``KLMODE<i>``) and each companion's start (``SEP_<j>``, ``PA_<j>``).
+"""
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import dask.array as da
+import numpy as np
+from astropy.io import fits
+from astropy.wcs import WCS
+
+from coron_dask.core.dqflags import bit_value
+from coron_dask.core.errors import CoronInputError, record_on_disk
+from coron_dask.io import Extension, Product
+from coron_dask.pipeline.build import Reduction, kl_keywords, reduce_observation
+from coron_dask.pipeline.observation import find_psfmask
+from coron_dask.pipeline.run import check_inputs, execute_on_cluster, observation_bytes, run_inputs
+from coron_dask.science.companion_fit import FitSettings, fit_companion
+from coron_dask.science.companion_model import Roll, detector_place, window_for
+from coron_dask.science.companion_result import CompanionFit
+from coron_dask.science.geometry import (
+    lambda_over_d,
+    pixel_scale_arcsec,
+    sky_wcs,
+    star_position,
+)
+from coron_dask.science.injection import read_offaxis_psf
+from coron_dask.science.transmission import Transmission, coronagraph_transmission
+from coron_dask.steps.forward_model import kl_windows, window_labels, zone_sizes
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Guess:
+    """Where a companion's fit starts: separation (arcsec), position angle (degrees E of N)."""
+
+    separation: float
+    position_angle: float
+    name: str = ""
+
+
+def candidate_guesses(candidates) -> list[Guess]:
+    """The starts of the candidates of a run (``<product>_candidates.ecsv``, an astropy
+    Table with ``separation_arcsec`` and ``pa``: ``photometry.find_candidates``)."""
+    guesses = []
+    for number, row in enumerate(candidates, 1):
+        separation, angle = float(row["separation_arcsec"]), float(row["pa"])
+        if not (np.isfinite(separation) and np.isfinite(angle)):
+            raise CoronInputError("candidates", f"candidate {number} has no sky position (no WCS)")
+        guesses.append(Guess(separation, angle, f"candidate {number}"))
+    return guesses
+
+
+def check_mode(mode: str) -> None:
+    """The forward model is exact for RDI only: ADI and ADI+RDI are refused, in one line."""
+    if mode != "RDI":
+        raise CoronInputError(
+            "mode",
+            f"companions are fitted for RDI only (the exact forward model), not {mode}: ADI "
+            "and ADI+RDI are not done yet",
+        )
+
+
+def window_shape(psf: np.ndarray, settings: FitSettings, resolution: float) -> tuple[int, int]:
+    """The PSF box's half side and the window margin, pixels, that the windows are made for."""
+    pixels = settings.in_pixels(resolution)
+    half = (
+        min(psf.shape) // 2 if pixels["half"] is None else min(pixels["half"], min(psf.shape) // 2)
+    )
+    return half, int(np.ceil(pixels["margin"]))
+
+
+def _on_window(image: da.Array, corners: np.ndarray, shape: tuple, fill: object) -> da.Array:
+    """(n, wy, wx) windows of a lazy 2-D ``image``, ``fill`` beyond its edges."""
+    reach = max(shape) + int(np.abs(corners).max()) + max(image.shape)
+    padded = da.pad(image, reach, constant_values=fill)
+    return da.stack(
+        [
+            padded[y0 + reach : y0 + reach + shape[0], x0 + reach : x0 + reach + shape[1]]
+            for y0, x0 in corners
+        ]
+    )
+
+
+def windows_product(
+    reduction: Reduction,
+    guesses: list[Guess],
+    psf: np.ndarray,
+    resolution: float,
+    settings: FitSettings,
+    output_dir: Path,
+    name: str,
+) -> Product:
+    """``<name>_fmwindows.fits`` (see the module's docstring), lazy, for ``reduction``."""
+    p = reduction.parameters
+    check_mode(p["mode"])
+    first = reduction.science[0]
+    star = star_position(first.attrs, first.encoding.get("source", "science"))
+    half, margin = window_shape(psf, settings, resolution)
+    bits = bit_value(p["bad_bits"])
+    cutoffs = reduction.bases[0].cutoffs
+    primary = {
+        **first.attrs,
+        "DATAMODL": "FMWindows",
+        "RESOLUTN": (resolution, "lambda/D, pixels"),
+        "NCOMP": (len(guesses), "companions"),
+        **kl_keywords(tuple(cutoffs)),
+    }
+    for j, guess in enumerate(guesses):
+        primary[f"SEP_{j}"] = (guess.separation, "start separation, arcsec")
+        primary[f"PA_{j}"] = (guess.position_angle, "start position angle, deg E of N")
+        primary[f"NAME_{j}"] = guess.name or f"companion {j + 1}"
+    extensions = []
+    for k, (exposure, basis, psfsub) in enumerate(
+        zip(reduction.science, reduction.bases, reduction.psfsubs, strict=True)
+    ):
+        wcs = sky_wcs(exposure)
+        frame = (exposure.sizes["y"], exposure.sizes["x"])
+        found = [
+            window_for(detector_place(wcs, star, g.separation, g.position_angle)[0], half, margin)
+            for g in guesses
+        ]
+        corners, shape = np.array([f[0] for f in found]), found[0][1]
+        header = {**dict(wcs.to_header())}
+        for j, (y0, x0) in enumerate(corners):
+            header[f"Y0_{j}"], header[f"X0_{j}"] = int(y0), int(x0)
+        sci = psfsub["sci"].data
+        mean = (sci if "kl" in psfsub["sci"].dims else sci[None]).mean(axis=1)
+        bad = ((exposure["dq"].data & bits) > 0) | da.isnan(exposure["sci"].data)
+        labels = window_labels(basis.zones, frame, corners, shape)
+        extensions += [
+            Extension(f"MEAN{k}", mean, header),
+            Extension(f"KLWIN{k}", kl_windows(basis, corners, shape), header),
+            Extension(f"LABELS{k}", labels, header),
+            Extension(
+                f"BAD{k}",
+                _on_window(bad.any(axis=0), corners, shape, True).astype(np.uint8),
+                header,
+            ),
+            Extension(f"ZONES{k}", zone_sizes(basis.zones, frame), header),
+        ]
+    return Product(output_dir / f"{name}_fmwindows.fits", primary, extensions)
+
+
+def fit_companions(
+    path: str | Path,
+    psf: np.ndarray,
+    *,
+    cutoff: int | None = None,
+    transmission: Transmission | None = None,
+    settings: FitSettings | None = None,
+) -> list[CompanionFit]:
+    """Fit every companion of a ``_fmwindows.fits`` product (``windows_product``) with the
+    off-axis ``psf`` (odd box, the star's flux) at KL ``cutoff`` (one of the run's; default
+    the largest), dimmed by the coronagraph's ``transmission`` (None: none)."""
+    settings = settings or FitSettings.configured()
+    with fits.open(path) as hdul:
+        primary = hdul[0].header
+        cutoffs = [int(primary[f"KLMODE{i}"]) for i in range(len(hdul)) if f"KLMODE{i}" in primary]
+        cutoff = cutoffs[-1] if cutoff is None else int(cutoff)
+        if cutoff not in cutoffs:
+            raise CoronInputError(
+                "cutoff", f"{cutoff} is not one of the run's KL cutoffs {cutoffs}"
+            )
+        plane = cutoffs.index(cutoff)
+        star = star_position(primary, path)
+        rolls_of = [[] for _ in range(primary["NCOMP"])]
+        k = 0
+        while f"MEAN{k}" in hdul:
+            header = hdul[f"KLWIN{k}"].header
+            wcs = WCS(header, naxis=2)
+            mean = hdul[f"MEAN{k}"].data[plane].astype(np.float64)
+            images, labels = hdul[f"KLWIN{k}"].data, hdul[f"LABELS{k}"].data
+            bad, sizes = hdul[f"BAD{k}"].data.astype(bool), hdul[f"ZONES{k}"].data
+            for j, rolls in enumerate(rolls_of):
+                corner = (int(header[f"Y0_{j}"]), int(header[f"X0_{j}"]))
+                rolls.append(
+                    Roll(
+                        f"exposure {k}",
+                        mean,
+                        np.array(images[j]),
+                        labels[j],
+                        sizes,
+                        corner,
+                        bad[j],
+                        wcs,
+                    )
+                )
+            k += 1
+        starts = [
+            (primary[f"SEP_{j}"], primary[f"PA_{j}"], primary[f"NAME_{j}"])
+            for j in range(len(rolls_of))
+        ]
+        resolution = float(primary["RESOLUTN"])
+    return [
+        fit_companion(
+            rolls,
+            psf,
+            star,
+            (separation, angle),
+            resolution=resolution,
+            cutoff=cutoff,
+            transmission=transmission,
+            settings=settings,
+            name=name,
+        )
+        for rolls, (separation, angle, name) in zip(rolls_of, starts, strict=True)
+    ]
+
+
+def measure_companions(
+    asn: str | Path,
+    output_dir: str | Path = ".",
+    *,
+    offaxis_psf: str | Path,
+    guesses: list[Guess],
+    star_flux: float | None = None,
+    resolution: float | None = None,
+    cutoff: int | None = None,
+    psfmask: str | Path | None = None,
+    transmission: str | Path | None = None,
+    settings: FitSettings | None = None,
+    execution: dict | None = None,
+    **parameters: object,
+) -> tuple[list[CompanionFit], Path]:
+    """Reduce an association (RDI, ``build_products``' ``parameters``) and fit the
+    companions near ``guesses`` (see the module's docstring): the fits and the
+    ``_fmwindows.fits`` product written. ``offaxis_psf``, ``star_flux``, ``resolution``,
+    ``psfmask``, ``transmission`` and ``execution`` as for ``pipeline.contrast``."""
+    psfmask = find_psfmask(asn, psfmask)
+    parameters, observation = check_inputs(asn, output_dir, psfmask=psfmask, **parameters)
+    check_mode(parameters["mode"])
+    if not guesses:
+        raise CoronInputError("guesses", "no companion to fit")
+    parameters["save_psfalign"] = False  # the aligned references go to a scratch file
+    settings = settings or FitSettings.configured()
+    psf = read_offaxis_psf(offaxis_psf, star_flux)
+    first = observation.science[0]
+    dimming = coronagraph_transmission(transmission, psfmask, first)
+    if resolution is None:
+        resolution = lambda_over_d(
+            first.attrs.get("FILTER", "?"), pixel_scale_arcsec(sky_wcs(first)) / 3600
+        )
+    name = observation.association.product_name
+    output_dir = Path(output_dir)
+    built: dict = {}
+
+    def build(workers) -> list[Product]:
+        reduction = reduce_observation(
+            asn, output_dir, psfmask=psfmask, workers=workers, opened=observation, **parameters
+        )
+        built["windows"] = windows_product(
+            reduction, guesses, psf, resolution, settings, output_dir, name
+        )
+        return [*(item for item in reduction.products if item.scratch), built["windows"]]
+
+    inputs = [*run_inputs(observation, psfmask), Path(offaxis_psf)]
+    execution = {"output_dir": output_dir, "inputs": inputs, **(execution or {})}
+    paths = execute_on_cluster(
+        build, data_bytes=observation_bytes(observation, parameters["align_to"]), **execution
+    )
+    try:
+        fits_found = fit_companions(
+            built["windows"].path, psf, cutoff=cutoff, transmission=dimming, settings=settings
+        )
+    except BaseException as error:
+        record_on_disk(error, paths)
+        raise
+    return fits_found, built["windows"].path
