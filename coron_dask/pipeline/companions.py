@@ -27,10 +27,12 @@ from coron_dask.core.errors import CoronInputError, record_on_disk
 from coron_dask.io import Extension, Product
 from coron_dask.pipeline.build import Reduction, kl_keywords, reduce_observation
 from coron_dask.pipeline.observation import find_psfmask
+from coron_dask.pipeline.provenance import read_provenance
 from coron_dask.pipeline.run import check_inputs, execute_on_cluster, observation_bytes, run_inputs
 from coron_dask.science.companion_fit import FitSettings, fit_companion
 from coron_dask.science.companion_model import Roll, detector_place, window_for
 from coron_dask.science.companion_result import CompanionFit
+from coron_dask.science.companion_table import companions_table
 from coron_dask.science.geometry import (
     lambda_over_d,
     pixel_scale_arcsec,
@@ -234,18 +236,29 @@ def measure_companions(
     psfmask: str | Path | None = None,
     transmission: str | Path | None = None,
     settings: FitSettings | None = None,
+    star_position_error: float = 0.0,
+    plate_scale_error: float = 0.0,
     execution: dict | None = None,
     **parameters: object,
-) -> tuple[list[CompanionFit], Path]:
+) -> tuple[list[CompanionFit], list[Path]]:
     """Reduce an association (RDI, ``build_products``' ``parameters``) and fit the
-    companions near ``guesses`` (see the module's docstring): the fits and the
-    ``_fmwindows.fits`` product written. ``offaxis_psf``, ``star_flux``, ``resolution``,
+    companions near ``guesses`` (see the module's docstring): the fits, and the products
+    written: ``_fmwindows.fits``, ``<product>_companions.ecsv`` (``science.companion_table``,
+    the reduction's provenance in its meta) and ``<product>_companion<N>.png`` per companion.
+    ``star_position_error`` (mas) and ``plate_scale_error`` (fraction) are added in
+    quadrature to the astrometric errors. ``offaxis_psf``, ``star_flux``, ``resolution``,
     ``psfmask``, ``transmission`` and ``execution`` as for ``pipeline.contrast``."""
     psfmask = find_psfmask(asn, psfmask)
     parameters, observation = check_inputs(asn, output_dir, psfmask=psfmask, **parameters)
     check_mode(parameters["mode"])
     if not guesses:
         raise CoronInputError("guesses", "no companion to fit")
+    for name, value in (
+        ("star_position_error", star_position_error),
+        ("plate_scale_error", plate_scale_error),
+    ):
+        if not (np.isfinite(value) and value >= 0):
+            raise CoronInputError(name, f"must be >= 0, got {value}")
     parameters["save_psfalign"] = False  # the aligned references go to a scratch file
     settings = settings or FitSettings.configured()
     psf = read_offaxis_psf(offaxis_psf, star_flux)
@@ -263,6 +276,9 @@ def measure_companions(
         reduction = reduce_observation(
             asn, output_dir, psfmask=psfmask, workers=workers, opened=observation, **parameters
         )
+        made = [p.primary for p in reduction.products if not p.scratch and p.kind == "i2d"]
+        made = made or [p.primary for p in reduction.products if not p.scratch]  # the science's
+        built["provenance"] = {k: v[0] if isinstance(v, tuple) else v for k, v in made[-1].items()}
         built["windows"] = windows_product(
             reduction, guesses, psf, resolution, settings, output_dir, name
         )
@@ -273,11 +289,47 @@ def measure_companions(
     paths = execute_on_cluster(
         build, data_bytes=observation_bytes(observation, parameters["align_to"]), **execution
     )
+    written = list(paths)  # an error from here on leaves these on disk, and says so
     try:
         fits_found = fit_companions(
             built["windows"].path, psf, cutoff=cutoff, transmission=dimming, settings=settings
         )
+        for fit in fits_found:
+            log.info("companions: %s", fit.describe())
+        unit = first["sci"].attrs.get("BUNIT") or first.attrs.get("BUNIT", "")
+        table = companions_table(
+            fits_found,
+            flux_unit=str(unit),
+            star_position_error=star_position_error / 1000.0,
+            plate_scale_error=plate_scale_error,
+        )
+        record = read_provenance(built["provenance"])
+        record["date"] = record["date"].isoformat()
+        record["parameters"] = {
+            k: list(v) if isinstance(v, tuple) else v for k, v in record["parameters"].items()
+        }
+        table.meta["provenance"] = record
+        table.meta["offaxis_psf"] = Path(offaxis_psf).name
+        table.meta["transmission_source"] = dimming.source
+        table.meta["resolution_pixels"] = float(resolution)
+        written += _write_products(table, fits_found, output_dir, name)
     except BaseException as error:
-        record_on_disk(error, paths)
+        record_on_disk(error, written)
         raise
-    return fits_found, built["windows"].path
+    return fits_found, written
+
+
+def _write_products(table, fits_found: list[CompanionFit], output_dir: Path, name: str):
+    """``<name>_companions.ecsv`` and a quicklook PNG per companion, each placed whole
+    (a partial file renamed); the paths written."""
+    # matplotlib: imported once there is something to draw
+    from coron_dask.quicklook.companion_figure import companion_figure
+
+    ecsv = output_dir / f"{name}_companions.ecsv"
+    partial = ecsv.with_name(ecsv.name + ".partial")
+    table.write(partial, format="ascii.ecsv", overwrite=True)
+    partial.replace(ecsv)
+    written = [ecsv]
+    for number, fit in enumerate(fits_found, 1):
+        written.append(companion_figure(fit, output_dir / f"{name}_companion{number}.png"))
+    return written
