@@ -35,6 +35,7 @@ _EXPORTS = {
     "open_exposure": "io",
     "open_product": "io",
     "contrast_curve": "pipeline.contrast",
+    "measure_companions": "pipeline.companions",
 }
 __all__ = sorted(_EXPORTS)
 __getattr__ = lazy_exports(__name__, _EXPORTS)

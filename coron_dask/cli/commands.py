@@ -1,4 +1,5 @@
-"""What each ``coron-dask`` command does: run, contrast, cluster, plot, simulate, demo."""
+"""What each ``coron-dask`` command does: run, contrast, companions, cluster, plot, simulate,
+demo."""
 
 import argparse
 import json
@@ -38,6 +39,32 @@ def contrast(args: argparse.Namespace) -> None:
         execution=execution,
         **given(args, "contrast", "injection"),
         **given(args, "contrast", "step"),
+    )
+    for path in paths:
+        print(path)
+
+
+def companions(args: argparse.Namespace) -> None:
+    """measure_companions with the command line's options."""
+    from coron_dask.pipeline.companions import measure_companions, requested_guesses
+    from coron_dask.science.companion_fit import FitSettings
+
+    execution = given(args, "companions", "execution")
+    check_execution(cli=True, **execution)
+    asked = given(args, "companions", "companion")
+    guesses = requested_guesses(asked.pop("at"), asked.pop("candidates"), asked.pop("min_snr"))
+    sampler = {k: asked.pop(k) for k in ("walkers", "max_steps", "seed")}
+    _, paths = measure_companions(
+        args.asn,
+        args.output_dir,
+        psfmask=args.psfmask,
+        guesses=guesses,
+        cutoff=asked.pop("kl"),
+        settings=FitSettings.configured(**{k: v for k, v in sampler.items() if v is not None}),
+        execution=execution,
+        **asked,
+        **given(args, "companions", "injection"),
+        **given(args, "companions", "step"),
     )
     for path in paths:
         print(path)
@@ -131,6 +158,7 @@ def demo(args: argparse.Namespace) -> None:
 COMMANDS = {
     "run": run,
     "contrast": contrast,
+    "companions": companions,
     "clean": clean,
     "cluster": cluster,
     "plot": plot,

@@ -104,6 +104,15 @@ def _parser() -> argparse.ArgumentParser:
     contrast.add_argument("asn", type=Path, help="level-3 association JSON")
     contrast.add_argument("-o", "--output-dir", type=Path, default=Path("."), help="default: .")
     add_options(contrast, "contrast")
+    companions = commands.add_parser(
+        "companions",
+        help="fit companions' separation, PA and contrast with posteriors (exact RDI forward "
+        "model)",
+        parents=[common],
+    )
+    companions.add_argument("asn", type=Path, help="level-3 association JSON")
+    companions.add_argument("-o", "--output-dir", type=Path, default=Path("."), help="default: .")
+    add_options(companions, "companions")
     jobscript = commands.add_parser(
         "cluster",
         help="print the batch job script dask-jobqueue would submit for workers",
@@ -173,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
         with signals_end_the_run():
             _command(args)
     except (Exception, Interrupted, KeyboardInterrupt) as error:
-        code, line = _ending(error, args.command in ("run", "demo", "contrast"))
+        code, line = _ending(error, args.command in ("run", "demo", "contrast", "companions"))
         if args.debug:
             traceback.print_exc()
         print(f"coron-dask: error: {line}", file=sys.stderr, flush=True)

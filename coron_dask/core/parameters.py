@@ -29,14 +29,16 @@ from coron_dask.core.readers import (
     text,
 )
 
-RUNS = ("run", "contrast", "demo")
+RUNS = ("run", "contrast", "companions", "demo")
+MEASURES = ("contrast", "companions")  # the commands that take an off-axis PSF
 
 
 @dataclass(frozen=True)
 class Parameter:
     """One parameter: see the module's docstring. ``role``: "step" (``build_products``'
     parameters), "input" (the PSFMASK), "execution" (``run_coron3``'s where and how),
-    "injection" (``contrast_curve``'s) or "setting" (dask's configuration only). ``none``:
+    "injection" (``contrast_curve``'s and ``measure_companions``'), "companion" (the
+    ``companions`` command's own) or "setting" (dask's configuration only). ``none``:
     what None means, where None is a value. ``option``: the command-line option ("" makes it
     from the name, None: there is none), given to ``commands``, in the help's ``group``;
     ``action``, ``metavar``, ``exclusive`` (options of one mutually exclusive set) and
@@ -75,6 +77,8 @@ EXECUTION_GROUP = "execution"
 SKIPPABLE = ("outlier_detection", "resample")
 PSFMASK_CHOICES = ("crds", "none")  # --psfmask's words; anything else names a file
 FROM_MEMORY = "planned from the workers' memory"
+#: where the companions command's own options go
+COMPANION: dict = dict(role="companion", commands=("companions",), group="companions")
 
 #: Parameter(name, help, default, key, read, none, role, ...): see ``Parameter``.
 SPEC: tuple[Parameter, ...] = (
@@ -220,10 +224,10 @@ SPEC: tuple[Parameter, ...] = (
               group=EXECUTION_GROUP),
     # the contrast curve's injection-recovery (contrast_curve's)
     Parameter("offaxis_psf", "the star unocculted: a FITS image in the calints' units (SCI or "
-              "primary)", read=path, role="injection", commands=("contrast",),
+              "primary)", read=path, role="injection", commands=MEASURES,
               group="injection-recovery", required=True),
     Parameter("star_flux", "rescale the off-axis PSF to this total flux",
-              read=Number(whole=False), role="injection", commands=("contrast",),
+              read=Number(whole=False), role="injection", commands=MEASURES,
               group="injection-recovery", none="as the file has it"),
     Parameter("separations", "companions' separations, arcsec, e.g. 0.5,1,1.5",
               read=numbers_list, none="10 from 3 λ/D to the field's edge", role="injection",
@@ -235,13 +239,13 @@ SPEC: tuple[Parameter, ...] = (
               "will do)", 1e-4, read=Number(whole=False), role="injection",
               commands=("contrast",), group="injection-recovery"),
     Parameter("resolution", "λ/D in pixels", read=Number(whole=False),
-              none="from FILTER's pivot wavelength", role="injection", commands=("contrast",),
+              none="from FILTER's pivot wavelength", role="injection", commands=MEASURES,
               group="injection-recovery"),
     Parameter("transmission", "the coronagraph's transmission that dims each injected companion "
               "at its detector place in each roll: 'psfmask' (NIRCam's PSFMASK is the "
               "occulter's), 'none', or a FITS map in the science frames' pixels", read=text,
               none="the PSFMASK for NIRCam, none for MIRI", role="injection",
-              commands=("contrast",), group="injection-recovery",
+              commands=MEASURES, group="injection-recovery",
               keyword=("TRANSMIS", "transmission dimming the injections")),
     Parameter("transmission_max", "largest value a transmission map may hold (above it, it is "
               "no transmission)", 1.5, "contrast.transmission-max", role="setting"),
@@ -262,11 +266,12 @@ SPEC: tuple[Parameter, ...] = (
               3.0, "companions.correlation-lag", role="setting"),
     Parameter("kernel", "the noise's correlation kernel: matern32, sqexp or diagonal (no "
               "correlation)", "matern32", "companions.kernel", role="setting"),
-    Parameter("walkers", "emcee's walkers", 32, "companions.walkers", role="setting"),
+    Parameter("walkers", "emcee's walkers", 32, "companions.walkers", Number(low=2),
+              role="companion", commands=("companions",), group="companions"),
     Parameter("check_steps", "steps between two estimates of the autocorrelation time", 500,
               "companions.check-steps", role="setting"),
     Parameter("max_steps", "most steps a chain takes, converged or not", 20000,
-              "companions.max-steps", role="setting"),
+              "companions.max-steps", Number(low=1), **COMPANION),
     Parameter("tau_factor", "a chain is long enough at this many autocorrelation times (τ), "
               "its estimate steady", 50, "companions.tau-factor", role="setting"),
     Parameter("tau_change", "steady: τ changed by less than this fraction between two "
@@ -277,7 +282,21 @@ SPEC: tuple[Parameter, ...] = (
               "point's (Laplace) standard deviations", 0.5, "companions.walker-spread",
               role="setting"),
     Parameter("seed", "seed of the sampler's random numbers", 1, "companions.seed",
-              role="setting"),
+              Number(), **COMPANION),
+    # which companions are fitted, and what the data's astrometry adds (the companions command)
+    Parameter("at", "fit a companion starting at SEP,PA (arcsec, degrees east of north; "
+              "repeatable)", read=numbers_list, action="append", metavar="SEP,PA",
+              none="the candidates of --candidates", **COMPANION),
+    Parameter("candidates", "fit a run's candidates (<product>_candidates.ecsv) of S/N at "
+              "least --min-snr", read=path, **COMPANION),
+    Parameter("min_snr", "least S/N of a candidate fitted", 5.0, "companions.min-snr",
+              Number(whole=False, above=0), **COMPANION),
+    Parameter("kl", "the KL cutoff fitted (one of --truncate's)", read=Number(low=1),
+              none="the largest", **COMPANION),
+    Parameter("star_position_error", "the star's position error, mas (added in quadrature "
+              "to the astrometric errors)", 0.0, read=Number(whole=False, low=0), **COMPANION),
+    Parameter("plate_scale_error", "the plate scale's fractional error (scales the "
+              "separation and offsets' errors)", 0.0, read=Number(whole=False, low=0), **COMPANION),
 )  # fmt: skip
 BY_NAME = {parameter.name: parameter for parameter in SPEC}
 #: ``build_products``' parameters, in the order provenance records them.

@@ -20,8 +20,10 @@ from pathlib import Path
 import dask.array as da
 import numpy as np
 from astropy.io import fits
+from astropy.table import Table
 from astropy.wcs import WCS
 
+from coron_dask.core import config
 from coron_dask.core.dqflags import bit_value
 from coron_dask.core.errors import CoronInputError, record_on_disk
 from coron_dask.io import Extension, Product
@@ -65,6 +67,45 @@ def candidate_guesses(candidates) -> list[Guess]:
             raise CoronInputError("candidates", f"candidate {number} has no sky position (no WCS)")
         guesses.append(Guess(separation, angle, f"candidate {number}"))
     return guesses
+
+
+def requested_guesses(
+    at: list | None = None, candidates: str | Path | None = None, min_snr: float | None = None
+) -> list[Guess]:
+    """The companions asked for: each ``at`` (separation arcsec, PA degrees E of N), else
+    the ``candidates`` file's rows (a run's ``_candidates.ecsv``) of S/N ≥ ``min_snr``
+    (default ``coron_dask.companions.min-snr``)."""
+    if at:
+        guesses = []
+        for number, place in enumerate(at, 1):
+            if len(place) != 2 or not place[0] > 0 or not np.all(np.isfinite(place)):
+                raise CoronInputError("at", f"SEP,PA with SEP > 0 arcsec, got {place}")
+            guesses.append(Guess(float(place[0]), float(place[1]), f"companion {number}"))
+        return guesses
+    if candidates is None:
+        raise CoronInputError("at", "say which companions: --at SEP,PA or --candidates FILE")
+    try:
+        table = Table.read(candidates, format="ascii.ecsv")
+    except (OSError, ValueError) as error:
+        raise CoronInputError(
+            "candidates", f"{candidates}: not a candidates ECSV ({error})"
+        ) from None
+    threshold = config.get("companions.min-snr") if min_snr is None else min_snr
+    if "snr" not in table.colnames:
+        raise CoronInputError("candidates", f"{candidates}: no snr column")
+    kept = table[np.asarray(table["snr"], dtype=float) >= threshold]
+    log.info(
+        "companions: %d of %d candidates of %s at S/N >= %g",
+        len(kept),
+        len(table),
+        Path(candidates).name,
+        threshold,
+    )
+    if not len(kept):
+        raise CoronInputError(
+            "candidates", f"{candidates}: no candidate at S/N >= {threshold:g} (--min-snr)"
+        )
+    return candidate_guesses(kept)
 
 
 def check_mode(mode: str) -> None:
@@ -294,8 +335,6 @@ def measure_companions(
         fits_found = fit_companions(
             built["windows"].path, psf, cutoff=cutoff, transmission=dimming, settings=settings
         )
-        for fit in fits_found:
-            log.info("companions: %s", fit.describe())
         unit = first["sci"].attrs.get("BUNIT") or first.attrs.get("BUNIT", "")
         table = companions_table(
             fits_found,
