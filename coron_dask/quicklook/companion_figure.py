@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from coron_dask.quicklook.drawing import NO_DATA, figure_and_axes, residual_cmap, save
+from coron_dask.quicklook.drawing import figure_and_axes, residual_cmap, save
 from coron_dask.science.companion_result import CompanionFit
 
 LABELS = ("separation (arcsec)", "PA (deg E of N)", "contrast")
@@ -48,7 +48,6 @@ def companion_figure(fit: CompanionFit, path: str | Path) -> Path:
     figure.delaxes(figure.axes[0])
     grid = figure.add_gridspec(rolls + 3, 3, height_ratios=[3.0] * rolls + [2.1] * 3)
     cmap = residual_cmap()
-    cmap.set_bad(NO_DATA)
     for k, panels in enumerate(best):
         finite = np.abs(panels["data"][np.isfinite(panels["data"])])
         limit = float(np.max(finite)) if finite.size else 1.0
