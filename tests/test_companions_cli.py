@@ -143,6 +143,11 @@ def test_bad_input_is_one_line_exit_2_and_nothing_written(blank, tmp_path, capsy
     err = _bad(["companions", blank, "--offaxis-psf", psf, "--at", "1,30", "--mode", "ADI"],
                tmp_path, capsys)  # fmt: skip
     assert "RDI only" in err
+    err = _bad(["companions", blank, "--offaxis-psf", psf, "--at", "30,0"], tmp_path, capsys)
+    assert "--at" in err and "falls off exposure 0's frame" in err
+    inside = ["--at", "0.1,0", "--iwa", "4"]
+    err = _bad(["companions", blank, "--offaxis-psf", psf, *inside], tmp_path, capsys)
+    assert "--at" in err and "inside the inner working angle (4 px, --iwa)" in err
     empty = tmp_path / "candidates.ecsv"
     Table({"snr": [3.0, 4.5], "separation_arcsec": [1.0, 0.5], "pa": [10.0, 20.0]}).write(
         empty, format="ascii.ecsv"

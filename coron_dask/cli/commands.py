@@ -46,7 +46,8 @@ def contrast(args: argparse.Namespace) -> None:
 
 def companions(args: argparse.Namespace) -> None:
     """measure_companions with the command line's options."""
-    from coron_dask.pipeline.companions import measure_companions, requested_guesses
+    from coron_dask.pipeline.companion_starts import requested_guesses
+    from coron_dask.pipeline.companions import measure_companions
     from coron_dask.science.companion_fit import FitSettings
 
     execution = given(args, "companions", "execution")

@@ -14,20 +14,18 @@ cutoffs (``KLMODE<i>``) and each companion's start (``SEP_<j>``, ``PA_<j>``).
 """
 
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 
 import dask.array as da
 import numpy as np
 from astropy.io import fits
-from astropy.table import Table
 from astropy.wcs import WCS
 
-from coron_dask.core import config
 from coron_dask.core.dqflags import bit_value
 from coron_dask.core.errors import CoronInputError, record_on_disk
 from coron_dask.io import Extension, Product
 from coron_dask.pipeline.build import Reduction, kl_keywords, reduce_observation
+from coron_dask.pipeline.companion_starts import Guess, candidate_guesses, check_places
 from coron_dask.pipeline.observation import find_psfmask
 from coron_dask.pipeline.provenance import read_provenance
 from coron_dask.pipeline.run import check_inputs, execute_on_cluster, observation_bytes, run_inputs
@@ -46,66 +44,7 @@ from coron_dask.science.transmission import Transmission, coronagraph_transmissi
 from coron_dask.steps.forward_model import kl_windows, window_labels, zone_sizes
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Guess:
-    """Where a companion's fit starts: separation (arcsec), position angle (degrees E of N)."""
-
-    separation: float
-    position_angle: float
-    name: str = ""
-
-
-def candidate_guesses(candidates) -> list[Guess]:
-    """The starts of the candidates of a run (``<product>_candidates.ecsv``, an astropy
-    Table with ``separation_arcsec`` and ``pa``: ``photometry.find_candidates``)."""
-    guesses = []
-    for number, row in enumerate(candidates, 1):
-        separation, angle = float(row["separation_arcsec"]), float(row["pa"])
-        if not (np.isfinite(separation) and np.isfinite(angle)):
-            raise CoronInputError("candidates", f"candidate {number} has no sky position (no WCS)")
-        guesses.append(Guess(separation, angle, f"candidate {number}"))
-    return guesses
-
-
-def requested_guesses(
-    at: list | None = None, candidates: str | Path | None = None, min_snr: float | None = None
-) -> list[Guess]:
-    """The companions asked for: each ``at`` (separation arcsec, PA degrees E of N), else
-    the ``candidates`` file's rows (a run's ``_candidates.ecsv``) of S/N ≥ ``min_snr``
-    (default ``coron_dask.companions.min-snr``)."""
-    if at:
-        guesses = []
-        for number, place in enumerate(at, 1):
-            if len(place) != 2 or not place[0] > 0 or not np.all(np.isfinite(place)):
-                raise CoronInputError("at", f"SEP,PA with SEP > 0 arcsec, got {place}")
-            guesses.append(Guess(float(place[0]), float(place[1]), f"companion {number}"))
-        return guesses
-    if candidates is None:
-        raise CoronInputError("at", "say which companions: --at SEP,PA or --candidates FILE")
-    try:
-        table = Table.read(candidates, format="ascii.ecsv")
-    except (OSError, ValueError) as error:
-        raise CoronInputError(
-            "candidates", f"{candidates}: not a candidates ECSV ({error})"
-        ) from None
-    threshold = config.get("companions.min-snr") if min_snr is None else min_snr
-    if "snr" not in table.colnames:
-        raise CoronInputError("candidates", f"{candidates}: no snr column")
-    kept = table[np.asarray(table["snr"], dtype=float) >= threshold]
-    log.info(
-        "companions: %d of %d candidates of %s at S/N >= %g",
-        len(kept),
-        len(table),
-        Path(candidates).name,
-        threshold,
-    )
-    if not len(kept):
-        raise CoronInputError(
-            "candidates", f"{candidates}: no candidate at S/N >= {threshold:g} (--min-snr)"
-        )
-    return candidate_guesses(kept)
+__all__ = ["Guess", "candidate_guesses", "fit_companions", "measure_companions"]
 
 
 def check_mode(mode: str) -> None:
@@ -294,6 +233,7 @@ def measure_companions(
     check_mode(parameters["mode"])
     if not guesses:
         raise CoronInputError("guesses", "no companion to fit")
+    check_places(observation.science, guesses, float(parameters["iwa"]))
     for name, value in (
         ("star_position_error", star_position_error),
         ("plate_scale_error", plate_scale_error),
