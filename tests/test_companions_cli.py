@@ -5,6 +5,8 @@ written; the star-position and plate-scale errors widen the astrometry as a Mont
 those errors does."""
 
 import json
+import signal
+import time
 
 import numpy as np
 import pytest
@@ -17,7 +19,7 @@ from coron_dask.pipeline.provenance import read_provenance
 from coron_dask.science.companion_result import Estimate
 from coron_dask.science.companion_table import widened
 from coron_dask.science.simulate import simulate
-from tests.conftest import BLANK, run_main
+from tests.conftest import BLANK, run_main, start_cli
 
 #: the reduction fitted, as the command line gives it
 REDUCTION = ["--transmission", "none", "--truncate", "10", "--annuli", "5", "--iwa", "4"]
@@ -198,3 +200,23 @@ def test_star_and_plate_scale_errors_widen_as_their_monte_carlo():
         spread = np.std(drawn[name])
         assert abs(wide.sigma / spread - 1) < 0.03, (name, wide.sigma, spread)
         assert wide.sigma > estimate.sigma * 1.2  # they grow, and by as much as they should
+
+
+def test_a_sigterm_during_the_fit_leaves_no_companions_product(fitted_cli, tmp_path):
+    """SIGTERM once the reduction is placed (``_fmwindows.fits``) and the sampler runs: exit
+    143, one line saying what is on disk, no ECSV, PNG or partial of them."""
+    args = list(fitted_cli["args"])
+    out = tmp_path / "out"
+    args[args.index("-o") + 1] = out
+    process = start_cli(*args, "--walkers", 128)  # a fit of seconds more
+    deadline = time.monotonic() + 240
+    while not list(out.glob("*_fmwindows.fits")) and time.monotonic() < deadline:
+        assert process.poll() is None, process.communicate()
+        time.sleep(0.02)
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 128 + signal.SIGTERM, err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("coron-dask: error: ") and "_fmwindows.fits was written" in last
+    assert not list(out.glob("*companion*.png")) and not list(out.glob("*.ecsv*"))
+    assert not list(out.glob("*partial*"))

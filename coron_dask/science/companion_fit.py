@@ -30,7 +30,7 @@ from scipy.optimize import minimize
 from threadpoolctl import threadpool_limits
 
 from coron_dask.core import config
-from coron_dask.core.errors import CoronInputError
+from coron_dask.core.errors import CoronInputError, raise_if_stopped
 from coron_dask.science.companion_model import CompanionModel, Roll
 from coron_dask.science.companion_noise import KERNELS
 from coron_dask.science.companion_result import CompanionFit, fit_result
@@ -235,6 +235,7 @@ def _fit(rolls, psf, star, start, resolution, cutoff, transmission, settings, na
     while sampler.iteration < settings.max_steps:
         count = min(settings.check_steps, settings.max_steps - sampler.iteration)
         state = sampler.run_mcmc(state, count, progress=False)
+        raise_if_stopped()  # a signal ends the fit here, as it ends a run between tasks
         tau = sampler.get_autocorr_time(tol=0)
         steady = np.all(np.abs(previous - tau) < settings.tau_change * tau)
         if steady and sampler.iteration >= settings.tau_factor * tau.max():
