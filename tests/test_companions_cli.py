@@ -13,11 +13,13 @@ import pytest
 from astropy.coordinates import SkyCoord
 from astropy.io import fits
 from astropy.table import Table
+from astropy.wcs import WCS
 from matplotlib.image import imread
 
 from coron_dask.pipeline.provenance import read_provenance
 from coron_dask.science.companion_result import Estimate
 from coron_dask.science.companion_table import widened
+from coron_dask.science.photometry import snr_map
 from coron_dask.science.simulate import simulate
 from tests.conftest import BLANK, run_main, start_cli
 
@@ -93,6 +95,14 @@ def test_the_fitted_row_is_within_its_errors_of_the_truth(companions_output):
     assert row["converged"] and row["kl"] == 10 and row["model"] == "exact RDI forward model"
     assert table["flux"].unit == "MJy/sr"  # the calints' BUNIT
     assert row["snr"] > 5
+    # the i2d's S/N at the fitted place: the detection map's (photometry.snr_map) there
+    with fits.open(companions_output["i2d"]) as hdul:
+        image, grid = hdul["SCI"].data.astype(float), WCS(hdul["SCI"].header, naxis=2)
+    star_px = [float(v) for v in grid.world_to_pixel(star)]
+    x, y = (float(v) for v in grid.world_to_pixel(place))
+    snr = snr_map(image, tuple(star_px), companions_output["table"].meta["resolution_pixels"])[0]
+    near = snr[round(y) - 1 : round(y) + 2, round(x) - 1 : round(x) + 2]
+    assert near.min() - 0.5 < row["snr_i2d"] <= near.max() + 1e-9 and row["snr_i2d"] > 5
     assert -1 <= row["corr_separation_pa"] <= 1
     assert len(row["transmission"].split(",")) == 2  # one per roll
 
@@ -204,7 +214,8 @@ def test_star_and_plate_scale_errors_widen_as_their_monte_carlo():
 
 def test_a_sigterm_during_the_fit_leaves_no_companions_product(fitted_cli, tmp_path):
     """SIGTERM once the reduction is placed (``_fmwindows.fits``) and the sampler runs: exit
-    143, one line saying what is on disk, no ECSV, PNG or partial of them."""
+    143, one line saying what is on disk (the i2d and the windows), no ECSV, PNG or
+    partial of them."""
     args = list(fitted_cli["args"])
     out = tmp_path / "out"
     args[args.index("-o") + 1] = out
@@ -217,6 +228,10 @@ def test_a_sigterm_during_the_fit_leaves_no_companions_product(fitted_cli, tmp_p
     _, err = process.communicate(timeout=60)
     assert process.returncode == 128 + signal.SIGTERM, err
     last = err.strip().splitlines()[-1]
-    assert last.startswith("coron-dask: error: ") and "_fmwindows.fits was written" in last
+    assert (
+        last.startswith("coron-dask: error: stopped by SIGTERM")
+        and "2 products were written" in last
+    )
+    assert {p.name.split("_")[-1] for p in out.iterdir()} == {"i2d.fits", "fmwindows.fits"}
     assert not list(out.glob("*companion*.png")) and not list(out.glob("*.ecsv*"))
     assert not list(out.glob("*partial*"))

@@ -35,11 +35,13 @@ from coron_dask.science.companion_result import CompanionFit
 from coron_dask.science.companion_table import companions_table
 from coron_dask.science.geometry import (
     lambda_over_d,
+    pixel_positions,
     pixel_scale_arcsec,
     sky_wcs,
     star_position,
 )
 from coron_dask.science.injection import read_offaxis_psf
+from coron_dask.science.photometry import snr_map
 from coron_dask.science.transmission import Transmission, coronagraph_transmission
 from coron_dask.steps.forward_model import kl_windows, window_labels, zone_sizes
 
@@ -263,7 +265,13 @@ def measure_companions(
         built["windows"] = windows_product(
             reduction, guesses, psf, resolution, settings, output_dir, name
         )
-        return [*(item for item in reduction.products if item.scratch), built["windows"]]
+        built["i2d"] = [p for p in reduction.products if p.kind == "i2d"]  # for the S/N
+        built["cutoffs"] = list(reduction.bases[0].cutoffs)
+        return [
+            *(item for item in reduction.products if item.scratch),
+            *built["i2d"],
+            built["windows"],
+        ]
 
     inputs = [*run_inputs(observation, psfmask), Path(offaxis_psf)]
     execution = {"output_dir": output_dir, "inputs": inputs, **(execution or {})}
@@ -278,6 +286,11 @@ def measure_companions(
         unit = first["sci"].attrs.get("BUNIT") or first.attrs.get("BUNIT", "")
         table = companions_table(
             fits_found,
+            i2d_snr=[
+                i2d_snr(built["i2d"][0].path, f, built["cutoffs"], resolution) for f in fits_found
+            ]
+            if built["i2d"]
+            else None,
             flux_unit=str(unit),
             star_position_error=star_position_error / 1000.0,
             plate_scale_error=plate_scale_error,
@@ -296,6 +309,22 @@ def measure_companions(
         record_on_disk(error, written)
         raise
     return fits_found, written
+
+
+def i2d_snr(path: Path, fit: CompanionFit, cutoffs: list[int], resolution: float) -> float:
+    """The i2d's S/N (``photometry.snr_map``: the pixel against its annulus, λ/D wide) at
+    the pixel nearest ``fit``'s place, on its KL cutoff's plane; ``resolution`` λ/D in the
+    science frames' pixels."""
+    with fits.open(path) as hdul:
+        data, header = hdul["SCI"].data.astype(np.float64), hdul["SCI"].header
+    if data.ndim == 3:
+        data = data[cutoffs.index(fit.cutoff)]
+    grid = WCS(header, naxis=2)
+    star = pixel_positions(grid, fit.model.star)[0]
+    x, y = pixel_positions(grid, fit.sky_place)[0]
+    scale = pixel_scale_arcsec(grid) / pixel_scale_arcsec(fit.model.rolls[0].wcs)
+    snr, _ = snr_map(data, (float(star[0]), float(star[1])), resolution / scale)
+    return float(snr[round(float(y)), round(float(x))])
 
 
 def _write_products(table, fits_found: list[CompanionFit], output_dir: Path, name: str):

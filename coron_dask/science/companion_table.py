@@ -41,12 +41,14 @@ def companions_table(
     flux_unit: str,
     star_position_error: float = 0.0,
     plate_scale_error: float = 0.0,
+    i2d_snr: list[float] | None = None,
 ) -> Table:
     """One row per fit (see the module's docstring). ``flux_unit``: the calints' BUNIT (the
     flux is contrast × the off-axis PSF's sum, in those units summed over pixels);
-    ``star_position_error`` in arcsec, ``plate_scale_error`` a fraction."""
+    ``star_position_error`` in arcsec, ``plate_scale_error`` a fraction; ``i2d_snr`` the
+    i2d's S/N at each fitted place (None: no i2d)."""
     rows = []
-    for fit in fits:
+    for number, fit in enumerate(fits):
         separation = widened(fit.separation, star_position_error, plate_scale_error)
         estimates = {
             "separation": separation,
@@ -64,6 +66,7 @@ def companions_table(
             row[f"{name}_minus"] = estimate.minus
             row[f"{name}_plus"] = estimate.plus
         row["snr"] = fit.snr
+        row["snr_i2d"] = np.nan if i2d_snr is None else i2d_snr[number]
         row["kl"] = fit.cutoff
         row["model"] = "exact RDI forward model"
         row["noise"] = "; ".join(
@@ -97,6 +100,7 @@ def companions_table(
     table.meta["east_north"] = "offsets from the star: east = dRA cos(Dec), north = dDec"
     table.meta["flux"] = f"contrast x the off-axis PSF's sum, in {flux_unit} summed over pixels"
     table.meta["snr"] = "the contrast's median over its 68 % half-interval"
+    table.meta["snr_i2d"] = "the i2d's S/N (photometry.snr_map) at the fitted place's pixel"
     table.meta["transmission"] = "the coronagraph's at the companion's place, per roll"
     table.meta["star_position_error_arcsec"] = star_position_error
     table.meta["plate_scale_error"] = plate_scale_error
