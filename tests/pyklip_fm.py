@@ -150,34 +150,45 @@ def pyklip_companion(
 #: for every integration (pyKLIP's PSFLibrary holds one)
 REDUCTION = {"truncate": 10, "annuli": 5, "iwa": 4.0, "owa": 60.0, "align_to": "first"}
 #: one science exposure (one roll) of 4 integrations, 5 × 3 reference frames, 128²
+PARAMETERS = ("separation", "position_angle", "contrast")
 OBSERVATION = {"size": 128, "sci_exps": 1, "sci_ints": 4, "psf_exps": 5, "psf_ints": 3}
 
 
-def both_fits(folder: Path, contrast: float, offset: tuple, seed: int, mcmc: dict) -> dict:
-    """One companion (``offset`` px from the star, ``contrast``) simulated in ``folder``,
-    fitted by coron-dask (``measure_companions``, from a start 0.02" and 1° off the truth)
-    and by pyKLIP (``pyklip_companion``, from the same start, on the frames coron-dask's
-    reduction gave KLIP): ours (a CompanionFit), theirs (a PyklipFit), and the seconds of
-    our reduction and fit (``ours_seconds``) and of the reduction alone (``reduce_seconds``)."""
+def simulated(folder: Path, contrast: float, offset: tuple, seed: int) -> tuple:
+    """One companion (``offset`` px from the star at ``contrast``) simulated into
+    ``folder``/sim: the ASN, the star and the fits' start (separation, PA), 0.02" and 1°
+    off the truth."""
     asn = simulate(folder / "sim", contrast=contrast, companion=offset, seed=seed, **OBSERVATION)
     truth = json.loads((folder / "sim" / "truth.json").read_text())
     star = SkyCoord(*truth["star_sky"], unit="deg")
     place = SkyCoord(*truth["companion_sky"], unit="deg")
-    start = (star.separation(place).arcsec + 0.02, star.position_angle(place).deg + 1.0)
-    psfmask, offaxis = folder / "sim" / "psfmask.fits", folder / "sim" / "offaxis_psf.fits"
-    began = time.perf_counter()
+    return asn, star, (star.separation(place).arcsec + 0.02, star.position_angle(place).deg + 1.0)
+
+
+def our_fit(folder: Path, asn: Path, start: tuple):
+    """coron-dask's fit (``measure_companions``, the reduction included) of the companion
+    near ``start``: the CompanionFit."""
     fits_found, _ = measure_companions(
         asn,
         folder / "ours",
-        offaxis_psf=offaxis,
+        offaxis_psf=folder / "sim" / "offaxis_psf.fits",
         guesses=[Guess(*start)],
-        psfmask=psfmask,
+        psfmask=folder / "sim" / "psfmask.fits",
         transmission="none",
         execution={"scheduler": "synchronous", "progress": False},
         **REDUCTION,
     )
-    ours_seconds = time.perf_counter() - began
+    return fits_found[0]
+
+
+def their_fit(
+    folder: Path, asn: Path, star: SkyCoord, start: tuple, contrast: float, seed: int, mcmc: dict
+) -> tuple[PyklipFit, float]:
+    """pyKLIP's fit (``pyklip_companion``) of the companion near ``start`` on the frames
+    coron-dask's reduction gives KLIP (reduced again here with the psfalign saved): the
+    PyklipFit and the seconds of that reduction."""
     began = time.perf_counter()
+    psfmask = folder / "sim" / "psfmask.fits"
     reduction = reduce_observation(
         asn, folder / "reduced", psfmask=psfmask, save_psfalign=True, **REDUCTION
     )
@@ -194,7 +205,7 @@ def both_fits(folder: Path, contrast: float, offset: tuple, seed: int, mcmc: dic
         refs,
         wcs,
         star,
-        read_offaxis_psf(offaxis),
+        read_offaxis_psf(folder / "sim" / "offaxis_psf.fits"),
         detector_place(wcs, star, *start)[0],
         contrast,
         int(REDUCTION["truncate"]),
@@ -203,24 +214,24 @@ def both_fits(folder: Path, contrast: float, offset: tuple, seed: int, mcmc: dic
         mcmc,
         seed,
     )
-    return {
-        "ours": fits_found[0],
-        "theirs": theirs,
-        "ours_seconds": ours_seconds,
-        "reduce_seconds": reduce_seconds,
-        "truth": contrast,
-    }
+    return theirs, reduce_seconds
 
 
-def agreement(ours, theirs: PyklipFit) -> dict:
-    """Per parameter: (ours, our σ, theirs, their σ, difference / combined σ)."""
+def estimates(fit) -> dict:
+    """A CompanionFit's (median, σ) of separation, position angle and contrast."""
+    return {name: (getattr(fit, name).median, getattr(fit, name).sigma) for name in PARAMETERS}
+
+
+def agreement(ours: dict, theirs: PyklipFit) -> dict:
+    """Per parameter: (ours, our σ, theirs, their σ, difference / combined σ); ``ours``
+    as ``estimates`` gives it."""
     out = {}
-    for name in ("separation", "position_angle", "contrast"):
-        mine = getattr(ours, name)
+    for name in PARAMETERS:
+        mine, my_sigma = ours[name]
         value, sigma = getattr(theirs, name)
-        difference = mine.median - value
+        difference = mine - value
         if name == "position_angle":
             difference = (difference + 180) % 360 - 180
-        combined = float(np.hypot(mine.sigma, sigma))
-        out[name] = (mine.median, mine.sigma, value, sigma, difference / combined)
+        combined = float(np.hypot(my_sigma, sigma))
+        out[name] = (mine, my_sigma, value, sigma, difference / combined)
     return out
