@@ -32,10 +32,9 @@ from itertools import product
 from pathlib import Path
 
 import numpy as np
-from astropy.coordinates import SkyCoord
 
 from coron_dask.pipeline.companions import Guess, measure_companions
-from coron_dask.science.simulate import simulate
+from coron_dask.science.simulate import simulate, truth_places
 
 RESULTS = Path(__file__).parent / "results"
 OBSERVATION = {"size": 128, "sci_exps": 2, "sci_ints": 4, "psf_exps": 5, "psf_ints": 3}
@@ -59,8 +58,7 @@ def run_case(folder: Path, seed: int, separation: float, contrast: float) -> dic
     offset = (radius * np.cos(angle), radius * np.sin(angle))
     asn = simulate(folder / "sim", seed=seed, contrast=contrast, companion=offset, **OBSERVATION)
     truth = json.loads((folder / "sim" / "truth.json").read_text())
-    star = SkyCoord(*truth["star_sky"], unit="deg")
-    place = SkyCoord(*truth["companion_sky"], unit="deg")
+    star, place = truth_places(truth)
     miss = rng.normal(0, 0.5 / np.sqrt(2), 2)  # px
     start = (
         star.separation(place).arcsec + miss[0] * SCALE,

@@ -34,7 +34,7 @@ from coron_dask.pipeline.companions import Guess, measure_companions
 from coron_dask.science.companion_model import detector_place
 from coron_dask.science.geometry import sky_wcs
 from coron_dask.science.injection import read_offaxis_psf
-from coron_dask.science.simulate import simulate
+from coron_dask.science.simulate import simulate, truth_places
 from tests.pyklip_reference import pyklip_inputs
 
 
@@ -160,8 +160,7 @@ def simulated(folder: Path, contrast: float, offset: tuple, seed: int) -> tuple:
     off the truth."""
     asn = simulate(folder / "sim", contrast=contrast, companion=offset, seed=seed, **OBSERVATION)
     truth = json.loads((folder / "sim" / "truth.json").read_text())
-    star = SkyCoord(*truth["star_sky"], unit="deg")
-    place = SkyCoord(*truth["companion_sky"], unit="deg")
+    star, place = truth_places(truth)
     return asn, star, (star.separation(place).arcsec + 0.02, star.position_angle(place).deg + 1.0)
 
 

@@ -30,7 +30,7 @@ from coron_dask.science.injection import (
     read_offaxis_psf,
 )
 from coron_dask.science.photometry import snr_map
-from coron_dask.science.simulate import simulate
+from coron_dask.science.simulate import simulate, truth_places
 from coron_dask.steps.forward_model import kl_windows, window_labels, zone_sizes
 from tests.conftest import BLANK
 
@@ -241,8 +241,7 @@ def recovered(tmp_path_factory) -> list:
         observation = {**BLANK, "seed": BLANK["seed"] + i}  # noise of its own
         asn = simulate(folder / "sim", contrast=contrast, companion=offset, **observation)
         truth = json.loads((folder / "sim" / "truth.json").read_text())
-        star = SkyCoord(*truth["star_sky"], unit="deg")
-        place = SkyCoord(*truth["companion_sky"], unit="deg")
+        star, place = truth_places(truth)
         start = (star.separation(place).arcsec + 0.02, star.position_angle(place).deg + 1.0)
         fits_found, _ = measure_companions(
             asn,
@@ -311,8 +310,7 @@ def test_a_companion_behind_the_occulter_is_fitted_through_its_transmission(tmp_
         tmp_path / "sim", contrast=6e-6, companion=(12.0, 5.0), occulter=6.3, **{**BLANK, "seed": 5}
     )
     truth = json.loads((tmp_path / "sim" / "truth.json").read_text())
-    star = SkyCoord(*truth["star_sky"], unit="deg")
-    place = SkyCoord(*truth["companion_sky"], unit="deg")
+    star, place = truth_places(truth)
     fits_found, _ = measure_companions(
         asn,
         tmp_path / "out",

@@ -10,7 +10,6 @@ import time
 
 import numpy as np
 import pytest
-from astropy.coordinates import SkyCoord
 from astropy.io import fits
 from astropy.table import Table
 from astropy.wcs import WCS
@@ -20,7 +19,7 @@ from coron_dask.pipeline.provenance import read_provenance
 from coron_dask.science.companion_result import Estimate
 from coron_dask.science.companion_table import widened
 from coron_dask.science.photometry import snr_map
-from coron_dask.science.simulate import simulate
+from coron_dask.science.simulate import simulate, truth_places
 from tests.conftest import BLANK, run_main, start_cli
 
 #: the reduction fitted, as the command line gives it
@@ -34,8 +33,7 @@ def fitted_cli(tmp_path_factory) -> dict:
     folder = tmp_path_factory.mktemp("companions_cli")
     asn = simulate(folder / "sim", **BLANK)
     truth = json.loads((folder / "sim" / "truth.json").read_text())
-    star = SkyCoord(*truth["star_sky"], unit="deg")
-    place = SkyCoord(*truth["companion_sky"], unit="deg")
+    star, place = truth_places(truth)
     start = f"{star.separation(place).arcsec + 0.02},{star.position_angle(place).deg + 1.0}"
     common = ["--psfmask", folder / "sim" / "psfmask.fits", "--scheduler", "synchronous"]
     return dict(

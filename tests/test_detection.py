@@ -18,7 +18,7 @@ from coron_dask.science.geometry import (
     star_position,
 )
 from coron_dask.science.photometry import find_candidates, snr_map
-from coron_dask.science.simulate import simulate
+from coron_dask.science.simulate import simulate, truth_places
 from tests.conftest import BLANK
 
 SYNCHRONOUS = {"scheduler": "synchronous", "progress": False}
@@ -38,8 +38,7 @@ def test_the_companion_is_the_one_candidate_at_its_place(tmp_path):
     truth = json.loads((asn.parent / "truth.json").read_text())
     found, snr = _run(asn, tmp_path / "out", truncate=(4, 8))
     assert sorted(found["kl"]) == [4, 8]  # one per KL cutoff
-    star = SkyCoord(*truth["star_sky"], unit="deg")
-    companion = SkyCoord(*truth["companion_sky"], unit="deg")
+    star, companion = truth_places(truth)
     scale = 0.063  # arcsec per pixel
     for row in found:
         place = SkyCoord(row["ra"], row["dec"], unit="deg")

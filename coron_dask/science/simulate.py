@@ -21,6 +21,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+from astropy.coordinates import SkyCoord
 from astropy.io import fits
 
 from coron_dask.core.dqflags import PIXEL
@@ -330,3 +331,9 @@ def simulate(
     truth["star_sky"] = list(TARGET)
     (outdir / "truth.json").write_text(json.dumps(truth, indent=2))
     return asn_path
+
+
+def truth_places(truth: dict) -> tuple[SkyCoord, SkyCoord]:
+    """The star's and the companion's sky places as a simulation's ``truth.json`` records
+    them (``star_sky``, ``companion_sky``: degrees)."""
+    return SkyCoord(*truth["star_sky"], unit="deg"), SkyCoord(*truth["companion_sky"], unit="deg")
