@@ -25,6 +25,7 @@ from coron_dask.core.dqflags import bit_value
 from coron_dask.core.errors import CoronInputError, record_on_disk
 from coron_dask.io import Extension, Product
 from coron_dask.pipeline.build import Reduction, kl_keywords, reduce_observation
+from coron_dask.pipeline.companion_adi import adi_extensions, check_adi, read_adi_windows
 from coron_dask.pipeline.companion_starts import Guess, candidate_guesses, check_places
 from coron_dask.pipeline.observation import find_psfmask
 from coron_dask.pipeline.provenance import read_provenance
@@ -49,14 +50,10 @@ log = logging.getLogger(__name__)
 __all__ = ["Guess", "candidate_guesses", "fit_companions", "measure_companions"]
 
 
-def check_mode(mode: str) -> None:
-    """The forward model is exact for RDI only: ADI and ADI+RDI are refused, in one line."""
-    if mode != "RDI":
-        raise CoronInputError(
-            "mode",
-            f"companions are fitted for RDI only (the exact forward model), not {mode}: ADI "
-            "and ADI+RDI are not done yet",
-        )
+def check_mode(parameters: dict) -> None:
+    """RDI: the exact forward model; ADI and ADI+RDI: negative injection, exact, on every
+    reference a zone may use (a choice by correlation, ``maxnumbasis``, is refused)."""
+    check_adi(parameters)
 
 
 def window_shape(psf: np.ndarray, settings: FitSettings, resolution: float) -> tuple[int, int]:
@@ -91,7 +88,7 @@ def windows_product(
 ) -> Product:
     """``<name>_fmwindows.fits`` (see the module's docstring), lazy, for ``reduction``."""
     p = reduction.parameters
-    check_mode(p["mode"])
+    check_mode(p)
     first = reduction.science[0]
     star = star_position(first.attrs, first.encoding.get("source", "science"))
     half, margin = window_shape(psf, settings, resolution)
@@ -126,9 +123,16 @@ def windows_product(
         mean = (sci if "kl" in psfsub["sci"].dims else sci[None]).mean(axis=1)
         bad = ((exposure["dq"].data & bits) > 0) | da.isnan(exposure["sci"].data)
         labels = window_labels(basis.zones, frame, corners, shape)
+        if p["mode"] != "RDI":  # negative injection's arrays, in place of KL images
+            slack = int(np.ceil(settings.align_slack * resolution))
+            extensions += adi_extensions(reduction, k, guesses, star, half, margin, slack, header)
         extensions += [
             Extension(f"MEAN{k}", mean, header),
-            Extension(f"KLWIN{k}", kl_windows(basis, corners, shape), header),
+            Extension(
+                f"KLWIN{k}",
+                kl_windows(basis, corners, shape) if p["mode"] == "RDI" else np.zeros(1),
+                header,
+            ),
             Extension(f"LABELS{k}", labels, header),
             Extension(
                 f"BAD{k}",
@@ -138,6 +142,56 @@ def windows_product(
             Extension(f"ZONES{k}", zone_sizes(basis.zones, frame), header),
         ]
     return Product(output_dir / f"{name}_fmwindows.fits", primary, extensions)
+
+
+def read_windows(path: str | Path, cutoff: int | None = None) -> tuple[list, list, dict]:
+    """A ``_fmwindows.fits`` product read back: per companion its rolls (``Roll``, one per
+    science exposure) and its start (separation, position angle, name); and ``star``,
+    ``resolution`` and the KL ``cutoff`` (one of the run's; default the largest)."""
+    with fits.open(path) as hdul:
+        primary = hdul[0].header
+        cutoffs = [int(primary[f"KLMODE{i}"]) for i in range(len(hdul)) if f"KLMODE{i}" in primary]
+        cutoff = cutoffs[-1] if cutoff is None else int(cutoff)
+        if cutoff not in cutoffs:
+            raise CoronInputError(
+                "cutoff", f"{cutoff} is not one of the run's KL cutoffs {cutoffs}"
+            )
+        plane = cutoffs.index(cutoff)
+        rolls_of = [[] for _ in range(primary["NCOMP"])]
+        k = 0
+        while f"MEAN{k}" in hdul:
+            header = hdul[f"LABELS{k}"].header
+            wcs = WCS(header, naxis=2)
+            mean = hdul[f"MEAN{k}"].data[plane].astype(np.float64)
+            images, labels = hdul[f"KLWIN{k}"].data, hdul[f"LABELS{k}"].data
+            bad, sizes = hdul[f"BAD{k}"].data.astype(bool), hdul[f"ZONES{k}"].data
+            adi = f"ADI{k}_ROWS" in hdul
+            for j, rolls in enumerate(rolls_of):
+                corner = (int(header[f"Y0_{j}"]), int(header[f"X0_{j}"]))
+                rolls.append(
+                    Roll(
+                        f"exposure {k}",
+                        mean,
+                        None if adi else np.array(images[j]),
+                        labels[j],
+                        sizes,
+                        corner,
+                        bad[j],
+                        wcs,
+                        read_adi_windows(hdul, k, j) if adi else None,
+                    )
+                )
+            k += 1
+        starts = [
+            (primary[f"SEP_{j}"], primary[f"PA_{j}"], primary[f"NAME_{j}"])
+            for j in range(len(rolls_of))
+        ]
+        about = dict(
+            star=star_position(primary, path),
+            resolution=float(primary["RESOLUTN"]),
+            cutoff=cutoff,
+        )
+    return rolls_of, starts, about
 
 
 def fit_companions(
@@ -152,52 +206,15 @@ def fit_companions(
     off-axis ``psf`` (odd box, the star's flux) at KL ``cutoff`` (one of the run's; default
     the largest), dimmed by the coronagraph's ``transmission`` (None: none)."""
     settings = settings or FitSettings.configured()
-    with fits.open(path) as hdul:
-        primary = hdul[0].header
-        cutoffs = [int(primary[f"KLMODE{i}"]) for i in range(len(hdul)) if f"KLMODE{i}" in primary]
-        cutoff = cutoffs[-1] if cutoff is None else int(cutoff)
-        if cutoff not in cutoffs:
-            raise CoronInputError(
-                "cutoff", f"{cutoff} is not one of the run's KL cutoffs {cutoffs}"
-            )
-        plane = cutoffs.index(cutoff)
-        star = star_position(primary, path)
-        rolls_of = [[] for _ in range(primary["NCOMP"])]
-        k = 0
-        while f"MEAN{k}" in hdul:
-            header = hdul[f"KLWIN{k}"].header
-            wcs = WCS(header, naxis=2)
-            mean = hdul[f"MEAN{k}"].data[plane].astype(np.float64)
-            images, labels = hdul[f"KLWIN{k}"].data, hdul[f"LABELS{k}"].data
-            bad, sizes = hdul[f"BAD{k}"].data.astype(bool), hdul[f"ZONES{k}"].data
-            for j, rolls in enumerate(rolls_of):
-                corner = (int(header[f"Y0_{j}"]), int(header[f"X0_{j}"]))
-                rolls.append(
-                    Roll(
-                        f"exposure {k}",
-                        mean,
-                        np.array(images[j]),
-                        labels[j],
-                        sizes,
-                        corner,
-                        bad[j],
-                        wcs,
-                    )
-                )
-            k += 1
-        starts = [
-            (primary[f"SEP_{j}"], primary[f"PA_{j}"], primary[f"NAME_{j}"])
-            for j in range(len(rolls_of))
-        ]
-        resolution = float(primary["RESOLUTN"])
+    rolls_of, starts, about = read_windows(path, cutoff)
     return [
         fit_companion(
             rolls,
             psf,
-            star,
+            about["star"],
             (separation, angle),
-            resolution=resolution,
-            cutoff=cutoff,
+            resolution=about["resolution"],
+            cutoff=about["cutoff"],
             transmission=transmission,
             settings=settings,
             name=name,
@@ -232,7 +249,7 @@ def measure_companions(
     ``psfmask``, ``transmission`` and ``execution`` as for ``pipeline.contrast``."""
     psfmask = find_psfmask(asn, psfmask)
     parameters, observation = check_inputs(asn, output_dir, psfmask=psfmask, **parameters)
-    check_mode(parameters["mode"])
+    check_mode(parameters)
     if not guesses:
         raise CoronInputError("guesses", "no companion to fit")
     check_places(observation.science, guesses, float(parameters["iwa"]))
