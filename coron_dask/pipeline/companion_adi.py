@@ -13,8 +13,10 @@ companion, as align_refs actually moved it, lies within them.
 
 from pathlib import Path
 
+import dask.array as da
 import numpy as np
 from astropy.io import fits
+from scipy.ndimage import binary_dilation
 
 from coron_dask.core.errors import CoronInputError
 from coron_dask.io import Extension
@@ -92,6 +94,33 @@ def adi_extensions(
         Extension(f"ADI{k}_MOVES", moves, header),
     ]
     return out
+
+
+def filled_in_references(
+    reduction, k: int, star, bad: list, corners: np.ndarray, shape: tuple, on_window
+) -> da.Array:
+    """(n, wy, wx) bool: the pixels of exposure ``k``'s windows where an ADI reference (an
+    integration of another roll, aligned) holds a pixel align_refs filled: each other
+    exposure's ``bad`` map (y, x), moved by the stars' offset to the nearest pixel and
+    widened by one pixel for the alignment's fraction (the fill is left out of the model:
+    the fit leaves these pixels out, as it leaves the science's own)."""
+    wcses = [sky_wcs(e) for e in reduction.science]
+    stars = [pixel_positions(w, star)[0] for w in wcses]
+    out = None
+    for other, filled in enumerate(bad):
+        if other == k:
+            continue
+        dx, dy = np.round(stars[other] - stars[k]).astype(int)
+        moved = on_window(filled, corners + np.array([dy, dx]), shape, True)
+        out = moved if out is None else out | moved
+    if out is None:
+        return None
+    return da.map_blocks(_widened, out.rechunk(-1), dtype=bool)
+
+
+def _widened(windows: np.ndarray) -> np.ndarray:
+    """Each window's True pixels and their eight neighbours."""
+    return binary_dilation(windows, structure=np.ones((1, 3, 3), bool))
 
 
 def read_adi_windows(hdul: fits.HDUList, k: int, j: int) -> AdiWindows:

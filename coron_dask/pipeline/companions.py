@@ -25,7 +25,12 @@ from coron_dask.core.dqflags import bit_value
 from coron_dask.core.errors import CoronInputError, record_on_disk
 from coron_dask.io import Extension, Product
 from coron_dask.pipeline.build import Reduction, kl_keywords, reduce_observation
-from coron_dask.pipeline.companion_adi import adi_extensions, check_adi, read_adi_windows
+from coron_dask.pipeline.companion_adi import (
+    adi_extensions,
+    check_adi,
+    filled_in_references,
+    read_adi_windows,
+)
 from coron_dask.pipeline.companion_starts import Guess, candidate_guesses, check_places
 from coron_dask.pipeline.observation import find_psfmask
 from coron_dask.pipeline.provenance import read_provenance
@@ -106,6 +111,10 @@ def windows_product(
         primary[f"PA_{j}"] = (guess.position_angle, "start position angle, deg E of N")
         primary[f"NAME_{j}"] = guess.name or f"companion {j + 1}"
     extensions = []
+    filled = [
+        (((e["dq"].data & bits) > 0) | da.isnan(e["sci"].data)).any(axis=0)
+        for e in reduction.science
+    ]  # the pixels align_refs fills in any integration of each exposure
     for k, (exposure, basis, psfsub) in enumerate(
         zip(reduction.science, reduction.bases, reduction.psfsubs, strict=True)
     ):
@@ -121,11 +130,12 @@ def windows_product(
             header[f"Y0_{j}"], header[f"X0_{j}"] = int(y0), int(x0)
         sci = psfsub["sci"].data
         mean = (sci if "kl" in psfsub["sci"].dims else sci[None]).mean(axis=1)
-        bad = ((exposure["dq"].data & bits) > 0) | da.isnan(exposure["sci"].data)
+        bad = _on_window(filled[k], corners, shape, True)
         labels = window_labels(basis.zones, frame, corners, shape)
         if p["mode"] != "RDI":  # negative injection's arrays, in place of KL images
             slack = int(np.ceil(settings.align_slack * resolution))
             extensions += adi_extensions(reduction, k, guesses, star, half, margin, slack, header)
+            bad = bad | filled_in_references(reduction, k, star, filled, corners, shape, _on_window)
         extensions += [
             Extension(f"MEAN{k}", mean, header),
             Extension(
@@ -134,11 +144,7 @@ def windows_product(
                 header,
             ),
             Extension(f"LABELS{k}", labels, header),
-            Extension(
-                f"BAD{k}",
-                _on_window(bad.any(axis=0), corners, shape, True).astype(np.uint8),
-                header,
-            ),
+            Extension(f"BAD{k}", bad.astype(np.uint8), header),
             Extension(f"ZONES{k}", zone_sizes(basis.zones, frame), header),
         ]
     return Product(output_dir / f"{name}_fmwindows.fits", primary, extensions)

@@ -80,6 +80,28 @@ class AdiCompanionModel(CompanionModel):
 
     method = "negative injection through ADI KLIP, bases rebuilt (exact)"
 
+    def __init__(self, rolls: list[Roll], *args, **kwargs) -> None:
+        super().__init__(rolls, *args, **kwargs)
+        self._check_reach()
+
+    def _check_reach(self) -> None:
+        """Every ADI reference's companion, as align_refs moved it, lies on U wherever the
+        sampler may take it (within the margin of the start): else its light would be cut."""
+        reach = self.psf.shape[0] // 2 + self.margin
+        for roll in self.rolls:
+            windows: AdiWindows = roll.adi
+            for a, source in enumerate(windows.sources):
+                for x, y in self.origins[source] - windows.moves[:, a]:
+                    if not any(
+                        y0 <= y - reach and y + reach < y1 and x0 <= x - reach and x + reach < x1
+                        for y0, y1, x0, x1 in windows.rectangles
+                    ):
+                        raise ValueError(
+                            f"{roll.name}: an ADI reference's companion at ({x:.1f}, {y:.1f}) "
+                            "is not on the negative injection's pixels: raise "
+                            "coron_dask.companions.align-slack"
+                        )
+
     def _operator(self, roll: Roll, stamp: np.ndarray) -> np.ndarray:
         """The stamp's places among the negative injection's pixels U."""
         return roll.adi.index(roll.corner, roll.labels.shape, stamp)
