@@ -50,15 +50,28 @@ class AdiWindows:
     sources: np.ndarray
     moves: np.ndarray
 
-    def on_pixels(self, spectrum, box, places: np.ndarray) -> np.ndarray:
-        """Companion images (n, u) on U: the PSF (its rfft2 ``spectrum`` of ``box``)
-        placed at ``places`` (n, 2) = (x, y) frame pixels."""
-        out = np.zeros((len(places), len(self.flat)))
+    def __post_init__(self) -> None:
+        self._where = []  # each rectangle's pixels' places in U
         for y0, y1, x0, x1 in self.rectangles:
-            images = placed_psfs(spectrum, box, (y1 - y0, x1 - x0), places - (x0, y0))
             yy, xx = np.mgrid[y0:y1, x0:x1]
-            where = np.searchsorted(self.flat, (yy * self.frame_x + xx).ravel())
-            out[:, where] = images.reshape(len(places), -1)
+            self._where.append(np.searchsorted(self.flat, (yy * self.frame_x + xx).ravel()))
+
+    def holding(self, place: np.ndarray, reach: float) -> int | None:
+        """The first rectangle that holds every pixel within ``reach`` of ``place`` (x, y)."""
+        x, y = place
+        for r, (y0, y1, x0, x1) in enumerate(self.rectangles):
+            if y0 <= y - reach and y + reach < y1 and x0 <= x - reach and x + reach < x1:
+                return r
+        return None
+
+    def on_pixels(self, spectrum, box, places: np.ndarray, rectangle: int) -> np.ndarray:
+        """Companion images (n, u) on U: the PSF (its rfft2 ``spectrum`` of ``box``)
+        placed at ``places`` (n, 2) = (x, y) frame pixels, each box wholly within the
+        ``rectangle`` (``holding``): 0 elsewhere."""
+        y0, y1, x0, x1 = self.rectangles[rectangle]
+        images = placed_psfs(spectrum, box, (y1 - y0, x1 - x0), places - (x0, y0))
+        out = np.zeros((len(places), len(self.flat)))
+        out[:, self._where[rectangle]] = images.reshape(len(places), -1)
         return out
 
     def index(self, corner: tuple[int, int], shape: tuple[int, int], pixels: np.ndarray):
@@ -85,22 +98,28 @@ class AdiCompanionModel(CompanionModel):
         self._check_reach()
 
     def _check_reach(self) -> None:
-        """Every ADI reference's companion, as align_refs moved it, lies on U wherever the
-        sampler may take it (within the margin of the start): else its light would be cut."""
+        """The rectangle of U that holds the science's companion, and that of each ADI
+        reference's companion as align_refs moved it (every target's move), wherever the
+        sampler may take it (within the margin of the start): none, and its light would
+        be cut."""
         reach = self.psf.shape[0] // 2 + self.margin
-        for roll in self.rolls:
+        self.holders = []
+        for k, roll in enumerate(self.rolls):
             windows: AdiWindows = roll.adi
+            found = [windows.holding(self.origins[k], reach)]
+            where = [self.origins[k]]
             for a, source in enumerate(windows.sources):
-                for x, y in self.origins[source] - windows.moves[:, a]:
-                    if not any(
-                        y0 <= y - reach and y + reach < y1 and x0 <= x - reach and x + reach < x1
-                        for y0, y1, x0, x1 in windows.rectangles
-                    ):
-                        raise ValueError(
-                            f"{roll.name}: an ADI reference's companion at ({x:.1f}, {y:.1f}) "
-                            "is not on the negative injection's pixels: raise "
-                            "coron_dask.companions.align-slack"
-                        )
+                moved = self.origins[source] - windows.moves[:, a]
+                held = {windows.holding(place, reach) for place in moved}
+                found.append(held.pop() if len(held) == 1 else None)
+                where.append(moved[0])
+            if None in found:
+                x, y = where[found.index(None)]
+                raise ValueError(
+                    f"{roll.name}: a companion at ({x:.1f}, {y:.1f}) is not on the negative "
+                    "injection's pixels: raise coron_dask.companions.align-slack"
+                )
+            self.holders.append(found)
 
     def _operator(self, roll: Roll, stamp: np.ndarray) -> np.ndarray:
         """The stamp's places among the negative injection's pixels U."""
@@ -113,14 +132,19 @@ class AdiCompanionModel(CompanionModel):
         places = self.places(theta)
         dimming = self.transmissions(theta) * theta[:, 2]  # (rolls, n)
         box = self.psf.shape
-        science = dimming[k][:, None] * windows.on_pixels(self.spectrum, box, places[k])
-        b, count = len(windows.target), len(windows.adi)
-        references = np.zeros((len(theta), b, count, len(windows.flat)))
-        for a, source in enumerate(windows.sources):
-            for i in range(b):
-                moved = places[source] - windows.moves[i, a]
-                images = windows.on_pixels(self.spectrum, box, moved)
-                references[:, i, a] = dimming[source][:, None] * images
+        holders = self.holders[k]
+        science = windows.on_pixels(self.spectrum, box, places[k], holders[0])
+        science *= dimming[k][:, None]
+        n, b, count = len(theta), len(windows.target), len(windows.adi)
+        references = np.zeros((n, b, count, len(windows.flat)))
+        for source in np.unique(windows.sources):  # one placement for a roll's references
+            rows = np.flatnonzero(windows.sources == source)
+            for rectangle in {holders[1 + a] for a in rows}:
+                mine = rows[[holders[1 + a] == rectangle for a in rows]]
+                moved = places[source][:, None, None] - windows.moves[:, mine][None]
+                images = windows.on_pixels(self.spectrum, box, moved.reshape(-1, 2), rectangle)
+                images = images.reshape(n, b, len(mine), -1)
+                references[:, :, mine] = dimming[source][:, None, None, None] * images
         out = adi_residuals(
             windows.centred,
             windows.target,
