@@ -133,7 +133,7 @@ LANES = {
 #: reduced and fitted) or a busy one.
 SLOW_FIXTURES = {
     *("swept", "zoned", "busy_baseline", "curve", "occulted", "runs", "adi_run", "recovered"),
-    "fitted_cli",
+    *("fitted_cli", "recovered_adi"),
 }
 
 

@@ -178,13 +178,17 @@ def test_model_is_the_pipelines_negative_injection(name, observation_dir, tmp_pa
         assert np.abs(data - wanted).max() > 0.3 * peak
 
 
+#: shorter chains than the default 50 τ (the benchmark runs those): the test's time
+SHORT = dict(tau_factor=25, check_steps=250)
+
+
 @pytest.fixture(scope="module")
 def recovered_adi(tmp_path_factory) -> list:
-    """A companion simulated at 10σ-ish and 40σ-ish, two rolls 10° apart, reduced with
-    ADI+RDI and with RDI (5 annuli, a basis per exposure) and fitted from a start 0.5 px
-    off: per case (ADI+RDI fit, RDI fit, truth separation, PA, contrast)."""
+    """A companion simulated at about 40σ, two rolls 10° apart, reduced with ADI+RDI and
+    with RDI (5 annuli, a basis per exposure) and fitted from a start 0.5 px off: per
+    case (ADI+RDI fit, RDI fit, truth separation, PA, contrast)."""
     out = []
-    for i, contrast in enumerate((4e-6, 1.5e-5)):
+    for i, contrast in enumerate((1.5e-5,)):
         folder = tmp_path_factory.mktemp(f"adi{i}")
         observation = {**BLANK, "seed": BLANK["seed"] + 20 + i}
         asn = simulate(folder / "sim", contrast=contrast, companion=(20.0, 8.0), **observation)
@@ -200,6 +204,7 @@ def recovered_adi(tmp_path_factory) -> list:
                 guesses=[Guess(*start)],
                 psfmask=folder / "sim" / "psfmask.fits",
                 transmission="none",
+                settings=FitSettings.configured(**SHORT),
                 truncate=10,
                 annuli=5,
                 iwa=4.0,
