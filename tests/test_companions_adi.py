@@ -46,10 +46,11 @@ def _brute_force(refs, target, labels, used, adi, taken_ref, taken_sci, cutoff):
     return out
 
 
-@pytest.mark.parametrize("zones,cutoff", [(1, 4), (3, 4), (3, 50)])
+@pytest.mark.parametrize("zones,cutoff", [(1, 2), (1, 4), (3, 2), (3, 4), (3, 50)])
 def test_kernel_is_klip_redone_with_the_companion_taken_out(zones, cutoff):
     """On random frames in 1 or 3 zones (the companion's pixels U across them, a
-    reference left out of one zone, a cutoff above the references): the kernel's residual
+    reference left out of one zone; cutoffs on either side of ``SUBSET_BELOW``, and
+    above the references): the kernel's residual
     equals KLIP redone on the whole frames to 1e-12 of its largest value."""
     rng = np.random.default_rng(zones + cutoff)
     p, npix, n = 14, 600, 3

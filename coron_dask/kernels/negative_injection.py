@@ -23,6 +23,7 @@ the residual on a pixel s is t'_s − Σ_k (v_kᵀ a')(v_kᵀ R'_s)/λ_k. Exact,
 """
 
 import numpy as np
+from scipy.linalg import eigh
 
 
 def adi_residuals(
@@ -78,6 +79,29 @@ def adi_residuals(
     return out
 
 
+#: Below this fraction of the references kept, only the largest eigenpairs are computed
+#: (LAPACK's evr, a matrix at a time): about half the time of all of them, batched, for
+#: 10 of 270.
+SUBSET_BELOW = 0.25
+
+
+def largest_eigenpairs(matrices: np.ndarray, count: int) -> tuple[np.ndarray, np.ndarray]:
+    """The ``count`` largest eigenvalues (n, count), descending, and their eigenvectors
+    (n, p, count) of symmetric ``matrices`` (n, p, p)."""
+    p = matrices.shape[-1]
+    if count < SUBSET_BELOW * p:
+        pairs = [
+            eigh(m, subset_by_index=[p - count, p - 1], driver="evr", check_finite=False)
+            for m in matrices
+        ]
+        values = np.stack([v for v, _ in pairs])
+        vectors = np.stack([w for _, w in pairs])
+    else:
+        values, vectors = np.linalg.eigh(matrices)  # ascending: the largest last
+        values, vectors = values[:, -count:], vectors[:, :, -count:]
+    return values[:, ::-1], vectors[:, :, ::-1]
+
+
 def _adi_rows(keep: np.ndarray, adi: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Where the ADI references are among the ``keep`` rows, and which of ``adi`` each is."""
     where = np.flatnonzero(np.isin(keep, adi))
@@ -103,26 +127,25 @@ def _zone_residuals(
     companion = references[:, which]  # (n, a, u): the ADI rows' companions
     q_mean = companion.sum(axis=-1) / size  # (n, a)
     p_mean = science.sum(axis=-1) / size  # (n,)
-    cross = np.einsum("ru,nau->nra", refs, companion)  # R·Qᵀ, the ADI columns
+    cross = companion @ refs.T  # Q·Rᵀ (n, a, r): the ADI rows
     grams = np.broadcast_to(gram, (len(science), *gram.shape)).copy()
-    grams[:, :, rows] -= cross
-    grams[:, rows, :] -= cross.transpose(0, 2, 1)
-    own = np.einsum("nau,nbu->nab", companion, companion)
+    grams[:, rows, :] -= cross
+    grams[:, :, rows] -= cross.transpose(0, 2, 1)
+    own = companion @ companion.transpose(0, 2, 1)
     own -= size * q_mean[:, :, None] * q_mean[:, None, :]
     grams[:, rows[:, None], rows[None, :]] += own
     moved = overlaps[None] - science @ refs.T  # a − R·P
     moved[:, rows] += (
-        -np.einsum("nau,u->na", companion, target)
-        + np.einsum("nau,nu->na", companion, science)
+        -(companion @ target)
+        + (companion @ science[:, :, None])[..., 0]
         - size * q_mean * p_mean[:, None]
     )
-    values, vectors = np.linalg.eigh(grams)  # ascending: the largest last
-    count = min(cutoff, len(refs))
-    values, vectors = values[:, ::-1][:, :count], vectors[:, :, ::-1][:, :, :count]
+    values, vectors = largest_eigenpairs(grams, min(cutoff, len(refs)))
     scale = np.divide(1.0, values, out=np.zeros_like(values), where=values > 0)
-    coefficients = np.einsum("nrk,nr->nk", vectors, moved) * scale  # (n, k)
-    on_stamp = np.broadcast_to(refs[:, at], (len(science), len(refs), len(at))).copy()
-    on_stamp[:, rows] -= companion[..., at] - q_mean[..., None]
-    mix = np.einsum("nk,nrk->nr", coefficients, vectors)  # the references' mix
-    projection = np.einsum("nr,nrs->ns", mix, on_stamp)
+    coefficients = (moved[:, None, :] @ vectors)[:, 0] * scale  # (n, k)
+    mix = (vectors @ coefficients[:, :, None])[..., 0]  # (n, r): the references' mix
+    on_stamp = refs[:, at]  # R'_s = R_s − (Q_s − q̄) on the ADI rows
+    projection = mix @ on_stamp - (
+        mix[:, None, rows] @ (companion[..., at] - q_mean[..., None])
+    )[:, 0]
     return target[at][None] - science[:, at] + p_mean[:, None] - projection
