@@ -145,7 +145,7 @@ def _zone_residuals(
     coefficients = (moved[:, None, :] @ vectors)[:, 0] * scale  # (n, k)
     mix = (vectors @ coefficients[:, :, None])[..., 0]  # (n, r): the references' mix
     on_stamp = refs[:, at]  # R'_s = R_s − (Q_s − q̄) on the ADI rows
-    projection = mix @ on_stamp - (
-        mix[:, None, rows] @ (companion[..., at] - q_mean[..., None])
-    )[:, 0]
+    projection = (
+        mix @ on_stamp - (mix[:, None, rows] @ (companion[..., at] - q_mean[..., None]))[:, 0]
+    )
     return target[at][None] - science[:, at] + p_mean[:, None] - projection

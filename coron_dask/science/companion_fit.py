@@ -21,6 +21,7 @@ maximum-likelihood start, then emcee, on the exact RDI forward model
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 
 import emcee
@@ -173,6 +174,7 @@ def fit_companion(
     transmission: Transmission | None = None,
     settings: FitSettings | None = None,
     name: str = "companion",
+    spread: Callable | None = None,
 ) -> CompanionFit:
     """Fit a companion near ``start`` (separation arcsec, position angle degrees E of N)
     in ``rolls`` (one per science exposure; RDI, or ADI with ``Roll.adi``) with the
@@ -181,10 +183,12 @@ def fit_companion(
     settings = settings or FitSettings.configured()
     # many small matrix products: BLAS's threads cost more than they bring
     with threadpool_limits(1, user_api="blas"):
-        return _fit(rolls, psf, star, start, resolution, cutoff, transmission, settings, name)
+        return _fit(
+            rolls, psf, star, start, resolution, cutoff, transmission, settings, name, spread
+        )
 
 
-def _fit(rolls, psf, star, start, resolution, cutoff, transmission, settings, name):
+def _fit(rolls, psf, star, start, resolution, cutoff, transmission, settings, name, spread):
     """``fit_companion``'s work, on one BLAS thread."""
     began = time.perf_counter()
     kind = CompanionModel if rolls[0].adi is None else AdiCompanionModel
@@ -232,7 +236,8 @@ def _fit(rolls, psf, star, start, resolution, cutoff, transmission, settings, na
     walkers = origin + units * _start_walkers(
         settings.walkers, guess, covariance, settings.walker_spread, inside, rng
     )
-    sampler = emcee.EnsembleSampler(settings.walkers, 3, model.log_probability, vectorize=True)
+    probability = model.log_probability if spread is None else spread(model)
+    sampler = emcee.EnsembleSampler(settings.walkers, 3, probability, vectorize=True)
     state = emcee.State(walkers, random_state=np.random.RandomState(settings.seed).get_state())
     previous, converged, tau = np.full(3, np.inf), False, np.full(3, np.nan)
     while sampler.iteration < settings.max_steps:
