@@ -168,10 +168,6 @@ class AdiCompanionModel(CompanionModel):
             for k, (data, where) in enumerate(zip(self.data, self.operators, strict=True))
         ]
 
-    def best_contrast(self, separation: float, position_angle: float) -> float:
-        """Not linear in the contrast with ADI: no closed form."""
-        raise NotImplementedError("ADI's likelihood is not linear in the contrast")
-
     def window_model(self, theta: np.ndarray, k: int) -> np.ndarray:
         """Roll ``k``'s window (wy, wx): its data minus the negative injection's residual
         (NaN in no zone)."""

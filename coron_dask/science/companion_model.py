@@ -28,7 +28,7 @@ import numpy as np
 from astropy import units as u
 from astropy.coordinates import SkyCoord
 from astropy.wcs import WCS
-from scipy.linalg import cho_solve, solve_triangular
+from scipy.linalg import solve_triangular
 
 from coron_dask.kernels.forward_model import forward_model, mean_operator, placed_psfs
 from coron_dask.science.companion_noise import annulus_noise
@@ -239,19 +239,6 @@ class CompanionModel:
         if ok.any():
             out[ok] = self.log_likelihood(theta[ok])
         return out
-
-    def best_contrast(self, separation: float, position_angle: float) -> float:
-        """The contrast that maximises the likelihood at a place (the model is linear in
-        it): Σ uᵀC⁻¹d / Σ uᵀC⁻¹u over the rolls, u the model of contrast 1."""
-        theta = np.array([[separation, position_angle, 1.0]])
-        numerator = denominator = 0.0
-        for data, unit, factor in zip(
-            self.data, self.stamp_models(theta), self.factors, strict=True
-        ):
-            weighted = cho_solve(factor, unit[0])
-            numerator += float(weighted @ data)
-            denominator += float(weighted @ unit[0])
-        return numerator / denominator
 
     def window_model(self, theta: np.ndarray, k: int) -> np.ndarray:
         """The integration-mean psfsub (wy, wx) of the companion θ (3,) on roll ``k``'s
