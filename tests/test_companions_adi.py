@@ -21,8 +21,9 @@ from coron_dask.pipeline.build import reduce_observation
 from coron_dask.pipeline.companions import Guess, measure_companions, read_windows, windows_product
 from coron_dask.science.companion_adi import AdiCompanionModel
 from coron_dask.science.companion_fit import FitSettings
-from coron_dask.science.geometry import star_position
+from coron_dask.science.geometry import pixel_positions, star_position
 from coron_dask.science.injection import Companion, injected_psfsubs, read_offaxis_psf
+from coron_dask.science.photometry import snr_map
 from coron_dask.science.simulate import simulate, truth_places
 from tests.conftest import BLANK
 from tests.test_companions import centroid_truth
@@ -295,3 +296,18 @@ def test_walkers_spread_over_workers_give_the_same_chain(observation_dir, tmp_pa
         )
     assert np.array_equal(here.samples, there.samples)
     assert ran >= 80 * 2 and here.steps == there.steps == 80  # two parts a step
+
+
+def test_the_adi_residual_has_no_significant_source(recovered_adi):
+    """Each roll's integration-mean psfsub reduced again with the fitted companion taken
+    out of every frame (the negative injection at the posterior medians): |S/N| below 3
+    within λ/D of the companion (``photometry.snr_map``), where it was above 10."""
+    for fit, *_ in recovered_adi:
+        rolls = zip(fit.model.rolls, fit.residual_images(), fit.places, strict=True)
+        for roll, residual, place in rolls:
+            centre = tuple(pixel_positions(roll.wcs, fit.model.star)[0])
+            yy, xx = np.indices(residual.shape)
+            near = np.hypot(xx - place[0], yy - place[1]) <= 2.0
+            before = np.nanmax(snr_map(roll.image, centre, 2.0)[0][near])
+            after = np.nanmax(np.abs(snr_map(residual, centre, 2.0)[0][near]))
+            assert before > 10 and after < 3, (before, after)

@@ -92,12 +92,12 @@ def _window_block(
     target[:, inside] -= target_means[:, labels[inside]]
     target[:, ~inside] = 0.0
     b, p = centred.shape[:2]
-    used = np.ones((b, len(zones), p), bool) if chosen is None else chosen[:, zones]
+    used = np.ones((b, len(zones), p), bool) if chosen is None else chosen
     return {
         "centred": centred,
         "target": target,
-        "gram": gram[:, zones][..., :p],
-        "overlaps": overlaps[:, zones],
+        "gram": gram[..., :p],
+        "overlaps": overlaps,
         "used": used.astype(np.uint8),
     }
 
@@ -143,6 +143,9 @@ def adi_windows(
         refs = [aligned[:, :, y0:y1, x0:x1] for y0, y1, x0, x1 in pixels.rectangles]
         targets = [science[:, y0:y1, x0:x1] for y0, y1, x0, x1 in pixels.rectangles]
         means, gram, chosen, moves = basis.means, basis.gram, basis.chosen, fit
+    # the zones U touches only: a task never holds every zone's Gram matrices
+    gram, overlaps = gram[:, zone_list], overlaps[:, zone_list]
+    chosen = None if chosen is None else chosen[:, zone_list]
     work = dask.delayed(_window_block, pure=True)(
         refs, means, targets, target_means, gram, overlaps, chosen, pixels, zone_list, frame_x
     )
