@@ -345,3 +345,26 @@ def write(nbytes: int, run: int | None = None, buffered: bool = True) -> int:
     chunk (its encoder copies the whole chunk)."""
     copy = min(run or nbytes, WRITE_BUFFER) if buffered else nbytes
     return nbytes + copy + TASK_OVERHEAD
+
+
+def companion_adi(
+    targets: int,
+    npsf: int,
+    pixels: int,
+    rectangles: int,
+    zones: int,
+    touched: int,
+    bordered: bool,
+) -> int:
+    """What an ADI companion's negative injection needs of one exposure
+    (``steps.negative_injection``'s task), for ``targets`` bases (1 with
+    ``align_to="first"``, else the integrations) of ``npsf`` references: their frames on
+    the windows' ``rectangles`` pixels (float32) and their means over the ``zones``; the
+    targets there (float64 at most); the Gram matrices (``bordered``: with the overlaps),
+    overlaps and choice of the ``touched`` zones; the references centred on U's ``pixels``
+    (float64) with a gathered and a subtracted copy of the same size; the target on U."""
+    b = targets
+    frames = 4 * b * npsf * rectangles + 8 * b * npsf * zones + 8 * b * (rectangles + zones)
+    kept = b * touched * npsf * (8 * (npsf + bordered) + 8 + 1)
+    work = 3 * 8 * b * npsf * pixels + 8 * b * pixels
+    return frames + kept + work + TASK_OVERHEAD
