@@ -304,7 +304,7 @@ def measure_companions(
         table.meta["offaxis_psf"] = Path(offaxis_psf).name
         table.meta["transmission_source"] = dimming.source
         table.meta["resolution_pixels"] = float(resolution)
-        written += _write_products(table, fits_found, output_dir, name)
+        written += write_companion_products(table, fits_found, output_dir, name)
     except BaseException as error:
         record_on_disk(error, written)
         raise
@@ -327,9 +327,12 @@ def i2d_snr(path: Path, fit: CompanionFit, cutoffs: list[int], resolution: float
     return float(snr[round(float(y)), round(float(x))])
 
 
-def _write_products(table, fits_found: list[CompanionFit], output_dir: Path, name: str):
-    """``<name>_companions.ecsv`` and a quicklook PNG per companion, each placed whole
-    (a partial file renamed); the paths written."""
+def write_companion_products(
+    table, fits_found: list[CompanionFit], output_dir: Path, name: str
+) -> list[Path]:
+    """``<name>_companions.ecsv`` and a quicklook PNG per companion (with the residual
+    i2d's S/N where the table has it, ``residual_snr``), each placed whole (a partial file
+    renamed); the paths written."""
     # matplotlib: imported once there is something to draw
     from coron_dask.quicklook.companion_figure import companion_figure
 
@@ -338,6 +341,8 @@ def _write_products(table, fits_found: list[CompanionFit], output_dir: Path, nam
     table.write(partial, format="ascii.ecsv", overwrite=True)
     partial.replace(ecsv)
     written = [ecsv]
-    for number, fit in enumerate(fits_found, 1):
-        written.append(companion_figure(fit, output_dir / f"{name}_companion{number}.png"))
+    residual = table["residual_snr"] if "residual_snr" in table.colnames else [None] * len(table)
+    for number, (fit, left) in enumerate(zip(fits_found, residual, strict=True), 1):
+        path = output_dir / f"{name}_companion{number}.png"
+        written.append(companion_figure(fit, path, residual_snr=left))
     return written
