@@ -134,6 +134,7 @@ LANES = {
 SLOW_FIXTURES = {
     *("swept", "zoned", "busy_baseline", "curve", "occulted", "runs", "adi_run", "recovered"),
     "fitted_cli",
+    "fitted_session",
 }
 
 
