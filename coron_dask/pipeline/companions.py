@@ -14,6 +14,7 @@ cutoffs (``KLMODE<i>``) and each companion's start (``SEP_<j>``, ``PA_<j>``).
 """
 
 import logging
+import shutil
 from pathlib import Path
 
 import dask.array as da
@@ -265,7 +266,11 @@ def measure_companions(
         built["windows"] = windows_product(
             reduction, guesses, psf, resolution, settings, output_dir, name
         )
-        built["i2d"] = [p for p in reduction.products if p.kind == "i2d"]  # for the S/N
+        # the i2d, for the S/N: a scratch file of this command, read and removed once
+        # the companions are fitted, so that a run's i2d in the folder stays as it is
+        built["i2d"] = [p for p in reduction.products if p.kind == "i2d"]
+        for item in built["i2d"]:
+            item.path = item.path.with_name(f".companions_{item.path.name}")
         built["cutoffs"] = list(reduction.bases[0].cutoffs)
         return [
             *(item for item in reduction.products if item.scratch),
@@ -278,7 +283,8 @@ def measure_companions(
     paths = execute_on_cluster(
         build, data_bytes=observation_bytes(observation, parameters["align_to"]), **execution
     )
-    written = list(paths)  # an error from here on leaves these on disk, and says so
+    scratch = [item.path for item in built["i2d"]]
+    written = [path for path in paths if path not in scratch]  # an error leaves these
     try:
         fits_found = fit_companions(
             built["windows"].path, psf, cutoff=cutoff, transmission=dimming, settings=settings
@@ -308,6 +314,9 @@ def measure_companions(
     except BaseException as error:
         record_on_disk(error, written)
         raise
+    finally:
+        for path in scratch:
+            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
     return fits_found, written
 
 
