@@ -7,6 +7,7 @@ by ``photometry.snr_map`` against the run's i2d where it stands out; no candidat
 during the residual stage: exit 143, no residual, table or quicklook."""
 
 import json
+import logging
 import signal
 import time
 
@@ -140,3 +141,67 @@ def test_a_sigterm_during_the_residual_leaves_no_residual_table_or_quicklook(
     assert last.startswith("coron-dask: error: stopped by SIGTERM") and "16 products" in last
     assert not list(out.glob("*residual*")) and not list(out.glob("*.ecsv.*"))
     assert not list(out.glob("*companion*")) and not list(out.glob(".*"))
+
+
+class _Kept(logging.Handler):
+    """The records a logger hands on (distributed's do not propagate to pytest's)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+def test_the_windows_and_the_residual_are_computed_on_the_runs_own_cluster(
+    fitted_session, tmp_path
+):
+    """run_coron3(client=..., companions=...): the windows (``companion-windows`` tasks)
+    and the residual (``inject-sci`` tasks) run on the client's cluster, after the run,
+    with no key submitted twice with two graphs (distributed's warning); the residual
+    leaves |S/N| < 3 at the companion, as on dask's synchronous scheduler."""
+    from distributed import Client, LocalCluster, get_task_stream
+
+    from coron_dask import run_coron3
+    from coron_dask.pipeline.companion_session import SessionCompanions
+    from coron_dask.science.companion_fit import FitSettings
+
+    sim = fitted_session["folder"] / "sim"
+    companions = SessionCompanions(
+        sim / "offaxis_psf.fits",
+        transmission="none",
+        min_snr=8,
+        settings=FitSettings.configured(max_steps=1500, walkers=16),
+    )
+    with (
+        LocalCluster(n_workers=2, threads_per_worker=1, dashboard_address=":0") as cluster,
+        Client(cluster, set_as_default=False) as client,
+        get_task_stream(client=client) as stream,
+    ):
+        kept = _Kept()
+        logging.getLogger("distributed.scheduler").addHandler(kept)
+        paths = run_coron3(
+            fitted_session["asn"],
+            tmp_path,
+            psfmask=sim / "psfmask.fits",
+            client=client,
+            progress=False,
+            companions=companions,
+            truncate=10,
+            annuli=5,
+            iwa=4.0,
+        )
+        logging.getLogger("distributed.scheduler").removeHandler(kept)
+    names = {str(task["key"]) for task in stream.data}
+    assert any("companion-windows" in name for name in names)
+    assert any("inject-sci" in name for name in names)
+    assert not [r for r in kept.records if "run_spec" in r.getMessage()]
+    table = Table.read(next(p for p in paths if p.name.endswith("_companions.ecsv")))
+    assert len(table) == 1 and abs(table["residual_snr"][0]) < 3
+    assert [p.name.rsplit("_", 1)[-1] for p in paths[-4:]] == [
+        "fmwindows.fits",
+        "i2d.fits",
+        "companions.ecsv",
+        "companion1.png",
+    ]

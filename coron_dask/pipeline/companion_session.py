@@ -27,6 +27,7 @@ import numpy as np
 import xarray as xr
 from astropy.io import fits
 from astropy.table import Table
+from dask.base import tokenize
 
 from coron_dask.core import config
 from coron_dask.core.errors import CoronInputError, record_on_disk
@@ -118,12 +119,13 @@ class SessionCompanions:
             guesses = _candidates(paths, threshold, observation, float(parameters["iwa"]))
             if not guesses:
                 return []
-            reduction = reduction_from_products(
-                asn, output_dir, paths, parameters, observation, psfmask, workers
-            )
-            return self._measured(
-                write, paths, reduction, guesses, psf, dimming, resolution, settings
-            )
+
+            def remade(stage: str) -> Reduction:
+                return reduction_from_products(
+                    asn, output_dir, paths, parameters, observation, psfmask, workers, stage
+                )
+
+            return self._measured(write, paths, remade, guesses, psf, dimming, resolution, settings)
 
         return measure
 
@@ -131,7 +133,7 @@ class SessionCompanions:
         self,
         write: Callable,
         paths: list[Path],
-        reduction: Reduction,
+        remade: Callable[[str], Reduction],
         guesses: list[Guess],
         psf: np.ndarray,
         dimming: Transmission,
@@ -139,17 +141,19 @@ class SessionCompanions:
         settings: FitSettings,
     ) -> list[Path]:
         """The windows written, the companions fitted, the residual i2d written, then the
-        table and the quicklooks: the paths written (recorded on an error)."""
+        table and the quicklooks: the paths written (recorded on an error). ``remade``
+        gives the reduction for each of the two computations (``reduction_from_products``)."""
         output_dir = Path(paths[0]).parent
         i2d = next(p for p in paths if Path(p).name.endswith("_i2d.fits"))
         name = Path(i2d).name.removesuffix("_i2d.fits")
+        reduction = remade("windows")
         windows = windows_product(reduction, guesses, psf, resolution, settings, output_dir, name)
         written = write([windows])
         try:
             found = fit_companions(
                 windows.path, psf, cutoff=self.cutoff, transmission=dimming, settings=settings
             )
-            residual = residual_product(reduction, found, dimming, output_dir, name)
+            residual = residual_product(remade("residual"), found, dimming, output_dir, name)
             written += write([residual])
             cutoffs = list(reduction.bases[0].cutoffs)
             first = reduction.science[0]
@@ -214,11 +218,14 @@ def reduction_from_products(
     observation,
     psfmask: str | Path | None,
     workers,
+    stage: str = "companions",
 ) -> Reduction:
     """The run's reduction (RDI) made again, lazily, from its products ``paths``: the
     science from its crfints (the calints with outlier_detection skipped), the references
     aligned from its psfalign, the KL bases and psfsubs from them on the run's zones,
-    cutoffs and block plan (see the module's docstring). No product of its own."""
+    cutoffs and block plan (see the module's docstring). No product of its own. Its keys
+    are its ``stage``'s own: two computations on one client never submit one key with
+    two graphs (dask optimises each graph in its own way)."""
     run = reduce_observation(
         asn, output_dir, psfmask=psfmask, workers=workers, opened=observation, **parameters
     )
@@ -234,8 +241,11 @@ def reduction_from_products(
             flagged = open_exposure(placed[crfints[k].path.name], chunks)
             flagged.encoding.update(exposure.encoding)  # the calints it was made from
             exposure = flagged
+        exposure = exposure.assign(
+            {name: _staged(exposure[name], stage) for name in ("sci", "err", "dq")}
+        )
         aligned = open_product(placed[psfaligns[k].path.name])["SCI"]
-        aligned = xr.Dataset({"sci": aligned.chunk({"psf": run.plan.psfs})})
+        aligned = xr.Dataset({"sci": _staged(aligned.chunk({"psf": run.plan.psfs}), stage)})
         filled = median_replace_img(exposure, *fill)
         made = kl_basis(filled, aligned, p["truncate"], rows=basis.rows, zones=basis.zones)
         science.append(exposure)
@@ -243,6 +253,15 @@ def reduction_from_products(
         psfsubs.append(subtract(filled, made))
     log.info("companions: KL bases made again from the run's crfints and psfalign")
     return Reduction([], science, bases, psfsubs, p, run.plan)
+
+
+def _staged(variable: xr.DataArray, stage: str) -> xr.DataArray:
+    """``variable`` read under keys of ``stage``'s own (its blocks as they are)."""
+    data = variable.data
+    renamed = data.map_blocks(
+        np.asarray, dtype=data.dtype, name=f"read-{stage}-" + tokenize(data, stage)
+    )
+    return variable.copy(data=renamed)
 
 
 def residual_product(
