@@ -106,6 +106,7 @@ def test_bad_companion_options_are_one_line_before_anything_runs(blank, tmp_path
         (psf, "--offaxis-psf: fits companions: it goes with --companions"),
         (["--companions", *psf, "--mode", "ADI"], "RDI only"),
         (["--companions", *psf, "--no-psfalign"], "--no-psfalign"),
+        (["--companions", *psf, "--format", "zarr"], "--format: --companions reads"),
         (["--companions", *psf, "--truncate", "5", "--kl", "7"], "--kl: 7 is not one of"),
     ):
         code, _, err = run_main(["run", blank, "-o", out, *extra, "--scheduler", "synchronous"],
@@ -205,3 +206,27 @@ def test_the_windows_and_the_residual_are_computed_on_the_runs_own_cluster(
         "companions.ecsv",
         "companion1.png",
     ]
+
+
+def test_a_kl_mode_cubes_candidates_are_those_of_the_plane_fitted(blank, tmp_path):
+    """The detection of a KL-mode cube finds a companion on each plane (a row per plane,
+    ``kl``): only the fitted plane's rows are fitted (the largest, or --kl), not the same
+    companion once per plane."""
+    from coron_dask.pipeline.companion_session import _candidates
+    from coron_dask.pipeline.observation import open_association
+
+    ecsv = tmp_path / "x_candidates.ecsv"
+    Table(
+        {
+            "snr": [12.8, 5.4, 13.3, 5.4],
+            "separation_arcsec": [1.047, 2.900, 1.046, 2.901],
+            "pa": [53.26, 121.14, 53.27, 121.13],
+            "kl": [5, 5, 10, 10],
+        }
+    ).write(ecsv, format="ascii.ecsv")
+    observation = open_association(blank)
+    (largest,) = _candidates([ecsv], 8.0, None, observation, 4.0)
+    assert (largest.separation, largest.position_angle) == (1.046, 53.27)
+    (five,) = _candidates([ecsv], 8.0, 5, observation, 4.0)
+    assert (five.separation, five.position_angle) == (1.047, 53.26)
+    assert len(_candidates([ecsv], 5.0, 10, observation, 4.0)) == 2

@@ -93,6 +93,10 @@ class SessionCompanions:
                 "--companions makes the KL bases again from the run's psfalign: drop "
                 "--no-psfalign (or fit with coron-dask companions)",
             )
+        if parameters["format"] != "fits":
+            raise CoronInputError(
+                "format", "--companions reads the run's products as FITS files: not zarr"
+            )
         if parameters["maxnumbasis"] is not None:
             raise CoronInputError(
                 "maxnumbasis", "--companions fits bases of every reference: not with --maxnumbasis"
@@ -116,7 +120,8 @@ class SessionCompanions:
         settings = self.settings or FitSettings.configured()
 
         def measure(write: Callable, paths: list[Path], workers) -> list[Path]:
-            guesses = _candidates(paths, threshold, observation, float(parameters["iwa"]))
+            iwa = float(parameters["iwa"])
+            guesses = _candidates(paths, threshold, self.cutoff, observation, iwa)
             if not guesses:
                 return []
 
@@ -183,17 +188,25 @@ class SessionCompanions:
         return written
 
 
-def _candidates(paths: list[Path], threshold: float, observation, iwa: float) -> list[Guess]:
+def _candidates(
+    paths: list[Path], threshold: float, cutoff: int | None, observation, iwa: float
+) -> list[Guess]:
     """The run's candidates (its ``_candidates.ecsv``) of S/N ≥ ``threshold`` that lie on
-    every science frame outside the inner working angle (the others logged)."""
+    every science frame outside the inner working angle (the others logged); of a KL-mode
+    cube, those found on the plane fitted (``cutoff``; None: the largest)."""
     ecsv = next(p for p in paths if Path(p).name.endswith("_candidates.ecsv"))
     table = Table.read(ecsv, format="ascii.ecsv")
+    where = Path(ecsv).name
+    if "kl" in table.colnames and len(table):  # each plane's: one companion, one row each
+        plane = max(int(k) for k in table["kl"]) if cutoff is None else int(cutoff)
+        table = table[np.asarray(table["kl"]) == plane]
+        where = f"{where} (KL {plane})"
     kept = table[np.asarray(table["snr"], dtype=float) >= threshold] if len(table) else table
     log.info(
         "companions: %d of %d candidates of %s at S/N >= %g",
         len(kept),
         len(table),
-        Path(ecsv).name,
+        where,
         threshold,
     )
     if not len(kept):
