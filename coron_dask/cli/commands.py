@@ -36,8 +36,8 @@ def _session_companions(args: argparse.Namespace) -> object | None:
         return None
     if asked["offaxis_psf"] is None:
         raise CoronInputError("companions", "needs the star's off-axis PSF: --offaxis-psf FILE")
-    from coron_dask.pipeline.companion_session import SessionCompanions  # astropy.wcs
-    from coron_dask.science.companion_fit import FitSettings
+    # astropy.wcs, emcee: only for companions
+    from coron_dask.pipeline.companion_session import FitSettings, SessionCompanions
 
     sampler = {k: asked.pop(k) for k in ("walkers", "max_steps", "seed")}
     return SessionCompanions(

@@ -54,7 +54,7 @@ from coron_dask.steps.klip_parameters import kl_cutoffs
 from coron_dask.steps.resample import resample
 
 log = logging.getLogger(__name__)
-__all__ = ["SessionCompanions", "reduction_from_products", "residual_product"]
+__all__ = ["FitSettings", "SessionCompanions", "reduction_from_products", "residual_product"]
 
 
 @dataclass
