@@ -22,17 +22,18 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import dask.array as da
 import numpy as np
-import xarray as xr
 from astropy.io import fits
 from astropy.table import Table
-from dask.base import tokenize
 
 from coron_dask.core import config
 from coron_dask.core.errors import CoronInputError, record_on_disk
-from coron_dask.io import Extension, Product, open_exposure, open_product
-from coron_dask.pipeline.build import Reduction, kl_keywords, reduce_observation
+from coron_dask.pipeline.build import Reduction
+from coron_dask.pipeline.companion_residual import (
+    add_residual_snr,
+    reduction_from_products,
+    residual_product,
+)
 from coron_dask.pipeline.companion_starts import Guess, candidate_guesses, check_places
 from coron_dask.pipeline.companions import (
     check_mode,
@@ -43,18 +44,14 @@ from coron_dask.pipeline.companions import (
 )
 from coron_dask.pipeline.provenance import read_provenance
 from coron_dask.science.companion_fit import FitSettings
-from coron_dask.science.companion_result import CompanionFit
 from coron_dask.science.companion_table import companions_table
-from coron_dask.science.geometry import lambda_over_d, pixel_scale_arcsec, sky_wcs, star_position
-from coron_dask.science.injection import Companion, injected_psfsubs, read_offaxis_psf
+from coron_dask.science.geometry import lambda_over_d, pixel_scale_arcsec, sky_wcs
+from coron_dask.science.injection import read_offaxis_psf
 from coron_dask.science.transmission import Transmission, coronagraph_transmission
-from coron_dask.steps.align_refs import median_replace_img
-from coron_dask.steps.klip import kl_basis, subtract
 from coron_dask.steps.klip_parameters import kl_cutoffs
-from coron_dask.steps.resample import resample
 
 log = logging.getLogger(__name__)
-__all__ = ["FitSettings", "SessionCompanions", "reduction_from_products", "residual_product"]
+__all__ = ["FitSettings", "SessionCompanions"]
 
 
 @dataclass
@@ -125,9 +122,11 @@ class SessionCompanions:
             if not guesses:
                 return []
 
+            written = {Path(path).name: Path(path) for path in paths}  # the run's products
+
             def remade(stage: str) -> Reduction:
                 return reduction_from_products(
-                    asn, output_dir, paths, parameters, observation, psfmask, workers, stage
+                    asn, output_dir, written, parameters, observation, psfmask, workers, stage
                 )
 
             return self._measured(write, paths, remade, guesses, psf, dimming, resolution, settings)
@@ -170,7 +169,7 @@ class SessionCompanions:
                 star_position_error=self.star_position_error / 1000.0,
                 plate_scale_error=self.plate_scale_error,
             )
-            add_residual_snr(table, residual.path, found, cutoffs, resolution)
+            add_residual_snr(table, [i2d_snr(residual.path, f, cutoffs, resolution) for f in found])
             record = read_provenance(dict(fits.getheader(i2d)))
             record["date"] = record["date"].isoformat()
             record["parameters"] = {
@@ -221,103 +220,3 @@ def _candidates(
             continue
         guesses.append(guess)
     return guesses
-
-
-def reduction_from_products(
-    asn: str | Path,
-    output_dir: str | Path,
-    paths: list[Path],
-    parameters: dict,
-    observation,
-    psfmask: str | Path | None,
-    workers,
-    stage: str = "companions",
-) -> Reduction:
-    """The run's reduction (RDI) made again, lazily, from its products ``paths``: the
-    science from its crfints (the calints with outlier_detection skipped), the references
-    aligned from its psfalign, the KL bases and psfsubs from them on the run's zones,
-    cutoffs and block plan (see the module's docstring). No product of its own. Its keys
-    are its ``stage``'s own: two computations on one client never submit one key with
-    two graphs (dask optimises each graph in its own way)."""
-    run = reduce_observation(
-        asn, output_dir, psfmask=psfmask, workers=workers, opened=observation, **parameters
-    )
-    p = run.parameters
-    placed = {Path(path).name: Path(path) for path in paths}
-    crfints = [item for item in run.products if item.kind == "crfints"][-len(run.science) :]
-    psfaligns = [item for item in run.products if item.kind == "psfalign"]
-    science, bases, psfsubs = [], [], []
-    fill = (p["median_box_length"], p["bad_bits"])
-    for k, (exposure, basis) in enumerate(zip(run.science, run.bases, strict=True)):
-        chunks = {"integration": exposure["sci"].data.chunks[0][0]}
-        if "outlier_detection" not in p["skip"]:
-            flagged = open_exposure(placed[crfints[k].path.name], chunks)
-            flagged.encoding.update(exposure.encoding)  # the calints it was made from
-            exposure = flagged
-        exposure = exposure.assign(
-            {name: _staged(exposure[name], stage) for name in ("sci", "err", "dq")}
-        )
-        aligned = open_product(placed[psfaligns[k].path.name])["SCI"]
-        aligned = xr.Dataset({"sci": _staged(aligned.chunk({"psf": run.plan.psfs}), stage)})
-        filled = median_replace_img(exposure, *fill)
-        made = kl_basis(filled, aligned, p["truncate"], rows=basis.rows, zones=basis.zones)
-        science.append(exposure)
-        bases.append(made)
-        psfsubs.append(subtract(filled, made))
-    log.info("companions: KL bases made again from the run's crfints and psfalign")
-    return Reduction([], science, bases, psfsubs, p, run.plan)
-
-
-def _staged(variable: xr.DataArray, stage: str) -> xr.DataArray:
-    """``variable`` read under keys of ``stage``'s own (its blocks as they are)."""
-    data = variable.data
-    renamed = data.map_blocks(
-        np.asarray, dtype=data.dtype, name=f"read-{stage}-" + tokenize(data, stage)
-    )
-    return variable.copy(data=renamed)
-
-
-def residual_product(
-    reduction: Reduction,
-    found: list[CompanionFit],
-    transmission: Transmission | None,
-    output_dir: Path,
-    name: str,
-) -> Product:
-    """``<name>_residual_i2d.fits``, lazy: the i2d of ``reduction``'s science with every
-    fitted companion (``found``) subtracted: injected at its posterior median separation,
-    PA and contrast with the opposite sign, through its fit's PSF box, dimmed by
-    ``transmission`` as its model was, and reduced as the science is."""
-    science = reduction.science
-    star = star_position(science[0].attrs, science[0].encoding.get("source", "science"))
-    members = [
-        Companion(0, f.separation.median, f.position_angle.median, -f.contrast.median)
-        for f in found
-    ]
-    subs, _ = injected_psfsubs(reduction, found[0].model.psf, members, star, transmission)
-    i2d, grid = resample(subs, science, orientation=reduction.parameters["orientation"])
-    primary = {
-        **science[0].attrs,
-        "DATAMODL": "ImageModel",
-        "NCOMP": (len(found), "fitted companions subtracted"),
-    }
-    for j, fit in enumerate(found):
-        primary[f"SEP_{j}"] = (fit.separation.median, "subtracted at separation, arcsec")
-        primary[f"PA_{j}"] = (fit.position_angle.median, "subtracted at PA, deg E of N")
-        primary[f"CON_{j}"] = (fit.contrast.median, "subtracted contrast")
-    header = {
-        "BUNIT": science[0]["sci"].attrs.get("BUNIT", ""),
-        **dict(grid.to_header()),
-        **kl_keywords(reduction.parameters["truncate"]),
-    }
-    extensions = [Extension("SCI", da.asarray(i2d["sci"].data), header, i2d["sci"].dims)]
-    return Product(output_dir / f"{name}_residual_i2d.fits", primary, extensions)
-
-
-def add_residual_snr(
-    table: Table, path: Path, found: list[CompanionFit], cutoffs: list[int], resolution: float
-) -> None:
-    """The residual i2d's S/N at each fitted place (``companions.i2d_snr``): the table's
-    ``residual_snr`` column (which the quicklooks show)."""
-    table["residual_snr"] = [i2d_snr(path, fit, cutoffs, resolution) for fit in found]
-    table["residual_snr"].description = "S/N of the residual i2d (companions subtracted) there"
