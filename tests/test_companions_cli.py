@@ -98,7 +98,8 @@ def test_the_runs_products_in_the_folder_are_left_as_they_are(companions_output)
         name.rsplit("_", 1)[-1] for name in companions_output["run_files"]
     }
     assert added == {"fmwindows.fits", "companions.ecsv", "companion1.png"}
-    assert not list(out.glob(".*"))
+    assert len(list(out.glob("*_residual_i2d.fits"))) == 1
+    assert not list(out.glob(".*"))  # the scratch files: i2d, crfints, aligned references
 
 
 def test_the_fitted_row_is_within_its_errors_of_the_truth(companions_output):
@@ -128,6 +129,12 @@ def test_the_fitted_row_is_within_its_errors_of_the_truth(companions_output):
     near = snr[round(y) - 1 : round(y) + 2, round(x) - 1 : round(x) + 2]
     assert near.min() - 0.5 < row["snr_i2d"] <= near.max() + 1e-9 and row["snr_i2d"] > 5
     assert -1 <= row["corr_separation_pa"] <= 1
+    # the residual i2d: the fitted companion subtracted leaves no structure at its place
+    residual = next((companions_output["folder"] / "out").glob("*_residual_i2d.fits"))
+    with fits.open(residual) as hdul:
+        image, grid = hdul["SCI"].data.astype(float), WCS(hdul["SCI"].header, naxis=2)
+    snr = snr_map(image, tuple(star_px), companions_output["table"].meta["resolution_pixels"])[0]
+    assert abs(snr[round(y), round(x)]) < 3 and abs(row["residual_snr"]) < 3
     assert len(row["transmission"].split(",")) == 2  # one per roll
 
 

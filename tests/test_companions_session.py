@@ -173,7 +173,7 @@ def test_the_windows_and_the_residual_are_computed_on_the_runs_own_cluster(
         sim / "offaxis_psf.fits",
         transmission="none",
         min_snr=8,
-        settings=FitSettings.configured(max_steps=1500, walkers=16),
+        settings=FitSettings.configured(max_steps=500, walkers=16),  # the flow, not the intervals
     )
     with (
         LocalCluster(n_workers=2, threads_per_worker=1, dashboard_address=":0") as cluster,

@@ -26,6 +26,12 @@ from coron_dask.core.dqflags import bit_value
 from coron_dask.core.errors import CoronInputError, record_on_disk
 from coron_dask.io import Extension, Product
 from coron_dask.pipeline.build import Reduction, kl_keywords, reduce_observation
+from coron_dask.pipeline.companion_residual import (
+    ScratchForResidual,
+    add_residual_snr,
+    reduction_from_products,
+    residual_product,
+)
 from coron_dask.pipeline.companion_starts import Guess, candidate_guesses, check_places
 from coron_dask.pipeline.observation import find_psfmask
 from coron_dask.pipeline.provenance import read_provenance
@@ -226,8 +232,11 @@ def measure_companions(
 ) -> tuple[list[CompanionFit], list[Path]]:
     """Reduce an association (RDI, ``build_products``' ``parameters``) and fit the
     companions near ``guesses`` (see the module's docstring): the fits, and the products
-    written: ``_fmwindows.fits``, ``<product>_companions.ecsv`` (``science.companion_table``,
-    the reduction's provenance in its meta) and ``<product>_companion<N>.png`` per companion.
+    written: ``_fmwindows.fits``, ``<product>_residual_i2d.fits`` (on the same cluster
+    after the fits: ``pipeline.companion_residual``), ``<product>_companions.ecsv``
+    (``science.companion_table``, the reduction's provenance in its meta) and
+    ``<product>_companion<N>.png`` per companion; its i2d, science crfints and aligned
+    references are hidden scratch files, removed at the end.
     ``star_position_error`` (mas) and ``plate_scale_error`` (fraction) are added in
     quadrature to the astrometric errors. ``offaxis_psf``, ``star_flux``, ``resolution``,
     ``psfmask``, ``transmission`` and ``execution`` as for ``pipeline.contrast``."""
@@ -272,52 +281,74 @@ def measure_companions(
         for item in built["i2d"]:
             item.path = item.path.with_name(f".companions_{item.path.name}")
         built["cutoffs"] = list(reduction.bases[0].cutoffs)
+        # what the residual i2d is reduced from, after the fits: hidden scratch files too
+        built["kept"] = ScratchForResidual.of(reduction, observation, output_dir)
         return [
             *(item for item in reduction.products if item.scratch),
             *built["i2d"],
+            *built["kept"].products,
             built["windows"],
         ]
+
+    def measure(write, paths: list[Path], workers) -> list[Path]:
+        """The fits, then on the same cluster the residual i2d, then the table and the
+        quicklooks: the paths written (the scratch files removed, whatever happens)."""
+        kept, written = built["kept"], [built["windows"].path]  # an error leaves these
+        try:
+            kept.placed()
+            built["fits"] = found = fit_companions(
+                built["windows"].path, psf, cutoff=cutoff, transmission=dimming, settings=settings
+            )
+            i2ds = [item.path for item in built["i2d"]]
+            cutoffs = built["cutoffs"]
+            residual = None
+            if i2ds:  # the science with every fitted companion subtracted
+                again = reduction_from_products(
+                    asn, output_dir, kept.written, parameters, observation, psfmask, workers
+                )
+                residual = residual_product(again, found, dimming, output_dir, name)
+                written += write([residual])
+            unit = first["sci"].attrs.get("BUNIT") or first.attrs.get("BUNIT", "")
+            table = companions_table(
+                found,
+                i2d_snr=[i2d_snr(i2ds[0], f, cutoffs, resolution) for f in found] if i2ds else None,
+                flux_unit=str(unit),
+                star_position_error=star_position_error / 1000.0,
+                plate_scale_error=plate_scale_error,
+            )
+            if residual is not None:
+                snr = [i2d_snr(residual.path, f, cutoffs, resolution) for f in found]
+                add_residual_snr(table, snr)
+                table.meta["residual_i2d"] = residual.path.name
+            record = read_provenance(built["provenance"])
+            record["date"] = record["date"].isoformat()
+            record["parameters"] = {
+                k: list(v) if isinstance(v, tuple) else v for k, v in record["parameters"].items()
+            }
+            table.meta["provenance"] = record
+            table.meta["offaxis_psf"] = Path(offaxis_psf).name
+            table.meta["transmission_source"] = dimming.source
+            table.meta["resolution_pixels"] = float(resolution)
+            written += write_companion_products(table, found, output_dir, name)
+        except BaseException as error:
+            record_on_disk(error, written)
+            raise
+        finally:
+            kept.remove()
+            for path in built["i2d"]:
+                path = path.path
+                shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+        return written
 
     inputs = [*run_inputs(observation, psfmask), Path(offaxis_psf)]
     execution = {"output_dir": output_dir, "inputs": inputs, **(execution or {})}
     paths = execute_on_cluster(
-        build, data_bytes=observation_bytes(observation, parameters["align_to"]), **execution
+        build,
+        data_bytes=observation_bytes(observation, parameters["align_to"]),
+        after=measure,
+        **execution,
     )
-    scratch = [item.path for item in built["i2d"]]
-    written = [path for path in paths if path not in scratch]  # an error leaves these
-    try:
-        fits_found = fit_companions(
-            built["windows"].path, psf, cutoff=cutoff, transmission=dimming, settings=settings
-        )
-        unit = first["sci"].attrs.get("BUNIT") or first.attrs.get("BUNIT", "")
-        table = companions_table(
-            fits_found,
-            i2d_snr=[
-                i2d_snr(built["i2d"][0].path, f, built["cutoffs"], resolution) for f in fits_found
-            ]
-            if built["i2d"]
-            else None,
-            flux_unit=str(unit),
-            star_position_error=star_position_error / 1000.0,
-            plate_scale_error=plate_scale_error,
-        )
-        record = read_provenance(built["provenance"])
-        record["date"] = record["date"].isoformat()
-        record["parameters"] = {
-            k: list(v) if isinstance(v, tuple) else v for k, v in record["parameters"].items()
-        }
-        table.meta["provenance"] = record
-        table.meta["offaxis_psf"] = Path(offaxis_psf).name
-        table.meta["transmission_source"] = dimming.source
-        table.meta["resolution_pixels"] = float(resolution)
-        written += write_companion_products(table, fits_found, output_dir, name)
-    except BaseException as error:
-        record_on_disk(error, written)
-        raise
-    finally:
-        for path in scratch:
-            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
-    return fits_found, written
+    return built["fits"], [path for path in paths if Path(path).exists()]  # not the scratch
 
 
 def i2d_snr(path: Path, fit: CompanionFit, cutoffs: list[int], resolution: float) -> float:

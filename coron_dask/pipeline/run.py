@@ -230,8 +230,8 @@ def execute_on_cluster(
             return paths
         try:
             return [*paths, *after(lambda more: write_products(more, compute), paths, workers)]
-        except BaseException as error:
-            record_on_disk(error, paths)
+        except BaseException as error:  # those still there (not a scratch file removed)
+            record_on_disk(error, [path for path in paths if Path(path).exists()])
             raise
 
 
