@@ -186,6 +186,9 @@ def test_bad_input_is_one_line_exit_2_and_nothing_written(blank, tmp_path, capsy
     err = _bad(["companions", blank, "--offaxis-psf", psf, "--at", "1,30", "--mode", "ADI"],
                tmp_path, capsys)  # fmt: skip
     assert "RDI only" in err
+    err = _bad(["companions", blank, "--offaxis-psf", psf, "--at", "1,30", "--format", "zarr"],
+               tmp_path, capsys)  # fmt: skip
+    assert "--format: companions reads its reduction as FITS files" in err
     err = _bad(["companions", blank, "--offaxis-psf", psf, "--at", "30,0"], tmp_path, capsys)
     assert "--at" in err and "falls off exposure 0's frame" in err
     inside = ["--at", "0.1,0", "--iwa", "4"]

@@ -126,6 +126,7 @@ def test_a_sigterm_during_the_residual_leaves_no_residual_table_or_quicklook(
     args = list(fitted_session["fitted"])
     out = tmp_path / "out"
     args[args.index("-o") + 1] = out
+    args[args.index("--max-steps") + 1] = 300  # a shorter fit: the residual is the subject
     process = start_cli(*args)
     deadline = time.monotonic() + 240
     partial = out / (

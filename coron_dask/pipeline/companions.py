@@ -243,6 +243,8 @@ def measure_companions(
     psfmask = find_psfmask(asn, psfmask)
     parameters, observation = check_inputs(asn, output_dir, psfmask=psfmask, **parameters)
     check_mode(parameters["mode"])
+    if parameters["format"] != "fits":  # the i2d, crfints and aligned references read back
+        raise CoronInputError("format", "companions reads its reduction as FITS files: not zarr")
     if not guesses:
         raise CoronInputError("guesses", "no companion to fit")
     check_places(observation.science, guesses, float(parameters["iwa"]))
