@@ -1,8 +1,10 @@
-"""Companions recovered by the exact RDI forward model and emcee: bias, coverage of the 68 %
-intervals and accuracy, over many simulated observations, on this machine.
+"""Companions recovered by the exact RDI forward model (or, ``--mode ADI+RDI``, negative
+injection with the bases rebuilt) and emcee: bias, coverage of the 68 % intervals and
+accuracy, over many simulated observations, on this machine.
 
     /work/main/.venv/bin/python -m benchmarks.companions --seeds 10 --workdir /tmp/companions
     /work/main/.venv/bin/python -m benchmarks.companions --tables   # companions.md from the JSON
+    /work/main/.venv/bin/python -m benchmarks.companions --mode ADI+RDI --seeds 2  # -adi+rdi
 
 Each case is a simulated observation (``science.simulate``: 128², two rolls 10° apart,
 2 × 4 science integrations, 5 × 3 reference frames; a seed of its own: its noise and
@@ -47,7 +49,9 @@ PARAMETERS = ("separation", "position_angle", "contrast")
 CALIBRATION = 5e-6
 
 
-def run_case(folder: Path, seed: int, separation: float, contrast: float) -> dict:
+def run_case(
+    folder: Path, seed: int, separation: float, contrast: float, reduction: dict = REDUCTION
+) -> dict:
     """Simulate (its noise and position angle from ``seed``), reduce and fit one
     companion: the case's record."""
     from tests.test_companions import centroid_truth
@@ -72,7 +76,7 @@ def run_case(folder: Path, seed: int, separation: float, contrast: float) -> dic
         guesses=[Guess(*start)],
         psfmask=folder / "sim" / "psfmask.fits",
         execution={"scheduler": "synchronous", "progress": False},
-        **REDUCTION,
+        **reduction,
     )
     total = time.perf_counter() - began
     fit = fits_found[0]
@@ -107,12 +111,12 @@ def run_case(folder: Path, seed: int, separation: float, contrast: float) -> dic
     return record
 
 
-def calibrate(workdir: Path) -> dict[float, float]:
+def calibrate(workdir: Path, reduction: dict = REDUCTION) -> dict[float, float]:
     """Per separation: the contrast's posterior σ for a faint companion (seed 0)."""
     out = {}
     for separation in SEPARATIONS:
         folder = workdir / f"calibration-{separation:g}"
-        record = run_case(folder, 0, separation, CALIBRATION)
+        record = run_case(folder, 0, separation, CALIBRATION, reduction)
         shutil.rmtree(folder)
         c = record["contrast"]
         out[separation] = 0.5 * (c["minus"] + c["plus"])
@@ -155,7 +159,8 @@ def tables(data: dict) -> str:
     """companions.md: the summary and the cases."""
     s = data["summary"]
     lines = [
-        "# Companions: injection and recovery (benchmarks/companions.py)",
+        f"# Companions: injection and recovery, {data.get('mode', 'RDI')} "
+        "(benchmarks/companions.py)",
         "",
         f"{s['cases']} cases: seeds × separations {SEPARATIONS} λ/D × about "
         f"{SIGNIFICANCES} σ; calibration (contrast σ per separation): {data['calibration']}.",
@@ -197,27 +202,42 @@ def main() -> None:
     parser.add_argument("--first-seed", type=int, default=1)
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/companions-benchmark"))
     parser.add_argument("--tables", action="store_true", help="companions.md from the JSON")
+    parser.add_argument("--mode", choices=("RDI", "ADI+RDI"), default="RDI")
+    parser.add_argument(
+        "--align-to", choices=("each", "first"), default=None, help="default: each for RDI, "
+        "first for ADI+RDI (one basis per roll: the sampler's cost is per basis)"
+    )  # fmt: skip
     args = parser.parse_args()
-    path = RESULTS / "companions.json"
+    stem = "companions" if args.mode == "RDI" else f"companions-{args.mode.lower()}"
+    path, table = RESULTS / f"{stem}.json", RESULTS / f"{stem}.md"
     if args.tables:
-        (RESULTS / "companions.md").write_text(tables(json.loads(path.read_text())))
+        table.write_text(tables(json.loads(path.read_text())))
         return
+    reduction = dict(REDUCTION, mode=args.mode)
+    align_to = args.align_to or ("each" if args.mode == "RDI" else "first")
+    reduction["align_to"] = align_to
     logging.basicConfig(level=logging.WARNING)
     args.workdir.mkdir(parents=True, exist_ok=True)
-    calibration = calibrate(args.workdir)
+    calibration = calibrate(args.workdir, reduction)
     records = []
     for seed in range(args.first_seed, args.first_seed + args.seeds):
         for i, (separation, target) in enumerate(product(SEPARATIONS, SIGNIFICANCES)):
             own = 100 * seed + i  # every case its own noise and position angle
             folder = args.workdir / f"case-{own}"
-            record = run_case(folder, own, separation, target * calibration[separation])
+            record = run_case(folder, own, separation, target * calibration[separation], reduction)
             record["target"] = target
             shutil.rmtree(folder)
             records.append(record)
             print(json.dumps({k: record[k] for k in ("seed", "target", "snr")}), flush=True)
-            data = {"calibration": calibration, "cases": records, "summary": summary(records)}
+            data = {
+                "mode": args.mode,
+                "align_to": align_to,
+                "calibration": calibration,
+                "cases": records,
+                "summary": summary(records),
+            }
             path.write_text(json.dumps(data, indent=1))
-    (RESULTS / "companions.md").write_text(tables(data))
+    table.write_text(tables(data))
 
 
 if __name__ == "__main__":

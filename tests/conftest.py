@@ -135,8 +135,7 @@ LANES = {
 #: reduced and fitted) or a busy one.
 SLOW_FIXTURES = {
     *("swept", "zoned", "busy_baseline", "curve", "occulted", "runs", "adi_run", "recovered"),
-    "fitted_cli",
-    "fitted_session",
+    *("fitted_cli", "recovered_adi", "fitted_session"),
 }
 
 

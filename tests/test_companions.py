@@ -167,14 +167,18 @@ def test_leaving_the_fill_out_of_the_model_costs_a_thousandth_of_the_peak(inject
         assert np.nanmax(error) < 2e-3 and np.sqrt(np.nanmean(error**2)) < 1e-4
 
 
-def test_adi_is_refused_in_one_line(asn, observation_dir, tmp_path):
-    with pytest.raises(CoronInputError, match="mode: companions are fitted for RDI only"):
+def test_adi_with_a_choice_by_correlation_is_refused_in_one_line(asn, observation_dir, tmp_path):
+    """ADI's references chosen by their correlation with the science (maxnumbasis) would
+    change with the companion taken out: refused before anything runs."""
+    with pytest.raises(CoronInputError, match="maxnumbasis: companions are fitted with ADI"):
         measure_companions(
             asn,
             tmp_path,
             offaxis_psf=observation_dir / "offaxis_psf.fits",
             guesses=[Guess(0.8, 30.0)],
             mode="ADI",
+            maxnumbasis=2,
+            truncate=2,
         )
     assert not any(tmp_path.iterdir())
 

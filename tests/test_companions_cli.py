@@ -183,9 +183,9 @@ def test_bad_input_is_one_line_exit_2_and_nothing_written(blank, tmp_path, capsy
     assert "--at" in err and "--candidates" in err
     err = _bad(["companions", blank, "--offaxis-psf", psf, "--at", "1,30,4"], tmp_path, capsys)
     assert "--at" in err
-    err = _bad(["companions", blank, "--offaxis-psf", psf, "--at", "1,30", "--mode", "ADI"],
-               tmp_path, capsys)  # fmt: skip
-    assert "RDI only" in err
+    err = _bad(["companions", blank, "--offaxis-psf", psf, "--at", "1,30", "--mode", "ADI",
+                "--maxnumbasis", "3", "--truncate", "3"], tmp_path, capsys)  # fmt: skip
+    assert "maxnumbasis" in err and "most correlated" in err
     err = _bad(["companions", blank, "--offaxis-psf", psf, "--at", "1,30", "--format", "zarr"],
                tmp_path, capsys)  # fmt: skip
     assert "--format: companions reads its reduction as FITS files" in err

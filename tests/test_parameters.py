@@ -76,6 +76,7 @@ def test_defaults_are_those_shipped_before_the_spec():
         "companions": {  # the fit's model, noise and sampler (lengths in λ/D)
             "psf-half-width": 8.0,
             "window-margin": 1.0,
+            "align-slack": 1.0,
             "stamp-radius": 2.0,
             "annulus-width": 2.0,
             "noise-mask": 2.0,

@@ -261,6 +261,10 @@ SPEC: tuple[Parameter, ...] = (
     Parameter("window_margin", "how far the sampler may move a companion from its start in "
               "each roll, λ/D: the KL images are made on the PSF box and this margin",
               1.0, "companions.window-margin", role="setting"),
+    Parameter("align_slack", "ADI fits: how far align_refs' shift of another roll's "
+              "integration may differ from the stars' offset in the WCS, λ/D (the negative "
+              "injection's window there is widened by it)", 1.0, "companions.align-slack",
+              role="setting"),
     Parameter("stamp_radius", "radius of the pixels about the start fitted, λ/D", 2.0,
               "companions.stamp-radius", role="setting"),
     Parameter("annulus_width", "width of the annulus about the star the noise is measured "

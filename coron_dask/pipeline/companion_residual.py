@@ -156,9 +156,15 @@ class ScratchForResidual:
     written: dict[str, Path] = field(default_factory=dict)
 
     @classmethod
-    def of(cls, reduction: Reduction, observation, output_dir: Path) -> "ScratchForResidual":
-        """Mark the products of ``reduction`` to keep (before they are written)."""
+    def of(
+        cls, reduction: Reduction, observation, output_dir: Path, wanted: bool = True
+    ) -> "ScratchForResidual":
+        """Mark the products of ``reduction`` to keep (before they are written); none
+        unless ``wanted``."""
         kept = cls(Path(output_dir), product_names(observation))
+        if not wanted:
+            log.info("companions: no residual i2d (RDI with an i2d only, for now)")
+            return kept
         crfints, psfaligns = kept.names
         for item in reduction.products:
             if item.path.name in crfints:  # written by store tasks: renamed before
@@ -177,7 +183,7 @@ class ScratchForResidual:
         """Move the aligned references placed to their hidden psfalign names."""
         _, psfaligns = self.names
         aligned = [item for item in self.products if item.path.name.endswith("_aligned.fits")]
-        for item, name in zip(aligned, psfaligns, strict=True):
+        for item, name in zip(aligned, psfaligns if aligned else [], strict=True):
             self.written[name] = self.output_dir / f".companions_{name}"
             os.replace(item.path, self.written[name])
 

@@ -29,19 +29,14 @@ from astropy.table import Table
 from coron_dask.core import config
 from coron_dask.core.errors import CoronInputError, record_on_disk
 from coron_dask.pipeline.build import Reduction
+from coron_dask.pipeline.companion_outputs import i2d_snr, write_companion_products
 from coron_dask.pipeline.companion_residual import (
     add_residual_snr,
     reduction_from_products,
     residual_product,
 )
 from coron_dask.pipeline.companion_starts import Guess, candidate_guesses, check_places
-from coron_dask.pipeline.companions import (
-    check_mode,
-    fit_companions,
-    i2d_snr,
-    windows_product,
-    write_companion_products,
-)
+from coron_dask.pipeline.companions import check_mode, fit_companions, windows_product
 from coron_dask.pipeline.provenance import read_provenance
 from coron_dask.science.companion_fit import FitSettings
 from coron_dask.science.companion_table import companions_table
@@ -81,7 +76,13 @@ class SessionCompanions:
         """Check the request against the run's ``parameters`` (before anything starts:
         CoronInputError naming the option) and give the work that follows the run
         (``run.execute_on_cluster``'s ``after``)."""
-        check_mode(parameters["mode"])
+        check_mode(parameters)
+        if parameters["mode"] != "RDI":  # the bases are made again from the products: RDI
+            raise CoronInputError(
+                "mode",
+                f"--companions fits RDI runs only, not {parameters['mode']}: fit them with "
+                "coron-dask companions",
+            )
         if "resample" in parameters["skip"]:
             raise CoronInputError("skip", "--companions fits the i2d's candidates: keep resample")
         if not parameters["save_psfalign"]:

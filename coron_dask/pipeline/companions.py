@@ -26,6 +26,13 @@ from coron_dask.core.dqflags import bit_value
 from coron_dask.core.errors import CoronInputError, record_on_disk
 from coron_dask.io import Extension, Product
 from coron_dask.pipeline.build import Reduction, kl_keywords, reduce_observation
+from coron_dask.pipeline.companion_adi import (
+    adi_extensions,
+    check_adi,
+    filled_in_references,
+    read_adi_windows,
+)
+from coron_dask.pipeline.companion_outputs import i2d_snr, write_companion_products
 from coron_dask.pipeline.companion_residual import (
     ScratchForResidual,
     add_residual_snr,
@@ -42,13 +49,11 @@ from coron_dask.science.companion_result import CompanionFit
 from coron_dask.science.companion_table import companions_table
 from coron_dask.science.geometry import (
     lambda_over_d,
-    pixel_positions,
     pixel_scale_arcsec,
     sky_wcs,
     star_position,
 )
 from coron_dask.science.injection import read_offaxis_psf
-from coron_dask.science.photometry import snr_map
 from coron_dask.science.transmission import Transmission, coronagraph_transmission
 from coron_dask.steps.forward_model import kl_windows, window_labels, zone_sizes
 
@@ -56,14 +61,10 @@ log = logging.getLogger(__name__)
 __all__ = ["Guess", "candidate_guesses", "fit_companions", "measure_companions"]
 
 
-def check_mode(mode: str) -> None:
-    """The forward model is exact for RDI only: ADI and ADI+RDI are refused, in one line."""
-    if mode != "RDI":
-        raise CoronInputError(
-            "mode",
-            f"companions are fitted for RDI only (the exact forward model), not {mode}: ADI "
-            "and ADI+RDI are not done yet",
-        )
+def check_mode(parameters: dict) -> None:
+    """RDI: the exact forward model; ADI and ADI+RDI: negative injection, exact, on every
+    reference a zone may use (a choice by correlation, ``maxnumbasis``, is refused)."""
+    check_adi(parameters)
 
 
 def window_shape(psf: np.ndarray, settings: FitSettings, resolution: float) -> tuple[int, int]:
@@ -98,7 +99,7 @@ def windows_product(
 ) -> Product:
     """``<name>_fmwindows.fits`` (see the module's docstring), lazy, for ``reduction``."""
     p = reduction.parameters
-    check_mode(p["mode"])
+    check_mode(p)
     first = reduction.science[0]
     star = star_position(first.attrs, first.encoding.get("source", "science"))
     half, margin = window_shape(psf, settings, resolution)
@@ -116,6 +117,10 @@ def windows_product(
         primary[f"PA_{j}"] = (guess.position_angle, "start position angle, deg E of N")
         primary[f"NAME_{j}"] = guess.name or f"companion {j + 1}"
     extensions = []
+    filled = [
+        (((e["dq"].data & bits) > 0) | da.isnan(e["sci"].data)).any(axis=0)
+        for e in reduction.science
+    ]  # the pixels align_refs fills in any integration of each exposure
     for k, (exposure, basis, psfsub) in enumerate(
         zip(reduction.science, reduction.bases, reduction.psfsubs, strict=True)
     ):
@@ -131,20 +136,74 @@ def windows_product(
             header[f"Y0_{j}"], header[f"X0_{j}"] = int(y0), int(x0)
         sci = psfsub["sci"].data
         mean = (sci if "kl" in psfsub["sci"].dims else sci[None]).mean(axis=1)
-        bad = ((exposure["dq"].data & bits) > 0) | da.isnan(exposure["sci"].data)
+        bad = _on_window(filled[k], corners, shape, True)
         labels = window_labels(basis.zones, frame, corners, shape)
+        if p["mode"] != "RDI":  # negative injection's arrays, in place of KL images
+            slack = int(np.ceil(settings.align_slack * resolution))
+            extensions += adi_extensions(reduction, k, guesses, star, half, margin, slack, header)
+            bad = bad | filled_in_references(reduction, k, star, filled, corners, shape, _on_window)
         extensions += [
             Extension(f"MEAN{k}", mean, header),
-            Extension(f"KLWIN{k}", kl_windows(basis, corners, shape), header),
-            Extension(f"LABELS{k}", labels, header),
             Extension(
-                f"BAD{k}",
-                _on_window(bad.any(axis=0), corners, shape, True).astype(np.uint8),
+                f"KLWIN{k}",
+                kl_windows(basis, corners, shape) if p["mode"] == "RDI" else np.zeros(1),
                 header,
             ),
+            Extension(f"LABELS{k}", labels, header),
+            Extension(f"BAD{k}", bad.astype(np.uint8), header),
             Extension(f"ZONES{k}", zone_sizes(basis.zones, frame), header),
         ]
     return Product(output_dir / f"{name}_fmwindows.fits", primary, extensions)
+
+
+def read_windows(path: str | Path, cutoff: int | None = None) -> tuple[list, list, dict]:
+    """A ``_fmwindows.fits`` product read back: per companion its rolls (``Roll``, one per
+    science exposure) and its start (separation, position angle, name); and ``star``,
+    ``resolution`` and the KL ``cutoff`` (one of the run's; default the largest)."""
+    with fits.open(path) as hdul:
+        primary = hdul[0].header
+        cutoffs = [int(primary[f"KLMODE{i}"]) for i in range(len(hdul)) if f"KLMODE{i}" in primary]
+        cutoff = cutoffs[-1] if cutoff is None else int(cutoff)
+        if cutoff not in cutoffs:
+            raise CoronInputError(
+                "cutoff", f"{cutoff} is not one of the run's KL cutoffs {cutoffs}"
+            )
+        plane = cutoffs.index(cutoff)
+        rolls_of = [[] for _ in range(primary["NCOMP"])]
+        k = 0
+        while f"MEAN{k}" in hdul:
+            header = hdul[f"LABELS{k}"].header
+            wcs = WCS(header, naxis=2)
+            mean = hdul[f"MEAN{k}"].data[plane].astype(np.float64)
+            images, labels = hdul[f"KLWIN{k}"].data, hdul[f"LABELS{k}"].data
+            bad, sizes = hdul[f"BAD{k}"].data.astype(bool), hdul[f"ZONES{k}"].data
+            adi = f"ADI{k}_ROWS" in hdul
+            for j, rolls in enumerate(rolls_of):
+                corner = (int(header[f"Y0_{j}"]), int(header[f"X0_{j}"]))
+                rolls.append(
+                    Roll(
+                        f"exposure {k}",
+                        mean,
+                        None if adi else np.array(images[j]),
+                        labels[j],
+                        sizes,
+                        corner,
+                        bad[j],
+                        wcs,
+                        read_adi_windows(hdul, k, j) if adi else None,
+                    )
+                )
+            k += 1
+        starts = [
+            (primary[f"SEP_{j}"], primary[f"PA_{j}"], primary[f"NAME_{j}"])
+            for j in range(len(rolls_of))
+        ]
+        about = dict(
+            star=star_position(primary, path),
+            resolution=float(primary["RESOLUTN"]),
+            cutoff=cutoff,
+        )
+    return rolls_of, starts, about
 
 
 def fit_companions(
@@ -159,52 +218,15 @@ def fit_companions(
     off-axis ``psf`` (odd box, the star's flux) at KL ``cutoff`` (one of the run's; default
     the largest), dimmed by the coronagraph's ``transmission`` (None: none)."""
     settings = settings or FitSettings.configured()
-    with fits.open(path) as hdul:
-        primary = hdul[0].header
-        cutoffs = [int(primary[f"KLMODE{i}"]) for i in range(len(hdul)) if f"KLMODE{i}" in primary]
-        cutoff = cutoffs[-1] if cutoff is None else int(cutoff)
-        if cutoff not in cutoffs:
-            raise CoronInputError(
-                "cutoff", f"{cutoff} is not one of the run's KL cutoffs {cutoffs}"
-            )
-        plane = cutoffs.index(cutoff)
-        star = star_position(primary, path)
-        rolls_of = [[] for _ in range(primary["NCOMP"])]
-        k = 0
-        while f"MEAN{k}" in hdul:
-            header = hdul[f"KLWIN{k}"].header
-            wcs = WCS(header, naxis=2)
-            mean = hdul[f"MEAN{k}"].data[plane].astype(np.float64)
-            images, labels = hdul[f"KLWIN{k}"].data, hdul[f"LABELS{k}"].data
-            bad, sizes = hdul[f"BAD{k}"].data.astype(bool), hdul[f"ZONES{k}"].data
-            for j, rolls in enumerate(rolls_of):
-                corner = (int(header[f"Y0_{j}"]), int(header[f"X0_{j}"]))
-                rolls.append(
-                    Roll(
-                        f"exposure {k}",
-                        mean,
-                        np.array(images[j]),
-                        labels[j],
-                        sizes,
-                        corner,
-                        bad[j],
-                        wcs,
-                    )
-                )
-            k += 1
-        starts = [
-            (primary[f"SEP_{j}"], primary[f"PA_{j}"], primary[f"NAME_{j}"])
-            for j in range(len(rolls_of))
-        ]
-        resolution = float(primary["RESOLUTN"])
+    rolls_of, starts, about = read_windows(path, cutoff)
     return [
         fit_companion(
             rolls,
             psf,
-            star,
+            about["star"],
             (separation, angle),
-            resolution=resolution,
-            cutoff=cutoff,
+            resolution=about["resolution"],
+            cutoff=about["cutoff"],
             transmission=transmission,
             settings=settings,
             name=name,
@@ -242,7 +264,7 @@ def measure_companions(
     ``psfmask``, ``transmission`` and ``execution`` as for ``pipeline.contrast``."""
     psfmask = find_psfmask(asn, psfmask)
     parameters, observation = check_inputs(asn, output_dir, psfmask=psfmask, **parameters)
-    check_mode(parameters["mode"])
+    check_mode(parameters)
     if parameters["format"] != "fits":  # the i2d, crfints and aligned references read back
         raise CoronInputError("format", "companions reads its reduction as FITS files: not zarr")
     if not guesses:
@@ -284,7 +306,9 @@ def measure_companions(
             item.path = item.path.with_name(f".companions_{item.path.name}")
         built["cutoffs"] = list(reduction.bases[0].cutoffs)
         # what the residual i2d is reduced from, after the fits: hidden scratch files too
-        built["kept"] = ScratchForResidual.of(reduction, observation, output_dir)
+        # (RDI: with ADI the bases rebuilt with the companion taken out are not made yet)
+        residual = parameters["mode"] == "RDI" and bool(built["i2d"])
+        built["kept"] = ScratchForResidual.of(reduction, observation, output_dir, residual)
         return [
             *(item for item in reduction.products if item.scratch),
             *built["i2d"],
@@ -304,7 +328,7 @@ def measure_companions(
             i2ds = [item.path for item in built["i2d"]]
             cutoffs = built["cutoffs"]
             residual = None
-            if i2ds:  # the science with every fitted companion subtracted
+            if kept.products:  # the science with every fitted companion subtracted
                 again = reduction_from_products(
                     asn, output_dir, kept.written, parameters, observation, psfmask, workers
                 )
@@ -351,40 +375,3 @@ def measure_companions(
         **execution,
     )
     return built["fits"], [path for path in paths if Path(path).exists()]  # not the scratch
-
-
-def i2d_snr(path: Path, fit: CompanionFit, cutoffs: list[int], resolution: float) -> float:
-    """The i2d's S/N (``photometry.snr_map``: the pixel against its annulus, λ/D wide) at
-    the pixel nearest ``fit``'s place, on its KL cutoff's plane; ``resolution`` λ/D in the
-    science frames' pixels."""
-    with fits.open(path) as hdul:
-        data, header = hdul["SCI"].data.astype(np.float64), hdul["SCI"].header
-    if data.ndim == 3:
-        data = data[cutoffs.index(fit.cutoff)]
-    grid = WCS(header, naxis=2)
-    star = pixel_positions(grid, fit.model.star)[0]
-    x, y = pixel_positions(grid, fit.sky_place)[0]
-    scale = pixel_scale_arcsec(grid) / pixel_scale_arcsec(fit.model.rolls[0].wcs)
-    snr, _ = snr_map(data, (float(star[0]), float(star[1])), resolution / scale)
-    return float(snr[round(float(y)), round(float(x))])
-
-
-def write_companion_products(
-    table, fits_found: list[CompanionFit], output_dir: Path, name: str
-) -> list[Path]:
-    """``<name>_companions.ecsv`` and a quicklook PNG per companion (with the residual
-    i2d's S/N where the table has it, ``residual_snr``), each placed whole (a partial file
-    renamed); the paths written."""
-    # matplotlib: imported once there is something to draw
-    from coron_dask.quicklook.companion_figure import companion_figure
-
-    ecsv = output_dir / f"{name}_companions.ecsv"
-    partial = ecsv.with_name(ecsv.name + ".partial")
-    table.write(partial, format="ascii.ecsv", overwrite=True)
-    partial.replace(ecsv)
-    written = [ecsv]
-    residual = table["residual_snr"] if "residual_snr" in table.colnames else [None] * len(table)
-    for number, (fit, left) in enumerate(zip(fits_found, residual, strict=True), 1):
-        path = output_dir / f"{name}_companion{number}.png"
-        written.append(companion_figure(fit, path, residual_snr=left))
-    return written

@@ -31,6 +31,7 @@ from threadpoolctl import threadpool_limits
 
 from coron_dask.core import config
 from coron_dask.core.errors import CoronInputError, raise_if_stopped
+from coron_dask.science.companion_adi import AdiCompanionModel
 from coron_dask.science.companion_model import CompanionModel, Roll
 from coron_dask.science.companion_noise import KERNELS
 from coron_dask.science.companion_result import CompanionFit, fit_result
@@ -47,6 +48,7 @@ class FitSettings:
 
     psf_half_width: float | None
     window_margin: float
+    align_slack: float
     stamp_radius: float
     annulus_width: float
     noise_mask: float
@@ -173,8 +175,8 @@ def fit_companion(
     name: str = "companion",
 ) -> CompanionFit:
     """Fit a companion near ``start`` (separation arcsec, position angle degrees E of N)
-    in ``rolls`` (one per science exposure, RDI) with the off-axis ``psf`` (the star's
-    flux), at KL ``cutoff``; λ/D is ``resolution`` pixels.
+    in ``rolls`` (one per science exposure; RDI, or ADI with ``Roll.adi``) with the
+    off-axis ``psf`` (the star's flux), at KL ``cutoff``; λ/D is ``resolution`` pixels.
     See the module's docstring."""
     settings = settings or FitSettings.configured()
     # many small matrix products: BLAS's threads cost more than they bring
@@ -185,7 +187,8 @@ def fit_companion(
 def _fit(rolls, psf, star, start, resolution, cutoff, transmission, settings, name):
     """``fit_companion``'s work, on one BLAS thread."""
     began = time.perf_counter()
-    model = CompanionModel(
+    kind = CompanionModel if rolls[0].adi is None else AdiCompanionModel
+    model = kind(
         rolls,
         psf,
         star,

@@ -43,16 +43,18 @@ class Roll:
     (m, K, wy, wx; the first ``cutoff`` are used), the window's zone ``labels`` (wy, wx)
     and the zones' pixel counts ``sizes``; the window's first pixel ``corner`` (y0, x0);
     the pixels filled by align_refs in any integration, ``bad`` (wy, wx); the exposure's
-    celestial ``wcs``."""
+    celestial ``wcs``; with ADI, ``adi`` what the negative injection needs
+    (``science.companion_adi.AdiWindows``) in place of the KL images."""
 
     name: str
     image: np.ndarray
-    images: np.ndarray
+    images: np.ndarray | None
     labels: np.ndarray
     sizes: np.ndarray
     corner: tuple[int, int]
     bad: np.ndarray
     wcs: WCS
+    adi: object | None = None
 
 
 def window_for(place: tuple[float, float], half: int, margin: int) -> tuple[np.ndarray, tuple]:
@@ -91,6 +93,9 @@ class CompanionModel:
     may move from the start's in any roll; ``stamp`` the radius (pixels) of the pixels
     fitted; ``noise`` the annulus settings (``annulus_noise``'s width, masked, max_lag,
     kernel, in pixels)."""
+
+    #: The model, in words (a product's row says it).
+    method = "exact RDI forward model"
 
     def __init__(
         self,
@@ -159,13 +164,17 @@ class CompanionModel:
         star = pixel_positions(roll.wcs, self.star)[0]
         model = annulus_noise(roll.image, tuple(star), tuple(origin), **noise)
         places = np.column_stack([xx.ravel()[stamp], yy.ravel()[stamp]]).astype(np.float64)
-        images = roll.images[:, : self.cutoff]
-        operator = mean_operator(images, roll.labels, roll.sizes, stamp, self.cutoff)
         self.stamps.append(stamp)
         self.data.append(values.ravel()[stamp])
         self.noise.append(model)
         self.factors.append(model.factor(places))
-        self.operators.append(operator)
+        self.operators.append(self._operator(roll, stamp))
+
+    def _operator(self, roll: Roll, stamp: np.ndarray) -> np.ndarray:
+        """The matrix that makes a companion's integration-mean psfsub on the ``stamp``
+        (flat window pixels) from its image on the window (``mean_operator``)."""
+        images = roll.images[:, : self.cutoff]
+        return mean_operator(images, roll.labels, roll.sizes, stamp, self.cutoff)
 
     def places(self, theta: np.ndarray) -> list[np.ndarray]:
         """Per roll, the detector places (n, 2) = (x, y) of θ (n, 3), linearised."""

@@ -76,7 +76,7 @@ class CompanionFit:
             f"{n.kernel} ℓ {n.length:.2f} px share {n.share:.2f}" for n in self.noise
         )
         return (
-            f"exact RDI forward model, {self.cutoff} KL modes, off-axis PSF {box[0]}x{box[1]} "
+            f"{self.model.method}, {self.cutoff} KL modes, off-axis PSF {box[0]}x{box[1]} "
             f"px, {len(self.noise)} roll(s) of {', '.join(str(len(s)) for s in self.model.stamps)} "
             f"px; annulus noise {kernels}; emcee {self.samples.shape[0]} samples"
         )

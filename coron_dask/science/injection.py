@@ -44,6 +44,7 @@ from coron_dask.science.transmission import Transmission
 from coron_dask.steps.align_refs import median_replace_img
 from coron_dask.steps.blocks import shift_block
 from coron_dask.steps.klip import KLBasis, kl_basis, subtract
+from coron_dask.steps.negative_injection import aligned_on_disk
 from coron_dask.steps.resample import resample
 
 
@@ -310,7 +311,7 @@ def adi_injected_basis(
         dtype=np.float32,
         name="inject-aligned-" + tokenize(companions, fits),
     )
-    aligned = _aligned_on_disk(basis, psfalign)
+    aligned = aligned_on_disk(basis, psfalign)
     injected = da.concatenate(
         [aligned[..., :first, :, :], aligned[..., first:, :, :] + moved], axis=-3
     )
@@ -318,53 +319,3 @@ def adi_injected_basis(
     return kl_basis(
         filled, references, truncate, rows=basis.rows, zones=basis.zones, chosen=basis.chosen
     )
-
-
-def _aligned_on_disk(basis: KLBasis, psfalign: xr.Dataset) -> da.Array:
-    """psfalign's SCI as KLIP reads it: from the file the alignment wrote (``basis``'s
-    reading), a block of targets a task, once the writes of that block have run, so that no
-    aligned frame waits in memory for the injections; the lazy frames where none was
-    written."""
-    if not basis.reading:
-        return psfalign["sci"].data
-    source, _, written = basis.reading[:3]
-    frame = {"y": psfalign.sizes["y"], "x": psfalign.sizes["x"]}
-    if psfalign["sci"].ndim == 3:  # one set of references, read whole by one task
-        after = written.reshape(-1).rechunk(-1)
-        return da.blockwise(
-            _read_all,
-            "pyx",
-            after,
-            "a",
-            source,
-            None,
-            new_axes={"p": psfalign.sizes["psf"], **frame},
-            concatenate=True,
-            dtype=np.float32,
-            name="inject-read-aligned-" + tokenize(source, after),
-        )
-    targets, _ = basis.references
-    return da.blockwise(
-        _read_aligned,
-        "mpyx",
-        targets,
-        "m",
-        source,
-        None,
-        written.rechunk({1: -1}),
-        "mpz",
-        new_axes=frame,
-        concatenate=True,
-        dtype=np.float32,
-        name="inject-read-aligned-" + tokenize(targets, source, written),
-    )
-
-
-def _read_aligned(targets: np.ndarray, source: object, after: object) -> np.ndarray:
-    """The aligned frames of ``targets`` (indices into a 4-D psfalign) read from ``source``."""
-    return np.asarray(source[int(targets[0]) : int(targets[-1]) + 1], dtype=np.float32)
-
-
-def _read_all(after: object, source: object) -> np.ndarray:
-    """A 3-D psfalign read whole from ``source``."""
-    return np.asarray(source[:], dtype=np.float32)

@@ -240,6 +240,17 @@ def _overlaps(
     )
 
 
+def target_overlaps(basis: KLBasis) -> da.Array:
+    """The overlaps (m, Z, p) of ``basis``'s science with its references, (R − μ)·(t − t̄)
+    per zone: those its Gram pass made (a basis per integration), or a pass of their own."""
+    if basis.overlaps is not None:
+        return basis.overlaps
+    npsf = basis.weights.shape[3]
+    return _overlaps(
+        basis.science, basis.references, basis.means, basis.rows, basis.zones, basis.reading, npsf
+    )
+
+
 def subtract(science: xr.Dataset, basis: KLBasis) -> xr.Dataset:
     """psfsub of ``science`` (a filled cube, in the blocks ``basis`` was made in) on
     ``basis``: ``sci``, ``err`` (the basis's), ``dq`` (see ``klip``). KLIP is linear in the
