@@ -193,8 +193,9 @@ def execute_on_cluster(
     before anything is written; with ``inputs`` a run stopped part way can be taken up by
     the same run again (``staging.staged_products``). ``after(write, paths, workers)``, once
     the products are placed, does more on the same cluster: ``write(products)`` writes
-    more products in one computation of the same client; its paths are added to the run's
-    (an error there leaves the run's products on disk, and says so)."""
+    more products in one computation of the same client (not in ``report`` and ``stats``:
+    those are the products' computation's); its paths are added to the run's (an error
+    there leaves the run's products on disk, and says so)."""
     where = check_execution(cluster=cluster, client=client, **where)
     progress = where.pop("progress", None) is not False
     report, stats = where.pop("report", None), where.pop("stats", None)
@@ -218,9 +219,10 @@ def execute_on_cluster(
             late_workers = resources.enter_context(shared)
         products = build(workers)
 
-        def compute(*writes: object) -> None:
-            try:
-                execute(writes, client, progress=progress, report=report, stats=stats)
+        def compute(*writes: object, first: bool = True) -> None:
+            try:  # the report and stats are the products' computation's
+                kept = {"report": report, "stats": stats} if first else {}
+                execute(writes, client, progress=progress, **kept)
             finally:  # a worker that joined and sees another folder: the run's failure
                 if late_workers is not None:
                     late_workers()
@@ -228,8 +230,12 @@ def execute_on_cluster(
         paths = write_products(products, compute, inputs)
         if after is None:
             return paths
+
+        def more(products: list[Product]) -> list[Path]:
+            return write_products(products, lambda *writes: compute(*writes, first=False))
+
         try:
-            return [*paths, *after(lambda more: write_products(more, compute), paths, workers)]
+            return [*paths, *after(more, paths, workers)]
         except BaseException as error:  # those still there (not a scratch file removed)
             record_on_disk(error, [path for path in paths if Path(path).exists()])
             raise
