@@ -108,6 +108,8 @@ LANES = {
     "tests/test_companions_adi.py::test_walkers_spread_over_workers_give_the_same_chain": (
         "cluster slow"
     ),
+    "tests/test_companions_session.py::"
+    "test_the_windows_and_the_residual_are_computed_on_the_runs_own_cluster": "cluster slow",
     "tests/test_pipeline.py::test_truncated_klip_error_matches_jwst": "slow",
     "tests/test_pipeline.py::test_each_plane_of_the_kl_mode_cube_is_a_single_truncation_run": (
         "slow"
@@ -136,7 +138,7 @@ LANES = {
 #: reduced and fitted) or a busy one.
 SLOW_FIXTURES = {
     *("swept", "zoned", "busy_baseline", "curve", "occulted", "runs", "adi_run", "recovered"),
-    *("fitted_cli", "recovered_adi"),
+    *("fitted_cli", "recovered_adi", "fitted_session"),
 }
 
 

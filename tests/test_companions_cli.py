@@ -15,6 +15,7 @@ from astropy.table import Table
 from astropy.wcs import WCS
 from matplotlib.image import imread
 
+from benchmarks.hashes import fingerprints
 from coron_dask.pipeline.provenance import read_provenance
 from coron_dask.science.companion_result import Estimate
 from coron_dask.science.companion_table import widened
@@ -54,25 +55,51 @@ def fitted_cli(tmp_path_factory) -> dict:
             *REDUCTION,
             *common,
         ],
-        run=["run", asn, "-o", folder / "run", *REDUCTION[2:], *common],
+        run=["run", asn, "-o", folder / "out", *REDUCTION[2:], *common],
     )
 
 
 @pytest.fixture(scope="module")
 def companions_output(fitted_cli) -> dict:
-    """What the two commands print and write (run once per module)."""
+    """What the two commands print and write (run once per module): ``run``, then
+    ``companions`` into the folder of the run's products."""
     from coron_dask.cli.main import main
 
+    out = fitted_cli["folder"] / "out"
+    assert main([str(a) for a in fitted_cli["run"]]) == 0
+    run = {path.name: path.stat() for path in out.iterdir()}
+    fingerprint = fingerprints(out)
     code = main([str(a) for a in fitted_cli["args"]])
     assert code == 0
-    assert main([str(a) for a in fitted_cli["run"]]) == 0
-    out = fitted_cli["folder"] / "out"
     return dict(
         table=Table.read(next(out.glob("*_companions.ecsv")), format="ascii.ecsv"),
         pngs=sorted(out.glob("*_companion[0-9]*.png")),
-        i2d=next((fitted_cli["folder"] / "run").glob("*_i2d.fits")),
+        i2d=next(out.glob("*[0-9]_i2d.fits")),
+        run_files=run,
+        fingerprint=fingerprint,
         **fitted_cli,
     )
+
+
+def test_the_runs_products_in_the_folder_are_left_as_they_are(companions_output):
+    """``companions`` into a run's folder: every product of the run is the same file
+    (inode and modification time: not replaced by the command's own i2d, a scratch file
+    read and removed) with the same content; besides them only the windows, the table
+    and the quicklook, no hidden file."""
+    out = companions_output["folder"] / "out"
+    for name, stat in companions_output["run_files"].items():
+        now = (out / name).stat()
+        assert (now.st_ino, now.st_mtime_ns) == (stat.st_ino, stat.st_mtime_ns), name
+    after = fingerprints(out)
+    assert {name: after[name] for name in companions_output["fingerprint"]} == companions_output[
+        "fingerprint"
+    ]
+    added = {path.name.rsplit("_", 1)[-1] for path in out.iterdir()} - {
+        name.rsplit("_", 1)[-1] for name in companions_output["run_files"]
+    }
+    assert added == {"fmwindows.fits", "companions.ecsv", "companion1.png"}
+    assert len(list(out.glob("*_residual_i2d.fits"))) == 1
+    assert not list(out.glob(".*"))  # the scratch files: i2d, crfints, aligned references
 
 
 def test_the_fitted_row_is_within_its_errors_of_the_truth(companions_output):
@@ -102,6 +129,12 @@ def test_the_fitted_row_is_within_its_errors_of_the_truth(companions_output):
     near = snr[round(y) - 1 : round(y) + 2, round(x) - 1 : round(x) + 2]
     assert near.min() - 0.5 < row["snr_i2d"] <= near.max() + 1e-9 and row["snr_i2d"] > 5
     assert -1 <= row["corr_separation_pa"] <= 1
+    # the residual i2d: the fitted companion subtracted leaves no structure at its place
+    residual = next((companions_output["folder"] / "out").glob("*_residual_i2d.fits"))
+    with fits.open(residual) as hdul:
+        image, grid = hdul["SCI"].data.astype(float), WCS(hdul["SCI"].header, naxis=2)
+    snr = snr_map(image, tuple(star_px), companions_output["table"].meta["resolution_pixels"])[0]
+    assert abs(snr[round(y), round(x)]) < 3 and abs(row["residual_snr"]) < 3
     assert len(row["transmission"].split(",")) == 2  # one per roll
 
 
@@ -153,6 +186,9 @@ def test_bad_input_is_one_line_exit_2_and_nothing_written(blank, tmp_path, capsy
     err = _bad(["companions", blank, "--offaxis-psf", psf, "--at", "1,30", "--mode", "ADI",
                 "--maxnumbasis", "3", "--truncate", "3"], tmp_path, capsys)  # fmt: skip
     assert "maxnumbasis" in err and "most correlated" in err
+    err = _bad(["companions", blank, "--offaxis-psf", psf, "--at", "1,30", "--format", "zarr"],
+               tmp_path, capsys)  # fmt: skip
+    assert "--format: companions reads its reduction as FITS files" in err
     err = _bad(["companions", blank, "--offaxis-psf", psf, "--at", "30,0"], tmp_path, capsys)
     assert "--at" in err and "falls off exposure 0's frame" in err
     inside = ["--at", "0.1,0", "--iwa", "4"]
@@ -212,8 +248,8 @@ def test_star_and_plate_scale_errors_widen_as_their_monte_carlo():
 
 def test_a_sigterm_during_the_fit_leaves_no_companions_product(fitted_cli, tmp_path):
     """SIGTERM once the reduction is placed (``_fmwindows.fits``) and the sampler runs: exit
-    143, one line saying what is on disk (the i2d and the windows), no ECSV, PNG or
-    partial of them."""
+    143, one line saying what is on disk (the windows; the scratch i2d removed), no ECSV,
+    PNG or partial of them."""
     args = list(fitted_cli["args"])
     out = tmp_path / "out"
     args[args.index("-o") + 1] = out
@@ -228,8 +264,8 @@ def test_a_sigterm_during_the_fit_leaves_no_companions_product(fitted_cli, tmp_p
     last = err.strip().splitlines()[-1]
     assert (
         last.startswith("coron-dask: error: stopped by SIGTERM")
-        and "2 products were written" in last
+        and "_fmwindows.fits was written" in last
     )
-    assert {p.name.split("_")[-1] for p in out.iterdir()} == {"i2d.fits", "fmwindows.fits"}
+    assert [p.name.split("_")[-1] for p in out.iterdir()] == ["fmwindows.fits"]
     assert not list(out.glob("*companion*.png")) and not list(out.glob("*.ecsv*"))
     assert not list(out.glob("*partial*"))

@@ -6,7 +6,8 @@ import json
 from pathlib import Path
 
 from coron_dask.cli.options import given
-from coron_dask.core.errors import record_on_disk
+from coron_dask.core.errors import CoronInputError, record_on_disk
+from coron_dask.core.parameters import BY_NAME
 from coron_dask.io import resume
 from coron_dask.pipeline.run import check_execution, check_output_dir, run_coron3
 from coron_dask.runtime.jobqueue import jobqueue_cluster
@@ -18,7 +19,32 @@ def _run(args: argparse.Namespace, asn: Path, output_dir: Path) -> list[Path]:
     execution = given(args, args.command, "execution")
     check_execution(cli=True, **execution)
     parameters = given(args, args.command, "step")
-    return run_coron3(asn, output_dir, psfmask=args.psfmask, **execution, **parameters)
+    fitted = _session_companions(args) if args.command == "run" else None
+    return run_coron3(
+        asn, output_dir, psfmask=args.psfmask, companions=fitted, **execution, **parameters
+    )
+
+
+def _session_companions(args: argparse.Namespace) -> object | None:
+    """``run --companions``' request (``companion_session.SessionCompanions``), or None;
+    its options without --companions are refused, never ignored."""
+    asked = {**given(args, "run", "injection"), **given(args, "run", "companion")}
+    if not asked.pop("companions"):
+        extra = [n for n, v in asked.items() if v not in (None, BY_NAME[n].default)]
+        if extra:
+            raise CoronInputError(extra[0], "fits companions: it goes with --companions")
+        return None
+    if asked["offaxis_psf"] is None:
+        raise CoronInputError("companions", "needs the star's off-axis PSF: --offaxis-psf FILE")
+    # astropy.wcs, emcee: only for companions
+    from coron_dask.pipeline.companion_session import FitSettings, SessionCompanions
+
+    sampler = {k: asked.pop(k) for k in ("walkers", "max_steps", "seed")}
+    return SessionCompanions(
+        cutoff=asked.pop("kl"),
+        settings=FitSettings.configured(**{k: v for k, v in sampler.items() if v is not None}),
+        **{name: value for name, value in asked.items() if value is not None},
+    )
 
 
 def run(args: argparse.Namespace) -> None:

@@ -60,8 +60,8 @@ def add_options(parser: argparse.ArgumentParser, command: str) -> None:
         options: dict = {"dest": parameter.name, "help": _help(parameter)}
         if parameter.action == "store_false" and parameter.key:  # None: the configured one
             options.update(action="store_const", const=False, default=None)
-        elif parameter.action == "store_false":
-            options.update(action="store_false")
+        elif parameter.action in ("store_false", "store_true"):  # a flag
+            options.update(action=parameter.action)
         else:
             options.update(default=None if parameter.key else parameter.default)
             if parameter.action:
@@ -74,7 +74,7 @@ def add_options(parser: argparse.ArgumentParser, command: str) -> None:
                 options["metavar"] = parameter.metavar or parameter.flag[2:].upper().replace(
                     "-", "_"
                 )
-            if parameter.required:
+            if parameter.required is True or command in (parameter.required or ()):
                 options["required"] = True
         group.add_argument(parameter.flag, **options)
 

@@ -31,6 +31,7 @@ from coron_dask.core.readers import (
 
 RUNS = ("run", "contrast", "companions", "demo")
 MEASURES = ("contrast", "companions")  # the commands that take an off-axis PSF
+FITS = ("companions", "run")  # the commands that fit companions (run: with --companions)
 
 
 @dataclass(frozen=True)
@@ -42,7 +43,8 @@ class Parameter:
     what None means, where None is a value. ``option``: the command-line option ("" makes it
     from the name, None: there is none), given to ``commands``, in the help's ``group``;
     ``action``, ``metavar``, ``exclusive`` (options of one mutually exclusive set) and
-    ``required`` as argparse takes them; ``option_help`` for an option that says no.
+    ``required`` as argparse takes them (or the commands that require it); ``option_help``
+    for an option that says no.
     ``keyword``: the (keyword, comment) of the primary header that records it."""
 
     name: str
@@ -58,7 +60,7 @@ class Parameter:
     action: str | None = None
     metavar: str | None = None
     exclusive: str | None = None
-    required: bool = False
+    required: bool | tuple[str, ...] = False
     option_help: str | None = None
     keyword: tuple[str, str] | None = None
     choices: tuple[str, ...] = field(init=False)
@@ -79,6 +81,8 @@ PSFMASK_CHOICES = ("crds", "none")  # --psfmask's words; anything else names a f
 FROM_MEMORY = "planned from the workers' memory"
 #: where the companions command's own options go
 COMPANION: dict = dict(role="companion", commands=("companions",), group="companions")
+#: options of the companions command that ``run --companions`` takes too
+FITTED: dict = dict(role="companion", commands=FITS, group="companions")
 
 #: Parameter(name, help, default, key, read, none, role, ...): see ``Parameter``.
 SPEC: tuple[Parameter, ...] = (
@@ -224,10 +228,10 @@ SPEC: tuple[Parameter, ...] = (
               group=EXECUTION_GROUP),
     # the contrast curve's injection-recovery (contrast_curve's)
     Parameter("offaxis_psf", "the star unocculted: a FITS image in the calints' units (SCI or "
-              "primary)", read=path, role="injection", commands=MEASURES,
-              group="injection-recovery", required=True),
+              "primary)", read=path, role="injection", commands=(*MEASURES, "run"),
+              group="injection-recovery", required=MEASURES),
     Parameter("star_flux", "rescale the off-axis PSF to this total flux",
-              read=Number(whole=False), role="injection", commands=MEASURES,
+              read=Number(whole=False), role="injection", commands=(*MEASURES, "run"),
               group="injection-recovery", none="as the file has it"),
     Parameter("separations", "companions' separations, arcsec, e.g. 0.5,1,1.5",
               read=numbers_list, none="10 from 3 λ/D to the field's edge", role="injection",
@@ -239,13 +243,14 @@ SPEC: tuple[Parameter, ...] = (
               "will do)", 1e-4, read=Number(whole=False), role="injection",
               commands=("contrast",), group="injection-recovery"),
     Parameter("resolution", "λ/D in pixels", read=Number(whole=False),
-              none="from FILTER's pivot wavelength", role="injection", commands=MEASURES,
+              none="from FILTER's pivot wavelength", role="injection",
+              commands=(*MEASURES, "run"),
               group="injection-recovery"),
     Parameter("transmission", "the coronagraph's transmission that dims each injected companion "
               "at its detector place in each roll: 'psfmask' (NIRCam's PSFMASK is the "
               "occulter's), 'none', or a FITS map in the science frames' pixels", read=text,
               none="the PSFMASK for NIRCam, none for MIRI", role="injection",
-              commands=MEASURES, group="injection-recovery",
+              commands=(*MEASURES, "run"), group="injection-recovery",
               keyword=("TRANSMIS", "transmission dimming the injections")),
     Parameter("transmission_max", "largest value a transmission map may hold (above it, it is "
               "no transmission)", 1.5, "contrast.transmission-max", role="setting"),
@@ -271,11 +276,11 @@ SPEC: tuple[Parameter, ...] = (
     Parameter("kernel", "the noise's correlation kernel: matern32, sqexp or diagonal (no "
               "correlation)", "matern32", "companions.kernel", role="setting"),
     Parameter("walkers", "emcee's walkers", 32, "companions.walkers", Number(low=2),
-              role="companion", commands=("companions",), group="companions"),
+              role="companion", commands=FITS, group="companions"),
     Parameter("check_steps", "steps between two estimates of the autocorrelation time", 500,
               "companions.check-steps", role="setting"),
     Parameter("max_steps", "most steps a chain takes, converged or not", 20000,
-              "companions.max-steps", Number(low=1), **COMPANION),
+              "companions.max-steps", Number(low=1), **FITTED),
     Parameter("tau_factor", "a chain is long enough at this many autocorrelation times (τ), "
               "its estimate steady", 50, "companions.tau-factor", role="setting"),
     Parameter("tau_change", "steady: τ changed by less than this fraction between two "
@@ -286,21 +291,26 @@ SPEC: tuple[Parameter, ...] = (
               "point's (Laplace) standard deviations", 0.5, "companions.walker-spread",
               role="setting"),
     Parameter("seed", "seed of the sampler's random numbers", 1, "companions.seed",
-              Number(), **COMPANION),
+              Number(), **FITTED),
     # which companions are fitted, and what the data's astrometry adds (the companions command)
+    Parameter("companions", "after the run, on its cluster: fit each candidate of S/N at least "
+              "--min-snr (needs --offaxis-psf) and write the residual i2d", False,
+              action="store_true", role="companion", commands=("run",), group="companions",
+              option_help="after the run, on its cluster: fit each candidate of S/N at least "
+              "--min-snr (needs --offaxis-psf) and write the residual i2d"),
     Parameter("at", "fit a companion starting at SEP,PA (arcsec, degrees east of north; "
               "repeatable)", read=numbers_list, action="append", metavar="SEP,PA",
               none="the candidates of --candidates", **COMPANION),
     Parameter("candidates", "fit a run's candidates (<product>_candidates.ecsv) of S/N at "
               "least --min-snr", read=path, **COMPANION),
     Parameter("min_snr", "least S/N of a candidate fitted", 5.0, "companions.min-snr",
-              Number(whole=False, above=0), **COMPANION),
+              Number(whole=False, above=0), **FITTED),
     Parameter("kl", "the KL cutoff fitted (one of --truncate's)", read=Number(low=1),
-              none="the largest", **COMPANION),
+              none="the largest", **FITTED),
     Parameter("star_position_error", "the star's position error, mas (added in quadrature "
-              "to the astrometric errors)", 0.0, read=Number(whole=False, low=0), **COMPANION),
+              "to the astrometric errors)", 0.0, read=Number(whole=False, low=0), **FITTED),
     Parameter("plate_scale_error", "the plate scale's fractional error (scales the "
-              "separation and offsets' errors)", 0.0, read=Number(whole=False, low=0), **COMPANION),
+              "separation and offsets' errors)", 0.0, read=Number(whole=False, low=0), **FITTED),
 )  # fmt: skip
 BY_NAME = {parameter.name: parameter for parameter in SPEC}
 #: ``build_products``' parameters, in the order provenance records them.

@@ -14,6 +14,7 @@ cutoffs (``KLMODE<i>``) and each companion's start (``SEP_<j>``, ``PA_<j>``).
 """
 
 import logging
+import shutil
 from pathlib import Path
 
 import dask.array as da
@@ -31,6 +32,13 @@ from coron_dask.pipeline.companion_adi import (
     filled_in_references,
     read_adi_windows,
 )
+from coron_dask.pipeline.companion_outputs import i2d_snr, write_companion_products
+from coron_dask.pipeline.companion_residual import (
+    ScratchForResidual,
+    add_residual_snr,
+    reduction_from_products,
+    residual_product,
+)
 from coron_dask.pipeline.companion_starts import Guess, candidate_guesses, check_places
 from coron_dask.pipeline.observation import find_psfmask
 from coron_dask.pipeline.provenance import read_provenance
@@ -41,13 +49,11 @@ from coron_dask.science.companion_result import CompanionFit
 from coron_dask.science.companion_table import companions_table
 from coron_dask.science.geometry import (
     lambda_over_d,
-    pixel_positions,
     pixel_scale_arcsec,
     sky_wcs,
     star_position,
 )
 from coron_dask.science.injection import read_offaxis_psf
-from coron_dask.science.photometry import snr_map
 from coron_dask.science.transmission import Transmission, coronagraph_transmission
 from coron_dask.steps.forward_model import kl_windows, window_labels, zone_sizes
 
@@ -248,14 +254,19 @@ def measure_companions(
 ) -> tuple[list[CompanionFit], list[Path]]:
     """Reduce an association (RDI, ``build_products``' ``parameters``) and fit the
     companions near ``guesses`` (see the module's docstring): the fits, and the products
-    written: ``_fmwindows.fits``, ``<product>_companions.ecsv`` (``science.companion_table``,
-    the reduction's provenance in its meta) and ``<product>_companion<N>.png`` per companion.
+    written: ``_fmwindows.fits``, ``<product>_residual_i2d.fits`` (on the same cluster
+    after the fits: ``pipeline.companion_residual``), ``<product>_companions.ecsv``
+    (``science.companion_table``, the reduction's provenance in its meta) and
+    ``<product>_companion<N>.png`` per companion; its i2d, science crfints and aligned
+    references are hidden scratch files, removed at the end.
     ``star_position_error`` (mas) and ``plate_scale_error`` (fraction) are added in
     quadrature to the astrometric errors. ``offaxis_psf``, ``star_flux``, ``resolution``,
     ``psfmask``, ``transmission`` and ``execution`` as for ``pipeline.contrast``."""
     psfmask = find_psfmask(asn, psfmask)
     parameters, observation = check_inputs(asn, output_dir, psfmask=psfmask, **parameters)
     check_mode(parameters)
+    if parameters["format"] != "fits":  # the i2d, crfints and aligned references read back
+        raise CoronInputError("format", "companions reads its reduction as FITS files: not zarr")
     if not guesses:
         raise CoronInputError("guesses", "no companion to fit")
     check_places(observation.science, guesses, float(parameters["iwa"]))
@@ -288,79 +299,79 @@ def measure_companions(
         built["windows"] = windows_product(
             reduction, guesses, psf, resolution, settings, output_dir, name
         )
-        built["i2d"] = [p for p in reduction.products if p.kind == "i2d"]  # for the S/N
+        # the i2d, for the S/N: a scratch file of this command, read and removed once
+        # the companions are fitted, so that a run's i2d in the folder stays as it is
+        built["i2d"] = [p for p in reduction.products if p.kind == "i2d"]
+        for item in built["i2d"]:
+            item.path = item.path.with_name(f".companions_{item.path.name}")
         built["cutoffs"] = list(reduction.bases[0].cutoffs)
+        # what the residual i2d is reduced from, after the fits: hidden scratch files too
+        # (RDI: with ADI the bases rebuilt with the companion taken out are not made yet)
+        residual = parameters["mode"] == "RDI" and bool(built["i2d"])
+        built["kept"] = ScratchForResidual.of(reduction, observation, output_dir, residual)
         return [
             *(item for item in reduction.products if item.scratch),
             *built["i2d"],
+            *built["kept"].products,
             built["windows"],
         ]
+
+    def measure(write, paths: list[Path], workers) -> list[Path]:
+        """The fits, then on the same cluster the residual i2d, then the table and the
+        quicklooks: the paths written (the scratch files removed, whatever happens)."""
+        kept, written = built["kept"], [built["windows"].path]  # an error leaves these
+        try:
+            kept.placed()
+            built["fits"] = found = fit_companions(
+                built["windows"].path, psf, cutoff=cutoff, transmission=dimming, settings=settings
+            )
+            i2ds = [item.path for item in built["i2d"]]
+            cutoffs = built["cutoffs"]
+            residual = None
+            if kept.products:  # the science with every fitted companion subtracted
+                again = reduction_from_products(
+                    asn, output_dir, kept.written, parameters, observation, psfmask, workers
+                )
+                residual = residual_product(again, found, dimming, output_dir, name)
+                written += write([residual])
+            unit = first["sci"].attrs.get("BUNIT") or first.attrs.get("BUNIT", "")
+            table = companions_table(
+                found,
+                i2d_snr=[i2d_snr(i2ds[0], f, cutoffs, resolution) for f in found] if i2ds else None,
+                flux_unit=str(unit),
+                star_position_error=star_position_error / 1000.0,
+                plate_scale_error=plate_scale_error,
+            )
+            if residual is not None:
+                snr = [i2d_snr(residual.path, f, cutoffs, resolution) for f in found]
+                add_residual_snr(table, snr)
+                table.meta["residual_i2d"] = residual.path.name
+            record = read_provenance(built["provenance"])
+            record["date"] = record["date"].isoformat()
+            record["parameters"] = {
+                k: list(v) if isinstance(v, tuple) else v for k, v in record["parameters"].items()
+            }
+            table.meta["provenance"] = record
+            table.meta["offaxis_psf"] = Path(offaxis_psf).name
+            table.meta["transmission_source"] = dimming.source
+            table.meta["resolution_pixels"] = float(resolution)
+            written += write_companion_products(table, found, output_dir, name)
+        except BaseException as error:
+            record_on_disk(error, written)
+            raise
+        finally:
+            kept.remove()
+            for path in built["i2d"]:
+                path = path.path
+                shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+        return written
 
     inputs = [*run_inputs(observation, psfmask), Path(offaxis_psf)]
     execution = {"output_dir": output_dir, "inputs": inputs, **(execution or {})}
     paths = execute_on_cluster(
-        build, data_bytes=observation_bytes(observation, parameters["align_to"]), **execution
+        build,
+        data_bytes=observation_bytes(observation, parameters["align_to"]),
+        after=measure,
+        **execution,
     )
-    written = list(paths)  # an error from here on leaves these on disk, and says so
-    try:
-        fits_found = fit_companions(
-            built["windows"].path, psf, cutoff=cutoff, transmission=dimming, settings=settings
-        )
-        unit = first["sci"].attrs.get("BUNIT") or first.attrs.get("BUNIT", "")
-        table = companions_table(
-            fits_found,
-            i2d_snr=[
-                i2d_snr(built["i2d"][0].path, f, built["cutoffs"], resolution) for f in fits_found
-            ]
-            if built["i2d"]
-            else None,
-            flux_unit=str(unit),
-            star_position_error=star_position_error / 1000.0,
-            plate_scale_error=plate_scale_error,
-        )
-        record = read_provenance(built["provenance"])
-        record["date"] = record["date"].isoformat()
-        record["parameters"] = {
-            k: list(v) if isinstance(v, tuple) else v for k, v in record["parameters"].items()
-        }
-        table.meta["provenance"] = record
-        table.meta["offaxis_psf"] = Path(offaxis_psf).name
-        table.meta["transmission_source"] = dimming.source
-        table.meta["resolution_pixels"] = float(resolution)
-        written += _write_products(table, fits_found, output_dir, name)
-    except BaseException as error:
-        record_on_disk(error, written)
-        raise
-    return fits_found, written
-
-
-def i2d_snr(path: Path, fit: CompanionFit, cutoffs: list[int], resolution: float) -> float:
-    """The i2d's S/N (``photometry.snr_map``: the pixel against its annulus, λ/D wide) at
-    the pixel nearest ``fit``'s place, on its KL cutoff's plane; ``resolution`` λ/D in the
-    science frames' pixels."""
-    with fits.open(path) as hdul:
-        data, header = hdul["SCI"].data.astype(np.float64), hdul["SCI"].header
-    if data.ndim == 3:
-        data = data[cutoffs.index(fit.cutoff)]
-    grid = WCS(header, naxis=2)
-    star = pixel_positions(grid, fit.model.star)[0]
-    x, y = pixel_positions(grid, fit.sky_place)[0]
-    scale = pixel_scale_arcsec(grid) / pixel_scale_arcsec(fit.model.rolls[0].wcs)
-    snr, _ = snr_map(data, (float(star[0]), float(star[1])), resolution / scale)
-    return float(snr[round(float(y)), round(float(x))])
-
-
-def _write_products(table, fits_found: list[CompanionFit], output_dir: Path, name: str):
-    """``<name>_companions.ecsv`` and a quicklook PNG per companion, each placed whole
-    (a partial file renamed); the paths written."""
-    # matplotlib: imported once there is something to draw
-    from coron_dask.quicklook.companion_figure import companion_figure
-
-    ecsv = output_dir / f"{name}_companions.ecsv"
-    partial = ecsv.with_name(ecsv.name + ".partial")
-    table.write(partial, format="ascii.ecsv", overwrite=True)
-    partial.replace(ecsv)
-    written = [ecsv]
-    for number, fit in enumerate(fits_found, 1):
-        written.append(companion_figure(fit, output_dir / f"{name}_companion{number}.png"))
-    return written
+    return built["fits"], [path for path in paths if Path(path).exists()]  # not the scratch

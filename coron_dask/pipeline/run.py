@@ -5,13 +5,14 @@ computation, the detection map and candidates of the i2d among them."""
 import contextlib
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 from dask.local import get_sync
 from dask.utils import parse_bytes
 
 from coron_dask.core.config import read_execution, resolve_parameters
-from coron_dask.core.errors import CoronInputError
+from coron_dask.core.errors import CoronInputError, record_on_disk
 from coron_dask.core.parameters import PSFMASK_CHOICES, said
 from coron_dask.io import Product, read_psfmask, write_products
 from coron_dask.pipeline import build  # build.build_products looked up at each run
@@ -177,6 +178,7 @@ def execute_on_cluster(
     data_bytes: int | None = None,
     output_dir: str | Path | None = None,
     inputs: list[Path] | None = None,
+    after: Callable | None = None,
     **where: object,
 ) -> list[Path]:
     """Connect to (or start) the cluster ``where`` describes (``run_coron3``'s execution
@@ -189,7 +191,11 @@ def execute_on_cluster(
     must see ``output_dir`` and the ``inputs`` (the files the products are made from) at
     the same paths as this process (``connection.shared_folder``), or the run is refused
     before anything is written; with ``inputs`` a run stopped part way can be taken up by
-    the same run again (``staging.staged_products``)."""
+    the same run again (``staging.staged_products``). ``after(write, paths, workers)``, once
+    the products are placed, does more on the same cluster: ``write(products)`` writes
+    more products in one computation of the same client (not in ``report`` and ``stats``:
+    those are the products' computation's); its paths are added to the run's (an error
+    there leaves the run's products on disk, and says so)."""
     where = check_execution(cluster=cluster, client=client, **where)
     progress = where.pop("progress", None) is not False
     report, stats = where.pop("report", None), where.pop("stats", None)
@@ -213,14 +219,26 @@ def execute_on_cluster(
             late_workers = resources.enter_context(shared)
         products = build(workers)
 
-        def compute(*writes: object) -> None:
-            try:
-                execute(writes, client, progress=progress, report=report, stats=stats)
+        def compute(*writes: object, first: bool = True) -> None:
+            try:  # the report and stats are the products' computation's
+                kept = {"report": report, "stats": stats} if first else {}
+                execute(writes, client, progress=progress, **kept)
             finally:  # a worker that joined and sees another folder: the run's failure
                 if late_workers is not None:
                     late_workers()
 
-        return write_products(products, compute, inputs)
+        paths = write_products(products, compute, inputs)
+        if after is None:
+            return paths
+
+        def more(products: list[Product]) -> list[Path]:
+            return write_products(products, lambda *writes: compute(*writes, first=False))
+
+        try:
+            return [*paths, *after(more, paths, workers)]
+        except BaseException as error:  # those still there (not a scratch file removed)
+            record_on_disk(error, [path for path in paths if Path(path).exists()])
+            raise
 
 
 def observation_bytes(observation: Observation, align_to: str) -> int:
@@ -289,6 +307,7 @@ def run_coron3(
     stats: str | Path | None = None,
     cluster: Cluster | None = None,
     client: object | None = None,
+    companions: object | None = None,
     **parameters: object,
 ) -> list[Path]:
     """Run calwebb_coron3 on an association and return the paths of the products written.
@@ -308,7 +327,9 @@ def run_coron3(
     product. ``report`` saves dask's performance report (HTML), ``stats`` a JSON summary of
     where the time went. With an i2d, its detection map and candidates are made in the
     same computation (``with_detection``), and every product is placed at once, whole or
-    not at all.
+    not at all. ``companions`` (``pipeline.companion_session.SessionCompanions``) fits the
+    candidates of that detection on the same cluster once the products are placed, and
+    writes what it measured after them (checked with the input, before anything starts).
     """
     execution = check_execution(
         scheduler=scheduler,
@@ -328,6 +349,9 @@ def run_coron3(
     )
     psfmask = find_psfmask(asn, psfmask)  # before any cluster starts, as the input checks
     parameters, observation = check_inputs(asn, output_dir, psfmask=psfmask, **parameters)
+    after = None
+    if companions is not None:  # its own input checked now: a bad one starts nothing
+        after = companions.prepared(asn, output_dir, parameters, observation, psfmask)
     paths = execute_on_cluster(
         lambda workers: with_detection(
             build.build_products(
@@ -339,6 +363,7 @@ def run_coron3(
         data_bytes=observation_bytes(observation, parameters["align_to"]),
         output_dir=output_dir,
         inputs=run_inputs(observation, psfmask),
+        after=after,
         **execution,
     )
     log_flagged_fits(paths)

@@ -40,8 +40,11 @@ def _corner(figure, grid, first: int, fit: CompanionFit) -> None:
                 axes.set_ylabel(LABELS[i], fontsize="small")
 
 
-def companion_figure(fit: CompanionFit, path: str | Path) -> Path:
-    """Draw ``fit``'s quicklook (see the module's docstring) into ``path``."""
+def companion_figure(
+    fit: CompanionFit, path: str | Path, residual_snr: float | None = None
+) -> Path:
+    """Draw ``fit``'s quicklook (see the module's docstring) into ``path``; with the S/N
+    of the residual i2d at its place (``residual_snr``) in the title."""
     best = fit.best_models()
     rolls = len(best)
     figure, _ = figure_and_axes(figsize=(9.5, 3.0 * rolls + 6.5))
@@ -61,6 +64,7 @@ def companion_figure(fit: CompanionFit, path: str | Path) -> Path:
     _corner(figure, grid, rolls, fit)
     figure.suptitle(
         f"{fit.name}: KL {fit.cutoff}, S/N {fit.snr:.1f}"
+        + ("" if residual_snr is None else f", residual i2d S/N {residual_snr:.1f}")
         + ("" if fit.converged else " (chain NOT converged)"),
         fontsize="medium",
     )
