@@ -7,6 +7,7 @@ a companion simulated with a known place and contrast is recovered within its
 uncertainties with ADI+RDI, and agrees with the RDI fit of the same data."""
 
 import json
+import logging
 import shutil
 from pathlib import Path
 
@@ -252,41 +253,43 @@ def test_adi_and_rdi_fits_of_the_same_data_agree(recovered_adi):
             assert abs(a.median - r.median) < 2 * np.hypot(a.sigma, r.sigma), (a, r)
 
 
-def test_walkers_spread_over_workers_give_the_same_chain(observation_dir, tmp_path):
-    """An ADI fit whose walkers are evaluated on a LocalCluster's two workers, a part a
-    task (``runtime.spread``), gives the chain of the fit on one core, number for number;
-    the workers ran the parts (their tasks are in the scheduler's record)."""
+def test_walkers_spread_over_workers_give_the_same_chain(observation_dir, tmp_path, caplog):
+    """``companions`` with ADI+RDI on a LocalCluster's two workers: each step's walkers are
+    evaluated there, a part a task (``runtime.spread``), and the chain is the one the
+    same fit makes in this process (``spread-walkers`` false), number for number; the
+    workers ran the parts (the scheduler's record)."""
     from distributed import Client, LocalCluster
 
-    from coron_dask.runtime.spread import walker_spreader
-    from coron_dask.science.companion_fit import fit_companion
-
     asn = next(observation_dir.glob("*_asn.json"))
-    psf = read_offaxis_psf(observation_dir / "offaxis_psf.fits")[20:-20, 20:-20]
-    reduction = reduce_observation(
-        asn,
-        tmp_path,
+    common = dict(
+        offaxis_psf=observation_dir / "offaxis_psf.fits",
+        guesses=[Guess(0.8, 30.0)],
         psfmask=observation_dir / "psfmask.fits",
+        transmission="none",
         truncate=4,
-        save_psfalign=False,
         mode="ADI+RDI",
         align_to="first",
         movement=1.0,
     )
-    settings = FitSettings.configured(walkers=8, check_steps=40, max_steps=80)
-    product = windows_product(reduction, [Guess(0.8, 30.0)], psf, 2.0, settings, tmp_path, "w")
-    write_products([*reduction.products, product], None)
-    rolls_of, starts, about = read_windows(product.path)
-    common = dict(resolution=2.0, cutoff=about["cutoff"], settings=settings)
-    here = fit_companion(rolls_of[0], psf, about["star"], starts[0][:2], **common)
+    small = dict(walkers=8, check_steps=40, max_steps=80)
     with (
         LocalCluster(n_workers=2, threads_per_worker=1, dashboard_address=None) as cluster,
-        Client(cluster) as client,
+        Client(cluster, set_as_default=False) as client,
     ):
-        spread = walker_spreader(client)
-        there = fit_companion(
-            rolls_of[0], psf, about["star"], starts[0][:2], spread=spread, **common
-        )
+        chains = []
+        for spread in (True, False):
+            with caplog.at_level(logging.INFO, logger="coron_dask"):
+                caplog.clear()
+                found, _ = measure_companions(
+                    asn,
+                    tmp_path / str(spread),
+                    settings=FitSettings.configured(spread_walkers=spread, **small),
+                    execution={"client": client, "progress": False},
+                    **common,
+                )
+            said = "walkers evaluated on the cluster's workers" in caplog.text
+            assert said == spread
+            chains.append(found[0].samples)
         ran = client.run_on_scheduler(
             lambda dask_scheduler: sum(
                 prefix.state_counts["memory"]  # tasks that reached memory, ever
@@ -294,8 +297,8 @@ def test_walkers_spread_over_workers_give_the_same_chain(observation_dir, tmp_pa
                 if "log_probability" in name
             )
         )
-    assert np.array_equal(here.samples, there.samples)
-    assert ran >= 80 * 2 and here.steps == there.steps == 80  # two parts a step
+    assert np.array_equal(chains[0], chains[1])
+    assert ran >= 80 * 2  # two parts a step
 
 
 def test_the_adi_residual_has_no_significant_source(recovered_adi):

@@ -89,6 +89,7 @@ def test_defaults_are_those_shipped_before_the_spec():
             "tau-change": 0.05,
             "burn-factor": 5,
             "walker-spread": 0.5,
+            "spread-walkers": True,
             "seed": 1,
             "min-snr": 5.0,  # the candidates `coron-dask companions --candidates` fits
         },

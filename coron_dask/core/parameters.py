@@ -290,6 +290,9 @@ SPEC: tuple[Parameter, ...] = (
     Parameter("walker_spread", "the walkers' starting ball, in the maximum-likelihood "
               "point's (Laplace) standard deviations", 0.5, "companions.walker-spread",
               role="setting"),
+    Parameter("spread_walkers", "ADI fits on a distributed cluster: each step's walkers "
+              "evaluated on its workers (false: in this process)", True,
+              "companions.spread-walkers", role="setting"),
     Parameter("seed", "seed of the sampler's random numbers", 1, "companions.seed",
               Number(), **FITTED),
     # which companions are fitted, and what the data's astrometry adds (the companions command)

@@ -117,7 +117,7 @@ class SessionCompanions:
         )
         settings = self.settings or FitSettings.configured()
 
-        def measure(write: Callable, paths: list[Path], workers) -> list[Path]:
+        def measure(write: Callable, paths: list[Path], workers, client) -> list[Path]:
             iwa = float(parameters["iwa"])
             guesses = _candidates(paths, threshold, self.cutoff, observation, iwa)
             if not guesses:

@@ -15,6 +15,7 @@ cutoffs (``KLMODE<i>``) and each companion's start (``SEP_<j>``, ``PA_<j>``).
 
 import logging
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import dask.array as da
@@ -43,6 +44,7 @@ from coron_dask.pipeline.companion_starts import Guess, candidate_guesses, check
 from coron_dask.pipeline.observation import find_psfmask
 from coron_dask.pipeline.provenance import read_provenance
 from coron_dask.pipeline.run import check_inputs, execute_on_cluster, observation_bytes, run_inputs
+from coron_dask.runtime.spread import walker_spreader
 from coron_dask.science.companion_fit import FitSettings, fit_companion
 from coron_dask.science.companion_model import Roll, detector_place, window_for
 from coron_dask.science.companion_result import CompanionFit
@@ -213,10 +215,12 @@ def fit_companions(
     cutoff: int | None = None,
     transmission: Transmission | None = None,
     settings: FitSettings | None = None,
+    spread: Callable | None = None,
 ) -> list[CompanionFit]:
     """Fit every companion of a ``_fmwindows.fits`` product (``windows_product``) with the
     off-axis ``psf`` (odd box, the star's flux) at KL ``cutoff`` (one of the run's; default
-    the largest), dimmed by the coronagraph's ``transmission`` (None: none)."""
+    the largest), dimmed by the coronagraph's ``transmission`` (None: none); ``spread``
+    as ``fit_companion``'s."""
     settings = settings or FitSettings.configured()
     rolls_of, starts, about = read_windows(path, cutoff)
     return [
@@ -230,6 +234,7 @@ def fit_companions(
             transmission=transmission,
             settings=settings,
             name=name,
+            spread=spread,
         )
         for rolls, (separation, angle, name) in zip(rolls_of, starts, strict=True)
     ]
@@ -316,14 +321,24 @@ def measure_companions(
             built["windows"],
         ]
 
-    def measure(write, paths: list[Path], workers) -> list[Path]:
-        """The fits, then on the same cluster the residual i2d, then the table and the
-        quicklooks: the paths written (the scratch files removed, whatever happens)."""
+    def measure(write, paths: list[Path], workers, client) -> list[Path]:
+        """The fits (ADI's walkers on the cluster's workers: ``runtime.spread``), then on
+        the same cluster the residual i2d, then the table and the quicklooks: the paths
+        written (the scratch files removed, whatever happens)."""
         kept, written = built["kept"], [built["windows"].path]  # an error leaves these
+        spread = None
+        if client is not None and parameters["mode"] != "RDI" and settings.spread_walkers:
+            spread = walker_spreader(client)
+            log.info("companions: each step's walkers evaluated on the cluster's workers")
         try:
             kept.placed()
             built["fits"] = found = fit_companions(
-                built["windows"].path, psf, cutoff=cutoff, transmission=dimming, settings=settings
+                built["windows"].path,
+                psf,
+                cutoff=cutoff,
+                transmission=dimming,
+                settings=settings,
+                spread=spread,
             )
             i2ds = [item.path for item in built["i2d"]]
             cutoffs = built["cutoffs"]

@@ -191,7 +191,7 @@ def execute_on_cluster(
     must see ``output_dir`` and the ``inputs`` (the files the products are made from) at
     the same paths as this process (``connection.shared_folder``), or the run is refused
     before anything is written; with ``inputs`` a run stopped part way can be taken up by
-    the same run again (``staging.staged_products``). ``after(write, paths, workers)``, once
+    the same run again (``staging.staged_products``). ``after(write, paths, workers, client)``, once
     the products are placed, does more on the same cluster: ``write(products)`` writes
     more products in one computation of the same client (not in ``report`` and ``stats``:
     those are the products' computation's); its paths are added to the run's (an error
@@ -235,7 +235,7 @@ def execute_on_cluster(
             return write_products(products, lambda *writes: compute(*writes, first=False))
 
         try:
-            return [*paths, *after(more, paths, workers)]
+            return [*paths, *after(more, paths, workers, client)]
         except BaseException as error:  # those still there (not a scratch file removed)
             record_on_disk(error, [path for path in paths if Path(path).exists()])
             raise

@@ -62,6 +62,7 @@ class FitSettings:
     tau_change: float
     burn_factor: float
     walker_spread: float
+    spread_walkers: bool
     seed: int
 
     @classmethod
@@ -80,6 +81,9 @@ class FitSettings:
                     raise CoronInputError(
                         key, f"must be one of {', '.join(KERNELS)}, got {value!r}"
                     )
+            elif name == "spread_walkers":
+                if not isinstance(value, bool):
+                    raise CoronInputError(key, f"must be true or false, got {value!r}")
             elif name == "seed" or (name == "psf_half_width" and value is None):
                 continue
             elif not isinstance(value, int | float) or not value > 0:
