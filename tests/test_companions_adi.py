@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from astropy.io import fits
+from astropy.table import Table
 
 from coron_dask.io import Extension, Product, write_products
 from coron_dask.kernels import klip
@@ -189,7 +190,8 @@ SHORT = dict(tau_factor=25, check_steps=250)
 def recovered_adi(tmp_path_factory) -> list:
     """A companion simulated at about 40σ, two rolls 10° apart, reduced with ADI+RDI and
     with RDI (5 annuli, a basis per exposure) and fitted from a start 0.5 px off: per
-    case (ADI+RDI fit, RDI fit, truth separation, PA, contrast)."""
+    case (ADI+RDI fit, RDI fit, truth separation, PA, contrast, and the ADI+RDI table's
+    (i2d S/N, residual i2d S/N))."""
     out = []
     for i, contrast in enumerate((1.5e-5,)):
         folder = tmp_path_factory.mktemp(f"adi{i}")
@@ -198,9 +200,9 @@ def recovered_adi(tmp_path_factory) -> list:
         truth = json.loads((folder / "sim" / "truth.json").read_text())
         star, place = truth_places(truth)
         start = (star.separation(place).arcsec + 0.02, star.position_angle(place).deg + 1.0)
-        fits_found = {}
+        fits_found, residual = {}, {}
         for mode in ("ADI+RDI", "RDI"):
-            fits_found[mode], _ = measure_companions(
+            fits_found[mode], paths = measure_companions(
                 asn,
                 folder / mode,
                 offaxis_psf=folder / "sim" / "offaxis_psf.fits",
@@ -215,10 +217,11 @@ def recovered_adi(tmp_path_factory) -> list:
                 align_to="first",
                 execution={"scheduler": "synchronous", "progress": False},
             )
+            table = Table.read(next(p for p in paths if p.name.endswith("_companions.ecsv")))
+            residual[mode] = (float(table["snr_i2d"][0]), float(table["residual_snr"][0]))
         fit = fits_found["ADI+RDI"][0]
-        out.append(
-            (fit, fits_found["RDI"][0], *centroid_truth(folder / "sim", truth, fit), contrast)
-        )
+        truth_values = (*centroid_truth(folder / "sim", truth, fit), contrast)
+        out.append((fit, fits_found["RDI"][0], *truth_values, residual["ADI+RDI"]))
     return out
 
 
@@ -227,7 +230,7 @@ def test_adi_companion_is_recovered_within_its_uncertainties(recovered_adi):
     the position to better than 0.1 λ/D at these S/N; its residual on the stamp below
     S/N 3; the model says it is negative injection."""
     scale = 0.063
-    for fit, _, separation, angle, contrast in recovered_adi:
+    for fit, _, separation, angle, contrast, _ in recovered_adi:
         assert fit.converged, fit.describe()
         assert "negative injection" in fit.method
         offsets = [
@@ -314,3 +317,11 @@ def test_the_adi_residual_has_no_significant_source(recovered_adi):
             before = np.nanmax(snr_map(roll.image, centre, 2.0)[0][near])
             after = np.nanmax(np.abs(snr_map(residual, centre, 2.0)[0][near]))
             assert before > 10 and after < 3, (before, after)
+
+
+def test_the_adi_residual_i2d_has_no_significant_source(recovered_adi):
+    """``<product>_residual_i2d.fits`` of the ADI+RDI fit (every fitted companion taken
+    out of the science and of the other roll's integrations, the bases made again, the
+    i2d made as the science's): |S/N| < 3 at the companion, where the i2d has > 10."""
+    for *_, (before, after) in recovered_adi:
+        assert before > 10 and abs(after) < 3, (before, after)

@@ -104,7 +104,6 @@ def test_bad_companion_options_are_one_line_before_anything_runs(blank, tmp_path
     for extra, said in (
         (["--companions"], "--companions: needs the star's off-axis PSF"),
         (psf, "--offaxis-psf: fits companions: it goes with --companions"),
-        (["--companions", *psf, "--mode", "ADI"], "--mode: --companions fits RDI runs only"),
         (["--companions", *psf, "--no-psfalign"], "--no-psfalign"),
         (["--companions", *psf, "--format", "zarr"], "--format: --companions reads"),
         (["--companions", *psf, "--truncate", "5", "--kl", "7"], "--kl: 7 is not one of"),

@@ -1,7 +1,7 @@
 """The residual i2d of fitted companions: the science with every companion subtracted,
 reduced as the science is, on KL bases made again from a reduction's products on disk.
 
-``reduction_from_products`` makes a reduction's bases again (RDI) from what it wrote: the
+``reduction_from_products`` makes a reduction's bases again from what it wrote: the
 science from its crfints (flagged), the references from its psfalign (aligned), read
 lazily; the science filled as align_refs fills it and KLIP's weights computed again over
 the same zones, cutoffs and block plan: a pass over the references, not outlier_detection
@@ -22,6 +22,7 @@ from pathlib import Path
 import dask.array as da
 import numpy as np
 import xarray as xr
+from astropy.io import fits
 from dask.base import tokenize
 
 from coron_dask.io import Extension, Product, open_exposure, open_product
@@ -33,6 +34,7 @@ from coron_dask.science.injection import Companion, injected_psfsubs
 from coron_dask.science.transmission import Transmission
 from coron_dask.steps.align_refs import median_replace_img
 from coron_dask.steps.klip import kl_basis, subtract
+from coron_dask.steps.references import eligible_references, roll_angle
 from coron_dask.steps.resample import resample
 
 log = logging.getLogger(__name__)
@@ -43,6 +45,15 @@ __all__ = [
     "reduction_from_products",
     "residual_product",
 ]
+
+
+#: The end of the name of the scratch file holding align_refs' fits (``pipeline.build``)
+FITS = "_fits.fits"
+
+
+def fits_name(psfalign: str) -> str:
+    """The fits' scratch file of the reduction that writes the psfalign ``psfalign``."""
+    return psfalign.removesuffix("_psfalign.fits") + FITS
 
 
 def product_names(observation) -> tuple[list[str], list[str]]:
@@ -62,11 +73,13 @@ def reduction_from_products(
     workers,
     stage: str = "companions",
 ) -> Reduction:
-    """The reduction (RDI) of ``parameters`` made again, lazily, from its products on disk
+    """The reduction of ``parameters`` made again, lazily, from its products on disk
     (``written``: where each is, by the name a run gives it, ``product_names``): the
     science from its crfints (the calints with outlier_detection skipped), the references
-    aligned from its psfalign, the KL bases and psfsubs from them on the same zones,
-    cutoffs and block plan (see the module's docstring). No product of its own. Its keys
+    aligned from its psfalign (with ADI, its ALIGN's kinds, rolls and fits: the zones'
+    references chosen by movement again, the injections moved by the fits), the KL bases
+    and psfsubs from them on the same zones, cutoffs and block plan (see the module's
+    docstring). No product of its own. Its keys
     are its ``stage``'s own: two computations on one client never submit one key with
     two graphs (dask optimises each graph in its own way)."""
     run = reduce_observation(
@@ -74,7 +87,7 @@ def reduction_from_products(
     )
     p = run.parameters
     crfints, psfaligns = product_names(observation)
-    science, bases, psfsubs = [], [], []
+    science, bases, psfsubs, psfalign_list = [], [], [], []
     fill = (p["median_box_length"], p["bad_bits"])
     for k, (exposure, basis) in enumerate(zip(run.science, run.bases, strict=True)):
         chunks = {"integration": exposure["sci"].data.chunks[0][0]}
@@ -85,15 +98,38 @@ def reduction_from_products(
         exposure = exposure.assign(
             {name: _staged(exposure[name], stage) for name in ("sci", "err", "dq")}
         )
-        aligned = open_product(written[psfaligns[k]])["SCI"]
-        aligned = xr.Dataset({"sci": _staged(aligned.chunk({"psf": run.plan.psfs}), stage)})
+        opened = open_product(written[psfaligns[k]])
+        sci = _staged(opened["SCI"].chunk({"psf": run.plan.psfs}), stage)
+        aligned = xr.Dataset({"sci": sci})
+        chosen = None  # ADI: the references each zone may use (movement), and the fits
+        if p["mode"] != "RDI":  # what each reference is, and the fits ADI's injections
+            planned = run.psfaligns[k]  # move companions by (the run's, or align_refs' FIT)
+            names = [n for n in planned.coords if n != "psf"]
+            aligned = aligned.assign_coords({n: planned[n] for n in names})
+            if "shift" in opened:
+                converged = opened["converged"].astype(float).expand_dims(param=["converged"])
+                fit = xr.concat([opened["shift"], converged], "param").transpose(..., "param")
+                fit = fit.rename(param="fit").drop_vars("fit")
+            else:
+                values = fits.getdata(written[fits_name(psfaligns[k])], "FIT")
+                fit = xr.DataArray(np.asarray(values, np.float64), dims=planned["fit"].dims)
+            aligned["fit"] = fit.chunk({"psf": run.plan.psfs})
+            chunks = exposure["sci"].data.chunks[0]
+            source = Path(exposure.encoding.get("source", "science")).name
+            roll = roll_angle(exposure)
+            chosen = eligible_references(
+                aligned, roll, basis.zones, p["movement"], chunks, source=source
+            )[:1]
         filled = median_replace_img(exposure, *fill)
-        made = kl_basis(filled, aligned, p["truncate"], rows=basis.rows, zones=basis.zones)
+        made = kl_basis(
+            filled, aligned, p["truncate"], rows=basis.rows, zones=basis.zones, chosen=chosen
+        )
         science.append(exposure)
         bases.append(made)
         psfsubs.append(subtract(filled, made))
+        psfalign_list.append(aligned)
     log.info("companions: KL bases made again from the crfints and psfalign on disk")
-    return Reduction([], science, bases, psfsubs, p, run.plan)
+    return Reduction([], science, bases, psfsubs, p, run.plan, psfalign_list)
 
 
 def _staged(variable: xr.DataArray, stage: str) -> xr.DataArray:
@@ -163,8 +199,9 @@ class ScratchForResidual:
         unless ``wanted``."""
         kept = cls(Path(output_dir), product_names(observation))
         if not wanted:
-            log.info("companions: no residual i2d (RDI with an i2d only, for now)")
+            log.info("companions: no residual i2d (the run makes no i2d)")
             return kept
+        adi = reduction.parameters["mode"] != "RDI"
         crfints, psfaligns = kept.names
         for item in reduction.products:
             if item.path.name in crfints:  # written by store tasks: renamed before
@@ -173,6 +210,9 @@ class ScratchForResidual:
                 kept.products.append(item)
             elif item.scratch and item.path.name.endswith("_aligned.fits"):
                 item.scratch = False  # its path is KLIP's, read back as it is written
+                kept.products.append(item)
+            elif item.scratch and item.path.name.endswith(FITS) and adi:
+                item.scratch = False  # align_refs' fits: ADI's injections move by them
                 kept.products.append(item)
         aligned = [item for item in kept.products if item.path.name.endswith("_aligned.fits")]
         if len(aligned) != len(psfaligns):
@@ -184,6 +224,11 @@ class ScratchForResidual:
         _, psfaligns = self.names
         aligned = [item for item in self.products if item.path.name.endswith("_aligned.fits")]
         for item, name in zip(aligned, psfaligns if aligned else [], strict=True):
+            self.written[name] = self.output_dir / f".companions_{name}"
+            os.replace(item.path, self.written[name])
+        fitted = [item for item in self.products if item.path.name.endswith(FITS)]
+        for item, name in zip(fitted, psfaligns if fitted else [], strict=True):
+            name = fits_name(name)
             self.written[name] = self.output_dir / f".companions_{name}"
             os.replace(item.path, self.written[name])
 

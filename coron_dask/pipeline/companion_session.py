@@ -77,12 +77,6 @@ class SessionCompanions:
         CoronInputError naming the option) and give the work that follows the run
         (``run.execute_on_cluster``'s ``after``)."""
         check_mode(parameters)
-        if parameters["mode"] != "RDI":  # the bases are made again from the products: RDI
-            raise CoronInputError(
-                "mode",
-                f"--companions fits RDI runs only, not {parameters['mode']}: fit them with "
-                "coron-dask companions",
-            )
         if "resample" in parameters["skip"]:
             raise CoronInputError("skip", "--companions fits the i2d's candidates: keep resample")
         if not parameters["save_psfalign"]:

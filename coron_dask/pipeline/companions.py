@@ -311,8 +311,7 @@ def measure_companions(
             item.path = item.path.with_name(f".companions_{item.path.name}")
         built["cutoffs"] = list(reduction.bases[0].cutoffs)
         # what the residual i2d is reduced from, after the fits: hidden scratch files too
-        # (RDI: with ADI the bases rebuilt with the companion taken out are not made yet)
-        residual = parameters["mode"] == "RDI" and bool(built["i2d"])
+        residual = bool(built["i2d"])
         built["kept"] = ScratchForResidual.of(reduction, observation, output_dir, residual)
         return [
             *(item for item in reduction.products if item.scratch),
@@ -389,4 +388,5 @@ def measure_companions(
         after=measure,
         **execution,
     )
-    return built["fits"], [path for path in paths if Path(path).exists()]  # not the scratch
+    paths = dict.fromkeys(path for path in paths if Path(path).exists())  # not the scratch
+    return built["fits"], list(paths)
