@@ -196,6 +196,26 @@ def test_candidates_are_starts_and_one_without_a_sky_place_is_refused():
         candidate_guesses(found)
 
 
+def test_a_kl_cubes_candidates_are_those_of_the_plane_fitted(tmp_path):
+    """A KL-mode cube's detection lists a companion once per plane: ``--candidates``
+    takes those of the plane fitted (``--kl``; default the largest), not each twice."""
+    from astropy.table import Table
+
+    from coron_dask.pipeline.companion_starts import requested_guesses
+
+    path = tmp_path / "candidates.ecsv"
+    Table(
+        {
+            "kl": [5, 5, 10, 10],
+            "snr": [12.0, 6.0, 14.0, 4.0],
+            "separation_arcsec": [1.05, 0.7, 1.05, 0.7],
+            "pa": [52.7, 300.0, 52.6, 300.0],
+        }
+    ).write(path, format="ascii.ecsv")
+    assert requested_guesses(None, path, 5.0) == [Guess(1.05, 52.6, "candidate 1")]
+    assert len(requested_guesses(None, path, 5.0, cutoff=5)) == 2
+
+
 def test_a_bad_setting_is_named():
     with pytest.raises(CoronInputError, match=r"companions\.walkers: must be even"):
         FitSettings.configured(walkers=7)

@@ -79,7 +79,9 @@ def companions(args: argparse.Namespace) -> None:
     execution = given(args, "companions", "execution")
     check_execution(cli=True, **execution)
     asked = given(args, "companions", "companion")
-    guesses = requested_guesses(asked.pop("at"), asked.pop("candidates"), asked.pop("min_snr"))
+    guesses = requested_guesses(
+        asked.pop("at"), asked.pop("candidates"), asked.pop("min_snr"), asked.get("kl")
+    )
     sampler = {k: asked.pop(k) for k in ("walkers", "max_steps", "seed")}
     _, paths = measure_companions(
         args.asn,

@@ -35,7 +35,12 @@ from coron_dask.pipeline.companion_residual import (
     reduction_from_products,
     residual_product,
 )
-from coron_dask.pipeline.companion_starts import Guess, candidate_guesses, check_places
+from coron_dask.pipeline.companion_starts import (
+    Guess,
+    candidate_guesses,
+    check_places,
+    fitted_candidates,
+)
 from coron_dask.pipeline.companions import check_mode, fit_companions, windows_product
 from coron_dask.pipeline.provenance import read_provenance
 from coron_dask.science.companion_fit import FitSettings
@@ -190,19 +195,7 @@ def _candidates(
     cube, those found on the plane fitted (``cutoff``; None: the largest)."""
     ecsv = next(p for p in paths if Path(p).name.endswith("_candidates.ecsv"))
     table = Table.read(ecsv, format="ascii.ecsv")
-    where = Path(ecsv).name
-    if "kl" in table.colnames and len(table):  # each plane's: one companion, one row each
-        plane = max(int(k) for k in table["kl"]) if cutoff is None else int(cutoff)
-        table = table[np.asarray(table["kl"]) == plane]
-        where = f"{where} (KL {plane})"
-    kept = table[np.asarray(table["snr"], dtype=float) >= threshold] if len(table) else table
-    log.info(
-        "companions: %d of %d candidates of %s at S/N >= %g",
-        len(kept),
-        len(table),
-        where,
-        threshold,
-    )
+    kept = fitted_candidates(table, threshold, cutoff, Path(ecsv).name)
     if not len(kept):
         log.info("companions: no candidate to fit: no companions table written")
         return []

@@ -38,12 +38,34 @@ def candidate_guesses(candidates) -> list[Guess]:
     return guesses
 
 
+def fitted_candidates(table: Table, threshold: float, cutoff: int | None, where: str) -> Table:
+    """The rows of a run's candidates ``table`` (``where`` names it in the log) that are
+    fitted: of a KL-mode cube, those found on the plane fitted (``cutoff``; None: the
+    largest; the detection lists a companion once per plane), of S/N ≥ ``threshold``."""
+    if "kl" in table.colnames and len(table):
+        plane = max(int(k) for k in table["kl"]) if cutoff is None else int(cutoff)
+        table = table[np.asarray(table["kl"]) == plane]
+        where = f"{where} (KL {plane})"
+    kept = table[np.asarray(table["snr"], dtype=float) >= threshold] if len(table) else table
+    log.info(
+        "companions: %d of %d candidates of %s at S/N >= %g",
+        len(kept),
+        len(table),
+        where,
+        threshold,
+    )
+    return kept
+
+
 def requested_guesses(
-    at: list | None = None, candidates: str | Path | None = None, min_snr: float | None = None
+    at: list | None = None,
+    candidates: str | Path | None = None,
+    min_snr: float | None = None,
+    cutoff: int | None = None,
 ) -> list[Guess]:
     """The companions asked for: each ``at`` (separation arcsec, PA degrees E of N), else
     the ``candidates`` file's rows (a run's ``_candidates.ecsv``) of S/N ≥ ``min_snr``
-    (default ``coron_dask.companions.min-snr``)."""
+    (default ``coron_dask.companions.min-snr``) on the KL ``cutoff``'s plane."""
     if at:
         guesses = []
         for number, place in enumerate(at, 1):
@@ -62,14 +84,7 @@ def requested_guesses(
     threshold = config.get("companions.min-snr") if min_snr is None else min_snr
     if "snr" not in table.colnames:
         raise CoronInputError("candidates", f"{candidates}: no snr column")
-    kept = table[np.asarray(table["snr"], dtype=float) >= threshold]
-    log.info(
-        "companions: %d of %d candidates of %s at S/N >= %g",
-        len(kept),
-        len(table),
-        Path(candidates).name,
-        threshold,
-    )
+    kept = fitted_candidates(table, threshold, cutoff, Path(candidates).name)
     if not len(kept):
         raise CoronInputError(
             "candidates", f"{candidates}: no candidate at S/N >= {threshold:g} (--min-snr)"
