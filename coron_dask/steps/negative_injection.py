@@ -67,7 +67,7 @@ def _gather(rects: list[np.ndarray], pixels: Pixels, frame_x: int) -> np.ndarray
     return out
 
 
-def _window_block(
+def window_block(
     refs: list,
     means: np.ndarray,
     targets: list,
@@ -79,7 +79,8 @@ def _window_block(
     zones: np.ndarray,
     frame_x: int,
 ) -> dict:
-    """The arrays of ``adi_windows`` for one exposure and one companion, in numpy."""
+    """The arrays of ``adi_windows`` for one exposure and one companion, in numpy: the
+    task (``planning.memory.companion_adi`` counts it)."""
     centred = _gather(refs, pixels, frame_x)  # (b, p, u)
     labels = pixels.labels
     inside = labels >= 0
@@ -146,7 +147,7 @@ def adi_windows(
     # the zones U touches only: a task never holds every zone's Gram matrices
     gram, overlaps = gram[:, zone_list], overlaps[:, zone_list]
     chosen = None if chosen is None else chosen[:, zone_list]
-    work = dask.delayed(_window_block, pure=True)(
+    work = dask.delayed(window_block, pure=True)(
         refs, means, targets, target_means, gram, overlaps, chosen, pixels, zone_list, frame_x
     )
     b = 1 if shared else science.shape[0]
