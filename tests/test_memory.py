@@ -37,6 +37,7 @@ from coron_dask.planning.memory import MIB, Frame
 from coron_dask.steps import blocks as tasks
 from coron_dask.steps import klip_blocks, selection_blocks
 from coron_dask.steps.forward_model import windows_block
+from coron_dask.steps.negative_injection import window_block, window_pixels
 
 #: The model's arrays (its peak less the fixed allowance every task has, TASK_OVERHEAD,
 #: which covers what a worker's heap adds: 0.3 to 1.3 MiB) may overestimate a measured
@@ -151,6 +152,11 @@ CASES = [
     Case(
         "companion_windows",
         dict(frames=4, npsf=200, ny=224, nx=288, window=45, windows=2, zones=ZONES),
+    ),
+    Case("companion_adi", dict(targets=1, npsf=270, ny=320, nx=320, window=45, rolls=2)),
+    Case(
+        "companion_adi",
+        dict(targets=8, npsf=120, ny=224, nx=288, window=41, rolls=3, zones=ZONES),
     ),
     Case("inject_klip", dict(frames=4, npsf=60, rows=160, ny=160, nx=160)),
     Case("inject_klip", dict(frames=2, npsf=100, rows=66, ny=224, nx=288, zones=ZONES)),
@@ -511,6 +517,38 @@ def build_companion_windows(
     return task, [*means, weights[: 1 if shared else frames]]
 
 
+def _adi_pixels(rng, ny, nx, window, rolls, zones):
+    """U of a companion: its window and one per other roll, a few pixels apart."""
+    labels = None if zones is None else zones.labels
+    y0, x0 = rng.integers(0, min(ny, nx) - window - 12, 2)
+    corners = [(int(y0 + 5 * r), int(x0 + 3 * r)) for r in range(rolls)]
+    return window_pixels(corners, [(window, window)] * rolls, (ny, nx), labels)
+
+
+def build_companion_adi(rng, path, targets, npsf, ny, nx, window, rolls, zones=None):
+    """As ``steps.negative_injection`` runs it: the references' and targets' rectangles
+    and the touched zones' Gram matrices handed over (float32 frames, float64 sums)."""
+    zones = _zones(ny, nx, zones)
+    pixels = _adi_pixels(rng, ny, nx, window, rolls, zones)
+    count = 1 if zones is None else zones.count
+    touched = np.unique(pixels.labels[pixels.labels >= 0])
+    shapes = [(y1 - y0, x1 - x0) for y0, y1, x0, x1 in pixels.rectangles]
+    refs = [rng.normal(size=(targets, npsf, *shape)).astype(np.float32) for shape in shapes]
+    means = rng.normal(size=(targets, npsf, count))
+    frames = [rng.normal(size=(targets, *shape)) for shape in shapes]
+    target_means = rng.normal(size=(targets, count))
+    gram = rng.normal(size=(targets, len(touched), npsf, npsf))
+    overlaps = rng.normal(size=(targets, len(touched), npsf))
+    chosen = rng.random((targets, len(touched), npsf)) > 0.2
+
+    def task():
+        return window_block(
+            refs, means, frames, target_means, gram, overlaps, chosen, pixels, touched, nx
+        )
+
+    return task, [*refs, means, *frames, target_means, gram, overlaps, chosen]
+
+
 def build_inject(rng, path, frames, ny, nx, box):
     """Ten companions of a ``box``-sided PSF added to every integration."""
     sci = _frames(rng, frames, ny, nx)
@@ -586,6 +624,7 @@ BUILD = {
     "klip_subtract": build_klip_subtract,
     "inject": build_inject,
     "companion_windows": build_companion_windows,
+    "companion_adi": build_companion_adi,
     "inject_klip": build_inject_klip,
     "resample": build_resample,
     "write": build_write,
@@ -646,6 +685,15 @@ def predict(case: Case) -> int:
             window = (b["window"], b["window"])
             args = (b["frames"], b["npsf"], TRUNCATE, window, frame, b.get("windows", 1))
             return memory.companion_windows(*args, zones)
+        case "companion_adi":
+            pixels = _adi_pixels(
+                np.random.default_rng(7), b["ny"], b["nx"], b["window"], b["rolls"],
+                _zones(b["ny"], b["nx"], b.get("zones")),
+            )  # fmt: skip
+            rectangles = sum((y1 - y0) * (x1 - x0) for y0, y1, x0, x1 in pixels.rectangles)
+            touched = len(np.unique(pixels.labels[pixels.labels >= 0]))
+            args = (b["targets"], b["npsf"], len(pixels.flat), rectangles, zones or 1, touched)
+            return memory.companion_adi(*args, bordered=False)
         case "inject_klip":
             return memory.inject_klip(b["frames"], b["npsf"], b["rows"], frame, zones)
         case "resample":
