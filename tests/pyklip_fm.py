@@ -112,6 +112,26 @@ def pyklip_companion(
         mute_progression=True,
     )
     fm_seconds = time.perf_counter() - began
+    return fm_astrometry(
+        folder, wcs, star, centre, (separation, angle), contrast, mcmc, seed, fm_seconds
+    )
+
+
+def fm_astrometry(
+    folder: Path,
+    wcs: WCS,
+    star: SkyCoord,
+    centre: np.ndarray,
+    start: tuple[float, float],
+    contrast: float,
+    mcmc: dict,
+    seed: int,
+    fm_seconds: float,
+) -> PyklipFit:
+    """pyKLIP's ``FMAstrometry`` on the KLIP-FM products ``klip_dataset`` wrote into
+    ``folder`` (its frame: ``wcs``'s detector, the star at ``centre``; ``start``: pyKLIP's
+    separation in pixels and PA), seen on the sky through ``wcs``."""
+    separation, angle = start
     model = fits.getdata(folder / "pyklipfm-fmpsf-KLmodes-all.fits")[0]
     data = fits.getdata(folder / "pyklipfm-klipped-KLmodes-all.fits")[0]
     np.random.seed(seed)  # noqa: NPY002 (pyKLIP starts its walkers from the global one)
