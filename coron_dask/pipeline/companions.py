@@ -148,7 +148,9 @@ def windows_product(
             Extension(f"MEAN{k}", mean, header),
             Extension(
                 f"KLWIN{k}",
-                kl_windows(basis, corners, shape) if p["mode"] == "RDI" else np.zeros(1),
+                kl_windows(basis, corners, shape, reduction.plan.windows)
+                if p["mode"] == "RDI"
+                else np.zeros(1),
                 header,
             ),
             Extension(f"LABELS{k}", labels, header),
@@ -294,9 +296,18 @@ def measure_companions(
     output_dir = Path(output_dir)
     built: dict = {}
 
+    # the windows' count and shape, which the block plan makes room for
+    windows = (len(guesses), window_for((0.0, 0.0), *window_shape(psf, settings, resolution))[1])
+
     def build(workers) -> list[Product]:
         reduction = reduce_observation(
-            asn, output_dir, psfmask=psfmask, workers=workers, opened=observation, **parameters
+            asn,
+            output_dir,
+            psfmask=psfmask,
+            workers=workers,
+            windows=windows,
+            opened=observation,
+            **parameters,
         )
         made = [p.primary for p in reduction.products if not p.scratch and p.kind == "i2d"]
         made = made or [p.primary for p in reduction.products if not p.scratch]  # the science's
