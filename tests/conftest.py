@@ -110,6 +110,7 @@ LANES = {
     ),
     "tests/test_companions_session.py::"
     "test_the_windows_and_the_residual_are_computed_on_the_runs_own_cluster": "cluster slow",
+    "tests/test_windows_plan.py": "slow",
     "tests/test_pipeline.py::test_truncated_klip_error_matches_jwst": "slow",
     "tests/test_pipeline.py::test_each_plane_of_the_kl_mode_cube_is_a_single_truncation_run": (
         "slow"

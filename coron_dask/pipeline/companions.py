@@ -78,10 +78,17 @@ def window_shape(psf: np.ndarray, settings: FitSettings, resolution: float) -> t
     return half, int(np.ceil(pixels["margin"]))
 
 
+def planned_windows(
+    guesses: list[Guess], psf: np.ndarray, settings: FitSettings, resolution: float
+) -> tuple[int, tuple[int, int]]:
+    """The windows ``windows_product`` makes, for the block plan: how many, their shape."""
+    return len(guesses), window_for((0.0, 0.0), *window_shape(psf, settings, resolution))[1]
+
+
 def _on_window(image: da.Array, corners: np.ndarray, shape: tuple, fill: object) -> da.Array:
     """(n, wy, wx) windows of a lazy 2-D ``image``, ``fill`` beyond its edges."""
     reach = max(shape) + int(np.abs(corners).max()) + max(image.shape)
-    padded = da.pad(image, reach, constant_values=fill)
+    padded = da.pad(image.rechunk(-1), reach, constant_values=fill).rechunk(-1)  # one block
     return da.stack(
         [
             padded[y0 + reach : y0 + reach + shape[0], x0 + reach : x0 + reach + shape[1]]
@@ -296,8 +303,7 @@ def measure_companions(
     output_dir = Path(output_dir)
     built: dict = {}
 
-    # the windows' count and shape, which the block plan makes room for
-    windows = (len(guesses), window_for((0.0, 0.0), *window_shape(psf, settings, resolution))[1])
+    windows = planned_windows(guesses, psf, settings, resolution)  # the plan makes room
 
     def build(workers) -> list[Product]:
         reduction = reduce_observation(
