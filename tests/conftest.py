@@ -77,6 +77,10 @@ LANES = {
         "cluster slow"
     ),
     "tests/test_memory.py::test_model_bounds_measured_peak": "memory cluster slow",
+    "tests/test_memory.py::"
+    "test_planned_companion_windows_stay_under_the_prediction_and_the_limit": (
+        "memory cluster slow"
+    ),
     "tests/test_dashboard.py::test_dashboard_shows_the_steps_in_a_browser": "browser cluster slow",
     "tests/test_batch_scripts.py::test_batch_script_plans_only_after_its_workers_joined": (
         "cluster slow"
