@@ -161,8 +161,13 @@ def waiting(obs: Observation, integrations: int, psfs: int, threads: int) -> int
 
 
 def task_peaks(
-    obs: Observation, integrations: int, psfs: int, outlier_rows: int, klip_rows: int, windows=1
-):
+    obs: Observation,
+    integrations: int,
+    psfs: int,
+    outlier_rows: int,
+    klip_rows: int,
+    windows: int = 1,
+) -> dict:
     """Predicted peak of each task kind for these blocks (bytes), with ``windows`` of the
     companions' windows per task."""
     frame = Frame(*obs.frame)
