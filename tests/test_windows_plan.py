@@ -11,10 +11,11 @@ from coron_dask.core import config
 from coron_dask.core.errors import CoronInputError
 from coron_dask.io import write_products
 from coron_dask.pipeline.build import reduce_observation
-from coron_dask.pipeline.companions import Guess, planned_windows, windows_product
+from coron_dask.pipeline.companions import Guess, window_shape, windows_product
 from coron_dask.pipeline.observation import open_association, plan_observation
 from coron_dask.planning.block_plan import Workers
 from coron_dask.science.companion_fit import FitSettings
+from coron_dask.science.companion_model import window_for
 from coron_dask.science.injection import read_offaxis_psf
 
 GIB = 2**30
@@ -25,11 +26,16 @@ RESOLUTION = 4.0
 PARAMETERS = dict(truncate=(2, 5), save_psfalign=False, skip=("resample",))
 
 
+def planned_windows(psf, settings) -> tuple[int, tuple[int, int]]:
+    """The windows' count and shape, as ``measure_companions`` tells the plan."""
+    return len(GUESSES), window_for((0.0, 0.0), *window_shape(psf, settings, RESOLUTION))[1]
+
+
 def _fmwindows(asn, psfmask, folder, workers, **given) -> tuple:
     """The fmwindows product of a reduction planned for ``workers``, written; its plan."""
     psf = read_offaxis_psf(psfmask.parent / "offaxis_psf.fits")
     settings = FitSettings.configured()
-    windows = planned_windows(GUESSES, psf, settings, RESOLUTION)
+    windows = planned_windows(psf, settings)
     reduction = reduce_observation(
         asn, folder, psfmask=psfmask, workers=workers, windows=windows, **PARAMETERS, **given
     )
@@ -44,7 +50,7 @@ def test_windows_in_groups_give_the_same_product(observation_dir, asn, tmp_path,
     psfmask = observation_dir / "psfmask.fits"
     large = Workers(1, 1, 64 * GIB, 0)
     psf = read_offaxis_psf(observation_dir / "offaxis_psf.fits")
-    windows = planned_windows(GUESSES, psf, FitSettings.configured(), RESOLUTION)
+    windows = planned_windows(psf, FitSettings.configured())
     opened, fraction = open_association(asn), float(config.get("chunks.memory-fraction"))
     settings = {**config.resolve_parameters(**PARAMETERS), "integrations": 1}
 
