@@ -77,6 +77,10 @@ LANES = {
         "cluster slow"
     ),
     "tests/test_memory.py::test_model_bounds_measured_peak": "memory cluster slow",
+    "tests/test_memory.py::"
+    "test_planned_companion_windows_stay_under_the_prediction_and_the_limit": (
+        "memory cluster slow"
+    ),
     "tests/test_dashboard.py::test_dashboard_shows_the_steps_in_a_browser": "browser cluster slow",
     "tests/test_batch_scripts.py::test_batch_script_plans_only_after_its_workers_joined": (
         "cluster slow"
@@ -110,6 +114,7 @@ LANES = {
     ),
     "tests/test_companions_session.py::"
     "test_the_windows_and_the_residual_are_computed_on_the_runs_own_cluster": "cluster slow",
+    "tests/test_windows_plan.py": "slow",
     "tests/test_pipeline.py::test_truncated_klip_error_matches_jwst": "slow",
     "tests/test_pipeline.py::test_each_plane_of_the_kl_mode_cube_is_a_single_truncation_run": (
         "slow"

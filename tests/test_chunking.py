@@ -4,7 +4,15 @@ the workers, KLIP tiles that do not depend on the workers, impossible plans refu
 import pytest
 
 from coron_dask.core.errors import CoronInputError
-from coron_dask.planning.block_plan import Observation, Workers, plan_blocks
+from coron_dask.planning import memory
+from coron_dask.planning.block_plan import (
+    Observation,
+    Workers,
+    held,
+    plan_blocks,
+    task_peaks,
+    waiting,
+)
 
 GIB = 2**30
 MIB = 2**20
@@ -114,3 +122,40 @@ def test_zones_gram_matrices_are_planned_for():
     plan_blocks(obs, workers(1), fraction=0.6)
     with pytest.raises(CoronInputError, match="need workers of at least"):
         plan_blocks(zoned, workers(1), fraction=0.6)
+
+
+def test_companion_windows_are_planned_for():
+    """The KL images of twelve companions' windows (61², 50 KL modes of 100 references on
+    160² frames) fit 1 GiB workers of two threads in groups of windows, a task each, with
+    the integrations per block of a reduction without them: the group the largest whose
+    worker peak stays within the share (one more window crosses it); 4 GiB take all twelve
+    in one task. Windows of 151² that do not fit even one a task with those integrations
+    take fewer integrations per block; on 0.5 GiB workers nothing fits, and the refusal
+    says so where the reduction alone fits."""
+    base = Observation((20, 20), (10,) * 10, (160, 160), truncate=50)
+    obs = Observation((20, 20), (10,) * 10, (160, 160), truncate=50, companions=12, window=(61, 61))
+    small = workers(1, count=1, threads=2)
+    alone, plan = plan_blocks(base, small, fraction=0.6), plan_blocks(obs, small, fraction=0.6)
+    assert plan.integrations == alone.integrations and 1 <= plan.windows < 12
+    assert plan.worker_peak <= 0.6 * GIB
+    assert "companion windows" in plan.task_peaks
+    assert f", {plan.windows} companion window(s) per task" in plan.describe()
+    own = small.baseline + memory.WORKER_RETAINED + held(obs)
+    k, p, rows = plan.integrations, plan.psfs, plan.outlier_rows
+    peaks = task_peaks(obs, k, p, rows, plan.klip_rows, plan.windows + 1)
+    one_more = own + waiting(obs, k, p, 2) + 2 * max(peaks.values())
+    assert one_more > 0.6 * GIB  # the next group size would cross the share
+    assert plan_blocks(obs, workers(4, count=1, threads=2), fraction=0.6).windows == 12
+    assert alone.windows == 0 and "companion windows" not in alone.task_peaks
+
+    base = Observation((20, 20), (10,) * 10, (160, 160), truncate=100)
+    wide = Observation(
+        (20, 20), (10,) * 10, (160, 160), truncate=100, companions=3, window=(151, 151)
+    )
+    one = workers(0.75, count=1)
+    alone, plan = plan_blocks(base, one, fraction=0.6), plan_blocks(wide, one, fraction=0.6)
+    assert (plan.windows, alone.integrations) == (1, 9) and plan.integrations < 9
+    assert plan.worker_peak <= 0.6 * 0.75 * GIB
+    plan_blocks(base, workers(0.5, count=1), fraction=0.6)
+    with pytest.raises(CoronInputError, match="need workers of at least"):
+        plan_blocks(wide, workers(0.5, count=1), fraction=0.6)

@@ -95,12 +95,23 @@ class LoopbackCluster:
 
 @pytest.fixture
 def loopback(tmp_path):
+    """A cluster of the test's own (one the test stops)."""
     cluster = LoopbackCluster(tmp_path / "cluster")
     yield cluster
     cluster.stop()
 
 
-def test_scheduler_address_and_file(loopback, busy_observation, busy_baseline, tmp_path):
+@pytest.fixture(scope="module")
+def shared_loopback(tmp_path_factory):
+    """A cluster the tests that keep it running share (a worker killed comes back: its
+    nanny starts it again)."""
+    cluster = LoopbackCluster(tmp_path_factory.mktemp("shared") / "cluster")
+    yield cluster
+    cluster.stop()
+
+
+def test_scheduler_address_and_file(shared_loopback, busy_observation, busy_baseline, tmp_path):
+    loopback = shared_loopback
     mask = busy_observation.parent / "psfmask.fits"
     by_address = run_cli(
         "run",
@@ -148,7 +159,8 @@ def running_on(address: str, worker: str | None = None, prefix: str = "") -> Non
             time.sleep(0.02)
 
 
-def test_killed_worker_changes_nothing(loopback, busy_observation, busy_baseline, tmp_path):
+def test_killed_worker_changes_nothing(shared_loopback, busy_observation, busy_baseline, tmp_path):
+    loopback = shared_loopback
     out = tmp_path / "out"
     result: dict = {}
 

@@ -33,6 +33,14 @@ from coron_dask.kernels import inject as kernels_inject
 from coron_dask.kernels.drizzle import drizzle_block
 from coron_dask.kernels.zones import zone_map
 from coron_dask.planning import memory
+from coron_dask.planning.block_plan import (
+    Observation,
+    Workers,
+    held,
+    plan_blocks,
+    task_peaks,
+    waiting,
+)
 from coron_dask.planning.memory import MIB, Frame
 from coron_dask.steps import blocks as tasks
 from coron_dask.steps import klip_blocks, selection_blocks
@@ -50,6 +58,7 @@ MEDIAN_BAD_BITS = DO_NOT_USE  # outlier_detection's, from its good bits ~DO_NOT_
 KL_CUBE = (5, 10, 20, 50)  # a KL-mode cube's cutoffs
 TRUNCATE = 50
 M_TRIM_THRESHOLD = -1  # glibc's mallopt parameter
+GIB = 2**30
 MIRI = (8, 216, 16, 212)  # MIRI's 4QPM field (y0, y1, x0, x1): beyond it NON_SCIENCE
 ZONES = (5, 4)  # KLIP in 5 annuli × 4 subsections
 
@@ -772,3 +781,32 @@ def test_model_bounds_measured_peak(case, client, files):
     assert arrays <= LOOSENESS * measured, (
         f"the model's arrays are loose by {arrays / measured:.2f}× (> {LOOSENESS}×): {shown}"
     )
+
+
+def test_planned_companion_windows_stay_under_the_prediction_and_the_limit(client, tmp_path):
+    """Twelve companions' windows of 61² (50 KL modes of 100 references on 160² frames) on
+    1 GiB workers of two threads: the plan makes them in groups, since all twelve in one
+    task would cross the plan's share of the limit; a companion-windows task of the
+    plan's block (its integrations, its group of windows), run on a worker as the pipeline
+    runs it, peaks under the plan's prediction, and a worker running one on each thread
+    with what the plan has it hold stays under the share."""
+    fraction, limit = 0.6, GIB
+    sizes = dict(truncate=TRUNCATE, companions=12, window=(61, 61))
+    obs = Observation((20, 20), (10,) * 10, (160, 160), **sizes)
+    workers = Workers(1, 2, limit, 200 * MIB)
+    plan = plan_blocks(obs, workers, fraction=fraction)
+    k, p, rows = plan.integrations, plan.psfs, plan.outlier_rows
+    own = workers.baseline + memory.WORKER_RETAINED + held(obs)
+    peaks = task_peaks(obs, k, p, rows, plan.klip_rows, 12)
+    assert own + waiting(obs, k, p, 2) + 2 * max(peaks.values()) > fraction * limit
+    assert 1 <= plan.windows < 12
+
+    block = dict(frames=k, npsf=obs.npsf, ny=160, nx=160, window=61, windows=plan.windows)
+    measured = client.submit(
+        measure, Case("companion_windows", block), (str(tmp_path), 0), pure=False
+    ).result()
+    predicted = plan.task_peaks["companion windows"]
+    shown = f"{block}: predicted {predicted / MIB:.1f} MiB, measured {measured / MIB:.1f} MiB"
+    assert measured <= predicted, shown
+    others = own + waiting(obs, k, p, 2) + max(plan.task_peaks.values())
+    assert others + measured <= plan.worker_peak <= fraction * limit, shown

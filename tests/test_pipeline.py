@@ -125,18 +125,32 @@ def test_parity_with_jwst_functions(mode, products, reference, asn):
         np.testing.assert_array_equal(read(sub, "DQ"), ref["psfsub_dq"])
 
 
+@pytest.fixture(scope="module")
+def truncated(asn, observation_dir, tmp_path_factory):
+    """Our products' paths for (mode, truncate), run with the synchronous scheduler once,
+    when first asked for: a run the tests below share."""
+    made = {}
+
+    def run(mode: str, truncate: int | str) -> list:
+        if (mode, truncate) not in made:
+            made[mode, truncate] = run_coron3(
+                asn,
+                tmp_path_factory.mktemp(f"truncate_{mode}"),
+                align_to=mode,
+                truncate=truncate,
+                scheduler="synchronous",
+                psfmask=observation_dir / "psfmask.fits",
+                progress=False,
+            )
+        return made[mode, truncate]
+
+    return run
+
+
 @pytest.mark.parametrize("mode", MODES)
-def test_truncated_klip_error_matches_jwst(mode, asn, observation_dir, tmp_path, reference):
+def test_truncated_klip_error_matches_jwst(mode, asn, observation_dir, truncated, reference):
     """With fewer KL modes than references ERR is real: compare it too."""
-    paths = run_coron3(
-        asn,
-        tmp_path,
-        align_to=mode,
-        truncate=3,
-        scheduler="synchronous",
-        psfmask=observation_dir / "psfmask.fits",
-        progress=False,
-    )
+    paths = truncated(mode, 3)
     expected = jwst_reference.coron3(asn, observation_dir / "psfmask.fits", mode, truncate=3)
     for root in science_roots(asn):
         sub = next(p for p in paths if p.name == f"{root}_c1000_psfsub.fits")
@@ -145,28 +159,18 @@ def test_truncated_klip_error_matches_jwst(mode, asn, observation_dir, tmp_path,
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_each_plane_of_the_kl_mode_cube_is_a_single_truncation_run(
-    mode, asn, observation_dir, tmp_path
-):
+def test_each_plane_of_the_kl_mode_cube_is_a_single_truncation_run(mode, truncated):
     """--truncate 1,3,5: psfsub SCI and ERR (kl, integration, y, x) and i2d SCI (kl, y, x),
     whose every plane is the product of a run with that one truncation (6 references:
     every cutoff is a real truncation but the last, which keeps five of six modes)."""
     cutoffs = (1, 3, 5)
 
-    def run(truncate, folder):
-        paths = run_coron3(
-            asn,
-            tmp_path / folder,
-            align_to=mode,
-            truncate=truncate,
-            scheduler="synchronous",
-            psfmask=observation_dir / "psfmask.fits",
-            progress=False,
-        )
+    def run(truncate):
+        paths = truncated(mode, truncate)
         return {p.name: p for p in paths if "_psfsub" in p.name or "_i2d" in p.name}
 
-    cube = run(",".join(map(str, cutoffs)), "cube")
-    singles = [run(k, f"single{k}") for k in cutoffs]
+    cube = run(",".join(map(str, cutoffs)))
+    singles = [run(k) for k in cutoffs]
     for name, path in cube.items():
         with fits.open(path) as hdul:
             header = hdul["SCI"].header

@@ -346,12 +346,13 @@ def reduce_observation(
     psfmask: str | Path | None = None,
     workers: Workers | None = None,
     injections: int = 0,
+    windows: tuple[int, tuple[int, int]] = (0, (0, 0)),
     opened: Observation | None = None,
     **parameters: object,
 ) -> Reduction:
-    """``build_products``, with what was built on the way (``Reduction``); ``injections``:
-    sets of companions that will be subtracted on the same bases, which the block plan
-    makes room for (``contrast``)."""
+    """``build_products``, with what was built on the way (``Reduction``); the block plan
+    makes room for ``injections``, sets of companions subtracted on the same bases
+    (``contrast``), and for ``windows`` (n, (wy, wx)) of KL images (``companions``)."""
     p = resolve_parameters(**parameters)
     psfmask = find_psfmask(asn, psfmask)
     psfmask = None if psfmask == "none" else psfmask
@@ -360,10 +361,9 @@ def reduce_observation(
     npsf = fewest_references(opened.science, opened.psfstack.sizes["psf"], p["mode"])
     check_maxnumbasis(p["maxnumbasis"], p["truncate"], npsf)
     p["truncate"] = used_cutoffs(p["truncate"], npsf)
-    plan = plan_observation(opened, workers or measure_workers(None), p, injections)
+    plan = plan_observation(opened, workers or measure_workers(None), p, injections, windows)
     log.info("block plan: %s", plan.describe())
-    # the references in their exposures' blocks of at most `psfs` (no block merges
-    # pieces of several): each alignment task reads its `psfs` references from disk
+    # references in blocks of at most `psfs`, none across exposures: an alignment task reads one
     observation = open_association(asn, plan.integrations, plan.psfs)
     made = _Products(Path(output_dir), p, plan, observation.association, psfmask)
     if "outlier_detection" in p["skip"]:

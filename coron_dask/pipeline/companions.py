@@ -81,7 +81,7 @@ def window_shape(psf: np.ndarray, settings: FitSettings, resolution: float) -> t
 def _on_window(image: da.Array, corners: np.ndarray, shape: tuple, fill: object) -> da.Array:
     """(n, wy, wx) windows of a lazy 2-D ``image``, ``fill`` beyond its edges."""
     reach = max(shape) + int(np.abs(corners).max()) + max(image.shape)
-    padded = da.pad(image, reach, constant_values=fill)
+    padded = da.pad(image.rechunk(-1), reach, constant_values=fill).rechunk(-1)  # one block
     return da.stack(
         [
             padded[y0 + reach : y0 + reach + shape[0], x0 + reach : x0 + reach + shape[1]]
@@ -118,7 +118,7 @@ def windows_product(
         primary[f"SEP_{j}"] = (guess.separation, "start separation, arcsec")
         primary[f"PA_{j}"] = (guess.position_angle, "start position angle, deg E of N")
         primary[f"NAME_{j}"] = guess.name or f"companion {j + 1}"
-    extensions = []
+    extensions, group = [], reduction.plan.windows  # windows per task: the plan's
     filled = [
         (((e["dq"].data & bits) > 0) | da.isnan(e["sci"].data)).any(axis=0)
         for e in reduction.science
@@ -148,7 +148,7 @@ def windows_product(
             Extension(f"MEAN{k}", mean, header),
             Extension(
                 f"KLWIN{k}",
-                kl_windows(basis, corners, shape) if p["mode"] == "RDI" else np.zeros(1),
+                kl_windows(basis, corners, shape, group) if p["mode"] == "RDI" else np.zeros(1),
                 header,
             ),
             Extension(f"LABELS{k}", labels, header),
@@ -294,9 +294,13 @@ def measure_companions(
     output_dir = Path(output_dir)
     built: dict = {}
 
+    # the windows' count and shape, which the block plan makes room for
+    shape = window_for((0.0, 0.0), *window_shape(psf, settings, resolution))[1]
+    planned = {"windows": (len(guesses), shape), "opened": observation}
+
     def build(workers) -> list[Product]:
         reduction = reduce_observation(
-            asn, output_dir, psfmask=psfmask, workers=workers, opened=observation, **parameters
+            asn, output_dir, psfmask=psfmask, workers=workers, **planned, **parameters
         )
         made = [p.primary for p in reduction.products if not p.scratch and p.kind == "i2d"]
         made = made or [p.primary for p in reduction.products if not p.scratch]  # the science's

@@ -76,10 +76,12 @@ def plan_observation(
     workers: Workers,
     parameters: dict | None = None,
     injections: int = 0,
+    windows: tuple[int, tuple[int, int]] = (0, (0, 0)),
 ) -> BlockPlan:
     """Blocks for ``observation`` on ``workers`` (parameters: those of ``build_products``,
     resolved; blocks given there are kept; ``injections``: sets of companions subtracted on
-    the same bases), with the settings under coron_dask.chunks."""
+    the same bases; ``windows``: how many windows of KL images the companions' forward
+    model takes and their shape, (n, (wy, wx))), with the settings under coron_dask.chunks."""
     p = parameters or resolve_parameters()
     zoning = tuple(p[name] for name in ("annuli", "subsections", "iwa", "owa"))
     sizes = chunking.Observation(
@@ -98,6 +100,8 @@ def plan_observation(
         own_bases=bool(injections) and "ADI" in p["mode"],
         zones=None if whole_frame(*zoning) else zoning[0] * zoning[1],
         maxnumbasis=p["maxnumbasis"],
+        companions=windows[0],
+        window=tuple(windows[1]),
     )
     return chunking.plan_blocks(
         sizes,

@@ -7,7 +7,10 @@ references, filled and aligned, are on disk) and, on each of its threads, one ru
 task (``memory`` predicts each kind's peak from its block). The plan takes the largest
 blocks for which all of that stays within ``fraction`` of the worker's memory limit
 (under dask's spill threshold, 0.7), with enough blocks for every worker thread; if even
-the smallest blocks do not fit, it refuses, saying what would.
+the smallest blocks do not fit, it refuses, saying what would. A companions' reduction
+(``pipeline.companions``) adds the tasks of their KL images on windows: the plan splits
+the windows into groups, a task each, or, when even one window does not fit, takes fewer
+integrations per block.
 """
 
 from dataclasses import dataclass
@@ -51,6 +54,8 @@ class Observation:
     zones: int | None = None  # KLIP's zones (annuli × subsections); None: the whole frame
     maxnumbasis: int | None = None  # references chosen per integration and zone; None: all
     own_bases: bool = False  # each injected set has KL bases of its own (ADI's references)
+    companions: int = 0  # windows of KL images made (companions' forward model): how many
+    window: tuple[int, int] = (0, 0)  # and their shape (wy, wx)
 
     @property
     def kept(self) -> int | None:
@@ -85,7 +90,8 @@ class Observation:
 @dataclass(frozen=True)
 class BlockPlan:
     """Science integrations per block, references per alignment block, rows per outlier
-    median slab and per KLIP tile; the predicted peak of a worker and of each task kind."""
+    median slab and per KLIP tile, companion windows per companion-windows task (0: none);
+    the predicted peak of a worker and of each task kind."""
 
     integrations: int
     psfs: int
@@ -93,14 +99,16 @@ class BlockPlan:
     klip_rows: int
     worker_peak: int
     task_peaks: dict
+    windows: int = 0
 
     def describe(self) -> str:
         kind, peak = max(self.task_peaks.items(), key=lambda item: item[1])
+        windows = f", {self.windows} companion window(s) per task" if self.windows else ""
         return (
             f"{self.integrations} integration(s) × {self.psfs} reference(s) per alignment "
             f"block, {self.outlier_rows} row(s) per outlier median slab, {self.klip_rows} "
-            f"row(s) per KLIP tile; predicted worker peak {self.worker_peak / GIB:.2f} GiB "
-            f"(largest task: {kind}, {peak / 2**20:.0f} MiB)"
+            f"row(s) per KLIP tile{windows}; predicted worker peak "
+            f"{self.worker_peak / GIB:.2f} GiB (largest task: {kind}, {peak / 2**20:.0f} MiB)"
         )
 
 
@@ -152,8 +160,16 @@ def waiting(obs: Observation, integrations: int, psfs: int, threads: int) -> int
     return (threads + 1) * (flagged + per_target)
 
 
-def task_peaks(obs: Observation, integrations: int, psfs: int, outlier_rows: int, klip_rows: int):
-    """Predicted peak of each task kind for these blocks (bytes)."""
+def task_peaks(
+    obs: Observation,
+    integrations: int,
+    psfs: int,
+    outlier_rows: int,
+    klip_rows: int,
+    windows: int = 1,
+) -> dict:
+    """Predicted peak of each task kind for these blocks (bytes), with ``windows`` of the
+    companions' windows per task."""
     frame = Frame(*obs.frame)
     k, p, npsf, count, planes = integrations, psfs, obs.npsf, obs.count, obs.planes
     zones = obs.zones
@@ -175,6 +191,10 @@ def task_peaks(obs: Observation, integrations: int, psfs: int, outlier_rows: int
         }
     # with a choice, a basis per integration: the ERR's and the subtraction's weights too
     each, sole = (k, False) if obs.kept else (targets, shared)
+    # the KL images of ``windows`` companions' windows (float64), written into a FITS file
+    windows = min(windows, obs.companions)
+    windowing = memory.companion_windows(k, npsf, count, obs.window, frame, windows, zones)
+    made = 8 * windows * k * count * obs.window[0] * obs.window[1]
     return {
         "read": memory.read(max(k, p), frame.pixels),
         "outlier median": memory.outlier_median(longest, outlier_rows, frame.nx),
@@ -199,6 +219,7 @@ def task_peaks(obs: Observation, integrations: int, psfs: int, outlier_rows: int
             if obs.injections and obs.own_bases
             else {}
         ),
+        **({"companion windows": windowing} if obs.companions else {}),
         # the products' stores; psfalign's ERR is written by its shift task, as SCI is
         "write": max(
             memory.write(
@@ -207,6 +228,7 @@ def task_peaks(obs: Observation, integrations: int, psfs: int, outlier_rows: int
                 buffered=not zarr,
             ),
             memory.write(4 * planes * k * frame.pixels, buffered=obs.format == "fits"),  # psfsub
+            memory.write(made) if obs.companions else 0,  # companions' windows
         ),
     }
 
@@ -238,7 +260,9 @@ def plan_blocks(
     memory limit, with at least two integration blocks per worker thread (when the
     exposures allow) and ``alignment_tasks`` (``tasks_per_thread``, ``block_least``) when
     the pairs allow. Of the integrations per block that fit, the one that needs the fewest
-    alignment tasks (the larger, on a tie: fewer KLIP tasks). Blocks given
+    alignment tasks (the larger, on a tie: fewer KLIP tasks). The companions' windows
+    (``obs.companions``) in groups as large as fit with those blocks, one window a task at
+    least (else fewer integrations). Blocks given
     (``integrations``, ``psfs``, ``outlier_rows``) are taken as they are, and checked.
 
     Raises CoronInputError, before anything is computed, when nothing fits.
@@ -253,8 +277,8 @@ def plan_blocks(
     by_parallelism = min(-(-shortest // 2), max(1, sum(obs.science_nints) // (2 * threads)))
     candidates = [integrations] if integrations else range(max(1, by_parallelism), 0, -1)
 
-    def fits(k: int, p: int, rows: int) -> tuple[bool, int, dict]:
-        peaks = task_peaks(obs, k, p, rows, klip_rows)
+    def fits(k: int, p: int, rows: int, windows: int = 1) -> tuple[bool, int, dict]:
+        peaks = task_peaks(obs, k, p, rows, klip_rows, windows)
         need = waiting(obs, k, p, workers.threads) + workers.threads * max(peaks.values())
         return need <= capacity, need, peaks
 
@@ -281,11 +305,13 @@ def plan_blocks(
         if p is None:
             continue
         p = psfs or -(-obs.npsf // -(-obs.npsf // p))  # as many blocks, of even sizes
-        ok, need, peaks = fits(k, p, rows)
+        # the companions' windows: as many a task as fit (0: there are none)
+        windows = obs.companions and largest(obs.companions, lambda n: fits(k, p, rows, n)[0])  # noqa: B023
+        ok, need, peaks = fits(k, p, rows, windows or 1)
         if ok:
             tasks = targets * -(-obs.npsf // p)
             if best is None or tasks < best[0]:
-                best = tasks, BlockPlan(k, p, rows, klip_rows, own + need, peaks)
+                best = tasks, BlockPlan(k, p, rows, klip_rows, own + need, peaks, windows or 0)
     if best is not None:
         return best[1]
     # the memory of the smallest blocks, or of the blocks given with the others at 1

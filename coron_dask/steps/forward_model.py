@@ -96,11 +96,17 @@ def windows_block(
     return out
 
 
-def kl_windows(basis: KLBasis, corners: np.ndarray, shape: tuple[int, int]) -> da.Array:
+def kl_windows(
+    basis: KLBasis, corners: np.ndarray, shape: tuple[int, int], group: int = 0
+) -> da.Array:
     """The KL images of ``basis`` (one science exposure's, ``steps.klip.kl_basis``) on the
     windows of ``shape`` (wy, wx) at ``corners`` (n, 2) = (y0, x0): (n, m, K, wy, wx)
-    float64, lazy, chunked as the integrations; NaN in no zone and beyond the frame."""
+    float64, lazy, chunked as the integrations and in ``group``s of windows, a task each
+    (the block plan's; 0: all in one); NaN in no zone and beyond the frame."""
     corners = np.asarray(corners, dtype=int).reshape(-1, 2)
+    if 0 < group < len(corners):
+        starts = range(0, len(corners), group)
+        return da.concatenate([kl_windows(basis, corners[j : j + group], shape) for j in starts])
     target = basis.science
     frame = tuple(target.shape[1:])
     references = basis.references[0]
