@@ -159,3 +159,23 @@ def test_companion_windows_are_planned_for():
     plan_blocks(base, workers(0.5, count=1), fraction=0.6)
     with pytest.raises(CoronInputError, match="need workers of at least"):
         plan_blocks(wide, workers(0.5, count=1), fraction=0.6)
+
+
+def test_an_adi_companions_negative_injection_is_planned_for():
+    """ADI companions: the block plan counts the negative injection's tasks (the aligned
+    references read whole with one basis per exposure, and the arrays on the windows'
+    pixels of every zone, ``memory.companion_adi``); 270 references on 320² frames fit
+    1 GiB workers, and a window of 600² pixels that would not fit is refused in one line
+    where the reduction alone fits."""
+    common = dict(truncate=50, align_to="first", zones=20)
+    base = Observation((20, 20), (30,) * 9, (320, 320), **common)
+    obs = Observation((20, 20), (30,) * 9, (320, 320), negative=2 * 47 * 47, **common)
+    plan = plan_blocks(obs, workers(1, count=1), fraction=0.6)
+    expected = memory.companion_adi(1, 270, 2 * 47 * 47, 2 * 47 * 47, 20, 20, False)
+    assert plan.task_peaks["companion negative injection"] == expected
+    assert plan.task_peaks["companion aligned read"] == memory.read(270, 320 * 320)
+    assert "companion negative injection" not in plan_blocks(base, workers(1, count=1)).task_peaks
+    huge = Observation((20, 20), (30,) * 9, (320, 320), negative=600 * 600, **common)
+    plan_blocks(base, workers(0.75, count=1), fraction=0.6)
+    with pytest.raises(CoronInputError, match="need workers of at least"):
+        plan_blocks(huge, workers(0.75, count=1), fraction=0.6)

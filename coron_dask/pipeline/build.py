@@ -346,7 +346,7 @@ def reduce_observation(
     psfmask: str | Path | None = None,
     workers: Workers | None = None,
     injections: int = 0,
-    windows: tuple[int, tuple[int, int]] = (0, (0, 0)),
+    windows: tuple = (0, (0, 0)),
     opened: Observation | None = None,
     **parameters: object,
 ) -> Reduction:

@@ -21,6 +21,7 @@ from scipy.ndimage import binary_dilation
 from coron_dask.core.errors import CoronInputError
 from coron_dask.io import Extension
 from coron_dask.science.companion_adi import AdiWindows
+from coron_dask.science.companion_fit import FitSettings
 from coron_dask.science.companion_model import detector_place, window_for
 from coron_dask.science.geometry import pixel_positions, sky_wcs
 from coron_dask.steps.forward_model import zone_sizes
@@ -121,6 +122,28 @@ def filled_in_references(
 def _widened(windows: np.ndarray) -> np.ndarray:
     """Each window's True pixels and their eight neighbours."""
     return binary_dilation(windows, structure=np.ones((1, 3, 3), bool))
+
+
+def window_shape(psf: np.ndarray, settings: FitSettings, resolution: float) -> tuple[int, int]:
+    """The PSF box's half side and the window margin, pixels, that the windows are made for."""
+    pixels = settings.in_pixels(resolution)
+    half = (
+        min(psf.shape) // 2 if pixels["half"] is None else min(pixels["half"], min(psf.shape) // 2)
+    )
+    return half, int(np.ceil(pixels["margin"]))
+
+
+def planned_windows(
+    count: int, rolls: int, psf: np.ndarray, settings: FitSettings, resolution: float
+) -> tuple:
+    """What the block plan makes room for: ``count`` companions' windows and their shape,
+    and with ADI the pixels of each one's negative injection in an exposure (its window,
+    and one per other of the ``rolls`` widened by the align slack)."""
+    half, margin = window_shape(psf, settings, resolution)
+    slack = int(np.ceil(settings.align_slack * resolution))
+    shape = window_for((0.0, 0.0), half, margin)[1]
+    wide = window_for((0.0, 0.0), half, margin + slack)[1]
+    return count, shape, shape[0] * shape[1] + (rolls - 1) * wide[0] * wide[1]
 
 
 def read_adi_windows(hdul: fits.HDUList, k: int, j: int) -> AdiWindows:

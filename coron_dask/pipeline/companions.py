@@ -31,7 +31,9 @@ from coron_dask.pipeline.companion_adi import (
     adi_extensions,
     check_adi,
     filled_in_references,
+    planned_windows,
     read_adi_windows,
+    window_shape,
 )
 from coron_dask.pipeline.companion_outputs import i2d_snr, write_companion_products
 from coron_dask.pipeline.companion_residual import (
@@ -67,15 +69,6 @@ def check_mode(parameters: dict) -> None:
     """RDI: the exact forward model; ADI and ADI+RDI: negative injection, exact, on every
     reference a zone may use (a choice by correlation, ``maxnumbasis``, is refused)."""
     check_adi(parameters)
-
-
-def window_shape(psf: np.ndarray, settings: FitSettings, resolution: float) -> tuple[int, int]:
-    """The PSF box's half side and the window margin, pixels, that the windows are made for."""
-    pixels = settings.in_pixels(resolution)
-    half = (
-        min(psf.shape) // 2 if pixels["half"] is None else min(pixels["half"], min(psf.shape) // 2)
-    )
-    return half, int(np.ceil(pixels["margin"]))
 
 
 def _on_window(image: da.Array, corners: np.ndarray, shape: tuple, fill: object) -> da.Array:
@@ -294,9 +287,8 @@ def measure_companions(
     output_dir = Path(output_dir)
     built: dict = {}
 
-    # the windows' count and shape, which the block plan makes room for
-    shape = window_for((0.0, 0.0), *window_shape(psf, settings, resolution))[1]
-    planned = {"windows": (len(guesses), shape), "opened": observation}
+    windows = planned_windows(len(guesses), len(observation.science), psf, settings, resolution)
+    planned = {"windows": windows, "opened": observation}  # the block plan makes room
 
     def build(workers) -> list[Product]:
         reduction = reduce_observation(

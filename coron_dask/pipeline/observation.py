@@ -76,12 +76,13 @@ def plan_observation(
     workers: Workers,
     parameters: dict | None = None,
     injections: int = 0,
-    windows: tuple[int, tuple[int, int]] = (0, (0, 0)),
+    windows: tuple = (0, (0, 0)),
 ) -> BlockPlan:
     """Blocks for ``observation`` on ``workers`` (parameters: those of ``build_products``,
     resolved; blocks given there are kept; ``injections``: sets of companions subtracted on
     the same bases; ``windows``: how many windows of KL images the companions' forward
-    model takes and their shape, (n, (wy, wx))), with the settings under coron_dask.chunks."""
+    model takes and their shape, (n, (wy, wx)), and with ADI the pixels of each one's
+    negative injection, (n, (wy, wx), pixels)), with the settings under coron_dask.chunks."""
     p = parameters or resolve_parameters()
     zoning = tuple(p[name] for name in ("annuli", "subsections", "iwa", "owa"))
     sizes = chunking.Observation(
@@ -100,8 +101,11 @@ def plan_observation(
         own_bases=bool(injections) and "ADI" in p["mode"],
         zones=None if whole_frame(*zoning) else zoning[0] * zoning[1],
         maxnumbasis=p["maxnumbasis"],
-        companions=windows[0],
+        # RDI: KL images on the windows; ADI: negative injection on each companion's
+        # windows (in every roll), of windows[2] pixels
+        companions=windows[0] if p["mode"] == "RDI" else 0,
         window=tuple(windows[1]),
+        negative=windows[2] if p["mode"] != "RDI" and len(windows) > 2 else 0,
     )
     return chunking.plan_blocks(
         sizes,

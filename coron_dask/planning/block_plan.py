@@ -56,6 +56,7 @@ class Observation:
     own_bases: bool = False  # each injected set has KL bases of its own (ADI's references)
     companions: int = 0  # windows of KL images made (companions' forward model): how many
     window: tuple[int, int] = (0, 0)  # and their shape (wy, wx)
+    negative: int = 0  # ADI companions: pixels of each one's negative-injection windows
 
     @property
     def kept(self) -> int | None:
@@ -160,6 +161,22 @@ def waiting(obs: Observation, integrations: int, psfs: int, threads: int) -> int
     return (threads + 1) * (flagged + per_target)
 
 
+def negative_injection(obs: Observation, k: int, frame: Frame) -> dict:
+    """An ADI companion's tasks (``steps.negative_injection``): its references read whole
+    (the 3-D psfalign, or a block's targets' of a 4-D one) and its arrays on its windows'
+    pixels, for every zone (an upper bound of those its windows touch); a basis per
+    integration with ``align_to="each"`` (the exposure's longest)."""
+    shared = obs.align_to == "first"
+    bases = 1 if shared else max(obs.science_nints)
+    zones = obs.zones or 1
+    return {
+        "companion aligned read": memory.read((1 if shared else k) * obs.npsf, frame.pixels),
+        "companion negative injection": memory.companion_adi(
+            bases, obs.npsf, obs.negative, obs.negative, zones, zones, not shared
+        ),
+    }
+
+
 def task_peaks(
     obs: Observation,
     integrations: int,
@@ -220,6 +237,7 @@ def task_peaks(
             else {}
         ),
         **({"companion windows": windowing} if obs.companions else {}),
+        **(negative_injection(obs, k, frame) if obs.negative else {}),
         # the products' stores; psfalign's ERR is written by its shift task, as SCI is
         "write": max(
             memory.write(
