@@ -72,6 +72,7 @@ def reduction_from_products(
     psfmask: str | Path | None,
     workers,
     stage: str = "companions",
+    windows: tuple = (0, (0, 0)),
 ) -> Reduction:
     """The reduction of ``parameters`` made again, lazily, from its products on disk
     (``written``: where each is, by the name a run gives it, ``product_names``): the
@@ -81,9 +82,16 @@ def reduction_from_products(
     and psfsubs from them on the same zones, cutoffs and block plan (see the module's
     docstring). No product of its own. Its keys
     are its ``stage``'s own: two computations on one client never submit one key with
-    two graphs (dask optimises each graph in its own way)."""
+    two graphs (dask optimises each graph in its own way). ``windows``: the companions'
+    windows the block plan makes room for (``companion_adi.planned_windows``)."""
     run = reduce_observation(
-        asn, output_dir, psfmask=psfmask, workers=workers, opened=observation, **parameters
+        asn,
+        output_dir,
+        psfmask=psfmask,
+        workers=workers,
+        opened=observation,
+        windows=windows,
+        **parameters,
     )
     p = run.parameters
     crfints, psfaligns = product_names(observation)

@@ -29,6 +29,7 @@ from astropy.table import Table
 from coron_dask.core import config
 from coron_dask.core.errors import CoronInputError, record_on_disk
 from coron_dask.pipeline.build import Reduction
+from coron_dask.pipeline.companion_adi import planned_windows
 from coron_dask.pipeline.companion_outputs import i2d_snr, write_companion_products
 from coron_dask.pipeline.companion_residual import (
     add_residual_snr,
@@ -41,7 +42,12 @@ from coron_dask.pipeline.companion_starts import (
     check_places,
     fitted_candidates,
 )
-from coron_dask.pipeline.companions import check_mode, fit_companions, windows_product
+from coron_dask.pipeline.companions import (
+    check_mode,
+    fit_companions,
+    walkers_on,
+    windows_product,
+)
 from coron_dask.pipeline.provenance import read_provenance
 from coron_dask.science.companion_fit import FitSettings
 from coron_dask.science.companion_table import companions_table
@@ -124,12 +130,25 @@ class SessionCompanions:
 
             written = {Path(path).name: Path(path) for path in paths}  # the run's products
 
+            rolls = len(observation.science)
+            windows = planned_windows(len(guesses), rolls, psf, settings, resolution)
+
             def remade(stage: str) -> Reduction:
                 return reduction_from_products(
-                    asn, output_dir, written, parameters, observation, psfmask, workers, stage
+                    asn,
+                    output_dir,
+                    written,
+                    parameters,
+                    observation,
+                    psfmask,
+                    workers,
+                    stage,
+                    windows,
                 )
 
-            return self._measured(write, paths, remade, guesses, psf, dimming, resolution, settings)
+            spread = walkers_on(client, parameters["mode"], settings)
+            found = (guesses, psf, dimming, resolution, settings, spread)
+            return self._measured(write, paths, remade, *found)
 
         return measure
 
@@ -143,10 +162,12 @@ class SessionCompanions:
         dimming: Transmission,
         resolution: float,
         settings: FitSettings,
+        spread: Callable | None,
     ) -> list[Path]:
-        """The windows written, the companions fitted, the residual i2d written, then the
-        table and the quicklooks: the paths written (recorded on an error). ``remade``
-        gives the reduction for each of the two computations (``reduction_from_products``)."""
+        """The windows written, the companions fitted (``spread``: as ``fit_companion``'s),
+        the residual i2d written, then the table and the quicklooks: the paths written
+        (recorded on an error). ``remade`` gives the reduction for each of the two
+        computations (``reduction_from_products``)."""
         output_dir = Path(paths[0]).parent
         i2d = next(p for p in paths if Path(p).name.endswith("_i2d.fits"))
         name = Path(i2d).name.removesuffix("_i2d.fits")
@@ -155,7 +176,12 @@ class SessionCompanions:
         written = write([windows])
         try:
             found = fit_companions(
-                windows.path, psf, cutoff=self.cutoff, transmission=dimming, settings=settings
+                windows.path,
+                psf,
+                cutoff=self.cutoff,
+                transmission=dimming,
+                settings=settings,
+                spread=spread,
             )
             residual = residual_product(remade("residual"), found, dimming, output_dir, name)
             written += write([residual])

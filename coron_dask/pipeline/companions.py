@@ -151,6 +151,15 @@ def windows_product(
     return Product(output_dir / f"{name}_fmwindows.fits", primary, extensions)
 
 
+def walkers_on(client, mode: str, settings: FitSettings) -> Callable | None:
+    """With ADI on a distributed ``client``: the sampler's steps evaluated on its workers
+    (``runtime.spread``; ``companions.spread-walkers``); else None, in this process."""
+    if client is None or mode == "RDI" or not settings.spread_walkers:
+        return None
+    log.info("companions: each step's walkers evaluated on the cluster's workers")
+    return walker_spreader(client)
+
+
 def read_windows(path: str | Path, cutoff: int | None = None) -> tuple[list, list, dict]:
     """A ``_fmwindows.fits`` product read back: per companion its rolls (``Roll``, one per
     science exposure) and its start (separation, position angle, name); and ``star``,
@@ -321,10 +330,7 @@ def measure_companions(
         the same cluster the residual i2d, then the table and the quicklooks: the paths
         written (the scratch files removed, whatever happens)."""
         kept, written = built["kept"], [built["windows"].path]  # an error leaves these
-        spread = None
-        if client is not None and parameters["mode"] != "RDI" and settings.spread_walkers:
-            spread = walker_spreader(client)
-            log.info("companions: each step's walkers evaluated on the cluster's workers")
+        spread = walkers_on(client, parameters["mode"], settings)
         try:
             kept.placed()
             built["fits"] = found = fit_companions(
