@@ -50,18 +50,24 @@ class PyklipFit:
     mcmc_seconds: float
 
 
-def klip_inputs(psfalign: Path, parameters: dict) -> tuple[np.ndarray, np.ndarray]:
-    """A science exposure's integrations as KLIP took them (its ``_crfints`` beside its
-    ``psfalign`` product, align_refs' median fill of the bad pixels) and its references as
-    aligned (a 3-D psfalign: ``align_to="first"``), float64."""
-    crfints = psfalign.with_name(psfalign.name.replace("_psfalign", "_crfints"))
+def filled_integrations(crfints: Path, parameters: dict) -> np.ndarray:
+    """A science exposure's integrations as KLIP took them (align_refs' median fill of the
+    bad pixels), float64."""
     with fits.open(crfints) as hdul:
         sci, dq = hdul["SCI"].data, hdul["DQ"].data
     bits = bit_value(parameters["bad_bits"])
     filled = fill_block(sci, sci, dq, parameters["median_box_length"], bits, None)
+    return filled.astype(np.float64)
+
+
+def klip_inputs(psfalign: Path, parameters: dict) -> tuple[np.ndarray, np.ndarray]:
+    """A science exposure's integrations as KLIP took them (its ``_crfints`` beside its
+    ``psfalign`` product, ``filled_integrations``) and its references as aligned (a 3-D
+    psfalign: ``align_to="first"``), float64."""
+    crfints = psfalign.with_name(psfalign.name.replace("_psfalign", "_crfints"))
     refs = fits.getdata(psfalign, "SCI")
     assert refs.ndim == 3, "a 3-D psfalign (align_to='first') is what pyKLIP's library takes"
-    return filled.astype(np.float64), refs.astype(np.float64)
+    return filled_integrations(crfints, parameters), refs.astype(np.float64)
 
 
 def _half_width(samples: np.ndarray) -> float:
@@ -88,17 +94,43 @@ def pyklip_companion(
     iwa, owa (pixels); ``mcmc``: nwalkers, nburn, nsteps, fitboxsize, dr,
     exclusion_radius, correlation length guess ``length`` (pixels)."""
     centre = np.asarray(wcs.world_to_pixel_values(star.ra.deg, star.dec.deg), dtype=np.float64)
+    dataset, library = pyklip_inputs(frames, refs, centre, zoning)
+    return klip_fm_astrometry(
+        dataset, library, "RDI", folder, wcs, star, centre, start, psf, contrast, cutoff,
+        zoning, mcmc, seed,
+    )  # fmt: skip
+
+
+def klip_fm_astrometry(
+    dataset,
+    library,
+    mode: str,
+    folder: Path,
+    wcs: WCS,
+    star: SkyCoord,
+    centre: np.ndarray,
+    start: tuple[float, float],
+    psf: np.ndarray,
+    contrast: float,
+    cutoff: int,
+    zoning: dict,
+    mcmc: dict,
+    seed: int,
+) -> PyklipFit:
+    """pyKLIP's ``fm.klip_dataset`` (``FMPlanetPSF`` at ``start``, x, y pixels of the frame
+    whose star is ``centre``) in ``mode`` on ``dataset`` with the ``library``, then
+    ``fm_astrometry``; ``zoning``'s ``movement``, when given, is pyKLIP's ADI's."""
     dx, dy = start[0] - centre[0], start[1] - centre[1]
     separation, angle = float(np.hypot(dx, dy)), float(np.degrees(np.arctan2(-dx, dy)))
-    dataset, library = pyklip_inputs(frames, refs, centre, zoning)
     fm_class = FMPlanetPSF(
         dataset.input.shape, np.array([cutoff]), separation, angle, contrast, psf[None], [1.0]
     )
+    movement = {"movement": zoning["movement"]} if "movement" in zoning else {}
     began = time.perf_counter()
     pyklip_fm.klip_dataset(
         dataset,
         fm_class,
-        mode="RDI",
+        mode=mode,
         outputdir=str(folder),
         fileprefix="pyklipfm",
         annuli=zoning["annuli"],
@@ -110,6 +142,7 @@ def pyklip_companion(
         corr_smooth=0,
         numthreads=1,
         mute_progression=True,
+        **movement,
     )
     fm_seconds = time.perf_counter() - began
     return fm_astrometry(

@@ -22,29 +22,15 @@ import numpy as np
 from astropy.coordinates import SkyCoord
 from astropy.io import fits
 from astropy.wcs import WCS
-from pyklip import fm as pyklip_fm
 from pyklip import rdi
-from pyklip.fmlib.fmpsf import FMPlanetPSF
 from pyklip.instruments.Instrument import GenericData
 
-from coron_dask.core.dqflags import bit_value
 from coron_dask.io import write_products
-from coron_dask.kernels.blocks import fill_block
 from coron_dask.pipeline.build import reduce_observation
 from coron_dask.science.companion_model import detector_place
 from coron_dask.science.geometry import sky_wcs
 from coron_dask.science.injection import read_offaxis_psf
-from tests.pyklip_fm import PyklipFit, fm_astrometry
-
-
-def filled_integrations(crfints: Path, parameters: dict) -> np.ndarray:
-    """A science exposure's integrations as KLIP took them (align_refs' median fill of the
-    bad pixels), float64."""
-    with fits.open(crfints) as hdul:
-        sci, dq = hdul["SCI"].data, hdul["DQ"].data
-    bits = bit_value(parameters["bad_bits"])
-    filled = fill_block(sci, sci, dq, parameters["median_box_length"], bits, None)
-    return filled.astype(np.float64)
+from tests.pyklip_fm import PyklipFit, filled_integrations, klip_fm_astrometry
 
 
 def reference_planes(psfalign: Path) -> np.ndarray:
@@ -90,33 +76,10 @@ def pyklip_companion_adi(
         correlation_matrix=np.eye(m + n),  # unused: every reference is used
     )
     library.prepare_library(dataset)
-    dx, dy = start[0] - centre[0], start[1] - centre[1]
-    separation, angle = float(np.hypot(dx, dy)), float(np.degrees(np.arctan2(-dx, dy)))
-    fm_class = FMPlanetPSF(
-        dataset.input.shape, np.array([cutoff]), separation, angle, contrast, psf[None], [1.0]
-    )
-    began = time.perf_counter()
-    pyklip_fm.klip_dataset(
-        dataset,
-        fm_class,
-        mode="ADI+RDI",
-        outputdir=str(folder),
-        fileprefix="pyklipfm",
-        annuli=zoning["annuli"],
-        subsections=zoning["subsections"],
-        OWA=zoning["owa"],
-        movement=zoning["movement"],
-        numbasis=[cutoff],
-        maxnumbasis=cutoff,
-        psf_library=library,
-        corr_smooth=0,
-        numthreads=1,
-        mute_progression=True,
-    )
-    fm_seconds = time.perf_counter() - began
-    return fm_astrometry(
-        folder, wcs, star, centre, (separation, angle), contrast, mcmc, seed, fm_seconds
-    )
+    return klip_fm_astrometry(
+        dataset, library, "ADI+RDI", folder, wcs, star, centre, start, psf, contrast, cutoff,
+        zoning, mcmc, seed,
+    )  # fmt: skip
 
 
 def turn_onto_first(wcss: list[WCS], star: SkyCoord, start: tuple[float, float]) -> list[float]:
