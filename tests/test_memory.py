@@ -551,9 +551,7 @@ def build_companion_adi(rng, path, targets, npsf, ny, nx, window, rolls, zones=N
     chosen = rng.random((targets, len(touched), npsf)) > 0.2
 
     def task():
-        return window_block(
-            refs, means, frames, target_means, gram, overlaps, chosen, pixels, touched, nx
-        )
+        return window_block(refs, means, frames, target_means, gram, overlaps, chosen, pixels, nx)
 
     return task, [*refs, means, *frames, target_means, gram, overlaps, chosen]
 

@@ -25,7 +25,7 @@ from coron_dask.science.companion_fit import FitSettings
 from coron_dask.science.companion_model import detector_place, window_for
 from coron_dask.science.geometry import pixel_positions, sky_wcs
 from coron_dask.steps.forward_model import zone_sizes
-from coron_dask.steps.negative_injection import adi_windows, window_pixels
+from coron_dask.steps.negative_injection import adi_windows, reference_moves, window_pixels
 
 PARTS = ("PIXELS", "LABELS", "SIZES", "CENTRED", "TARGET", "GRAM", "OVERLAPS", "USED")
 
@@ -70,7 +70,7 @@ def adi_extensions(
             corners.append(tuple(corner))
             shapes.append(shape)
         pixels = window_pixels(corners, shapes, frame, labels)
-        arrays = adi_windows(basis, psfalign, pixels, basis.zones)
+        arrays = adi_windows(basis, psfalign, pixels)
         zones = np.unique(pixels.labels[pixels.labels >= 0])
         local = np.where(pixels.labels >= 0, np.searchsorted(zones, pixels.labels), -1)
         keywords = {**header, "FRAMEX": frame[1], "NRECT": len(pixels.rectangles)}
@@ -88,11 +88,10 @@ def adi_extensions(
             "USED": arrays["used"],
         }
         out += [Extension(f"ADI{k}_{j}_{key}", value, keywords) for key, value in parts.items()]
-    moves = arrays["moves"][:, adi] if guesses else None
     out += [
         Extension(f"ADI{k}_ROWS", adi.astype(np.int64), header),
         Extension(f"ADI{k}_SOURCES", sources.astype(np.int64), header),
-        Extension(f"ADI{k}_MOVES", moves, header),
+        Extension(f"ADI{k}_MOVES", reference_moves(psfalign)[:, adi], header),
     ]
     return out
 

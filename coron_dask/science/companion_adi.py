@@ -23,6 +23,7 @@ import numpy as np
 from coron_dask.kernels.forward_model import placed_psfs
 from coron_dask.kernels.negative_injection import adi_residuals
 from coron_dask.science.companion_model import CompanionModel, Roll
+from coron_dask.steps.negative_injection import rectangle_places
 
 
 @dataclass
@@ -51,10 +52,7 @@ class AdiWindows:
     moves: np.ndarray
 
     def __post_init__(self) -> None:
-        self._where = []  # each rectangle's pixels' places in U
-        for y0, y1, x0, x1 in self.rectangles:
-            yy, xx = np.mgrid[y0:y1, x0:x1]
-            self._where.append(np.searchsorted(self.flat, (yy * self.frame_x + xx).ravel()))
+        self._where = rectangle_places(self.flat, self.rectangles, self.frame_x)
 
     def holding(self, place: np.ndarray, reach: float) -> int | None:
         """The first rectangle that holds every pixel within ``reach`` of ``place`` (x, y)."""
@@ -79,9 +77,7 @@ class AdiWindows:
         yy, xx = np.divmod(pixels, shape[1])
         flat = (yy + corner[0]) * self.frame_x + xx + corner[1]
         where = np.searchsorted(self.flat, flat)
-        if (where >= len(self.flat)).any() or (
-            self.flat[np.minimum(where, len(self.flat) - 1)] != flat
-        ).any():
+        if (self.flat[np.minimum(where, len(self.flat) - 1)] != flat).any():
             raise ValueError("the stamp is not within the negative injection's pixels")
         return where
 

@@ -3,7 +3,7 @@ a science exposure's KLIP, lazily: on a few pixels U (windows about the companio
 in the science and in the other rolls' aligned integrations), the references aligned to
 each target and the target, each minus its zone means; and, in the zones U touches, the
 references' Gram matrices, their overlaps with the target and the references each zone
-uses (ADI's movement); with the alignment's shifts of the ADI references.
+uses (ADI's movement); and the alignment's shifts of the references (``reference_moves``).
 
 With a 3-D psfalign (``align_to="first"``) one basis serves every integration, KLIP is
 linear in the target, and the integration-mean psfsub is that of the integrations' mean:
@@ -19,7 +19,6 @@ import numpy as np
 import xarray as xr
 from dask.base import tokenize
 
-from coron_dask.kernels.zones import Zones
 from coron_dask.steps.klip import KLBasis, target_overlaps
 from coron_dask.steps.klip_blocks import means_block
 
@@ -55,14 +54,23 @@ def window_pixels(
     return Pixels(pixels, zone[pixels].astype(np.int32), tuple(rectangles))
 
 
+def rectangle_places(
+    flat: np.ndarray, rectangles: tuple[tuple[int, int, int, int], ...], frame_x: int
+) -> list[np.ndarray]:
+    """Where each rectangle's pixels (y0, y1, x0, x1, row by row) are among U's ``flat``
+    frame indices (sorted), in a frame ``frame_x`` wide."""
+    places = []
+    for y0, y1, x0, x1 in rectangles:
+        yy, xx = np.mgrid[y0:y1, x0:x1]
+        places.append(np.searchsorted(flat, (yy * frame_x + xx).ravel()))
+    return places
+
+
 def _gather(rects: list[np.ndarray], pixels: Pixels, frame_x: int) -> np.ndarray:
     """Values (..., u) on U from the rectangles' blocks (..., ry, rx)."""
-    out = None
-    for block, (y0, y1, x0, x1) in zip(rects, pixels.rectangles, strict=True):
-        yy, xx = np.mgrid[y0:y1, x0:x1]
-        where = np.searchsorted(pixels.flat, (yy * frame_x + xx).ravel())
-        if out is None:
-            out = np.zeros((*block.shape[:-2], len(pixels.flat)))
+    places = rectangle_places(pixels.flat, pixels.rectangles, frame_x)
+    out = np.zeros((*rects[0].shape[:-2], len(pixels.flat)))
+    for block, where in zip(rects, places, strict=True):
         out[..., where] = block.reshape(*block.shape[:-2], -1)
     return out
 
@@ -76,7 +84,6 @@ def window_block(
     overlaps: np.ndarray,
     chosen: np.ndarray | None,
     pixels: Pixels,
-    zones: np.ndarray,
     frame_x: int,
 ) -> dict:
     """The arrays of ``adi_windows`` for one exposure and one companion, in numpy: the
@@ -92,8 +99,8 @@ def window_block(
     target = _gather(targets, pixels, frame_x)  # (b, u)
     target[:, inside] -= target_means[:, labels[inside]]
     target[:, ~inside] = 0.0
-    b, p = centred.shape[:2]
-    used = np.ones((b, len(zones), p), bool) if chosen is None else chosen
+    p = centred.shape[1]
+    used = np.ones(overlaps.shape, bool) if chosen is None else chosen  # (b, Z', p)
     return {
         "centred": centred,
         "target": target,
@@ -103,22 +110,23 @@ def window_block(
     }
 
 
-def adi_windows(
-    basis: KLBasis,
-    psfalign: xr.Dataset,
-    pixels: Pixels,
-    zones: Zones | None,
-) -> dict[str, da.Array]:
+def reference_moves(psfalign: xr.Dataset) -> da.Array:
+    """(b, p, 2): the alignment's (dx, dy) of every reference to each target (a frame
+    aligned to the target is the frame moved by −(dx, dy)); b = 1 with a 3-D psfalign."""
+    fit = psfalign["fit"].data[..., :2].astype(np.float64)
+    return fit[None] if fit.ndim == 2 else fit
+
+
+def adi_windows(basis: KLBasis, psfalign: xr.Dataset, pixels: Pixels) -> dict[str, da.Array]:
     """For one science exposure's ``basis`` (an ADI reduction's) and companion ``pixels``
-    U: ``centred`` (b, p, u), ``target`` (b, u), and in the zones U touches (in the order
-    of ``zone_list``) ``gram`` (b, Z', p, p), ``overlaps`` (b, Z', p), ``used`` (b, Z', p)
-    uint8; ``moves`` (b, p, 2) the alignment's (dx, dy) of every reference (a frame
-    aligned to the target is the frame moved by −(dx, dy)). Lazy, one task."""
+    U: ``centred`` (b, p, u), ``target`` (b, u), and in the zones U touches (ascending)
+    ``gram`` (b, Z', p, p), ``overlaps`` (b, Z', p), ``used`` (b, Z', p) uint8. Lazy,
+    one task."""
     aligned = aligned_on_disk(basis, psfalign)
     science = basis.science  # the filled cube KLIP subtracts from
     shared = aligned.ndim == 3
     zone_list = np.unique(pixels.labels[pixels.labels >= 0])
-    frame_x = science.shape[2]
+    frame_x, zones = science.shape[2], basis.zones
     target_means = da.map_blocks(
         means_block,
         science,
@@ -129,7 +137,6 @@ def adi_windows(
         dtype=np.float64,
     )
     overlaps = target_overlaps(basis)
-    fit = psfalign["fit"].data[..., :2]
     if shared:  # one target: the integrations' mean (KLIP is linear in it)
         refs = [aligned[None, :, y0:y1, x0:x1] for y0, y1, x0, x1 in pixels.rectangles]
         targets = [
@@ -139,16 +146,15 @@ def adi_windows(
         target_means = target_means.mean(axis=0)[None]
         overlaps = overlaps.mean(axis=0)[None]
         gram, chosen = basis.gram, None if basis.chosen is None else basis.chosen[:1]
-        moves = fit[None]
     else:
         refs = [aligned[:, :, y0:y1, x0:x1] for y0, y1, x0, x1 in pixels.rectangles]
         targets = [science[:, y0:y1, x0:x1] for y0, y1, x0, x1 in pixels.rectangles]
-        means, gram, chosen, moves = basis.means, basis.gram, basis.chosen, fit
+        means, gram, chosen = basis.means, basis.gram, basis.chosen
     # the zones U touches only: a task never holds every zone's Gram matrices
     gram, overlaps = gram[:, zone_list], overlaps[:, zone_list]
     chosen = None if chosen is None else chosen[:, zone_list]
     work = dask.delayed(window_block, pure=True)(
-        refs, means, targets, target_means, gram, overlaps, chosen, pixels, zone_list, frame_x
+        refs, means, targets, target_means, gram, overlaps, chosen, pixels, frame_x
     )
     b = 1 if shared else science.shape[0]
     p, u, z = aligned.shape[-3], len(pixels.flat), len(zone_list)
@@ -160,12 +166,10 @@ def adi_windows(
         "used": ((b, z, p), np.uint8),
     }
     name = tokenize(basis.weights, pixels.flat, aligned)
-    out = {
+    return {
         key: da.from_delayed(work[key], shape, dtype=dtype, name=f"companion-adi-{key}-{name}")
         for key, (shape, dtype) in shapes.items()
     }
-    out["moves"] = moves.astype(np.float64)
-    return out
 
 
 def aligned_on_disk(basis: KLBasis, psfalign: xr.Dataset) -> da.Array:
