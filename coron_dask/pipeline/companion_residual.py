@@ -40,7 +40,6 @@ from coron_dask.steps.resample import resample
 log = logging.getLogger(__name__)
 __all__ = [
     "ScratchForResidual",
-    "add_residual_snr",
     "product_names",
     "reduction_from_products",
     "residual_product",
@@ -247,10 +246,3 @@ class ScratchForResidual:
     def remove(self) -> None:
         for path in self.paths():
             shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
-
-
-def add_residual_snr(table, values: list[float]) -> None:
-    """The residual i2d's S/N at each fitted place (``companions.i2d_snr``): the table's
-    ``residual_snr`` column (which the quicklooks show)."""
-    table["residual_snr"] = values
-    table["residual_snr"].description = "S/N of the residual i2d (companions subtracted) there"

@@ -30,9 +30,8 @@ from coron_dask.core import config
 from coron_dask.core.errors import CoronInputError, record_on_disk
 from coron_dask.pipeline.build import Reduction
 from coron_dask.pipeline.companion_adi import planned_windows
-from coron_dask.pipeline.companion_outputs import i2d_snr, write_companion_products
+from coron_dask.pipeline.companion_outputs import fitted_table, write_companion_products
 from coron_dask.pipeline.companion_residual import (
-    add_residual_snr,
     reduction_from_products,
     residual_product,
 )
@@ -48,9 +47,7 @@ from coron_dask.pipeline.companions import (
     walkers_on,
     windows_product,
 )
-from coron_dask.pipeline.provenance import read_provenance
 from coron_dask.science.companion_fit import FitSettings
-from coron_dask.science.companion_table import companions_table
 from coron_dask.science.geometry import lambda_over_d, pixel_scale_arcsec, sky_wcs
 from coron_dask.science.injection import read_offaxis_psf
 from coron_dask.science.transmission import Transmission, coronagraph_transmission
@@ -186,26 +183,19 @@ class SessionCompanions:
             residual = residual_product(remade("residual"), found, dimming, output_dir, name)
             written += write([residual])
             cutoffs = list(reduction.bases[0].cutoffs)
-            first = reduction.science[0]
-            unit = first["sci"].attrs.get("BUNIT") or first.attrs.get("BUNIT", "")
-            table = companions_table(
+            table = fitted_table(
                 found,
-                i2d_snr=[i2d_snr(Path(i2d), f, cutoffs, resolution) for f in found],
-                flux_unit=str(unit),
-                star_position_error=self.star_position_error / 1000.0,
+                reduction.science[0],
+                dict(fits.getheader(i2d)),
+                i2d=Path(i2d),
+                residual=residual.path,
+                cutoffs=cutoffs,
+                resolution=resolution,
+                offaxis_psf=self.offaxis_psf,
+                transmission_source=dimming.source,
+                star_position_error=self.star_position_error,
                 plate_scale_error=self.plate_scale_error,
             )
-            add_residual_snr(table, [i2d_snr(residual.path, f, cutoffs, resolution) for f in found])
-            record = read_provenance(dict(fits.getheader(i2d)))
-            record["date"] = record["date"].isoformat()
-            record["parameters"] = {
-                k: list(v) if isinstance(v, tuple) else v for k, v in record["parameters"].items()
-            }
-            table.meta["provenance"] = record
-            table.meta["offaxis_psf"] = Path(self.offaxis_psf).name
-            table.meta["transmission_source"] = dimming.source
-            table.meta["resolution_pixels"] = float(resolution)
-            table.meta["residual_i2d"] = residual.path.name
             written += write_companion_products(table, found, output_dir, name)
         except BaseException as error:
             record_on_disk(error, written)

@@ -35,22 +35,19 @@ from coron_dask.pipeline.companion_adi import (
     read_adi_windows,
     window_shape,
 )
-from coron_dask.pipeline.companion_outputs import i2d_snr, write_companion_products
+from coron_dask.pipeline.companion_outputs import fitted_table, write_companion_products
 from coron_dask.pipeline.companion_residual import (
     ScratchForResidual,
-    add_residual_snr,
     reduction_from_products,
     residual_product,
 )
 from coron_dask.pipeline.companion_starts import Guess, candidate_guesses, check_places
 from coron_dask.pipeline.observation import find_psfmask
-from coron_dask.pipeline.provenance import read_provenance
 from coron_dask.pipeline.run import check_inputs, execute_on_cluster, observation_bytes, run_inputs
 from coron_dask.runtime.spread import walker_spreader
 from coron_dask.science.companion_fit import FitSettings, fit_companion
 from coron_dask.science.companion_model import Roll, detector_place, window_for
 from coron_dask.science.companion_result import CompanionFit
-from coron_dask.science.companion_table import companions_table
 from coron_dask.science.geometry import (
     lambda_over_d,
     pixel_scale_arcsec,
@@ -350,27 +347,19 @@ def measure_companions(
                 )
                 residual = residual_product(again, found, dimming, output_dir, name)
                 written += write([residual])
-            unit = first["sci"].attrs.get("BUNIT") or first.attrs.get("BUNIT", "")
-            table = companions_table(
+            table = fitted_table(
                 found,
-                i2d_snr=[i2d_snr(i2ds[0], f, cutoffs, resolution) for f in found] if i2ds else None,
-                flux_unit=str(unit),
-                star_position_error=star_position_error / 1000.0,
+                first,
+                built["provenance"],
+                i2d=i2ds[0] if i2ds else None,
+                residual=None if residual is None else residual.path,
+                cutoffs=cutoffs,
+                resolution=resolution,
+                offaxis_psf=offaxis_psf,
+                transmission_source=dimming.source,
+                star_position_error=star_position_error,
                 plate_scale_error=plate_scale_error,
             )
-            if residual is not None:
-                snr = [i2d_snr(residual.path, f, cutoffs, resolution) for f in found]
-                add_residual_snr(table, snr)
-                table.meta["residual_i2d"] = residual.path.name
-            record = read_provenance(built["provenance"])
-            record["date"] = record["date"].isoformat()
-            record["parameters"] = {
-                k: list(v) if isinstance(v, tuple) else v for k, v in record["parameters"].items()
-            }
-            table.meta["provenance"] = record
-            table.meta["offaxis_psf"] = Path(offaxis_psf).name
-            table.meta["transmission_source"] = dimming.source
-            table.meta["resolution_pixels"] = float(resolution)
             written += write_companion_products(table, found, output_dir, name)
         except BaseException as error:
             record_on_disk(error, written)
